@@ -1,0 +1,374 @@
+"""One authenticated connection to a peer, multiplexing any number of RPC streams.
+
+Every frame header is a msgpack list `[kind, stream_id, ...]`:
+
+    REQUEST  [0, id, method, payload] + body   opens stream `id` and calls `method`
+    DATA     [1, id, payload] + body           one message on an open stream
+    END      [2, id]                           the sender will send no more on `id`
+    ERROR    [3, id, message]                  the stream failed; ends it both ways
+    CANCEL   [4, id]                           the caller gave up; the handler is cancelled
+    RESPONSE [5, id, payload] + body           a unary reply: DATA and END in one frame
+    GOAWAY   [6, 0, reason]                    the sender is closing the connection, and why
+
+The dialer numbers its streams even, the acceptor odd, so both can open streams at once.
+A peer that sends an oversized or malformed frame gets a GOAWAY naming the problem and is
+disconnected; the node keeps serving everyone else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any, NamedTuple
+
+from hivecli._exceptions import (
+    ConnectionClosedError,
+    HiveError,
+    MalformedFrameError,
+    ProtocolError,
+    RemoteError,
+    RPCTimeoutError,
+)
+from hivecli.net.framing import FrameLimits, encode_frame, read_frame
+from hivecli.net.identity import PeerID
+from hivecli.net.multiaddr import Multiaddr
+from hivecli.net.transport import ByteStream
+
+logger = logging.getLogger(__name__)
+
+
+class Kind(IntEnum):
+    REQUEST = 0
+    DATA = 1
+    END = 2
+    ERROR = 3
+    CANCEL = 4
+    RESPONSE = 5
+    GOAWAY = 6
+
+
+class Message(NamedTuple):
+    payload: Any
+    body: bytes = b""
+
+
+@dataclass(frozen=True)
+class NetSettings:
+    """Timeouts and limits of the networking layer.
+
+    Attributes:
+        connect_timeout: seconds to open a TCP connection (default 5).
+        handshake_timeout: seconds for the identity handshake after connecting (default 5).
+        request_timeout: default seconds to wait for a unary RPC's response (default 10).
+        idle_timeout: close connections with no traffic for this long (default 300).
+        stream_queue_size: messages buffered per stream before the connection's reader waits
+            for the consumer (default 64); this is what keeps a fast sender from filling memory.
+        limits: per-frame size limits, checked before allocation.
+    """
+
+    connect_timeout: float = 5.0
+    handshake_timeout: float = 5.0
+    request_timeout: float = 10.0
+    idle_timeout: float = 300.0
+    stream_queue_size: int = 64
+    limits: FrameLimits = field(default_factory=FrameLimits)
+
+
+class EndOfStream(Exception):
+    """Raised by `Stream.recv` once the other side has ended the stream."""
+
+
+class Stream:
+    """One multiplexed exchange with a peer; both the caller and the handler hold one.
+
+    Use `send()` any number of times, `end()` when done sending, and `recv()` (or `async for`)
+    to read what the other side sends until it ends.
+    """
+
+    def __init__(self, connection: Connection, stream_id: int, method: str):
+        self.connection = connection
+        self.stream_id = stream_id
+        self.method = method
+        self._inbox: asyncio.Queue[tuple[Kind, Any, bytes]] = asyncio.Queue(connection.settings.stream_queue_size)
+        self._remote_done = False
+        self._local_done = False
+
+    @property
+    def remote_peer(self) -> PeerID:
+        return self.connection.remote_peer
+
+    async def send(self, payload: Any, body: bytes | bytearray | memoryview = b"") -> None:
+        """Send one message. Raises ConnectionClosedError if the connection is gone."""
+        await self.connection._send_frame([Kind.DATA, self.stream_id, payload], body)
+
+    async def end(self) -> None:
+        """Tell the other side we will send nothing more (it can still send to us)."""
+        if not self._local_done:
+            self._local_done = True
+            await self.connection._send_frame([Kind.END, self.stream_id])
+            self._maybe_forget()
+
+    async def recv(self, timeout: float | None = None) -> Message:
+        """Wait for the next message.
+
+        Raises:
+            EndOfStream: the other side ended the stream.
+            RemoteError: the other side reported an error.
+            RPCTimeoutError: nothing arrived within `timeout` seconds.
+            ConnectionClosedError: the connection closed first.
+        """
+        if self._remote_done and self._inbox.empty():
+            raise EndOfStream()
+        try:
+            kind, payload, body = await asyncio.wait_for(self._inbox.get(), timeout)
+        except asyncio.TimeoutError:
+            raise RPCTimeoutError(
+                f"{self.method} on peer {self.remote_peer} sent nothing for {timeout:g} s"
+            ) from None
+        if kind == Kind.DATA:
+            return Message(payload, body)
+        if kind == Kind.RESPONSE:
+            self._remote_done = True
+            self._maybe_forget()
+            return Message(payload, body)
+        self._remote_done = True
+        self._maybe_forget()
+        if kind == Kind.END:
+            raise EndOfStream()
+        if kind == Kind.ERROR:
+            raise RemoteError(f"{self.method} failed on peer {self.remote_peer}: {payload}")
+        raise ConnectionClosedError(f"connection to peer {self.remote_peer} closed: {payload}")
+
+    async def __aiter__(self) -> AsyncIterator[Message]:
+        while True:
+            try:
+                yield await self.recv()
+            except EndOfStream:
+                return
+
+    async def cancel(self) -> None:
+        """Abandon the stream: the other side's handler is cancelled; late messages are dropped."""
+        finished = self._local_done and self._remote_done
+        self._local_done = self._remote_done = True
+        self.connection._streams.pop(self.stream_id, None)
+        if not finished and not self.connection.is_closed:
+            try:
+                await self.connection._send_frame([Kind.CANCEL, self.stream_id])
+            except ConnectionClosedError:
+                pass
+
+    async def _deliver(self, kind: Kind, payload: Any, body: bytes) -> None:
+        await self._inbox.put((kind, payload, body))
+
+    def _maybe_forget(self) -> None:
+        if self._local_done and self._remote_done:
+            self.connection._streams.pop(self.stream_id, None)
+
+
+UnaryHandler = Callable[["Connection", Any, bytes], Awaitable[Any]]
+StreamHandlerFn = Callable[[Stream, Any, bytes], Awaitable[None]]
+
+
+class Reply(NamedTuple):
+    """Return this from a unary handler to attach a raw body to the response."""
+
+    payload: Any
+    body: bytes | bytearray | memoryview = b""
+
+
+@dataclass
+class Handlers:
+    """Methods a host serves: unary ones return a reply; stream ones talk on a `Stream`."""
+
+    unary: dict[str, UnaryHandler] = field(default_factory=dict)
+    streaming: dict[str, StreamHandlerFn] = field(default_factory=dict)
+
+
+class Connection:
+    """An authenticated link to `remote_peer`. Create with `Host.connect`, not directly."""
+
+    def __init__(
+        self,
+        stream: ByteStream,
+        remote_peer: PeerID,
+        remote_maddrs: list[Multiaddr],
+        handlers: Handlers,
+        settings: NetSettings,
+        outbound: bool,
+    ):
+        self.remote_peer = remote_peer
+        self.remote_maddrs = remote_maddrs
+        self.remote_host = stream.remote_host
+        self.settings = settings
+        self.outbound = outbound
+        self._stream = stream
+        self._handlers = handlers
+        self._streams: dict[int, Stream] = {}
+        self._handler_tasks: dict[int, asyncio.Task[None]] = {}
+        self._ids = itertools.count(0 if outbound else 1, 2)
+        self._close_reason: str | None = None
+        self.closed = asyncio.Event()
+        self.last_activity = asyncio.get_running_loop().time()
+        self._reader = asyncio.get_running_loop().create_task(self._read_loop())
+
+    @property
+    def is_closed(self) -> bool:
+        return self._close_reason is not None
+
+    async def call(self, method: str, payload: Any, body: bytes = b"", timeout: float | None = None) -> Message:
+        """Call a unary method and wait for its response.
+
+        Raises:
+            RPCTimeoutError: no response within `timeout` (default: settings.request_timeout).
+            RemoteError: the handler raised or the method is unknown.
+            ConnectionClosedError: the connection closed before the response arrived.
+        """
+        timeout = self.settings.request_timeout if timeout is None else timeout
+        stream = await self.open_stream(method, payload, body)
+        stream._local_done = True  # a unary request is complete in one frame
+        try:
+            return await stream.recv(timeout)
+        except EndOfStream:
+            raise RemoteError(f"{method} on peer {self.remote_peer} ended without a response") from None
+        finally:
+            await stream.cancel()
+
+    async def open_stream(self, method: str, payload: Any, body: bytes = b"") -> Stream:
+        """Open a stream to a streaming method, sending `payload` as its request."""
+        stream = Stream(self, next(self._ids), method)
+        self._streams[stream.stream_id] = stream
+        try:
+            await self._send_frame([Kind.REQUEST, stream.stream_id, method, payload], body)
+        except BaseException:
+            self._streams.pop(stream.stream_id, None)
+            raise
+        return stream
+
+    async def _send_frame(self, header: list[Any], body: bytes | bytearray | memoryview = b"") -> None:
+        if self._close_reason is not None:
+            raise ConnectionClosedError(f"connection to peer {self.remote_peer} is closed: {self._close_reason}")
+        prefix, body = encode_frame(header, body)
+        self._stream.write(prefix)
+        if body:
+            self._stream.write(body)
+        self.last_activity = asyncio.get_running_loop().time()
+        try:
+            await self._stream.drain()
+        except (ConnectionError, RuntimeError) as e:
+            self.close(f"send failed: {e}")
+            raise ConnectionClosedError(f"connection to peer {self.remote_peer} closed while sending") from None
+
+    async def _read_loop(self) -> None:
+        reason = "closed by the peer"
+        try:
+            while True:
+                header, body = await read_frame(self._stream, self.settings.limits)
+                self.last_activity = asyncio.get_running_loop().time()
+                await self._dispatch(header, body)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        except ProtocolError as e:
+            reason = f"protocol violation: {e}"
+            logger.warning("Disconnecting peer %s (%s): %s", self.remote_peer, self.remote_host, e)
+            try:
+                prefix, _ = encode_frame([Kind.GOAWAY, 0, str(e)])
+                self._stream.write(prefix)
+            except Exception:
+                pass
+        except asyncio.CancelledError:
+            reason = "closed by this node"
+        finally:
+            self.close(reason)
+
+    async def _dispatch(self, header: Any, body: bytes) -> None:
+        if not isinstance(header, list) or len(header) < 2 or not all(isinstance(x, int) for x in header[:2]):
+            raise MalformedFrameError(f"frame header {str(header)[:80]!r} is not [kind, stream_id, ...]")
+        kind, stream_id = header[0], header[1]
+        if kind == Kind.REQUEST:
+            if len(header) != 4 or not isinstance(header[2], str):
+                raise MalformedFrameError("REQUEST frame must be [0, stream_id, method, payload]")
+            if stream_id in self._streams or stream_id in self._handler_tasks:
+                raise MalformedFrameError(f"REQUEST reuses open stream id {stream_id}")
+            self._start_handler(stream_id, header[2], header[3], body)
+        elif kind in (Kind.DATA, Kind.RESPONSE, Kind.ERROR):
+            if len(header) != 3:
+                raise MalformedFrameError(f"{Kind(kind).name} frame must have 3 fields")
+            stream = self._streams.get(stream_id)
+            if stream is not None:
+                await stream._deliver(Kind(kind), header[2], body)
+        elif kind == Kind.END:
+            stream = self._streams.get(stream_id)
+            if stream is not None:
+                await stream._deliver(Kind.END, None, b"")
+        elif kind == Kind.CANCEL:
+            task = self._handler_tasks.get(stream_id)
+            if task is not None:
+                task.cancel()
+        elif kind == Kind.GOAWAY:
+            raise ConnectionResetError(f"peer closed the connection: {header[2] if len(header) > 2 else ''}")
+        else:
+            raise MalformedFrameError(f"unknown frame kind {kind}")
+
+    def _start_handler(self, stream_id: int, method: str, payload: Any, body: bytes) -> None:
+        unary = self._handlers.unary.get(method)
+        streaming = self._handlers.streaming.get(method)
+        stream = Stream(self, stream_id, method)
+        self._streams[stream_id] = stream
+
+        async def run() -> None:
+            try:
+                if unary is not None:
+                    result = await unary(self, payload, body)
+                    reply = result if isinstance(result, Reply) else Reply(result)
+                    stream._local_done = True
+                    await self._send_frame([Kind.RESPONSE, stream_id, reply.payload], reply.body)
+                elif streaming is not None:
+                    await streaming(stream, payload, body)
+                    await stream.end()
+                else:
+                    await self._send_frame([Kind.ERROR, stream_id, f"unknown method {method!r}"])
+            except asyncio.CancelledError:
+                pass
+            except ConnectionClosedError:
+                pass
+            except Exception as e:
+                if not isinstance(e, HiveError):
+                    logger.exception("Handler %s failed for peer %s", method, self.remote_peer)
+                message = str(e) if isinstance(e, HiveError) else f"internal error: {type(e).__name__}: {e}"
+                try:
+                    await self._send_frame([Kind.ERROR, stream_id, message])
+                except ConnectionClosedError:
+                    pass
+            finally:
+                self._handler_tasks.pop(stream_id, None)
+                self._streams.pop(stream_id, None)
+
+        self._handler_tasks[stream_id] = asyncio.get_running_loop().create_task(run())
+
+    def close(self, reason: str = "closed by this node") -> None:
+        """Close the connection; open streams fail with ConnectionClosedError. Idempotent."""
+        if self._close_reason is not None:
+            return
+        self._close_reason = reason
+        self._stream.close()
+        for task in list(self._handler_tasks.values()):
+            task.cancel()
+        for stream in list(self._streams.values()):
+            stream._remote_done = True
+            try:
+                stream._inbox.put_nowait((Kind.GOAWAY, reason, b""))
+            except asyncio.QueueFull:
+                pass  # its consumer will drain the queue and then see _remote_done
+        self._streams.clear()
+        if asyncio.current_task() is not self._reader:
+            self._reader.cancel()
+        self.closed.set()
+
+    async def aclose(self) -> None:
+        self.close()
+        tasks = [self._reader, *self._handler_tasks.values()]
+        await asyncio.gather(*tasks, return_exceptions=True)

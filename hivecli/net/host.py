@@ -1,0 +1,271 @@
+"""A Host is one peer on the network: its identity, listeners, handlers and connection pool.
+
+Callers address peers by PeerID; the host remembers where each peer listens (its address
+book), dials on demand, reuses the open connection for every later call, and closes links
+that have been idle for `NetSettings.idle_timeout`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+from typing import Any
+
+from hivecli._exceptions import ConfigError, HandshakeError, PeerUnreachableError
+from hivecli.net.connection import Connection, Handlers, Message, NetSettings, StreamHandlerFn, UnaryHandler
+from hivecli.net.handshake import perform_handshake
+from hivecli.net.identity import Identity, PeerID
+from hivecli.net.interfaces import expand_unspecified
+from hivecli.net.multiaddr import Multiaddr
+from hivecli.net.transport import ByteStream, Listener, TCPTransport, Transport
+
+logger = logging.getLogger(__name__)
+
+_MAX_ADDRS_PER_PEER = 16
+
+
+class Host:
+    """Identity + listeners + connection pool. Every method must run on one event loop."""
+
+    def __init__(
+        self,
+        identity: Identity | None = None,
+        transport: Transport | None = None,
+        settings: NetSettings | None = None,
+    ):
+        self.identity = identity or Identity.generate()
+        self.peer_id = self.identity.peer_id
+        self.transport = transport or TCPTransport()
+        self.settings = settings or NetSettings()
+        self.handlers = Handlers()
+        self.address_book: dict[PeerID, list[Multiaddr]] = {}
+        self.listen_maddrs: list[Multiaddr] = []
+        self.announce_maddrs: list[Multiaddr] = []
+        self._listeners: list[Listener] = []
+        self._connections: dict[PeerID, Connection] = {}
+        self._all_connections: set[Connection] = set()
+        self._dials: dict[PeerID, asyncio.Future[Connection]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._janitor: asyncio.Task[None] | None = None
+
+    # ---- serving ---------------------------------------------------------------------------
+
+    def add_unary_handler(self, method: str, handler: UnaryHandler) -> None:
+        self.handlers.unary[method] = handler
+
+    def add_stream_handler(self, method: str, handler: StreamHandlerFn) -> None:
+        self.handlers.streaming[method] = handler
+
+    async def listen(self, maddrs: list[Multiaddr]) -> None:
+        """Start accepting connections on each listen address (port 0 picks a free port).
+
+        Raises:
+            ConfigError: an address has a /p2p part or cannot be bound (in use, not ours).
+        """
+        for maddr in maddrs:
+            if maddr.peer_id is not None:
+                raise ConfigError(f"listen address {maddr} must not contain /p2p/...; drop that part")
+            try:
+                listener = await self.transport.listen(maddr.host, maddr.port, self._accept)
+            except OSError as e:
+                raise ConfigError(
+                    f"cannot listen on {maddr}: {e.strerror or e}; pick another port or host"
+                ) from None
+            self._listeners.append(listener)
+            for host, port in listener.bound:
+                bound = Multiaddr(maddr.protocol, host, port)
+                if bound not in self.listen_maddrs:
+                    self.listen_maddrs.append(bound)
+        if self._janitor is None:
+            self._janitor = asyncio.get_running_loop().create_task(self._close_idle_connections())
+
+    def visible_maddrs(self) -> list[Multiaddr]:
+        """Addresses to give to other peers, each ending in /p2p/<our peer id>."""
+        base = self.announce_maddrs or expand_unspecified(self.listen_maddrs)
+        return [m.with_peer_id(self.peer_id) for m in base]
+
+    async def _accept(self, stream: ByteStream) -> None:
+        where = f"{stream.remote_host} (inbound)"
+        try:
+            remote, maddrs = await asyncio.wait_for(
+                perform_handshake(stream, self.identity, self.visible_maddrs(), None, where),
+                self.settings.handshake_timeout,
+            )
+        except (HandshakeError, asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError) as e:
+            logger.debug("Rejected inbound connection from %s: %s", stream.remote_host, e or type(e).__name__)
+            stream.close()
+            return
+        self.add_addrs(remote, _with_observed_host(maddrs, stream.remote_host))
+        self._register(Connection(stream, remote, maddrs, self.handlers, self.settings, outbound=False))
+
+    # ---- dialing ---------------------------------------------------------------------------
+
+    def add_addrs(self, peer_id: PeerID, maddrs: list[Multiaddr]) -> None:
+        """Remember where `peer_id` listens (most recently learned first)."""
+        if peer_id == self.peer_id:
+            return
+        known = self.address_book.setdefault(peer_id, [])
+        for maddr in reversed(maddrs):
+            maddr = maddr.with_peer_id(peer_id)
+            if maddr in known:
+                known.remove(maddr)
+            known.insert(0, maddr)
+        del known[_MAX_ADDRS_PER_PEER:]
+
+    def connection_to(self, peer_id: PeerID) -> Connection | None:
+        """The open connection to `peer_id`, if any (no dialing)."""
+        conn = self._connections.get(peer_id)
+        return conn if conn is not None and not conn.is_closed else None
+
+    async def connect(self, target: PeerID | Multiaddr) -> Connection:
+        """Return an open connection to a peer, dialing it if needed.
+
+        Args:
+            target: a PeerID with known addresses, or a multiaddr with /p2p/<peer id>.
+
+        Raises:
+            PeerUnreachableError: no known address answered as that peer in time.
+            ConfigError: the target is this node itself, or a multiaddr without /p2p.
+        """
+        if isinstance(target, Multiaddr):
+            if target.peer_id is None:
+                raise ConfigError(f"{target} has no /p2p/PEER_ID part; use the full address the peer printed")
+            peer_id, candidates = target.peer_id, [target]
+        else:
+            peer_id, candidates = target, None
+        if peer_id == self.peer_id:
+            raise ConfigError(f"{target} is this node's own address")
+        existing = self.connection_to(peer_id)
+        if existing is not None:
+            return existing
+        pending = self._dials.get(peer_id)
+        if pending is None:
+            pending = asyncio.get_running_loop().create_future()
+            self._dials[peer_id] = pending
+            task = asyncio.get_running_loop().create_task(self._dial(peer_id, candidates, pending))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return await asyncio.shield(pending)
+
+    async def _dial(self, peer_id: PeerID, candidates: list[Multiaddr] | None, result: asyncio.Future[Connection]) -> None:
+        try:
+            addrs = candidates if candidates is not None else self.address_book.get(peer_id, [])
+            if not addrs:
+                raise PeerUnreachableError(f"no known address for peer {peer_id}")
+            attempts = [asyncio.ensure_future(self._dial_one(peer_id, addr)) for addr in addrs]
+            errors: list[str] = []
+            try:
+                for next_done in asyncio.as_completed(attempts):
+                    try:
+                        conn = await next_done
+                    except (PeerUnreachableError, HandshakeError) as e:
+                        errors.append(str(e))
+                        continue
+                    if candidates is not None:
+                        self.add_addrs(peer_id, candidates)
+                    self._register(conn)
+                    result.set_result(conn)
+                    return
+            finally:
+                for attempt in attempts:
+                    attempt.cancel()
+                for attempt in attempts:  # close connections that won a race they lost
+                    if attempt.done() and not attempt.cancelled() and attempt.exception() is None:
+                        if not result.done() or attempt.result() is not result.result():
+                            attempt.result().close("duplicate dial")
+            raise PeerUnreachableError(f"cannot reach peer {peer_id}: " + "; ".join(errors))
+        except BaseException as e:
+            if not result.done():
+                result.set_exception(e)
+                result.exception()  # mark retrieved: callers that gave up must not trigger a warning
+        finally:
+            self._dials.pop(peer_id, None)
+
+    async def _dial_one(self, peer_id: PeerID, maddr: Multiaddr) -> Connection:
+        timeout = self.settings.connect_timeout
+        stream = await self.transport.dial(maddr.host, maddr.port, timeout)
+        try:
+            _, listen = await asyncio.wait_for(
+                perform_handshake(stream, self.identity, self.visible_maddrs(), peer_id, str(maddr.without_peer_id())),
+                self.settings.handshake_timeout,
+            )
+        except asyncio.TimeoutError:
+            stream.close()
+            raise PeerUnreachableError(
+                f"{maddr.without_peer_id()} accepted the connection but did not complete the handshake "
+                f"within {self.settings.handshake_timeout:g} s"
+            ) from None
+        except (asyncio.IncompleteReadError, ConnectionError):
+            stream.close()
+            raise PeerUnreachableError(f"{maddr.without_peer_id()} closed the connection during the handshake") from None
+        except BaseException:
+            stream.close()
+            raise
+        self.add_addrs(peer_id, listen)
+        return Connection(stream, peer_id, listen, self.handlers, self.settings, outbound=True)
+
+    def _register(self, conn: Connection) -> None:
+        self._all_connections.add(conn)
+        if self.connection_to(conn.remote_peer) is None:
+            self._connections[conn.remote_peer] = conn
+
+        def forget(_: Any) -> None:
+            self._all_connections.discard(conn)
+            if self._connections.get(conn.remote_peer) is conn:
+                del self._connections[conn.remote_peer]
+
+        task = asyncio.get_running_loop().create_task(conn.closed.wait())
+        task.add_done_callback(forget)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ---- calling ---------------------------------------------------------------------------
+
+    async def call(self, peer: PeerID | Multiaddr, method: str, payload: Any, body: bytes = b"",
+                   timeout: float | None = None) -> Message:
+        """Connect if needed and call a unary method. Raises what `connect` and `Connection.call` raise."""
+        conn = await self.connect(peer)
+        return await conn.call(method, payload, body, timeout)
+
+    def open_connections(self) -> list[Connection]:
+        return [c for c in self._all_connections if not c.is_closed]
+
+    async def _close_idle_connections(self) -> None:
+        period = max(1.0, self.settings.idle_timeout / 4)
+        while True:
+            await asyncio.sleep(period)
+            now = asyncio.get_running_loop().time()
+            for conn in list(self._all_connections):
+                if not conn._streams and now - conn.last_activity > self.settings.idle_timeout:
+                    conn.close("idle")
+
+    async def aclose(self) -> None:
+        """Stop listening, close every connection and wait for their tasks. Idempotent."""
+        if self._janitor is not None:
+            self._janitor.cancel()
+        for listener in self._listeners:
+            with contextlib.suppress(Exception):
+                await listener.aclose()
+        self._listeners.clear()
+        conns = list(self._all_connections)
+        await asyncio.gather(*(c.aclose() for c in conns), return_exceptions=True)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, *([self._janitor] if self._janitor else []), return_exceptions=True)
+
+
+def _with_observed_host(maddrs: list[Multiaddr], observed_host: str) -> list[Multiaddr]:
+    """A peer that announces only loopback or unspecified hosts but reached us from a real
+    address is probably misconfigured; also remember its port at the address we saw."""
+    try:
+        observed = ipaddress.ip_address(observed_host)
+    except ValueError:
+        return maddrs
+    if observed.is_loopback or not maddrs or any(m.host == observed_host for m in maddrs):
+        return maddrs
+    if all(m.is_loopback or m.is_unspecified for m in maddrs):
+        protocol = "ip4" if observed.version == 4 else "ip6"
+        return [*maddrs, Multiaddr(protocol, str(observed), maddrs[0].port)]
+    return maddrs

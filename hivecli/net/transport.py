@@ -1,0 +1,213 @@
+"""The transport seam: byte streams between hosts, over TCP or in memory.
+
+Everything above this module (framing, handshake, RPC, the DHT) sees only `ByteStream`,
+`Listener` and `Transport`. `TCPTransport` is what peers use; `MemoryTransport` runs the same
+logic with no sockets, for tests and for simulating thousands of nodes in one process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import socket
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable
+
+from hivecli._exceptions import PeerUnreachableError
+
+_READ_LIMIT = 2**20
+
+
+class ByteStream(ABC):
+    """A reliable, ordered, bidirectional byte stream."""
+
+    remote_host: str  # the address we see the other end connect from (or to)
+
+    @abstractmethod
+    async def read_exactly(self, n: int) -> bytes:
+        """Read exactly n bytes. Raises asyncio.IncompleteReadError at end of stream."""
+
+    @abstractmethod
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Queue bytes for sending; never blocks. Call `drain()` to wait for buffer space."""
+
+    @abstractmethod
+    async def drain(self) -> None:
+        """Wait until the send buffer is below its high-water mark. Raises ConnectionError if closed."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Close both directions; idempotent."""
+
+    @abstractmethod
+    def is_closing(self) -> bool: ...
+
+
+StreamHandler = Callable[[ByteStream], Awaitable[None]]
+
+
+class Listener(ABC):
+    @property
+    @abstractmethod
+    def bound(self) -> list[tuple[str, int]]:
+        """(host, port) pairs actually bound (port 0 resolved)."""
+
+    @abstractmethod
+    async def aclose(self) -> None: ...
+
+
+class Transport(ABC):
+    @abstractmethod
+    async def listen(self, host: str, port: int, handler: StreamHandler) -> Listener:
+        """Accept streams on host:port, calling `handler` for each. Raises OSError if it cannot bind."""
+
+    @abstractmethod
+    async def dial(self, host: str, port: int, timeout: float) -> ByteStream:
+        """Open a stream. Raises PeerUnreachableError (refused, unreachable, timed out)."""
+
+
+class _AsyncioByteStream(ByteStream):
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, remote_host: str):
+        self._reader, self._writer = reader, writer
+        self.remote_host = remote_host
+
+    async def read_exactly(self, n: int) -> bytes:
+        return await self._reader.readexactly(n)
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self._writer.write(data)
+
+    async def drain(self) -> None:
+        await self._writer.drain()
+
+    def close(self) -> None:
+        self._writer.close()
+
+    def is_closing(self) -> bool:
+        return self._writer.is_closing()
+
+
+class _TCPListener(Listener):
+    def __init__(self, server: asyncio.Server):
+        self._server = server
+
+    @property
+    def bound(self) -> list[tuple[str, int]]:
+        return [sock.getsockname()[:2] for sock in self._server.sockets]
+
+    async def aclose(self) -> None:
+        self._server.close()
+        await self._server.wait_closed()
+
+
+class TCPTransport(Transport):
+    async def listen(self, host: str, port: int, handler: StreamHandler) -> Listener:
+        async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            peername = writer.get_extra_info("peername") or ("?", 0)
+            await handler(_AsyncioByteStream(reader, writer, peername[0]))
+
+        server = await asyncio.start_server(on_connect, host, port, limit=_READ_LIMIT, reuse_address=True)
+        return _TCPListener(server)
+
+    async def dial(self, host: str, port: int, timeout: float) -> ByteStream:
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(host, port, limit=_READ_LIMIT), timeout
+            )
+        except asyncio.TimeoutError:
+            raise PeerUnreachableError(f"connecting to {host}:{port} timed out after {timeout:g} s") from None
+        except OSError as e:
+            reason = e.strerror or str(e) or type(e).__name__
+            raise PeerUnreachableError(f"cannot connect to {host}:{port}: {reason}") from None
+        sock = writer.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return _AsyncioByteStream(reader, writer, host)
+
+
+class _MemoryWriter:
+    """The writing half of an in-memory pipe: feeds the peer's StreamReader directly."""
+
+    def __init__(self, peer_reader: asyncio.StreamReader):
+        self._peer_reader = peer_reader
+        self.closed = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self.closed:
+            raise ConnectionResetError("in-memory stream is closed")
+        self._peer_reader.feed_data(bytes(data))
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._peer_reader.feed_eof()
+
+
+class _MemoryByteStream(ByteStream):
+    def __init__(self, reader: asyncio.StreamReader, writer: _MemoryWriter, remote_host: str):
+        self._reader, self._writer = reader, writer
+        self.remote_host = remote_host
+        self.other: _MemoryByteStream | None = None
+
+    async def read_exactly(self, n: int) -> bytes:
+        return await self._reader.readexactly(n)
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self._writer.write(data)
+
+    async def drain(self) -> None:
+        if self._writer.closed:
+            raise ConnectionResetError("in-memory stream is closed")
+        await asyncio.sleep(0)  # let the reader run, as a socket buffer would
+
+    def close(self) -> None:
+        self._writer.close()
+        if self.other is not None:  # closing a socket ends both directions
+            self.other._writer.close()
+
+    def is_closing(self) -> bool:
+        return self._writer.closed
+
+
+class MemoryTransport(Transport):
+    """Streams between transports that share one `MemoryTransport.Network`; no sockets involved.
+
+    Addresses are ordinary host:port pairs inside the network; binding port 0 picks a free one.
+    """
+
+    class Network:
+        def __init__(self) -> None:
+            self.listeners: dict[tuple[str, int], StreamHandler] = {}
+            self.ports = itertools.count(10000)
+            self.tasks: set[asyncio.Task[None]] = set()  # accept tasks, kept alive until done
+
+    def __init__(self, network: MemoryTransport.Network):
+        self.network = network
+
+    async def listen(self, host: str, port: int, handler: StreamHandler) -> Listener:
+        port = port or next(self.network.ports)
+        if (host, port) in self.network.listeners:
+            raise OSError(f"address {host}:{port} is already in use in this memory network")
+        self.network.listeners[(host, port)] = handler
+        network = self.network
+
+        class _MemoryListener(Listener):
+            bound = [(host, port)]
+
+            async def aclose(self) -> None:
+                network.listeners.pop((host, port), None)
+
+        return _MemoryListener()
+
+    async def dial(self, host: str, port: int, timeout: float) -> ByteStream:
+        handler = self.network.listeners.get((host, port)) or self.network.listeners.get(("0.0.0.0", port))
+        if handler is None:
+            raise PeerUnreachableError(f"cannot connect to {host}:{port}: connection refused")
+        a_reader, b_reader = asyncio.StreamReader(), asyncio.StreamReader()
+        ours = _MemoryByteStream(a_reader, _MemoryWriter(b_reader), host)
+        theirs = _MemoryByteStream(b_reader, _MemoryWriter(a_reader), "127.0.0.1")
+        ours.other, theirs.other = theirs, ours
+        task = asyncio.get_running_loop().create_task(handler(theirs))
+        self.network.tasks.add(task)
+        task.add_done_callback(self.network.tasks.discard)
+        return ours
