@@ -1,10 +1,10 @@
 """Test helpers shipped with the product: spin up local swarms and wait on conditions.
 
-    from hivecli.testing import local_swarm, wait_for
+from hivecli.testing import local_swarm, wait_for
 
-    with local_swarm(8) as dhts:            # 8 DHT peers on 127.0.0.1, port 0
-        dhts[3].store("key", "value", get_dht_time() + 60)
-        wait_for(lambda: dhts[5].get("key") is not None, timeout=10, what="key to appear")
+with local_swarm(8) as dhts:            # 8 DHT peers on 127.0.0.1, port 0
+    dhts[3].store("key", "value", get_dht_time() + 60)
+    wait_for(lambda: dhts[5].get("key") is not None, timeout=10, what="key to appear")
 """
 
 from __future__ import annotations

@@ -165,8 +165,13 @@ class DHT:
             host = Host(self.identity, self._transport, self.net_settings)
             host.announce_maddrs = list(self.announce_maddrs)
             self._node = loop.run_until_complete(
-                DHTNode.create(host, initial_peers=self.initial_peers, host_maddrs=self.host_maddrs,
-                               settings=self.settings, client_mode=self.client_mode)
+                DHTNode.create(
+                    host,
+                    initial_peers=self.initial_peers,
+                    host_maddrs=self.host_maddrs,
+                    settings=self.settings,
+                    client_mode=self.client_mode,
+                )
             )
         except BaseException as e:
             self._start_error = e
@@ -187,8 +192,10 @@ class DHT:
             raise RuntimeError("the DHT is not running; call run_in_background() or pass start=True")
         if threading.current_thread() is self._thread:
             coro.close()
-            raise RuntimeError("blocking DHT calls from inside the DHT's own loop would deadlock; "
-                               "await the DHTNode methods there instead")
+            raise RuntimeError(
+                "blocking DHT calls from inside the DHT's own loop would deadlock; "
+                "await the DHTNode methods there instead"
+            )
         future = asyncio.run_coroutine_threadsafe(coro, self._loop)
         return future if return_future else future.result()
 
@@ -206,8 +213,9 @@ class DHT:
     async def _async(fn: Callable[[], T]) -> T:
         return fn()
 
-    def store(self, key: Any, value: Any, expiration_time: float, subkey: Any = None, *,
-              return_future: bool = False) -> Any:
+    def store(
+        self, key: Any, value: Any, expiration_time: float, subkey: Any = None, *, return_future: bool = False
+    ) -> Any:
         """Store a value until `expiration_time` (DHT time, see `get_dht_time`).
 
         Returns True if at least one replica accepted it (False: expired, or a value at least
@@ -220,8 +228,9 @@ class DHT:
         or None if nothing live is stored under `key`."""
         return self._submit(self.node.get(key, latest), return_future)
 
-    def run_coroutine(self, fn: Callable[[DHT, DHTNode], Coroutine[Any, Any, T]], *,
-                      return_future: bool = False) -> Any:
+    def run_coroutine(
+        self, fn: Callable[[DHT, DHTNode], Coroutine[Any, Any, T]], *, return_future: bool = False
+    ) -> Any:
         """Run `await fn(dht, node)` inside the DHT's loop and return its result."""
         return self._submit(fn(self, self.node), return_future)
 

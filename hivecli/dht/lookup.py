@@ -89,4 +89,3 @@ async def iterative_lookup(
     result.nearest = [(node_id, seen[node_id]) for _, node_id in answered[:beam_size]]
     result.without_record.sort(key=lambda item: item[0] ^ key_id)
     return result
-

@@ -155,8 +155,12 @@ class DHTNode:
             subkey_bytes = None if subkey is None else pack(subkey)
         except (TypeError, ValueError, OverflowError) as e:
             raise ConfigError(f"DHT keys, subkeys and values must be msgpack-serializable: {e}") from None
-        return await self.store_record(key_id, Record(value_bytes, float(expiration_time)) if subkey_bytes is None
-                                       else Record(None, float(expiration_time), {subkey_bytes: (value_bytes, float(expiration_time))}))
+        return await self.store_record(
+            key_id,
+            Record(value_bytes, float(expiration_time))
+            if subkey_bytes is None
+            else Record(None, float(expiration_time), {subkey_bytes: (value_bytes, float(expiration_time))}),
+        )
 
     async def store_record(self, key_id: DHTID, record: Record) -> bool:
         if record.expiration_time <= get_dht_time():
@@ -235,7 +239,7 @@ class DHTNode:
         items: list[list[Any]] = []
         for key_id, record in self.protocol.storage.items():
             replicas = self._replica_set(key_id)
-            if node_id in replicas and [n for n in replicas if n != node_id][0] == self.node_id:
+            if node_id in replicas and next(n for n in replicas if n != node_id) == self.node_id:
                 items.extend(record_items(key_id, record))
         for start in range(0, len(items), MAX_ITEMS_PER_REQUEST):
             self.protocol.spawn(self.protocol.call_store(peer, items[start : start + MAX_ITEMS_PER_REQUEST]))

@@ -90,8 +90,13 @@ def decode_record(raw: Any) -> Record:
         return Record(raw[1], float(raw[0]))
     subkeys: dict[bytes, tuple[bytes, float]] = {}
     for entry in raw[2]:
-        if (not isinstance(entry, list) or len(entry) != 3 or not isinstance(entry[0], bytes)
-                or not isinstance(entry[1], bytes) or not isinstance(entry[2], (int, float))):
+        if (
+            not isinstance(entry, list)
+            or len(entry) != 3
+            or not isinstance(entry[0], bytes)
+            or not isinstance(entry[1], bytes)
+            or not isinstance(entry[2], (int, float))
+        ):
             raise ValueError("dictionary entries must be [subkey, value, expiration]")
         subkeys[entry[0]] = (entry[1], float(entry[2]))
     if not subkeys:
@@ -178,8 +183,13 @@ class DHTProtocol:
             raise ConfigError(f"'items' must be a list of at most {MAX_ITEMS_PER_REQUEST} entries")
         ok = []
         for item in items:
-            if (not isinstance(item, list) or len(item) != 5 or not isinstance(item[2], bytes)
-                    or not isinstance(item[3], (int, float)) or not isinstance(item[1], (bytes, type(None)))):
+            if (
+                not isinstance(item, list)
+                or len(item) != 5
+                or not isinstance(item[2], bytes)
+                or not isinstance(item[3], (int, float))
+                or not isinstance(item[1], (bytes, type(None)))
+            ):
                 raise ConfigError("each store item must be [key_id, subkey|None, value, expiration, in_cache]")
             try:
                 key_id = DHTID.from_bytes_(item[0])
@@ -212,7 +222,12 @@ class DHTProtocol:
     async def _rpc_peers(self, conn: Connection, payload: Any, body: bytes) -> dict[str, Any]:
         now = time.monotonic()
         peers = [
-            [node_id.to_bytes_(), peer.to_bytes(), self._addrs_of(peer), now - self.last_seen.get(node_id, now)]
+            [
+                node_id.to_bytes_(),
+                peer.to_bytes(),
+                self._addrs_of(peer),
+                now - self.last_seen.get(node_id, now),
+            ]
             for node_id, peer in self.routing_table
         ]
         return {"node": self._wire_id, "peers": peers}
@@ -233,8 +248,15 @@ class DHTProtocol:
             if not isinstance(response, dict):
                 raise MalformedFrameError(f"{method} response is not a map")
             self._saw_node(_node_id_or_none(response.get("node")), peer_id)
-        except (PeerUnreachableError, HandshakeError, RPCError, ConnectionClosedError, asyncio.TimeoutError,
-                MalformedFrameError, ValueError) as e:
+        except (
+            PeerUnreachableError,
+            HandshakeError,
+            RPCError,
+            ConnectionClosedError,
+            asyncio.TimeoutError,
+            MalformedFrameError,
+            ValueError,
+        ) as e:
             logger.debug("%s to %s failed: %s", method, peer_id, e or type(e).__name__)
             self._lost_peer(peer_id)
             return None
@@ -283,8 +305,14 @@ class DHTProtocol:
             return None
         peers = []
         for node_bytes, peer_bytes, addrs, age in response.get("peers") or []:
-            peers.append({"node_id": node_bytes, "peer_id": PeerID(peer_bytes), "maddrs": _parse_addrs(addrs),
-                          "last_seen_s": float(age)})
+            peers.append(
+                {
+                    "node_id": node_bytes,
+                    "peer_id": PeerID(peer_bytes),
+                    "maddrs": _parse_addrs(addrs),
+                    "last_seen_s": float(age),
+                }
+            )
         return peers
 
 

@@ -57,7 +57,9 @@ class DHTSettings:
             )
         for name in ("wait_timeout", "refresh_period", "blacklist_time"):
             if not getattr(self, name) > 0:
-                raise ConfigError(f"The DHT setting {name} ({getattr(self, name)}) must be a positive number of seconds.")
+                raise ConfigError(
+                    f"The DHT setting {name} ({getattr(self, name)}) must be a positive number of seconds."
+                )
 
     @property
     def effective_bootstrap_timeout(self) -> float:

@@ -89,8 +89,7 @@ class LocalStorage:
     def _evict(self) -> None:
         now = get_dht_time()
         while self._expirations and (
-            self._expirations[0][0] <= now
-            or (self.max_records is not None and len(self._records) > self.max_records)
+            self._expirations[0][0] <= now or (self.max_records is not None and len(self._records) > self.max_records)
         ):
             expiration, key_id = heapq.heappop(self._expirations)
             record = self._records.get(key_id)

@@ -126,9 +126,7 @@ class Stream:
         try:
             kind, payload, body = await asyncio.wait_for(self._inbox.get(), timeout)
         except asyncio.TimeoutError:
-            raise RPCTimeoutError(
-                f"{self.method} on peer {self.remote_peer} sent nothing for {timeout:g} s"
-            ) from None
+            raise RPCTimeoutError(f"{self.method} on peer {self.remote_peer} sent nothing for {timeout:g} s") from None
         if kind == Kind.DATA:
             return Message(payload, body)
         if kind == Kind.RESPONSE:

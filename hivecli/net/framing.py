@@ -56,7 +56,9 @@ def unpack(data: bytes) -> Any:
         raise MalformedFrameError(f"undecodable msgpack ({type(e).__name__}: {e})") from None
 
 
-def encode_frame(header: Any, body: bytes | bytearray | memoryview = b"") -> tuple[bytes, bytes | bytearray | memoryview]:
+def encode_frame(
+    header: Any, body: bytes | bytearray | memoryview = b""
+) -> tuple[bytes, bytes | bytearray | memoryview]:
     """Return (prefix + header, body): write both, in order, without awaiting in between."""
     header_bytes = pack(header)
     return PREFIX.pack(len(header_bytes), len(body)) + header_bytes, body

@@ -114,7 +114,5 @@ async def perform_handshake(
     try:
         remote_peer.verify(their_signature, _auth_message(nonce, remote_peer, identity.peer_id))
     except HandshakeError:
-        raise HandshakeError(
-            f"{where} claims to be {remote_peer} but cannot prove it holds that peer's key"
-        ) from None
+        raise HandshakeError(f"{where} claims to be {remote_peer} but cannot prove it holds that peer's key") from None
     return remote_peer, listen

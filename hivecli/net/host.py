@@ -70,9 +70,7 @@ class Host:
             try:
                 listener = await self.transport.listen(maddr.host, maddr.port, self._accept)
             except OSError as e:
-                raise ConfigError(
-                    f"cannot listen on {maddr}: {e.strerror or e}; pick another port or host"
-                ) from None
+                raise ConfigError(f"cannot listen on {maddr}: {e.strerror or e}; pick another port or host") from None
             self._listeners.append(listener)
             for host, port in listener.bound:
                 bound = Multiaddr(maddr.protocol, host, port)
@@ -149,7 +147,9 @@ class Host:
             task.add_done_callback(self._tasks.discard)
         return await asyncio.shield(pending)
 
-    async def _dial(self, peer_id: PeerID, candidates: list[Multiaddr] | None, result: asyncio.Future[Connection]) -> None:
+    async def _dial(
+        self, peer_id: PeerID, candidates: list[Multiaddr] | None, result: asyncio.Future[Connection]
+    ) -> None:
         try:
             addrs = candidates if candidates is not None else self.address_book.get(peer_id, [])
             if not addrs:
@@ -172,9 +172,9 @@ class Host:
                 for attempt in attempts:
                     attempt.cancel()
                 for attempt in attempts:  # close connections that won a race they lost
-                    if attempt.done() and not attempt.cancelled() and attempt.exception() is None:
-                        if not result.done() or attempt.result() is not result.result():
-                            attempt.result().close("duplicate dial")
+                    won = attempt.done() and not attempt.cancelled() and attempt.exception() is None
+                    if won and (not result.done() or attempt.result() is not result.result()):
+                        attempt.result().close("duplicate dial")
             raise PeerUnreachableError(f"cannot reach peer {peer_id}: " + "; ".join(errors))
         except BaseException as e:
             if not result.done():
@@ -199,7 +199,9 @@ class Host:
             ) from None
         except (asyncio.IncompleteReadError, ConnectionError):
             stream.close()
-            raise PeerUnreachableError(f"{maddr.without_peer_id()} closed the connection during the handshake") from None
+            raise PeerUnreachableError(
+                f"{maddr.without_peer_id()} closed the connection during the handshake"
+            ) from None
         except BaseException:
             stream.close()
             raise
@@ -223,8 +225,14 @@ class Host:
 
     # ---- calling ---------------------------------------------------------------------------
 
-    async def call(self, peer: PeerID | Multiaddr, method: str, payload: Any, body: bytes = b"",
-                   timeout: float | None = None) -> Message:
+    async def call(
+        self,
+        peer: PeerID | Multiaddr,
+        method: str,
+        payload: Any,
+        body: bytes = b"",
+        timeout: float | None = None,
+    ) -> Message:
         """Connect if needed and call a unary method. Raises what `connect` and `Connection.call` raise."""
         conn = await self.connect(peer)
         return await conn.call(method, payload, body, timeout)

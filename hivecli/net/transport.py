@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import socket
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 
@@ -111,13 +113,11 @@ class TCPTransport(Transport):
 
     async def dial(self, host: str, port: int, timeout: float) -> ByteStream:
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(host, port, limit=_READ_LIMIT), timeout
-            )
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, limit=_READ_LIMIT), timeout)
         except asyncio.TimeoutError:
             raise PeerUnreachableError(f"connecting to {host}:{port} timed out after {timeout:g} s") from None
         except OSError as e:
-            reason = e.strerror or str(e) or type(e).__name__
+            reason = os.strerror(e.errno).lower() if e.errno else str(e) or type(e).__name__
             raise PeerUnreachableError(f"cannot connect to {host}:{port}: {reason}") from None
         sock = writer.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -126,21 +126,31 @@ class TCPTransport(Transport):
 
 
 class _MemoryWriter:
-    """The writing half of an in-memory pipe: feeds the peer's StreamReader directly."""
+    """The writing half of an in-memory pipe: feeds the peer's StreamReader on the peer's loop."""
 
-    def __init__(self, peer_reader: asyncio.StreamReader):
-        self._peer_reader = peer_reader
+    def __init__(self, peer_reader: asyncio.StreamReader, peer_loop: asyncio.AbstractEventLoop):
+        self._peer_reader, self._peer_loop = peer_reader, peer_loop
         self.closed = False
+
+    def _deliver(self, method: Callable[..., None], *args: bytes) -> None:
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self._peer_loop:
+            method(*args)
+        elif not self._peer_loop.is_closed():  # the peer lives in another thread (one DHT per thread)
+            self._peer_loop.call_soon_threadsafe(method, *args)
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if self.closed:
             raise ConnectionResetError("in-memory stream is closed")
-        self._peer_reader.feed_data(bytes(data))
+        self._deliver(self._peer_reader.feed_data, bytes(data))
 
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            self._peer_reader.feed_eof()
+            self._deliver(self._peer_reader.feed_eof)
 
 
 class _MemoryByteStream(ByteStream):
@@ -173,41 +183,48 @@ class MemoryTransport(Transport):
     """Streams between transports that share one `MemoryTransport.Network`; no sockets involved.
 
     Addresses are ordinary host:port pairs inside the network; binding port 0 picks a free one.
+    Hosts may run on different event loops (threads): bytes are handed over on the owner's loop.
     """
 
     class Network:
         def __init__(self) -> None:
-            self.listeners: dict[tuple[str, int], StreamHandler] = {}
+            self.listeners: dict[tuple[str, int], tuple[StreamHandler, asyncio.AbstractEventLoop]] = {}
             self.ports = itertools.count(10000)
-            self.tasks: set[asyncio.Task[None]] = set()  # accept tasks, kept alive until done
+            self.lock = threading.Lock()
 
     def __init__(self, network: MemoryTransport.Network):
         self.network = network
 
     async def listen(self, host: str, port: int, handler: StreamHandler) -> Listener:
-        port = port or next(self.network.ports)
-        if (host, port) in self.network.listeners:
-            raise OSError(f"address {host}:{port} is already in use in this memory network")
-        self.network.listeners[(host, port)] = handler
         network = self.network
+        with network.lock:
+            port = port or next(network.ports)
+            if (host, port) in network.listeners:
+                raise OSError(f"address {host}:{port} is already in use in this memory network")
+            network.listeners[(host, port)] = (handler, asyncio.get_running_loop())
 
         class _MemoryListener(Listener):
-            bound = [(host, port)]
+            @property
+            def bound(self) -> list[tuple[str, int]]:
+                return [(host, port)]
 
             async def aclose(self) -> None:
-                network.listeners.pop((host, port), None)
+                with network.lock:
+                    network.listeners.pop((host, port), None)
 
         return _MemoryListener()
 
     async def dial(self, host: str, port: int, timeout: float) -> ByteStream:
-        handler = self.network.listeners.get((host, port)) or self.network.listeners.get(("0.0.0.0", port))
-        if handler is None:
+        with self.network.lock:
+            entry = self.network.listeners.get((host, port)) or self.network.listeners.get(("0.0.0.0", port))
+        if entry is None:
             raise PeerUnreachableError(f"cannot connect to {host}:{port}: connection refused")
-        a_reader, b_reader = asyncio.StreamReader(), asyncio.StreamReader()
-        ours = _MemoryByteStream(a_reader, _MemoryWriter(b_reader), host)
-        theirs = _MemoryByteStream(b_reader, _MemoryWriter(a_reader), "127.0.0.1")
+        handler, their_loop = entry
+        our_loop = asyncio.get_running_loop()
+        our_reader = asyncio.StreamReader(loop=our_loop)
+        their_reader = asyncio.StreamReader(loop=their_loop)
+        ours = _MemoryByteStream(our_reader, _MemoryWriter(their_reader, their_loop), host)
+        theirs = _MemoryByteStream(their_reader, _MemoryWriter(our_reader, our_loop), "127.0.0.1")
         ours.other, theirs.other = theirs, ours
-        task = asyncio.get_running_loop().create_task(handler(theirs))
-        self.network.tasks.add(task)
-        task.add_done_callback(self.network.tasks.discard)
+        asyncio.run_coroutine_threadsafe(handler(theirs), their_loop)
         return ours

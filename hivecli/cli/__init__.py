@@ -1,0 +1,1 @@
+"""The `hive` command line. Importing it stays light: commands import the library lazily."""

@@ -1,0 +1,98 @@
+"""`hive dht`: a standalone DHT node, the bootstrap point of a swarm."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from typing import Annotated, Any
+
+import typer
+
+from hivecli.cli import _output
+from hivecli.cli._errors import EXIT_INTERRUPTED, EXIT_OK
+from hivecli.cli._network import (
+    AnnounceOption,
+    HostOption,
+    IdentityOption,
+    InitialPeersOption,
+    PortOption,
+    announce_maddrs,
+    listen_maddr,
+    split_peer_list,
+)
+
+logger = logging.getLogger("hivecli.cli.dht")
+
+
+def dht(
+    host: HostOption = "0.0.0.0",
+    port: PortOption = 0,
+    announce: AnnounceOption = None,
+    initial_peers: InitialPeersOption = None,
+    identity: IdentityOption = None,
+    refresh_period: Annotated[
+        float,
+        typer.Option("--refresh-period", min=0.1, help="Seconds between maintenance passes and status lines."),
+    ] = 30.0,
+    json_output: Annotated[bool, typer.Option("--json", help="Print JSON lines on stdout instead of text.")] = False,
+) -> None:
+    """Run a standalone DHT node that other peers join through.
+
+    Prints every address it can be reached at and the line to paste on other machines, then logs the routing-table size every --refresh-period seconds until Ctrl+C (exit 130) or SIGTERM (exit 0).
+    """
+    from hivecli.dht.dht import DHT
+
+    peers = split_peer_list(initial_peers)
+    node = DHT(
+        initial_peers=peers,
+        host_maddrs=[listen_maddr(host, port)],
+        announce_maddrs=announce_maddrs(announce, port),
+        identity_path=identity,
+        refresh_period=refresh_period,
+    )
+    stop = threading.Event()
+    exit_code = {"value": EXIT_OK}
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        exit_code["value"] = EXIT_INTERRUPTED if signum == signal.SIGINT else EXIT_OK
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        node.run_in_background(await_ready=True)
+        maddrs = [str(m) for m in node.get_visible_maddrs()]
+        if json_output:
+            _output.emit_json("listening", peer_id=str(node.peer_id), maddrs=maddrs)
+        else:
+            _print_banner(str(node.peer_id), maddrs)
+        while not stop.wait(refresh_period):
+            table, keys = node.run_coroutine(_status)
+            if json_output:
+                _output.emit_json("status", routing_table_size=table, stored_keys=keys)
+            logger.info(
+                "%d DHT nodes (including this one) are in the local routing table; local storage holds %d keys",
+                table + 1,
+                keys,
+            )
+    finally:
+        node.shutdown()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if json_output:
+        _output.emit_json("stopped", exit_code=exit_code["value"])
+    raise typer.Exit(exit_code["value"])
+
+
+async def _status(_dht: Any, node: Any) -> tuple[int, int]:
+    return len(node.protocol.routing_table), len(node.protocol.storage)
+
+
+def _print_banner(peer_id: str, maddrs: list[str]) -> None:
+    out = _output.stdout
+    out.print(f"DHT node [bold]{peer_id}[/bold] is running. Visible addresses:")
+    for maddr in maddrs:
+        out.print(f"  {maddr}")
+    out.print("To join from another machine, run:")
+    out.print(f"  hive dht --initial-peers {maddrs[0]}")
+    out.print(f'or, in Python: hivecli.DHT(initial_peers=["{maddrs[0]}"], start=True)')

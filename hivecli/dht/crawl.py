@@ -1,0 +1,87 @@
+"""Find the peers of a DHT by asking nodes for their routing tables, breadth first."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+from hivecli._exceptions import PeerUnreachableError
+from hivecli.dht.node import DHTNode
+from hivecli.net.identity import PeerID
+from hivecli.net.multiaddr import Multiaddr
+
+
+@dataclass
+class PeerInfo:
+    """A peer as the crawl saw it."""
+
+    peer_id: PeerID
+    maddrs: list[Multiaddr] = field(default_factory=list)
+    last_seen_s: float | None = None  # how long ago the node that named it last heard from it
+    rtt_ms: float | None = None  # our round trip to it, if we asked it ourselves
+    reachable: bool | None = None  # None: not asked
+
+
+async def crawl(
+    node: DHTNode, start: Multiaddr, max_peers: int = 1000, timeout: float = 10.0, parallel: int = 16
+) -> list[PeerInfo]:
+    """Ask `start` for the peers it knows, then ask those, until nobody names a new peer.
+
+    Args:
+        max_peers: stop asking once this many peers are known.
+        timeout: overall deadline in seconds; peers not asked by then are listed unasked.
+
+    Raises:
+        PeerUnreachableError: `start` itself did not answer (the error says why).
+    """
+    assert start.peer_id is not None
+    found: dict[PeerID, PeerInfo] = {start.peer_id: PeerInfo(start.peer_id, [start.without_peer_id()])}
+    deadline = time.monotonic() + timeout
+
+    async def ask(info: PeerInfo, target: PeerID | Multiaddr) -> None:
+        began = time.perf_counter()
+        peers = await node.protocol.call_peers(target)
+        info.reachable = peers is not None
+        if peers is None:
+            return
+        info.rtt_ms = (time.perf_counter() - began) * 1000
+        if info.last_seen_s is None:
+            info.last_seen_s = 0.0
+        for entry in peers:
+            known = found.get(entry["peer_id"])
+            if known is None and len(found) < max_peers and entry["peer_id"] != node.peer_id:
+                found[entry["peer_id"]] = PeerInfo(entry["peer_id"], entry["maddrs"], entry["last_seen_s"])
+                node.host.add_addrs(entry["peer_id"], entry["maddrs"])
+            elif known is not None and known.last_seen_s is not None:
+                known.last_seen_s = min(known.last_seen_s, entry["last_seen_s"])
+
+    try:
+        await asyncio.wait_for(node.host.connect(start), timeout)
+    except asyncio.TimeoutError:
+        raise PeerUnreachableError(
+            f"{start} did not answer within {timeout:g} s; check the address and "
+            f"that the peer is running and reachable from here"
+        ) from None
+    except PeerUnreachableError as e:
+        raise PeerUnreachableError(f"{e}; check the address and that the peer is running") from None
+    await ask(found[start.peer_id], start)
+    if not found[start.peer_id].reachable:
+        raise PeerUnreachableError(f"{start} accepted the connection but did not answer the DHT request")
+    semaphore = asyncio.Semaphore(parallel)
+
+    async def ask_bounded(info: PeerInfo) -> None:
+        async with semaphore:
+            remaining = deadline - time.monotonic()
+            if remaining > 0:
+                try:
+                    await asyncio.wait_for(ask(info, info.peer_id), remaining)
+                except asyncio.TimeoutError:
+                    info.reachable = False
+
+    while time.monotonic() < deadline:
+        batch = [info for info in found.values() if info.reachable is None]
+        if not batch:
+            break
+        await asyncio.gather(*(ask_bounded(info) for info in batch))
+    return sorted(found.values(), key=lambda info: (info.peer_id != start.peer_id, str(info.peer_id)))

@@ -1,0 +1,203 @@
+"""The DHT through its public API, on real loopback TCP (and once over the in-memory transport)."""
+
+import random
+import socket
+import struct
+
+import pytest
+
+import hivecli as hivemind
+from hivecli import BootstrapError, ConfigError, MultiaddrError
+from hivecli.dht.routing import DHTID
+from hivecli.net import Identity, MemoryTransport
+from hivecli.testing import launch_swarm, local_swarm, shutdown_all, wait_for
+
+FAST = {"wait_timeout": 1.0}
+
+
+@pytest.fixture(scope="module")
+def swarm():
+    with local_swarm(12, seed=1, **FAST) as dhts:
+        yield dhts
+
+
+def test_store_and_get_across_nodes(swarm):
+    rng = random.Random(2)
+    now = hivemind.get_dht_time()
+    values = {f"key-{i}": v for i, v in enumerate([1, "text", b"\x00bytes", [1, 2.5, None], {"a": [1, {"b": 2}]}])}
+    for key, value in values.items():
+        assert rng.choice(swarm).store(key, value, now + 60)
+    for key, value in values.items():
+        found = rng.choice(swarm).get(key)
+        assert found is not None and found.value == value and found.expiration_time == now + 60
+    assert swarm[0].get("never-stored") is None
+
+
+def test_subkeys_from_several_peers_merge(swarm):
+    now = hivemind.get_dht_time()
+    for i, dht in enumerate(swarm[:6]):
+        assert dht.store("run.peers", {"step": i}, now + 30 + i, subkey=str(dht.peer_id))
+    found = swarm[-1].get("run.peers", latest=True)
+    assert {k: v.value for k, v in found.value.items()} == {
+        str(d.peer_id): {"step": i} for i, d in enumerate(swarm[:6])
+    }
+    assert found.expiration_time == now + 35
+
+
+def test_latest_returns_the_newest_value_and_older_stores_are_refused(swarm):
+    now = hivemind.get_dht_time()
+    assert swarm[1].store("model", "v1", now + 20)
+    assert swarm[2].store("model", "v2", now + 40)
+    assert not swarm[3].store("model", "stale", now + 30)  # every replica holds something newer
+    assert swarm[4].get("model", latest=True).value == "v2"
+    assert not swarm[5].store("model", "past", now - 1)
+
+
+def test_values_expire(swarm):
+    assert swarm[6].store("short-lived", 1, hivemind.get_dht_time() + 0.5)
+    assert swarm[7].get("short-lived") is not None
+    wait_for(lambda: swarm[7].get("short-lived", latest=True) is None, timeout=10, what="the value to expire")
+
+
+def test_return_future_and_run_coroutine(swarm):
+    future = swarm[0].store("f", 42, hivemind.get_dht_time() + 30, return_future=True)
+    assert future.result(timeout=10) is True
+    assert swarm[1].get("f", return_future=True).result(timeout=10).value == 42
+
+    async def table_size(dht, node):
+        return len(node.protocol.routing_table)
+
+    assert swarm[0].run_coroutine(table_size) >= 5
+
+
+def test_unserializable_value_is_a_clear_error(swarm):
+    with pytest.raises(ConfigError, match="msgpack"):
+        swarm[0].store("bad", object(), hivemind.get_dht_time() + 10)
+
+
+def _holders(dhts, key):
+    key_id = DHTID.from_key(key)
+
+    async def holds(dht, node):
+        return key_id in node.protocol.storage
+
+    return [d for d in dhts if d.is_alive() and d.run_coroutine(holds)]
+
+
+def test_data_survives_nodes_leaving_and_is_re_replicated():
+    dhts = launch_swarm(14, seed=3, wait_timeout=0.5, refresh_period=0.3, blacklist_time=0.2)
+    try:
+        now = hivemind.get_dht_time()
+        keys = [f"precious-{i}" for i in range(5)]
+        for key in keys:
+            assert dhts[0].store(key, key.upper(), now + 120)
+        key = keys[0]
+        holders = _holders(dhts, key)
+        assert len(holders) == 5  # num_replicas
+        for dht in holders[:3]:
+            dht.shutdown()
+        alive = [d for d in dhts if d.is_alive()]
+        assert all(d.get(key, latest=True).value == key.upper() for d in alive)
+        # survivors notice the departures and copy the record to new replicas
+        wait_for(lambda: len(_holders(alive, key)) >= 5, timeout=20, what="re-replication to 5 live nodes")
+        for dht in holders[3:]:
+            dht.shutdown()  # every original holder is gone now
+        alive = [d for d in dhts if d.is_alive()]
+        for other in keys:
+            assert alive[0].get(other, latest=True).value == other.upper()
+    finally:
+        shutdown_all(dhts)
+
+
+def test_unreachable_bootstrap_peer_fails_clearly():
+    ghost = Identity.generate().peer_id
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound but not listening: connections are refused
+        with pytest.raises(BootstrapError) as info:
+            hivemind.DHT(initial_peers=[f"/ip4/127.0.0.1/tcp/{port}/p2p/{ghost}"], start=True, wait_timeout=1)
+    message = str(info.value)
+    assert f"127.0.0.1/tcp/{port}" in message and "refused" in message and "\n" not in message
+
+
+def test_bootstrap_to_the_wrong_peer_is_refused():
+    with local_swarm(1) as (dht,):
+        real = dht.get_visible_maddrs()[0]
+        impostor_claim = f"/ip4/{real.host}/tcp/{real.port}/p2p/{Identity.generate().peer_id}"
+        with pytest.raises(BootstrapError, match="not .* as the address says"):
+            hivemind.DHT(initial_peers=[impostor_claim], start=True, wait_timeout=1)
+
+
+@pytest.mark.parametrize(
+    ("address", "fragment"),
+    [
+        ("/ip4/1.2.3/tcp/5/p2p/12D3KooWRoyZFYNZAojF2JvzR4d4pb14J78wvaMFL8cP78YXWz7V", "'1.2.3' is not an IPv4"),
+        ("/ip4/127.0.0.1/tcp/31337", "no /p2p/PEER_ID"),
+        ("/ip4/127.0.0.1/udp/5/p2p/x", "transport 'udp'"),
+        ("", "empty"),
+    ],
+)
+def test_bad_initial_peer_address(address, fragment):
+    with pytest.raises(MultiaddrError, match=fragment):
+        hivemind.DHT(initial_peers=[address])
+
+
+def test_unknown_setting_suggests_the_right_one():
+    with pytest.raises(ConfigError, match="did you mean 'num_replicas'"):
+        hivemind.DHT(num_replica=3)
+
+
+def test_visible_maddrs_default_to_loopback_and_announce_overrides():
+    with hivemind.DHT(start=True) as dht:
+        (maddr,) = dht.get_visible_maddrs()
+        assert str(maddr).startswith("/ip4/127.0.0.1/tcp/") and str(maddr).endswith(f"/p2p/{dht.peer_id}")
+    with hivemind.DHT(start=True, announce_maddrs=["/ip4/203.0.113.7/tcp/4242"]) as dht:
+        assert [str(m) for m in dht.get_visible_maddrs()] == [f"/ip4/203.0.113.7/tcp/4242/p2p/{dht.peer_id}"]
+
+
+def test_identity_path_keeps_the_peer_id(tmp_path):
+    path = tmp_path / "peer.key"
+    first = hivemind.DHT(identity_path=str(path)).peer_id
+    assert hivemind.DHT(identity_path=str(path)).peer_id == first
+
+
+def test_client_mode_uses_the_dht_but_is_not_routed_to(swarm):
+    address = [str(swarm[0].get_visible_maddrs()[0])]
+    with hivemind.DHT(initial_peers=address, client_mode=True, start=True, **FAST) as client:
+        now = hivemind.get_dht_time()
+        assert client.store("from-client", "hello", now + 30)
+        assert swarm[5].get("from-client").value == "hello"
+        assert client.get("key-0") is not None
+
+        async def knows_client(dht, node):
+            return client.peer_id in node.protocol.routing_table.peer_to_node
+
+        assert not any(d.run_coroutine(knows_client) for d in swarm)
+
+
+def test_garbage_and_oversized_frames_do_not_stop_the_node(swarm):
+    target = swarm[0].get_visible_maddrs()[0]
+    for junk in (b"GET / HTTP/1.1\r\n\r\n", struct.pack(">II", 2**31, 0), b"\xff" * 64):
+        with socket.create_connection((target.host, target.port), timeout=5) as s:
+            s.sendall(junk)
+            s.settimeout(5)
+            try:
+                while s.recv(4096):  # the node answers with its handshake, then hangs up on us
+                    pass
+            except ConnectionResetError:
+                pass
+    now = hivemind.get_dht_time()
+    assert swarm[1].store("after-junk", 1, now + 30)
+    assert swarm[0].get("after-junk", latest=True).value == 1
+
+
+def test_many_nodes_over_the_memory_transport():
+    network = MemoryTransport.Network()
+    dhts = launch_swarm(30, seed=4, transport=MemoryTransport(network), **FAST)
+    try:
+        now = hivemind.get_dht_time()
+        for i in range(20):
+            assert dhts[i].store(("mem", i), i, now + 30)
+        assert all(dhts[-1 - i].get(("mem", i)).value == i for i in range(20))
+    finally:
+        shutdown_all(dhts)
