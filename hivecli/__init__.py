@@ -27,10 +27,10 @@ from hivecli.utils.timing import get_dht_time
 __version__ = "0.1.0"
 
 __all__ = [
-    "DHT",
     "BootstrapError",
     "ConfigError",
     "ConnectionClosedError",
+    "DHT",
     "DHTError",
     "DHTSettings",
     "FrameTooLargeError",

@@ -124,7 +124,7 @@ def test_bootstrap_to_the_wrong_peer_is_refused():
     with local_swarm(1) as (dht,):
         real = dht.get_visible_maddrs()[0]
         impostor_claim = f"/ip4/{real.host}/tcp/{real.port}/p2p/{Identity.generate().peer_id}"
-        with pytest.raises(BootstrapError, match="not .* as the address says"):
+        with pytest.raises(BootstrapError, match=r"not .* as the address says"):
             hivemind.DHT(initial_peers=[impostor_claim], start=True, wait_timeout=1)
 
 

@@ -9,7 +9,8 @@ from typing import Any
 
 from rich.console import Console
 
-stdout = Console(soft_wrap=True, highlight=False)
+# Piped output is read by scripts and pasted by people: never fold peer IDs at 80 columns there.
+stdout = Console(soft_wrap=True, highlight=False, width=None if sys.stdout.isatty() else 300)
 stderr = Console(stderr=True, soft_wrap=True, highlight=False)
 
 

@@ -6,4 +6,11 @@ from hivecli.dht.routing import DHTID, RoutingTable
 from hivecli.dht.settings import DHTSettings
 from hivecli.dht.storage import ValueWithExpiration
 
-__all__ = ["DHT", "DHTID", "DHTNode", "DHTSettings", "RoutingTable", "ValueWithExpiration"]
+__all__ = [
+    "DHT",
+    "DHTID",
+    "DHTNode",
+    "DHTSettings",
+    "RoutingTable",
+    "ValueWithExpiration",
+]
