@@ -267,6 +267,8 @@ class Connection:
                 header, body = await read_frame(self._stream, self.settings.limits)
                 self.last_activity = asyncio.get_running_loop().time()
                 await self._dispatch(header, body)
+        except ConnectionResetError as e:
+            reason = str(e) or reason  # carries the peer's GOAWAY reason, if it sent one
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         except ProtocolError as e:

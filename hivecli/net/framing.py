@@ -46,10 +46,38 @@ def pack(obj: Any) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
 
+def _reject_timestamp(value: Any) -> None:
+    # msgpack decodes extension -1 (Timestamp) itself, without calling ext_hook
+    if type(value) is msgpack.Timestamp:
+        raise MalformedFrameError("msgpack extension type -1 (timestamp) is not allowed on the hive wire")
+
+
+def _checked_list(items: list[Any]) -> list[Any]:
+    for item in items:
+        _reject_timestamp(item)
+    return items
+
+
+def _checked_map(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    for key, value in pairs:
+        _reject_timestamp(key)
+        _reject_timestamp(value)
+    return dict(pairs)
+
+
 def unpack(data: bytes) -> Any:
     """Deserialize bytes that came from the network. Raises MalformedFrameError if they do not decode."""
     try:
-        return msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=_reject_ext)
+        value = msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=False,
+            ext_hook=_reject_ext,
+            list_hook=_checked_list,
+            object_pairs_hook=_checked_map,
+        )
+        _reject_timestamp(value)
+        return value
     except MalformedFrameError:
         raise
     except Exception as e:  # msgpack raises a zoo of ValueError/TypeError/ExtraData/FormatError

@@ -84,9 +84,12 @@ async def perform_handshake(
     their_nonce = theirs.get("nonce")
     if not isinstance(their_nonce, bytes) or len(their_nonce) != 32:
         raise HandshakeError(f"{where} sent a handshake without a 32-byte nonce")
+    raw_peer_id, raw_listen = theirs.get("peer_id"), theirs.get("listen", [])
+    if not isinstance(raw_peer_id, bytes) or not isinstance(raw_listen, list):
+        raise HandshakeError(f"{where} sent a handshake with a non-bytes peer_id or a non-list listen field")
     try:
-        remote_peer = PeerID(theirs.get("peer_id") or b"")
-    except (ValueError, TypeError) as e:
+        remote_peer = PeerID(raw_peer_id)
+    except ValueError as e:
         raise HandshakeError(f"{where} sent an invalid peer ID: {e}") from None
     if expected_peer is not None and remote_peer != expected_peer:
         raise HandshakeError(
@@ -94,7 +97,7 @@ async def perform_handshake(
             f"the address is stale or someone else listens there"
         )
     listen: list[Multiaddr] = []
-    for text in theirs.get("listen") or []:
+    for text in raw_listen:
         try:
             listen.append(Multiaddr.parse(text).with_peer_id(remote_peer))
         except MultiaddrError:

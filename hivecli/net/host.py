@@ -91,7 +91,7 @@ class Host:
                 perform_handshake(stream, self.identity, self.visible_maddrs(), None, where),
                 self.settings.handshake_timeout,
             )
-        except (HandshakeError, asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError) as e:
+        except Exception as e:  # whatever a stranger sends, drop the connection and keep serving
             logger.debug("Rejected inbound connection from %s: %s", stream.remote_host, e or type(e).__name__)
             stream.close()
             return

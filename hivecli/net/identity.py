@@ -130,7 +130,7 @@ class Identity:
         if path.exists():
             try:
                 key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-            except (ValueError, TypeError) as e:
+            except (OSError, ValueError, TypeError) as e:
                 raise ConfigError(
                     f"identity file {str(path)!r} does not hold a PEM private key ({e}); "
                     f"point --identity at another path to create a fresh one"

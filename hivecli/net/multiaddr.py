@@ -61,7 +61,7 @@ class Multiaddr:
             raise fail("the host name is empty")
         if transport != "tcp":
             raise fail(f"transport {transport!r} is not supported (hive speaks tcp)")
-        if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        if not (port_text.isascii() and port_text.isdigit()) or not 0 <= int(port_text) <= 65535:
             raise fail(f"port {port_text!r} is not a number from 0 to 65535")
         peer_id = None
         if len(parts) == 6:

@@ -1,0 +1,879 @@
+"""Hosts and connections end to end: RPC, streams, errors, and peers that misbehave.
+
+Every test runs over real TCP on 127.0.0.1 and over MemoryTransport (the `kind` fixture).
+Raw clients and fake servers speak the wire format by hand through the same transport, so
+the misbehaving-peer tests exercise exactly the code path a remote attacker would reach.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import re
+import struct
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgpack
+import pytest
+
+from hivecli._exceptions import (
+    ConfigError,
+    ConnectionClosedError,
+    HandshakeError,
+    PeerUnreachableError,
+    RemoteError,
+    RPCTimeoutError,
+)
+from hivecli.net import (
+    ByteStream,
+    Connection,
+    Host,
+    Identity,
+    MemoryTransport,
+    Multiaddr,
+    NetSettings,
+    Reply,
+    Stream,
+    TCPTransport,
+)
+from hivecli.net.connection import EndOfStream
+from hivecli.net.framing import FrameLimits, encode_frame, read_frame
+from hivecli.net.handshake import PROTOCOL_VERSION, _auth_message, perform_handshake
+from hivecli.net.transport import Listener, Transport
+
+LOOPBACK = Multiaddr.parse("/ip4/127.0.0.1/tcp/0")
+DEADLINE = 3.0  # how long a peer may take to react to something; far below handshake_timeout below
+PATIENT = NetSettings(handshake_timeout=30.0)  # so that a close within DEADLINE is not a timeout
+RAW_LIMITS = FrameLimits(max_header_bytes=2**32, max_body_bytes=2**32)
+
+
+@pytest.fixture(params=["tcp", "memory"])
+def kind(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+class Net:
+    """The hosts, raw streams and fake servers of one test; `aclose` closes all of them."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self.network = MemoryTransport.Network()
+        self._hosts: list[Host] = []
+        self._streams: list[ByteStream] = []
+        self._listeners: list[Listener] = []
+        self._fake_tasks: set[asyncio.Task[Any]] = set()
+
+    def transport(self) -> Transport:
+        return TCPTransport() if self.kind == "tcp" else MemoryTransport(self.network)
+
+    async def host(self, settings: NetSettings | None = None, *, listen: bool = True) -> Host:
+        host = Host(Identity.generate(), self.transport(), settings)
+        self._hosts.append(host)
+        if listen:
+            await host.listen([LOOPBACK])
+        return host
+
+    async def server(self, settings: NetSettings | None = None) -> Host:
+        host = await self.host(settings)
+        serve(host)
+        return host
+
+    async def dial_raw(self, host: Host) -> ByteStream:
+        maddr = address_of(host)
+        stream = await self.transport().dial(maddr.host, maddr.port, DEADLINE)
+        self._streams.append(stream)
+        return stream
+
+    async def fake_server(self, identity: Identity, handler: Callable[[ByteStream], Awaitable[None]]) -> Multiaddr:
+        """Listen with a hand-written handler; returns the address to dial it at as `identity`."""
+
+        async def wrapped(stream: ByteStream) -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            self._fake_tasks.add(task)
+            try:
+                await handler(stream)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                pass
+            finally:
+                stream.close()
+                self._fake_tasks.discard(task)
+
+        listener = await self.transport().listen("127.0.0.1", 0, wrapped)
+        self._listeners.append(listener)
+        host, port = listener.bound[0]
+        return Multiaddr("ip4", host, port, identity.peer_id)
+
+    async def aclose(self) -> None:
+        for stream in self._streams:
+            stream.close()
+        for listener in self._listeners:
+            await listener.aclose()
+        for task in list(self._fake_tasks):
+            task.cancel()
+        await asyncio.gather(*self._fake_tasks, return_exceptions=True)
+        for host in reversed(self._hosts):
+            await host.aclose()
+
+
+def run(kind: str, main: Callable[[Net], Awaitable[None]], timeout: float = 20.0) -> None:
+    async def wrapper() -> None:
+        net = Net(kind)
+        try:
+            await asyncio.wait_for(main(net), timeout)
+        finally:
+            await net.aclose()
+
+    asyncio.run(wrapper())
+
+
+def address_of(host: Host) -> Multiaddr:
+    return host.visible_maddrs()[0]
+
+
+# ---- the methods every test server offers ---------------------------------------------------
+
+
+async def echo(conn: Connection, payload: Any, body: bytes) -> Reply:
+    return Reply({"payload": payload, "from": conn.remote_peer.to_base58(), "len": len(body)}, body)
+
+
+async def fail(conn: Connection, payload: Any, body: bytes) -> Any:
+    raise ValueError(f"boom {payload}")
+
+
+async def fail_config(conn: Connection, payload: Any, body: bytes) -> Any:
+    raise ConfigError(f"setting {payload!r} is out of range")
+
+
+async def hang(conn: Connection, payload: Any, body: bytes) -> Any:
+    await asyncio.Event().wait()
+
+
+async def stream_echo(stream: Stream, payload: Any, body: bytes) -> None:
+    """Echo every message back, then report how many there were."""
+    count = 0
+    async for message in stream:
+        await stream.send(message.payload, message.body)
+        count += 1
+    await stream.send({"count": count, "request": payload})
+
+
+async def countdown(stream: Stream, payload: Any, body: bytes) -> None:
+    for i in range(payload):
+        await stream.send(i, str(i).encode())
+
+
+async def stream_fail(stream: Stream, payload: Any, body: bytes) -> None:
+    await stream.send("first")
+    raise RuntimeError("stream broke halfway")
+
+
+def serve(host: Host) -> None:
+    host.add_unary_handler("echo", echo)
+    host.add_unary_handler("fail", fail)
+    host.add_unary_handler("fail_config", fail_config)
+    host.add_unary_handler("hang", hang)
+    host.add_stream_handler("stream_echo", stream_echo)
+    host.add_stream_handler("countdown", countdown)
+    host.add_stream_handler("stream_fail", stream_fail)
+
+
+async def assert_serves(net: Net, server: Host) -> None:
+    """A fresh, well-behaved client gets an answer from `server`."""
+    client = await net.host(listen=False)
+    reply = await client.call(address_of(server), "echo", {"still": "alive"}, b"ok", timeout=DEADLINE)
+    assert reply.payload["payload"] == {"still": "alive"}
+    assert reply.body == b"ok"
+
+
+# ---- raw wire helpers -----------------------------------------------------------------------
+
+
+def prefix(header_len: int, body_len: int) -> bytes:
+    return struct.pack(">II", header_len, body_len)
+
+
+def raw_frame(header: Any, body: bytes = b"") -> bytes:
+    head, tail = encode_frame(header, body)
+    return head + bytes(tail)
+
+
+def hello(identity: Identity, **override: Any) -> dict[str, Any]:
+    message = {
+        "protocol": "hive",
+        "version": PROTOCOL_VERSION,
+        "peer_id": identity.peer_id.to_bytes(),
+        "nonce": os.urandom(32),
+        "listen": [],
+    }
+    message.update(override)
+    return message
+
+
+async def send(stream: ByteStream, data: bytes) -> None:
+    stream.write(data)
+    await stream.drain()
+
+
+async def frames_until_closed(stream: ByteStream, deadline: float = DEADLINE) -> list[Any]:
+    """Read frame headers until the other side closes; fail the test if it has not within `deadline`."""
+    frames: list[Any] = []
+
+    async def read_all() -> None:
+        while True:
+            try:
+                header, _ = await read_frame(stream, RAW_LIMITS)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return
+            frames.append(header)
+
+    try:
+        await asyncio.wait_for(read_all(), deadline)
+    except asyncio.TimeoutError:
+        pytest.fail(f"the peer did not close the connection within {deadline} s; it sent {frames!r}")
+    return frames
+
+
+async def authenticated_raw_client(net: Net, server: Host) -> tuple[ByteStream, Identity]:
+    """A raw stream that has passed the real handshake with `server`."""
+    stream = await net.dial_raw(server)
+    identity = Identity.generate()
+    remote, _ = await asyncio.wait_for(perform_handshake(stream, identity, [], server.peer_id, "test server"), DEADLINE)
+    assert remote == server.peer_id
+    return stream, identity
+
+
+# ---- unary RPC ------------------------------------------------------------------------------
+
+PAYLOAD = {
+    "text": "ünïcødé ✓",
+    "bytes": b"\x00\x01\xff",
+    "int": -5,
+    "big": 2**62,
+    "float": 1.5,
+    "none": None,
+    "bool": True,
+    "nested": [1, [2, {"three": 3}]],
+    7: "int key",
+}
+
+
+def test_unary_call_round_trips_payload_and_10_mb_body(kind: str) -> None:
+    async def main(net: Net) -> None:
+        server = await net.server()
+        client = await net.host(listen=False)
+        body = os.urandom(10 * 1024 * 1024)
+        reply = await client.call(address_of(server), "echo", PAYLOAD, body, timeout=10)
+        assert reply.payload["payload"] == PAYLOAD
+        assert reply.payload["len"] == len(body)
+        assert reply.payload["from"] == client.peer_id.to_base58()  # the server saw who we are
+        assert hashlib.sha256(reply.body).digest() == hashlib.sha256(body).digest()
+        assert reply.body == body
+
+    run(kind, main)
+
+
+def test_unary_call_without_body(kind: str) -> None:
+    async def main(net: Net) -> None:
+        server = await net.server()
+        client = await net.host(listen=False)
+        reply = await client.call(address_of(server), "echo", [1, 2, 3])
+        assert reply.payload["payload"] == [1, 2, 3]
+        assert reply.body == b""
+
+    run(kind, main)
+
+
+def test_handler_returning_a_plain_value(kind: str) -> None:
+    async def main(net: Net) -> None:
+        server = await net.server()
+
+        async def double(conn: Connection, payload: Any, body: bytes) -> Any:
+            return payload * 2
+
+        server.add_unary_handler("double", double)
+        client = await net.host(listen=False)
+        reply = await client.call(address_of(server), "double", 21)
+        assert reply.payload == 42
+        assert reply.body == b""
+
+    run(kind, main)
+
+
+def test_connection_is_reused(kind: str) -> None:
+    async def main(net: Net) -> None:
+        server = await net.server()
+        client = await net.host(listen=False)
+        conn = await client.connect(address_of(server))
+        assert conn.remote_peer == server.peer_id
+        assert conn.outbound
+
+        first = await client.call(address_of(server), "echo", 1)
+        second = await client.call(server.peer_id, "echo", 2)  # by peer ID, from the address book
+        assert (first.payload["payload"], second.payload["payload"]) == (1, 2)
+        assert client.connection_to(server.peer_id) is conn
+        assert await client.connect(server.peer_id) is conn
+        assert client.open_connections() == [conn]
+
+        inbound = server.open_connections()
+        assert len(inbound) == 1
+        assert inbound[0].remote_peer == client.peer_id
+        assert not inbound[0].outbound
+
+    run(kind, main)
+
+
+def test_concurrent_connects_and_calls_share_one_connection(kind: str) -> None:
+    async def main(net: Net) -> None:
+        server = await net.server()
+        client = await net.host(listen=False)
+        conns = await asyncio.gather(*(client.connect(address_of(server)) for _ in range(5)))
+        assert all(c is conns[0] for c in conns)
+        replies = await asyncio.gather(*(client.call(server.peer_id, "echo", i, bytes([i]) * i) for i in range(50)))
+        for i, reply in enumerate(replies):
+            assert reply.payload["payload"] == i
+            assert reply.body == bytes([i]) * i
+        assert len(server.open_connections()) == 1
+
+    run(kind, main)
+
+
+def test_handler_exception_becomes_remote_error(kind: str) -> None:
+    async def main(net: Net) -> None:
+        server = await net.server()
+        client = await net.host(listen=False)
+        with pytest.raises(RemoteError) as info:
+            await client.call(address_of(server), "fail", 42)
+        message = str(info.value)
+        assert "boom 42" in message
+        assert "ValueError" in message
+        assert "fail" in message
+        assert str(server.peer_id) in message
+
+        with pytest.raises(RemoteError, match="setting 'speed' is out of range"):
+            await client.call(server.peer_id, "fail_config", "speed")
+
+        # the connection survives a failing handler
+        assert (await client.call(server.peer_id, "echo", "after")).payload["payload"] == "after"
+        assert len(server.open_connections()) == 1
+
+    run(kind, main)
+
+
+def test_unknown_method_is_a_remote_error(kind: str) -> None:
+    async def main(net: Net) -> None:
+        server = await net.server()
+        client = await net.host(listen=False)
+        with pytest.raises(RemoteError, match="unknown method 'no_such_method'"):
+            await client.call(address_of(server), "no_such_method", None)
+        conn = client.connection_to(server.peer_id)
+        assert conn is not None
+        stream = await conn.open_stream("no_such_stream", None)
+        with pytest.raises(RemoteError, match="unknown method 'no_such_stream'"):
+            await stream.recv(timeout=DEADLINE)
+        assert (await client.call(server.peer_id, "echo", "ok")).payload["payload"] == "ok"
+
+    run(kind, main)
+
+
+def test_call_timeout_cancels_the_remote_handler(kind: str) -> None:
+    async def main(net: Net) -> None:
+        server = await net.server()
+        started, cancelled, finished = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+        async def slow(conn: Connection, payload: Any, body: bytes) -> Any:
+            started.set()
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+            finally:
+                finished.set()
+
+        server.add_unary_handler("slow", slow)
+        client = await net.host(listen=False)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        with pytest.raises(RPCTimeoutError) as info:
+            await client.call(address_of(server), "slow", None, timeout=0.3)
+        assert 0.25 <= loop.time() - t0 < DEADLINE
+        assert isinstance(info.value, TimeoutError)
+        assert "slow" in str(info.value)
+        assert started.is_set()
+        await asyncio.wait_for(cancelled.wait(), DEADLINE)
+        await asyncio.wait_for(finished.wait(), DEADLINE)
+        # the connection is still usable, and it is still the only one
+        assert (await client.call(server.peer_id, "echo", "next")).payload["payload"] == "next"
+        assert len(server.open_connections()) == 1
+
+    run(kind, main)
+
+
+# ---- streams --------------------------------------------------------------------------------
+
+
+def test_stream_echo_both_ways(kind: str) -> None:
+    n = 200  # more than stream_queue_size, so flow control is exercised
+
+    async def main(net: Net) -> None:
+        server = await net.server()
+        client = await net.host(listen=False)
+        conn = await client.connect(address_of(server))
+        stream = await conn.open_stream("stream_echo", {"hello": "stream"})
+        for i in range(n):
+            await stream.send({"i": i}, f"body {i}".encode())
+        await stream.end()
+        received = [message async for message in stream]
+        assert len(received) == n + 1
+        for i, message in enumerate(received[:n]):
+            assert message.payload == {"i": i}
+            assert message.body == f"body {i}".encode()
+        assert received[-1].payload == {"count": n, "request": {"hello": "stream"}}
+        with pytest.raises(EndOfStream):
+            await stream.recv(timeout=DEADLINE)
+
+    run(kind, main)
+
+
+def test_stream_send_and_receive_concurrently(kind: str) -> None:
+    n = 100
+
+    async def main(net: Net) -> None:
+        server = await net.server()
+        client = await net.host(listen=False)
+        conn = await client.connect(address_of(server))
+        stream = await conn.open_stream("stream_echo", None)
+
+        async def sender() -> None:
+            for i in range(n):
+                await stream.send(i, os.urandom(1000))
+            await stream.end()
+
+        send_task = asyncio.ensure_future(sender())
+        payloads = [message.payload async for message in stream]
+        await send_task
+        assert payloads == [*range(n), {"count": n, "request": None}]
+
+    run(kind, main)
+
+
+def test_server_streams_to_client(kind: str) -> None:
+    async def main(net: Net) -> None:
+        server = await net.server()
+        client = await net.host(listen=False)
+        conn = await client.connect(address_of(server))
+        stream = await conn.open_stream("countdown", 10)
+        await stream.end()
+        messages = [await stream.recv(timeout=DEADLINE) for _ in range(10)]
+        assert [(m.payload, m.body) for m in messages] == [(i, str(i).encode()) for i in range(10)]
+        with pytest.raises(EndOfStream):
+            await stream.recv(timeout=DEADLINE)
+
+    run(kind, main)
+
+
+def test_stream_handler_error_reaches_the_caller(kind: str) -> None:
+    async def main(net: Net) -> None:
+        server = await net.server()
+        client = await net.host(listen=False)
+        conn = await client.connect(address_of(server))
+        stream = await conn.open_stream("stream_fail", None)
+        assert (await stream.recv(timeout=DEADLINE)).payload == "first"
+        with pytest.raises(RemoteError, match="stream broke halfway"):
+            await stream.recv(timeout=DEADLINE)
+
+    run(kind, main)
+
+
+def test_stream_cancel_cancels_the_remote_handler(kind: str) -> None:
+    async def main(net: Net) -> None:
+        server = await net.server()
+        got_first, finished = asyncio.Event(), asyncio.Event()
+
+        async def listener(stream: Stream, payload: Any, body: bytes) -> None:
+            try:
+                async for _ in stream:
+                    got_first.set()
+            finally:
+                finished.set()
+
+        server.add_stream_handler("listener", listener)
+        client = await net.host(listen=False)
+        conn = await client.connect(address_of(server))
+        stream = await conn.open_stream("listener", None)
+        await stream.send("one")
+        await asyncio.wait_for(got_first.wait(), DEADLINE)
+        assert not finished.is_set()
+        await stream.cancel()
+        await asyncio.wait_for(finished.wait(), DEADLINE)
+        assert (await client.call(server.peer_id, "echo", "ok")).payload["payload"] == "ok"
+
+    run(kind, main)
+
+
+def test_closing_the_server_fails_open_streams_and_later_calls(kind: str) -> None:
+    async def main(net: Net) -> None:
+        server = await net.server()
+        client = await net.host(listen=False)
+        conn = await client.connect(address_of(server))
+        stream = await conn.open_stream("stream_echo", None)
+        await server.aclose()
+        with pytest.raises(ConnectionClosedError):
+            await stream.recv(timeout=DEADLINE)
+        await asyncio.wait_for(conn.closed.wait(), DEADLINE)
+        assert client.connection_to(server.peer_id) is None
+        with pytest.raises(PeerUnreachableError):
+            await client.call(server.peer_id, "echo", None)
+
+    run(kind, main)
+
+
+# ---- addressing and dialing errors ----------------------------------------------------------
+
+
+def test_dialing_a_closed_port_is_peer_unreachable(kind: str) -> None:
+    async def main(net: Net) -> None:
+        gone = await net.host()
+        maddr = address_of(gone)
+        await gone.aclose()
+        client = await net.host(listen=False)
+        with pytest.raises(PeerUnreachableError) as info:
+            await client.connect(maddr)
+        message = str(info.value)
+        assert f"127.0.0.1:{maddr.port}" in message
+        assert str(gone.peer_id) in message
+        assert "refused" in message.lower()
+        assert client.connection_to(gone.peer_id) is None
+
+    run(kind, main)
+
+
+def test_calling_a_peer_with_no_known_address(kind: str) -> None:
+    async def main(net: Net) -> None:
+        client = await net.host(listen=False)
+        stranger = Identity.generate().peer_id
+        with pytest.raises(PeerUnreachableError, match=f"no known address for peer {stranger}"):
+            await client.call(stranger, "echo", None)
+
+    run(kind, main)
+
+
+def test_connect_rejects_own_address_and_addresses_without_peer_id(kind: str) -> None:
+    async def main(net: Net) -> None:
+        host = await net.host()
+        with pytest.raises(ConfigError, match="own address"):
+            await host.connect(address_of(host))
+        with pytest.raises(ConfigError, match="no /p2p/PEER_ID"):
+            await host.connect(address_of(host).without_peer_id())
+        with pytest.raises(ConfigError, match="must not contain /p2p"):
+            await host.listen([address_of(host)])
+
+    run(kind, main)
+
+
+def test_listening_on_a_port_in_use_is_a_config_error(kind: str) -> None:
+    async def main(net: Net) -> None:
+        first = await net.host()
+        second = await net.host(listen=False)
+        taken = address_of(first).without_peer_id()
+        with pytest.raises(ConfigError, match=f"cannot listen on {taken}"):
+            await second.listen([taken])
+
+    run(kind, main)
+
+
+def test_address_with_someone_elses_peer_id_is_rejected(kind: str) -> None:
+    async def main(net: Net) -> None:
+        a = await net.server()
+        b = await net.server()
+        client = await net.host(listen=False)
+        spoofed = address_of(a).with_peer_id(b.peer_id)  # A's host:port, B's identity
+        with pytest.raises((HandshakeError, PeerUnreachableError)) as info:
+            await client.connect(spoofed)
+        message = str(info.value)
+        assert str(a.peer_id) in message
+        assert str(b.peer_id) in message
+        assert client.connection_to(b.peer_id) is None
+        assert spoofed not in client.address_book.get(b.peer_id, [])  # the bad address is not learned
+        # A keeps serving, B is reachable at its real address
+        assert (await client.call(address_of(a), "echo", "a")).payload["payload"] == "a"
+        assert (await client.call(address_of(b), "echo", "b")).payload["payload"] == "b"
+        await assert_serves(net, a)
+
+    run(kind, main)
+
+
+def test_dialer_rejects_a_server_speaking_another_protocol_version(kind: str) -> None:
+    async def main(net: Net) -> None:
+        fake = Identity.generate()
+
+        async def future_version(stream: ByteStream) -> None:
+            await send(stream, raw_frame(hello(fake, version=PROTOCOL_VERSION + 1)))
+            await frames_until_closed(stream)
+
+        maddr = await net.fake_server(fake, future_version)
+        client = await net.host(listen=False, settings=PATIENT)
+        with pytest.raises((HandshakeError, PeerUnreachableError)) as info:
+            await client.connect(maddr)
+        message = str(info.value)
+        assert f"v{PROTOCOL_VERSION + 1}" in message
+        assert f"v{PROTOCOL_VERSION}" in message
+        assert client.connection_to(fake.peer_id) is None
+
+    run(kind, main)
+
+
+def test_dialer_gives_up_on_a_silent_server(kind: str) -> None:
+    async def main(net: Net) -> None:
+        fake = Identity.generate()
+
+        async def silent(stream: ByteStream) -> None:
+            await frames_until_closed(stream, deadline=10)
+
+        maddr = await net.fake_server(fake, silent)
+        client = await net.host(listen=False, settings=NetSettings(handshake_timeout=0.3))
+        with pytest.raises(PeerUnreachableError, match=re.escape("did not complete the handshake within 0.3 s")):
+            await client.connect(maddr)
+
+    run(kind, main)
+
+
+def test_dialer_rejects_a_server_with_malformed_hello_fields(kind: str) -> None:
+    """A hostile server's HELLO with wrongly typed fields must fail the dial the documented way."""
+
+    async def main(net: Net) -> None:
+        fake = Identity.generate()
+
+        async def bad_hello(stream: ByteStream) -> None:
+            await send(stream, raw_frame(hello(fake, listen=5)))
+            await frames_until_closed(stream)
+
+        maddr = await net.fake_server(fake, bad_hello)
+        client = await net.host(listen=False, settings=PATIENT)
+        with pytest.raises((HandshakeError, PeerUnreachableError)):
+            await client.connect(maddr)
+
+    run(kind, main)
+
+
+def test_goaway_reason_reaches_the_caller(kind: str) -> None:
+    """The reason a peer gives in GOAWAY is what the caller's ConnectionClosedError reports."""
+
+    async def main(net: Net) -> None:
+        fake = Identity.generate()
+
+        async def hang_up(stream: ByteStream) -> None:
+            await perform_handshake(stream, fake, [], None, "client")
+            request, _ = await read_frame(stream, RAW_LIMITS)
+            assert request[0] == 0 and request[2] == "echo"
+            await send(stream, raw_frame([6, 0, "node is shutting down for maintenance"]))
+            await frames_until_closed(stream)
+
+        maddr = await net.fake_server(fake, hang_up)
+        client = await net.host(listen=False)
+        with pytest.raises(ConnectionClosedError) as info:
+            await client.call(maddr, "echo", None, timeout=DEADLINE)
+        assert "node is shutting down for maintenance" in str(info.value)
+
+    run(kind, main)
+
+
+# ---- misbehaving clients: before the handshake ----------------------------------------------
+
+
+def bad_handshakes() -> dict[str, Callable[[Identity], bytes]]:
+    return {
+        "header-100MB": lambda me: prefix(100 * 1024 * 1024, 0),
+        "header-4GB": lambda me: prefix(2**32 - 1, 0),
+        "handshake-with-body": lambda me: prefix(20, 1),
+        "http-request": lambda me: b"GET / HTTP/1.1\r\nHost: example.com\r\n\r\n",
+        "tls-client-hello": lambda me: bytes.fromhex("1603010200010001fc0303"),
+        "malformed-msgpack": lambda me: prefix(1, 0) + b"\xc1",
+        "ext-type": lambda me: raw_frame({"protocol": msgpack.ExtType(3, b"hive")}),
+        "not-a-map": lambda me: raw_frame(["hive", 1]),
+        "wrong-protocol": lambda me: raw_frame(hello(me, protocol="libp2p")),
+        "no-nonce": lambda me: raw_frame({k: v for k, v in hello(me).items() if k != "nonce"}),
+        "short-nonce": lambda me: raw_frame(hello(me, nonce=b"\x01" * 16)),
+        "bad-peer-id": lambda me: raw_frame(hello(me, peer_id=b"\x00\x24" + b"\x00" * 36)),
+        "peer-id-not-bytes": lambda me: raw_frame(hello(me, peer_id=12345)),
+    }
+
+
+@pytest.mark.parametrize("name", bad_handshakes().keys())
+def test_bad_handshake_is_disconnected_and_server_keeps_serving(kind: str, name: str) -> None:
+    async def main(net: Net) -> None:
+        server = await net.server(PATIENT)
+        me = Identity.generate()
+        stream = await net.dial_raw(server)
+        await send(stream, bad_handshakes()[name](me))
+        frames = await frames_until_closed(stream)
+        # at most the server's own HELLO came back; never an AUTH
+        assert len(frames) <= 1
+        assert all(isinstance(f, dict) and "signature" not in f for f in frames)
+        assert server.open_connections() == []
+        await assert_serves(net, server)
+
+    run(kind, main)
+
+
+@pytest.mark.parametrize(
+    "override",
+    [{"listen": 5}, {"peer_id": list(range(38))}],
+    ids=["listen-int", "peer-id-list"],
+)
+def test_wrongly_typed_hello_fields_are_rejected_cleanly(
+    kind: str, override: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Type confusion in a HELLO must be a handshake rejection, not an unhandled exception."""
+
+    async def main(net: Net) -> None:
+        server = await net.server(PATIENT)
+        stream = await net.dial_raw(server)
+        await send(stream, raw_frame(hello(Identity.generate(), **override)))
+        frames = await frames_until_closed(stream)
+        assert all("signature" not in f for f in frames)
+        assert server.open_connections() == []
+        await assert_serves(net, server)
+
+    with caplog.at_level(logging.WARNING):
+        run(kind, main)
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [], [r.getMessage() for r in errors]
+
+
+def test_raw_client_speaking_another_protocol_version_is_refused(kind: str) -> None:
+    async def main(net: Net) -> None:
+        server = await net.server(PATIENT)
+        me = Identity.generate()
+        stream = await net.dial_raw(server)
+        server_hello, _ = await asyncio.wait_for(read_frame(stream, RAW_LIMITS), DEADLINE)
+        assert server_hello["protocol"] == "hive"
+        assert server_hello["version"] == PROTOCOL_VERSION
+        assert server_hello["peer_id"] == server.peer_id.to_bytes()
+        await send(stream, raw_frame(hello(me, version=PROTOCOL_VERSION + 1)))
+        assert await frames_until_closed(stream) == []  # no AUTH: closed right after our HELLO
+        assert server.open_connections() == []
+        await assert_serves(net, server)
+
+    run(kind, main)
+
+
+def test_impostor_without_the_key_is_refused(kind: str) -> None:
+    """A client that claims someone else's peer ID but signs with its own key is refused."""
+
+    async def main(net: Net) -> None:
+        server = await net.server(PATIENT)
+        victim, mallory = Identity.generate(), Identity.generate()
+        stream = await net.dial_raw(server)
+        our_hello = hello(victim)
+        await send(stream, raw_frame(our_hello))
+        server_hello, _ = await asyncio.wait_for(read_frame(stream, RAW_LIMITS), DEADLINE)
+        server_auth, _ = await asyncio.wait_for(read_frame(stream, RAW_LIMITS), DEADLINE)
+        # the server proved its identity to us
+        server.peer_id.verify(
+            server_auth["signature"], _auth_message(our_hello["nonce"], server.peer_id, victim.peer_id)
+        )
+        forged = mallory.sign(_auth_message(server_hello["nonce"], victim.peer_id, server.peer_id))
+        await send(stream, raw_frame({"signature": forged}))
+        assert await frames_until_closed(stream) == []
+        assert server.connection_to(victim.peer_id) is None
+        assert server.open_connections() == []
+        await assert_serves(net, server)
+
+    run(kind, main)
+
+
+def test_client_that_never_finishes_the_handshake_is_dropped(kind: str) -> None:
+    async def main(net: Net) -> None:
+        server = await net.server(NetSettings(handshake_timeout=0.3))
+        stream = await net.dial_raw(server)
+        await send(stream, prefix(100, 0) + b"\x00" * 10)  # a frame that never completes
+        frames = await frames_until_closed(stream)
+        assert len(frames) <= 1  # the server's HELLO at most
+        await assert_serves(net, server)
+
+    run(kind, main)
+
+
+# ---- misbehaving clients: after a successful handshake --------------------------------------
+
+
+def test_raw_authenticated_client_can_call(kind: str) -> None:
+    """The positive control for the tests below: a hand-driven client that behaves gets answers."""
+
+    async def main(net: Net) -> None:
+        server = await net.server(PATIENT)
+        stream, me = await authenticated_raw_client(net, server)
+        for stream_id in (0, 2):
+            await send(stream, raw_frame([0, stream_id, "echo", {"n": stream_id}], b"raw body"))
+            header, body = await asyncio.wait_for(read_frame(stream, RAW_LIMITS), DEADLINE)
+            assert header == [5, stream_id, {"payload": {"n": stream_id}, "from": str(me.peer_id), "len": 8}]
+            assert body == b"raw body"
+        conn = server.connection_to(me.peer_id)
+        assert conn is not None and not conn.is_closed
+
+    run(kind, main)
+
+
+BAD_FRAMES: dict[str, tuple[bytes, str]] = {
+    # name: (bytes sent after the handshake -- exactly what the server reads --, GOAWAY reason)
+    "header-100MB": (prefix(100 * 1024 * 1024, 0), "frame header of 104857600 bytes exceeds the limit"),
+    "header-4GB": (prefix(2**32 - 1, 0), "frame header of 4294967295 bytes exceeds the limit"),
+    "body-100MB": (prefix(16, 100 * 1024 * 1024), "frame body of 104857600 bytes exceeds the limit"),
+    "malformed-msgpack": (prefix(1, 0) + b"\xc1", "undecodable msgpack"),
+    "truncated-msgpack": (prefix(3, 0) + b"\x94\x00\x00", "undecodable msgpack"),
+    "ext-type": (raw_frame([0, 0, "echo", msgpack.ExtType(1, b"x")]), "extension type 1 is not allowed"),
+    "not-a-list": (raw_frame({"kind": 0, "id": 0}), "is not [kind, stream_id, ...]"),
+    "stream-id-not-int": (raw_frame([1, "zero", None]), "is not [kind, stream_id, ...]"),
+    "unknown-kind": (raw_frame([99, 0]), "unknown frame kind 99"),
+    "short-request": (raw_frame([0, 0, "echo"]), "REQUEST frame must be [0, stream_id, method, payload]"),
+    "method-not-str": (raw_frame([0, 0, 7, None]), "REQUEST frame must be"),
+    "short-data": (raw_frame([1, 0]), "DATA frame must have 3 fields"),
+    "reused-stream-id": (
+        raw_frame([0, 0, "hang", None]) + raw_frame([0, 0, "hang", None]),
+        "REQUEST reuses open stream id 0",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", BAD_FRAMES.keys())
+def test_bad_frame_after_handshake_gets_goaway_and_disconnect(kind: str, name: str) -> None:
+    data, reason = BAD_FRAMES[name]
+
+    async def main(net: Net) -> None:
+        server = await net.server(PATIENT)
+        stream, me = await authenticated_raw_client(net, server)
+        await send(stream, data)
+        frames = await frames_until_closed(stream)
+        assert len(frames) == 1, frames
+        kind_, stream_id, message = frames[0]
+        assert (kind_, stream_id) == (6, 0)  # GOAWAY
+        assert reason in message
+        assert server.connection_to(me.peer_id) is None
+        assert all(c.remote_peer != me.peer_id for c in server.open_connections())
+        await assert_serves(net, server)
+
+    run(kind, main)
+
+
+def test_oversized_frame_from_a_host_client_is_refused_and_the_next_call_reconnects(kind: str) -> None:
+    """Limits are the receiver's: a normal Host sending over the server's limit is disconnected."""
+
+    async def main(net: Net) -> None:
+        limits = FrameLimits(max_header_bytes=4096, max_body_bytes=1024)
+        server = await net.server(NetSettings(limits=limits))
+        client = await net.host(listen=False)
+        first = await client.connect(address_of(server))
+        with pytest.raises(ConnectionClosedError):
+            await client.call(server.peer_id, "echo", None, b"x" * 1025, timeout=DEADLINE)
+        await asyncio.wait_for(first.closed.wait(), DEADLINE)
+        reply = await client.call(server.peer_id, "echo", None, b"x" * 1024, timeout=DEADLINE)
+        assert reply.body == b"x" * 1024
+        assert client.connection_to(server.peer_id) is not first
+
+    run(kind, main)
