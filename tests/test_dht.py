@@ -1,5 +1,6 @@
 """The DHT through its public API, on real loopback TCP (and once over the in-memory transport)."""
 
+import asyncio
 import random
 import socket
 import struct
@@ -8,8 +9,9 @@ import pytest
 
 import hivecli as hivemind
 from hivecli import BootstrapError, ConfigError, MultiaddrError
+from hivecli.dht import DHTNode, DHTSettings
 from hivecli.dht.routing import DHTID
-from hivecli.net import Identity, MemoryTransport
+from hivecli.net import Host, Identity, MemoryTransport
 from hivecli.testing import launch_swarm, local_swarm, shutdown_all, wait_for
 
 FAST = {"wait_timeout": 1.0}
@@ -201,3 +203,62 @@ def test_many_nodes_over_the_memory_transport():
         assert all(dhts[-1 - i].get(("mem", i)).value == i for i in range(20))
     finally:
         shutdown_all(dhts)
+
+
+def test_blacklist_backs_off_exponentially_and_forgives_on_success(monkeypatch):
+    from hivecli.dht import protocol
+
+    now = {"t": 100.0}
+    monkeypatch.setattr(protocol.time, "monotonic", lambda: now["t"])
+    blacklist = protocol.Blacklist(base_time=5, backoff_rate=2, max_time=300)
+    peer = Identity.generate().peer_id
+    bans = []
+    for _ in range(8):
+        blacklist.register_failure(peer)
+        start = now["t"]
+        while blacklist.is_banned(peer):
+            now["t"] += 1
+        bans.append(now["t"] - start)
+    assert bans == [5, 10, 20, 40, 80, 160, 300, 300]
+    blacklist.register_failure(peer)
+    blacklist.register_success(peer)
+    assert not blacklist.is_banned(peer)
+
+
+def test_get_caches_the_value_on_the_lookup_path():
+    """Reader R knows only B; B lacks the key but points to holder A. After R's get, both R and
+    B hold a cached copy (B is the nearest node on the path that lacked it)."""
+
+    async def scenario():
+        network = MemoryTransport.Network()
+        loopback = [hivemind.Multiaddr.parse("/ip4/127.0.0.1/tcp/0")]
+
+        async def node(*initial):
+            host = Host(transport=MemoryTransport(network))
+            return await DHTNode.create(
+                host, initial_peers=list(initial), host_maddrs=loopback, settings=DHTSettings(wait_timeout=1.0)
+            )
+
+        a = await node()
+        b = await node(a.host.visible_maddrs()[0])
+        reader = await node()
+        try:
+            key_id = DHTID.from_key("popular")
+            a.protocol.storage.store(key_id, b"\xa3hot", hivemind.get_dht_time() + 60)
+            reader.protocol._saw_node(b.node_id, b.peer_id)
+            reader.host.add_addrs(b.peer_id, b.host.visible_maddrs())
+            found = await reader.get("popular")
+            assert found.value == "hot"
+            assert key_id in reader.protocol.cache
+            await asyncio.wait_for(_until(lambda: key_id in b.protocol.cache), timeout=10)
+            assert key_id not in b.protocol.storage  # a cached copy, not a replica
+        finally:
+            for n in (reader, b, a):
+                await n.shutdown()
+
+    asyncio.run(scenario())
+
+
+async def _until(condition):
+    while not condition():
+        await asyncio.sleep(0.01)
