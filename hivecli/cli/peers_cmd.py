@@ -63,7 +63,7 @@ def _print_table(found: list[Any]) -> None:
         row = _row(info)
         table.add_row(
             row["peer_id"],
-            "\n".join(str(m.without_peer_id()) for m in info.maddrs) or "-",
+            "\n".join(m.transport_address for m in info.maddrs) or "-",
             "-" if row["last_seen_s"] is None else f"{row['last_seen_s']:.1f} s ago",
             "-" if row["rtt_ms"] is None else f"{row['rtt_ms']:.1f} ms",
             {True: "yes", False: "no", None: "not asked"}[row["reachable"]],

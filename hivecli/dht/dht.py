@@ -24,6 +24,7 @@ from hivecli.net.host import Host
 from hivecli.net.identity import Identity, PeerID
 from hivecli.net.multiaddr import Multiaddr, parse_peer_maddr
 from hivecli.net.transport import Transport
+from hivecli.utils.loops import new_event_loop
 
 T = TypeVar("T")
 DEFAULT_HOST_MADDRS = ("/ip4/127.0.0.1/tcp/0",)
@@ -159,7 +160,7 @@ class DHT:
             raise self._start_error
 
     def _run(self) -> None:
-        loop = asyncio.new_event_loop()
+        loop = new_event_loop()
         self._loop = loop
         try:
             host = Host(self.identity, self._transport, self.net_settings)

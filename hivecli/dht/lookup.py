@@ -1,4 +1,4 @@
-"""Kademlia's iterative lookup, with `parallel_rpc` requests in flight at once.
+"""Kademlia's iterative lookup, with several requests in flight at once.
 
 Start from the nearest nodes in our routing table; ask each for the key; every answer names
 nodes still closer, which join the candidates. The lookup ends when the `beam_size` closest
@@ -32,14 +32,21 @@ async def iterative_lookup(
     key_id: DHTID,
     *,
     beam_size: int | None = None,
+    parallel: int | None = None,
     is_enough: Callable[[Record], bool] | None = None,
 ) -> LookupResult:
     """Find the nodes nearest to `key_id` (and the record stored there, if any).
 
+    Args:
+        beam_size: how many of the nearest nodes must answer (default: settings.beam_size).
+        parallel: requests in flight (default: settings.parallel_rpc).
+        is_enough: stop as soon as the record found so far satisfies it.
+
     Never raises for network trouble: peers that fail are skipped (and blacklisted).
     """
     settings = protocol.settings
-    beam_size = beam_size or settings.beam_size
+    beam_size = beam_size or settings.effective_beam_size
+    parallel = parallel or settings.parallel_rpc
     result = LookupResult()
     seen: dict[DHTID, PeerID] = {}
     to_ask: list[tuple[int, DHTID]] = []  # heap by distance
@@ -60,7 +67,7 @@ async def iterative_lookup(
 
     try:
         while True:
-            while to_ask and len(in_flight) < settings.parallel_rpc and worth_asking(to_ask[0][0]):
+            while to_ask and len(in_flight) < parallel and worth_asking(to_ask[0][0]):
                 _, node_id = heapq.heappop(to_ask)
                 task = asyncio.ensure_future(protocol.call_find(seen[node_id], [key_id]))
                 in_flight[task] = node_id

@@ -135,7 +135,8 @@ class DHTNode:
                 f"Could not reach any of the {len(self.initial_peers)} initial peers ({details}). "
                 f"Check that the addresses are current and that those peers are running and reachable."
             )
-        await iterative_lookup(self.protocol, self.node_id, beam_size=self.settings.bucket_size)
+        k = self.settings.bucket_size
+        await iterative_lookup(self.protocol, self.node_id, beam_size=k, parallel=k)
 
     # ---- store / get ----------------------------------------------------------------------
 
@@ -165,7 +166,8 @@ class DHTNode:
     async def store_record(self, key_id: DHTID, record: Record) -> bool:
         if record.expiration_time <= get_dht_time():
             return False
-        lookup = await iterative_lookup(self.protocol, key_id)
+        # a store must hear from the whole beam anyway, so ask all of it at once
+        lookup = await iterative_lookup(self.protocol, key_id, parallel=self.settings.effective_beam_size)
         targets: list[DHTID | None] = [node_id for node_id, _ in lookup.nearest]
         if not self.client_mode:
             targets.append(None)  # None stands for this node

@@ -233,7 +233,7 @@ class DHTProtocol:
         return {"node": self._wire_id, "peers": peers}
 
     def _addrs_of(self, peer: PeerID) -> list[str]:
-        return [str(m.without_peer_id()) for m in self.host.address_book.get(peer, [])[:_ADDRS_PER_NODE]]
+        return [m.transport_address for m in self.host.address_book.get(peer, [])[:_ADDRS_PER_NODE]]
 
     # ---- calling --------------------------------------------------------------------------
 
@@ -243,7 +243,9 @@ class DHTProtocol:
         assert peer_id is not None
         payload["node"] = self._wire_id
         try:
-            conn = await asyncio.wait_for(self.host.connect(peer), self.settings.wait_timeout)
+            conn = self.host.connection_to(peer_id) or await asyncio.wait_for(
+                self.host.connect(peer), self.settings.wait_timeout
+            )
             response = (await conn.call(method, payload, timeout=self.settings.wait_timeout)).payload
             if not isinstance(response, dict):
                 raise MalformedFrameError(f"{method} response is not a map")

@@ -159,8 +159,8 @@ class RoutingTable:
 
         A full scan: tables hold a few hundred nodes at most, where this beats walking buckets.
         """
-        candidates = ((node_id, peer) for node_id, peer in self.node_to_peer.items() if node_id != exclude)
-        return heapq.nsmallest(k, candidates, key=lambda item: item[0] ^ key_id)
+        nearest = heapq.nsmallest(k + 1, self.node_to_peer.items(), key=lambda item: item[0] ^ key_id)
+        return [item for item in nearest if item[0] != exclude][:k]
 
     def bucket_of(self, node_id: int) -> KBucket:
         return self.buckets[self._bucket_index(node_id)]

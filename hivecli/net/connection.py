@@ -18,8 +18,10 @@ disconnected; the node keeps serving everyone else.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -39,6 +41,26 @@ from hivecli.net.multiaddr import Multiaddr
 from hivecli.net.transport import ByteStream
 
 logger = logging.getLogger(__name__)
+
+
+if sys.version_info >= (3, 11):
+    _timeout = asyncio.timeout  # no extra task per wait, unlike wait_for
+else:  # pragma: no cover - Python 3.10
+
+    @contextlib.asynccontextmanager
+    async def _timeout(delay: float | None) -> AsyncIterator[None]:
+        task = asyncio.current_task()
+        assert task is not None
+        handle = asyncio.get_running_loop().call_later(delay, task.cancel) if delay is not None else None
+        try:
+            yield
+        except asyncio.CancelledError:
+            if handle is not None and handle.when() <= asyncio.get_running_loop().time():
+                raise asyncio.TimeoutError() from None
+            raise
+        finally:
+            if handle is not None:
+                handle.cancel()
 
 
 class Kind(IntEnum):
@@ -124,7 +146,11 @@ class Stream:
         if self._remote_done and self._inbox.empty():
             raise EndOfStream()
         try:
-            kind, payload, body = await asyncio.wait_for(self._inbox.get(), timeout)
+            if not self._inbox.empty():
+                kind, payload, body = self._inbox.get_nowait()
+            else:
+                async with _timeout(timeout):
+                    kind, payload, body = await self._inbox.get()
         except asyncio.TimeoutError:
             raise RPCTimeoutError(f"{self.method} on peer {self.remote_peer} sent nothing for {timeout:g} s") from None
         if kind == Kind.DATA:
@@ -250,11 +276,11 @@ class Connection:
         if self._close_reason is not None:
             raise ConnectionClosedError(f"connection to peer {self.remote_peer} is closed: {self._close_reason}")
         prefix, body = encode_frame(header, body)
-        self._stream.write(prefix)
-        if body:
-            self._stream.write(body)
         self.last_activity = asyncio.get_running_loop().time()
         try:
+            self._stream.write(prefix)
+            if body:
+                self._stream.write(body)
             await self._stream.drain()
         except (ConnectionError, RuntimeError) as e:
             self.close(f"send failed: {e}")

@@ -67,7 +67,7 @@ async def perform_handshake(
         "version": PROTOCOL_VERSION,
         "peer_id": identity.peer_id.to_bytes(),
         "nonce": nonce,
-        "listen": [str(m.without_peer_id()) for m in listen_maddrs[:_MAX_LISTEN_ADDRS]],
+        "listen": [m.transport_address for m in listen_maddrs[:_MAX_LISTEN_ADDRS]],
     }
     for chunk in encode_frame(hello):
         stream.write(chunk)

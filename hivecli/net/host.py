@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import time
 from typing import Any
 
 from hivecli._exceptions import ConfigError, HandshakeError, PeerUnreachableError
@@ -24,6 +25,7 @@ from hivecli.net.transport import ByteStream, Listener, TCPTransport, Transport
 logger = logging.getLogger(__name__)
 
 _MAX_ADDRS_PER_PEER = 16
+_VISIBLE_ADDRS_TTL = 5.0
 
 
 class Host:
@@ -49,6 +51,7 @@ class Host:
         self._dials: dict[PeerID, asyncio.Future[Connection]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._janitor: asyncio.Task[None] | None = None
+        self._visible: tuple[float, list[Multiaddr]] | None = None
 
     # ---- serving ---------------------------------------------------------------------------
 
@@ -72,6 +75,7 @@ class Host:
             except OSError as e:
                 raise ConfigError(f"cannot listen on {maddr}: {e.strerror or e}; pick another port or host") from None
             self._listeners.append(listener)
+            self._visible = None
             for host, port in listener.bound:
                 bound = Multiaddr(maddr.protocol, host, port)
                 if bound not in self.listen_maddrs:
@@ -80,9 +84,15 @@ class Host:
             self._janitor = asyncio.get_running_loop().create_task(self._close_idle_connections())
 
     def visible_maddrs(self) -> list[Multiaddr]:
-        """Addresses to give to other peers, each ending in /p2p/<our peer id>."""
-        base = self.announce_maddrs or expand_unspecified(self.listen_maddrs)
-        return [m.with_peer_id(self.peer_id) for m in base]
+        """Addresses to give to other peers, each ending in /p2p/<our peer id>.
+
+        Interfaces are re-read at most every few seconds: every handshake sends this list.
+        """
+        now = time.monotonic()
+        if self._visible is None or now - self._visible[0] > _VISIBLE_ADDRS_TTL:
+            base = self.announce_maddrs or expand_unspecified(self.listen_maddrs)
+            self._visible = (now, [m.with_peer_id(self.peer_id) for m in base])
+        return list(self._visible[1])
 
     async def _accept(self, stream: ByteStream) -> None:
         where = f"{stream.remote_host} (inbound)"
@@ -105,6 +115,10 @@ class Host:
         if peer_id == self.peer_id:
             return
         known = self.address_book.setdefault(peer_id, [])
+        if len(maddrs) <= len(known) and all(
+            old.transport_address == new.transport_address for old, new in zip(known, maddrs, strict=False)
+        ):
+            return  # nothing new, and already in this order: the common case for DHT answers
         for maddr in reversed(maddrs):
             maddr = maddr.with_peer_id(peer_id)
             if maddr in known:
@@ -188,19 +202,19 @@ class Host:
         stream = await self.transport.dial(maddr.host, maddr.port, timeout)
         try:
             _, listen = await asyncio.wait_for(
-                perform_handshake(stream, self.identity, self.visible_maddrs(), peer_id, str(maddr.without_peer_id())),
+                perform_handshake(stream, self.identity, self.visible_maddrs(), peer_id, maddr.transport_address),
                 self.settings.handshake_timeout,
             )
         except asyncio.TimeoutError:
             stream.close()
             raise PeerUnreachableError(
-                f"{maddr.without_peer_id()} accepted the connection but did not complete the handshake "
+                f"{maddr.transport_address} accepted the connection but did not complete the handshake "
                 f"within {self.settings.handshake_timeout:g} s"
             ) from None
         except (asyncio.IncompleteReadError, ConnectionError):
             stream.close()
             raise PeerUnreachableError(
-                f"{maddr.without_peer_id()} closed the connection during the handshake"
+                f"{maddr.transport_address} closed the connection during the handshake"
             ) from None
         except BaseException:
             stream.close()

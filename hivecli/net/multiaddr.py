@@ -6,8 +6,9 @@ leaves out `/p2p/...`. Parsing errors say which part of which string is wrong.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from hivecli._exceptions import MultiaddrError
 from hivecli.net.identity import PeerID
@@ -24,6 +25,11 @@ class Multiaddr:
     host: str
     port: int
     peer_id: PeerID | None = None
+    # formatted text, cached: DHT answers carry many addresses and the same ones recur
+    _base: str = field(default="", init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_base", f"/{self.protocol}/{self.host}/tcp/{self.port}")
 
     @classmethod
     def parse(cls, text: str) -> Multiaddr:
@@ -32,6 +38,12 @@ class Multiaddr:
         Raises:
             MultiaddrError: one line naming the string and what is wrong with it.
         """
+        if not isinstance(text, str):
+            raise MultiaddrError(f"{text!r} is not a multiaddr string; expected e.g. {_EXAMPLE}")
+        return _parse_cached(text)
+
+    @classmethod
+    def _parse(cls, text: str) -> Multiaddr:
         if not isinstance(text, str):
             raise MultiaddrError(f"{text!r} is not a multiaddr string; expected e.g. {_EXAMPLE}")
 
@@ -91,11 +103,21 @@ class Multiaddr:
     def is_loopback(self) -> bool:
         return self.protocol in ("ip4", "ip6") and ipaddress.ip_address(self.host).is_loopback
 
+    @property
+    def transport_address(self) -> str:
+        """The address without its /p2p part, e.g. /ip4/1.2.3.4/tcp/5."""
+        return self._base
+
     def __str__(self) -> str:
-        text = f"/{self.protocol}/{self.host}/tcp/{self.port}"
-        if self.peer_id is not None:
-            text += f"/p2p/{self.peer_id.to_base58()}"
-        return text
+        if self.peer_id is None:
+            return self._base
+        return f"{self._base}/p2p/{self.peer_id.to_base58()}"
+
+
+@functools.lru_cache(maxsize=8192)
+def _parse_cached(text: str) -> Multiaddr:
+    # Multiaddr is immutable, so one parsed instance can serve every caller; errors are not cached
+    return Multiaddr._parse(text)
 
 
 def parse_peer_maddr(text: str | Multiaddr) -> Multiaddr:
