@@ -262,3 +262,17 @@ def test_get_caches_the_value_on_the_lookup_path():
 async def _until(condition):
     while not condition():
         await asyncio.sleep(0.01)
+
+
+def test_listening_on_every_interface_lists_each_interface_address():
+    from hivecli.net.interfaces import interface_addresses
+
+    with hivemind.DHT(start=True, host_maddrs=["/ip4/0.0.0.0/tcp/0"]) as dht:
+        maddrs = dht.get_visible_maddrs()
+        hosts = [m.host for m in maddrs]
+        assert "0.0.0.0" not in hosts and "127.0.0.1" in hosts
+        assert set(hosts) == set(interface_addresses(socket.AF_INET))
+        assert hosts[-1] == "127.0.0.1"  # loopback last: the others are what remote peers can use
+        assert len({m.port for m in maddrs}) == 1
+        with hivemind.DHT(initial_peers=[str(maddrs[-1])], start=True) as joiner:
+            assert joiner.store("via-any-interface", 1, hivemind.get_dht_time() + 30)
