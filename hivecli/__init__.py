@@ -17,6 +17,7 @@ from hivecli._exceptions import (
     PeerUnreachableError,
     ProtocolError,
     RemoteError,
+    ResourceExhaustedError,
     RPCError,
     RPCTimeoutError,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "RPCError",
     "RPCTimeoutError",
     "RemoteError",
+    "ResourceExhaustedError",
     "ValueWithExpiration",
     "__version__",
     "get_dht_time",

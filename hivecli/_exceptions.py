@@ -12,6 +12,7 @@
     │   ├── RemoteError                  the remote handler raised; carries its message
     │   └── RPCTimeoutError (TimeoutError)
     ├── ConnectionClosedError            the connection went away while we were using it
+    ├── ResourceExhaustedError           this process is out of something (file descriptors)
     └── DHTError
         └── BootstrapError (PeerUnreachableError)   none of the initial peers answered
 
@@ -70,6 +71,10 @@ class ConnectionClosedError(HiveError):
     """The connection was closed while a call or stream was still using it."""
 
 
+class ResourceExhaustedError(HiveError):
+    """This process ran out of a local resource, such as file descriptors; no peer is at fault."""
+
+
 class DHTError(HiveError):
     """A DHT operation could not be carried out."""
 
@@ -93,4 +98,5 @@ __all__ = [
     "RPCError",
     "RPCTimeoutError",
     "RemoteError",
+    "ResourceExhaustedError",
 ]

@@ -877,3 +877,23 @@ def test_oversized_frame_from_a_host_client_is_refused_and_the_next_call_reconne
         assert client.connection_to(server.peer_id) is not first
 
     run(kind, main)
+
+
+def test_connect_does_not_hang_when_the_host_closes_before_the_dial_starts():
+    async def main():
+        listen = [Multiaddr.parse("/ip4/127.0.0.1/tcp/0")]
+        a, b = Host(), Host()
+        await a.listen(listen)
+        await b.listen(listen)
+        try:
+            pending = asyncio.ensure_future(a.connect(b.visible_maddrs()[0]))
+            await asyncio.sleep(0)  # the dial task exists but has not run yet
+            await a.aclose()
+            with pytest.raises(ConnectionClosedError):
+                await asyncio.wait_for(pending, 5)
+            assert not a._dials
+        finally:
+            await a.aclose()
+            await b.aclose()
+
+    asyncio.run(main())

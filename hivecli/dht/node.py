@@ -249,8 +249,8 @@ class DHTNode:
     async def _maintain(self) -> None:
         period = self.settings.refresh_period
         while True:
-            try:
-                await asyncio.wait_for(self._wake_maintenance.wait(), period)
+            try:  # jitter keeps a swarm started all at once from refreshing in lockstep
+                await asyncio.wait_for(self._wake_maintenance.wait(), period * random.uniform(0.75, 1.25))
             except asyncio.TimeoutError:
                 pass
             self._wake_maintenance.clear()

@@ -29,6 +29,7 @@ from hivecli._exceptions import (
     HandshakeError,
     MalformedFrameError,
     PeerUnreachableError,
+    ResourceExhaustedError,
     RPCError,
 )
 from hivecli.dht.routing import DHTID, RoutingTable
@@ -250,6 +251,9 @@ class DHTProtocol:
             if not isinstance(response, dict):
                 raise MalformedFrameError(f"{method} response is not a map")
             self._saw_node(_node_id_or_none(response.get("node")), peer_id)
+        except ResourceExhaustedError as e:
+            logger.warning("%s to %s not sent: %s", method, peer_id, e)  # our problem, not the peer's
+            return None
         except (
             PeerUnreachableError,
             HandshakeError,

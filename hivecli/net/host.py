@@ -14,7 +14,7 @@ import logging
 import time
 from typing import Any
 
-from hivecli._exceptions import ConfigError, HandshakeError, PeerUnreachableError
+from hivecli._exceptions import ConfigError, ConnectionClosedError, HandshakeError, PeerUnreachableError
 from hivecli.net.connection import Connection, Handlers, Message, NetSettings, StreamHandlerFn, UnaryHandler
 from hivecli.net.handshake import perform_handshake
 from hivecli.net.identity import Identity, PeerID
@@ -48,7 +48,7 @@ class Host:
         self._listeners: list[Listener] = []
         self._connections: dict[PeerID, Connection] = {}
         self._all_connections: set[Connection] = set()
-        self._dials: dict[PeerID, asyncio.Future[Connection]] = {}
+        self._dials: dict[PeerID, asyncio.Task[Connection]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._janitor: asyncio.Task[None] | None = None
         self._visible: tuple[float, list[Multiaddr]] | None = None
@@ -140,6 +140,8 @@ class Host:
         Raises:
             PeerUnreachableError: no known address answered as that peer in time.
             ConfigError: the target is this node itself, or a multiaddr without /p2p.
+            ConnectionClosedError: this host was closed while dialing.
+            ResourceExhaustedError: this process is out of file descriptors.
         """
         if isinstance(target, Multiaddr):
             if target.peer_id is None:
@@ -152,50 +154,48 @@ class Host:
         existing = self.connection_to(peer_id)
         if existing is not None:
             return existing
-        pending = self._dials.get(peer_id)
-        if pending is None:
-            pending = asyncio.get_running_loop().create_future()
-            self._dials[peer_id] = pending
-            task = asyncio.get_running_loop().create_task(self._dial(peer_id, candidates, pending))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-        return await asyncio.shield(pending)
-
-    async def _dial(
-        self, peer_id: PeerID, candidates: list[Multiaddr] | None, result: asyncio.Future[Connection]
-    ) -> None:
+        dial = self._dials.get(peer_id)
+        if dial is None:
+            dial = asyncio.get_running_loop().create_task(self._dial(peer_id, candidates))
+            self._dials[peer_id] = dial
+            dial.add_done_callback(
+                lambda _: self._dials.pop(peer_id, None) if self._dials.get(peer_id) is dial else None
+            )
         try:
-            addrs = candidates if candidates is not None else self.address_book.get(peer_id, [])
-            if not addrs:
-                raise PeerUnreachableError(f"no known address for peer {peer_id}")
-            attempts = [asyncio.ensure_future(self._dial_one(peer_id, addr)) for addr in addrs]
-            errors: list[str] = []
-            try:
-                for next_done in asyncio.as_completed(attempts):
-                    try:
-                        conn = await next_done
-                    except (PeerUnreachableError, HandshakeError) as e:
-                        errors.append(str(e))
-                        continue
-                    if candidates is not None:
-                        self.add_addrs(peer_id, candidates)
-                    self._register(conn)
-                    result.set_result(conn)
-                    return
-            finally:
-                for attempt in attempts:
-                    attempt.cancel()
-                for attempt in attempts:  # close connections that won a race they lost
-                    won = attempt.done() and not attempt.cancelled() and attempt.exception() is None
-                    if won and (not result.done() or attempt.result() is not result.result()):
-                        attempt.result().close("duplicate dial")
-            raise PeerUnreachableError(f"cannot reach peer {peer_id}: " + "; ".join(errors))
-        except BaseException as e:
-            if not result.done():
-                result.set_exception(e)
-                result.exception()  # mark retrieved: callers that gave up must not trigger a warning
+            return await asyncio.shield(dial)  # several callers may share one dial
+        except asyncio.CancelledError:
+            if dial.cancelled():  # the host is closing, not our caller giving up
+                raise ConnectionClosedError(f"this node closed while dialing peer {peer_id}") from None
+            raise
+
+    async def _dial(self, peer_id: PeerID, candidates: list[Multiaddr] | None) -> Connection:
+        """Dial every known address at once; the first to complete the handshake wins."""
+        addrs = candidates if candidates is not None else self.address_book.get(peer_id, [])
+        if not addrs:
+            raise PeerUnreachableError(f"no known address for peer {peer_id}")
+        attempts = [asyncio.ensure_future(self._dial_one(peer_id, addr)) for addr in addrs]
+        for attempt in attempts:  # losers may still fail after we stop caring; retrieve that quietly
+            attempt.add_done_callback(lambda t: t.cancelled() or t.exception())
+        errors: list[str] = []
+        winner: Connection | None = None
+        try:
+            for next_done in asyncio.as_completed(attempts):
+                try:
+                    winner = await next_done
+                except (PeerUnreachableError, HandshakeError) as e:
+                    errors.append(str(e))
+                    continue
+                if candidates is not None:
+                    self.add_addrs(peer_id, candidates)
+                self._register(winner)
+                return winner
         finally:
-            self._dials.pop(peer_id, None)
+            for attempt in attempts:
+                attempt.cancel()
+                won = attempt.done() and not attempt.cancelled() and attempt.exception() is None
+                if won and attempt.result() is not winner:  # a connection that lost the race
+                    attempt.result().close("duplicate dial")
+        raise PeerUnreachableError(f"cannot reach peer {peer_id}: " + "; ".join(errors))
 
     async def _dial_one(self, peer_id: PeerID, maddr: Multiaddr) -> Connection:
         timeout = self.settings.connect_timeout
@@ -273,9 +273,10 @@ class Host:
         self._listeners.clear()
         conns = list(self._all_connections)
         await asyncio.gather(*(c.aclose() for c in conns), return_exceptions=True)
-        for task in list(self._tasks):
+        pending = [*self._tasks, *self._dials.values(), *([self._janitor] if self._janitor else [])]
+        for task in pending:
             task.cancel()
-        await asyncio.gather(*self._tasks, *([self._janitor] if self._janitor else []), return_exceptions=True)
+        await asyncio.gather(*pending, return_exceptions=True)
 
 
 def _with_observed_host(maddrs: list[Multiaddr], observed_host: str) -> list[Multiaddr]:

@@ -8,6 +8,7 @@ logic with no sockets, for tests and for simulating thousands of nodes in one pr
 from __future__ import annotations
 
 import asyncio
+import errno
 import itertools
 import os
 import socket
@@ -15,7 +16,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 
-from hivecli._exceptions import PeerUnreachableError
+from hivecli._exceptions import PeerUnreachableError, ResourceExhaustedError
 
 _READ_LIMIT = 2**20
 
@@ -65,7 +66,12 @@ class Transport(ABC):
 
     @abstractmethod
     async def dial(self, host: str, port: int, timeout: float) -> ByteStream:
-        """Open a stream. Raises PeerUnreachableError (refused, unreachable, timed out)."""
+        """Open a stream.
+
+        Raises:
+            PeerUnreachableError: refused, unreachable or timed out.
+            ResourceExhaustedError: this process has no file descriptor left for the socket.
+        """
 
 
 class _AsyncioByteStream(ByteStream):
@@ -117,6 +123,11 @@ class TCPTransport(Transport):
         except asyncio.TimeoutError:
             raise PeerUnreachableError(f"connecting to {host}:{port} timed out after {timeout:g} s") from None
         except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE):
+                raise ResourceExhaustedError(
+                    f"cannot connect to {host}:{port}: this process is out of file descriptors; "
+                    f"raise the limit (ulimit -n) or run fewer nodes per process"
+                ) from None
             reason = os.strerror(e.errno).lower() if e.errno else str(e) or type(e).__name__
             raise PeerUnreachableError(f"cannot connect to {host}:{port}: {reason}") from None
         sock = writer.get_extra_info("socket")
