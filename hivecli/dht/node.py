@@ -36,9 +36,10 @@ def record_items(key_id: DHTID, record: Record, in_cache: bool = False) -> list[
     return [[key_id.to_bytes_(), sub, value, exp, in_cache] for sub, (value, exp) in record.subkeys.items()]
 
 
-def _store_record(storage: LocalStorage, key_id: DHTID, record: Record) -> None:
-    for _, subkey, value, expiration, _ in record_items(key_id, record):
-        storage.store(key_id, value, expiration, subkey)
+def _store_record(storage: LocalStorage, key_id: DHTID, record: Record) -> bool:
+    """Apply a record to a local storage, part by part. Returns whether any part took effect."""
+    results = [storage.store(key_id, value, exp, subkey) for _, subkey, value, exp, _ in record_items(key_id, record)]
+    return any(results)
 
 
 def decode_value(record: Record) -> ValueWithExpiration:
@@ -156,12 +157,12 @@ class DHTNode:
             subkey_bytes = None if subkey is None else pack(subkey)
         except (TypeError, ValueError, OverflowError) as e:
             raise ConfigError(f"DHT keys, subkeys and values must be msgpack-serializable: {e}") from None
-        return await self.store_record(
-            key_id,
-            Record(value_bytes, float(expiration_time))
-            if subkey_bytes is None
-            else Record(None, float(expiration_time), {subkey_bytes: (value_bytes, float(expiration_time))}),
-        )
+        expiration = float(expiration_time)
+        if subkey_bytes is None:
+            record = Record(value_bytes, expiration)
+        else:
+            record = Record(None, expiration, {subkey_bytes: (value_bytes, expiration)})
+        return await self.store_record(key_id, record)
 
     async def store_record(self, key_id: DHTID, record: Record) -> bool:
         if record.expiration_time <= get_dht_time():
@@ -175,9 +176,7 @@ class DHTNode:
         targets = targets[: self.settings.num_replicas]
         peers = dict(lookup.nearest)
         items = record_items(key_id, record)
-        stored_here = False
-        if None in targets:
-            stored_here = any([self.protocol.storage.store(key_id, v, e, s) for _, s, v, e, _ in items])
+        stored_here = None in targets and _store_record(self.protocol.storage, key_id, record)
         remote = [self.protocol.call_store(peers[node_id], items) for node_id in targets if node_id is not None]
         results = await asyncio.gather(*remote)
         return stored_here or any(ok is not None and any(ok) for ok in results)
