@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from hivecli._exceptions import BootstrapError, ConfigError, HiveError, MalformedFrameError
-from hivecli.dht.lookup import iterative_lookup
+from hivecli.dht.lookup import LookupResult, iterative_lookup
 from hivecli.dht.protocol import MAX_ITEMS_PER_REQUEST, DHTProtocol
 from hivecli.dht.routing import DHTID, MAX_ID
 from hivecli.dht.settings import DHTSettings
@@ -25,8 +25,6 @@ from hivecli.net.multiaddr import Multiaddr
 from hivecli.utils.timing import get_dht_time
 
 logger = logging.getLogger(__name__)
-
-_MAX_PINGS_PER_REFRESH = 32
 
 
 def record_items(key_id: DHTID, record: Record, in_cache: bool = False) -> list[list[Any]]:
@@ -67,6 +65,7 @@ class DHTNode:
         self._needs_replication: set[DHTID] = set()
         self._wake_maintenance = asyncio.Event()
         self._maintenance: asyncio.Task[None] | None = None
+        self._last_lookup = 0.0  # monotonic time of this node's latest lookup
 
     @classmethod
     async def create(
@@ -137,9 +136,13 @@ class DHTNode:
                 f"Check that the addresses are current and that those peers are running and reachable."
             )
         k = self.settings.bucket_size
-        await iterative_lookup(self.protocol, self.node_id, beam_size=k, parallel=k)
+        await self._lookup(self.node_id, beam_size=k, parallel=k)
 
     # ---- store / get ----------------------------------------------------------------------
+
+    async def _lookup(self, key_id: DHTID, **kwargs: Any) -> LookupResult:
+        self._last_lookup = time.monotonic()
+        return await iterative_lookup(self.protocol, key_id, **kwargs)
 
     async def store(self, key: Any, value: Any, expiration_time: float, subkey: Any = None) -> bool:
         """Store `value` under `key` (and `subkey`) on the nearest nodes until `expiration_time`.
@@ -168,7 +171,7 @@ class DHTNode:
         if record.expiration_time <= get_dht_time():
             return False
         # a store must hear from the whole beam anyway, so ask all of it at once
-        lookup = await iterative_lookup(self.protocol, key_id, parallel=self.settings.effective_beam_size)
+        lookup = await self._lookup(key_id, parallel=self.settings.effective_beam_size)
         targets: list[DHTID | None] = [node_id for node_id, _ in lookup.nearest]
         if not self.client_mode:
             targets.append(None)  # None stands for this node
@@ -205,9 +208,7 @@ class DHTNode:
         if local is not None and not latest:
             return local
         now = get_dht_time()
-        lookup = await iterative_lookup(
-            self.protocol, key_id, is_enough=None if latest else (lambda record: record.expiration_time > now)
-        )
+        lookup = await self._lookup(key_id, is_enough=None if latest else (lambda record: record.expiration_time > now))
         found = lookup.record
         if found is not None and found.expiration_time <= get_dht_time():
             found = None
@@ -269,15 +270,16 @@ class DHTNode:
                 logger.info("Re-joined the DHT through the initial peers")
             except BootstrapError as e:
                 logger.warning("Still cut off from the DHT: %s", e)
+        period = self.settings.refresh_period
         now = time.monotonic()
-        stale = sorted(
-            (seen, node_id) for node_id, seen in protocol.last_seen.items() if now - seen > self.settings.refresh_period
-        )[:_MAX_PINGS_PER_REFRESH]
-        peers = [protocol.routing_table.node_to_peer.get(node_id) for _, node_id in stale]
-        await asyncio.gather(*(protocol.call_ping(peer) for peer in peers if peer is not None))
-        if len(protocol.routing_table):
-            target = random.randrange(MAX_ID)  # refresh a random region, finding nodes that joined
-            await iterative_lookup(protocol, DHTID(target))
+        # Liveness matters most for our nearest neighbours: they hold the other replicas of the
+        # keys we hold. Anyone else that died is found out when a lookup asks it.
+        neighbours = protocol.routing_table.nearest(self.node_id, 2 * self.settings.num_replicas)
+        stale = [peer for node_id, peer in neighbours if now - protocol.last_seen.get(node_id, 0.0) > period]
+        await asyncio.gather(*(protocol.call_ping(peer) for peer in stale))
+        if len(protocol.routing_table) and now - self._last_lookup > period:
+            # an idle node refreshes a random region of the table, finding nodes that joined
+            await self._lookup(DHTID(random.randrange(MAX_ID)))
         await self._replicate()
 
     async def _replicate(self) -> None:
