@@ -124,10 +124,10 @@ class DHTProtocol:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._wire_id = None if client_mode else node_id.to_bytes_()
         if not client_mode:
-            host.add_unary_handler("dht.ping", self._rpc_ping)
-            host.add_unary_handler("dht.store", self._rpc_store)
-            host.add_unary_handler("dht.find", self._rpc_find)
-        host.add_unary_handler("dht.peers", self._rpc_peers)
+            host.add_inline_handler("dht.ping", self._rpc_ping)
+            host.add_inline_handler("dht.store", self._rpc_store)
+            host.add_inline_handler("dht.find", self._rpc_find)
+        host.add_inline_handler("dht.peers", self._rpc_peers)
 
     # ---- routing-table upkeep -------------------------------------------------------------
 
@@ -174,11 +174,11 @@ class DHTProtocol:
 
     # ---- serving --------------------------------------------------------------------------
 
-    async def _rpc_ping(self, conn: Connection, payload: Any, body: bytes) -> dict[str, Any]:
+    def _rpc_ping(self, conn: Connection, payload: Any, body: bytes) -> dict[str, Any]:
         self._sender(conn, payload)
         return {"node": self._wire_id, "time": get_dht_time()}
 
-    async def _rpc_store(self, conn: Connection, payload: Any, body: bytes) -> dict[str, Any]:
+    def _rpc_store(self, conn: Connection, payload: Any, body: bytes) -> dict[str, Any]:
         items = self._sender(conn, payload).get("items")
         if not isinstance(items, list) or len(items) > MAX_ITEMS_PER_REQUEST:
             raise ConfigError(f"'items' must be a list of at most {MAX_ITEMS_PER_REQUEST} entries")
@@ -200,7 +200,7 @@ class DHTProtocol:
             ok.append(target.store(key_id, item[2], float(item[3]), item[1]))
         return {"node": self._wire_id, "ok": ok}
 
-    async def _rpc_find(self, conn: Connection, payload: Any, body: bytes) -> dict[str, Any]:
+    def _rpc_find(self, conn: Connection, payload: Any, body: bytes) -> dict[str, Any]:
         request = self._sender(conn, payload)
         keys = request.get("keys")
         if not isinstance(keys, list) or len(keys) > MAX_ITEMS_PER_REQUEST:
@@ -220,7 +220,7 @@ class DHTProtocol:
             results.append([encode_record(record) if record is not None else None, nearest])
         return {"node": self._wire_id, "results": results}
 
-    async def _rpc_peers(self, conn: Connection, payload: Any, body: bytes) -> dict[str, Any]:
+    def _rpc_peers(self, conn: Connection, payload: Any, body: bytes) -> dict[str, Any]:
         now = time.monotonic()
         peers = [
             [

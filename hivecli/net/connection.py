@@ -194,6 +194,7 @@ class Stream:
 
 
 UnaryHandler = Callable[["Connection", Any, bytes], Awaitable[Any]]
+InlineHandler = Callable[["Connection", Any, bytes], Any]
 StreamHandlerFn = Callable[[Stream, Any, bytes], Awaitable[None]]
 
 
@@ -206,9 +207,11 @@ class Reply(NamedTuple):
 
 @dataclass
 class Handlers:
-    """Methods a host serves: unary ones return a reply; stream ones talk on a `Stream`."""
+    """Methods a host serves: unary ones return a reply; stream ones talk on a `Stream`;
+    inline ones are plain functions that return at once and run without a task."""
 
     unary: dict[str, UnaryHandler] = field(default_factory=dict)
+    inline: dict[str, InlineHandler] = field(default_factory=dict)
     streaming: dict[str, StreamHandlerFn] = field(default_factory=dict)
 
 
@@ -232,6 +235,7 @@ class Connection:
         self._stream = stream
         self._handlers = handlers
         self._streams: dict[int, Stream] = {}
+        self._calls: dict[int, asyncio.Future[tuple[Kind, Any, bytes]]] = {}
         self._handler_tasks: dict[int, asyncio.Task[None]] = {}
         self._ids = itertools.count(0 if outbound else 1, 2)
         self._close_reason: str | None = None
@@ -252,14 +256,34 @@ class Connection:
             ConnectionClosedError: the connection closed before the response arrived.
         """
         timeout = self.settings.request_timeout if timeout is None else timeout
-        stream = await self.open_stream(method, payload, body)
-        stream._local_done = True  # a unary request is complete in one frame
+        stream_id = next(self._ids)
+        # a unary call waits on one future, not a stream and its queue: calls are the hot path
+        response: asyncio.Future[tuple[Kind, Any, bytes]] = asyncio.get_running_loop().create_future()
+        self._calls[stream_id] = response
         try:
-            return await stream.recv(timeout)
-        except EndOfStream:
-            raise RemoteError(f"{method} on peer {self.remote_peer} ended without a response") from None
+            await self._send_frame([Kind.REQUEST, stream_id, method, payload], body)
+            try:
+                async with _timeout(timeout):
+                    kind, result, result_body = await response
+            except asyncio.TimeoutError:
+                await self._cancel_quietly(stream_id)
+                raise RPCTimeoutError(f"{method} on peer {self.remote_peer} sent nothing for {timeout:g} s") from None
         finally:
-            await stream.cancel()
+            self._calls.pop(stream_id, None)
+        if kind == Kind.DATA:  # a streaming method answered: keep its first message, stop the rest
+            await self._cancel_quietly(stream_id)
+        if kind in (Kind.DATA, Kind.RESPONSE):
+            return Message(result, result_body)
+        if kind == Kind.ERROR:
+            raise RemoteError(f"{method} failed on peer {self.remote_peer}: {result}")
+        if kind == Kind.END:
+            raise RemoteError(f"{method} on peer {self.remote_peer} ended without a response")
+        raise ConnectionClosedError(f"connection to peer {self.remote_peer} closed: {result}")
+
+    async def _cancel_quietly(self, stream_id: int) -> None:
+        if not self.is_closed:
+            with contextlib.suppress(ConnectionClosedError):
+                await self._send_frame([Kind.CANCEL, stream_id])
 
     async def open_stream(self, method: str, payload: Any, body: bytes = b"") -> Stream:
         """Open a stream to a streaming method, sending `payload` as its request."""
@@ -319,17 +343,24 @@ class Connection:
                 raise MalformedFrameError("REQUEST frame must be [0, stream_id, method, payload]")
             if stream_id in self._streams or stream_id in self._handler_tasks:
                 raise MalformedFrameError(f"REQUEST reuses open stream id {stream_id}")
-            self._start_handler(stream_id, header[2], header[3], body)
-        elif kind in (Kind.DATA, Kind.RESPONSE, Kind.ERROR):
-            if len(header) != 3:
-                raise MalformedFrameError(f"{Kind(kind).name} frame must have 3 fields")
+            inline = self._handlers.inline.get(header[2])
+            if inline is not None:
+                self._run_inline(inline, stream_id, header[2], header[3], body)
+            else:
+                self._start_handler(stream_id, header[2], header[3], body)
+        elif kind in (Kind.DATA, Kind.RESPONSE, Kind.ERROR, Kind.END):
+            expected = 2 if kind == Kind.END else 3
+            if len(header) != expected:
+                raise MalformedFrameError(f"{Kind(kind).name} frame must have {expected} fields")
+            payload = header[2] if kind != Kind.END else None
+            call = self._calls.get(stream_id)
+            if call is not None:
+                if not call.done():
+                    call.set_result((Kind(kind), payload, body))
+                return
             stream = self._streams.get(stream_id)
             if stream is not None:
-                await stream._deliver(Kind(kind), header[2], body)
-        elif kind == Kind.END:
-            stream = self._streams.get(stream_id)
-            if stream is not None:
-                await stream._deliver(Kind.END, None, b"")
+                await stream._deliver(Kind(kind), payload, body)
         elif kind == Kind.CANCEL:
             task = self._handler_tasks.get(stream_id)
             if task is not None:
@@ -338,6 +369,28 @@ class Connection:
             raise ConnectionResetError(f"peer closed the connection: {header[2] if len(header) > 2 else ''}")
         else:
             raise MalformedFrameError(f"unknown frame kind {kind}")
+
+    def _run_inline(self, handler: InlineHandler, stream_id: int, method: str, payload: Any, body: bytes) -> None:
+        """Answer a request right here in the read loop: no task, no stream object. Only for
+        handlers that never wait, where a task would cost more than the handler itself."""
+        try:
+            result = handler(self, payload, body)
+            reply = result if isinstance(result, Reply) else Reply(result)
+            frame = [Kind.RESPONSE, stream_id, reply.payload]
+        except Exception as e:
+            frame, reply = [Kind.ERROR, stream_id, self._describe_failure(method, e)], Reply(None)
+        if self._close_reason is None:
+            prefix, out_body = encode_frame(frame, reply.body)
+            self._stream.write(prefix)  # flow control happens on our next awaited send
+            if out_body:
+                self._stream.write(out_body)
+
+    def _describe_failure(self, method: str, error: Exception) -> str:
+        """The one line a caller sees for a failed handler; unexpected errors are logged here."""
+        if isinstance(error, HiveError):
+            return str(error)
+        logger.error("Handler %s failed for peer %s", method, self.remote_peer, exc_info=error)
+        return f"internal error: {type(error).__name__}: {error}"
 
     def _start_handler(self, stream_id: int, method: str, payload: Any, body: bytes) -> None:
         unary = self._handlers.unary.get(method)
@@ -362,9 +415,7 @@ class Connection:
             except ConnectionClosedError:
                 pass
             except Exception as e:
-                if not isinstance(e, HiveError):
-                    logger.exception("Handler %s failed for peer %s", method, self.remote_peer)
-                message = str(e) if isinstance(e, HiveError) else f"internal error: {type(e).__name__}: {e}"
+                message = self._describe_failure(method, e)
                 try:
                     await self._send_frame([Kind.ERROR, stream_id, message])
                 except ConnectionClosedError:
@@ -390,6 +441,9 @@ class Connection:
             except asyncio.QueueFull:
                 pass  # its consumer will drain the queue and then see _remote_done
         self._streams.clear()
+        for call in self._calls.values():
+            if not call.done():
+                call.set_result((Kind.GOAWAY, reason, b""))
         if asyncio.current_task() is not self._reader:
             self._reader.cancel()
         self.closed.set()

@@ -15,7 +15,15 @@ import time
 from typing import Any
 
 from hivecli._exceptions import ConfigError, ConnectionClosedError, HandshakeError, PeerUnreachableError
-from hivecli.net.connection import Connection, Handlers, Message, NetSettings, StreamHandlerFn, UnaryHandler
+from hivecli.net.connection import (
+    Connection,
+    Handlers,
+    InlineHandler,
+    Message,
+    NetSettings,
+    StreamHandlerFn,
+    UnaryHandler,
+)
 from hivecli.net.handshake import perform_handshake
 from hivecli.net.identity import Identity, PeerID
 from hivecli.net.interfaces import expand_unspecified
@@ -57,6 +65,10 @@ class Host:
 
     def add_unary_handler(self, method: str, handler: UnaryHandler) -> None:
         self.handlers.unary[method] = handler
+
+    def add_inline_handler(self, method: str, handler: InlineHandler) -> None:
+        """Serve `method` with a plain function that must return at once (it runs in the read loop)."""
+        self.handlers.inline[method] = handler
 
     def add_stream_handler(self, method: str, handler: StreamHandlerFn) -> None:
         self.handlers.streaming[method] = handler
