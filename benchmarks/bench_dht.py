@@ -16,7 +16,9 @@ Two modes:
   only indicative) and its USS growth since before the first node, divided by N.
 
 `--big N` adds one more in-process run with N nodes (default 1024; 0 skips it), whatever `--mode`
-says. In one process every connection costs two file descriptors (60-80 per node with the default
+says. It runs with idle_timeout 5 s and refresh_period 600 s by default (--big-idle-timeout,
+--big-refresh-period; the row label names them): N nodes in one process share one fd table and
+one core. In one process every connection costs two file descriptors (60-80 per node with the default
 idle timeout of 300 s), so where the hard RLIMIT_NOFILE is lower than that, a large in-process TCP
 run runs out of descriptors. Such a run (and any failed in-process run) is reported, then repeated
 (unless --no-fallback) with idle_timeout 5 s, which closes unused connections, and refresh_period
@@ -865,16 +867,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--big-idle-timeout",
         type=float,
-        default=None,
-        help="NetSettings.idle_timeout of the --big run (default: the library's); a few seconds keeps the "
+        default=5.0,
+        help="NetSettings.idle_timeout of the --big run (default 5 s): a few seconds keeps the "
         "number of open sockets, 2 per connection in one process, under RLIMIT_NOFILE",
     )
     parser.add_argument(
         "--big-refresh-period",
         type=float,
-        default=None,
-        help="DHTSettings.refresh_period of the --big run (default: the library's); "
-        "a long one keeps the maintenance of all N nodes, which share one core here, out of the run",
+        default=600.0,
+        help="DHTSettings.refresh_period of the --big run (default 600 s): N nodes share one core "
+        "here, which cannot carry N nodes' maintenance every 30 s (hivemind's default is no refresh at all)",
     )
     parser.add_argument(
         "--no-fallback",

@@ -179,11 +179,8 @@ class Stream:
         finished = self._local_done and self._remote_done
         self._local_done = self._remote_done = True
         self.connection._streams.pop(self.stream_id, None)
-        if not finished and not self.connection.is_closed:
-            try:
-                await self.connection._send_frame([Kind.CANCEL, self.stream_id])
-            except ConnectionClosedError:
-                pass
+        if not finished:
+            await self.connection._cancel_quietly(self.stream_id)
 
     async def _deliver(self, kind: Kind, payload: Any, body: bytes) -> None:
         await self._inbox.put((kind, payload, body))
