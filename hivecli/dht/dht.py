@@ -203,16 +203,12 @@ class DHT:
     def get_visible_maddrs(self, latest: bool = False) -> list[Multiaddr]:
         """Addresses other peers can use to join through this one, each ending in /p2p/<peer id>.
 
-        `latest` is accepted for compatibility; addresses are re-read from the interfaces each call.
+        `latest` is accepted for compatibility; interfaces are re-read every few seconds.
+        Safe from any thread: the host only reads its lists and swaps a cached tuple.
         """
-        host = self.node.host
-        maddrs = self._submit(self._async(host.visible_maddrs), False)
-        assert isinstance(maddrs, list)
-        return maddrs
-
-    @staticmethod
-    async def _async(fn: Callable[[], T]) -> T:
-        return fn()
+        if self._stopped:
+            raise RuntimeError("the DHT is shut down; its addresses are no longer valid")
+        return self.node.host.visible_maddrs()
 
     def store(
         self, key: Any, value: Any, expiration_time: float, subkey: Any = None, *, return_future: bool = False
