@@ -110,16 +110,16 @@ class DHTNode:
 
         async def ping(maddr: Multiaddr) -> bool:
             try:
-                conn = await asyncio.wait_for(self.host.connect(maddr), timeout)
-                response = (await conn.call("dht.ping", {"node": self.protocol._wire_id}, timeout=timeout)).payload
-                node_id = DHTID.from_bytes_(response["node"])
+                response = await self.protocol.request(maddr, "dht.ping", {}, timeout)
             except asyncio.TimeoutError:
                 errors[str(maddr)] = f"no answer within {timeout:g} s"
                 return False
-            except (HiveError, ValueError, TypeError, KeyError) as e:
+            except (HiveError, ValueError) as e:
                 errors[str(maddr)] = str(e) or type(e).__name__
                 return False
-            self.protocol._saw_node(node_id, conn.remote_peer)
+            if response.get("node") is None:
+                errors[str(maddr)] = "it is a client-mode node, which cannot be joined through"
+                return False
             return True
 
         pending = {asyncio.ensure_future(ping(m)) for m in self.initial_peers}

@@ -238,19 +238,34 @@ class DHTProtocol:
 
     # ---- calling --------------------------------------------------------------------------
 
-    async def _call(self, peer: PeerID | Multiaddr, method: str, payload: dict[str, Any]) -> dict[str, Any] | None:
-        """Call `method` on `peer`; None (and the peer is marked as failed) if it did not work."""
+    async def request(
+        self, peer: PeerID | Multiaddr, method: str, payload: dict[str, Any], timeout: float | None = None
+    ) -> dict[str, Any]:
+        """Call `method` on `peer` (dialing if needed) and learn the responder's node ID.
+
+        Raises:
+            asyncio.TimeoutError: no connection or no answer within `timeout` (default: wait_timeout).
+            PeerUnreachableError, HandshakeError, RPCError, ConnectionClosedError,
+            ResourceExhaustedError: as `Host.connect` and `Connection.call` raise them.
+            MalformedFrameError, ValueError: the answer is not a valid DHT response.
+        """
         peer_id = peer.peer_id if isinstance(peer, Multiaddr) else peer
         assert peer_id is not None
+        timeout = self.settings.wait_timeout if timeout is None else timeout
         payload["node"] = self._wire_id
+        conn = self.host.connection_to(peer_id) or await asyncio.wait_for(self.host.connect(peer), timeout)
+        response = (await conn.call(method, payload, timeout=timeout)).payload
+        if not isinstance(response, dict):
+            raise MalformedFrameError(f"{method} response is not a map")
+        self._saw_node(_node_id_or_none(response.get("node")), peer_id)
+        return response
+
+    async def _call(self, peer: PeerID | Multiaddr, method: str, payload: dict[str, Any]) -> dict[str, Any] | None:
+        """`request`, but None (and the peer is marked as failed) if it did not work."""
+        peer_id = peer.peer_id if isinstance(peer, Multiaddr) else peer
+        assert peer_id is not None
         try:
-            conn = self.host.connection_to(peer_id) or await asyncio.wait_for(
-                self.host.connect(peer), self.settings.wait_timeout
-            )
-            response = (await conn.call(method, payload, timeout=self.settings.wait_timeout)).payload
-            if not isinstance(response, dict):
-                raise MalformedFrameError(f"{method} response is not a map")
-            self._saw_node(_node_id_or_none(response.get("node")), peer_id)
+            response = await self.request(peer, method, payload)
         except ResourceExhaustedError as e:
             logger.warning("%s to %s not sent: %s", method, peer_id, e)  # our problem, not the peer's
             return None
