@@ -5,7 +5,8 @@ from hivecli.net.framing import FrameLimits
 from hivecli.net.host import Host
 from hivecli.net.identity import Identity, PeerID
 from hivecli.net.multiaddr import Multiaddr, parse_peer_maddr
-from hivecli.net.transport import ByteStream, MemoryTransport, TCPTransport, Transport
+from hivecli.net.tcp import TCPTransport
+from hivecli.net.transport import ByteStream, MemoryTransport, Transport
 
 __all__ = [
     "ByteStream",

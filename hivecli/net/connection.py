@@ -35,7 +35,7 @@ from hivecli._exceptions import (
     RemoteError,
     RPCTimeoutError,
 )
-from hivecli.net.framing import FrameLimits, encode_frame, read_frame
+from hivecli.net.framing import FrameLimits, encode_frame, read_header
 from hivecli.net.identity import PeerID
 from hivecli.net.multiaddr import Multiaddr
 from hivecli.net.transport import ByteStream
@@ -75,7 +75,11 @@ class Kind(IntEnum):
 
 class Message(NamedTuple):
     payload: Any
-    body: bytes = b""
+    body: bytes | memoryview = b""  # a memoryview when a `Stream.body_sink` placed it
+
+
+BodySink = Callable[[Any, int], "memoryview | None"]
+_Delivery = tuple[Kind, Any, "bytes | memoryview"]
 
 
 @dataclass(frozen=True)
@@ -115,9 +119,12 @@ class Stream:
         self.connection = connection
         self.stream_id = stream_id
         self.method = method
-        self._inbox: asyncio.Queue[tuple[Kind, Any, bytes]] = asyncio.Queue(connection.settings.stream_queue_size)
+        self._inbox: asyncio.Queue[_Delivery] = asyncio.Queue(connection.settings.stream_queue_size)
         self._remote_done = False
         self._local_done = False
+        # Where DATA bodies go: called in the read loop with (payload, body_len); a memoryview of
+        # exactly body_len bytes receives the body in place (no copy), None means plain bytes.
+        self.body_sink: BodySink | None = None
 
     @property
     def remote_peer(self) -> PeerID:
@@ -182,7 +189,7 @@ class Stream:
         if not finished:
             await self.connection._cancel_quietly(self.stream_id)
 
-    async def _deliver(self, kind: Kind, payload: Any, body: bytes) -> None:
+    async def _deliver(self, kind: Kind, payload: Any, body: bytes | memoryview) -> None:
         await self._inbox.put((kind, payload, body))
 
     def _maybe_forget(self) -> None:
@@ -311,7 +318,15 @@ class Connection:
         reason = "closed by the peer"
         try:
             while True:
-                header, body = await read_frame(self._stream, self.settings.limits)
+                header, body_len = await read_header(self._stream, self.settings.limits)
+                body: bytes | memoryview = b""
+                if body_len:
+                    target = self._body_target(header, body_len)
+                    if target is not None:
+                        await self._stream.read_into(target)
+                        body = target
+                    else:
+                        body = await self._stream.read_exactly(body_len)
                 self.last_activity = asyncio.get_running_loop().time()
                 await self._dispatch(header, body)
         except ConnectionResetError as e:
@@ -331,7 +346,19 @@ class Connection:
         finally:
             self.close(reason)
 
-    async def _dispatch(self, header: Any, body: bytes) -> None:
+    def _body_target(self, header: Any, body_len: int) -> memoryview | None:
+        if not (isinstance(header, list) and len(header) == 3 and header[0] == Kind.DATA):
+            return None
+        stream = self._streams.get(header[1]) if isinstance(header[1], int) else None
+        if stream is None or stream.body_sink is None:
+            return None
+        try:
+            target = stream.body_sink(header[2], body_len)
+        except Exception:  # a payload the sink does not understand: its consumer will reject it
+            return None
+        return target if target is not None and target.nbytes == body_len else None
+
+    async def _dispatch(self, header: Any, body: bytes | memoryview) -> None:
         if not isinstance(header, list) or len(header) < 2 or not all(isinstance(x, int) for x in header[:2]):
             raise MalformedFrameError(f"frame header {str(header)[:80]!r} is not [kind, stream_id, ...]")
         kind, stream_id = header[0], header[1]

@@ -89,11 +89,13 @@ def encode_frame(
 ) -> tuple[bytes, bytes | bytearray | memoryview]:
     """Return (prefix + header, body): write both, in order, without awaiting in between."""
     header_bytes = pack(header)
-    return PREFIX.pack(len(header_bytes), len(body)) + header_bytes, body
+    body_len = body.nbytes if isinstance(body, memoryview) else len(body)
+    return PREFIX.pack(len(header_bytes), body_len) + header_bytes, body
 
 
-async def read_frame(stream: ByteStream, limits: FrameLimits) -> tuple[Any, bytes]:
-    """Read one frame.
+async def read_header(stream: ByteStream, limits: FrameLimits) -> tuple[Any, int]:
+    """Read a frame's prefix and header; return (header, body_len) and leave the body unread,
+    so the caller can receive it where it belongs (`ByteStream.read_into`).
 
     Raises:
         FrameTooLargeError: a declared length is over `limits` (nothing of the frame was read).
@@ -110,6 +112,11 @@ async def read_frame(stream: ByteStream, limits: FrameLimits) -> tuple[Any, byte
             f"frame body of {body_len} bytes exceeds the limit of {limits.max_body_bytes} bytes; "
             f"large payloads must be streamed in chunks"
         )
-    header = unpack(await stream.read_exactly(header_len))
+    return unpack(await stream.read_exactly(header_len)), body_len
+
+
+async def read_frame(stream: ByteStream, limits: FrameLimits) -> tuple[Any, bytes]:
+    """Read one whole frame. Raises what `read_header` raises."""
+    header, body_len = await read_header(stream, limits)
     body = await stream.read_exactly(body_len) if body_len else b""
     return header, body

@@ -28,7 +28,8 @@ from hivecli.net.handshake import perform_handshake
 from hivecli.net.identity import Identity, PeerID
 from hivecli.net.interfaces import expand_unspecified
 from hivecli.net.multiaddr import Multiaddr
-from hivecli.net.transport import ByteStream, Listener, TCPTransport, Transport
+from hivecli.net.tcp import TCPTransport
+from hivecli.net.transport import ByteStream, Listener, Transport
 
 logger = logging.getLogger(__name__)
 

@@ -1,24 +1,19 @@
 """The transport seam: byte streams between hosts, over TCP or in memory.
 
 Everything above this module (framing, handshake, RPC, the DHT) sees only `ByteStream`,
-`Listener` and `Transport`. `TCPTransport` is what peers use; `MemoryTransport` runs the same
+`Listener` and `Transport`. `TCPTransport` (in `tcp.py`) is what peers use; `MemoryTransport` runs the same
 logic with no sockets, for tests and for simulating thousands of nodes in one process.
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
 import itertools
-import os
-import socket
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 
-from hivecli._exceptions import PeerUnreachableError, ResourceExhaustedError
-
-_READ_LIMIT = 2**20
+from hivecli._exceptions import PeerUnreachableError
 
 
 class ByteStream(ABC):
@@ -29,6 +24,12 @@ class ByteStream(ABC):
     @abstractmethod
     async def read_exactly(self, n: int) -> bytes:
         """Read exactly n bytes. Raises asyncio.IncompleteReadError at end of stream."""
+
+    async def read_into(self, view: memoryview) -> None:
+        """Fill `view` with the next len(view) bytes. Raises asyncio.IncompleteReadError at end
+        of stream. Transports that can receive straight into `view` override this."""
+        view = view.cast("B") if view.format != "B" or view.ndim != 1 else view
+        view[:] = await self.read_exactly(len(view))
 
     @abstractmethod
     def write(self, data: bytes | bytearray | memoryview) -> None:
@@ -72,68 +73,6 @@ class Transport(ABC):
             PeerUnreachableError: refused, unreachable or timed out.
             ResourceExhaustedError: this process has no file descriptor left for the socket.
         """
-
-
-class _AsyncioByteStream(ByteStream):
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, remote_host: str):
-        self._reader, self._writer = reader, writer
-        self.remote_host = remote_host
-
-    async def read_exactly(self, n: int) -> bytes:
-        return await self._reader.readexactly(n)
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        self._writer.write(data)
-
-    async def drain(self) -> None:
-        await self._writer.drain()
-
-    def close(self) -> None:
-        self._writer.close()
-
-    def is_closing(self) -> bool:
-        return self._writer.is_closing()
-
-
-class _TCPListener(Listener):
-    def __init__(self, server: asyncio.Server):
-        self._server = server
-
-    @property
-    def bound(self) -> list[tuple[str, int]]:
-        return [sock.getsockname()[:2] for sock in self._server.sockets]
-
-    async def aclose(self) -> None:
-        self._server.close()
-        await self._server.wait_closed()
-
-
-class TCPTransport(Transport):
-    async def listen(self, host: str, port: int, handler: StreamHandler) -> Listener:
-        async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            peername = writer.get_extra_info("peername") or ("?", 0)
-            await handler(_AsyncioByteStream(reader, writer, peername[0]))
-
-        server = await asyncio.start_server(on_connect, host, port, limit=_READ_LIMIT, reuse_address=True)
-        return _TCPListener(server)
-
-    async def dial(self, host: str, port: int, timeout: float) -> ByteStream:
-        try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, limit=_READ_LIMIT), timeout)
-        except asyncio.TimeoutError:
-            raise PeerUnreachableError(f"connecting to {host}:{port} timed out after {timeout:g} s") from None
-        except OSError as e:
-            if e.errno in (errno.EMFILE, errno.ENFILE):
-                raise ResourceExhaustedError(
-                    f"cannot connect to {host}:{port}: this process is out of file descriptors; "
-                    f"raise the limit (ulimit -n) or run fewer nodes per process"
-                ) from None
-            reason = os.strerror(e.errno).lower() if e.errno else str(e) or type(e).__name__
-            raise PeerUnreachableError(f"cannot connect to {host}:{port}: {reason}") from None
-        sock = writer.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return _AsyncioByteStream(reader, writer, host)
 
 
 class _MemoryWriter:

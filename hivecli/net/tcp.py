@@ -1,0 +1,225 @@
+"""TCP byte streams that can receive straight into a caller's buffer.
+
+asyncio's StreamReader copies every byte three times (event loop buffer, reader buffer, the
+`bytes` it returns). That is fine for RPC headers but costs more than the wire itself for
+tensors: 200 MB of parameters would be copied 600 MB extra per round. `_TCPStream` is a
+`BufferedProtocol`: small reads land in its own buffer, and `read_into(view)` hands the
+kernel the caller's memory (a tensor's bytes) so the payload is copied exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import socket
+from collections.abc import Callable
+
+from hivecli._exceptions import PeerUnreachableError, ResourceExhaustedError
+from hivecli.net.transport import ByteStream, Listener, StreamHandler, Transport
+
+_BUFFER_BYTES = 256 * 1024
+# Writes are handed to the kernel without copying; a higher mark lets a sender queue a whole
+# tensor chunk before `drain` makes it wait.
+_WRITE_HIGH_WATER = 4 * 1024 * 1024
+
+
+class _TCPStream(asyncio.BufferedProtocol, ByteStream):
+    def __init__(self, on_ready: Callable[[_TCPStream], None] | None = None):
+        self.remote_host = "?"
+        self._on_ready = on_ready
+        self._transport: asyncio.Transport | None = None
+        self._buffer = bytearray(_BUFFER_BYTES)
+        self._start = self._end = 0  # unread bytes are _buffer[_start:_end]
+        self._target: memoryview | None = None  # read_into's destination, filled by the kernel
+        self._target_pos = 0
+        self._wanted = 0  # bytes read_exactly is waiting for
+        self._waiter: asyncio.Future[None] | None = None
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._paused_reading = self._paused_writing = False
+        self._eof = False
+        self._lost: Exception | None = None
+
+    # ---- protocol callbacks (the event loop calls these) -----------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]  # uvloop's is not an asyncio.Transport
+        transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER)
+        peer = transport.get_extra_info("peername")
+        self.remote_host = peer[0] if peer else "?"
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self._on_ready is not None:
+            self._on_ready(self)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._target is not None:
+            return self._target[self._target_pos :]
+        if self._end == len(self._buffer):
+            self._compact()
+        return memoryview(self._buffer)[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._target is not None:
+            self._target_pos += nbytes
+            if self._target_pos == len(self._target):
+                self._target = None
+                self._wake()
+            return
+        self._end += nbytes
+        if self._end - self._start >= self._wanted:
+            self._wake()
+        if self._end == len(self._buffer) and self._start == 0 and not self._paused_reading:
+            self._paused_reading = True  # full: the reader will resume us once it takes some
+            self._transport.pause_reading()  # type: ignore[union-attr]
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        self._wake()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = exc or ConnectionResetError("connection lost")
+        self._eof = True
+        self._wake()
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_exception(ConnectionResetError("connection lost"))
+
+    def pause_writing(self) -> None:
+        self._paused_writing = True
+
+    def resume_writing(self) -> None:
+        self._paused_writing = False
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+
+    # ---- ByteStream ------------------------------------------------------------------------
+
+    async def read_exactly(self, n: int) -> bytes:
+        while self._end - self._start < n:
+            if self._eof:
+                partial = bytes(self._buffer[self._start : self._end])
+                self._start = self._end
+                raise asyncio.IncompleteReadError(partial, n)
+            if n > len(self._buffer) - self._start:
+                self._compact(min_size=n)
+            self._wanted = n
+            await self._wait()
+        data = bytes(self._buffer[self._start : self._start + n])
+        self._consumed(n)
+        return data
+
+    async def read_into(self, view: memoryview) -> None:
+        view = view.cast("B") if view.format != "B" or view.ndim != 1 else view
+        have = min(self._end - self._start, len(view))
+        view[:have] = self._buffer[self._start : self._start + have]
+        self._consumed(have)
+        if have == len(view):
+            return
+        if self._eof:
+            raise asyncio.IncompleteReadError(bytes(view[:have]), len(view))
+        self._target, self._target_pos = view, have
+        try:
+            while self._target is not None:
+                if self._eof:
+                    raise asyncio.IncompleteReadError(b"", len(view))
+                await self._wait()
+        finally:
+            self._target = None
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._transport is None or self._transport.is_closing():
+            raise ConnectionResetError("connection is closed")
+        self._transport.write(data)
+
+    async def drain(self) -> None:
+        if self._lost is not None:
+            raise ConnectionResetError("connection lost")
+        if self._paused_writing:
+            self._drain_waiter = asyncio.get_running_loop().create_future()
+            await self._drain_waiter
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._transport is None or self._transport.is_closing()
+
+    # ---- internals -------------------------------------------------------------------------
+
+    def _consumed(self, n: int) -> None:
+        self._start += n
+        if self._start == self._end:
+            self._start = self._end = 0
+        if self._paused_reading and self._end < len(self._buffer):
+            self._paused_reading = False
+            self._transport.resume_reading()  # type: ignore[union-attr]
+
+    def _compact(self, min_size: int = 0) -> None:
+        """Move unread bytes to the front; grow (a new buffer, never a resize: the loop may
+        still hold a view of the old one) when one read needs more than fits."""
+        unread = self._buffer[self._start : self._end]
+        if min_size > len(self._buffer):
+            self._buffer = bytearray(max(min_size, 2 * len(self._buffer)))
+        self._buffer[: len(unread)] = unread
+        self._start, self._end = 0, len(unread)
+        if self._paused_reading and self._end < len(self._buffer):
+            self._paused_reading = False
+            self._transport.resume_reading()  # type: ignore[union-attr]
+
+    async def _wait(self) -> None:
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+
+class _TCPListener(Listener):
+    def __init__(self, server: asyncio.Server, tasks: set[asyncio.Task[None]]):
+        self._server, self._tasks = server, tasks
+
+    @property
+    def bound(self) -> list[tuple[str, int]]:
+        return [sock.getsockname()[:2] for sock in self._server.sockets]
+
+    async def aclose(self) -> None:
+        self._server.close()
+        await self._server.wait_closed()
+
+
+class TCPTransport(Transport):
+    async def listen(self, host: str, port: int, handler: StreamHandler) -> Listener:
+        loop = asyncio.get_running_loop()
+        tasks: set[asyncio.Task[None]] = set()
+
+        def on_ready(stream: _TCPStream) -> None:
+            task = loop.create_task(handler(stream))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+        server = await loop.create_server(lambda: _TCPStream(on_ready), host, port, reuse_address=True)
+        return _TCPListener(server, tasks)
+
+    async def dial(self, host: str, port: int, timeout: float) -> ByteStream:
+        loop = asyncio.get_running_loop()
+        try:
+            _, stream = await asyncio.wait_for(loop.create_connection(_TCPStream, host, port), timeout)
+        except asyncio.TimeoutError:
+            raise PeerUnreachableError(f"connecting to {host}:{port} timed out after {timeout:g} s") from None
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE):
+                raise ResourceExhaustedError(
+                    f"cannot connect to {host}:{port}: this process is out of file descriptors; "
+                    f"raise the limit (ulimit -n) or run fewer nodes per process"
+                ) from None
+            reason = os.strerror(e.errno).lower() if e.errno else str(e) or type(e).__name__
+            raise PeerUnreachableError(f"cannot connect to {host}:{port}: {reason}") from None
+        stream.remote_host = host
+        return stream
