@@ -83,7 +83,25 @@ class BootstrapError(DHTError, PeerUnreachableError):
     """None of the initial peers answered, so the node cannot join the DHT."""
 
 
+class AveragingError(HiveError):
+    """Decentralized averaging could not complete."""
+
+
+class MatchmakingError(AveragingError, TimeoutError):
+    """No group of at least `min_group_size` peers formed before the step's timeout."""
+
+
+class AllreduceError(AveragingError):
+    """An all-reduce round failed as a whole (every other peer was lost, or it timed out)."""
+
+
+class StateDownloadError(AveragingError):
+    """No peer could provide its state (none declared, or every download failed)."""
+
+
 __all__ = [
+    "AllreduceError",
+    "AveragingError",
     "BootstrapError",
     "ConfigError",
     "ConnectionClosedError",
@@ -92,6 +110,7 @@ __all__ = [
     "HandshakeError",
     "HiveError",
     "MalformedFrameError",
+    "MatchmakingError",
     "MultiaddrError",
     "PeerUnreachableError",
     "ProtocolError",
@@ -99,4 +118,5 @@ __all__ = [
     "RPCTimeoutError",
     "RemoteError",
     "ResourceExhaustedError",
+    "StateDownloadError",
 ]

@@ -1,0 +1,325 @@
+"""Butterfly all-reduce: every member reduces one span of the flattened tensors.
+
+Each sender opens one stream to each reducer and sends it that reducer's span of its own
+tensors, chunk by chunk, as raw codec bytes that land straight in a buffer the reducer
+allocated for it. The reducer adds each chunk into a running weighted sum as it arrives (so
+reducing overlaps receiving), and once every sender has delivered or been dropped it sends
+the average back on the same streams. All streams run at once: a peer sends, receives and
+reduces in parallel.
+
+Faults: a sender that does not open its stream within `request_timeout`, or goes quiet for
+`next_chunk_timeout`, is dropped; whatever it had sent is subtracted again, and the average
+uses the weights of those who delivered. A reducer that fails leaves its span at the
+sender's local values. Results are applied to the tensors only once a span is complete, so a
+half-received part is never used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from hivecli._exceptions import AllreduceError, HiveError
+from hivecli.averaging.compression import Codec, tensor_bytes
+from hivecli.averaging.group import GroupInfo
+from hivecli.averaging.partition import Chunk, Layout, load_balance
+from hivecli.averaging.settings import AveragingSettings
+from hivecli.net.connection import EndOfStream, Stream
+from hivecli.net.host import Host
+
+logger = logging.getLogger(__name__)
+
+PART_METHOD = "avg.part"
+
+
+class BufferPool:
+    """Byte buffers kept between rounds: fresh memory costs a page fault per 4 KiB, which
+    for a large model takes longer than sending it over loopback."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[Any, torch.Tensor] = {}
+
+    def get(self, key: Any, nbytes: int) -> torch.Tensor:
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.numel() < nbytes:
+            buffer = self._buffers[key] = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+        return buffer[:nbytes]
+
+    def clear(self) -> None:
+        self._buffers.clear()
+
+
+class _ChunkedBuffer:
+    """Encoded bytes of a sequence of chunks, back to back, each addressable by index."""
+
+    def __init__(self, pool: BufferPool, key: Any, chunks: Sequence[Chunk], codec: Codec):
+        self.chunks, self.codec = chunks, codec
+        self.offsets = [0]
+        for chunk in chunks:
+            self.offsets.append(self.offsets[-1] + codec.encoded_nbytes(chunk.numel))
+        self.raw = pool.get(key, self.offsets[-1])
+        self.view = tensor_bytes(self.raw) if self.offsets[-1] else memoryview(b"")
+        self.metas: list[Any] = [None] * len(chunks)
+
+    def region(self, index: int) -> memoryview:
+        return self.view[self.offsets[index] : self.offsets[index + 1]]
+
+    def sink(self, payload: Any, nbytes: int) -> memoryview | None:
+        valid = isinstance(payload, list) and len(payload) == 2 and isinstance(payload[0], int)
+        return self.region(payload[0]) if valid and 0 <= payload[0] < len(self.chunks) else None
+
+    def place(self, expected: int, payload: Any, body: bytes | memoryview) -> torch.Tensor:
+        """Check one received message, copy its body in place if the sink did not, and decode it.
+
+        Raises:
+            ValueError: out of order, wrong size, or undecodable.
+        """
+        if not (isinstance(payload, list) and len(payload) == 2 and payload[0] == expected):
+            raise ValueError(f"expected chunk {expected}, got {str(payload)[:60]!r}")
+        region = self.region(expected)
+        if body is not region:
+            if len(body) != region.nbytes:
+                raise ValueError(f"chunk {expected} has {len(body)} bytes, expected {region.nbytes}")
+            region[:] = body
+        self.metas[expected] = payload[1]
+        return self.decode(expected)
+
+    def decode(self, index: int) -> torch.Tensor:
+        return self.codec.decode(self.metas[index], self.region(index), self.chunks[index].numel)
+
+
+class AllReduceRunner:
+    """One member's side of one all-reduce round."""
+
+    def __init__(
+        self,
+        host: Host,
+        group: GroupInfo,
+        tensors: Sequence[torch.Tensor],
+        weight: float,
+        codec: Codec,
+        settings: AveragingSettings,
+        pool: BufferPool,
+    ):
+        self.host, self.group, self.tensors = host, group, list(tensors)
+        self.weight, self.codec, self.settings, self.pool = weight, codec, settings, pool
+        self.index = group.index_of(host.peer_id)
+        self.flat = [t.view(-1) for t in self.tensors]
+        self.layout = Layout([t.numel() for t in self.tensors])
+        sizes = load_balance(
+            self.layout.total, [0.0 if m.client_mode else m.bandwidth for m in group.members], min_size=0
+        )
+        self.spans = self.layout.spans(sizes)
+        self.chunk_elements = max(1, settings.chunk_bytes // 4)
+        self.my_chunks = self.layout.chunks(*self.spans[self.index], self.chunk_elements)
+        self.loop = asyncio.get_running_loop()
+        self.failed_peers: dict[int, str] = {}  # member index -> why it was dropped
+        # reducer state: the weighted sum starts with our own part, before any sender can arrive
+        start, end = self.spans[self.index]
+        self._acc = self.pool.get("acc", 4 * (end - start)).view(torch.float32)
+        for chunk in self.my_chunks:
+            torch.mul(self._piece(chunk), self.weight, out=self._acc[chunk.start - start : chunk.end - start])
+        self._total_weight = self.weight
+        self._senders = {i: self.loop.create_future() for i in self._expected_senders()}  # -> delivered?
+        self._arrived: set[int] = set()
+        self._averaged = asyncio.Event()
+
+    def _piece(self, chunk: Chunk) -> torch.Tensor:
+        return self.flat[chunk.tensor][chunk.offset_in_tensor : chunk.offset_in_tensor + chunk.numel]
+
+    def _expected_senders(self) -> list[int]:
+        if not self.my_chunks:
+            return []
+        return [i for i in range(len(self.group.members)) if i != self.index]
+
+    def _drop(self, index: int, reason: str) -> None:
+        if index not in self.failed_peers:
+            self.failed_peers[index] = reason
+            logger.warning(
+                "Averaging round %s: dropped peer %s (%s); the round goes on without it",
+                self.group.group_id.hex()[:8],
+                self.group.members[index].peer_id,
+                reason,
+            )
+
+    async def run(self) -> None:
+        """Average in place with the group.
+
+        Raises:
+            AllreduceError: the round timed out, or every other member failed.
+        """
+        tasks = [self.loop.create_task(self._reduce())]
+        for j in range(len(self.group.members)):
+            if j != self.index and self.spans[j][1] > self.spans[j][0]:
+                tasks.append(self.loop.create_task(self._exchange_with(j)))
+        try:
+            async with asyncio.timeout(self.settings.allreduce_timeout):
+                await asyncio.gather(*tasks)
+        except TimeoutError:
+            raise AllreduceError(
+                f"all-reduce in group {self.group.group_id.hex()[:8]} did not finish within "
+                f"allreduce_timeout = {self.settings.allreduce_timeout:g} s"
+            ) from None
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for future in self._senders.values():
+                if not future.done():
+                    future.set_result(False)
+        others = len(self.group.members) - 1
+        if others and len(self.failed_peers) == others:
+            raise AllreduceError(
+                f"every other peer of group {self.group.group_id.hex()[:8]} failed: "
+                + "; ".join(f"{self.group.members[i].peer_id}: {why}" for i, why in self.failed_peers.items())
+            )
+
+    # ---- as a reducer ---------------------------------------------------------------------------
+
+    async def _reduce(self) -> None:
+        if not self.my_chunks:
+            return
+        start, acc = self.spans[self.index][0], self._acc
+
+        def no_show() -> None:
+            for i, future in self._senders.items():
+                if not future.done() and i not in self._arrived:
+                    self._drop(i, f"did not start sending within request_timeout = {self.settings.request_timeout:g} s")
+                    future.set_result(False)
+
+        timer = self.loop.call_later(self.settings.request_timeout, no_show)
+        try:
+            await asyncio.gather(*self._senders.values())
+        finally:
+            timer.cancel()
+        if self._total_weight > 0:
+            acc.div_(self._total_weight)
+        else:  # nobody with weight delivered: the plain mean of what we have is our own values
+            for chunk in self.my_chunks:
+                acc[chunk.start - start : chunk.end - start].copy_(self._piece(chunk))
+        self._averaged.set()
+        for chunk in self.my_chunks:
+            self._piece(chunk).copy_(acc[chunk.start - start : chunk.end - start])
+
+    async def serve_sender(self, stream: Stream, payload: Any) -> None:
+        """Receive one sender's part, then send it the average. Runs as its stream's handler."""
+        try:
+            sender, weight = int(payload["sender"]), float(payload["weight"])
+        except (KeyError, TypeError, ValueError):
+            raise HiveError("a part request must carry the sender's index and weight") from None
+        done = self._senders.get(sender)
+        if done is None or self.group.members[sender].peer_id != stream.remote_peer:
+            raise HiveError(f"peer {stream.remote_peer} is not member {sender} of this group or sends to no reducer")
+        if done.done() or sender in self._arrived:
+            raise HiveError("this part arrived after the reducer stopped waiting for it, or twice")
+        self._arrived.add(sender)
+        if not math.isfinite(weight) or weight < 0:
+            raise HiveError(f"weight {weight} must be a finite number >= 0")
+        start = self.spans[self.index][0]
+        received = _ChunkedBuffer(self.pool, ("recv", sender), self.my_chunks, self.codec)
+        stream.body_sink = received.sink
+        acc = self._acc
+        added = 0
+        try:
+            for i, chunk in enumerate(self.my_chunks):
+                message = await stream.recv(timeout=self.settings.next_chunk_timeout)
+                values = received.place(i, message.payload, message.body)
+                acc[chunk.start - start : chunk.end - start].add_(values, alpha=weight)
+                added += 1
+        except (HiveError, EndOfStream, ValueError) as e:
+            for i, chunk in enumerate(self.my_chunks[:added]):  # take back what it had sent
+                acc[chunk.start - start : chunk.end - start].sub_(received.decode(i), alpha=weight)
+            self._drop(sender, str(e) or type(e).__name__)
+            if not done.done():
+                done.set_result(False)
+            raise
+        except asyncio.CancelledError:
+            for i, chunk in enumerate(self.my_chunks[:added]):
+                acc[chunk.start - start : chunk.end - start].sub_(received.decode(i), alpha=weight)
+            if not done.done():
+                self._drop(sender, "its stream was cancelled")
+                done.set_result(False)
+            raise
+        self._total_weight += weight
+        done.set_result(True)
+        await self._averaged.wait()
+        for i, chunk in enumerate(self.my_chunks):
+            meta, data = self.codec.encode(acc[chunk.start - start : chunk.end - start])
+            await stream.send([i, meta], data)
+
+    # ---- as a sender ----------------------------------------------------------------------------
+
+    async def _exchange_with(self, j: int) -> None:
+        member = self.group.members[j]
+        chunks = self.layout.chunks(*self.spans[j], self.chunk_elements)
+        results = _ChunkedBuffer(self.pool, ("result", j), chunks, self.codec)
+        stream: Stream | None = None
+        try:
+            self.host.add_addrs(member.peer_id, member.multiaddrs())
+            conn = await asyncio.wait_for(self.host.connect(member.peer_id), self.settings.request_timeout)
+            stream = await conn.open_stream(PART_METHOD, self._request(), b"")
+            stream.body_sink = results.sink
+
+            async def send_part() -> None:
+                for i, chunk in enumerate(chunks):
+                    meta, data = self.codec.encode(self._piece(chunk))
+                    await stream.send([i, meta], data)
+                await stream.end()
+
+            sending = self.loop.create_task(send_part())
+            try:
+                for i in range(len(chunks)):
+                    # the first averaged chunk can only come once every sender has delivered
+                    timeout = None if i == 0 else self.settings.next_chunk_timeout
+                    message = await stream.recv(timeout=timeout)
+                    results.place(i, message.payload, message.body)
+                await sending
+            finally:
+                sending.cancel()
+        except (HiveError, EndOfStream, ValueError, OSError, asyncio.TimeoutError) as e:
+            self._drop(j, f"did not return its averaged part: {e or type(e).__name__}; kept local values there")
+            return
+        finally:
+            if stream is not None:
+                with contextlib.suppress(HiveError):
+                    await stream.cancel()
+        for i, chunk in enumerate(chunks):
+            self._piece(chunk).copy_(results.decode(i))
+
+    def _request(self) -> dict[str, Any]:
+        return {"group_id": self.group.group_id, "sender": self.index, "weight": self.weight}
+
+
+class RunnerRegistry:
+    """Finds the runner of a group for part streams that arrive before we set it up."""
+
+    def __init__(self) -> None:
+        self._runners: dict[bytes, asyncio.Future[AllReduceRunner]] = {}
+
+    def _slot(self, group_id: bytes) -> asyncio.Future[AllReduceRunner]:
+        if group_id not in self._runners:
+            self._runners[group_id] = asyncio.get_running_loop().create_future()
+        return self._runners[group_id]
+
+    def register(self, runner: AllReduceRunner) -> None:
+        self._slot(runner.group.group_id).set_result(runner)
+
+    def unregister(self, group_id: bytes) -> None:
+        self._runners.pop(group_id, None)
+
+    async def find(self, group_id: bytes, timeout: float) -> AllReduceRunner | None:
+        if len(self._runners) > 64 and group_id not in self._runners:
+            return None  # someone is making up group ids
+        slot = self._slot(group_id)
+        try:
+            return await asyncio.wait_for(asyncio.shield(slot), timeout)
+        except asyncio.TimeoutError:
+            if not slot.done():
+                self._runners.pop(group_id, None)
+            return None

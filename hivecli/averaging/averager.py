@@ -1,0 +1,400 @@
+"""`DecentralizedAverager`: average a set of tensors with whichever peers are online.
+
+It lives on the DHT's event loop and host (same peer id, same connections). `step()` finds a
+group (matchmaking.py), averages in place with it (allreduce.py) and returns what each member
+passed as `gather`. `load_state_from_peers()` downloads another peer's state (state.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import difflib
+import hashlib
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from enum import Enum
+from typing import Any
+
+import torch
+
+from hivecli._exceptions import AllreduceError, ConfigError, HiveError, MatchmakingError
+from hivecli.averaging.allreduce import PART_METHOD, AllReduceRunner, BufferPool, RunnerRegistry
+from hivecli.averaging.compression import Codec, get_codec
+from hivecli.averaging.matchmaking import JOIN_METHOD, Matchmaker
+from hivecli.averaging.settings import AveragingSettings
+from hivecli.averaging.state import STATE_METHOD, StateServer, StateSnapshot, download_state, find_donors
+from hivecli.dht.dht import DHT
+from hivecli.dht.node import DHTNode
+from hivecli.net.connection import Stream
+from hivecli.net.identity import PeerID
+
+logger = logging.getLogger(__name__)
+_SETTING_NAMES = [f.name for f in dataclasses.fields(AveragingSettings)]
+
+
+class Stage(Enum):
+    IDLE = "idle"
+    LOOKING_FOR_GROUP = "looking_for_group"
+    RUNNING_ALLREDUCE = "running_allreduce"
+    FINISHED = "finished"
+
+
+class StepControl:
+    """A step in flight (`step(wait=False)`): wait on it, await it, or cancel it.
+
+    `timings` records when each stage began (time.perf_counter), for benchmarks and logs.
+    """
+
+    def __init__(self) -> None:
+        self.stage = Stage.IDLE
+        self.timings: dict[str, float] = {"created": time.perf_counter()}
+        self.group_size = 0
+        self._future: Any = None  # concurrent.futures.Future of the step coroutine
+
+    def _enter(self, stage: Stage) -> None:
+        self.stage = stage
+        self.timings[stage.value] = time.perf_counter()
+
+    def result(self, timeout: float | None = None) -> dict[PeerID, Any]:
+        """The group's gathered data, {peer id: gather}. Raises what the step raised."""
+        return self._future.result(timeout)
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def cancel(self) -> bool:
+        """Stop the step: leave matchmaking, or abandon the all-reduce (tensors keep their values
+        outside the parts already averaged)."""
+        return self._future.cancel()
+
+    def __await__(self) -> Any:
+        return asyncio.wrap_future(self._future).__await__()
+
+
+class DecentralizedAverager:
+    """Averages `averaged_tensors` in place with other peers under the same `prefix`.
+
+    Args:
+        averaged_tensors: CPU tensors, contiguous and floating point; the averager uses them
+            in place. Change them only inside `with averager.get_tensors() as tensors:`.
+        dht: a running `hivecli.DHT`; the averager shares its host and event loop.
+        prefix: the run's name; only peers with the same prefix and tensor shapes average together.
+        target_group_size, min_group_size, min_matchmaking_time, request_timeout,
+        allreduce_timeout, next_chunk_timeout: see `AveragingSettings` (defaults there);
+            other `AveragingSettings` fields can be passed as keyword arguments too.
+        compression: codec on the wire: "none" (default), "fp16", "uniform8bit", "blockwise8bit".
+        bandwidth: this peer's share of the reduction work relative to others (None: equal).
+        client_mode: only send, never reduce or accept connections (default: the DHT's mode).
+        allow_state_sharing: let others download our state (default: not in client mode).
+        state_sharing_priority: donors with a higher priority are asked first (e.g. the step).
+        start: start serving at once (else call `run_in_background()`).
+
+    Raises:
+        ConfigError: a tensor, setting or name is not valid (the message names it).
+    """
+
+    def __init__(
+        self,
+        averaged_tensors: Sequence[torch.Tensor],
+        dht: DHT,
+        *,
+        prefix: str,
+        target_group_size: int | None = None,
+        min_group_size: int = 2,
+        compression: str | Codec | None = None,
+        bandwidth: float | None = None,
+        client_mode: bool | None = None,
+        allow_state_sharing: bool | None = None,
+        state_sharing_priority: float = 0.0,
+        start: bool = False,
+        settings: AveragingSettings | None = None,
+        **setting_overrides: Any,
+    ):
+        if not isinstance(prefix, str) or not prefix or any(c.isspace() for c in prefix):
+            raise ConfigError(f"prefix = {prefix!r}: must be a non-empty name without spaces, e.g. 'my-run'")
+        for name in setting_overrides:
+            if name not in _SETTING_NAMES:
+                close = difflib.get_close_matches(name, _SETTING_NAMES, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else f"; known settings: {', '.join(_SETTING_NAMES)}"
+                raise ConfigError(f"DecentralizedAverager() got an unknown argument {name!r}{hint}")
+        overrides = dict(setting_overrides, min_group_size=min_group_size)
+        if target_group_size is not None:
+            overrides["target_group_size"] = target_group_size
+        self.settings = dataclasses.replace(settings or AveragingSettings(), **overrides)
+        self._averaged_tensors = _check_tensors(averaged_tensors)
+        if bandwidth is not None and not (math.isfinite(bandwidth) and bandwidth >= 0):
+            raise ConfigError(f"bandwidth = {bandwidth}: must be a finite number >= 0")
+        self.dht, self.prefix, self.bandwidth = dht, prefix, bandwidth
+        self.codec = get_codec(compression)
+        self.client_mode = dht.client_mode if client_mode is None else bool(client_mode)
+        self._allow_state_sharing = (not self.client_mode) if allow_state_sharing is None else allow_state_sharing
+        self._state_sharing_priority = float(state_sharing_priority)
+        self.schema_hash = self._schema_hash()
+        self.lock_averaged_tensors = threading.Lock()
+        self._pool = BufferPool()
+        self._registry = RunnerRegistry()
+        self._matchmaker: Matchmaker | None = None
+        self._state_server: StateServer | None = None
+        self._steps: set[asyncio.Task[Any]] = set()
+        self._running = False
+        if start:
+            self.run_in_background()
+
+    def _schema_hash(self) -> bytes:
+        description = [(tuple(t.shape), str(t.dtype)) for t in self._averaged_tensors]
+        return hashlib.sha1(repr((description, self.codec.name)).encode()).digest()
+
+    @property
+    def peer_id(self) -> PeerID:
+        return self.dht.peer_id
+
+    # ---- life cycle -----------------------------------------------------------------------------
+
+    def run_in_background(self, await_ready: bool = True, timeout: float | None = None) -> None:
+        """Start serving join, part and state requests on the DHT's host."""
+        if self._running:
+            return
+        self.dht.run_coroutine(lambda _dht, node: self._start(node))
+        self._running = True
+
+    async def _start(self, node: DHTNode) -> None:
+        self._matchmaker = Matchmaker(node, self.prefix, self.schema_hash, self.settings, self.client_mode)
+        node.host.add_stream_handler(PART_METHOD, self._serve_part)
+        self._state_server = StateServer(
+            node, self.prefix, self._snapshot_state, self.settings.chunk_bytes, self.settings.declare_state_period
+        )
+        self._state_server.update(self._allow_state_sharing, self._state_sharing_priority)
+
+    def is_alive(self) -> bool:
+        return self._running and self.dht.is_alive()
+
+    def shutdown(self) -> None:
+        """Stop serving and cancel steps in flight. Idempotent; the DHT keeps running."""
+        if not self._running:
+            return
+        self._running = False
+        if self.dht.is_alive():
+            with contextlib.suppress(RuntimeError):
+                self.dht.run_coroutine(lambda _dht, node: self._stop(node))
+
+    async def _stop(self, node: DHTNode) -> None:
+        for task in list(self._steps):
+            task.cancel()
+        await asyncio.gather(*self._steps, return_exceptions=True)
+        for method in (JOIN_METHOD, PART_METHOD, STATE_METHOD):
+            node.host.handlers.streaming.pop(method, None)
+        if self._matchmaker is not None:
+            await self._matchmaker.aclose()
+        if self._state_server is not None:
+            await self._state_server.aclose()
+        self._pool.clear()
+
+    def __enter__(self) -> DecentralizedAverager:
+        self.run_in_background()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    # ---- tensors --------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def get_tensors(self) -> Iterator[list[torch.Tensor]]:
+        """Lock the averaged tensors and yield them; a step waits until the block ends.
+        Keep the block short: an all-reduce in progress also waits for it."""
+        with self.lock_averaged_tensors:
+            yield self._averaged_tensors
+
+    # ---- averaging ------------------------------------------------------------------------------
+
+    def step(
+        self,
+        gather: Any = None,
+        weight: float | None = None,
+        timeout: float | None = None,
+        allow_retries: bool = True,
+        wait: bool = True,
+    ) -> dict[PeerID, Any] | StepControl:
+        """Find a group and average the tensors with it, in place.
+
+        Args:
+            gather: msgpack-able data to share with the group (returned from every member).
+            weight: this peer's weight in the average (default 1.0; 0 contributes nothing).
+            timeout: seconds to find a group (default settings.step_timeout); the all-reduce
+                itself is bounded by allreduce_timeout.
+            allow_retries: look for another group if an all-reduce fails as a whole.
+            wait: False returns a `StepControl` at once.
+
+        Returns:
+            {peer id: gather} for every member of the group (or a StepControl).
+
+        Raises:
+            MatchmakingError: no group of at least min_group_size formed within the timeout.
+            AllreduceError: the all-reduce failed and no retry was allowed or possible.
+        """
+        if not self._running:
+            raise RuntimeError("the averager is not running; pass start=True or call run_in_background()")
+        weight = 1.0 if weight is None else float(weight)
+        if not math.isfinite(weight) or weight < 0:
+            raise ConfigError(f"weight = {weight}: must be a finite number >= 0")
+        timeout = self.settings.step_timeout if timeout is None else float(timeout)
+        control = StepControl()
+        control._future = self.dht.run_coroutine(
+            lambda _dht, node: self._step(node, control, gather, weight, timeout, allow_retries),
+            return_future=True,
+        )
+        return control.result() if wait else control
+
+    async def _step(
+        self, node: DHTNode, control: StepControl, gather: Any, weight: float, timeout: float, allow_retries: bool
+    ) -> dict[PeerID, Any]:
+        assert self._matchmaker is not None
+        task = asyncio.current_task()
+        assert task is not None
+        self._steps.add(task)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        try:
+            while True:
+                control._enter(Stage.LOOKING_FOR_GROUP)
+                group = await self._matchmaker.look_for_group(gather, self.bandwidth, deadline)
+                control._enter(Stage.RUNNING_ALLREDUCE)
+                control.group_size = len(group.members)
+                try:
+                    await self._run_allreduce(node, group, weight)
+                except AllreduceError as e:
+                    if not allow_retries or loop.time() >= deadline:
+                        raise
+                    logger.warning("%s; looking for another group", e)
+                    continue
+                control._enter(Stage.FINISHED)
+                return {member.peer_id: member.gathered for member in group.members}
+        finally:
+            self._steps.discard(task)
+            if control.stage != Stage.FINISHED:
+                control._enter(Stage.FINISHED)
+
+    async def _run_allreduce(self, node: DHTNode, group: Any, weight: float) -> None:
+        while not self.lock_averaged_tensors.acquire(blocking=False):
+            await asyncio.sleep(0.001)  # polling, not a thread: a cancelled step must not take the lock later
+        try:
+            runner = AllReduceRunner(
+                node.host, group, self._averaged_tensors, weight, self.codec, self.settings, self._pool
+            )
+            self._registry.register(runner)
+            try:
+                await runner.run()
+            finally:
+                self._registry.unregister(group.group_id)
+        finally:
+            self.lock_averaged_tensors.release()
+        logger.debug("Averaged with %d peers in group %s", len(group.members), group.group_id.hex()[:8])
+
+    async def _serve_part(self, stream: Stream, payload: Any, body: bytes) -> None:
+        group_id = payload.get("group_id") if isinstance(payload, dict) else None
+        if not isinstance(group_id, bytes):
+            raise HiveError("a part request must name its group_id")
+        runner = await self._registry.find(group_id, self.settings.request_timeout)
+        if runner is None:
+            raise HiveError(f"this peer is not averaging in group {group_id.hex()[:8]}")
+        await runner.serve_sender(stream, payload)
+
+    # ---- state sharing ----------------------------------------------------------------------------
+
+    @property
+    def allow_state_sharing(self) -> bool:
+        return self._allow_state_sharing
+
+    @allow_state_sharing.setter
+    def allow_state_sharing(self, value: bool) -> None:
+        if value and self.client_mode:
+            raise ConfigError("a client-mode averager cannot share state: nobody can connect to it")
+        self._allow_state_sharing = bool(value)
+        self._update_declaration()
+
+    @property
+    def state_sharing_priority(self) -> float:
+        return self._state_sharing_priority
+
+    @state_sharing_priority.setter
+    def state_sharing_priority(self, value: float) -> None:
+        self._state_sharing_priority = float(value)
+        self._update_declaration()
+
+    def _update_declaration(self) -> None:
+        server = self._state_server
+        if server is not None and self.dht.is_alive():
+            sharing, priority = self._allow_state_sharing, self._state_sharing_priority
+            self.dht._loop.call_soon_threadsafe(server.update, sharing, priority)  # type: ignore[union-attr]
+
+    def get_current_state(self) -> StateSnapshot:
+        """What a downloader gets: (msgpack-able metadata, tensors). Subclasses override this
+        to add their own (a training step, optimizer statistics).
+
+        It is called in a worker thread while the averaged tensors are locked, and the result
+        is copied before the lock is released; do not call `get_tensors()` inside it.
+        """
+        return {}, self._averaged_tensors
+
+    def _snapshot_state(self, copy: Callable[[Sequence[torch.Tensor]], list[torch.Tensor]]) -> StateSnapshot:
+        with self.lock_averaged_tensors:
+            metadata, tensors = self.get_current_state()
+            return metadata, copy(tensors)
+
+    def load_state_from_peers(
+        self, wait: bool = True, timeout: float | None = None
+    ) -> tuple[Any, list[torch.Tensor]] | Any | None:
+        """Download (metadata, tensors) from the best available donor; None if nobody shares.
+
+        Donors are tried by priority, and the next one after a failure; each failure is logged
+        with its reason. The tensors are checked against our own shapes and dtypes, and are
+        returned, not applied: the caller decides what to do with them.
+        """
+        future = self.dht.run_coroutine(lambda _dht, node: self._load_state(node, timeout), return_future=True)
+        return future.result() if wait else future
+
+    async def _load_state(self, node: DHTNode, timeout: float | None) -> tuple[Any, list[torch.Tensor]] | None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (self.settings.allreduce_timeout if timeout is None else timeout)
+        donors = await find_donors(node, self.prefix)
+        if not donors:
+            logger.info("No peer under prefix %r shares its state yet", self.prefix)
+            return None
+        for donor, maddrs in donors:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            node.host.add_addrs(donor, maddrs)
+            try:
+                async with asyncio.timeout(remaining):
+                    result = await download_state(node, donor, self._averaged_tensors, self.settings.next_chunk_timeout)
+                logger.info("Downloaded the state of peer %s", donor)
+                return result
+            except (HiveError, OSError, TimeoutError) as e:
+                logger.warning("Could not load state from peer %s: %s; trying the next donor", donor, e or "timeout")
+        return None
+
+
+def _check_tensors(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    checked = []
+    for i, tensor in enumerate(tensors):
+        if not isinstance(tensor, torch.Tensor):
+            raise ConfigError(f"averaged_tensors[{i}] is a {type(tensor).__name__}, not a torch.Tensor")
+        if tensor.device.type != "cpu":
+            raise ConfigError(f"averaged_tensors[{i}] is on {tensor.device}; pass CPU tensors (e.g. t.detach().cpu())")
+        if not tensor.is_floating_point():
+            raise ConfigError(f"averaged_tensors[{i}] has dtype {tensor.dtype}; only floating-point tensors average")
+        if not tensor.is_contiguous():
+            raise ConfigError(f"averaged_tensors[{i}] is not contiguous; pass tensor.contiguous()")
+        checked.append(tensor.detach())
+    if not checked:
+        raise ConfigError("averaged_tensors is empty; pass the tensors to average")
+    return checked
+
+
+__all__ = ["DecentralizedAverager", "MatchmakingError", "Stage", "StepControl"]

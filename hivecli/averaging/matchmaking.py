@@ -1,0 +1,329 @@
+"""Matchmaking: peers that call `step()` at about the same time form groups through the DHT.
+
+Each looking peer declares itself under the run's group key (`{prefix}.0b`, one subkey per
+peer) with an expiration T, and polls that key. Peers are ordered by (T, peer id), and a peer
+only asks peers *before* it to let it join; the first peer accepts. Requests therefore never
+form a cycle and nobody deadlocks, whatever each peer's view of the DHT is. A leader
+assembles its group the moment it is full, or at T with whoever joined (if at least
+`min_group_size`). A peer accepted by a leader disbands its own followers and points them to
+that leader.
+
+Join requests are a stream: the requester sends its description; the leader answers
+ACCEPTED (then, later, BEGIN with the group, or DISBANDED) or one rejection code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+from hivecli._exceptions import HiveError, MatchmakingError
+from hivecli.averaging.group import GroupInfo, Member
+from hivecli.averaging.settings import AveragingSettings
+from hivecli.dht.node import DHTNode
+from hivecli.net.connection import EndOfStream, Stream
+from hivecli.net.identity import PeerID
+from hivecli.utils.timing import get_dht_time
+
+logger = logging.getLogger(__name__)
+
+JOIN_METHOD = "avg.join"
+ACCEPTED, BEGIN, DISBANDED = "accepted", "begin", "disbanded"
+NOT_LOOKING, NOT_A_LEADER, GROUP_IS_FULL = "not_looking", "not_a_leader", "group_is_full"
+BAD_GROUP_KEY, BAD_SCHEMA_HASH, BAD_REQUEST = "bad_group_key", "bad_schema_hash", "bad_request"
+
+_FIRST_POLL_DELAY, _MAX_POLL_DELAY = 0.002, 0.25
+
+
+@dataclass(order=True, frozen=True)
+class Candidate:
+    """A declared peer, in the order that decides who may ask whom."""
+
+    expiration: float
+    peer_id: PeerID = field(compare=True)
+    addrs: tuple[str, ...] = field(default=(), compare=False)
+
+
+@dataclass
+class _Follower:
+    member: Member
+    outcome: asyncio.Future[list[Any]]  # the message its join stream ends with
+
+
+class Matchmaker:
+    """Serves join requests for one averager and runs its group searches, one at a time."""
+
+    def __init__(self, node: DHTNode, prefix: str, schema_hash: bytes, settings: AveragingSettings, client_mode: bool):
+        self.node, self.prefix, self.schema_hash = node, prefix, schema_hash
+        self.settings, self.client_mode = settings, client_mode
+        self.group_key = f"{prefix}.0b"
+        self._search: _Search | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+        node.host.add_stream_handler(JOIN_METHOD, self._handle_join)
+
+    @property
+    def peer_id(self) -> PeerID:
+        return self.node.peer_id
+
+    def my_addrs(self) -> tuple[str, ...]:
+        return () if self.client_mode else tuple(str(m) for m in self.node.host.visible_maddrs())
+
+    async def look_for_group(self, gathered: Any, bandwidth: float | None, deadline: float) -> GroupInfo:
+        """Find a group before `deadline` (loop time).
+
+        Raises:
+            MatchmakingError: no group of at least min_group_size peers formed in time.
+        """
+        if self._search is not None:
+            raise RuntimeError("this averager is already looking for a group")
+        me = Member(self.peer_id, self.my_addrs(), self.client_mode, 0.0 if self.client_mode else bandwidth, gathered)
+        search = _Search(self, me, deadline)
+        self._search = search
+        try:
+            return await search.run()
+        finally:
+            search.finished = True
+            self._search = None
+            search.disband_followers(None)
+            if search.declared_expiration is not None:
+                self._spawn(self._withdraw(search.declared_expiration))
+
+    async def _withdraw(self, expiration: float) -> None:
+        # a value just after our declaration replaces it (the DHT keeps the newest per subkey)
+        with contextlib.suppress(HiveError, OSError):
+            await self.node.store(self.group_key, None, math.nextafter(expiration, math.inf), self.peer_id.to_base58())
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def aclose(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+
+    # ---- the leader's side of a join request --------------------------------------------------
+
+    async def _handle_join(self, stream: Stream, payload: Any, body: bytes) -> None:
+        try:
+            member = Member.from_wire(payload.get("member")) if isinstance(payload, dict) else None
+            expiration = float(payload["expiration"]) if member is not None else 0.0
+        except (ValueError, KeyError, TypeError):
+            member = None
+        if member is None or member.peer_id != stream.remote_peer:
+            await stream.send({"code": BAD_REQUEST})
+            return
+        search = self._search
+        if search is None or search.finished:
+            await stream.send({"code": NOT_LOOKING})
+        elif payload.get("group_key") != self.group_key:
+            await stream.send({"code": BAD_GROUP_KEY})
+        elif payload.get("schema_hash") != self.schema_hash:
+            await stream.send({"code": BAD_SCHEMA_HASH})
+        else:
+            await search.serve_join(stream, member, expiration)
+
+
+class _Search:
+    """One `look_for_group` call: declare, ask the peers before us, lead if nobody takes us."""
+
+    def __init__(self, matchmaker: Matchmaker, me: Member, deadline: float):
+        self.mm, self.me, self.deadline = matchmaker, me, deadline
+        self.settings = matchmaker.settings
+        self.loop = asyncio.get_running_loop()
+        self.finished = False
+        self.expiration = math.inf  # clients never declare and may ask anyone
+        self.declared_expiration: float | None = None
+        self.leader: Candidate | None = None  # set while we follow someone
+        self.followers: dict[PeerID, _Follower] = {}
+        self.changed = asyncio.Event()  # a follower came or went
+        self.tried: dict[PeerID, float] = {}  # candidate -> the expiration we already asked at
+
+    @property
+    def order(self) -> tuple[float, PeerID]:
+        return (self.expiration, self.me.peer_id)
+
+    def group_size(self) -> int:
+        return 1 + len(self.followers)
+
+    async def run(self) -> GroupInfo:
+        poll_delay = _FIRST_POLL_DELAY
+        if not self.me.client_mode:
+            await self.declare()
+        while True:
+            if self.group_size() >= self.settings.target_group_size:
+                return self.assemble()
+            for candidate in await self.fetch_candidates():
+                if self.group_size() >= self.settings.target_group_size:
+                    break
+                group = await self.try_join(candidate)
+                if group is not None:
+                    return group
+            if self.group_size() >= self.settings.target_group_size:
+                return self.assemble()
+            now = get_dht_time()
+            if now >= self.expiration and not self.me.client_mode:
+                if self.group_size() >= self.settings.min_group_size:
+                    return self.assemble()
+                self.disband_followers(None)
+                if self.loop.time() + self.settings.min_matchmaking_time / 4 < self.deadline:
+                    await self.declare()  # nobody came in time: try again with a new expiration
+                    poll_delay = _FIRST_POLL_DELAY
+                    continue
+            if self.loop.time() >= self.deadline:
+                raise MatchmakingError(
+                    f"found {self.group_size()} of the needed {self.settings.min_group_size} peers under "
+                    f"prefix {self.mm.prefix!r} before the timeout; start more peers with the same prefix "
+                    f"and tensor shapes, or lower min_group_size"
+                )
+            wait = min(poll_delay, max(0.0, self.deadline - self.loop.time()))
+            if not self.me.client_mode:
+                wait = min(wait, max(0.0, self.expiration - get_dht_time()))
+            self.changed.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), wait)
+            poll_delay = min(2 * poll_delay, _MAX_POLL_DELAY)
+
+    async def declare(self) -> None:
+        deadline_dht = get_dht_time() + max(0.0, self.deadline - self.loop.time())
+        self.expiration = min(get_dht_time() + self.settings.min_matchmaking_time, deadline_dht)
+        self.declared_expiration = self.expiration
+        self.tried.clear()
+        await self.mm.node.store(self.mm.group_key, list(self.me.addrs), self.expiration, self.me.peer_id.to_base58())
+
+    async def fetch_candidates(self) -> list[Candidate]:
+        """Declared peers before us that we have not yet asked at their current declaration."""
+        found = await self.mm.node.get(self.mm.group_key, latest=True)
+        if found is None or not isinstance(found.value, dict):
+            return []
+        candidates = []
+        for subkey, entry in found.value.items():
+            if not isinstance(subkey, str) or not isinstance(entry.value, list) or not entry.value:
+                continue  # withdrawn (None) or malformed
+            try:
+                peer = PeerID.from_base58(subkey)
+            except ValueError:
+                continue
+            candidate = Candidate(entry.expiration_time, peer, tuple(a for a in entry.value if isinstance(a, str)))
+            if peer == self.me.peer_id or (candidate.expiration, peer) >= self.order:
+                continue
+            if self.tried.get(peer) == candidate.expiration or candidate.expiration <= get_dht_time():
+                continue
+            candidates.append(candidate)
+        return sorted(candidates)
+
+    async def try_join(self, candidate: Candidate) -> GroupInfo | None:
+        """Ask `candidate` to take us. Returns the group if we end up averaging in one."""
+        self.tried[candidate.peer_id] = candidate.expiration
+        host = self.mm.node.host
+        request = {
+            "member": self.me.to_wire(),
+            "expiration": self.expiration,
+            "group_key": self.mm.group_key,
+            "schema_hash": self.mm.schema_hash,
+        }
+        stream: Stream | None = None
+        try:
+            host.add_addrs(candidate.peer_id, Member(candidate.peer_id, candidate.addrs, False, None).multiaddrs())
+            async with asyncio.timeout(self.settings.request_timeout):
+                conn = await host.connect(candidate.peer_id)
+                stream = await conn.open_stream(JOIN_METHOD, request)
+                reply = (await stream.recv()).payload
+            code = reply.get("code") if isinstance(reply, dict) else None
+            if code == NOT_A_LEADER and reply.get("leader"):
+                await stream.cancel()
+                return await self.follow_suggestion(reply["leader"])
+            if code != ACCEPTED:
+                logger.debug("Peer %s did not take us: %s", candidate.peer_id, code)
+                return None
+            return await self.follow(candidate, stream)
+        except (HiveError, OSError, EndOfStream, asyncio.TimeoutError) as e:
+            logger.debug("Join request to %s failed: %s", candidate.peer_id, e or type(e).__name__)
+            return None
+        finally:
+            if stream is not None:
+                await stream.cancel()
+
+    async def follow_suggestion(self, suggestion: Any) -> GroupInfo | None:
+        try:
+            leader = Member.from_wire(suggestion[0])
+            expiration = float(suggestion[1])
+        except (ValueError, TypeError, IndexError):
+            return None
+        candidate = Candidate(expiration, leader.peer_id, leader.addrs)
+        if (expiration, leader.peer_id) >= self.order or leader.peer_id == self.me.peer_id:
+            return None
+        return await self.try_join(candidate)
+
+    async def follow(self, leader: Candidate, stream: Stream) -> GroupInfo | None:
+        """We were accepted: hand our own followers over to the leader and wait for BEGIN."""
+        self.leader = leader
+        self.disband_followers(leader)
+        try:
+            wait = max(0.0, leader.expiration - get_dht_time()) + self.settings.request_timeout
+            wait = min(wait, max(0.0, self.deadline - self.loop.time()) + self.settings.request_timeout)
+            reply = (await stream.recv(timeout=wait)).payload
+            if isinstance(reply, dict) and reply.get("code") == BEGIN:
+                group = GroupInfo.from_wire(reply.get("group"))
+                if self.me.peer_id in group.peer_ids:
+                    return group
+            return None
+        except (HiveError, EndOfStream, ValueError) as e:
+            logger.debug("Leader %s dropped us: %s", leader.peer_id, e or type(e).__name__)
+            return None
+        finally:
+            self.leader = None
+
+    def assemble(self) -> GroupInfo:
+        members = [self.me, *(f.member for f in self.followers.values())]
+        random.shuffle(members)  # the order decides who reduces which part
+        group = GroupInfo(os.urandom(20), tuple(members))
+        message = [BEGIN, group.to_wire()]
+        for follower in self.followers.values():
+            if not follower.outcome.done():
+                follower.outcome.set_result(message)
+        self.followers.clear()
+        self.finished = True
+        return group
+
+    def disband_followers(self, new_leader: Candidate | None) -> None:
+        suggestion = None
+        if new_leader is not None:
+            leader_member = Member(new_leader.peer_id, new_leader.addrs, False, None)
+            suggestion = [leader_member.to_wire(), new_leader.expiration]
+        for follower in self.followers.values():
+            if not follower.outcome.done():
+                follower.outcome.set_result([DISBANDED, suggestion])
+        self.followers.clear()
+
+    # ---- serving join requests ------------------------------------------------------------------
+
+    async def serve_join(self, stream: Stream, member: Member, expiration: float) -> None:
+        if self.leader is not None:
+            leader_member = Member(self.leader.peer_id, self.leader.addrs, False, None)
+            await stream.send({"code": NOT_A_LEADER, "leader": [leader_member.to_wire(), self.leader.expiration]})
+            return
+        if self.me.client_mode or (not member.client_mode and (expiration, member.peer_id) <= self.order):
+            await stream.send({"code": NOT_A_LEADER})  # it must ask peers before it, never after
+            return
+        if self.group_size() >= self.settings.target_group_size or member.peer_id in self.followers:
+            await stream.send({"code": GROUP_IS_FULL})
+            return
+        follower = _Follower(member, self.loop.create_future())
+        self.followers[member.peer_id] = follower
+        self.changed.set()
+        try:
+            await stream.send({"code": ACCEPTED})
+            code, data = await follower.outcome
+            await stream.send({"code": code, "group": data} if code == BEGIN else {"code": code, "leader": data})
+        finally:
+            if self.followers.get(member.peer_id) is follower:  # it left before the group formed
+                del self.followers[member.peer_id]
+                self.changed.set()

@@ -1,0 +1,222 @@
+"""State sharing: a newcomer downloads the current tensors and metadata from a peer.
+
+Donors declare themselves under `{prefix}.all_averagers` (subkey: peer id, value:
+[priority, addrs]). A downloader tries donors by priority, highest first and in random order
+among equals (so that a crowd of newcomers spreads over the donors), and moves on to the next
+donor when one fails. The donor copies its state once, under the tensor lock, into buffers it
+keeps, and streams that copy without holding the lock, so it goes on averaging meanwhile.
+
+The stream: first message {metadata, tensors: [[shape, dtype], ...], schema}; then raw
+chunks [tensor index, byte offset] + bytes, received straight into the new tensors. The
+downloader checks the declared shapes and dtypes against what it expects before allocating.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from hivecli._exceptions import HiveError
+from hivecli.averaging.compression import tensor_bytes
+from hivecli.dht.node import DHTNode
+from hivecli.net.connection import EndOfStream, Stream
+from hivecli.net.identity import PeerID
+from hivecli.net.multiaddr import Multiaddr
+from hivecli.utils.timing import get_dht_time
+
+logger = logging.getLogger(__name__)
+
+STATE_METHOD = "avg.state"
+DTYPES = {
+    str(dtype): dtype
+    for dtype in (
+        torch.float32,
+        torch.float16,
+        torch.bfloat16,
+        torch.float64,
+        torch.int64,
+        torch.int32,
+        torch.int16,
+        torch.int8,
+        torch.uint8,
+        torch.bool,
+    )
+}
+StateSnapshot = tuple[Any, Sequence[torch.Tensor]]
+
+
+def describe(tensors: Sequence[torch.Tensor]) -> list[list[Any]]:
+    return [[list(t.shape), str(t.dtype)] for t in tensors]
+
+
+class StateServer:
+    """Serves this peer's state to downloaders and keeps its donor declaration fresh."""
+
+    def __init__(
+        self,
+        node: DHTNode,
+        prefix: str,
+        take_snapshot: Callable[[Callable[[Sequence[torch.Tensor]], list[torch.Tensor]]], StateSnapshot],
+        chunk_bytes: int,
+        declare_period: float,
+    ):
+        self.node, self.key = node, f"{prefix}.all_averagers"
+        self.take_snapshot, self.chunk_bytes, self.declare_period = take_snapshot, chunk_bytes, declare_period
+        self.allow_sharing = False
+        self.priority: float = 0.0
+        self._snapshot: tuple[Any, list[torch.Tensor]] | None = None
+        self._buffers: list[torch.Tensor] = []
+        self._active = 0
+        self._changed = asyncio.Event()
+        self._task = asyncio.get_running_loop().create_task(self._declare_forever())
+        node.host.add_stream_handler(STATE_METHOD, self._serve)
+
+    def update(self, allow_sharing: bool, priority: float) -> None:
+        if (allow_sharing, priority) != (self.allow_sharing, self.priority):
+            self.allow_sharing, self.priority = allow_sharing, priority
+            self._changed.set()
+
+    async def _declare_forever(self) -> None:
+        declared_sharing = False
+        while True:
+            if self.allow_sharing or declared_sharing:
+                value = (
+                    [self.priority, [str(m) for m in self.node.host.visible_maddrs()]] if self.allow_sharing else None
+                )
+                try:
+                    await self.node.store(
+                        self.key, value, get_dht_time() + 2 * self.declare_period, self.node.peer_id.to_base58()
+                    )
+                    declared_sharing = self.allow_sharing
+                except (HiveError, OSError) as e:
+                    logger.debug("Could not declare state sharing: %s", e)
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), self.declare_period)
+            except asyncio.TimeoutError:
+                pass
+
+    def _copy_state(self) -> tuple[Any, list[torch.Tensor]]:
+        """Runs in a worker thread; `take_snapshot` calls `_copy_into_buffers` under its lock."""
+        metadata, tensors = self.take_snapshot(self._copy_into_buffers)
+        return metadata, list(tensors)
+
+    def _copy_into_buffers(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        # buffers are kept between downloads: fresh memory costs a page fault per 4 KiB
+        if [(b.shape, b.dtype) for b in self._buffers] != [(t.shape, t.dtype) for t in tensors]:
+            self._buffers = [torch.empty(t.shape, dtype=t.dtype) for t in tensors]
+        for buffer, tensor in zip(self._buffers, tensors, strict=True):
+            buffer.copy_(tensor.detach())
+        return self._buffers
+
+    async def _serve(self, stream: Stream, payload: Any, body: bytes) -> None:
+        if not self.allow_sharing:
+            raise HiveError("this peer does not share its state (allow_state_sharing=False)")
+        if self._active == 0 or self._snapshot is None:  # downloads in flight share one snapshot
+            self._active += 1
+            try:
+                self._snapshot = await asyncio.to_thread(self._copy_state)
+            finally:
+                self._active -= 1
+        metadata, tensors = self._snapshot
+        self._active += 1
+        try:
+            await stream.send({"metadata": metadata, "tensors": describe(tensors)})
+            for index, tensor in enumerate(tensors):
+                data = tensor_bytes(tensor.view(-1)) if tensor.numel() else memoryview(b"")
+                for offset in range(0, len(data), self.chunk_bytes):
+                    await stream.send([index, offset], data[offset : offset + self.chunk_bytes])
+        finally:
+            self._active -= 1
+
+    async def aclose(self) -> None:
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+        if self.allow_sharing:
+            self.allow_sharing = False
+            try:  # withdraw, so that newcomers do not try us first
+                await asyncio.wait_for(
+                    self.node.store(self.key, None, get_dht_time() + 2 * self.declare_period, str(self.node.peer_id)),
+                    1.0,
+                )
+            except (HiveError, OSError, asyncio.TimeoutError):
+                pass
+
+
+async def find_donors(node: DHTNode, prefix: str) -> list[tuple[PeerID, list[Multiaddr]]]:
+    """Declared donors, best first: by priority, then at random."""
+    found = await node.get(f"{prefix}.all_averagers", latest=True)
+    if found is None or not isinstance(found.value, dict):
+        return []
+    ranked = []
+    for subkey, entry in found.value.items():
+        value = entry.value
+        if not (isinstance(subkey, str) and isinstance(value, list) and len(value) == 2):
+            continue
+        priority, addrs = value
+        if not isinstance(priority, (int, float)) or not isinstance(addrs, list):
+            continue
+        try:
+            peer = PeerID.from_base58(subkey)
+            maddrs = [Multiaddr.parse(a) for a in addrs if isinstance(a, str)]
+        except ValueError:
+            continue
+        if peer != node.peer_id:
+            ranked.append((-float(priority), random.random(), peer, maddrs))
+    ranked.sort(key=lambda item: item[:2])
+    return [(peer, maddrs) for _, _, peer, maddrs in ranked]
+
+
+async def download_state(
+    node: DHTNode, donor: PeerID, expected: Sequence[torch.Tensor], chunk_timeout: float
+) -> tuple[Any, list[torch.Tensor]]:
+    """Download a donor's state, checking it against the shapes and dtypes of `expected`.
+
+    Raises:
+        HiveError: the donor is unreachable, refuses, goes quiet, or sends a state of another shape.
+    """
+    conn = await node.host.connect(donor)
+    stream = await conn.open_stream(STATE_METHOD, {})
+    try:
+        tensors = [torch.empty(t.shape, dtype=t.dtype) for t in expected]  # lazily backed: no cost yet
+        views = [tensor_bytes(t.view(-1)) if t.numel() else memoryview(b"") for t in tensors]
+        position = [0, 0]  # the next (tensor, offset) we accept: chunks come strictly in order
+
+        def skip_empty() -> None:
+            while position[0] < len(views) and position[1] == len(views[position[0]]):
+                position[0], position[1] = position[0] + 1, 0
+
+        def sink(payload: Any, nbytes: int) -> memoryview | None:
+            if payload == position and position[0] < len(views):
+                return views[position[0]][position[1] : position[1] + nbytes]
+            return None
+
+        stream.body_sink = sink  # before the first message, so that no chunk misses it
+        head = (await stream.recv(timeout=chunk_timeout)).payload
+        if not isinstance(head, dict) or head.get("tensors") != describe(expected):
+            declared = head.get("tensors") if isinstance(head, dict) else head
+            raise HiveError(
+                f"donor {donor} has a state of another shape: {str(declared)[:120]} instead of "
+                f"{str(describe(expected))[:120]}; is it training the same model?"
+            )
+        skip_empty()
+        while position[0] < len(views):
+            message = await stream.recv(timeout=chunk_timeout)
+            index, offset = position
+            view = views[index]
+            if message.payload != position or offset + len(message.body) > len(view) or not len(message.body):
+                raise HiveError(f"donor {donor} sent chunk {str(message.payload)[:40]}, expected {position}")
+            if not isinstance(message.body, memoryview) or message.body.obj is not view.obj:
+                view[offset : offset + len(message.body)] = message.body
+            position[1] += len(message.body)
+            skip_empty()
+        return head.get("metadata"), tensors
+    except EndOfStream:
+        raise HiveError(f"donor {donor} ended the download early") from None
+    finally:
+        await stream.cancel()
