@@ -4,7 +4,11 @@
 package does not import torch; the training pieces load it when first used.
 """
 
+from typing import Any as _Any
+
 from hivecli._exceptions import (
+    AllreduceError,
+    AveragingError,
     BootstrapError,
     ConfigError,
     ConnectionClosedError,
@@ -13,6 +17,7 @@ from hivecli._exceptions import (
     HandshakeError,
     HiveError,
     MalformedFrameError,
+    MatchmakingError,
     MultiaddrError,
     PeerUnreachableError,
     ProtocolError,
@@ -20,6 +25,7 @@ from hivecli._exceptions import (
     ResourceExhaustedError,
     RPCError,
     RPCTimeoutError,
+    StateDownloadError,
 )
 from hivecli.dht import DHT, DHTSettings, ValueWithExpiration
 from hivecli.net import Multiaddr, NetSettings, PeerID
@@ -27,17 +33,39 @@ from hivecli.utils.timing import get_dht_time
 
 __version__ = "0.1.0"
 
+# names that need torch: imported on first use, so that `hive --help` and DHT-only peers stay light
+_LAZY = {
+    "AveragingSettings": "hivecli.averaging",
+    "DecentralizedAverager": "hivecli.averaging",
+}
+
+
+def __getattr__(name: str) -> _Any:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'hivecli' has no attribute {name!r}")
+
+
 __all__ = [
+    "AllreduceError",
+    "AveragingError",
+    "AveragingSettings",
     "BootstrapError",
     "ConfigError",
     "ConnectionClosedError",
     "DHT",
     "DHTError",
     "DHTSettings",
+    "DecentralizedAverager",
     "FrameTooLargeError",
     "HandshakeError",
     "HiveError",
     "MalformedFrameError",
+    "MatchmakingError",
     "Multiaddr",
     "MultiaddrError",
     "NetSettings",
@@ -48,6 +76,7 @@ __all__ = [
     "RPCTimeoutError",
     "RemoteError",
     "ResourceExhaustedError",
+    "StateDownloadError",
     "ValueWithExpiration",
     "__version__",
     "get_dht_time",

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from hivecli._exceptions import AllreduceError, ConfigError, HiveError, MatchmakingError
+from hivecli._exceptions import AllreduceError, ConfigError, HiveError
 from hivecli.averaging.allreduce import PART_METHOD, AllReduceRunner, BufferPool, RunnerRegistry
 from hivecli.averaging.compression import Codec, get_codec
 from hivecli.averaging.matchmaking import JOIN_METHOD, Matchmaker
@@ -141,6 +141,7 @@ class DecentralizedAverager:
         self._matchmaker: Matchmaker | None = None
         self._state_server: StateServer | None = None
         self._steps: set[asyncio.Task[Any]] = set()
+        self._step_lock: asyncio.Lock | None = None  # one step at a time; a cancelled one unwinds first
         self._running = False
         if start:
             self.run_in_background()
@@ -163,6 +164,7 @@ class DecentralizedAverager:
         self._running = True
 
     async def _start(self, node: DHTNode) -> None:
+        self._step_lock = asyncio.Lock()
         self._matchmaker = Matchmaker(node, self.prefix, self.schema_hash, self.settings, self.client_mode)
         node.host.add_stream_handler(PART_METHOD, self._serve_part)
         self._state_server = StateServer(
@@ -245,39 +247,47 @@ class DecentralizedAverager:
         timeout = self.settings.step_timeout if timeout is None else float(timeout)
         control = StepControl()
         control._future = self.dht.run_coroutine(
-            lambda _dht, node: self._step(node, control, gather, weight, timeout, allow_retries),
+            lambda _dht, _node: self._step(control, gather, weight, timeout, allow_retries),
             return_future=True,
         )
         return control.result() if wait else control
 
     async def _step(
-        self, node: DHTNode, control: StepControl, gather: Any, weight: float, timeout: float, allow_retries: bool
+        self, control: StepControl, gather: Any, weight: float, timeout: float, allow_retries: bool
     ) -> dict[PeerID, Any]:
-        assert self._matchmaker is not None
+        assert self._matchmaker is not None and self._step_lock is not None
         task = asyncio.current_task()
         assert task is not None
         self._steps.add(task)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         try:
-            while True:
-                control._enter(Stage.LOOKING_FOR_GROUP)
-                group = await self._matchmaker.look_for_group(gather, self.bandwidth, deadline)
-                control._enter(Stage.RUNNING_ALLREDUCE)
-                control.group_size = len(group.members)
-                try:
-                    await self._run_allreduce(node, group, weight)
-                except AllreduceError as e:
-                    if not allow_retries or loop.time() >= deadline:
-                        raise
-                    logger.warning("%s; looking for another group", e)
-                    continue
-                control._enter(Stage.FINISHED)
-                return {member.peer_id: member.gathered for member in group.members}
+            async with self._step_lock:
+                return await self._step_locked(control, gather, weight, deadline, allow_retries)
         finally:
             self._steps.discard(task)
             if control.stage != Stage.FINISHED:
                 control._enter(Stage.FINISHED)
+
+    async def _step_locked(
+        self, control: StepControl, gather: Any, weight: float, deadline: float, allow_retries: bool
+    ) -> dict[PeerID, Any]:
+        assert self._matchmaker is not None
+        node, loop = self._matchmaker.node, asyncio.get_running_loop()
+        while True:
+            control._enter(Stage.LOOKING_FOR_GROUP)
+            group = await self._matchmaker.look_for_group(gather, self.bandwidth, deadline)
+            control._enter(Stage.RUNNING_ALLREDUCE)
+            control.group_size = len(group.members)
+            try:
+                await self._run_allreduce(node, group, weight)
+            except AllreduceError as e:
+                if not allow_retries or loop.time() >= deadline:
+                    raise
+                logger.warning("%s; looking for another group", e)
+                continue
+            control._enter(Stage.FINISHED)
+            return {member.peer_id: member.gathered for member in group.members}
 
     async def _run_allreduce(self, node: DHTNode, group: Any, weight: float) -> None:
         while not self.lock_averaged_tensors.acquire(blocking=False):
@@ -397,4 +407,4 @@ def _check_tensors(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return checked
 
 
-__all__ = ["DecentralizedAverager", "MatchmakingError", "Stage", "StepControl"]
+__all__ = ["DecentralizedAverager", "Stage", "StepControl"]

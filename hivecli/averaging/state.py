@@ -84,6 +84,7 @@ class StateServer:
     async def _declare_forever(self) -> None:
         declared_sharing = False
         while True:
+            self._changed.clear()  # before reading the settings: a change during the store is kept
             if self.allow_sharing or declared_sharing:
                 value = (
                     [self.priority, [str(m) for m in self.node.host.visible_maddrs()]] if self.allow_sharing else None
@@ -95,7 +96,6 @@ class StateServer:
                     declared_sharing = self.allow_sharing
                 except (HiveError, OSError) as e:
                     logger.debug("Could not declare state sharing: %s", e)
-            self._changed.clear()
             try:
                 await asyncio.wait_for(self._changed.wait(), self.declare_period)
             except asyncio.TimeoutError:

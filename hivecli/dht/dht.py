@@ -55,6 +55,14 @@ def _settings_from_kwargs(settings: DHTSettings | None, overrides: dict[str, Any
     return dataclasses.replace(settings or DHTSettings(), **overrides)
 
 
+async def _cancel_remaining_tasks() -> None:
+    current = asyncio.current_task()
+    leftovers = [task for task in asyncio.all_tasks() if task is not current]
+    for task in leftovers:
+        task.cancel()
+    await asyncio.gather(*leftovers, return_exceptions=True)
+
+
 class DHT:
     """A DHT peer running in a background thread.
 
@@ -184,6 +192,8 @@ class DHT:
             loop.run_forever()
         finally:
             loop.run_until_complete(self._node.shutdown())
+            # whatever else runs on this loop (an averager's step, say) ends now, not at garbage collection
+            loop.run_until_complete(_cancel_remaining_tasks())
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
 

@@ -136,9 +136,10 @@ class _TCPStream(asyncio.BufferedProtocol, ByteStream):
     async def drain(self) -> None:
         if self._lost is not None:
             raise ConnectionResetError("connection lost")
-        if self._paused_writing:
-            self._drain_waiter = asyncio.get_running_loop().create_future()
-            await self._drain_waiter
+        if self._paused_writing:  # several tasks may wait at once: they share one future
+            if self._drain_waiter is None or self._drain_waiter.done():
+                self._drain_waiter = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._drain_waiter)
 
     def close(self) -> None:
         if self._transport is not None:

@@ -1,0 +1,798 @@
+"""Decentralized averaging through its public API: real DHT peers on loopback TCP, in one process.
+
+Every peer runs its own event loop thread, so steps really run concurrently. Tests wait on
+conditions with deadlines (`wait_for`, `result(timeout=...)`) and never sleep and hope.
+"""
+
+import contextlib
+import gc
+import itertools
+import random
+import sys
+import time
+from concurrent.futures import CancelledError
+
+import pytest
+import torch
+
+from hivecli import DHT, ConfigError
+from hivecli._exceptions import MatchmakingError
+from hivecli.averaging import DecentralizedAverager, Stage, load_balance
+from hivecli.averaging.partition import Layout
+from hivecli.testing import local_swarm, wait_for
+
+DHT_FAST = {"wait_timeout": 1.0}
+FAST = {"min_matchmaking_time": 2.0, "request_timeout": 1.0}
+
+
+@contextlib.contextmanager
+def averagers(dhts, tensor_sets, **kwargs):
+    """One started averager per DHT, shut down on exit whatever happens."""
+    avs = []
+    try:
+        for dht, tensors in zip(dhts, tensor_sets, strict=True):
+            avs.append(DecentralizedAverager(tensors, dht, start=True, **kwargs))
+        yield avs
+    finally:
+        for av in avs:
+            av.shutdown()
+
+
+def run_round(avs, weights=None, gathers=None, order=None, timeout=30.0):
+    """Start a step on every averager (in `order`) and wait for all of them."""
+    weights = weights or [1.0] * len(avs)
+    gathers = gathers if gathers is not None else list(range(len(avs)))
+    order = order or list(range(len(avs)))
+    controls = {}
+    for i in order:
+        controls[i] = avs[i].step(wait=False, weight=weights[i], gather=gathers[i], timeout=timeout)
+    return [controls[i].result(timeout=timeout + 30) for i in range(len(avs))]
+
+
+def snapshot(av):
+    with av.get_tensors() as tensors:
+        return [t.clone() for t in tensors]
+
+
+def flat(tensors):
+    return torch.cat([t.reshape(-1).to(torch.float64) for t in tensors])
+
+
+def declared_donors(dht, prefix):
+    """{peer id text: [priority, addrs]} of the live state-sharing declarations under `prefix`."""
+    found = dht.get(f"{prefix}.all_averagers", latest=True)
+    if found is None or not isinstance(found.value, dict):
+        return {}
+    return {k: v.value for k, v in found.value.items() if v.value is not None}
+
+
+# ---- plain averaging --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("shapes", "chunk_bytes"),
+    [([(123,), (3,)], 8 * 1024 * 1024), ([(5000,), (3,), (2, 3, 4)], 4096)],
+    ids=["one-chunk", "many-chunks"],
+)
+def test_group_of_four_gets_the_exact_mean_and_everyone_gathers(shapes, chunk_bytes):
+    torch.manual_seed(0)
+    with local_swarm(4, **DHT_FAST) as dhts:
+        inputs = [[torch.randn(*shape) for shape in shapes] for _ in dhts]
+        expected = [torch.stack([peer[k] for peer in inputs]).mean(0) for k in range(len(shapes))]
+        local = [[t.clone() for t in peer] for peer in inputs]
+        with averagers(dhts, local, prefix="mean4", target_group_size=4, chunk_bytes=chunk_bytes, **FAST) as avs:
+            gathers = [{"rank": i, "loss": 0.5 * i} for i in range(4)]
+            results = run_round(avs, gathers=gathers)
+            everyone = {dht.peer_id: gathers[i] for i, dht in enumerate(dhts)}
+            for result in results:
+                assert result == everyone
+                assert list(result) == list(results[0])  # every member sees the same group order
+            for av in avs:
+                for got, want in zip(snapshot(av), expected, strict=True):
+                    assert got.shape == want.shape
+                    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+            # the averager works in place on the tensors it was given
+            for peer in local:
+                for got, want in zip(peer, expected, strict=True):
+                    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_weighted_average_with_uneven_bandwidths():
+    torch.manual_seed(1)
+    weights = [1.0, 2.0, 0.5, 3.0]
+    bandwidths = [1.0, None, 3.0, 0.5]  # uneven spans: the result must not depend on who reduces what
+    with local_swarm(4, **DHT_FAST) as dhts:
+        inputs = [[torch.randn(1000), torch.randn(3)] for _ in dhts]
+        expected = [sum(w * peer[k] for w, peer in zip(weights, inputs, strict=True)) / sum(weights) for k in range(2)]
+        avs = []
+        try:
+            for dht, peer, bandwidth in zip(dhts, inputs, bandwidths, strict=True):
+                avs.append(
+                    DecentralizedAverager(
+                        [t.clone() for t in peer],
+                        dht,
+                        prefix="weighted",
+                        target_group_size=4,
+                        bandwidth=bandwidth,
+                        chunk_bytes=4096,
+                        start=True,
+                        **FAST,
+                    )
+                )
+            run_round(avs, weights=weights)
+            for av in avs:
+                for got, want in zip(snapshot(av), expected, strict=True):
+                    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+        finally:
+            for av in avs:
+                av.shutdown()
+
+
+def test_zero_weight_peer_contributes_nothing_but_receives_the_average():
+    torch.manual_seed(2)
+    weights = [0.0, 1.0, 1.0, 1.0]
+    with local_swarm(4, **DHT_FAST) as dhts:
+        inputs = [[torch.randn(500)] for _ in dhts]
+        expected = torch.stack([peer[0] for peer in inputs[1:]]).mean(0)
+        with averagers(
+            dhts, [[t.clone() for t in p] for p in inputs], prefix="zero", target_group_size=4, **FAST
+        ) as avs:
+            run_round(avs, weights=weights)
+            for av in avs:
+                torch.testing.assert_close(snapshot(av)[0], expected, rtol=0, atol=1e-6)
+
+
+class PartCounter(DecentralizedAverager):
+    """Counts the parts other peers send it to reduce."""
+
+    def __init__(self, *args, **kwargs):
+        self.parts_served = 0
+        super().__init__(*args, **kwargs)
+
+    async def _serve_part(self, stream, payload, body):
+        self.parts_served += 1
+        return await super()._serve_part(stream, payload, body)
+
+
+@pytest.mark.parametrize("client_dht", [False, True], ids=["client-averager", "client-dht"])
+def test_client_mode_peer_sends_but_reduces_nothing(client_dht):
+    torch.manual_seed(3)
+    with local_swarm(3, **DHT_FAST) as dhts:
+        address = [str(dhts[0].get_visible_maddrs()[0])]
+        with DHT(initial_peers=address, client_mode=client_dht, start=True, **DHT_FAST) as client_node:
+            inputs = [[torch.randn(777), torch.randn(2, 2)] for _ in range(4)]
+            expected = [torch.stack([peer[k] for peer in inputs]).mean(0) for k in range(2)]
+            nodes = [*dhts, client_node]
+            avs = []
+            try:
+                for i, (dht, peer) in enumerate(zip(nodes, inputs, strict=True)):
+                    kwargs = {"client_mode": True} if i == 3 and not client_dht else {}
+                    avs.append(
+                        PartCounter(
+                            [t.clone() for t in peer],
+                            dht,
+                            prefix="clients",
+                            target_group_size=4,
+                            start=True,
+                            chunk_bytes=4096,
+                            **FAST,
+                            **kwargs,
+                        )
+                    )
+                client = avs[3]
+                assert client.client_mode and not client.allow_state_sharing
+                results = run_round(avs, gathers=["a", "b", "c", "client"])
+                for result in results:
+                    assert result == {dht.peer_id: g for dht, g in zip(nodes, ["a", "b", "c", "client"], strict=True)}
+                for av in avs:
+                    for got, want in zip(snapshot(av), expected, strict=True):
+                        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+                # each node reduced a part sent by the 3 others, the client included; nobody sent to the client
+                assert [av.parts_served for av in avs] == [3, 3, 3, 0]
+                with pytest.raises(ConfigError, match="client-mode"):
+                    client.allow_state_sharing = True
+            finally:
+                for av in avs:
+                    av.shutdown()
+
+
+def test_pairs_out_of_eight_converge_and_keep_the_mean():
+    rng = random.Random(4)
+    start_values = [float(i) for i in range(8)]
+    with local_swarm(8, **DHT_FAST) as dhts:
+        tensor_sets = [[torch.full((4,), v)] for v in start_values]
+        with averagers(
+            dhts, tensor_sets, prefix="pairs", target_group_size=2, min_matchmaking_time=1.0, request_timeout=0.5
+        ) as avs:
+
+            def values():
+                return torch.stack([snapshot(av)[0] for av in avs]).to(torch.float64)
+
+            initial_spread = max(start_values) - min(start_values)
+            spreads = [initial_spread]
+            for _ in range(15):
+                order = list(range(8))
+                rng.shuffle(order)  # who declares first decides the pairs: vary it like real peers would
+                results = run_round(avs, order=order)
+                for result in results:
+                    assert len(result) == 2
+                current = values()
+                assert torch.equal(current, current[:, :1].expand_as(current))  # each tensor stays uniform
+                torch.testing.assert_close(
+                    current.mean(0), torch.full((4,), 3.5, dtype=torch.float64), rtol=0, atol=1e-5
+                )
+                spreads.append((current.max(0).values - current.min(0).values).max().item())
+                # averaging within pairs never widens the range
+                assert spreads[-1] <= spreads[-2] + 1e-6
+                if spreads[-1] < 0.05 * initial_spread:
+                    break
+            assert spreads[-1] < 0.05 * initial_spread, f"spreads over the rounds: {spreads}"
+
+
+def test_too_few_peers_raises_matchmaking_error_in_bounded_time():
+    with (
+        local_swarm(2, **DHT_FAST) as dhts,
+        averagers(dhts[:1], [[torch.zeros(5)]], prefix="alone", min_group_size=2, **FAST) as (av,),
+    ):
+        began = time.perf_counter()
+        with pytest.raises(MatchmakingError, match="min_group_size"):
+            av.step(timeout=1.5)
+        elapsed = time.perf_counter() - began
+        assert 1.4 <= elapsed < 10, elapsed
+        control = av.step(wait=False, timeout=1.0)
+        with pytest.raises(MatchmakingError):
+            control.result(timeout=10)
+        assert control.done() and control.stage is Stage.FINISHED
+        assert torch.equal(snapshot(av)[0], torch.zeros(5))
+
+
+@contextlib.contextmanager
+def leftovers_collected():
+    """For tests that shut a DHT down under a running averager: its tasks stay pending on the
+    closed loop and are destroyed, with errors, whenever the garbage collector finds them.
+    Collect them on exit, here rather than in a later test, and yield the list of what the
+    destruction reported."""
+    caught = []
+    previous = sys.unraisablehook
+    sys.unraisablehook = lambda u: caught.append(f"{u.err_msg or 'Exception ignored in'} {u.object!r}: {u.exc_value!r}")
+    try:
+        yield caught
+    finally:
+        try:
+            for _ in range(3):  # destroying one coroutine can leave another one to destroy
+                gc.collect()
+        finally:
+            sys.unraisablehook = previous
+
+
+def kill(av, dht):
+    """A peer vanishes: its step is abandoned, its streams and connections close.
+
+    The averager goes first: `dht.shutdown()` alone would leave the step's task pending on a
+    closed loop (see test_shutting_down_the_dht_ends_a_step_in_flight)."""
+    av.shutdown()
+    dht.shutdown()
+
+
+def test_shutting_down_the_dht_ends_a_step_in_flight():
+    with leftovers_collected() as destroyed:
+        dht = DHT(start=True, **DHT_FAST)
+        av = DecentralizedAverager([torch.zeros(3)], dht, prefix="orphan", start=True, **FAST)
+        control = av.step(wait=False, timeout=30)
+        try:
+            wait_for(lambda: control.stage is Stage.LOOKING_FOR_GROUP, timeout=10, what="matchmaking to begin")
+            dht.shutdown()
+            # a thread blocked in step() (or in result() without a timeout) must not wait forever
+            deadline = time.monotonic() + 10
+            while not control.done() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            ended = control.done()
+        finally:
+            av.shutdown()
+            dht.shutdown()
+            av = control = dht = None  # drop our references before the collection
+    assert ended, "the step is still pending 10 s after its DHT shut down: step() would block forever"
+    assert not destroyed, "tasks left pending on the closed loop:\n" + "\n".join(destroyed)
+
+
+def test_peer_dying_before_it_sends_leaves_its_span_local_and_the_rest_averaged():
+    torch.manual_seed(5)
+    numels = [3000, 7]
+    with local_swarm(4, **DHT_FAST) as dhts:
+        inputs = [[torch.randn(n) for n in numels] for _ in dhts]
+        settings = {"next_chunk_timeout": 1.0, "request_timeout": 0.5, "allreduce_timeout": 20.0}
+        with averagers(
+            dhts,
+            [[t.clone() for t in p] for p in inputs],
+            prefix="dying",
+            target_group_size=4,
+            min_matchmaking_time=2.0,
+            chunk_bytes=4096,
+            **settings,
+        ) as avs:
+            dying = avs[3]
+            with dying.get_tensors():  # its all-reduce never starts: it dies without sending a byte
+                controls = [av.step(wait=False, gather=i, timeout=20) for i, av in enumerate(avs)]
+                wait_for(
+                    lambda: controls[3].stage is Stage.RUNNING_ALLREDUCE, timeout=30, what="the group", interval=0.001
+                )
+                kill(dying, dhts[3])
+            began = time.perf_counter()
+            results = [c.result(timeout=30) for c in controls[:3]]
+            assert time.perf_counter() - began < 20
+            order = list(results[0])
+            assert all(list(r) == order for r in results) and set(order) == {d.peer_id for d in dhts}
+            spans = Layout(numels).spans(load_balance(sum(numels), [None] * 4))
+            dead_span = spans[order.index(dhts[3].peer_id)]
+            survivors_mean = flat([torch.stack([p[k] for p in inputs[:3]]).mean(0) for k in range(2)])
+            for av, original in zip(avs[:3], inputs[:3], strict=True):
+                got, mine = flat(snapshot(av)), flat(original)
+                lo, hi = dead_span
+                assert torch.equal(got[lo:hi], mine[lo:hi])  # nobody reduced it: local values stay
+                keep = torch.ones(sum(numels), dtype=torch.bool)
+                keep[lo:hi] = False
+                torch.testing.assert_close(got[keep], survivors_mean[keep], rtol=0, atol=1e-6)
+
+
+def test_peer_dying_mid_round_does_not_hang_survivors_who_agree():
+    torch.manual_seed(6)
+    numels = [600_000, 5]
+    with local_swarm(4, **DHT_FAST) as dhts:
+        inputs = [[torch.randn(n) for n in numels] for _ in dhts]
+        with averagers(
+            dhts,
+            [[t.clone() for t in p] for p in inputs],
+            prefix="dying-mid",
+            target_group_size=4,
+            min_matchmaking_time=2.0,
+            chunk_bytes=4096,
+            next_chunk_timeout=1.0,
+            request_timeout=0.5,
+            allreduce_timeout=20.0,
+        ) as avs:
+            controls = [av.step(wait=False, gather=i, timeout=20) for i, av in enumerate(avs)]
+            wait_for(lambda: controls[3].stage is Stage.RUNNING_ALLREDUCE, timeout=30, what="the group", interval=0.001)
+            kill(avs[3], dhts[3])  # somewhere in the middle of sending and receiving 600k floats in 4 KiB chunks
+            began = time.perf_counter()
+            results = [c.result(timeout=30) for c in controls[:3]]
+            assert time.perf_counter() - began < 25
+            order = list(results[0])
+            spans = Layout(numels).spans(load_balance(sum(numels), [None] * 4))
+            mean4 = flat([torch.stack([p[k] for p in inputs]).mean(0) for k in range(2)])
+            mean3 = flat([torch.stack([p[k] for p in inputs[:3]]).mean(0) for k in range(2)])
+            finals = [flat(snapshot(av)) for av in avs[:3]]
+            for index, (lo, hi) in enumerate(spans):
+                if order[index] == dhts[3].peer_id:
+                    # the dead reducer's span: each survivor has its own values, or the full average
+                    # if the dead peer had returned it in full before dying
+                    for final, original in zip(finals, inputs[:3], strict=True):
+                        own = flat(original)[lo:hi]
+                        assert torch.equal(final[lo:hi], own) or torch.allclose(
+                            final[lo:hi], mean4[lo:hi], rtol=0, atol=1e-5
+                        )
+                    continue
+                # a survivor's span: everyone got the same bytes from its reducer, with or without
+                # the dead peer's whole contribution (never a part of it)
+                for final in finals[1:]:
+                    assert torch.equal(final[lo:hi], finals[0][lo:hi])
+                got = finals[0][lo:hi]
+                assert torch.allclose(got, mean3[lo:hi], rtol=0, atol=1e-5) or torch.allclose(
+                    got, mean4[lo:hi], rtol=0, atol=1e-5
+                ), f"span {index} is neither the mean of the survivors nor of all four"
+
+
+# ---- state sharing ----------------------------------------------------------------------------
+
+
+class StatefulAverager(DecentralizedAverager):
+    def __init__(self, *args, metadata=None, **kwargs):
+        self.metadata = metadata
+        super().__init__(*args, **kwargs)
+
+    def get_current_state(self):
+        _, tensors = super().get_current_state()
+        return self.metadata, tensors
+
+
+def test_state_download_is_bit_identical():
+    torch.manual_seed(7)
+    metadata = {"step": 42, "name": "donor", "lr": [0.1, 0.01], "blob": b"\x00\x01"}
+    shapes = [(1_000_000,), (3, 5), (0,)]
+    with local_swarm(3, **DHT_FAST) as dhts:
+        donor_tensors = [torch.randn(1_000_000), torch.randn(3, 5, dtype=torch.float64), torch.empty(0)]
+        with contextlib.ExitStack() as stack:
+            donor = stack.enter_context(
+                StatefulAverager(donor_tensors, dhts[0], prefix="state", metadata=metadata, chunk_bytes=65536)
+            )
+            newcomer = stack.enter_context(
+                DecentralizedAverager(
+                    [torch.zeros(1_000_000), torch.zeros(3, 5, dtype=torch.float64), torch.empty(0)],
+                    dhts[2],
+                    prefix="state",
+                    allow_state_sharing=False,
+                )
+            )
+            wait_for(lambda: str(donor.peer_id) in declared_donors(dhts[1], "state"), 10, "the donor's declaration")
+            got_metadata, tensors = newcomer.load_state_from_peers(timeout=30)
+            assert got_metadata == metadata
+            assert [t.shape for t in tensors] == [torch.Size(s) for s in shapes]
+            for got, want in zip(tensors, donor_tensors, strict=True):
+                assert got.dtype == want.dtype and torch.equal(got, want)
+            assert torch.count_nonzero(snapshot(newcomer)[0]) == 0  # returned, not applied
+            # a second download sees later changes of the donor
+            with donor.get_tensors() as live:
+                live[0].add_(1.0)
+            _, again = newcomer.load_state_from_peers(timeout=30)
+            assert torch.equal(again[0], donor_tensors[0])
+
+
+def test_non_sharing_peers_are_never_used_and_no_donor_means_none():
+    with local_swarm(3, **DHT_FAST) as dhts:
+        sharer = DecentralizedAverager([torch.full((10,), 1.0)], dhts[0], prefix="share", start=True)
+        hoarder = DecentralizedAverager(
+            [torch.full((10,), 2.0)],
+            dhts[1],
+            prefix="share",
+            allow_state_sharing=False,
+            state_sharing_priority=100,
+            start=True,
+        )
+        newcomer = DecentralizedAverager(
+            [torch.zeros(10)], dhts[2], prefix="share", allow_state_sharing=False, start=True
+        )
+        other_shape = DecentralizedAverager([torch.zeros(11)], dhts[2], prefix="share", allow_state_sharing=False)
+        try:
+            wait_for(lambda: str(sharer.peer_id) in declared_donors(dhts[2], "share"), 10, "the sharer's declaration")
+            assert str(hoarder.peer_id) not in declared_donors(dhts[2], "share")
+            for _ in range(3):
+                _, tensors = newcomer.load_state_from_peers(timeout=10)
+                assert torch.equal(tensors[0], torch.full((10,), 1.0))
+            # a downloader expecting other shapes refuses what the donor has: no usable donor
+            assert other_shape.load_state_from_peers(timeout=10) is None
+
+            sharer.allow_state_sharing = False
+            wait_for(lambda: not declared_donors(dhts[2], "share"), 10, "the declaration to be withdrawn")
+            assert newcomer.load_state_from_peers(timeout=10) is None
+
+            hoarder.allow_state_sharing = True
+            wait_for(lambda: str(hoarder.peer_id) in declared_donors(dhts[2], "share"), 10, "the new declaration")
+            _, tensors = newcomer.load_state_from_peers(timeout=10)
+            assert torch.equal(tensors[0], torch.full((10,), 2.0))
+        finally:
+            for av in (sharer, hoarder, newcomer):
+                av.shutdown()
+
+
+def test_no_donor_at_all_returns_none():
+    with local_swarm(2, **DHT_FAST) as dhts, averagers(dhts[:1], [[torch.zeros(3)]], prefix="nobody") as (av,):
+        assert av.load_state_from_peers(timeout=5) is None
+
+
+def _wait_for_priorities(dht, prefix, expected):
+    def ok():
+        declared = declared_donors(dht, prefix)
+        return all(str(peer) in declared and declared[str(peer)][0] == prio for peer, prio in expected.items())
+
+    wait_for(ok, timeout=10, what=f"declarations {expected} under {prefix!r}")
+
+
+def _download_fill(av):
+    result = av.load_state_from_peers(timeout=10)
+    assert result is not None
+    values = result[1][0].unique()
+    assert values.numel() == 1
+    return values.item()
+
+
+def check_donor_priority_and_fallback():
+    with local_swarm(5, **DHT_FAST) as dhts:
+        priorities = [1.0, 5.0, 3.0]
+        donors = [
+            DecentralizedAverager([torch.full((1000,), p)], dht, prefix="prio", state_sharing_priority=p, start=True)
+            for p, dht in zip(priorities, dhts[:3], strict=True)
+        ]
+        downloader = DecentralizedAverager(
+            [torch.zeros(1000)], dhts[4], prefix="prio", allow_state_sharing=False, start=True
+        )
+        try:
+            _wait_for_priorities(dhts[3], "prio", {d.peer_id: p for d, p in zip(donors, priorities, strict=True)})
+            for _ in range(3):
+                assert _download_fill(downloader) == 5.0
+            donors[1].shutdown()  # withdraws its declaration and stops serving
+            assert _download_fill(downloader) == 3.0
+            wait_for(lambda: str(donors[1].peer_id) not in declared_donors(dhts[3], "prio"), 10, "the withdrawal")
+            dhts[2].shutdown()  # the priority-3 donor vanishes without a word: its declaration stays
+            assert str(donors[2].peer_id) in declared_donors(dhts[3], "prio")
+            assert _download_fill(downloader) == 1.0
+        finally:
+            for av in (*donors, downloader):
+                av.shutdown()
+
+
+def test_donor_priority_is_honoured_with_fallback():
+    with leftovers_collected():  # the vanished donor's declaration task (see the test above)
+        check_donor_priority_and_fallback()
+
+
+def test_priority_changed_at_runtime_is_declared():
+    with local_swarm(4, **DHT_FAST) as dhts:
+        donors = [
+            DecentralizedAverager([torch.full((100,), float(i))], dht, prefix="prio-rt", start=True)
+            for i, dht in enumerate(dhts[:3])
+        ]
+        downloader = DecentralizedAverager([torch.zeros(100)], dhts[3], prefix="prio-rt", start=True)
+        try:
+            for donor, priority in zip(donors, [1.0, 5.0, 3.0], strict=True):
+                donor.state_sharing_priority = priority  # right after start, as a trainer would
+            _wait_for_priorities(
+                dhts[3], "prio-rt", {d.peer_id: p for d, p in zip(donors, [1.0, 5.0, 3.0], strict=True)}
+            )
+            assert _download_fill(downloader) == 1.0  # donors[1] holds 1.0
+            for priority in range(10, 15):  # e.g. a trainer that declares its step as its priority
+                donors[0].state_sharing_priority = priority
+                _wait_for_priorities(dhts[3], "prio-rt", {donors[0].peer_id: float(priority)})
+            assert _download_fill(downloader) == 0.0
+        finally:
+            for av in (*donors, downloader):
+                av.shutdown()
+
+
+# ---- compression on the wire ----------------------------------------------------------------
+
+
+def _error_bound(codec, inputs, mean):
+    """A sound per-element bound on |result - exact mean| after a sender's encoding, the
+    reduction and the encoding of the average on its way back (whole-tensor statistics bound
+    every chunk's)."""
+    if codec == "none":  # float32 sums in another order
+        magnitude = torch.stack([x.abs() for x in inputs]).amax(0) + mean.abs()
+        return magnitude * 2**-20 + 1e-7
+    if codec == "fp16":
+        magnitude = torch.stack([x.abs() for x in inputs]).amax(0) + mean.abs()
+        return magnitude * 2**-10 + 1e-6
+    if codec == "uniform8bit":
+        widest = max((x.max() - x.min()).item() for x in inputs)
+        return torch.full_like(mean, (widest + (mean.max() - mean.min()).item()) / 510 * 1.1 + 1e-6)
+    if codec == "blockwise8bit":
+        absmax = max(x.abs().max().item() for x in inputs)
+        return torch.full_like(mean, (absmax + mean.abs().max().item()) / 254 * 1.1 + 1e-6)
+    raise AssertionError(codec)
+
+
+@pytest.mark.parametrize("codec", ["none", "fp16", "uniform8bit", "blockwise8bit"])
+def test_compressed_averaging_stays_within_the_codec_bound(codec):
+    torch.manual_seed(8)
+    with local_swarm(4, **DHT_FAST) as dhts:
+        inputs = [[torch.randn(6000) * 3 + 1, torch.randn(3) * 100] for _ in dhts]
+        with averagers(
+            dhts,
+            [[t.clone() for t in p] for p in inputs],
+            prefix=f"codec-{codec}",
+            target_group_size=4,
+            compression=codec,
+            chunk_bytes=4096,
+            **FAST,
+        ) as avs:
+            run_round(avs)
+            for k in range(2):
+                per_peer = [p[k] for p in inputs]
+                mean = torch.stack(per_peer).mean(0)
+                bound = _error_bound(codec, per_peer, mean)
+                worst = 0.0
+                for av in avs:
+                    error = (snapshot(av)[k] - mean).abs()
+                    assert (error <= bound).all(), f"{codec}: max error {error.max()} over bound {bound.min()}"
+                    worst = max(worst, error.max().item())
+                if codec != "none":
+                    assert worst > 1e-4  # the codec really was used on the wire (float32 rounding alone: ~1e-6)
+
+
+def test_peers_with_different_compression_or_shapes_never_group():
+    with local_swarm(4, **DHT_FAST) as dhts:
+        avs = [
+            DecentralizedAverager([torch.zeros(10)], dhts[0], prefix="mismatch", start=True, **FAST),
+            DecentralizedAverager([torch.zeros(11)], dhts[1], prefix="mismatch", start=True, **FAST),
+            DecentralizedAverager(
+                [torch.zeros(10, dtype=torch.float64)], dhts[2], prefix="mismatch", start=True, **FAST
+            ),
+            DecentralizedAverager(
+                [torch.zeros(10)], dhts[3], prefix="mismatch", compression="fp16", start=True, **FAST
+            ),
+        ]
+        try:
+            controls = [av.step(wait=False, timeout=3.0) for av in avs]
+            for control in controls:
+                with pytest.raises(MatchmakingError):
+                    control.result(timeout=30)
+        finally:
+            for av in avs:
+                av.shutdown()
+
+
+def test_non_float32_tensors_average_too():
+    torch.manual_seed(9)
+    dtypes = [torch.float64, torch.float16, torch.bfloat16]
+    with local_swarm(2, **DHT_FAST) as dhts:
+        inputs = [[torch.randn(300).to(dt) for dt in dtypes] for _ in dhts]
+        with averagers(
+            dhts, [[t.clone() for t in p] for p in inputs], prefix="dtypes", target_group_size=2, **FAST
+        ) as avs:
+            run_round(avs)
+            for av in avs:
+                for got, a, b, dt in zip(snapshot(av), inputs[0], inputs[1], dtypes, strict=True):
+                    assert got.dtype == dt
+                    want = ((a.double() + b.double()) / 2).to(dt)
+                    torch.testing.assert_close(got, want, rtol=1e-2 if dt != torch.float64 else 1e-6, atol=1e-6)
+
+
+# ---- partitioning -------------------------------------------------------------------------------
+
+
+def test_load_balance():
+    assert load_balance(100, [1, 1, 2]) == [25, 25, 50]
+    assert load_balance(90, [None, None, None]) == [30, 30, 30]
+    assert load_balance(10, [0, None, 0, None]) == [0, 5, 0, 5]  # clients get nothing
+    assert load_balance(0, [1, 2]) == [0, 0]
+    assert load_balance(10, [1, 100], min_size=5) == [0, 10]  # a tiny share goes to the others
+    sizes = load_balance(10, [1, 1, 1])
+    assert sum(sizes) == 10 and sorted(sizes) == [3, 3, 4]
+    rng = random.Random(10)
+    for _ in range(200):
+        bandwidths = [rng.choice([0.0, None, rng.uniform(0.01, 10)]) for _ in range(rng.randint(1, 9))]
+        if not any(b is None or b > 0 for b in bandwidths):
+            bandwidths.append(None)
+        total = rng.randint(0, 10**6)
+        sizes = load_balance(total, bandwidths)
+        weights = [1.0 if b is None else b for b in bandwidths]
+        assert sum(sizes) == total and all(s >= 0 for s in sizes)
+        for size, w in zip(sizes, weights, strict=True):
+            assert abs(size - total * w / sum(weights)) < 1 + 1e-9
+            if w == 0:
+                assert size == 0
+    with pytest.raises(ConfigError, match="client"):
+        load_balance(10, [0, 0.0])
+    with pytest.raises(ConfigError, match="-1"):
+        load_balance(10, [1, -1])
+
+
+def test_layout_chunks_cover_spans_without_crossing_tensors():
+    layout = Layout([5, 0, 12, 3])
+    spans = layout.spans(load_balance(layout.total, [1, 2, 0, 1]))
+    assert spans[0][0] == 0 and spans[-1][1] == 20
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(spans))
+    covered = []
+    for lo, hi in spans:
+        for chunk in layout.chunks(lo, hi, 4):
+            assert 0 < chunk.numel <= 4
+            t_lo, t_hi = layout.offsets[chunk.tensor], layout.offsets[chunk.tensor + 1]
+            assert t_lo <= chunk.start < chunk.end <= t_hi
+            assert chunk.offset_in_tensor == chunk.start - t_lo
+            covered.extend(range(chunk.start, chunk.end))
+    assert covered == list(range(20))
+
+
+# ---- bad input ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def one_dht():
+    with local_swarm(1) as (dht,):
+        yield dht
+
+
+@pytest.mark.parametrize(
+    ("tensors", "fragment"),
+    [
+        ([torch.zeros(3), torch.empty(3, device="meta")], r"averaged_tensors\[1\] is on meta"),
+        ([torch.zeros(3, dtype=torch.int64)], r"averaged_tensors\[0\] has dtype torch\.int64"),
+        ([torch.zeros(2), torch.zeros(4, 4).t()], r"averaged_tensors\[1\] is not contiguous"),
+        ([torch.zeros(2), [1.0, 2.0]], r"averaged_tensors\[1\] is a list"),
+        ([], "empty"),
+    ],
+    ids=["meta-device", "int", "non-contiguous", "not-a-tensor", "empty"],
+)
+def test_bad_tensors_are_config_errors(one_dht, tensors, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        DecentralizedAverager(tensors, one_dht, prefix="bad")
+
+
+@pytest.mark.parametrize("prefix", ["", "has space", "tab\there", 123, None])
+def test_bad_prefix_is_a_config_error(one_dht, prefix):
+    with pytest.raises(ConfigError) as info:
+        DecentralizedAverager([torch.zeros(3)], one_dht, prefix=prefix)
+    assert repr(prefix) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [
+        ({"min_matchmaking_tme": 1.0}, "unknown argument 'min_matchmaking_tme'; did you mean 'min_matchmaking_time'"),
+        ({"chunk_size": 4096}, "unknown argument 'chunk_size'"),
+        ({"chunk_bytes": 100}, "chunk_bytes = 100"),
+        ({"min_matchmaking_time": 1.0, "request_timeout": 2.0}, "request_timeout = 2.0 must be less"),
+        ({"target_group_size": 1}, "target_group_size = 1"),
+        ({"min_group_size": 5, "target_group_size": 4}, "target_group_size = 4"),
+        ({"next_chunk_timeout": 0}, "next_chunk_timeout = 0"),
+        ({"compression": "nope"}, "compression = 'nope'"),
+        ({"bandwidth": -1.0}, "bandwidth = -1.0"),
+        ({"bandwidth": float("nan")}, "bandwidth = nan"),
+    ],
+)
+def test_bad_settings_are_config_errors(one_dht, kwargs, fragment):
+    with pytest.raises(ConfigError) as info:
+        DecentralizedAverager([torch.zeros(3)], one_dht, prefix="bad", **kwargs)
+    assert fragment in str(info.value)
+
+
+def test_bad_step_arguments(one_dht):
+    av = DecentralizedAverager([torch.zeros(3)], one_dht, prefix="bad")
+    with pytest.raises(RuntimeError, match="not running"):
+        av.step(timeout=0.1)
+    with av:
+        for weight in (-1.0, float("nan"), float("inf")):
+            with pytest.raises(ConfigError, match="weight"):
+                av.step(weight=weight, timeout=0.1)
+
+
+# ---- cancellation -------------------------------------------------------------------------------
+
+
+def test_cancelled_step_leaves_matchmaking_and_a_later_step_works():
+    torch.manual_seed(11)
+    with local_swarm(3, **DHT_FAST) as dhts:
+        inputs = [[torch.randn(50)] for _ in dhts]
+        with averagers(
+            dhts,
+            [[t.clone() for t in p] for p in inputs],
+            prefix="cancel",
+            target_group_size=3,
+            min_group_size=2,
+            **FAST,
+        ) as avs:
+            control = avs[0].step(wait=False, timeout=30)
+            wait_for(lambda: control.stage is Stage.LOOKING_FOR_GROUP, timeout=10, what="matchmaking to begin")
+            assert control.cancel()
+            assert control.done()
+            with pytest.raises(CancelledError):
+                control.result(timeout=1)
+            wait_for(lambda: control.stage is Stage.FINISHED, timeout=10, what="the step to wind down")
+            assert torch.equal(snapshot(avs[0])[0], inputs[0][0])  # nothing was averaged
+
+            # cancelled while another peer looks too (leading it or following it): that peer goes
+            # on without it and averages with whoever comes next
+            first, second = avs[0].step(wait=False, timeout=30), avs[1].step(wait=False, timeout=30)
+            wait_for(lambda: first.stage is second.stage is Stage.LOOKING_FOR_GROUP, timeout=10, what="both looking")
+            assert first.cancel()
+            wait_for(lambda: first.stage is Stage.FINISHED, timeout=10, what="the cancelled step to wind down")
+            third = avs[2].step(wait=False, timeout=30)
+            pair = {dhts[1].peer_id, dhts[2].peer_id}
+            assert set(second.result(timeout=40)) == set(third.result(timeout=40)) == pair
+            assert torch.equal(snapshot(avs[0])[0], inputs[0][0])
+            for av in avs[1:]:
+                torch.testing.assert_close(snapshot(av)[0], (inputs[1][0] + inputs[2][0]) / 2, rtol=0, atol=1e-6)
+
+            # the cancelled peer is free to average again, with the others
+            expected = torch.stack([p[0] for p in inputs]).mean(0)
+            results = run_round(avs, gathers=["x", "y", "z"])
+            assert all(len(r) == 3 for r in results)
+            for av in avs:
+                torch.testing.assert_close(snapshot(av)[0], expected, rtol=0, atol=1e-6)
+
+
+def test_step_right_after_a_cancel_is_not_refused():
+    torch.manual_seed(12)
+    with local_swarm(2, **DHT_FAST) as dhts:
+        inputs = [[torch.randn(20)] for _ in dhts]
+        expected = (inputs[0][0] + inputs[1][0]) / 2
+        with averagers(
+            dhts, [[t.clone() for t in p] for p in inputs], prefix="recancel", target_group_size=2, **FAST
+        ) as avs:
+            for _ in range(5):
+                control = avs[0].step(wait=False, timeout=30)
+                wait_for(lambda c=control: c.stage is not Stage.IDLE, timeout=10, what="matchmaking", interval=0.001)
+                assert control.cancel()
+                # at once, as a training loop would: no "already looking for a group"
+                results = run_round(avs)
+                assert all(len(r) == 2 for r in results)
+                for av in avs:
+                    torch.testing.assert_close(snapshot(av)[0], expected, rtol=0, atol=1e-6)
