@@ -262,3 +262,10 @@ def test_b58decode_names_the_bad_character(bad: str) -> None:
     with pytest.raises(ValueError) as info:
         b58decode("2g" + bad)
     assert repr(bad[-1]) in str(info.value)
+
+
+def test_peer_ids_are_totally_ordered():
+    # matchmaking sorts (expiration, peer id) tuples: equal expirations compare the ids with >= and <=
+    a, b = sorted([Identity.generate().peer_id, Identity.generate().peer_id])
+    assert a < b and a <= b and b > a and b >= a and a >= a and not a > a
+    assert (1.0, a) < (1.0, b) and (1.0, b) >= (1.0, a)

@@ -1,17 +1,18 @@
 """Butterfly all-reduce: every member reduces one span of the flattened tensors.
 
-Each sender opens one stream to each reducer and sends it that reducer's span of its own
-tensors, chunk by chunk, as raw codec bytes that land straight in a buffer the reducer
-allocated for it. The reducer adds each chunk into a running weighted sum as it arrives (so
-reducing overlaps receiving), and once every sender has delivered or been dropped it sends
-the average back on the same streams. All streams run at once: a peer sends, receives and
-reduces in parallel.
+Each sender opens one stream to each reducer, waits for its "ready" (sent once the reducer
+has a buffer for it, so that no chunk is ever parked in memory on the way), and sends it that
+reducer's span of its own tensors, chunk by chunk, as raw codec bytes that land straight in
+that buffer. As soon as every sender has delivered chunk c, the reducer averages it and sends
+it back on the same streams, while later chunks are still arriving: sending, receiving,
+reducing and returning all overlap, and every stream runs at once.
 
 Faults: a sender that does not open its stream within `request_timeout`, or goes quiet for
-`next_chunk_timeout`, is dropped; whatever it had sent is subtracted again, and the average
-uses the weights of those who delivered. A reducer that fails leaves its span at the
-sender's local values. Results are applied to the tensors only once a span is complete, so a
-half-received part is never used.
+`next_chunk_timeout`, is dropped; the chunks not yet final are averaged over those still
+alive (each chunk is the weighted mean of the peers that delivered it, and every survivor
+gets the same values). A reducer that fails leaves its span at the sender's local values.
+Averages are applied to the tensors only once a whole span has arrived, so a half-received
+part is never used.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from hivecli.net.host import Host
 logger = logging.getLogger(__name__)
 
 PART_METHOD = "avg.part"
+READY = "ready"
 
 
 class BufferPool:
@@ -120,15 +122,16 @@ class AllReduceRunner:
         self.my_chunks = self.layout.chunks(*self.spans[self.index], self.chunk_elements)
         self.loop = asyncio.get_running_loop()
         self.failed_peers: dict[int, str] = {}  # member index -> why it was dropped
-        # reducer state: the weighted sum starts with our own part, before any sender can arrive
-        start, end = self.spans[self.index]
-        self._acc = self.pool.get("acc", 4 * (end - start)).view(torch.float32)
-        for chunk in self.my_chunks:
-            torch.mul(self._piece(chunk), self.weight, out=self._acc[chunk.start - start : chunk.end - start])
-        self._total_weight = self.weight
-        self._senders = {i: self.loop.create_future() for i in self._expected_senders()}  # -> delivered?
+        # reducer state; a sender is "alive" until it fails, and chunk c of our span is final once
+        # every alive sender has delivered it
+        self._alive = set(self._expected_senders())
         self._arrived: set[int] = set()
-        self._averaged = asyncio.Event()
+        self._weights: dict[int, float] = {}
+        self._buffers: dict[int, _ChunkedBuffer] = {}
+        self._delivered: dict[int, int] = {}  # sender -> chunks received from it
+        self._served = {i: self.loop.create_future() for i in self._alive}  # its averages were received
+        self._finalized = 0
+        self._progress = asyncio.Event()  # pulsed whenever _finalized grows
 
     def _piece(self, chunk: Chunk) -> torch.Tensor:
         return self.flat[chunk.tensor][chunk.offset_in_tensor : chunk.offset_in_tensor + chunk.numel]
@@ -170,9 +173,6 @@ class AllReduceRunner:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            for future in self._senders.values():
-                if not future.done():
-                    future.set_result(False)
         others = len(self.group.members) - 1
         if others and len(self.failed_peers) == others:
             raise AllreduceError(
@@ -185,73 +185,110 @@ class AllReduceRunner:
     async def _reduce(self) -> None:
         if not self.my_chunks:
             return
-        start, acc = self.spans[self.index][0], self._acc
 
         def no_show() -> None:
-            for i, future in self._senders.items():
-                if not future.done() and i not in self._arrived:
-                    self._drop(i, f"did not start sending within request_timeout = {self.settings.request_timeout:g} s")
-                    future.set_result(False)
+            reason = f"did not start sending within request_timeout = {self.settings.request_timeout:g} s"
+            for i in list(self._alive - self._arrived):
+                self._fail_sender(i, reason)
 
         timer = self.loop.call_later(self.settings.request_timeout, no_show)
         try:
-            await asyncio.gather(*self._senders.values())
+            self._finalize_ready_chunks()
+            while self._finalized < len(self.my_chunks):
+                await self._next_progress()
         finally:
             timer.cancel()
-        if self._total_weight > 0:
-            acc.div_(self._total_weight)
-        else:  # nobody with weight delivered: the plain mean of what we have is our own values
-            for chunk in self.my_chunks:
-                acc[chunk.start - start : chunk.end - start].copy_(self._piece(chunk))
-        self._averaged.set()
-        for chunk in self.my_chunks:
-            self._piece(chunk).copy_(acc[chunk.start - start : chunk.end - start])
+        # averages go out from our tensors without a copy: the step ends only once every sender has them
+        await asyncio.gather(*self._served.values())
+
+    async def _next_progress(self) -> None:
+        event = self._progress
+        await event.wait()
+
+    def _pulse(self) -> None:
+        self._progress.set()
+        self._progress = asyncio.Event()
+
+    def _fail_sender(self, sender: int, reason: str) -> None:
+        if sender in self._alive:
+            self._alive.discard(sender)
+            self._drop(sender, reason)
+            if not self._served[sender].done():
+                self._served[sender].set_result(None)
+            self._finalize_ready_chunks()
+            self._pulse()
+
+    def _finalize_ready_chunks(self) -> None:
+        """Average every chunk that all alive senders have delivered, in order, into our own
+        tensors (the averages go back to the senders from there). A final chunk stays final
+        whatever happens to anyone later, so it can be returned at once."""
+        before = self._finalized
+        while self._finalized < len(self.my_chunks):
+            c = self._finalized
+            if any(self._delivered.get(k, 0) <= c for k in self._alive):
+                break
+            # a running weighted mean: one fused pass (lerp) per sender, no temporary buffers
+            mean, weight = self._piece(self.my_chunks[c]), self.weight
+            for k in sorted(self._alive):
+                if self._weights[k] > 0:
+                    weight += self._weights[k]
+                    mean.lerp_(self._buffers[k].decode(c).to(mean.dtype), self._weights[k] / weight)
+            self._finalized += 1
+        if self._finalized > before:
+            self._pulse()
 
     async def serve_sender(self, stream: Stream, payload: Any) -> None:
-        """Receive one sender's part, then send it the average. Runs as its stream's handler."""
+        """Receive one sender's part and stream the averages back as chunks become final.
+        Runs as the handler of the sender's stream."""
         try:
             sender, weight = int(payload["sender"]), float(payload["weight"])
         except (KeyError, TypeError, ValueError):
             raise HiveError("a part request must carry the sender's index and weight") from None
-        done = self._senders.get(sender)
-        if done is None or self.group.members[sender].peer_id != stream.remote_peer:
+        if sender not in self._served or self.group.members[sender].peer_id != stream.remote_peer:
             raise HiveError(f"peer {stream.remote_peer} is not member {sender} of this group or sends to no reducer")
-        if done.done() or sender in self._arrived:
+        if sender not in self._alive or sender in self._arrived:
             raise HiveError("this part arrived after the reducer stopped waiting for it, or twice")
-        self._arrived.add(sender)
         if not math.isfinite(weight) or weight < 0:
             raise HiveError(f"weight {weight} must be a finite number >= 0")
-        start = self.spans[self.index][0]
-        received = _ChunkedBuffer(self.pool, ("recv", sender), self.my_chunks, self.codec)
+        self._arrived.add(sender)
+        self._weights[sender] = weight
+        received = self._buffers[sender] = _ChunkedBuffer(self.pool, ("recv", sender), self.my_chunks, self.codec)
         stream.body_sink = received.sink
-        acc = self._acc
-        added = 0
+        receiving = self.loop.create_task(self._receive_part(stream, sender, received))
         try:
-            for i, chunk in enumerate(self.my_chunks):
-                message = await stream.recv(timeout=self.settings.next_chunk_timeout)
-                values = received.place(i, message.payload, message.body)
-                acc[chunk.start - start : chunk.end - start].add_(values, alpha=weight)
-                added += 1
-        except (HiveError, EndOfStream, ValueError) as e:
-            for i, chunk in enumerate(self.my_chunks[:added]):  # take back what it had sent
-                acc[chunk.start - start : chunk.end - start].sub_(received.decode(i), alpha=weight)
-            self._drop(sender, str(e) or type(e).__name__)
-            if not done.done():
-                done.set_result(False)
-            raise
+            await stream.send(READY)  # the sender waits for this: no chunk arrives before its buffer exists
+            for c, chunk in enumerate(self.my_chunks):
+                while self._finalized <= c:
+                    if sender not in self._alive:
+                        await receiving  # raises why it failed
+                        return
+                    await self._next_progress()
+                meta, data = self.codec.encode(self._piece(chunk))
+                await stream.send([c, meta], data)
+            await receiving
+            with contextlib.suppress(EndOfStream):  # its end of stream says it has every average
+                await stream.recv(timeout=self.settings.next_chunk_timeout)
+            if not self._served[sender].done():
+                self._served[sender].set_result(None)
         except asyncio.CancelledError:
-            for i, chunk in enumerate(self.my_chunks[:added]):
-                acc[chunk.start - start : chunk.end - start].sub_(received.decode(i), alpha=weight)
-            if not done.done():
-                self._drop(sender, "its stream was cancelled")
-                done.set_result(False)
+            self._fail_sender(sender, "its stream was cancelled")
             raise
-        self._total_weight += weight
-        done.set_result(True)
-        await self._averaged.wait()
-        for i, chunk in enumerate(self.my_chunks):
-            meta, data = self.codec.encode(acc[chunk.start - start : chunk.end - start])
-            await stream.send([i, meta], data)
+        except (HiveError, ValueError) as e:
+            self._fail_sender(sender, str(e) or type(e).__name__)
+            raise
+        finally:
+            receiving.cancel()
+
+    async def _receive_part(self, stream: Stream, sender: int, received: _ChunkedBuffer) -> None:
+        try:
+            for c in range(len(self.my_chunks)):
+                message = await stream.recv(timeout=self.settings.next_chunk_timeout)
+                received.place(c, message.payload, message.body)
+                self._delivered[sender] = c + 1
+                self._finalize_ready_chunks()
+        except (HiveError, EndOfStream, ValueError) as e:
+            self._fail_sender(sender, str(e) or type(e).__name__)
+            raise HiveError(str(e) or type(e).__name__) from None
 
     # ---- as a sender ----------------------------------------------------------------------------
 
@@ -265,12 +302,14 @@ class AllReduceRunner:
             conn = await asyncio.wait_for(self.host.connect(member.peer_id), self.settings.request_timeout)
             stream = await conn.open_stream(PART_METHOD, self._request(), b"")
             stream.body_sink = results.sink
+            ready = await stream.recv(timeout=2 * self.settings.request_timeout)
+            if ready.payload != READY:
+                raise ValueError(f"expected {READY!r} from the reducer, got {str(ready.payload)[:40]!r}")
 
             async def send_part() -> None:
                 for i, chunk in enumerate(chunks):
                     meta, data = self.codec.encode(self._piece(chunk))
                     await stream.send([i, meta], data)
-                await stream.end()
 
             sending = self.loop.create_task(send_part())
             try:
@@ -280,6 +319,8 @@ class AllReduceRunner:
                     message = await stream.recv(timeout=timeout)
                     results.place(i, message.payload, message.body)
                 await sending
+                await stream.end()  # tells the reducer we have everything: it may reuse its buffers
+                stream = None
             finally:
                 sending.cancel()
         except (HiveError, EndOfStream, ValueError, OSError, asyncio.TimeoutError) as e:

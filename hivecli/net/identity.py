@@ -7,6 +7,7 @@ holding a peer ID can check a signature made by that peer without a key lookup.
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -47,6 +48,7 @@ def b58decode(text: str) -> bytes:
     return b"\0" * leading_zeros + body
 
 
+@functools.total_ordering
 class PeerID:
     """A peer's identity on the network: an immutable, hashable wrapper around its ID bytes."""
 
