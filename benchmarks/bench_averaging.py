@@ -93,7 +93,9 @@ def run_gloo(world: int, numel: int, reps: int) -> dict[str, Any]:
 # ---- hivecli averaging ---------------------------------------------------------------------------
 
 
-def _avg_worker(rank: int, world: int, numel: int, rounds: int, addr_q: Any, barrier: Any, out: Any) -> None:
+def _avg_worker(
+    rank: int, world: int, numel: int, rounds: int, chunk_mib: int, addr_q: Any, barrier: Any, out: Any
+) -> None:
     import torch
 
     from hivecli import DHT
@@ -116,6 +118,7 @@ def _avg_worker(rank: int, world: int, numel: int, rounds: int, addr_q: Any, bar
         min_group_size=world,
         min_matchmaking_time=5.0,
         request_timeout=1.0,
+        chunk_bytes=chunk_mib * 2**20,
         start=True,
     )
     records = []
@@ -142,11 +145,12 @@ def _seeded(rank: int, numel: int) -> Any:
     return torch.randn(numel)
 
 
-def run_ours(world: int, numel: int, rounds: int) -> dict[str, Any]:
+def run_ours(world: int, numel: int, rounds: int, chunk_mib: int = 8) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     out, addr_q, barrier = ctx.Queue(), ctx.Queue(), ctx.Barrier(world)
     procs = [
-        ctx.Process(target=_avg_worker, args=(r, world, numel, rounds, addr_q, barrier, out)) for r in range(world)
+        ctx.Process(target=_avg_worker, args=(r, world, numel, rounds, chunk_mib, addr_q, barrier, out))
+        for r in range(world)
     ]
     for p in procs:
         p.start()
@@ -318,6 +322,7 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=["1M", "10M", "50M"], choices=list(SIZES))
     parser.add_argument("--rounds", type=int, default=7, help="timed rounds after one warm-up round")
     parser.add_argument("--state-trials", type=int, default=5)
+    parser.add_argument("--chunk-mib", type=int, default=8, help="AveragingSettings.chunk_bytes, in MiB")
     parser.add_argument("--state-size", default="50M", choices=list(SIZES))
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
@@ -332,7 +337,7 @@ def main() -> None:
         for name in args.sizes:
             numel = SIZES[name]
             gloo = run_gloo(world, numel, args.rounds)
-            ours = run_ours(world, numel, args.rounds)
+            ours = run_ours(world, numel, args.rounds, args.chunk_mib)
             nbytes = 4 * numel
             row = {"peers": world, "numel": name, "ours": ours, "gloo": gloo, "ratio": ours["step"] / gloo["t"]}
             rows.append(row)
