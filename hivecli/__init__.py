@@ -37,10 +37,19 @@ __version__ = "0.1.0"
 _LAZY = {
     "AveragingSettings": "hivecli.averaging",
     "DecentralizedAverager": "hivecli.averaging",
+    "DecentralizedOptimizer": "hivecli.optim",
+    "TrainingAverager": "hivecli.optim",
 }
 
 
+_LAZY_MODULES = {"averaging", "optim"}  # `hivemind.optim.DecentralizedOptimizer` works after `import hivecli`
+
+
 def __getattr__(name: str) -> _Any:
+    if name in _LAZY_MODULES:
+        import importlib
+
+        return importlib.import_module(f"hivecli.{name}")
     if name in _LAZY:
         import importlib
 
@@ -61,6 +70,7 @@ __all__ = [
     "DHTError",
     "DHTSettings",
     "DecentralizedAverager",
+    "DecentralizedOptimizer",
     "FrameTooLargeError",
     "HandshakeError",
     "HiveError",
@@ -77,6 +87,7 @@ __all__ = [
     "RemoteError",
     "ResourceExhaustedError",
     "StateDownloadError",
+    "TrainingAverager",
     "ValueWithExpiration",
     "__version__",
     "get_dht_time",

@@ -4,6 +4,7 @@ import hivecli
 import hivecli.averaging
 import hivecli.dht
 import hivecli.net
+import hivecli.optim
 import hivecli.testing
 
 
@@ -16,7 +17,7 @@ def _public_names(module):
 
 
 def test_all_is_sorted_and_complete():
-    for module in (hivecli, hivecli.net, hivecli.dht, hivecli.averaging):
+    for module in (hivecli, hivecli.net, hivecli.dht, hivecli.averaging, hivecli.optim):
         assert module.__all__ == sorted(module.__all__)
         lazy = set(getattr(module, "_LAZY", {}))  # torch-backed names load on first use
         assert _public_names(module) | lazy == set(module.__all__) - {"__version__"}, module.__name__

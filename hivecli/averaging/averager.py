@@ -351,13 +351,23 @@ class DecentralizedAverager:
         """What a downloader gets: (msgpack-able metadata, tensors). Subclasses override this
         to add their own (a training step, optimizer statistics).
 
-        It is called in a worker thread while the averaged tensors are locked, and the result
-        is copied before the lock is released; do not call `get_tensors()` inside it.
+        It is called in a worker thread under `_state_lock()` (the averaged tensors' lock by
+        default), and the result is copied before the lock is released; do not call
+        `get_tensors()` inside it.
         """
         return {}, self._averaged_tensors
 
+    def _state_lock(self) -> contextlib.AbstractContextManager[Any]:
+        """Held while `get_current_state()` runs and its tensors are copied. Subclasses whose state
+        lives elsewhere (a model) return the lock that guards that."""
+        return self.lock_averaged_tensors
+
+    def _state_template(self) -> Sequence[torch.Tensor]:
+        """Tensors with the shapes and dtypes a downloaded state must have."""
+        return self._averaged_tensors
+
     def _snapshot_state(self, copy: Callable[[Sequence[torch.Tensor]], list[torch.Tensor]]) -> StateSnapshot:
-        with self.lock_averaged_tensors:
+        with self._state_lock():
             metadata, tensors = self.get_current_state()
             return metadata, copy(tensors)
 
@@ -387,7 +397,7 @@ class DecentralizedAverager:
             node.host.add_addrs(donor, maddrs)
             try:
                 async with asyncio.timeout(remaining):
-                    result = await download_state(node, donor, self._averaged_tensors, self.settings.next_chunk_timeout)
+                    result = await download_state(node, donor, self._state_template(), self.settings.next_chunk_timeout)
                 logger.info("Downloaded the state of peer %s", donor)
                 return result
             except (HiveError, OSError, TimeoutError) as e:

@@ -29,6 +29,7 @@ from hivecli.averaging.settings import AveragingSettings
 from hivecli.dht.node import DHTNode
 from hivecli.net.connection import EndOfStream, Stream
 from hivecli.net.identity import PeerID
+from hivecli.utils.loops import wait_event
 from hivecli.utils.timing import get_dht_time
 
 logger = logging.getLogger(__name__)
@@ -187,8 +188,7 @@ class _Search:
             if not self.me.client_mode:
                 wait = min(wait, max(0.0, self.expiration - get_dht_time()))
             self.changed.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.changed.wait(), wait)
+            await wait_event(self.changed, wait)
             poll_delay = min(2 * poll_delay, _MAX_POLL_DELAY)
 
     async def declare(self) -> None:

@@ -27,6 +27,7 @@ from hivecli.dht.node import DHTNode
 from hivecli.net.connection import EndOfStream, Stream
 from hivecli.net.identity import PeerID
 from hivecli.net.multiaddr import Multiaddr
+from hivecli.utils.loops import wait_event
 from hivecli.utils.timing import get_dht_time
 
 logger = logging.getLogger(__name__)
@@ -96,10 +97,7 @@ class StateServer:
                     declared_sharing = self.allow_sharing
                 except (HiveError, OSError) as e:
                     logger.debug("Could not declare state sharing: %s", e)
-            try:
-                await asyncio.wait_for(self._changed.wait(), self.declare_period)
-            except asyncio.TimeoutError:
-                pass
+            await wait_event(self._changed, self.declare_period)
 
     def _copy_state(self) -> tuple[Any, list[torch.Tensor]]:
         """Runs in a worker thread; `take_snapshot` calls `_copy_into_buffers` under its lock."""

@@ -22,6 +22,7 @@ from hivecli.net.framing import pack, unpack
 from hivecli.net.host import Host
 from hivecli.net.identity import PeerID
 from hivecli.net.multiaddr import Multiaddr
+from hivecli.utils.loops import wait_event
 from hivecli.utils.timing import get_dht_time
 
 logger = logging.getLogger(__name__)
@@ -249,10 +250,8 @@ class DHTNode:
     async def _maintain(self) -> None:
         period = self.settings.refresh_period
         while True:
-            try:  # jitter keeps a swarm started all at once from refreshing in lockstep
-                await asyncio.wait_for(self._wake_maintenance.wait(), period * random.uniform(0.75, 1.25))
-            except asyncio.TimeoutError:
-                pass
+            # jitter keeps a swarm started all at once from refreshing in lockstep
+            await wait_event(self._wake_maintenance, period * random.uniform(0.75, 1.25))
             self._wake_maintenance.clear()
             try:
                 await self._maintenance_pass()

@@ -18,3 +18,18 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
         else:
             return uvloop.new_event_loop()
     return asyncio.new_event_loop()
+
+
+async def wait_event(event: asyncio.Event, timeout: float) -> bool:
+    """Wait until `event` is set or `timeout` seconds pass; True if it was set.
+
+    Not `asyncio.wait_for(event.wait(), timeout)`: on Python 3.11 that swallows a cancellation
+    that arrives in the same loop iteration as the event, so a loop built on it can outlive
+    the `cancel()` meant to stop it (seen: a shutdown that hung for good).
+    """
+    try:
+        async with asyncio.timeout(timeout):
+            await event.wait()
+        return True
+    except TimeoutError:
+        return False

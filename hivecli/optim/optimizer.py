@@ -1,0 +1,232 @@
+"""`DecentralizedOptimizer`: wrap any torch optimizer so that peers average as they train.
+
+Every `step()` runs the local optimizer step at once. Every `averaging_steps_period` steps
+(and, if set, once per `averaging_time_period` of DHT time) it also snapshots the model and
+starts an averaging round in the background; a later `step()` applies the round's result
+with the delta rule, so the training loop never waits on the network and keeps the local
+updates it made meanwhile. Failed rounds (nobody online, a peer gone) are logged and training
+goes on alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from hivecli._exceptions import ConfigError, HiveError
+from hivecli.averaging.averager import StepControl
+from hivecli.dht.dht import DHT
+from hivecli.optim.training_averager import TrainingAverager
+from hivecli.utils.timing import get_dht_time
+
+logger = logging.getLogger(__name__)
+
+
+class DecentralizedOptimizer(torch.optim.Optimizer):
+    """A torch optimizer that averages with other peers of the same run in the background.
+
+    Args:
+        opt: the optimizer to wrap (any `torch.optim.Optimizer`); create it first, then this.
+        dht: a running `hivecli.DHT` connected to the run's peers.
+        prefix: the run's name; peers with the same prefix and model average together.
+        target_group_size: largest group to average in.
+        average_parameters: average the model's parameters (default True).
+        average_gradients: average the gradients present at a round's start; the change is
+            added to the gradients of the step that applies the round (default False).
+        average_opt_statistics: optimizer state to average too, e.g. ("exp_avg_sq",) for Adam.
+        averaging_steps_period: start a round every this many steps (default 1).
+        averaging_time_period: if > 0, start at most one round per this many seconds, aligned
+            on DHT time so that peers start together (default 0: no limit).
+        timeout: seconds a round may look for a group (default: the averager's step_timeout).
+        verbose: log every round at INFO level ("Starting a new averaging round ...").
+        averager_kwargs: passed to the `DecentralizedAverager` (min_group_size, compression,
+            min_matchmaking_time, request_timeout, client_mode, ...).
+
+    Raises:
+        ConfigError: an argument is out of range or names a statistic the optimizer lacks.
+    """
+
+    def __init__(
+        self,
+        opt: torch.optim.Optimizer,
+        dht: DHT,
+        *,
+        prefix: str,
+        target_group_size: int,
+        average_parameters: bool = True,
+        average_gradients: bool = False,
+        average_opt_statistics: Iterable[str] = (),
+        averaging_steps_period: int = 1,
+        averaging_time_period: float = 0,
+        timeout: float | None = None,
+        verbose: bool = False,
+        **averager_kwargs: Any,
+    ):
+        if not isinstance(opt, torch.optim.Optimizer):
+            raise ConfigError(f"opt is a {type(opt).__name__}; pass a torch.optim.Optimizer such as torch.optim.SGD")
+        if not isinstance(averaging_steps_period, int) or averaging_steps_period < 1:
+            raise ConfigError(f"averaging_steps_period = {averaging_steps_period!r}: must be an integer >= 1")
+        if not (math.isfinite(averaging_time_period) and averaging_time_period >= 0):
+            raise ConfigError(f"averaging_time_period = {averaging_time_period!r}: must be a number of seconds >= 0")
+        if timeout is not None and not timeout > 0:
+            raise ConfigError(f"timeout = {timeout!r}: must be a positive number of seconds or None")
+        if isinstance(average_opt_statistics, str):
+            average_opt_statistics = (average_opt_statistics,)
+        self.opt = opt
+        # torch's own attributes, shared with the wrapped optimizer so that LR schedulers and
+        # code that edits param_groups see one set of groups
+        self.defaults = opt.defaults
+        self.param_groups = opt.param_groups
+        self.state = opt.state
+        self._optimizer_step_pre_hooks: dict[int, Callable[..., Any]] = {}
+        self._optimizer_step_post_hooks: dict[int, Callable[..., Any]] = {}
+        self._optimizer_state_dict_pre_hooks: dict[int, Callable[..., Any]] = {}
+        self._optimizer_state_dict_post_hooks: dict[int, Callable[..., Any]] = {}
+        self._optimizer_load_state_dict_pre_hooks: dict[int, Callable[..., Any]] = {}
+        self._optimizer_load_state_dict_post_hooks: dict[int, Callable[..., Any]] = {}
+        self.verbose = verbose
+        if verbose:
+            _show_info_logs()
+        self.averaging_steps_period, self.averaging_time_period = averaging_steps_period, averaging_time_period
+        self.timeout = timeout
+        self.lock_parameters = threading.RLock()
+        self.averager = TrainingAverager(
+            opt,
+            dht,
+            prefix=prefix,
+            target_group_size=target_group_size,
+            average_parameters=average_parameters,
+            average_gradients=average_gradients,
+            average_opt_statistics=tuple(average_opt_statistics),
+            lock_parameters=self.lock_parameters,
+            start=True,
+            **averager_kwargs,
+        )
+        self.dht = dht
+        self._round: StepControl | None = None
+        self._round_started = 0.0
+        self._next_round_time = 0.0
+        self.rounds_finished = 0  # rounds whose average was applied
+        self.rounds_failed = 0  # rounds that found no group or failed (training went on alone)
+        self.last_group_size = 0  # peers in the last applied round, this one included
+
+    @property
+    def local_step(self) -> int:
+        """Optimizer steps taken by this peer (or loaded from the run by load_state_from_peers)."""
+        return self.averager.local_step
+
+    # ---- the torch.optim.Optimizer interface -------------------------------------------------------
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """Apply a finished averaging round, if any, take a local step, and start a new round
+        in the background when one is due. Returns what the wrapped optimizer's step returns."""
+        with self.lock_parameters:
+            self._apply_finished_round()
+            loss = self.opt.step(closure) if closure is not None else self.opt.step()
+            self.averager.local_step += 1
+            if self._round_due():
+                self._start_round()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.opt.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.opt.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        with self.lock_parameters:
+            self.opt.load_state_dict(state_dict)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        raise ConfigError(
+            "DecentralizedOptimizer cannot add parameter groups after it starts averaging; "
+            "add them to the wrapped optimizer before creating the DecentralizedOptimizer"
+        )
+
+    def __repr__(self) -> str:
+        return f"DecentralizedOptimizer(prefix={self.averager.prefix!r}, opt={self.opt!r})"
+
+    # ---- averaging rounds ----------------------------------------------------------------------------
+
+    def _round_due(self) -> bool:
+        if self._round is not None or self.local_step % self.averaging_steps_period != 0:
+            return False
+        return self.averaging_time_period == 0 or get_dht_time() >= self._next_round_time
+
+    def _start_round(self) -> None:
+        if self.averaging_time_period:
+            period = self.averaging_time_period
+            self._next_round_time = (math.floor(get_dht_time() / period) + 1) * period
+        self.averager.snapshot()
+        self._log("Starting a new averaging round with current parameters.")
+        self._round_started = time.perf_counter()
+        self._round = self.averager.step(timeout=self.timeout, wait=False)  # type: ignore[assignment]
+
+    def _apply_finished_round(self) -> bool:
+        control = self._round
+        if control is None or not control.done():
+            return False
+        self._round = None
+        try:
+            group = control.result()
+        except (HiveError, TimeoutError) as e:
+            self.rounds_failed += 1
+            logger.warning("Averaging round failed: %s; training goes on with local parameters", e)
+            return False
+        except Exception as e:  # a bug in a round must not stop training
+            self.rounds_failed += 1
+            logger.exception("Averaging round failed unexpectedly: %s", e)
+            return False
+        self.averager.apply_delta()
+        self.rounds_finished += 1
+        self.last_group_size = len(group)
+        self.averager.state_sharing_priority = self.local_step
+        elapsed = time.perf_counter() - self._round_started
+        self._log(f"Finished averaging round in {elapsed:.2f} s with {len(group)} peers.")
+        return True
+
+    def wait_for_averaging(self, timeout: float | None = None) -> bool:
+        """Wait for the round in flight, if any, and apply it now. True if a round was applied.
+
+        Raises:
+            TimeoutError: the round is still running after `timeout` seconds.
+        """
+        control = self._round
+        if control is None:
+            return False
+        try:
+            control.result(timeout)
+        except Exception:  # its failure is logged when applied; only a timeout concerns us here
+            if not control.done():
+                raise TimeoutError(f"the averaging round did not finish within {timeout} s") from None
+        with self.lock_parameters:
+            return self._apply_finished_round()
+
+    def shutdown(self) -> None:
+        """Cancel the round in flight and stop the averager (the DHT keeps running)."""
+        if self._round is not None:
+            self._round.cancel()
+            self._round = None
+        self.averager.shutdown()
+
+    def _log(self, message: str) -> None:
+        logger.log(logging.INFO if self.verbose else logging.DEBUG, message)
+
+
+def _show_info_logs() -> None:
+    """verbose=True should print without the user configuring logging, as the quick-start shows."""
+    package_logger = logging.getLogger("hivecli")
+    if package_logger.level == logging.NOTSET or package_logger.level > logging.INFO:
+        package_logger.setLevel(logging.INFO)
+    if not package_logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[%(asctime)s.%(msecs)03d] %(message)s", "%Y-%m-%d %H:%M:%S"))
+        package_logger.addHandler(handler)

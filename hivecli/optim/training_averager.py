@@ -1,0 +1,219 @@
+"""`TrainingAverager`: a `DecentralizedAverager` over a model's parameters and optimizer state.
+
+The averaged tensors are float32 CPU copies of the chosen *sources* (parameters, gradients,
+named optimizer statistics), so models may live on any device and in any dtype. A round goes:
+`snapshot()` copies the sources in and remembers them, `step()` averages the copies with the
+group, and `apply_delta()` adds `average - snapshot` to each source: local updates made while
+the round was in flight are kept (the delta rule).
+
+Its shared state is the whole training state: parameters plus every optimizer state tensor,
+with the step counter and the optimizer's non-tensor state as metadata.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+
+from hivecli._exceptions import ConfigError, StateDownloadError
+from hivecli.averaging.averager import DecentralizedAverager
+from hivecli.averaging.state import StateSnapshot
+from hivecli.dht.dht import DHT
+
+logger = logging.getLogger(__name__)
+
+
+def parameters_of(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [p for group in opt.param_groups for p in group["params"]]
+
+
+def initialize_optimizer_state(opt: torch.optim.Optimizer) -> None:
+    """Make the optimizer create its state now (most create it lazily on the first step), so
+    that statistics can be averaged and every peer has a state of the same shape.
+
+    Runs one step with zero gradients, weight decay off, then restores the parameters,
+    gradients and hyper-parameters and zeroes the step counters: the state ends as a fresh
+    optimizer's would be after creation.
+    """
+    params = parameters_of(opt)
+    if all(opt.state.get(p) for p in params):
+        return
+    saved_params = [p.detach().clone() for p in params]
+    saved_grads = [p.grad for p in params]
+    saved_groups = [dict(group) for group in opt.param_groups]
+    try:
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        for group in opt.param_groups:
+            if "weight_decay" in group:
+                group["weight_decay"] = 0.0
+        opt.step()
+    finally:
+        with torch.no_grad():
+            for p, saved in zip(params, saved_params, strict=True):
+                p.copy_(saved)
+        for p, grad in zip(params, saved_grads, strict=True):
+            p.grad = grad
+        for group, saved_group in zip(opt.param_groups, saved_groups, strict=True):
+            group.update({k: v for k, v in saved_group.items() if k != "params"})
+    for p in params:
+        state = opt.state.get(p, {})
+        if "step" in state:
+            step = state["step"]
+            state["step"] = step.zero_() if isinstance(step, torch.Tensor) else 0
+
+
+def optimizer_state_tensors(opt: torch.optim.Optimizer) -> tuple[list[torch.Tensor], list[list[Any]]]:
+    """Every tensor of the optimizer's state in a fixed order, and the other entries as
+    [parameter index, key, value] (msgpack-able metadata)."""
+    tensors, other = [], []
+    for index, p in enumerate(parameters_of(opt)):
+        state = opt.state.get(p, {})
+        for key in sorted(state):
+            value = state[key]
+            if isinstance(value, torch.Tensor):
+                tensors.append(value)
+            elif isinstance(value, (int, float, bool, str)) or value is None:
+                other.append([index, key, value])
+    return tensors, other
+
+
+class TrainingAverager(DecentralizedAverager):
+    """Averages parameters, gradients and optimizer statistics of `opt` with other peers.
+
+    Args:
+        opt: the wrapped optimizer; its state is created here if it does not exist yet.
+        dht: a running `hivecli.DHT`.
+        average_parameters, average_gradients: which of each parameter's tensors to average.
+        average_opt_statistics: names of per-parameter optimizer state to average too, such
+            as "exp_avg_sq" for Adam.
+        lock_parameters: held by the training loop while it changes the model; state sharing
+            takes it to copy a consistent state.
+        other keyword arguments: see `DecentralizedAverager`.
+
+    Raises:
+        ConfigError: nothing to average, or a statistic the optimizer does not have.
+    """
+
+    def __init__(
+        self,
+        opt: torch.optim.Optimizer,
+        dht: DHT,
+        *,
+        average_parameters: bool = True,
+        average_gradients: bool = False,
+        average_opt_statistics: Iterable[str] = (),
+        lock_parameters: threading.RLock | None = None,  # type: ignore[valid-type]
+        **averager_kwargs: Any,
+    ):
+        self.opt = opt
+        self.local_step = 0
+        self.lock_parameters = lock_parameters or threading.RLock()
+        initialize_optimizer_state(opt)
+        params = parameters_of(opt)
+        self.average_gradients = average_gradients
+        self._sources: list[tuple[str, torch.Tensor]] = []  # (kind, parameter or statistic)
+        if average_parameters:
+            self._sources += [("param", p) for p in params]
+        if average_gradients:
+            self._sources += [("grad", p) for p in params]
+        for name in average_opt_statistics:
+            for p in params:
+                state = opt.state.get(p, {})
+                if not isinstance(state.get(name), torch.Tensor):
+                    known = ", ".join(sorted(k for k, v in state.items() if isinstance(v, torch.Tensor))) or "none"
+                    raise ConfigError(
+                        f"average_opt_statistics names {name!r}, but {type(opt).__name__} keeps no such "
+                        f"tensor per parameter; it has: {known}"
+                    )
+                self._sources.append(("stat", state[name]))
+        if not self._sources:
+            raise ConfigError(
+                "nothing to average: set average_parameters=True, average_gradients=True "
+                "or name optimizer statistics in average_opt_statistics"
+            )
+        buffers = [torch.zeros(t.shape, dtype=torch.float32) for _, t in self._sources]
+        self._snapshot = [torch.zeros_like(b) for b in buffers]
+        super().__init__(buffers, dht, **averager_kwargs)
+
+    def _source_value(self, kind: str, tensor: torch.Tensor) -> torch.Tensor | None:
+        return tensor.grad if kind == "grad" else tensor
+
+    # ---- one averaging round (called by the training thread) --------------------------------------
+
+    def snapshot(self) -> None:
+        """Copy the sources into the averaged tensors and remember them. Call with
+        `lock_parameters` held and no round in flight."""
+        with self.get_tensors() as averaged:
+            for (kind, tensor), buffer, saved in zip(self._sources, averaged, self._snapshot, strict=True):
+                value = self._source_value(kind, tensor)
+                if value is None:
+                    buffer.zero_()
+                else:
+                    buffer.copy_(value.detach())
+                saved.copy_(buffer)
+
+    def apply_delta(self) -> None:
+        """Add `average - snapshot` to every source. Call with `lock_parameters` held."""
+        with self.get_tensors() as averaged, torch.no_grad():
+            for (kind, tensor), buffer, saved in zip(self._sources, averaged, self._snapshot, strict=True):
+                delta = buffer - saved
+                if kind == "grad":
+                    if tensor.grad is None:
+                        tensor.grad = torch.zeros_like(tensor)
+                    tensor.grad.add_(delta.to(tensor.grad.device, tensor.grad.dtype))
+                else:
+                    tensor.add_(delta.to(tensor.device, tensor.dtype))
+
+    # ---- state sharing ----------------------------------------------------------------------------
+
+    def _state_tensors(self) -> list[torch.Tensor]:
+        opt_tensors, _ = optimizer_state_tensors(self.opt)
+        return [p.detach() for p in parameters_of(self.opt)] + [t.detach() for t in opt_tensors]
+
+    def _state_lock(self) -> contextlib.AbstractContextManager[Any]:
+        return self.lock_parameters
+
+    def _state_template(self) -> Sequence[torch.Tensor]:
+        return self._state_tensors()
+
+    def get_current_state(self) -> StateSnapshot:
+        _, other = optimizer_state_tensors(self.opt)
+        metadata = {"step": self.local_step, "optimizer_state": other}
+        return metadata, self._state_tensors()
+
+    def load_state_from_peers(  # type: ignore[override]
+        self, wait: bool = True, timeout: float | None = None
+    ) -> tuple[Any, list[torch.Tensor]] | None:
+        """Download the run's parameters, optimizer state and step from the best donor, apply
+        them to the model and optimizer, and return (metadata, tensors); None if nobody shares.
+
+        Raises:
+            StateDownloadError: a donor's metadata does not describe this optimizer.
+        """
+        if not wait:
+            raise ConfigError("TrainingAverager.load_state_from_peers applies the state; call it with wait=True")
+        loaded = super().load_state_from_peers(wait=True, timeout=timeout)
+        if loaded is None:
+            return None
+        metadata, tensors = loaded  # type: ignore[misc]
+        if not isinstance(metadata, dict) or not isinstance(metadata.get("step"), int):
+            raise StateDownloadError(f"the donor's metadata {str(metadata)[:80]!r} has no training step")
+        with self.lock_parameters, torch.no_grad():
+            for target, value in zip(self._state_tensors(), tensors, strict=True):
+                target.copy_(value.to(target.device))
+            params = parameters_of(self.opt)
+            for entry in metadata.get("optimizer_state", []):
+                if isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], int):
+                    index, key, value = entry
+                    if 0 <= index < len(params) and isinstance(key, str):
+                        self.opt.state[params[index]][key] = value
+            self.local_step = metadata["step"]
+        self.state_sharing_priority = self.local_step
+        logger.info("Loaded the run's state at step %d", self.local_step)
+        return metadata, tensors
