@@ -164,11 +164,10 @@ class DecentralizedAverager:
         self._running = True
 
     async def _start(self, node: DHTNode) -> None:
-        # Reductions run on this (the DHT's) thread, next to the network I/O. Intra-op threads
-        # would only fight the I/O and the training loop for cores: on 2 cores an all-reduce of
-        # 50M floats takes 230 ms with them and 125 ms without. This setting is per thread;
-        # the training thread keeps its own.
-        torch.set_num_threads(1)
+        # No torch.set_num_threads(1) here, though reductions run on this thread: called from
+        # this thread it halved the training loop's speed too (the quick-start CNN, 32 -> 17
+        # steps/s, benchmarks/bench_optimizer.py), and all-reduce times did not get worse
+        # without it (2 peers, 50M: 122 ms, 1.00x gloo).
         self._step_lock = asyncio.Lock()
         self._matchmaker = Matchmaker(node, self.prefix, self.schema_hash, self.settings, self.client_mode)
         node.host.add_stream_handler(PART_METHOD, self._serve_part)
