@@ -58,7 +58,7 @@ def import_torchvision() -> Any:
     return torchvision
 
 
-def load_torchvision_dataset(name: str, root: str, train: bool) -> Dataset[Any]:
+def load_torchvision_dataset(name: str, root: str, train: bool, transform: Any = None) -> Dataset[Any]:
     """CIFAR-10 or MNIST from torchvision, normalized to [-1, 1], downloaded into `root` if needed.
 
     Raises:
@@ -71,7 +71,9 @@ def load_torchvision_dataset(name: str, root: str, train: bool) -> Dataset[Any]:
     if name not in classes:
         raise ConfigError(f"dataset {name!r} is not one torchvision provides here; choose one of {sorted(classes)}")
     channels = 3 if name == "cifar10" else 1
-    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,) * channels, (0.5,) * channels)])
+    if transform is None:
+        normalize = transforms.Normalize((0.5,) * channels, (0.5,) * channels)
+        transform = transforms.Compose([transforms.ToTensor(), normalize])
     try:
         return classes[name](root=root, train=train, download=True, transform=transform)
     except (OSError, RuntimeError) as e:

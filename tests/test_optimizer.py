@@ -162,11 +162,11 @@ def test_keeps_training_alone_when_its_peer_leaves(caplog):
         dht_b.shutdown()
         torch.testing.assert_close(a.detach(), torch.full((4,), 0.5))
         try:
-            with caplog.at_level(logging.WARNING, logger="hivecli.optim"):
+            with caplog.at_level(logging.INFO, logger="hivecli.optim"):
                 set_grad(a, 1.0)
                 opt_a.step()  # starts a round that finds nobody within its timeout
                 assert opt_a.wait_for_averaging(ROUND_TIMEOUT) is False
-            assert opt_a.rounds_failed == 1 and "Averaging round failed" in caplog.text
+            assert opt_a.rounds_failed == 1 and "Averaging round found no group" in caplog.text
             for _ in range(3):
                 set_grad(a, 1.0)
                 opt_a.step()

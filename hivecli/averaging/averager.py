@@ -371,18 +371,23 @@ class DecentralizedAverager:
             return metadata, copy(tensors)
 
     def load_state_from_peers(
-        self, wait: bool = True, timeout: float | None = None
+        self, wait: bool = True, timeout: float | None = None, progress: Callable[[int, int], None] | None = None
     ) -> tuple[Any, list[torch.Tensor]] | Any | None:
         """Download (metadata, tensors) from the best available donor; None if nobody shares.
 
         Donors are tried by priority, and the next one after a failure; each failure is logged
         with its reason. The tensors are checked against our own shapes and dtypes, and are
-        returned, not applied: the caller decides what to do with them.
+        returned, not applied: the caller decides what to do with them. `progress(received,
+        total)` is called as bytes arrive (on the DHT's thread).
         """
-        future = self.dht.run_coroutine(lambda _dht, node: self._load_state(node, timeout), return_future=True)
+        future = self.dht.run_coroutine(
+            lambda _dht, node: self._load_state(node, timeout, progress), return_future=True
+        )
         return future.result() if wait else future
 
-    async def _load_state(self, node: DHTNode, timeout: float | None) -> tuple[Any, list[torch.Tensor]] | None:
+    async def _load_state(
+        self, node: DHTNode, timeout: float | None, progress: Callable[[int, int], None] | None = None
+    ) -> tuple[Any, list[torch.Tensor]] | None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (self.settings.allreduce_timeout if timeout is None else timeout)
         donors = await find_donors(node, self.prefix)
@@ -396,7 +401,9 @@ class DecentralizedAverager:
             node.host.add_addrs(donor, maddrs)
             try:
                 async with asyncio.timeout(remaining):
-                    result = await download_state(node, donor, self._state_template(), self.settings.next_chunk_timeout)
+                    result = await download_state(
+                        node, donor, self._state_template(), self.settings.next_chunk_timeout, progress
+                    )
                 logger.info("Downloaded the state of peer %s", donor)
                 return result
             except (HiveError, OSError, TimeoutError) as e:

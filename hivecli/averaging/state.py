@@ -171,9 +171,14 @@ async def find_donors(node: DHTNode, prefix: str) -> list[tuple[PeerID, list[Mul
 
 
 async def download_state(
-    node: DHTNode, donor: PeerID, expected: Sequence[torch.Tensor], chunk_timeout: float
+    node: DHTNode,
+    donor: PeerID,
+    expected: Sequence[torch.Tensor],
+    chunk_timeout: float,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[Any, list[torch.Tensor]]:
     """Download a donor's state, checking it against the shapes and dtypes of `expected`.
+    `progress(received_bytes, total_bytes)` is called after every chunk, on the event loop.
 
     Raises:
         HiveError: the donor is unreachable, refuses, goes quiet, or sends a state of another shape.
@@ -203,6 +208,7 @@ async def download_state(
                 f"{str(describe(expected))[:120]}; is it training the same model?"
             )
         skip_empty()
+        total, received = sum(len(v) for v in views), 0
         while position[0] < len(views):
             message = await stream.recv(timeout=chunk_timeout)
             index, offset = position
@@ -212,6 +218,9 @@ async def download_state(
             if not isinstance(message.body, memoryview) or message.body.obj is not view.obj:
                 view[offset : offset + len(message.body)] = message.body
             position[1] += len(message.body)
+            received += len(message.body)
+            if progress is not None:
+                progress(received, total)
             skip_empty()
         return head.get("metadata"), tensors
     except EndOfStream:

@@ -9,7 +9,11 @@ import typer
 
 from hivecli.cli import _errors, _output
 from hivecli.cli.dht_cmd import dht
+from hivecli.cli.local_cmd import local
 from hivecli.cli.peers_cmd import peers
+from hivecli.cli.recipe_cmd import recipe_app
+from hivecli.cli.state_cmd import pull_state
+from hivecli.cli.train_cmd import join, start
 
 app = typer.Typer(
     name="hive",
@@ -19,6 +23,11 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
     add_completion=False,
 )
+app.command(rich_help_panel="Training")(start)
+app.command(rich_help_panel="Training")(join)
+app.command(rich_help_panel="Training")(local)
+app.command("pull-state", rich_help_panel="Training")(pull_state)
+app.add_typer(recipe_app, rich_help_panel="Training")
 app.command(rich_help_panel="Network")(dht)
 app.command(rich_help_panel="Network")(peers)
 

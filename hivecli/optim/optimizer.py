@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from hivecli._exceptions import ConfigError, HiveError
+from hivecli._exceptions import ConfigError, HiveError, MatchmakingError
 from hivecli.averaging.averager import StepControl
 from hivecli.dht.dht import DHT
 from hivecli.optim.training_averager import TrainingAverager
@@ -177,6 +177,10 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         self._round = None
         try:
             group = control.result()
+        except MatchmakingError as e:  # nobody (else) online: normal for a lone peer, so not a warning
+            self.rounds_failed += 1
+            logger.info("Averaging round found no group: %s; training goes on with local parameters", e)
+            return False
         except (HiveError, TimeoutError) as e:
             self.rounds_failed += 1
             logger.warning("Averaging round failed: %s; training goes on with local parameters", e)

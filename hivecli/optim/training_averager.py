@@ -188,7 +188,7 @@ class TrainingAverager(DecentralizedAverager):
         return metadata, self._state_tensors()
 
     def load_state_from_peers(  # type: ignore[override]
-        self, wait: bool = True, timeout: float | None = None
+        self, wait: bool = True, timeout: float | None = None, progress: Any = None
     ) -> tuple[Any, list[torch.Tensor]] | None:
         """Download the run's parameters, optimizer state and step from the best donor, apply
         them to the model and optimizer, and return (metadata, tensors); None if nobody shares.
@@ -198,7 +198,7 @@ class TrainingAverager(DecentralizedAverager):
         """
         if not wait:
             raise ConfigError("TrainingAverager.load_state_from_peers applies the state; call it with wait=True")
-        loaded = super().load_state_from_peers(wait=True, timeout=timeout)
+        loaded = super().load_state_from_peers(wait=True, timeout=timeout, progress=progress)
         if loaded is None:
             return None
         metadata, tensors = loaded  # type: ignore[misc]

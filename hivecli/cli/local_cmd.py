@@ -1,0 +1,167 @@
+"""`hive local N RECIPE`: N peers of one run on this machine, the one-command demo.
+
+The first peer runs `hive start`, the others `hive join` its first address; every peer is a
+child process in --json mode. Their human output is forwarded to stderr with a `[peer K]`
+prefix; their JSON events are read to learn the bootstrap address and the final results,
+printed as a table at the end. Ctrl+C (or SIGTERM) is passed on to every peer, which saves a
+checkpoint and stops; none is left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import IO, Annotated, Any
+
+import typer
+
+from hivecli._exceptions import ConfigError, HiveError
+from hivecli.cli import _output
+from hivecli.cli._errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK
+from hivecli.cli.train_cmd import JsonFlag, MaxStepsFlag, SetFlag
+
+STARTUP_TIMEOUT = 120.0
+
+
+class _Peer:
+    """One child `hive start/join --json` process and the events it printed."""
+
+    def __init__(self, index: int, argv: list[str], json_output: bool):
+        self.index, self.json_output = index, json_output
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
+        self.events: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.finished: dict[str, Any] | None = None
+        self._threads = [
+            threading.Thread(target=self._read_events, args=(self.proc.stdout,), daemon=True),
+            threading.Thread(target=self._forward, args=(self.proc.stderr,), daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def _read_events(self, stream: IO[str]) -> None:
+        for line in stream:
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if event.get("event") == "finished":
+                self.finished = event
+            if self.json_output:
+                fields = {k: v for k, v in event.items() if k != "event"}
+                _output.emit_json(str(event.get("event")), peer=self.index, **fields)
+            self.events.put(event)
+
+    def _forward(self, stream: IO[str]) -> None:
+        for line in stream:
+            sys.stderr.write(f"[peer {self.index}] {line}")
+            sys.stderr.flush()
+
+    def wait_for_event(self, name: str, timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                event = self.events.get(timeout=0.2)
+            except queue.Empty:
+                if self.proc.poll() is not None:
+                    code = self.proc.returncode
+                    raise HiveError(f"peer {self.index} exited with code {code} before it listened") from None
+                continue
+            if event.get("event") == name:
+                return event
+        raise HiveError(f"peer {self.index} did not report its address within {timeout:g} s")
+
+    def close(self, timeout: float) -> int:
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        for thread in self._threads:
+            thread.join(timeout=5)
+        return code
+
+
+def local(
+    n: Annotated[int, typer.Argument(min=1, max=64, help="How many peers to run.")],
+    recipe: Annotated[Path, typer.Argument(help="The run's recipe (TOML).")],
+    host: Annotated[str, typer.Option("--host", help="IP address the peers listen on.")] = "127.0.0.1",
+    set_values: SetFlag = None,
+    max_steps: MaxStepsFlag = None,
+    json_output: JsonFlag = False,
+) -> None:
+    """Run N peers of a recipe on this machine: the first starts the run, the others join it.
+
+    Each peer's output is prefixed with [peer K]; at the end a table shows each peer's steps, averaging rounds and test accuracy. Ctrl+C stops every peer cleanly (each saves a checkpoint). Exit code 0 if every peer finished, 1 if one failed, 130 if interrupted.
+    """
+    from hivecli.recipe import load_recipe
+
+    load_recipe(recipe, set_values)  # a bad recipe fails here, once, not in N children
+    base = [sys.executable, "-m", "hivecli.cli.main"]
+    common = ["--json", "--host", host, "--port", "0"]
+    for value in set_values or []:
+        common += ["--set", value]
+    if max_steps is not None:
+        common += ["--max-steps", str(max_steps)]
+    peers: list[_Peer] = []
+    interrupted = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        interrupted.set()
+        for peer in peers:
+            if peer.proc.poll() is None:
+                peer.proc.send_signal(signal.SIGINT)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    codes: list[int] = []
+    try:
+        peers.append(_Peer(0, [*base, "start", str(recipe), *common], json_output))
+        address = peers[0].wait_for_event("listening", STARTUP_TIMEOUT)["maddrs"][0]
+        _output.stderr.print(f"peer 0 listens at {address}; starting {n - 1} more")
+        for index in range(1, n):
+            if interrupted.is_set():
+                break
+            peers.append(_Peer(index, [*base, "join", address, str(recipe), *common], json_output))
+        while any(peer.proc.poll() is None for peer in peers):
+            time.sleep(0.2)
+    finally:
+        for peer in peers:
+            if peer.proc.poll() is None:
+                peer.proc.send_signal(signal.SIGINT)
+        codes = [peer.close(timeout=60) for peer in peers]
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    _print_results(peers, codes)
+    if interrupted.is_set():
+        raise typer.Exit(EXIT_INTERRUPTED)
+    if any(code not in (EXIT_OK,) for code in codes):
+        failed = [str(peer.index) for peer, code in zip(peers, codes, strict=True) if code != EXIT_OK]
+        _output.stderr.print(f"peers {', '.join(failed)} failed; their output above says why")
+        raise typer.Exit(EXIT_FAILURE)
+    if not peers:
+        raise ConfigError("no peer was started")
+
+
+def _print_results(peers: list[_Peer], codes: list[int]) -> None:
+    from rich.table import Table
+
+    table = Table(title="Results per peer")
+    for column in ("peer", "exit", "steps", "rounds", "test accuracy", "checkpoint"):
+        table.add_column(column, overflow="fold")
+    for peer, code in zip(peers, codes, strict=True):
+        done = peer.finished or {}
+        accuracy = done.get("accuracy")
+        table.add_row(
+            str(peer.index),
+            str(code),
+            str(done.get("step", "-")),
+            str(done.get("rounds", "-")),
+            "-" if accuracy is None else f"{accuracy:.3f}",
+            str(done.get("checkpoint", "-")),
+        )
+    (_output.stderr if any(p.json_output for p in peers) else _output.stdout).print(table)

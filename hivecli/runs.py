@@ -1,0 +1,98 @@
+"""What a run keeps in the DHT, so that others can find it, join it and watch it.
+
+    hive.runs             subkey PREFIX   -> {"model", "dataset", "target_group_size", "input_shape", "num_classes"}
+    PREFIX.recipe                         -> the resolved recipe (plain data, never code)
+    PREFIX.progress       subkey PEER ID  -> {"step", "loss", "samples_per_s", "accuracy", "maddrs", "time"}
+
+Every peer of a run re-publishes the first two while it trains, so the run outlives the peer
+that started it. Progress entries expire a few report periods after a peer stops.
+No torch here: `hive peers` stays light.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hivecli._exceptions import ConfigError
+from hivecli.dht.dht import DHT
+from hivecli.utils.timing import get_dht_time
+
+RUNS_KEY = "hive.runs"
+RECIPE_TTL = 600.0
+
+
+def publish_run(
+    dht: DHT, recipe_data: dict[str, Any], input_shape: tuple[int, ...] | None = None, num_classes: int | None = None
+) -> None:
+    """Announce the run and its recipe (the caller repeats this every few minutes). The model's
+    input shape and class count, once known, let `hive pull-state` build the model without the data."""
+    prefix = recipe_data["run"]["prefix"]
+    expiration = get_dht_time() + RECIPE_TTL
+    summary = {
+        "model": recipe_data["model"]["name"],
+        "dataset": recipe_data["data"]["name"],
+        "target_group_size": recipe_data["averaging"]["target_group_size"],
+    }
+    if input_shape is not None:
+        summary.update(input_shape=list(input_shape), num_classes=num_classes)
+    dht.store(RUNS_KEY, summary, expiration, subkey=prefix)
+    dht.store(f"{prefix}.recipe", _shareable(recipe_data), expiration)
+
+
+def _shareable(recipe_data: dict[str, Any]) -> dict[str, Any]:
+    """The recipe without what is private to the machine that publishes it."""
+    shared = {section: dict(values) for section, values in recipe_data.items()}
+    shared.pop("network", None)
+    shared.pop("output", None)
+    return shared
+
+
+def list_runs(dht: DHT) -> dict[str, dict[str, Any]]:
+    found = dht.get(RUNS_KEY, latest=True)
+    if found is None or not isinstance(found.value, dict):
+        return {}
+    return {k: v.value for k, v in found.value.items() if isinstance(k, str) and isinstance(v.value, dict)}
+
+
+def choose_run(dht: DHT, prefix: str | None) -> str:
+    """The run to act on: `prefix` if given, else the only run in the DHT.
+
+    Raises:
+        ConfigError: no run, or several and none chosen (the message lists them).
+    """
+    if prefix:
+        return prefix
+    runs = list_runs(dht)
+    if len(runs) == 1:
+        return next(iter(runs))
+    if not runs:
+        raise ConfigError(
+            "no run is announced in this DHT yet; start one with `hive start RECIPE`, or name it with --run PREFIX"
+        )
+    raise ConfigError(f"this DHT has {len(runs)} runs ({', '.join(sorted(runs))}); choose one with --run PREFIX")
+
+
+def fetch_recipe(dht: DHT, prefix: str) -> dict[str, Any]:
+    """The recipe a run published. Raises ConfigError if there is none."""
+    found = dht.get(f"{prefix}.recipe", latest=True)
+    if found is None or not isinstance(found.value, dict):
+        raise ConfigError(
+            f"run {prefix!r} has no recipe in the DHT; check --run, or pass the recipe file: hive join ADDRESS RECIPE"
+        )
+    return found.value
+
+
+def publish_progress(dht: DHT, prefix: str, progress: dict[str, Any], ttl: float) -> None:
+    dht.store(f"{prefix}.progress", progress, get_dht_time() + ttl, subkey=str(dht.peer_id))
+
+
+def fetch_progress(dht: DHT, prefix: str) -> dict[str, dict[str, Any]]:
+    """{peer id: progress} of the peers of a run that reported recently."""
+    found = dht.get(f"{prefix}.progress", latest=True)
+    if found is None or not isinstance(found.value, dict):
+        return {}
+    return {k: v.value for k, v in found.value.items() if isinstance(k, str) and isinstance(v.value, dict)}
+
+
+def count_peers(dht: DHT, prefix: str) -> int:
+    return max(1, len(fetch_progress(dht, prefix)))
