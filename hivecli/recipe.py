@@ -261,7 +261,7 @@ def _describe(error: ValidationError, source: str, data: dict[str, Any]) -> str:
     value: Any = data
     for part in problem["loc"]:
         value = value.get(part) if isinstance(value, dict) else None
-    shown = f" = {json.dumps(value)}" if value is not None and len(problem["loc"]) > 1 else ""
+    shown = f" = {json.dumps(value, default=str)}" if value is not None and len(problem["loc"]) > 1 else ""
     more = f" (and {len(error.errors()) - 1} more problems)" if len(error.errors()) > 1 else ""
     return f"{source}: {location}{shown}: {message}{more}"
 
@@ -287,7 +287,7 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, str):
-        return json.dumps(value)  # a JSON string is a valid TOML basic string
+        return json.dumps(value, ensure_ascii=False)  # a JSON string is a TOML basic string (no \ud83d pairs)
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     raise TypeError(f"cannot write {value!r} as TOML")

@@ -1,7 +1,8 @@
-"""`hive peers ADDRESS`: who is in the DHT that ADDRESS belongs to."""
+"""`hive peers ADDRESS`: who is in the DHT that ADDRESS belongs to, and which runs train there."""
 
 from __future__ import annotations
 
+import time
 from typing import Annotated, Any
 
 import typer
@@ -15,14 +16,21 @@ def peers(
         typer.Argument(help="Multiaddr of any peer in the DHT, e.g. /ip4/1.2.3.4/tcp/31337/p2p/12D3KooW..."),
     ],
     json_output: Annotated[
-        bool, typer.Option("--json", help="Print one JSON document on stdout instead of a table.")
+        bool, typer.Option("--json", help="Print one JSON document on stdout (one per refresh) instead of tables.")
     ] = False,
     timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds to spend crawling the DHT.")] = 10.0,
     max_peers: Annotated[int, typer.Option("--max-peers", min=1, help="Stop after finding this many peers.")] = 1000,
+    run: Annotated[
+        str | None, typer.Option("--run", help="Show only this run's peers and their training progress.")
+    ] = None,
+    watch: Annotated[bool, typer.Option("--watch", help="Refresh every --interval seconds until Ctrl+C.")] = False,
+    interval: Annotated[
+        float, typer.Option("--interval", min=0.5, help="Seconds between refreshes with --watch.")
+    ] = 2.0,
 ) -> None:
-    """List the peers of a DHT: peer ID, addresses, when they were last seen, our round trip.
+    """List the peers of a DHT and the training runs in it.
 
-    Starts a short-lived client node, asks ADDRESS for its routing table, then asks every peer found the same, until nobody names a new one (or --timeout). Exit code 3 if ADDRESS does not answer.
+    Without --run: every DHT peer (peer ID, addresses, last seen, our round trip) and one line per run. With --run PREFIX: that run's peers with their step, loss, samples/s, test accuracy and last report. Warns on stderr when a run has fewer peers than its group size. Exit code 3 if ADDRESS does not answer.
     """
     from hivecli.dht.crawl import crawl
     from hivecli.dht.dht import DHT
@@ -31,10 +39,52 @@ def peers(
     start = parse_peer_maddr(address)
     with DHT(client_mode=True, wait_timeout=min(3.0, timeout)) as client:
         found = client.run_coroutine(lambda _dht, node: crawl(node, start, max_peers=max_peers, timeout=timeout))
-    if json_output:
-        print(_to_json(found))
-    else:
-        _print_table(found)
+        client.run_coroutine(lambda _dht, node: node.bootstrap([start]))  # reads of run records need a routing table
+        while True:
+            runs = _runs(client, run)
+            if json_output:
+                print(_to_json([] if run else found, runs), flush=True)
+            else:
+                _print_tables([] if run else found, runs, show_peers=run is None)
+            _warn_small_runs(runs)
+            if not watch:
+                break
+            time.sleep(interval)
+            if not run:
+                found = client.run_coroutine(
+                    lambda _dht, node: crawl(node, start, max_peers=max_peers, timeout=timeout)
+                )
+
+
+def _runs(client: Any, only: str | None) -> dict[str, dict[str, Any]]:
+    """{prefix: {"summary": ..., "peers": {peer id: progress}}} of the runs announced in the DHT."""
+    from hivecli.runs import fetch_progress, list_runs
+    from hivecli.utils.timing import get_dht_time
+
+    announced = list_runs(client)
+    prefixes = [only] if only else sorted(announced)
+    now = get_dht_time()
+    result = {}
+    for prefix in prefixes:
+        progress = fetch_progress(client, prefix)
+        for entry in progress.values():
+            seen = entry.get("time")
+            entry["last_report_s"] = round(now - seen, 1) if isinstance(seen, (int, float)) else None
+        result[prefix] = {"summary": announced.get(prefix, {}), "peers": progress}
+    return result
+
+
+def _warn_small_runs(runs: dict[str, dict[str, Any]]) -> None:
+    for prefix, info in runs.items():
+        target = info["summary"].get("target_group_size")
+        count = len(info["peers"])
+        if count == 0:
+            _output.stderr.print(f"warning: run {prefix!r} has no peer reporting progress")
+        elif isinstance(target, int) and count < target:
+            _output.stderr.print(
+                f"warning: run {prefix!r} has {count} peer{'s' if count != 1 else ''}, fewer than its group size "
+                f"{target}: groups form after min_matchmaking_time with whoever is there"
+            )
 
 
 def _row(info: Any) -> dict[str, Any]:
@@ -47,25 +97,48 @@ def _row(info: Any) -> dict[str, Any]:
     }
 
 
-def _to_json(found: list[Any]) -> str:
+def _to_json(found: list[Any], runs: dict[str, dict[str, Any]]) -> str:
     import json
 
-    return json.dumps({"peers": [_row(info) for info in found], "count": len(found)})
+    return json.dumps({"peers": [_row(info) for info in found], "count": len(found), "runs": runs}, default=str)
 
 
-def _print_table(found: list[Any]) -> None:
+def _print_tables(found: list[Any], runs: dict[str, dict[str, Any]], show_peers: bool) -> None:
     from rich.table import Table
 
-    table = Table(title=f"{len(found)} peers in the DHT")
-    for column in ("peer id", "addresses", "last seen", "round trip", "reachable"):
-        table.add_column(column, overflow="fold")  # never truncate: peer IDs and addresses get copied
-    for info in found:
-        row = _row(info)
-        table.add_row(
-            row["peer_id"],
-            "\n".join(m.transport_address for m in info.maddrs) or "-",
-            "-" if row["last_seen_s"] is None else f"{row['last_seen_s']:.1f} s ago",
-            "-" if row["rtt_ms"] is None else f"{row['rtt_ms']:.1f} ms",
-            {True: "yes", False: "no", None: "not asked"}[row["reachable"]],
-        )
-    _output.stdout.print(table)
+    if show_peers:
+        table = Table(title=f"{len(found)} peers in the DHT")
+        for column in ("peer id", "addresses", "last seen", "round trip", "reachable"):
+            table.add_column(column, overflow="fold")  # never truncate: peer IDs and addresses get copied
+        for info in found:
+            row = _row(info)
+            table.add_row(
+                row["peer_id"],
+                "\n".join(m.transport_address for m in info.maddrs) or "-",
+                "-" if row["last_seen_s"] is None else f"{row['last_seen_s']:.1f} s ago",
+                "-" if row["rtt_ms"] is None else f"{row['rtt_ms']:.1f} ms",
+                {True: "yes", False: "no", None: "not asked"}[row["reachable"]],
+            )
+        _output.stdout.print(table)
+    for prefix, info in runs.items():
+        s = info["summary"]
+        title = f"run {prefix}: {len(info['peers'])} peers"
+        if s:
+            title += f" (model {s.get('model')}, data {s.get('dataset')}, group size {s.get('target_group_size')})"
+        table = Table(title=title)
+        for column in ("peer id", "step", "loss", "samples/s", "test accuracy", "last report"):
+            table.add_column(column, overflow="fold")
+        for peer_id, p in sorted(info["peers"].items(), key=lambda item: -(item[1].get("step") or 0)):
+            table.add_row(
+                peer_id,
+                str(p.get("step", "-")),
+                _number(p.get("loss"), ".3f"),
+                _number(p.get("samples_per_s"), ".0f"),
+                _number(p.get("accuracy"), ".3f"),
+                "-" if p.get("last_report_s") is None else f"{p['last_report_s']:.0f} s ago",
+            )
+        _output.stdout.print(table)
+
+
+def _number(value: Any, spec: str) -> str:
+    return format(value, spec) if isinstance(value, (int, float)) else "-"
