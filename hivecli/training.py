@@ -82,12 +82,13 @@ class Trainer:
         ConfigError: the recipe's model, dataset or optimizer settings do not fit together.
     """
 
-    def __init__(self, recipe: Recipe, dht: DHT, run_dir: Path, on_event: EventCallback):
+    def __init__(self, recipe: Recipe, dht: DHT, run_dir: Path, on_event: EventCallback, joining: bool = False):
         self.recipe, self.dht, self.run_dir, self.on_event = recipe, dht, run_dir, on_event
         data = load_dataset(recipe.data)
         self.data = data
         self.model, base_opt = build_model_and_optimizer(recipe, data.input_shape, data.num_classes)
-        self.opt = DecentralizedOptimizer(base_opt, dht, **averager_kwargs(recipe))
+        # a joiner shares its state only once it has the run's: before, it would hand out a fresh model
+        self.opt = DecentralizedOptimizer(base_opt, dht, allow_state_sharing=not joining, **averager_kwargs(recipe))
         # each peer its own order of the data: same model seed, different batches
         shuffle = torch.Generator().manual_seed(
             int.from_bytes(hashlib.sha256(dht.peer_id.to_bytes()).digest()[:8], "big")
@@ -121,17 +122,20 @@ class Trainer:
         """Start from the run's current parameters, optimizer state and step. False if no peer
         shared its state within `timeout` (the caller warns: it starts from the recipe's seed)."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                loaded = self.opt.averager.load_state_from_peers(timeout=max(1.0, deadline - time.monotonic()))
-            except HiveError as e:
-                logger.warning("Could not load the run's state: %s; retrying", e)
-                loaded = None
-            if loaded is not None:
-                self.on_event("state_loaded", {"step": self.step})
-                return True
-            time.sleep(1.0)
-        return False
+        try:
+            while time.monotonic() < deadline:
+                try:
+                    loaded = self.opt.averager.load_state_from_peers(timeout=max(1.0, deadline - time.monotonic()))
+                except HiveError as e:
+                    logger.warning("Could not load the run's state: %s; retrying", e)
+                    loaded = None
+                if loaded is not None:
+                    self.on_event("state_loaded", {"step": self.step})
+                    return True
+                time.sleep(1.0)
+            return False
+        finally:
+            self.opt.averager.allow_state_sharing = True
 
     # ---- the loop -----------------------------------------------------------------------------------
 
@@ -232,6 +236,8 @@ class Trainer:
             self.peers = count_peers(self.dht, self.recipe.run.prefix)
         except HiveError as e:
             logger.debug("Could not report progress to the DHT: %s", e)
+        # donors are tried highest priority first: the peer furthest along the run
+        self.opt.averager.state_sharing_priority = self.step
         fields = {
             "step": self.step, "loss": round(self.loss_ema or loss, 4), "samples_per_s": round(self.samples_per_s, 1),
             "peers": self.peers, "rounds": self.opt.rounds_finished, "last_group_size": self.opt.last_group_size,

@@ -91,6 +91,9 @@ def local(
     n: Annotated[int, typer.Argument(min=1, max=64, help="How many peers to run.")],
     recipe: Annotated[Path, typer.Argument(help="The run's recipe (TOML).")],
     host: Annotated[str, typer.Option("--host", help="IP address the peers listen on.")] = "127.0.0.1",
+    port: Annotated[
+        int, typer.Option("--port", min=0, max=65535, help="Peer K listens on PORT+K (0: any free ports).")
+    ] = 0,
     set_values: SetFlag = None,
     max_steps: MaxStepsFlag = None,
     json_output: JsonFlag = False,
@@ -103,7 +106,9 @@ def local(
 
     load_recipe(recipe, set_values)  # a bad recipe fails here, once, not in N children
     base = [sys.executable, "-m", "hivecli.cli.main"]
-    common = ["--json", "--host", host, "--port", "0"]
+    if port and port + n - 1 > 65535:
+        raise ConfigError(f"--port {port} leaves no room for {n} peers (PORT+{n - 1} > 65535); choose a lower port")
+    common = ["--json", "--host", host]
     for value in set_values or []:
         common += ["--set", value]
     if max_steps is not None:
@@ -120,13 +125,17 @@ def local(
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     codes: list[int] = []
     try:
-        peers.append(_Peer(0, [*base, "start", str(recipe), *common], json_output))
+
+        def port_of(index: int) -> list[str]:
+            return ["--port", str(port + index if port else 0)]
+
+        peers.append(_Peer(0, [*base, "start", str(recipe), *common, *port_of(0)], json_output))
         address = peers[0].wait_for_event("listening", STARTUP_TIMEOUT)["maddrs"][0]
         _output.stderr.print(f"peer 0 listens at {address}; starting {n - 1} more")
         for index in range(1, n):
             if interrupted.is_set():
                 break
-            peers.append(_Peer(index, [*base, "join", address, str(recipe), *common], json_output))
+            peers.append(_Peer(index, [*base, "join", address, str(recipe), *common, *port_of(index)], json_output))
         while any(peer.proc.poll() is None for peer in peers):
             time.sleep(0.2)
     finally:

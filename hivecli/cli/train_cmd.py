@@ -188,7 +188,7 @@ def _train(recipe: Recipe, dht: Any, json_output: bool, join: bool) -> None:
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     trainer = None
     try:
-        trainer = Trainer(recipe, dht, run_dir, display.event)
+        trainer = Trainer(recipe, dht, run_dir, display.event, joining=join)
         display.event("started", {"run_dir": str(run_dir), "prefix": recipe.run.prefix})
         if join and not trainer.load_state_from_peers(timeout=30.0):
             logger.warning("No peer of run %r shared its state within 30 s; starting from the recipe's seed",
