@@ -188,8 +188,9 @@ def load_recipe(
     elif data is not None:
         merged = json.loads(json.dumps(data))  # a deep copy of plain data
     _check_keys(merged, source)
-    env_layer = _env_layer(os.environ if env is None else env)
-    flag_layer = _overrides_layer(overrides or [])
+    origins: dict[tuple[str, str], str] = {}  # values that did not come from the file: where they did
+    env_layer = _env_layer(os.environ if env is None else env, origins)
+    flag_layer = _overrides_layer(overrides or [], origins)
     for layer in (env_layer, flag_layer):
         _check_keys(layer, source)
         for section, values in layer.items():
@@ -197,7 +198,7 @@ def load_recipe(
     try:
         return Recipe.model_validate(merged)
     except ValidationError as e:
-        raise ConfigError(_describe(e, source, merged)) from None
+        raise ConfigError(_describe(e, source, merged, origins)) from None
 
 
 def _check_keys(data: dict[str, Any], source: str) -> None:
@@ -227,16 +228,20 @@ def _parse_value(text: str) -> Any:
         return text
 
 
-def _env_layer(env: dict[str, str] | os._Environ[str]) -> dict[str, dict[str, Any]]:
+def _env_layer(
+    env: dict[str, str] | os._Environ[str], origins: dict[tuple[str, str], str]
+) -> dict[str, dict[str, Any]]:
     layer: dict[str, dict[str, Any]] = {}
     for name, value in env.items():
         match = re.fullmatch(r"HIVE_([A-Z]+)_([A-Z0-9_]+)", name)
         if match and match.group(1).lower() in SECTIONS:
-            layer.setdefault(match.group(1).lower(), {})[match.group(2).lower()] = _parse_value(value)
+            section, key = match.group(1).lower(), match.group(2).lower()
+            layer.setdefault(section, {})[key] = _parse_value(value)
+            origins[(section, key)] = f"from the environment variable {name}"
     return layer
 
 
-def _overrides_layer(overrides: list[str]) -> dict[str, dict[str, Any]]:
+def _overrides_layer(overrides: list[str], origins: dict[tuple[str, str], str]) -> dict[str, dict[str, Any]]:
     layer: dict[str, dict[str, Any]] = {}
     for item in overrides:
         key, sep, value = item.partition("=")
@@ -244,10 +249,11 @@ def _overrides_layer(overrides: list[str]) -> dict[str, dict[str, Any]]:
         if not sep or not dot or not field:
             raise ConfigError(f"--set {item!r}: write SECTION.KEY=VALUE, e.g. --set averaging.target_group_size=4")
         layer.setdefault(section, {})[field] = _parse_value(value.strip())
+        origins[(section, field)] = "from the command line"
     return layer
 
 
-def _describe(error: ValidationError, source: str, data: dict[str, Any]) -> str:
+def _describe(error: ValidationError, source: str, data: dict[str, Any], origins: dict[tuple[str, str], str]) -> str:
     """The first validation problem as one sentence: source: key = value: what is wrong."""
     problem = error.errors()[0]
     location = ".".join(str(part) for part in problem["loc"])
@@ -262,6 +268,9 @@ def _describe(error: ValidationError, source: str, data: dict[str, Any]) -> str:
     for part in problem["loc"]:
         value = value.get(part) if isinstance(value, dict) else None
     shown = f" = {json.dumps(value, default=str)}" if value is not None and len(problem["loc"]) > 1 else ""
+    origin = origins.get(tuple(str(part) for part in problem["loc"][:2]))  # type: ignore[arg-type]
+    if shown and origin:
+        shown += f" ({origin})"
     more = f" (and {len(error.errors()) - 1} more problems)" if len(error.errors()) > 1 else ""
     return f"{source}: {location}{shown}: {message}{more}"
 

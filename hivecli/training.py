@@ -113,6 +113,7 @@ class Trainer:
         self.samples_per_s = 0.0
         self.peers = 1
         self._published = 0.0
+        self._checkpointed = -1  # the step of the last checkpoint written
 
     @property
     def step(self) -> int:
@@ -160,7 +161,7 @@ class Trainer:
                     reason = "max_seconds"
                 if reason:
                     break
-                loss = self._train_step(x, y)
+                self._train_step(x, y)
                 window_samples += len(y)
                 if self.step % output.eval_every_steps == 0:
                     self.evaluate()
@@ -171,15 +172,15 @@ class Trainer:
                     self.samples_per_s = window_samples / (now - window_start)
                     window_samples, window_start = 0, now
                     next_report = now + output.report_every_seconds
-                    self._report(loss)
+                    self._report()
         if reason != "stopped":  # on Ctrl+C, do not wait for a round in flight
             self._finish_last_round()
         if self.step % output.eval_every_steps != 0 or self.last_accuracy is None:
             self.evaluate()
         if window_samples:
             self.samples_per_s = window_samples / max(1e-9, time.monotonic() - window_start)
-        self._report(self.loss_ema or 0.0)
-        path = self.save_checkpoint()
+        self._report()
+        path = self.save_checkpoint() if self._checkpointed != self.step else self._checkpoint_path()
         self.on_event(
             "finished",
             {"reason": reason, "step": self.step, "accuracy": self.last_accuracy, "checkpoint": str(path),
@@ -220,7 +221,7 @@ class Trainer:
         self._write_metrics({"accuracy": self.last_accuracy})
         return self.last_accuracy
 
-    def _report(self, loss: float) -> None:
+    def _report(self) -> None:
         from hivecli.runs import count_peers
 
         try:
@@ -239,9 +240,13 @@ class Trainer:
         # donors are tried highest priority first: the peer furthest along the run
         self.opt.averager.state_sharing_priority = self.step
         fields = {
-            "step": self.step, "loss": round(self.loss_ema or loss, 4), "samples_per_s": round(self.samples_per_s, 1),
-            "peers": self.peers, "rounds": self.opt.rounds_finished, "last_group_size": self.opt.last_group_size,
-        }  # fmt: skip
+            "step": self.step,
+            "loss": None if self.loss_ema is None else round(self.loss_ema, 4),
+            "samples_per_s": round(self.samples_per_s, 1),
+            "peers": self.peers,
+            "rounds": self.opt.rounds_finished,
+            "last_group_size": self.opt.last_group_size,
+        }
         self.on_event("progress", fields)
         self._write_metrics(fields)
 
@@ -271,15 +276,19 @@ class Trainer:
                 "step": self.step,
                 "recipe": self.recipe.to_dict(),
             }
-            path = folder / f"step-{self.step}.pt"
+            path = self._checkpoint_path()
             torch.save(state, path)
         temporary = folder / "latest.pt.tmp"
         torch.save(state, temporary)
         temporary.replace(folder / "latest.pt")  # readers never see half a file
         for old in sorted(folder.glob("step-*.pt"), key=lambda p: int(p.stem.split("-")[1]))[:-KEEP_CHECKPOINTS]:
             old.unlink()
+        self._checkpointed = self.step
         self.on_event("checkpoint", {"step": self.step, "path": str(path)})
         return path
+
+    def _checkpoint_path(self) -> Path:
+        return self.run_dir / "checkpoints" / f"step-{self.step}.pt"
 
     def close(self) -> None:
         self.opt.shutdown()

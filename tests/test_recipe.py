@@ -144,7 +144,12 @@ def test_missing_file(tmp_path):
 
 def test_env_and_override_values_are_validated(tmp_path):
     path = write(tmp_path, "")
-    assert f"{path}: limits.max_steps = 0: must be >= 1" in config_error(path, env={"HIVE_LIMITS_MAX_STEPS": "0"})
+    from_env = config_error(path, env={"HIVE_LIMITS_MAX_STEPS": "0"})
+    assert (
+        f"{path}: limits.max_steps = 0 (from the environment variable HIVE_LIMITS_MAX_STEPS): must be >= 1" == from_env
+    )
+    from_flag = config_error(path, ["limits.max_steps=0"])
+    assert from_flag == f"{path}: limits.max_steps = 0 (from the command line): must be >= 1"
     assert "unknown key limits.max_step (did you mean 'max_steps'?)" in config_error(path, ["limits.max_step=3"])
     assert "unknown section [limit] (did you mean 'limits'?)" in config_error(path, ["limit.max_steps=3"])
     assert 'averaging.compression = "fp8": must be' in config_error(path, env={"HIVE_AVERAGING_COMPRESSION": "fp8"})

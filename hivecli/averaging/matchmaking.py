@@ -182,7 +182,7 @@ class _Search:
                 raise MatchmakingError(
                     f"found {self.group_size()} of the needed {self.settings.min_group_size} peers under "
                     f"prefix {self.mm.prefix!r} before the timeout; start more peers with the same prefix "
-                    f"and tensor shapes, or lower min_group_size"
+                    f"and tensor shapes" + (", or lower min_group_size" if self.settings.min_group_size > 2 else "")
                 )
             wait = min(poll_delay, max(0.0, self.deadline - self.loop.time()))
             if not self.me.client_mode:

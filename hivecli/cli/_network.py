@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 from typing import Annotated
 
 import typer
@@ -66,6 +67,11 @@ def split_peer_list(values: list[str] | None) -> list[str]:
     Raises:
         ConfigError: a value was given but is blank (usually an unset variable in a script).
     """
+    if not values and os.environ.get("HIVE_INITIAL_PEERS", "x").strip() == "":
+        raise ConfigError(
+            "HIVE_INITIAL_PEERS is set but empty, which usually means an unset variable in a script; "
+            "put the multiaddr another peer printed in it, or unset it to start a new DHT"
+        )
     peers: list[str] = []
     for value in values or []:
         parts = value.replace(",", " ").split()

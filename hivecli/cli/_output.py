@@ -11,7 +11,7 @@ from rich.console import Console
 
 # Piped output is read by scripts and pasted by people: never fold peer IDs at 80 columns there.
 stdout = Console(soft_wrap=True, highlight=False, width=None if sys.stdout.isatty() else 300)
-stderr = Console(stderr=True, soft_wrap=True, highlight=False)
+stderr = Console(stderr=True, soft_wrap=True, highlight=False, width=None if sys.stderr.isatty() else 300)
 
 
 def emit_json(event: str, **fields: Any) -> None:

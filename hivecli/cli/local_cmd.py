@@ -100,7 +100,7 @@ def local(
 ) -> None:
     """Run N peers of a recipe on this machine: the first starts the run, the others join it.
 
-    Each peer's output is prefixed with [peer K]; at the end a table shows each peer's steps, averaging rounds and test accuracy. Ctrl+C stops every peer cleanly (each saves a checkpoint). Exit code 0 if every peer finished, 1 if one failed, 130 if interrupted.
+    Each peer's output is prefixed with \\[peer K]; at the end a table shows each peer's steps, averaging rounds and test accuracy. Ctrl+C stops every peer cleanly (each saves a checkpoint). Exit code 0 if every peer finished, 1 if one failed, 130 if interrupted.
     """
     from hivecli.recipe import load_recipe
 

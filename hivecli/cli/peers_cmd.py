@@ -107,7 +107,7 @@ def _print_tables(found: list[Any], runs: dict[str, dict[str, Any]], show_peers:
     from rich.table import Table
 
     if show_peers:
-        table = Table(title=f"{len(found)} peers in the DHT")
+        table = Table(title=f"{_plural(len(found), 'peer')} in the DHT")
         for column in ("peer id", "addresses", "last seen", "round trip", "reachable"):
             table.add_column(column, overflow="fold")  # never truncate: peer IDs and addresses get copied
         for info in found:
@@ -122,7 +122,7 @@ def _print_tables(found: list[Any], runs: dict[str, dict[str, Any]], show_peers:
         _output.stdout.print(table)
     for prefix, info in runs.items():
         s = info["summary"]
-        title = f"run {prefix}: {len(info['peers'])} peers"
+        title = f"run {prefix}: {_plural(len(info['peers']), 'peer')}"
         if s:
             title += f" (model {s.get('model')}, data {s.get('dataset')}, group size {s.get('target_group_size')})"
         table = Table(title=title)
@@ -138,6 +138,10 @@ def _print_tables(found: list[Any], runs: dict[str, dict[str, Any]], show_peers:
                 "-" if p.get("last_report_s") is None else f"{p['last_report_s']:.0f} s ago",
             )
         _output.stdout.print(table)
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def _number(value: Any, spec: str) -> str:

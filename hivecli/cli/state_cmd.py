@@ -40,7 +40,7 @@ def pull_state(
             loaded = load_recipe(None, data=fetch_recipe(dht, prefix))
             if loaded.user_code() and not trust_recipe:
                 raise ConfigError(
-                    f"run {prefix!r}'s recipe names code to run on this machine ({', '.join(loaded.user_code())}); "
+                    f"the recipe of run {prefix!r} names code to run on this machine ({', '.join(loaded.user_code())}); "
                     f"read it, then pass --trust-recipe, or pass a local --recipe"
                 )
         summary = list_runs(dht).get(prefix, {})

@@ -146,7 +146,7 @@ def _run_peer(
             recipe = load_recipe(None, overrides, data=fetch_recipe(dht, prefix))
             if recipe.user_code() and not trust_recipe:
                 raise ConfigError(
-                    f"run {prefix!r}'s recipe names code to run on this machine ({', '.join(recipe.user_code())}); "
+                    f"the recipe of run {prefix!r} names code to run on this machine ({', '.join(recipe.user_code())}); "
                     f"read the recipe, then pass --trust-recipe, or join with a local recipe file"
                 )
             _output.stderr.print(f"Joining run [bold]{prefix}[/bold] with the recipe it published")
@@ -247,8 +247,9 @@ class _Display:
         step = f"{s['step']}/{limit}" if limit else str(s["step"])
         accuracy = f" | acc {s['accuracy']:.3f}" if s.get("accuracy") is not None else ""
         last = f" (last: {s['last_group_size']} peers)" if s.get("rounds") else ""
+        loss = "-" if s.get("loss") is None else f"{s['loss']:.3f}"
         return (
-            f"step {step} | loss {s['loss']:.3f} | {s['samples_per_s']:.0f} samples/s | "
+            f"step {step} | loss {loss} | {s['samples_per_s']:.0f} samples/s | "
             f"peers {s['peers']} | rounds {s['rounds']}{last}{accuracy}"
         )
 
