@@ -152,7 +152,9 @@ def test_env_and_override_values_are_validated(tmp_path):
     assert from_flag == f"{path}: limits.max_steps = 0 (from the command line): must be >= 1"
     assert "unknown key limits.max_step (did you mean 'max_steps'?)" in config_error(path, ["limits.max_step=3"])
     assert "unknown section [limit] (did you mean 'limits'?)" in config_error(path, ["limit.max_steps=3"])
-    assert 'averaging.compression = "fp8": must be' in config_error(path, env={"HIVE_AVERAGING_COMPRESSION": "fp8"})
+    assert 'compression = "fp8" (from the environment variable HIVE_AVERAGING_COMPRESSION): must be' in config_error(
+        path, env={"HIVE_AVERAGING_COMPRESSION": "fp8"}
+    )
 
 
 @pytest.mark.parametrize("item", ["limits.max_steps", "limits=5", "limits.=5", "=5"])
