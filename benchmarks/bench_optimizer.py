@@ -2,7 +2,8 @@
 
 Speed: steps/s of the quick-start CNN (3 x 32 x 32 input, batch 256, SGD lr 0.001 momentum
 0.9) on the offline digits data resized to 32 x 32, measured over `--seconds` after a warm-up.
-Each configuration runs in fresh processes, and is compared with plain torch running the same
+Each configuration runs in fresh processes, `--reps` times interleaved with the others (the
+table shows medians), and is compared with plain torch running the same
 number of processes at once (on 2 cores, two trainers share the CPU, so plain torch with two
 processes is the fair reference for two peers):
 
@@ -155,25 +156,39 @@ def _run(target: Any, n: int, *args: Any) -> list[Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seconds", type=float, default=20.0, help="measured time per speed configuration")
+    parser.add_argument("--seconds", type=float, default=10.0, help="measured time per speed run")
+    parser.add_argument("--reps", type=int, default=3, help="runs per speed configuration (median reported)")
     parser.add_argument("--warmup", type=float, default=4.0)
     parser.add_argument("--steps", type=int, default=300, help="steps per peer in the convergence runs")
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--peers", type=int, nargs="+", default=[1, 2, 4], help="convergence runs")
     args = parser.parse_args()
 
-    speed = {}
-    for label, procs, averaging in [
+    configs = [
         ("plain torch, 1 process", 1, False),
         ("DecentralizedOptimizer alone", 1, True),
         ("plain torch, 2 processes", 2, False),
         ("DecentralizedOptimizer, 2 peers", 2, True),
-    ]:
-        results = _run(_speed_worker, procs, averaging, args.seconds, args.warmup)
-        speed[label] = (statistics.mean(r[1] for r in results), sum(r[2] for r in results) / len(results))
-        print(f"  measured {label}: {speed[label][0]:.2f} steps/s per process", file=sys.stderr, flush=True)
+    ]
+    samples: dict[str, list[tuple[float, float]]] = {label: [] for label, _, _ in configs}
+    for rep in range(args.reps):  # interleaved, so that drifts in machine speed hit every configuration alike
+        for label, procs, averaging in configs:
+            results = _run(_speed_worker, procs, averaging, args.seconds, args.warmup)
+            samples[label].append((statistics.mean(r[1] for r in results), sum(r[2] for r in results) / len(results)))
+            print(
+                f"  rep {rep + 1}: {label}: {samples[label][-1][0]:.2f} steps/s per process",
+                file=sys.stderr,
+                flush=True,
+            )
+    speed = {
+        label: (statistics.median(x[0] for x in runs), statistics.median(x[1] for x in runs))
+        for label, runs in samples.items()
+    }
 
-    print(f"\nSpeed: quick-start CNN, batch {BATCH}, averaging every step, {args.seconds:g} s measured")
+    print(
+        f"\nSpeed: quick-start CNN, batch {BATCH}, averaging every step; median of {args.reps} interleaved "
+        f"runs of {args.seconds:g} s"
+    )
     print("| configuration | steps/s per process | rounds per peer | vs plain torch | overhead |")
     print("| --- | --- | --- | --- | --- |")
     for label, reference in [

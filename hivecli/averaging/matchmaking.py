@@ -86,13 +86,17 @@ class Matchmaker:
         me = Member(self.peer_id, self.my_addrs(), self.client_mode, 0.0 if self.client_mode else bandwidth, gathered)
         search = _Search(self, me, deadline)
         self._search = search
+        group = None
         try:
-            return await search.run()
+            group = await search.run()
+            return group
         finally:
             search.finished = True
             self._search = None
             search.disband_followers(None)
-            if search.declared_expiration is not None:
+            # after a group formed, the next round declares anew (replacing this declaration) and
+            # a stale one only costs askers a quick refusal: a withdrawal would cost a DHT store
+            if search.declared_expiration is not None and group is None:
                 self._spawn(self._withdraw(search.declared_expiration))
 
     async def _withdraw(self, expiration: float) -> None:

@@ -26,6 +26,8 @@ from hivecli.utils.loops import wait_event
 from hivecli.utils.timing import get_dht_time
 
 logger = logging.getLogger(__name__)
+_RECENT_NEAREST_S = 2.0  # how long a lookup's nearest nodes serve later stores of the same key
+_RECENT_NEAREST_MAX = 256
 
 
 def record_items(key_id: DHTID, record: Record, in_cache: bool = False) -> list[list[Any]]:
@@ -67,6 +69,9 @@ class DHTNode:
         self._wake_maintenance = asyncio.Event()
         self._maintenance: asyncio.Task[None] | None = None
         self._last_lookup = 0.0  # monotonic time of this node's latest lookup
+        # key -> (when, nearest nodes) of recent complete lookups: a store right after a lookup of the
+        # same key (matchmaking declares, polls and declares again every round) skips its own lookup
+        self._recent_nearest: dict[DHTID, tuple[float, list[tuple[DHTID, PeerID]]]] = {}
 
     @classmethod
     async def create(
@@ -141,9 +146,22 @@ class DHTNode:
 
     # ---- store / get ----------------------------------------------------------------------
 
-    async def _lookup(self, key_id: DHTID, **kwargs: Any) -> LookupResult:
+    async def _lookup(self, key_id: DHTID, remember: bool = False, **kwargs: Any) -> LookupResult:
         self._last_lookup = time.monotonic()
-        return await iterative_lookup(self.protocol, key_id, **kwargs)
+        result = await iterative_lookup(self.protocol, key_id, **kwargs)
+        if remember and result.nearest:
+            if len(self._recent_nearest) >= _RECENT_NEAREST_MAX:
+                self._recent_nearest.clear()
+            self._recent_nearest[key_id] = (time.monotonic(), result.nearest)
+        return result
+
+    async def _nearest_for_store(self, key_id: DHTID) -> list[tuple[DHTID, PeerID]]:
+        recent = self._recent_nearest.get(key_id)
+        if recent is not None and time.monotonic() - recent[0] < _RECENT_NEAREST_S:
+            return recent[1]
+        # a store must hear from the whole beam anyway, so ask all of it at once
+        lookup = await self._lookup(key_id, remember=True, parallel=self.settings.effective_beam_size)
+        return lookup.nearest
 
     async def store(self, key: Any, value: Any, expiration_time: float, subkey: Any = None) -> bool:
         """Store `value` under `key` (and `subkey`) on the nearest nodes until `expiration_time`.
@@ -171,14 +189,13 @@ class DHTNode:
     async def store_record(self, key_id: DHTID, record: Record) -> bool:
         if record.expiration_time <= get_dht_time():
             return False
-        # a store must hear from the whole beam anyway, so ask all of it at once
-        lookup = await self._lookup(key_id, parallel=self.settings.effective_beam_size)
-        targets: list[DHTID | None] = [node_id for node_id, _ in lookup.nearest]
+        nearest = await self._nearest_for_store(key_id)
+        targets: list[DHTID | None] = [node_id for node_id, _ in nearest]
         if not self.client_mode:
             targets.append(None)  # None stands for this node
         targets.sort(key=lambda node_id: (self.node_id if node_id is None else node_id) ^ key_id)
         targets = targets[: self.settings.num_replicas]
-        peers = dict(lookup.nearest)
+        peers = dict(nearest)
         items = record_items(key_id, record)
         stored_here = None in targets and _store_record(self.protocol.storage, key_id, record)
         remote = [self.protocol.call_store(peers[node_id], items) for node_id in targets if node_id is not None]
@@ -209,7 +226,9 @@ class DHTNode:
         if local is not None and not latest:
             return local
         now = get_dht_time()
-        lookup = await self._lookup(key_id, is_enough=None if latest else (lambda record: record.expiration_time > now))
+        lookup = await self._lookup(
+            key_id, remember=latest, is_enough=None if latest else (lambda record: record.expiration_time > now)
+        )
         found = lookup.record
         if found is not None and found.expiration_time <= get_dht_time():
             found = None
