@@ -189,13 +189,14 @@ class Trainer:
         return reason
 
     def _finish_last_round(self) -> None:
-        """Apply the round in flight if its group forms soon; peers that finish together get
-        their last average. A round still looking for peers after that is dropped."""
+        """Average once more with the peers that finish at about the same time, so that they
+        leave with the same averaged model; alone, this costs one matchmaking wait."""
         a = self.recipe.averaging
         try:
-            self.opt.wait_for_averaging(timeout=2 * a.min_matchmaking_time + a.request_timeout)
+            if not self.opt.average_now(timeout=2 * a.min_matchmaking_time + a.request_timeout):
+                logger.info("No peer to average with at the end; keeping local parameters")
         except TimeoutError:
-            logger.info("The last averaging round found no group in time; keeping local parameters")
+            logger.info("The last averaging round did not finish in time; keeping local parameters")
 
     def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         self.opt.zero_grad()

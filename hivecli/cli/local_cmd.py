@@ -104,12 +104,22 @@ def local(
     """
     from hivecli.recipe import load_recipe
 
-    load_recipe(recipe, set_values)  # a bad recipe fails here, once, not in N children
+    loaded = load_recipe(recipe, set_values)  # a bad recipe fails here, once, not in N children
     base = [sys.executable, "-m", "hivecli.cli.main"]
     if port and port + n - 1 > 65535:
         raise ConfigError(f"--port {port} leaves no room for {n} peers (PORT+{n - 1} > 65535); choose a lower port")
     common = ["--json", "--host", host]
-    for value in set_values or []:
+    set_values = list(set_values or [])
+    target = loaded.averaging.target_group_size
+    if 2 <= n < target:  # no group here can be larger: waiting for more peers would only slow rounds
+        if loaded.averaging.min_group_size > n:
+            raise ConfigError(
+                f"averaging.min_group_size = {loaded.averaging.min_group_size} needs more than the {n} peers "
+                f"asked for; run more peers or lower min_group_size"
+            )
+        set_values.append(f"averaging.target_group_size={n}")
+        _output.stderr.print(f"groups of at most {n} peers here (the recipe allows {target})")
+    for value in set_values:
         common += ["--set", value]
     if max_steps is not None:
         common += ["--max-steps", str(max_steps)]

@@ -161,14 +161,15 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
             return False
         return self.averaging_time_period == 0 or get_dht_time() >= self._next_round_time
 
-    def _start_round(self) -> None:
+    def _start_round(self, timeout: float | None = None) -> None:
         if self.averaging_time_period:
             period = self.averaging_time_period
             self._next_round_time = (math.floor(get_dht_time() / period) + 1) * period
         self.averager.snapshot()
         self._log("Starting a new averaging round with current parameters.")
         self._round_started = time.perf_counter()
-        self._round = self.averager.step(timeout=self.timeout, wait=False)  # type: ignore[assignment]
+        timeout = self.timeout if timeout is None else timeout
+        self._round = self.averager.step(timeout=timeout, wait=False)  # type: ignore[assignment]
 
     def _apply_finished_round(self) -> bool:
         control = self._round
@@ -213,6 +214,19 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
                 raise TimeoutError(f"the averaging round did not finish within {timeout} s") from None
         with self.lock_parameters:
             return self._apply_finished_round()
+
+    def average_now(self, timeout: float) -> bool:
+        """Finish the round in flight, then average once more with whoever is ready within
+        `timeout` seconds, and apply it. For the end of training: peers that finish together
+        leave with the same averaged model. True if the last round averaged with someone.
+
+        Raises:
+            TimeoutError: the round in flight did not finish within `timeout`.
+        """
+        self.wait_for_averaging(timeout)
+        with self.lock_parameters:
+            self._start_round(timeout=timeout)
+        return self.wait_for_averaging(timeout + self.averager.settings.allreduce_timeout)
 
     def shutdown(self) -> None:
         """Cancel the round in flight and stop the averager (the DHT keeps running)."""
