@@ -6,6 +6,7 @@ on every peer and then waiting with `wait_for_averaging(timeout)`, never by slee
 
 import contextlib
 import logging
+import threading
 
 import pytest
 import torch
@@ -242,3 +243,27 @@ def test_verbose_logs_rounds_like_the_quickstart(caplog):
     assert caplog.text.count("Starting a new averaging round with current parameters.") == 2
     assert caplog.text.count("with 2 peers.") == 2
     assert "Finished averaging round in" in caplog.text
+
+
+def test_average_now_leaves_peers_that_finish_together_with_the_same_model():
+    a, b = torch.nn.Parameter(torch.zeros(5)), torch.nn.Parameter(torch.ones(5))
+    with (
+        local_swarm(2, **DHT_FAST) as dhts,
+        optimizers(dhts, [a, b], sgd(), averaging_steps_period=1000) as (opt_a, opt_b),
+    ):
+        set_grad(a, 1.0), set_grad(b, -1.0)
+        opt_a.step()
+        opt_b.step()  # no round yet: the period is 1000 steps
+        results = {}
+        threads = [
+            threading.Thread(target=lambda k=k, o=o: results.__setitem__(k, o.average_now(timeout=ROUND_TIMEOUT)))
+            for k, o in (("a", opt_a), ("b", opt_b))
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=ROUND_TIMEOUT + 30)
+        assert results == {"a": True, "b": True}
+        expected = ((0.0 - 0.1) + (1.0 + 0.1)) / 2
+        torch.testing.assert_close(a.detach(), torch.full((5,), expected), atol=1e-6, rtol=0)
+        torch.testing.assert_close(b.detach(), a.detach(), atol=1e-6, rtol=0)
