@@ -29,15 +29,28 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 _USER_CODE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")  # module.path:function
+MODEL_NAMES = ("quickstart-cnn", "mlp", "resnet-small")  # hivecli.registry builds these
+DATASET_NAMES = ("digits", "mnist", "cifar10", "imagefolder")
+
+
+def _registered_or_user_code(value: str, known: tuple[str, ...]) -> str:
+    if value in known or _USER_CODE.match(value):
+        return value
+    close = difflib.get_close_matches(value, known, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise ValueError(f"{hint}choose one of {', '.join(known)}, or write module:function")
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # "--set run.prefix=2024" parses as a number; a text field takes it as text
+    model_config = ConfigDict(extra="forbid", frozen=True, coerce_numbers_to_str=True)
 
 
 class RunSection(_Section):
     prefix: str = Field("hive-run", description="Name of the run: peers with the same prefix train together.")
-    seed: int = Field(0, description="Seed of the model's initialisation (every peer starts from the same model).")
+    seed: int = Field(
+        0, ge=0, lt=2**63, description="Seed of the model's initialisation (every peer starts from the same model)."
+    )
 
     @field_validator("prefix")
     @classmethod
@@ -51,6 +64,11 @@ class ModelSection(_Section):
     name: str = Field("quickstart-cnn", description="quickstart-cnn, mlp, resnet-small, or module:function.")
     hidden_size: int = Field(128, ge=1, description="Width of the mlp's hidden layer.")
 
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return _registered_or_user_code(value, MODEL_NAMES)
+
 
 class DataSection(_Section):
     name: str = Field("digits", description="digits (offline), mnist, cifar10, imagefolder, or module:function.")
@@ -60,6 +78,11 @@ class DataSection(_Section):
     batch_size: int = Field(64, ge=1, description="Samples per step on each peer.")
     workers: int = Field(0, ge=0, description="DataLoader worker processes.")
 
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return _registered_or_user_code(value, DATASET_NAMES)
+
 
 class OptimizerSection(_Section):
     name: Literal["sgd", "adam", "adamw"] = "sgd"
@@ -67,6 +90,13 @@ class OptimizerSection(_Section):
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD only.")
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = Field((0.9, 0.999), description="Adam and AdamW only.")
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= beta < 1.0 for beta in value):
+            raise ValueError("both betas must be in [0, 1), e.g. [0.9, 0.999]")
+        return value
 
 
 class AveragingSection(_Section):

@@ -11,6 +11,7 @@ No torch here: `hive peers` stays light.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from hivecli._exceptions import ConfigError
@@ -80,6 +81,25 @@ def fetch_recipe(dht: DHT, prefix: str) -> dict[str, Any]:
             f"run {prefix!r} has no recipe in the DHT; check --run, or pass the recipe file: hive join ADDRESS RECIPE"
         )
     return found.value
+
+
+def wait_for_recipe(dht: DHT, prefix: str | None, timeout: float) -> tuple[str, dict[str, Any]]:
+    """(prefix, recipe) of the run to join, waiting up to `timeout` seconds for it to be
+    announced: a peer started a moment ago publishes its run once its model is built.
+
+    Raises:
+        ConfigError: still no such run after `timeout`, or several runs and none chosen.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            chosen = choose_run(dht, prefix)
+            return chosen, fetch_recipe(dht, chosen)
+        except ConfigError:
+            several = prefix is None and len(list_runs(dht)) > 1  # waiting would not help
+            if several or time.monotonic() >= deadline:
+                raise
+        time.sleep(0.5)
 
 
 def publish_progress(dht: DHT, prefix: str, progress: dict[str, Any], ttl: float) -> None:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from hivecli._exceptions import HiveError
+from hivecli._exceptions import ConfigError, HiveError
 from hivecli.dht.dht import DHT
 from hivecli.optim import DecentralizedOptimizer
 from hivecli.recipe import Recipe
@@ -88,7 +88,13 @@ class Trainer:
         self.data = data
         self.model, base_opt = build_model_and_optimizer(recipe, data.input_shape, data.num_classes)
         # a joiner shares its state only once it has the run's: before, it would hand out a fresh model
-        self.opt = DecentralizedOptimizer(base_opt, dht, allow_state_sharing=not joining, **averager_kwargs(recipe))
+        self.opt = DecentralizedOptimizer(
+            base_opt,
+            dht,
+            allow_state_sharing=not joining,
+            extra_tensors=list(self.model.buffers()),  # BatchNorm statistics travel with the state
+            **averager_kwargs(recipe),
+        )
         # each peer its own order of the data: same model seed, different batches
         shuffle = torch.Generator().manual_seed(
             int.from_bytes(hashlib.sha256(dht.peer_id.to_bytes()).digest()[:8], "big")
@@ -104,7 +110,12 @@ class Trainer:
         self.test_loader = (
             DataLoader(data.test, batch_size=512, num_workers=recipe.data.workers) if data.test is not None else None
         )
-        self.steps_per_epoch = max(1, len(self.loader))
+        if len(self.loader) == 0:
+            raise ConfigError(
+                f"data.batch_size = {recipe.data.batch_size} is larger than the {len(data.train)} training samples "
+                f"of dataset {recipe.data.name!r}; lower data.batch_size"
+            )
+        self.steps_per_epoch = len(self.loader)
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         (run_dir / "recipe.toml").write_text(recipe.to_toml())
         self._metrics = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115  (closed in close())
@@ -112,19 +123,29 @@ class Trainer:
         self.loss_ema: float | None = None
         self.samples_per_s = 0.0
         self.peers = 1
-        self._published = 0.0
+        self._published = -math.inf
         self._checkpointed = -1  # the step of the last checkpoint written
+
+    def publish(self) -> None:
+        """Announce the run, its recipe and the model's shapes in the DHT (repeated while training).
+
+        Raises:
+            HiveError: the DHT could not store them.
+        """
+        self._published = time.monotonic()
+        publish_run(self.dht, self.recipe.to_dict(), self.data.input_shape, self.data.num_classes)
 
     @property
     def step(self) -> int:
         return self.opt.local_step
 
-    def load_state_from_peers(self, timeout: float = 30.0) -> bool:
+    def load_state_from_peers(self, stop: threading.Event, timeout: float = 30.0) -> bool:
         """Start from the run's current parameters, optimizer state and step. False if no peer
-        shared its state within `timeout` (the caller warns: it starts from the recipe's seed)."""
+        shared its state within `timeout`, or `stop` was set (the caller warns: it starts from
+        the recipe's seed)."""
         deadline = time.monotonic() + timeout
         try:
-            while time.monotonic() < deadline:
+            while time.monotonic() < deadline and not stop.is_set():
                 try:
                     loaded = self.opt.averager.load_state_from_peers(timeout=max(1.0, deadline - time.monotonic()))
                 except HiveError as e:
@@ -133,7 +154,7 @@ class Trainer:
                 if loaded is not None:
                     self.on_event("state_loaded", {"step": self.step})
                     return True
-                time.sleep(1.0)
+                stop.wait(1.0)
             return False
         finally:
             self.opt.averager.allow_state_sharing = True
@@ -227,8 +248,7 @@ class Trainer:
 
         try:
             if time.monotonic() - self._published > RECIPE_REPUBLISH_S:
-                self._published = time.monotonic()
-                publish_run(self.dht, self.recipe.to_dict(), self.data.input_shape, self.data.num_classes)
+                self.publish()
             publish_progress(
                 self.dht,
                 self.recipe.run.prefix,

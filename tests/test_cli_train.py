@@ -186,3 +186,9 @@ def test_join_an_unreachable_peer_exits_3(workdir):
     result = hive("join", f"/ip4/127.0.0.1/tcp/1/p2p/{ghost}", *LOOPBACK, cwd=workdir)
     assert result.returncode == 3, result.stderr
     assert "refused" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_batch_larger_than_the_dataset_is_a_usage_error_not_a_hang(workdir):
+    result = hive("start", DEFAULT, *LOOPBACK, "--set", "data.batch_size=2000", cwd=workdir)
+    assert result.returncode == 2, result.stderr
+    assert "data.batch_size = 2000 is larger than the" in result.stderr and "Traceback" not in result.stderr

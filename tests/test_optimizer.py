@@ -267,3 +267,67 @@ def test_average_now_leaves_peers_that_finish_together_with_the_same_model():
         expected = ((0.0 - 0.1) + (1.0 + 0.1)) / 2
         torch.testing.assert_close(a.detach(), torch.full((5,), expected), atol=1e-6, rtol=0)
         torch.testing.assert_close(b.detach(), a.detach(), atol=1e-6, rtol=0)
+
+
+def test_wrapping_a_resumed_optimizer_keeps_its_state():
+    used, unused = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    adam = torch.optim.Adam([used, unused], lr=0.1)
+    for _ in range(5):  # `unused` never gets a gradient, so it has no state yet
+        used.grad = torch.ones(3)
+        adam.step()
+    before = {k: v.clone() for k, v in adam.state[used].items()}
+    with local_swarm(1, **DHT_FAST) as (dht,):
+        opt = DecentralizedOptimizer(adam, dht, prefix="resumed", target_group_size=2, **FAST)
+        try:
+            for key, value in before.items():
+                assert torch.equal(opt.state[used][key], value), key
+            assert float(opt.state[unused]["step"]) == 0.0 and not opt.state[unused]["exp_avg"].any()
+            torch.testing.assert_close(unused.detach(), torch.ones(3))
+        finally:
+            opt.shutdown()
+
+
+def test_load_state_dict_keeps_groups_and_averaged_statistics_attached():
+    param = torch.nn.Parameter(torch.zeros(4))
+    with local_swarm(1, **DHT_FAST) as (dht,):
+        opt = DecentralizedOptimizer(
+            torch.optim.Adam([param], lr=1.0), dht, prefix="reload", target_group_size=2,
+            average_opt_statistics=("exp_avg_sq",), averaging_steps_period=1000, **FAST,
+        )  # fmt: skip
+        try:
+            other = torch.optim.Adam([torch.nn.Parameter(torch.zeros(4))], lr=0.25)
+            other.param_groups[0]["params"][0].grad = torch.ones(4)
+            other.step()
+            opt.load_state_dict(other.state_dict())
+            assert opt.param_groups is opt.opt.param_groups and opt.param_groups[0]["lr"] == 0.25
+            sources = [t for kind, t in opt.averager._sources if kind == "stat"]
+            assert sources == [opt.opt.state[param]["exp_avg_sq"]] and sources[0] is opt.opt.state[param]["exp_avg_sq"]
+        finally:
+            opt.shutdown()
+
+
+def test_model_buffers_travel_with_the_state():
+    torch.manual_seed(0)
+    veteran_model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+    newcomer_model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+    with local_swarm(2, **DHT_FAST) as (dht_a, dht_b):
+        veteran = DecentralizedOptimizer(
+            torch.optim.SGD(veteran_model.parameters(), lr=0.1), dht_a, prefix="bn", target_group_size=2,
+            averaging_steps_period=1000, extra_tensors=list(veteran_model.buffers()), **FAST,
+        )  # fmt: skip
+        newcomer = DecentralizedOptimizer(
+            torch.optim.SGD(newcomer_model.parameters(), lr=0.1), dht_b, prefix="bn", target_group_size=2,
+            allow_state_sharing=False, extra_tensors=list(newcomer_model.buffers()), **FAST,
+        )  # fmt: skip
+        try:
+            for _ in range(3):
+                veteran.zero_grad()
+                veteran_model(torch.randn(8, 4) * 5 + 3).sum().backward()
+                veteran.step()
+            wait_for(lambda: newcomer.averager.load_state_from_peers(timeout=5), 20, "a donor to share its state")
+            for mine, theirs in zip(newcomer_model.buffers(), veteran_model.buffers(), strict=True):
+                assert torch.equal(mine, theirs)
+            assert int(newcomer_model[1].num_batches_tracked) == 3
+        finally:
+            newcomer.shutdown()
+            veteran.shutdown()

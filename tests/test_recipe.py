@@ -229,3 +229,35 @@ def test_importing_recipe_does_not_import_torch():
     code = "import sys, hivecli.recipe; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_model_and_dataset_names_are_checked_before_anything_runs():
+    with pytest.raises(
+        ConfigError, match=r"model\.name = \"resnet\" \(from the command line\): did you mean 'resnet-small'\?"
+    ):
+        load_recipe(None, ['model.name="resnet"'], env={})
+    with pytest.raises(
+        ConfigError, match=r"data\.name = \"cifar\" \(from the command line\): did you mean 'cifar10'\?"
+    ):
+        load_recipe(None, ['data.name="cifar"'], env={})
+    assert load_recipe(None, ['model.name="pkg.mod:build"'], env={}).model.name == "pkg.mod:build"
+
+
+def test_registry_builds_exactly_the_names_recipes_accept():
+    from hivecli import recipe, registry
+
+    assert tuple(registry.MODELS) == recipe.MODEL_NAMES
+
+
+def test_out_of_range_betas_and_seeds_are_config_errors():
+    with pytest.raises(
+        ConfigError,
+        match=r"optimizer\.betas = \[1\.0, 0\.999\] \(from the command line\): both betas must be in \[0, 1\)",
+    ):
+        load_recipe(None, ["optimizer.betas=[1.0, 0.999]"], env={})
+    with pytest.raises(ConfigError, match=r"run\.seed"):
+        load_recipe(None, ["run.seed=99999999999999999999999"], env={})
+
+
+def test_a_numeric_prefix_from_the_command_line_is_text():
+    assert load_recipe(None, ["run.prefix=2024"], env={}).run.prefix == "2024"

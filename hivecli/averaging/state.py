@@ -72,7 +72,8 @@ class StateServer:
         self.priority: float = 0.0
         self._snapshot: tuple[Any, list[torch.Tensor]] | None = None
         self._buffers: list[torch.Tensor] = []
-        self._active = 0
+        self._active = 0  # downloads streaming from the buffers
+        self._copying: asyncio.Future[tuple[Any, list[torch.Tensor]]] | None = None
         self._changed = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._declare_forever())
         node.host.add_stream_handler(STATE_METHOD, self._serve)
@@ -115,12 +116,19 @@ class StateServer:
     async def _serve(self, stream: Stream, payload: Any, body: bytes) -> None:
         if not self.allow_sharing:
             raise HiveError("this peer does not share its state (allow_state_sharing=False)")
-        if self._active == 0 or self._snapshot is None:  # downloads in flight share one snapshot
-            self._active += 1
+        # Downloads share one snapshot: a new copy starts only when nobody streams from the
+        # buffers (it would overwrite what they send), and a download that arrives during a
+        # copy waits for that copy instead of reading half-written buffers.
+        if self._copying is None and (self._active == 0 or self._snapshot is None):
+            self._copying = asyncio.ensure_future(asyncio.to_thread(self._copy_state))
+        if self._copying is not None:
+            copying = self._copying
             try:
-                self._snapshot = await asyncio.to_thread(self._copy_state)
+                self._snapshot = await asyncio.shield(copying)
             finally:
-                self._active -= 1
+                if self._copying is copying and copying.done():
+                    self._copying = None
+        assert self._snapshot is not None
         metadata, tensors = self._snapshot
         self._active += 1
         try:

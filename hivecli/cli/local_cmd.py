@@ -23,7 +23,7 @@ import typer
 
 from hivecli._exceptions import ConfigError, HiveError
 from hivecli.cli import _output
-from hivecli.cli._errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK
+from hivecli.cli._errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from hivecli.cli.train_cmd import JsonFlag, MaxStepsFlag, SetFlag
 
 STARTUP_TIMEOUT = 120.0
@@ -34,7 +34,11 @@ class _Peer:
 
     def __init__(self, index: int, argv: list[str], json_output: bool):
         self.index, self.json_output = index, json_output
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
+        # a session of its own: a terminal's Ctrl+C reaches only us, and we pass it on once (a peer
+        # that got it twice would quit without its final checkpoint)
+        self.proc = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1, start_new_session=True
+        )
         self.events: queue.Queue[dict[str, Any]] = queue.Queue()
         self.finished: dict[str, Any] | None = None
         self._threads = [
@@ -100,7 +104,7 @@ def local(
 ) -> None:
     """Run N peers of a recipe on this machine: the first starts the run, the others join it.
 
-    Each peer's output is prefixed with \\[peer K]; at the end a table shows each peer's steps, averaging rounds and test accuracy. Ctrl+C stops every peer cleanly (each saves a checkpoint). Exit code 0 if every peer finished, 1 if one failed, 130 if interrupted.
+    Each peer's output is prefixed with \\[peer K]; at the end a table shows each peer's steps, averaging rounds and test accuracy. Ctrl+C stops every peer cleanly (each saves a checkpoint). Exit code 0 if every peer finished (or on SIGTERM), 1 if one failed (2 if for a bad recipe), 130 if interrupted.
     """
     from hivecli.recipe import load_recipe
 
@@ -125,12 +129,16 @@ def local(
         common += ["--max-steps", str(max_steps)]
     peers: list[_Peer] = []
     interrupted = threading.Event()
+    received: list[int] = []  # the signal that stopped us: SIGINT exits 130, SIGTERM 0
 
     def on_signal(signum: int, _frame: Any) -> None:
+        if interrupted.is_set():
+            return
+        received.append(signum)
         interrupted.set()
         for peer in peers:
             if peer.proc.poll() is None:
-                peer.proc.send_signal(signal.SIGINT)
+                peer.proc.send_signal(signum)
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     codes: list[int] = []
@@ -140,7 +148,12 @@ def local(
             return ["--port", str(port + index if port else 0)]
 
         peers.append(_Peer(0, [*base, "start", str(recipe), *common, *port_of(0)], json_output))
-        address = peers[0].wait_for_event("listening", STARTUP_TIMEOUT)["maddrs"][0]
+        try:
+            address = peers[0].wait_for_event("listening", STARTUP_TIMEOUT)["maddrs"][0]
+        except HiveError:
+            if interrupted.is_set():
+                raise typer.Exit(EXIT_INTERRUPTED if received[0] == signal.SIGINT else EXIT_OK) from None
+            raise
         _output.stderr.print(f"peer 0 listens at {address}; starting {n - 1} more")
         for index in range(1, n):
             if interrupted.is_set():
@@ -151,17 +164,17 @@ def local(
     finally:
         for peer in peers:
             if peer.proc.poll() is None:
-                peer.proc.send_signal(signal.SIGINT)
+                peer.proc.send_signal(received[0] if received else signal.SIGINT)
         codes = [peer.close(timeout=60) for peer in peers]
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     _print_results(peers, codes)
     if interrupted.is_set():
-        raise typer.Exit(EXIT_INTERRUPTED)
-    if any(code not in (EXIT_OK,) for code in codes):
+        raise typer.Exit(EXIT_INTERRUPTED if received[0] == signal.SIGINT else EXIT_OK)
+    if any(code != EXIT_OK for code in codes):
         failed = [str(peer.index) for peer, code in zip(peers, codes, strict=True) if code != EXIT_OK]
         _output.stderr.print(f"peers {', '.join(failed)} failed; their output above says why")
-        raise typer.Exit(EXIT_FAILURE)
+        raise typer.Exit(EXIT_USAGE if EXIT_USAGE in codes else EXIT_FAILURE)
     if not peers:
         raise ConfigError("no peer was started")
 

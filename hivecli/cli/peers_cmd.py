@@ -128,7 +128,7 @@ def _print_tables(found: list[Any], runs: dict[str, dict[str, Any]], show_peers:
         table = Table(title=title)
         for column in ("peer id", "step", "loss", "samples/s", "test accuracy", "last report"):
             table.add_column(column, overflow="fold")
-        for peer_id, p in sorted(info["peers"].items(), key=lambda item: -(item[1].get("step") or 0)):
+        for peer_id, p in sorted(info["peers"].items(), key=lambda item: -_step_of(item[1])):
             table.add_row(
                 peer_id,
                 str(p.get("step", "-")),
@@ -138,6 +138,11 @@ def _print_tables(found: list[Any], runs: dict[str, dict[str, Any]], show_peers:
                 "-" if p.get("last_report_s") is None else f"{p['last_report_s']:.0f} s ago",
             )
         _output.stdout.print(table)
+
+
+def _step_of(progress: dict[str, Any]) -> float:
+    step = progress.get("step")  # any peer writes these entries: never trust their types
+    return float(step) if isinstance(step, (int, float)) else 0.0
 
 
 def _plural(count: int, noun: str) -> str:

@@ -33,10 +33,15 @@ def pull_state(
     from hivecli.runs import choose_run, fetch_recipe, list_runs
 
     with DHT(initial_peers=[address], client_mode=True, start=True) as dht:
-        prefix = choose_run(dht, run)
         if recipe is not None:
             loaded = load_recipe(recipe)
+            if run and run != loaded.run.prefix:
+                raise ConfigError(
+                    f"--run {run!r} does not match run.prefix = {loaded.run.prefix!r} in {recipe}; drop one"
+                )
+            prefix = loaded.run.prefix
         else:
+            prefix = choose_run(dht, run)
             loaded = load_recipe(None, data=fetch_recipe(dht, prefix))
             if loaded.user_code() and not trust_recipe:
                 raise ConfigError(
@@ -74,6 +79,7 @@ def _download(dht: Any, recipe: Any, summary: dict[str, Any], timeout: float) ->
         target_group_size=recipe.averaging.target_group_size,
         client_mode=True,
         allow_state_sharing=False,
+        extra_tensors=list(model.buffers()),
         start=True,
     )
     try:

@@ -126,7 +126,7 @@ def _run_peer(
     trust_recipe: bool = False,
 ) -> None:
     from hivecli.dht.dht import DHT
-    from hivecli.runs import choose_run, fetch_recipe, publish_run
+    from hivecli.runs import wait_for_recipe
 
     # network settings come from the local recipe, or (joining without one) from env and flags only
     network = (recipe or load_recipe(None, [o for o in overrides if o.startswith("network.")])).network
@@ -142,16 +142,14 @@ def _run_peer(
         maddrs = [str(m) for m in dht.get_visible_maddrs()]
         _announce(str(dht.peer_id), maddrs, json_output, time.monotonic() - began)
         if recipe is None:
-            prefix = choose_run(dht, run)
-            recipe = load_recipe(None, overrides, data=fetch_recipe(dht, prefix))
+            prefix, data = wait_for_recipe(dht, run, timeout=30.0)
+            recipe = load_recipe(None, overrides, data=data)
             if recipe.user_code() and not trust_recipe:
                 raise ConfigError(
                     f"the recipe of run {prefix!r} names code to run on this machine ({', '.join(recipe.user_code())}); "
                     f"read the recipe, then pass --trust-recipe, or join with a local recipe file"
                 )
             _output.stderr.print(f"Joining run [bold]{prefix}[/bold] with the recipe it published")
-        if not join:  # joiners publish once their trainer knows the model's shapes
-            publish_run(dht, recipe.to_dict())
         _train(recipe, dht, json_output, join)
     finally:
         dht.shutdown()
@@ -189,8 +187,9 @@ def _train(recipe: Recipe, dht: Any, json_output: bool, join: bool) -> None:
     trainer = None
     try:
         trainer = Trainer(recipe, dht, run_dir, display.event, joining=join)
+        trainer.publish()  # only now: a recipe whose model or data fail never reaches the DHT
         display.event("started", {"run_dir": str(run_dir), "prefix": recipe.run.prefix})
-        if join and not trainer.load_state_from_peers(timeout=30.0):
+        if join and not trainer.load_state_from_peers(stop, timeout=30.0) and not stop.is_set():
             logger.warning("No peer of run %r shared its state within 30 s; starting from the recipe's seed",
                            recipe.run.prefix)  # fmt: skip
         trainer.run(stop)

@@ -27,6 +27,7 @@ from hivecli.optim.training_averager import TrainingAverager
 from hivecli.utils.timing import get_dht_time
 
 logger = logging.getLogger(__name__)
+_PRIORITY_PERIOD = 10.0  # seconds between updates of our donor priority (the step) in the DHT
 
 
 class DecentralizedOptimizer(torch.optim.Optimizer):
@@ -46,8 +47,9 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
             on DHT time so that peers start together (default 0: no limit).
         timeout: seconds a round may look for a group (default: the averager's step_timeout).
         verbose: log every round at INFO level ("Starting a new averaging round ...").
-        averager_kwargs: passed to the `DecentralizedAverager` (min_group_size, compression,
-            min_matchmaking_time, request_timeout, client_mode, ...).
+        averager_kwargs: passed to the `TrainingAverager`: extra_tensors (e.g. the model's
+            buffers, shared with newcomers but not averaged) and `DecentralizedAverager`'s
+            (min_group_size, compression, min_matchmaking_time, request_timeout, client_mode, ...).
 
     Raises:
         ConfigError: an argument is out of range or names a statistic the optimizer lacks.
@@ -83,8 +85,6 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         # torch's own attributes, shared with the wrapped optimizer so that LR schedulers and
         # code that edits param_groups see one set of groups
         self.defaults = opt.defaults
-        self.param_groups = opt.param_groups
-        self.state = opt.state
         self._optimizer_step_pre_hooks: dict[int, Callable[..., Any]] = {}
         self._optimizer_step_post_hooks: dict[int, Callable[..., Any]] = {}
         self._optimizer_state_dict_pre_hooks: dict[int, Callable[..., Any]] = {}
@@ -113,9 +113,26 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         self._round: StepControl | None = None
         self._round_started = 0.0
         self._next_round_time = 0.0
+        self._priority_updated = -math.inf
         self.rounds_finished = 0  # rounds whose average was applied
         self.rounds_failed = 0  # rounds that found no group or failed (training went on alone)
         self.last_group_size = 0  # peers in the last applied round, this one included
+
+    @property  # type: ignore[override]
+    def param_groups(self) -> list[dict[str, Any]]:  # the wrapped optimizer's, even after load_state_dict
+        return self.opt.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self.opt.param_groups = value
+
+    @property  # type: ignore[override]
+    def state(self) -> Any:
+        return self.opt.state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        self.opt.state = value
 
     @property
     def local_step(self) -> int:
@@ -143,7 +160,8 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         with self.lock_parameters:
-            self.opt.load_state_dict(state_dict)
+            self.opt.load_state_dict(state_dict)  # new state tensors: the averaged statistics must follow
+            self.averager.refresh_sources()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         raise ConfigError(
@@ -193,7 +211,9 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         self.averager.apply_delta()
         self.rounds_finished += 1
         self.last_group_size = len(group)
-        self.averager.state_sharing_priority = self.local_step
+        if time.monotonic() - self._priority_updated > _PRIORITY_PERIOD:  # each change is a DHT store
+            self._priority_updated = time.monotonic()
+            self.averager.state_sharing_priority = self.local_step
         elapsed = time.perf_counter() - self._round_started
         self._log(f"Finished averaging round in {elapsed:.2f} s with {len(group)} peers.")
         return True

@@ -13,6 +13,7 @@ with the step counter and the optimizer's non-tensor state as metadata.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import threading
 from collections.abc import Iterable, Sequence
@@ -37,12 +38,13 @@ def initialize_optimizer_state(opt: torch.optim.Optimizer) -> None:
     that statistics can be averaged and every peer has a state of the same shape.
 
     Runs one step with zero gradients, weight decay off, then restores the parameters,
-    gradients and hyper-parameters and zeroes the step counters: the state ends as a fresh
-    optimizer's would be after creation.
+    gradients, hyper-parameters and any state that existed, and zeroes the new step counters:
+    the new state is what a fresh optimizer's would be after creation.
     """
     params = parameters_of(opt)
     if all(opt.state.get(p) for p in params):
         return
+    existing = {p: copy.deepcopy(opt.state[p]) for p in params if opt.state.get(p)}  # a resumed optimizer's
     saved_params = [p.detach().clone() for p in params]
     saved_grads = [p.grad for p in params]
     saved_groups = [dict(group) for group in opt.param_groups]
@@ -62,6 +64,9 @@ def initialize_optimizer_state(opt: torch.optim.Optimizer) -> None:
         for group, saved_group in zip(opt.param_groups, saved_groups, strict=True):
             group.update({k: v for k, v in saved_group.items() if k != "params"})
     for p in params:
+        if p in existing:
+            opt.state[p] = existing[p]
+            continue
         state = opt.state.get(p, {})
         if "step" in state:
             step = state["step"]
@@ -94,6 +99,8 @@ class TrainingAverager(DecentralizedAverager):
             as "exp_avg_sq" for Adam.
         lock_parameters: held by the training loop while it changes the model; state sharing
             takes it to copy a consistent state.
+        extra_tensors: more tensors that travel with the shared state but are not averaged,
+            such as a model's buffers (BatchNorm running statistics).
         other keyword arguments: see `DecentralizedAverager`.
 
     Raises:
@@ -109,29 +116,17 @@ class TrainingAverager(DecentralizedAverager):
         average_gradients: bool = False,
         average_opt_statistics: Iterable[str] = (),
         lock_parameters: threading.RLock | None = None,  # type: ignore[valid-type]
+        extra_tensors: Sequence[torch.Tensor] = (),
         **averager_kwargs: Any,
     ):
         self.opt = opt
+        self.extra_tensors = [t.detach() for t in extra_tensors]
         self.local_step = 0
         self.lock_parameters = lock_parameters or threading.RLock()
         initialize_optimizer_state(opt)
-        params = parameters_of(opt)
-        self.average_gradients = average_gradients
-        self._sources: list[tuple[str, torch.Tensor]] = []  # (kind, parameter or statistic)
-        if average_parameters:
-            self._sources += [("param", p) for p in params]
-        if average_gradients:
-            self._sources += [("grad", p) for p in params]
-        for name in average_opt_statistics:
-            for p in params:
-                state = opt.state.get(p, {})
-                if not isinstance(state.get(name), torch.Tensor):
-                    known = ", ".join(sorted(k for k, v in state.items() if isinstance(v, torch.Tensor))) or "none"
-                    raise ConfigError(
-                        f"average_opt_statistics names {name!r}, but {type(opt).__name__} keeps no such "
-                        f"tensor per parameter; it has: {known}"
-                    )
-                self._sources.append(("stat", state[name]))
+        self.average_parameters, self.average_gradients = average_parameters, average_gradients
+        self.average_opt_statistics = tuple(average_opt_statistics)
+        self._sources = self._find_sources()
         if not self._sources:
             raise ConfigError(
                 "nothing to average: set average_parameters=True, average_gradients=True "
@@ -140,6 +135,31 @@ class TrainingAverager(DecentralizedAverager):
         buffers = [torch.zeros(t.shape, dtype=torch.float32) for _, t in self._sources]
         self._snapshot = [torch.zeros_like(b) for b in buffers]
         super().__init__(buffers, dht, **averager_kwargs)
+
+    def _find_sources(self) -> list[tuple[str, torch.Tensor]]:
+        """(kind, parameter or statistic) for every averaged tensor, in a fixed order."""
+        params = parameters_of(self.opt)
+        sources: list[tuple[str, torch.Tensor]] = []
+        if self.average_parameters:
+            sources += [("param", p) for p in params]
+        if self.average_gradients:
+            sources += [("grad", p) for p in params]
+        for name in self.average_opt_statistics:
+            for p in params:
+                state = self.opt.state.get(p, {})
+                if not isinstance(state.get(name), torch.Tensor):
+                    known = ", ".join(sorted(k for k, v in state.items() if isinstance(v, torch.Tensor))) or "none"
+                    raise ConfigError(
+                        f"average_opt_statistics names {name!r}, but {type(self.opt).__name__} keeps no such "
+                        f"tensor per parameter; it has: {known}"
+                    )
+                sources.append(("stat", state[name]))
+        return sources
+
+    def refresh_sources(self) -> None:
+        """Follow the optimizer's state after `load_state_dict` replaced its tensors."""
+        with self.get_tensors():
+            self._sources = self._find_sources()
 
     def _source_value(self, kind: str, tensor: torch.Tensor) -> torch.Tensor | None:
         return tensor.grad if kind == "grad" else tensor
@@ -174,7 +194,8 @@ class TrainingAverager(DecentralizedAverager):
 
     def _state_tensors(self) -> list[torch.Tensor]:
         opt_tensors, _ = optimizer_state_tensors(self.opt)
-        return [p.detach() for p in parameters_of(self.opt)] + [t.detach() for t in opt_tensors]
+        params = [p.detach() for p in parameters_of(self.opt)]
+        return params + self.extra_tensors + [t.detach() for t in opt_tensors]
 
     def _state_lock(self) -> contextlib.AbstractContextManager[Any]:
         return self.lock_parameters
