@@ -126,11 +126,13 @@ def _print_tables(found: list[Any], runs: dict[str, dict[str, Any]], show_peers:
         if s:
             title += f" (model {s.get('model')}, data {s.get('dataset')}, group size {s.get('target_group_size')})"
         table = Table(title=title)
-        for column in ("peer id", "step", "loss", "samples/s", "test accuracy", "last report"):
+        for column in ("peer id", "addresses", "step", "loss", "samples/s", "test accuracy", "last report"):
             table.add_column(column, overflow="fold")
         for peer_id, p in sorted(info["peers"].items(), key=lambda item: -_step_of(item[1])):
+            maddrs = p.get("maddrs") if isinstance(p.get("maddrs"), list) else []
             table.add_row(
                 peer_id,
+                "\n".join(str(m).split("/p2p/")[0] for m in maddrs) or "-",
                 str(p.get("step", "-")),
                 _number(p.get("loss"), ".3f"),
                 _number(p.get("samples_per_s"), ".0f"),
