@@ -194,10 +194,9 @@ class Trainer:
                     window_samples, window_start = 0, now
                     next_report = now + output.report_every_seconds
                     self._report()
-        if reason != "stopped":  # on Ctrl+C, do not wait for a round in flight
-            self._finish_last_round()
-        if self.step % output.eval_every_steps != 0 or self.last_accuracy is None:
-            self.evaluate()
+        averaged_at_end = reason != "stopped" and self._finish_last_round()  # on Ctrl+C: no waiting
+        if averaged_at_end or self.step % output.eval_every_steps != 0 or self.last_accuracy is None:
+            self.evaluate()  # the model the peer leaves with
         if window_samples:
             self.samples_per_s = window_samples / max(1e-9, time.monotonic() - window_start)
         self._report()
@@ -209,15 +208,18 @@ class Trainer:
         )  # fmt: skip
         return reason
 
-    def _finish_last_round(self) -> None:
+    def _finish_last_round(self) -> bool:
         """Average once more with the peers that finish at about the same time, so that they
-        leave with the same averaged model; alone, this costs one matchmaking wait."""
+        leave with the same averaged model; alone, this costs one matchmaking wait. True if
+        the parameters changed."""
         a = self.recipe.averaging
         try:
-            if not self.opt.average_now(timeout=2 * a.min_matchmaking_time + a.request_timeout):
-                logger.info("No peer to average with at the end; keeping local parameters")
+            if self.opt.average_now(timeout=2 * a.min_matchmaking_time + a.request_timeout):
+                return True
+            logger.info("No peer to average with at the end; keeping local parameters")
         except TimeoutError:
             logger.info("The last averaging round did not finish in time; keeping local parameters")
+        return False
 
     def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         self.opt.zero_grad()
