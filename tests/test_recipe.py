@@ -36,9 +36,9 @@ def test_default_recipe_loads():
     r = load_recipe(RECIPES / "default.toml", env={})
     assert r.run.prefix == "digits-demo"
     assert (r.model.name, r.data.name, r.data.image_size, r.data.channels) == ("quickstart-cnn", "digits", 32, 3)
-    assert (r.data.batch_size, r.optimizer.name, r.optimizer.lr) == (32, "sgd", 0.01)
+    assert (r.data.batch_size, r.optimizer.name, r.optimizer.lr) == (16, "sgd", 0.02)
     assert (r.averaging.target_group_size, r.averaging.request_timeout) == (4, 1.0)
-    assert r.limits.max_steps == 300
+    assert r.limits.max_steps == 200
     assert r.user_code() == []
 
 
