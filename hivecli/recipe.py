@@ -17,9 +17,9 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hivecli._exceptions import ConfigError
 
@@ -39,6 +39,10 @@ def _registered_or_user_code(value: str, known: tuple[str, ...]) -> str:
     close = difflib.get_close_matches(value, known, n=1)
     hint = f"did you mean {close[0]!r}? " if close else ""
     raise ValueError(f"{hint}choose one of {', '.join(known)}, or write module:function")
+
+
+ModelName = Annotated[str, AfterValidator(lambda value: _registered_or_user_code(value, MODEL_NAMES))]
+DatasetName = Annotated[str, AfterValidator(lambda value: _registered_or_user_code(value, DATASET_NAMES))]
 
 
 class _Section(BaseModel):
@@ -61,27 +65,19 @@ class RunSection(_Section):
 
 
 class ModelSection(_Section):
-    name: str = Field("quickstart-cnn", description="quickstart-cnn, mlp, resnet-small, or module:function.")
+    name: ModelName = Field("quickstart-cnn", description="quickstart-cnn, mlp, resnet-small, or module:function.")
     hidden_size: int = Field(128, ge=1, description="Width of the mlp's hidden layer.")
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, value: str) -> str:
-        return _registered_or_user_code(value, MODEL_NAMES)
 
 
 class DataSection(_Section):
-    name: str = Field("digits", description="digits (offline), mnist, cifar10, imagefolder, or module:function.")
+    name: DatasetName = Field(
+        "digits", description="digits (offline), mnist, cifar10, imagefolder, or module:function."
+    )
     root: str = Field("./data", description="Where downloaded datasets live (imagefolder: the folder of classes).")
     image_size: int | None = Field(None, ge=8, description="Resize images to this size (default: the dataset's).")
     channels: Literal[1, 3] | None = Field(None, description="Convert images to 1 or 3 channels (default: as is).")
     batch_size: int = Field(64, ge=1, description="Samples per step on each peer.")
     workers: int = Field(0, ge=0, description="DataLoader worker processes.")
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, value: str) -> str:
-        return _registered_or_user_code(value, DATASET_NAMES)
 
 
 class OptimizerSection(_Section):
