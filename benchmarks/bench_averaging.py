@@ -97,19 +97,14 @@ def _avg_worker(
     rank: int, world: int, numel: int, rounds: int, chunk_mib: int, addr_q: Any, barrier: Any, out: Any
 ) -> None:
     import torch
+    from _swarm import join_swarm
 
-    from hivecli import DHT
     from hivecli.averaging import DecentralizedAverager
 
     torch.manual_seed(rank)
     tensor = torch.randn(numel)
     mean = sum(_seeded(r, numel) for r in range(world)) / world
-    if rank == 0:
-        dht = DHT(start=True)
-        for _ in range(world - 1):
-            addr_q.put([str(a) for a in dht.get_visible_maddrs()])
-    else:
-        dht = DHT(initial_peers=addr_q.get(timeout=60), start=True)
+    dht = join_swarm(rank, world, addr_q)
     averager = DecentralizedAverager(
         [tensor],
         dht,

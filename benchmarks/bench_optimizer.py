@@ -48,7 +48,7 @@ def _model() -> Any:
     )  # fmt: skip
 
 
-def _setup(rank: int, procs: int, averaging: bool, world: int, addr_q: Any, kwargs: dict[str, Any]) -> Any:
+def _setup(rank: int, procs: int, averaging: bool, world: int, addr_q: Any) -> Any:
     """Model, optimizer (wrapped when averaging), DHT; the caller shuts them down."""
     import torch
 
@@ -58,16 +58,12 @@ def _setup(rank: int, procs: int, averaging: bool, world: int, addr_q: Any, kwar
     opt = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
     dht = None
     if averaging:
-        from hivecli import DHT
+        from _swarm import join_swarm
+
         from hivecli.optim import DecentralizedOptimizer
 
-        if rank == 0:
-            dht = DHT(start=True)
-            for _ in range(world - 1):
-                addr_q.put([str(a) for a in dht.get_visible_maddrs()])
-        else:
-            dht = DHT(initial_peers=addr_q.get(timeout=60), start=True)
-        opt = DecentralizedOptimizer(opt, dht, prefix="bench-opt", target_group_size=max(2, world), **kwargs)
+        dht = join_swarm(rank, world, addr_q)
+        opt = DecentralizedOptimizer(opt, dht, prefix="bench-opt", target_group_size=max(2, world))
     return model, opt, dht
 
 
@@ -95,7 +91,7 @@ def _train_step(model: Any, opt: Any, batch: Any) -> float:
 
 
 def _speed_worker(rank: int, procs: int, averaging: bool, seconds: float, warmup: float, addr_q, barrier, out) -> None:
-    model, opt, dht = _setup(rank, procs, averaging, procs if averaging else 1, addr_q, {})
+    model, opt, dht = _setup(rank, procs, averaging, procs if averaging else 1, addr_q)
     batches, _ = _batches(rank)
     barrier.wait(timeout=120)
     i, start = 0, time.perf_counter()
@@ -123,7 +119,7 @@ def _accuracy(model: Any, test: Any) -> float:
 
 
 def _converge_worker(rank: int, world: int, steps: int, every: int, addr_q, barrier, out) -> None:
-    model, opt, dht = _setup(rank, world, world > 1, world, addr_q, {})
+    model, opt, dht = _setup(rank, world, world > 1, world, addr_q)
     batches, test = _batches(rank)
     barrier.wait(timeout=120)
     curve = []

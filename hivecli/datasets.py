@@ -14,8 +14,6 @@ from torch.utils.data import Dataset, TensorDataset
 
 from hivecli._exceptions import ConfigError
 
-OFFLINE_DATASETS = ("digits",)
-DOWNLOADED_DATASETS = ("cifar10", "mnist")
 _TEST_FRACTION = 0.2
 _SPLIT_SEED = 1234  # every peer splits the same way, so test accuracy is comparable across peers
 

@@ -113,16 +113,6 @@ def build_model(section: ModelSection, input_shape: tuple[int, ...], num_classes
 # ---- datasets ----------------------------------------------------------------------------------
 
 
-def _resized(dataset: Dataset[Any], shape: tuple[int, ...], section: DataSection) -> tuple[Any, tuple[int, ...]]:
-    """A tensor dataset resized to data.image_size and data.channels (done once, up front)."""
-    images, labels = dataset.tensors  # type: ignore[attr-defined]
-    if section.image_size and section.image_size != images.shape[-1]:
-        images = nn.functional.interpolate(images, size=(section.image_size, section.image_size), mode="bilinear")
-    if section.channels and section.channels != images.shape[1]:
-        images = images.mean(1, keepdim=True) if section.channels == 1 else images.repeat(1, 3, 1, 1)
-    return torch.utils.data.TensorDataset(images, labels), tuple(images.shape[1:])
-
-
 def _torchvision_transform(section: DataSection, channels: int) -> Any:
     from torchvision import transforms
 
@@ -144,10 +134,8 @@ def load_dataset(section: DataSection) -> DatasetInfo:
             raise ConfigError(f"data.name = {section.name!r} must return hivecli.registry.DatasetInfo")
         return info
     if section.name == "digits":
-        train, test = load_digits()
-        train, shape = _resized(train, (1, 8, 8), section)
-        test, _ = _resized(test, (1, 8, 8), section)
-        return DatasetInfo(train, test, shape, 10)
+        train, test = load_digits(image_size=section.image_size or 8, channels=section.channels or 1)
+        return DatasetInfo(train, test, tuple(train.tensors[0].shape[1:]), 10)
     if section.name in ("cifar10", "mnist"):
         base_channels = 3 if section.name == "cifar10" else 1
         base_size = 32 if section.name == "cifar10" else 28

@@ -16,6 +16,7 @@ from typing import Any
 
 from hivecli._exceptions import ConfigError
 from hivecli.dht.dht import DHT
+from hivecli.recipe import Recipe, load_recipe
 from hivecli.utils.timing import get_dht_time
 
 RUNS_KEY = "hive.runs"
@@ -81,6 +82,30 @@ def fetch_recipe(dht: DHT, prefix: str) -> dict[str, Any]:
             f"run {prefix!r} has no recipe in the DHT; check --run, or pass the recipe file: hive join ADDRESS RECIPE"
         )
     return found.value
+
+
+def trusted_recipe(
+    data: dict[str, Any], prefix: str, overrides: list[str] | None, trusted: bool, instead: str
+) -> Recipe:
+    """A recipe fetched from the DHT, validated. It is data, never code: one that names user code
+    (module:function) is refused unless `trusted`.
+
+    Raises:
+        ConfigError: invalid, or names user code without `trusted`; `instead` says what else to do.
+    """
+    recipe = load_recipe(None, overrides, data=data)
+    if recipe.user_code() and not trusted:
+        raise ConfigError(
+            f"the recipe of run {prefix!r} names code to run on this machine ({', '.join(recipe.user_code())}); "
+            f"read the recipe, then pass --trust-recipe, or {instead}"
+        )
+    return recipe
+
+
+def check_run_prefix(run: str | None, recipe: Recipe, path: object) -> None:
+    """Raises ConfigError if --run names another run than the local recipe file `path`."""
+    if run and run != recipe.run.prefix:
+        raise ConfigError(f"--run {run!r} does not match run.prefix = {recipe.run.prefix!r} in {path}; drop one")
 
 
 def wait_for_recipe(dht: DHT, prefix: str | None, timeout: float) -> tuple[str, dict[str, Any]]:

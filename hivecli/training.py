@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import math
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -33,7 +34,7 @@ from hivecli.dht.dht import DHT
 from hivecli.optim import DecentralizedOptimizer
 from hivecli.recipe import Recipe
 from hivecli.registry import build_model, load_dataset
-from hivecli.runs import publish_progress, publish_run
+from hivecli.runs import count_peers, publish_progress, publish_run
 from hivecli.utils.timing import get_dht_time
 
 logger = logging.getLogger(__name__)
@@ -87,14 +88,6 @@ class Trainer:
         data = load_dataset(recipe.data)
         self.data = data
         self.model, base_opt = build_model_and_optimizer(recipe, data.input_shape, data.num_classes)
-        # a joiner shares its state only once it has the run's: before, it would hand out a fresh model
-        self.opt = DecentralizedOptimizer(
-            base_opt,
-            dht,
-            allow_state_sharing=not joining,
-            extra_tensors=list(self.model.buffers()),  # BatchNorm statistics travel with the state
-            **averager_kwargs(recipe),
-        )
         # each peer its own order of the data: same model seed, different batches
         shuffle = torch.Generator().manual_seed(
             int.from_bytes(hashlib.sha256(dht.peer_id.to_bytes()).digest()[:8], "big")
@@ -115,6 +108,14 @@ class Trainer:
                 f"data.batch_size = {recipe.data.batch_size} is larger than the {len(data.train)} training samples "
                 f"of dataset {recipe.data.name!r}; lower data.batch_size"
             )
+        # a joiner shares its state only once it has the run's: before, it would hand out a fresh model
+        self.opt = DecentralizedOptimizer(
+            base_opt,
+            dht,
+            allow_state_sharing=not joining,
+            extra_tensors=list(self.model.buffers()),  # BatchNorm statistics travel with the state
+            **averager_kwargs(recipe),
+        )
         self.steps_per_epoch = len(self.loader)
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         (run_dir / "recipe.toml").write_text(recipe.to_toml())
@@ -246,8 +247,6 @@ class Trainer:
         return self.last_accuracy
 
     def _report(self) -> None:
-        from hivecli.runs import count_peers
-
         try:
             if time.monotonic() - self._published > RECIPE_REPUBLISH_S:
                 self.publish()
@@ -260,8 +259,6 @@ class Trainer:
             self.peers = count_peers(self.dht, self.recipe.run.prefix)
         except HiveError as e:
             logger.debug("Could not report progress to the DHT: %s", e)
-        # donors are tried highest priority first: the peer furthest along the run
-        self.opt.averager.state_sharing_priority = self.step
         fields = {
             "step": self.step,
             "loss": None if self.loss_ema is None else round(self.loss_ema, 4),
@@ -302,7 +299,7 @@ class Trainer:
             path = self._checkpoint_path()
             torch.save(state, path)
         temporary = folder / "latest.pt.tmp"
-        torch.save(state, temporary)
+        shutil.copyfile(path, temporary)  # the bytes just written, not a second serialization
         temporary.replace(folder / "latest.pt")  # readers never see half a file
         for old in sorted(folder.glob("step-*.pt"), key=lambda p: int(p.stem.split("-")[1]))[:-KEEP_CHECKPOINTS]:
             old.unlink()

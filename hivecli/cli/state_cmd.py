@@ -8,20 +8,19 @@ from typing import Annotated, Any
 
 import typer
 
-from hivecli._exceptions import ConfigError, HiveError
+from hivecli._exceptions import HiveError
 from hivecli.cli import _output
+from hivecli.cli.train_cmd import RunFlag, TrustRecipeFlag
 
 
 def pull_state(
     address: Annotated[str, typer.Argument(help="Multiaddr of any peer of the run.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Checkpoint file to write.")],
-    run: Annotated[str | None, typer.Option("--run", help="The run's prefix, if the DHT has several runs.")] = None,
+    run: RunFlag = None,
     recipe: Annotated[
         Path | None, typer.Option("--recipe", help="A local recipe instead of the one the run published.")
     ] = None,
-    trust_recipe: Annotated[
-        bool, typer.Option("--trust-recipe", help="Run the user code (module:function) a fetched recipe names.")
-    ] = False,
+    trust_recipe: TrustRecipeFlag = False,
     timeout: Annotated[float, typer.Option("--timeout", min=1.0, help="Seconds to find a donor and download.")] = 120.0,
 ) -> None:
     """Download the current model and optimizer state of a run from one of its peers.
@@ -30,24 +29,18 @@ def pull_state(
     """
     from hivecli.dht.dht import DHT
     from hivecli.recipe import load_recipe
-    from hivecli.runs import choose_run, fetch_recipe, list_runs
+    from hivecli.runs import check_run_prefix, choose_run, fetch_recipe, list_runs, trusted_recipe
 
     with DHT(initial_peers=[address], client_mode=True, start=True) as dht:
         if recipe is not None:
             loaded = load_recipe(recipe)
-            if run and run != loaded.run.prefix:
-                raise ConfigError(
-                    f"--run {run!r} does not match run.prefix = {loaded.run.prefix!r} in {recipe}; drop one"
-                )
+            check_run_prefix(run, loaded, recipe)
             prefix = loaded.run.prefix
         else:
             prefix = choose_run(dht, run)
-            loaded = load_recipe(None, data=fetch_recipe(dht, prefix))
-            if loaded.user_code() and not trust_recipe:
-                raise ConfigError(
-                    f"the recipe of run {prefix!r} names code to run on this machine ({', '.join(loaded.user_code())}); "
-                    f"read it, then pass --trust-recipe, or pass a local --recipe"
-                )
+            loaded = trusted_recipe(
+                fetch_recipe(dht, prefix), prefix, None, trust_recipe, instead="pass a local --recipe"
+            )
         summary = list_runs(dht).get(prefix, {})
         state = _download(dht, loaded, summary, timeout)
     import torch

@@ -18,7 +18,6 @@ from typing import Annotated, Any
 
 import typer
 
-from hivecli._exceptions import ConfigError
 from hivecli.cli import _output
 from hivecli.cli._errors import EXIT_INTERRUPTED, EXIT_OK
 from hivecli.cli._network import (
@@ -46,6 +45,10 @@ SetFlag = Annotated[
     ),
 ]
 MaxStepsFlag = Annotated[int | None, typer.Option("--max-steps", min=1, help="Same as --set limits.max_steps=N.")]
+RunFlag = Annotated[str | None, typer.Option("--run", help="The run's prefix, if the DHT has several runs.")]
+TrustRecipeFlag = Annotated[
+    bool, typer.Option("--trust-recipe", help="Run the user code (module:function) a fetched recipe names.")
+]
 JsonFlag = Annotated[
     bool, typer.Option("--json", help="Print events as JSON lines on stdout; human output stays on stderr.")
 ]
@@ -77,10 +80,8 @@ def join(
     recipe: Annotated[
         Path | None, typer.Argument(help="A local recipe; without it, the run's recipe is fetched from the DHT.")
     ] = None,
-    run: Annotated[str | None, typer.Option("--run", help="The run's prefix, if the DHT has several runs.")] = None,
-    trust_recipe: Annotated[
-        bool, typer.Option("--trust-recipe", help="Run the user code (module:function) a fetched recipe names.")
-    ] = False,
+    run: RunFlag = None,
+    trust_recipe: TrustRecipeFlag = False,
     host: HostFlag = None,
     port: PortFlag = None,
     announce: AnnounceOption = None,
@@ -97,8 +98,10 @@ def join(
     overrides = _overrides(set_values, host, port, max_steps)
     peers = split_peer_list([address, *(initial_peers or [])])
     local = load_recipe(recipe, overrides) if recipe is not None else None
-    if local is not None and run and local.run.prefix != run:
-        raise ConfigError(f"--run {run!r} does not match run.prefix = {local.run.prefix!r} in {recipe}; drop one")
+    if local is not None:
+        from hivecli.runs import check_run_prefix
+
+        check_run_prefix(run, local, recipe)
     _run_peer(local, overrides, peers, announce, identity, json_output, join=True, run=run, trust_recipe=trust_recipe)
 
 
@@ -126,7 +129,7 @@ def _run_peer(
     trust_recipe: bool = False,
 ) -> None:
     from hivecli.dht.dht import DHT
-    from hivecli.runs import wait_for_recipe
+    from hivecli.runs import trusted_recipe, wait_for_recipe
 
     # network settings come from the local recipe, or (joining without one) from env and flags only
     network = (recipe or load_recipe(None, [o for o in overrides if o.startswith("network.")])).network
@@ -143,12 +146,7 @@ def _run_peer(
         _announce(str(dht.peer_id), maddrs, json_output, time.monotonic() - began)
         if recipe is None:
             prefix, data = wait_for_recipe(dht, run, timeout=30.0)
-            recipe = load_recipe(None, overrides, data=data)
-            if recipe.user_code() and not trust_recipe:
-                raise ConfigError(
-                    f"the recipe of run {prefix!r} names code to run on this machine ({', '.join(recipe.user_code())}); "
-                    f"read the recipe, then pass --trust-recipe, or join with a local recipe file"
-                )
+            recipe = trusted_recipe(data, prefix, overrides, trust_recipe, instead="join with a local recipe file")
             _output.stderr.print(f"Joining run [bold]{prefix}[/bold] with the recipe it published")
         _train(recipe, dht, json_output, join)
     finally:

@@ -148,6 +148,7 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
             self._apply_finished_round()
             loss = self.opt.step(closure) if closure is not None else self.opt.step()
             self.averager.local_step += 1
+            self._advertise_step()
             if self._round_due():
                 self._start_round()
         return loss
@@ -173,6 +174,13 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         return f"DecentralizedOptimizer(prefix={self.averager.prefix!r}, opt={self.opt!r})"
 
     # ---- averaging rounds ----------------------------------------------------------------------------
+
+    def _advertise_step(self) -> None:
+        """Donors are tried highest priority first: ours is our step, so that newcomers load from
+        the peer furthest along. Each change is a DHT store, hence at most one per period."""
+        if time.monotonic() - self._priority_updated > _PRIORITY_PERIOD:
+            self._priority_updated = time.monotonic()
+            self.averager.state_sharing_priority = self.local_step
 
     def _round_due(self) -> bool:
         if self._round is not None or self.local_step % self.averaging_steps_period != 0:
@@ -211,9 +219,6 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         self.averager.apply_delta()
         self.rounds_finished += 1
         self.last_group_size = len(group)
-        if time.monotonic() - self._priority_updated > _PRIORITY_PERIOD:  # each change is a DHT store
-            self._priority_updated = time.monotonic()
-            self.averager.state_sharing_priority = self.local_step
         elapsed = time.perf_counter() - self._round_started
         self._log(f"Finished averaging round in {elapsed:.2f} s with {len(group)} peers.")
         return True

@@ -192,10 +192,15 @@ class TrainingAverager(DecentralizedAverager):
 
     # ---- state sharing ----------------------------------------------------------------------------
 
-    def _state_tensors(self) -> list[torch.Tensor]:
-        opt_tensors, _ = optimizer_state_tensors(self.opt)
+    def _state(self) -> tuple[list[torch.Tensor], list[list[Any]]]:
+        """The shared state's tensors (parameters, extra tensors, optimizer tensors) and the
+        optimizer's other entries."""
+        opt_tensors, other = optimizer_state_tensors(self.opt)
         params = [p.detach() for p in parameters_of(self.opt)]
-        return params + self.extra_tensors + [t.detach() for t in opt_tensors]
+        return params + self.extra_tensors + [t.detach() for t in opt_tensors], other
+
+    def _state_tensors(self) -> list[torch.Tensor]:
+        return self._state()[0]
 
     def _state_lock(self) -> contextlib.AbstractContextManager[Any]:
         return self.lock_parameters
@@ -204,9 +209,8 @@ class TrainingAverager(DecentralizedAverager):
         return self._state_tensors()
 
     def get_current_state(self) -> StateSnapshot:
-        _, other = optimizer_state_tensors(self.opt)
-        metadata = {"step": self.local_step, "optimizer_state": other}
-        return metadata, self._state_tensors()
+        tensors, other = self._state()
+        return {"step": self.local_step, "optimizer_state": other}, tensors
 
     def load_state_from_peers(  # type: ignore[override]
         self, wait: bool = True, timeout: float | None = None, progress: Any = None
