@@ -1,8 +1,14 @@
 """What a run keeps in the DHT, so that others can find it, join it and watch it.
 
-    hive.runs             subkey PREFIX   -> {"model", "dataset", "target_group_size", "input_shape", "num_classes"}
+    hive.runs             subkey PREFIX   -> {"model", "dataset", "target_group_size", "input_shape", "num_classes",
+                                              "run_id"}
     PREFIX.recipe                         -> the resolved recipe (plain data, never code)
-    PREFIX.progress       subkey PEER ID  -> {"step", "loss", "samples_per_s", "accuracy", "maddrs", "time"}
+    PREFIX.progress       subkey PEER ID  -> {"step", "loss", "samples_per_s", "accuracy", "maddrs", "time",
+                                              "samples" (this peer's), "run_samples" (the run's, as it knows),
+                                              "left" (a last record when it stops)}
+
+A run is named by its prefix; its `run_id` tells one run from a later one with the same prefix
+(a peer keeps its files under runs/PREFIX/RUN_ID/PEER).
 
 Every peer of a run re-publishes the first two while it trains, so the run outlives the peer
 that started it. Progress entries expire a few report periods after a peer stops.
@@ -12,6 +18,7 @@ No torch here: `hive peers` stays light.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from hivecli._exceptions import ConfigError
@@ -24,7 +31,11 @@ RECIPE_TTL = 600.0
 
 
 def publish_run(
-    dht: DHT, recipe_data: dict[str, Any], input_shape: tuple[int, ...] | None = None, num_classes: int | None = None
+    dht: DHT,
+    recipe_data: dict[str, Any],
+    input_shape: tuple[int, ...] | None = None,
+    num_classes: int | None = None,
+    run_id: str | None = None,
 ) -> None:
     """Announce the run and its recipe (the caller repeats this every few minutes). The model's
     input shape and class count, once known, let `hive pull-state` build the model without the data."""
@@ -37,6 +48,8 @@ def publish_run(
     }
     if input_shape is not None:
         summary.update(input_shape=list(input_shape), num_classes=num_classes)
+    if run_id is not None:
+        summary["run_id"] = run_id
     dht.store(RUNS_KEY, summary, expiration, subkey=prefix)
     dht.store(f"{prefix}.recipe", _shareable(recipe_data), expiration)
 
@@ -108,14 +121,18 @@ def check_run_prefix(run: str | None, recipe: Recipe, path: object) -> None:
         raise ConfigError(f"--run {run!r} does not match run.prefix = {recipe.run.prefix!r} in {path}; drop one")
 
 
-def wait_for_recipe(dht: DHT, prefix: str | None, timeout: float) -> tuple[str, dict[str, Any]]:
+def wait_for_recipe(
+    dht: DHT, prefix: str | None, timeout: float, on_wait: Callable[[float], None] | None = None
+) -> tuple[str, dict[str, Any]]:
     """(prefix, recipe) of the run to join, waiting up to `timeout` seconds for it to be
     announced: a peer started a moment ago publishes its run once its model is built.
+    `on_wait(seconds waited)` is called about twice a second while it waits.
 
     Raises:
         ConfigError: still no such run after `timeout`, or several runs and none chosen.
     """
-    deadline = time.monotonic() + timeout
+    began = time.monotonic()
+    deadline = began + timeout
     while True:
         try:
             chosen = choose_run(dht, prefix)
@@ -124,6 +141,8 @@ def wait_for_recipe(dht: DHT, prefix: str | None, timeout: float) -> tuple[str, 
             several = prefix is None and len(list_runs(dht)) > 1  # waiting would not help
             if several or time.monotonic() >= deadline:
                 raise
+        if on_wait is not None:
+            on_wait(time.monotonic() - began)
         time.sleep(0.5)
 
 

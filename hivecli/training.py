@@ -1,15 +1,15 @@
 """The training loop behind `hive start` and `hive join`: a recipe in, a run directory out.
 
-`Trainer` builds the dataset, model and optimizers a recipe names, wraps the optimizer in a
-`DecentralizedOptimizer`, and trains until a limit or a stop request. It reports through a
-callback (`on_event(name, fields)`): the CLI turns events into a live display or JSON lines.
-It also writes the run directory:
+`Trainer` builds the dataset, model and optimizer a recipe names, wraps the optimizer in a
+`DecentralizedOptimizer`, and trains until the run reaches its goal (samples over all peers),
+this peer reaches one of its limits, or a stop request. Around every step it keeps the run
+healthy: a learning-rate schedule over the run's progress, gradient clipping, and a divergence
+guard that rolls the peer back to a good state (the run's, from a peer; else its last
+checkpoint) instead of training on, or sharing, a broken model.
 
-    DIR/PREFIX/PEER/recipe.toml        the resolved recipe
-    DIR/PREFIX/PEER/metrics.jsonl      one row per report: step, loss, samples/s, peers, rounds, accuracy
-    DIR/PREFIX/PEER/checkpoints/       step-N.pt and latest.pt: {"model", "optimizer", "step", "recipe"}
-
-and publishes its progress in the DHT under `{prefix}.progress` (what `hive peers --run` shows).
+It reports through a callback (`on_event(name, fields)`): the CLI turns events into a live
+display or JSON lines. Its files are described in hivecli.rundir and hivecli.checkpoints; its
+DHT reports are made by a `ProgressReporter` thread, never by the training loop.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import math
-import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -30,17 +29,22 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from hivecli._exceptions import ConfigError, HiveError
+from hivecli.checkpoints import CheckpointStore
 from hivecli.dht.dht import DHT
+from hivecli.guard import DivergenceGuard
 from hivecli.optim import DecentralizedOptimizer
+from hivecli.optim.training_averager import all_finite
+from hivecli.progress import ProgressReporter, RunCounter
 from hivecli.recipe import Recipe
 from hivecli.registry import build_model, load_dataset
-from hivecli.runs import count_peers, publish_progress, publish_run
+from hivecli.runs import fetch_progress, publish_run
+from hivecli.schedule import Schedule
 from hivecli.utils.timing import get_dht_time
 
 logger = logging.getLogger(__name__)
 EventCallback = Callable[[str, dict[str, Any]], None]
-KEEP_CHECKPOINTS = 3
-RECIPE_REPUBLISH_S = 120.0
+MAX_ROLLBACK_STREAK = 3  # rollbacks with fewer than HEALTHY_STEPS good steps between them: give up
+HEALTHY_STEPS = 200
 
 
 def build_optimizer(recipe: Recipe, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -76,22 +80,50 @@ def averager_kwargs(recipe: Recipe) -> dict[str, Any]:
     }
 
 
+def goal_samples(recipe: Recipe, train_size: int) -> int | None:
+    """The run's goal in samples over all peers, or None for a run that goes on until stopped."""
+    if recipe.run.total_samples is not None:
+        return recipe.run.total_samples
+    if recipe.run.total_epochs is not None:
+        return math.ceil(recipe.run.total_epochs * train_size)
+    return None
+
+
 class Trainer:
     """Trains one peer of a run. Create it after the DHT is up; call `run()`; then `close()`.
+
+    Args:
+        recipe: the run's recipe.
+        dht: this peer's running DHT.
+        run_dir: this peer's directory (hivecli.rundir), already claimed.
+        on_event: receives every event (name, fields); called from the training thread.
+        run_id: the run's id, announced with the run.
+        joining: the run exists already: load its state from a peer before training.
+        fresh: do not resume from a checkpoint in `run_dir`.
 
     Raises (from the constructor):
         ConfigError: the recipe's model, dataset or optimizer settings do not fit together.
     """
 
-    def __init__(self, recipe: Recipe, dht: DHT, run_dir: Path, on_event: EventCallback, joining: bool = False):
+    def __init__(
+        self,
+        recipe: Recipe,
+        dht: DHT,
+        run_dir: Path,
+        on_event: EventCallback,
+        *,
+        run_id: str,
+        joining: bool = False,
+        fresh: bool = False,
+    ):
         self.recipe, self.dht, self.run_dir, self.on_event = recipe, dht, run_dir, on_event
+        self.run_id, self.joining, self.fresh = run_id, joining, fresh
+        self.me = str(dht.peer_id)
         data = load_dataset(recipe.data)
         self.data = data
         self.model, base_opt = build_model_and_optimizer(recipe, data.input_shape, data.num_classes)
         # each peer its own order of the data: same model seed, different batches
-        shuffle = torch.Generator().manual_seed(
-            int.from_bytes(hashlib.sha256(dht.peer_id.to_bytes()).digest()[:8], "big")
-        )
+        shuffle = torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(dht.peer_id.to_bytes()).digest()[:8]))
         self.loader = DataLoader(
             data.train,
             batch_size=recipe.data.batch_size,
@@ -116,74 +148,149 @@ class Trainer:
             extra_tensors=list(self.model.buffers()),  # BatchNorm statistics travel with the state
             **averager_kwargs(recipe),
         )
-        self.steps_per_epoch = len(self.loader)
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        o = recipe.optimizer
+        self.schedule = Schedule(o.schedule, o.warmup_steps, o.final_lr_fraction)
+        self.base_lrs = [group["lr"] for group in base_opt.param_groups]
+        self.goal = goal_samples(recipe, len(data.train))
+        self.counter = RunCounter()
+        self.guard = DivergenceGuard()
+        self.checkpoints = CheckpointStore(run_dir / "checkpoints", recipe.output.keep_checkpoints)
         (run_dir / "recipe.toml").write_text(recipe.to_toml())
         self._metrics = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115  (closed in close())
+        self.reporter = ProgressReporter(
+            dht,
+            recipe.run.prefix,
+            recipe.output.report_every_seconds,
+            progress=self.progress,
+            counter=self.counter,
+            announce=self.publish,
+        )
         self.last_accuracy: float | None = None
+        self.best_accuracy: float | None = self.checkpoints.best_metric
         self.loss_ema: float | None = None
         self.samples_per_s = 0.0
-        self.peers = 1
-        self._published = -math.inf
+        self.rollbacks = 0
+        self._rollback_streak, self._healthy_steps = 0, 0
         self._checkpointed = -1  # the step of the last checkpoint written
-
-    def publish(self) -> None:
-        """Announce the run, its recipe and the model's shapes in the DHT (repeated while training).
-
-        Raises:
-            HiveError: the DHT could not store them.
-        """
-        self._published = time.monotonic()
-        publish_run(self.dht, self.recipe.to_dict(), self.data.input_shape, self.data.num_classes)
 
     @property
     def step(self) -> int:
         return self.opt.local_step
 
-    def load_state_from_peers(self, stop: threading.Event, timeout: float = 30.0) -> bool:
-        """Start from the run's current parameters, optimizer state and step. False if no peer
-        shared its state within `timeout`, or `stop` was set (the caller warns: it starts from
-        the recipe's seed)."""
-        deadline = time.monotonic() + timeout
+    @property
+    def run_samples(self) -> int:
+        return self.counter.total
+
+    def publish(self) -> None:
+        """Announce the run, its recipe and the model's shapes in the DHT (the reporter repeats it).
+
+        Raises:
+            HiveError: the DHT could not store them.
+        """
+        recipe = self.recipe.to_dict()
+        publish_run(self.dht, recipe, self.data.input_shape, self.data.num_classes, run_id=self.run_id)
+
+    # ---- getting the state to start from --------------------------------------------------------------
+
+    def prepare(self, stop: threading.Event) -> None:
+        """Settle the state to start from: this peer's latest checkpoint (unless fresh), then the
+        run's state from a peer if the run has moved further; then start reporting. Emits
+        `started` and, when a state is loaded, `state_loaded`."""
+        resumed = None if self.fresh else self.checkpoints.latest()
+        if resumed is not None:
+            self._load_checkpoint(resumed[1])
+        self.reporter.start()
+        self.on_event(
+            "started",
+            {"run_dir": str(self.run_dir), "prefix": self.recipe.run.prefix, "run_id": self.run_id,
+             "resumed_from": str(resumed[0]) if resumed else None, "step": self.step},
+        )  # fmt: skip
+        if self.joining or resumed is not None:
+            ahead = self._furthest_peer_step()
+            behind = resumed is None or (ahead is not None and ahead > self.step)
+            loaded = behind and self.load_state_from_peers(stop, timeout=30.0 if resumed is None else 10.0)
+            if behind and not loaded and resumed is None and not stop.is_set():
+                logger.warning(
+                    "No peer of run %r shared its state within 30 s; starting from the recipe's seed",
+                    self.recipe.run.prefix,
+                )
+        self.opt.averager.allow_state_sharing = True
+        if self._checkpointed != self.step and all_finite(self.model.parameters()):
+            self.save_checkpoint()  # a state to roll back to from the start
+
+    def _furthest_peer_step(self) -> int | None:
         try:
-            while time.monotonic() < deadline and not stop.is_set():
-                try:
-                    loaded = self.opt.averager.load_state_from_peers(timeout=max(1.0, deadline - time.monotonic()))
-                except HiveError as e:
-                    logger.warning("Could not load the run's state: %s; retrying", e)
-                    loaded = None
-                if loaded is not None:
-                    self.on_event("state_loaded", {"step": self.step})
-                    return True
-                stop.wait(1.0)
-            return False
-        finally:
-            self.opt.averager.allow_state_sharing = True
+            steps = [r["step"] for r in fetch_progress(self.dht, self.recipe.run.prefix).values()
+                     if isinstance(r.get("step"), int) and not r.get("left")]  # fmt: skip
+        except HiveError:
+            return None
+        return max(steps, default=None)
+
+    def load_state_from_peers(self, stop: threading.Event, timeout: float) -> bool:
+        """Take the run's current parameters, optimizer state, step and sample counts from a
+        peer. False if no peer shared its state within `timeout`, or `stop` was set."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not stop.is_set():
+            try:
+                loaded = self.opt.averager.load_state_from_peers(timeout=max(1.0, deadline - time.monotonic()))
+            except HiveError as e:
+                logger.warning("Could not load the run's state: %s; retrying", e)
+                loaded = None
+            if loaded is not None:
+                run = loaded[0].get("run") if isinstance(loaded[0], dict) else None
+                if isinstance(run, dict):
+                    self.counter.merge(run.get("samples"))
+                self.on_event("state_loaded", {"step": self.step})
+                self.reporter.report_now()
+                return True
+            stop.wait(1.0)
+        return False
+
+    def wait_for_peers(self, stop: threading.Event) -> None:
+        """Wait, up to run.min_peers_timeout, until the run has run.min_peers live peers."""
+        wanted, timeout = self.recipe.run.min_peers, self.recipe.run.min_peers_timeout
+        if wanted <= 1:
+            return
+        began = time.monotonic()
+        while not stop.is_set() and self.reporter.peers < wanted:
+            elapsed = time.monotonic() - began
+            if elapsed >= timeout:
+                logger.warning(
+                    "Only %d of run.min_peers = %d peers after %.0f s; training with fewer",
+                    self.reporter.peers, wanted, timeout,
+                )  # fmt: skip
+                break
+            missing = wanted - self.reporter.peers
+            self.on_event(
+                "waiting",
+                {"what": f"{missing} more peer{'s' if missing > 1 else ''} of run {self.recipe.run.prefix} to join",
+                 "elapsed_s": round(elapsed, 1), "remaining_s": round(timeout - elapsed, 1)},
+            )  # fmt: skip
+            stop.wait(1.0)
+        self.on_event("waiting", {"what": "peers", "done": True})
 
     # ---- the loop -----------------------------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> str:
-        """Train until a limit is reached or `stop` is set; returns why it stopped."""
+        """Train until the run's goal, a limit of this peer, or `stop`; returns why it stopped."""
+        self.prepare(stop)
+        self.wait_for_peers(stop)
         limits, output = self.recipe.limits, self.recipe.output
         started = time.monotonic()
-        max_steps = limits.max_steps or math.inf
-        if limits.max_epochs is not None:
-            max_steps = min(max_steps, math.ceil(limits.max_epochs * self.steps_per_epoch))
+        max_samples = math.ceil(limits.max_epochs * len(self.data.train)) if limits.max_epochs else None
+        my_samples = 0
         next_report = started + output.report_every_seconds
         window_samples, window_start = 0, time.monotonic()
         reason = ""
         self.model.train()
         while not reason:
             for x, y in self.loader:
-                if stop.is_set():
-                    reason = "stopped"
-                elif self.step >= max_steps:
-                    reason = "max_steps" if limits.max_steps and self.step >= limits.max_steps else "max_epochs"
-                elif limits.max_seconds is not None and time.monotonic() - started >= limits.max_seconds:
-                    reason = "max_seconds"
+                reason = self._stop_reason(stop, started, my_samples, max_samples)
                 if reason:
                     break
-                self._train_step(x, y)
+                if not self._train_step(x, y, stop):
+                    continue
+                my_samples += len(y)
                 window_samples += len(y)
                 if self.step % output.eval_every_steps == 0:
                     self.evaluate()
@@ -204,16 +311,33 @@ class Trainer:
         path = self.save_checkpoint() if self._checkpointed != self.step else self._checkpoint_path()
         self.on_event(
             "finished",
-            {"reason": reason, "step": self.step, "accuracy": self.last_accuracy, "checkpoint": str(path),
-             "rounds": self.opt.rounds_finished},
+            {"reason": reason, "step": self.step, "accuracy": self.last_accuracy, "best_accuracy": self.best_accuracy,
+             "checkpoint": str(path), "rounds": self.opt.rounds_finished, "rollbacks": self.rollbacks,
+             "run_samples": self.run_samples},
         )  # fmt: skip
         return reason
+
+    def _stop_reason(self, stop: threading.Event, started: float, my_samples: int, max_samples: int | None) -> str:
+        limits = self.recipe.limits
+        if stop.is_set():
+            return "stopped"
+        if self.goal is not None and self.run_samples >= self.goal:
+            return "run_complete"
+        if limits.max_steps is not None and self.step >= limits.max_steps:
+            return "max_steps"
+        if max_samples is not None and my_samples >= max_samples:
+            return "max_epochs"
+        if limits.max_seconds is not None and time.monotonic() - started >= limits.max_seconds:
+            return "max_seconds"
+        return ""
 
     def _finish_last_round(self) -> bool:
         """Average once more with the peers that finish at about the same time, so that they
         leave with the same averaged model; alone, this costs one matchmaking wait. True if
         the parameters changed."""
         a = self.recipe.averaging
+        if self.reporter.peers <= 1 and not self.opt.rounds_finished:
+            return False  # alone all along: nobody to wait for
         try:
             if self.opt.average_now(timeout=2 * a.min_matchmaking_time + a.request_timeout):
                 return True
@@ -222,14 +346,66 @@ class Trainer:
             logger.info("The last averaging round did not finish in time; keeping local parameters")
         return False
 
-    def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+    def _train_step(self, x: torch.Tensor, y: torch.Tensor, stop: threading.Event) -> bool:
+        """One step; False if the guard found the model broken and rolled it back instead."""
+        fraction = None if self.goal is None else self.run_samples / self.goal
+        factor = self.schedule.factor(self.step, fraction)
+        for group, base in zip(self.opt.param_groups, self.base_lrs, strict=True):
+            group["lr"] = base * factor
         self.opt.zero_grad()
         loss = F.cross_entropy(self.model(x), y)
+        problem = self.guard.check(loss.item())
+        if problem is not None:
+            self.rollback(problem, stop)
+            return False
         loss.backward()
+        if self.recipe.optimizer.clip_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.recipe.optimizer.clip_grad_norm)
         self.opt.step()
-        value = loss.item()
-        self.loss_ema = value if self.loss_ema is None else 0.9 * self.loss_ema + 0.1 * value
-        return value
+        self.counter.add(self.me, len(y))
+        self.loss_ema = self.guard.smoothed
+        self._healthy_steps += 1
+        return True
+
+    # ---- the divergence guard's rollback ------------------------------------------------------------
+
+    def rollback(self, reason: str, stop: threading.Event) -> None:
+        """Go back to a good state: the run's (from a peer) if others train, else this peer's
+        newest checkpoint. Not sharing meanwhile: a broken state must not reach anyone.
+
+        Raises:
+            HiveError: the model broke again and again (the recipe diverges; the fix is the user's).
+        """
+        step = self.step
+        self._rollback_streak = self._rollback_streak + 1 if self._healthy_steps < HEALTHY_STEPS else 1
+        if self._rollback_streak > MAX_ROLLBACK_STREAK:
+            raise HiveError(
+                f"training diverged {self._rollback_streak} times within {HEALTHY_STEPS} steps of each other "
+                f"(last at step {step}: {reason}); lower optimizer.lr (now {self.recipe.optimizer.lr:g}) "
+                f"or set optimizer.clip_grad_norm"
+            )
+        self.rollbacks += 1
+        self._healthy_steps = 0
+        self.opt.discard_round()
+        self.opt.averager.allow_state_sharing = False
+        try:
+            source = None
+            if self.reporter.peers > 1 and self.load_state_from_peers(stop, timeout=10.0):
+                source = "the run's state from a peer"
+            if source is None:
+                latest = self.checkpoints.latest()
+                if latest is None:
+                    raise HiveError(f"training diverged at step {step} ({reason}); no checkpoint to go back to")
+                self._load_checkpoint(latest[1])
+                source = f"checkpoint {latest[0]}"
+        finally:
+            self.opt.averager.allow_state_sharing = True
+        self.guard.reset()
+        self.opt.zero_grad()
+        self.on_event("rolled_back", {"step": step, "to_step": self.step, "reason": reason, "source": source})
+        self._write_metrics({"event": "rolled_back", "reason": reason, "from_step": step, "source": source})
+
+    # ---- evaluation and reports -----------------------------------------------------------------------
 
     def evaluate(self) -> float | None:
         if self.test_loader is None:
@@ -242,35 +418,36 @@ class Trainer:
                 total += len(y)
         self.model.train()
         self.last_accuracy = correct / max(1, total)
-        self.on_event("eval", {"step": self.step, "accuracy": round(self.last_accuracy, 4)})
-        self._write_metrics({"accuracy": self.last_accuracy})
+        best = self.checkpoints.offer_best(self._state(), self.last_accuracy) if self._finite() else False
+        if best:
+            self.best_accuracy = self.last_accuracy
+        self.on_event("eval", {"step": self.step, "accuracy": round(self.last_accuracy, 4), "best": best})
+        self._write_metrics({"event": "eval", "accuracy": self.last_accuracy, "best": best})
+        self.reporter.report_now()
         return self.last_accuracy
 
     def _report(self) -> None:
-        try:
-            if time.monotonic() - self._published > RECIPE_REPUBLISH_S:
-                self.publish()
-            publish_progress(
-                self.dht,
-                self.recipe.run.prefix,
-                self.progress(),
-                ttl=max(30.0, 5 * self.recipe.output.report_every_seconds),
-            )
-            self.peers = count_peers(self.dht, self.recipe.run.prefix)
-        except HiveError as e:
-            logger.debug("Could not report progress to the DHT: %s", e)
+        """The status for the display and metrics.jsonl (the DHT report is the reporter's)."""
+        rate = max(self.reporter.run_samples_per_s, self.samples_per_s)
+        eta = (self.goal - self.run_samples) / rate if self.goal is not None and rate > 0 else None
         fields = {
             "step": self.step,
             "loss": None if self.loss_ema is None else round(self.loss_ema, 4),
             "samples_per_s": round(self.samples_per_s, 1),
-            "peers": self.peers,
+            "peers": self.reporter.peers,
             "rounds": self.opt.rounds_finished,
             "last_group_size": self.opt.last_group_size,
+            "accuracy": self.last_accuracy,
+            "run_samples": self.run_samples,
+            "goal_samples": self.goal,
+            "eta_s": None if eta is None else round(max(0.0, eta), 1),
         }
         self.on_event("progress", fields)
-        self._write_metrics(fields)
+        self._write_metrics({"event": "progress", **fields})
 
     def progress(self) -> dict[str, Any]:
+        """This peer's progress record in the DHT (called on the reporter's thread)."""
+        self.opt.averager.run_metadata = {"samples": self.counter.counts()}  # what a newcomer gets with the state
         return {
             "step": self.step,
             "loss": None if self.loss_ema is None else round(self.loss_ema, 4),
@@ -278,6 +455,8 @@ class Trainer:
             "accuracy": self.last_accuracy,
             "maddrs": [str(m) for m in self.dht.get_visible_maddrs()],
             "time": get_dht_time(),
+            "samples": self.counter.of(self.me),
+            "run_samples": self.run_samples,
         }
 
     def _write_metrics(self, fields: dict[str, Any]) -> None:
@@ -286,30 +465,43 @@ class Trainer:
 
     # ---- checkpoints --------------------------------------------------------------------------------
 
-    def save_checkpoint(self) -> Path:
-        """Write checkpoints/step-N.pt and latest.pt; plain `torch.load(path)["model"]` reads them."""
-        folder = self.run_dir / "checkpoints"
+    def _finite(self) -> bool:
+        return all_finite(self.model.parameters())
+
+    def _state(self) -> dict[str, Any]:
         with self.opt.lock_parameters:
-            state = {
+            return {
                 "model": self.model.state_dict(),
                 "optimizer": self.opt.state_dict(),
                 "step": self.step,
                 "recipe": self.recipe.to_dict(),
+                "run_id": self.run_id,
+                "samples": self.counter.counts(),
             }
-            path = self._checkpoint_path()
-            torch.save(state, path)
-        temporary = folder / "latest.pt.tmp"
-        shutil.copyfile(path, temporary)  # the bytes just written, not a second serialization
-        temporary.replace(folder / "latest.pt")  # readers never see half a file
-        for old in sorted(folder.glob("step-*.pt"), key=lambda p: int(p.stem.split("-")[1]))[:-KEEP_CHECKPOINTS]:
-            old.unlink()
+
+    def save_checkpoint(self) -> Path:
+        """Write checkpoints/step-N.pt and latest.pt; plain `torch.load(path)["model"]` reads them.
+        A broken (non-finite) model is never saved: the last good checkpoint stays the newest."""
+        if not self._finite():
+            logger.warning("Not saving a checkpoint at step %d: the parameters are not finite", self.step)
+            return self._checkpoint_path()
+        path = self.checkpoints.save(self._state())
         self._checkpointed = self.step
         self.on_event("checkpoint", {"step": self.step, "path": str(path)})
         return path
+
+    def _load_checkpoint(self, state: dict[str, Any]) -> None:
+        with self.opt.lock_parameters:
+            self.model.load_state_dict(state["model"])
+            self.opt.load_state_dict(state["optimizer"])
+            self.opt.averager.local_step = state["step"]
+        self.counter.merge(state.get("samples"))
+        self._checkpointed = state["step"]
 
     def _checkpoint_path(self) -> Path:
         return self.run_dir / "checkpoints" / f"step-{self.step}.pt"
 
     def close(self) -> None:
+        self.reporter.stop()
         self.opt.shutdown()
         self._metrics.close()

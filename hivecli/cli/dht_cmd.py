@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import logging
-import signal
-import threading
 from typing import Annotated, Any
 
 import typer
 
 from hivecli.cli import _output
-from hivecli.cli._errors import EXIT_INTERRUPTED, EXIT_OK
 from hivecli.cli._network import (
     AnnounceOption,
     HostOption,
@@ -21,6 +18,7 @@ from hivecli.cli._network import (
     listen_maddr,
     split_peer_list,
 )
+from hivecli.cli._signals import stop_on_signals
 
 logger = logging.getLogger("hivecli.cli.dht")
 
@@ -51,37 +49,28 @@ def dht(
         identity_path=identity,
         refresh_period=refresh_period,
     )
-    stop = threading.Event()
-    exit_code = {"value": EXIT_OK}
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        exit_code["value"] = EXIT_INTERRUPTED if signum == signal.SIGINT else EXIT_OK
-        stop.set()
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        node.run_in_background(await_ready=True)
-        maddrs = [str(m) for m in node.get_visible_maddrs()]
-        if json_output:
-            _output.emit_json("listening", peer_id=str(node.peer_id), maddrs=maddrs)
-        else:
-            _print_banner(str(node.peer_id), maddrs)
-        while not stop.wait(refresh_period):
-            table, keys = node.run_coroutine(_status)
+    with stop_on_signals() as stop:
+        try:
+            node.run_in_background(await_ready=True)
+            maddrs = [str(m) for m in node.get_visible_maddrs()]
             if json_output:
-                _output.emit_json("status", routing_table_size=table, stored_keys=keys)
-            logger.info(
-                "%d DHT nodes (including this one) are in the local routing table; local storage holds %d keys",
-                table + 1,
-                keys,
-            )
-    finally:
-        node.shutdown()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+                _output.emit_json("listening", peer_id=str(node.peer_id), maddrs=maddrs)
+            else:
+                _print_banner(str(node.peer_id), maddrs)
+            while not stop.wait(refresh_period):
+                table, keys = node.run_coroutine(_status)
+                if json_output:
+                    _output.emit_json("status", routing_table_size=table, stored_keys=keys)
+                logger.info(
+                    "%d DHT nodes (including this one) are in the local routing table; local storage holds %d keys",
+                    table + 1,
+                    keys,
+                )
+        finally:
+            node.shutdown()
     if json_output:
-        _output.emit_json("stopped", exit_code=exit_code["value"])
-    raise typer.Exit(exit_code["value"])
+        _output.emit_json("stopped", exit_code=stop.exit_code)
+    raise typer.Exit(stop.exit_code)
 
 
 async def _status(_dht: Any, node: Any) -> tuple[int, int]:

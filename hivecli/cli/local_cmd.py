@@ -23,7 +23,8 @@ import typer
 
 from hivecli._exceptions import ConfigError, HiveError
 from hivecli.cli import _output
-from hivecli.cli._errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
+from hivecli.cli._errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
+from hivecli.cli._signals import stop_on_signals
 from hivecli.cli.train_cmd import JsonFlag, MaxStepsFlag, SetFlag
 
 STARTUP_TIMEOUT = 120.0
@@ -128,49 +129,41 @@ def local(
     if max_steps is not None:
         common += ["--max-steps", str(max_steps)]
     peers: list[_Peer] = []
-    interrupted = threading.Event()
-    received: list[int] = []  # the signal that stopped us: SIGINT exits 130, SIGTERM 0
 
-    def on_signal(signum: int, _frame: Any) -> None:
-        if interrupted.is_set():
-            return
-        received.append(signum)
-        interrupted.set()
+    def pass_on(signal_name: str) -> None:  # the first SIGINT or SIGTERM goes to every peer, once
         for peer in peers:
             if peer.proc.poll() is None:
-                peer.proc.send_signal(signum)
+                peer.proc.send_signal(signal.Signals[signal_name])
 
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     codes: list[int] = []
-    try:
-
-        def port_of(index: int) -> list[str]:
-            return ["--port", str(port + index if port else 0)]
-
-        peers.append(_Peer(0, [*base, "start", str(recipe), *common, *port_of(0)], json_output))
+    with stop_on_signals(on_stop=pass_on) as interrupted:
         try:
-            address = peers[0].wait_for_event("listening", STARTUP_TIMEOUT)["maddrs"][0]
-        except HiveError:
-            if interrupted.is_set():
-                raise typer.Exit(EXIT_INTERRUPTED if received[0] == signal.SIGINT else EXIT_OK) from None
-            raise
-        _output.stderr.print(f"peer 0 listens at {address}; starting {n - 1} more")
-        for index in range(1, n):
-            if interrupted.is_set():
-                break
-            peers.append(_Peer(index, [*base, "join", address, str(recipe), *common, *port_of(index)], json_output))
-        while any(peer.proc.poll() is None for peer in peers):
-            time.sleep(0.2)
-    finally:
-        for peer in peers:
-            if peer.proc.poll() is None:
-                peer.proc.send_signal(received[0] if received else signal.SIGINT)
-        codes = [peer.close(timeout=60) for peer in peers]
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+
+            def port_of(index: int) -> list[str]:
+                return ["--port", str(port + index if port else 0)]
+
+            peers.append(_Peer(0, [*base, "start", str(recipe), *common, *port_of(0)], json_output))
+            try:
+                address = peers[0].wait_for_event("listening", STARTUP_TIMEOUT)["maddrs"][0]
+            except HiveError:
+                if interrupted.is_set():
+                    raise typer.Exit(interrupted.exit_code) from None
+                raise
+            _output.stderr.print(f"peer 0 listens at {address}; starting {n - 1} more")
+            for index in range(1, n):
+                if interrupted.is_set():
+                    break
+                peers.append(_Peer(index, [*base, "join", address, str(recipe), *common, *port_of(index)], json_output))
+            while any(peer.proc.poll() is None for peer in peers):
+                time.sleep(0.2)
+        finally:
+            for peer in peers:
+                if peer.proc.poll() is None:
+                    peer.proc.send_signal(interrupted.signum or signal.SIGINT)
+            codes = [peer.close(timeout=60) for peer in peers]
     _print_results(peers, codes)
     if interrupted.is_set():
-        raise typer.Exit(EXIT_INTERRUPTED if received[0] == signal.SIGINT else EXIT_OK)
+        raise typer.Exit(interrupted.exit_code)
     if any(code != EXIT_OK for code in codes):
         failed = [str(peer.index) for peer, code in zip(peers, codes, strict=True) if code != EXIT_OK]
         _output.stderr.print(f"peers {', '.join(failed)} failed; their output above says why")

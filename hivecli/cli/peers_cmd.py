@@ -66,7 +66,8 @@ def _runs(client: Any, only: str | None) -> dict[str, dict[str, Any]]:
     now = get_dht_time()
     result = {}
     for prefix in prefixes:
-        progress = fetch_progress(client, prefix)
+        # a peer that stopped leaves a last record saying so: it is no longer one of the run's peers
+        progress = {peer: entry for peer, entry in fetch_progress(client, prefix).items() if not entry.get("left")}
         for entry in progress.values():
             seen = entry.get("time")
             entry["last_report_s"] = round(now - seen, 1) if isinstance(seen, (int, float)) else None

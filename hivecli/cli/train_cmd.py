@@ -4,14 +4,16 @@ Both print the peer's addresses before torch is even imported (a joiner can be t
 connect within a second), then train with a live status line on stderr. With --json, events
 go to stdout as JSON lines, the first being "listening". Ctrl+C stops after the current step,
 saves a checkpoint and exits 130; SIGTERM does the same and exits 0.
+
+A peer restarted with the same --identity resumes from its latest checkpoint in the same run
+(unless --fresh), and still takes the run's newer state from its peers if the run moved on.
 """
 
 from __future__ import annotations
 
 import logging
-import signal
+import os
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -19,7 +21,6 @@ from typing import Annotated, Any
 import typer
 
 from hivecli.cli import _output
-from hivecli.cli._errors import EXIT_INTERRUPTED, EXIT_OK
 from hivecli.cli._network import (
     AnnounceOption,
     IdentityOption,
@@ -44,7 +45,20 @@ SetFlag = Annotated[
         "--set", help="Override a recipe value: SECTION.KEY=VALUE, e.g. --set limits.max_steps=500 (repeatable)."
     ),
 ]
-MaxStepsFlag = Annotated[int | None, typer.Option("--max-steps", min=1, help="Same as --set limits.max_steps=N.")]
+MaxStepsFlag = Annotated[
+    int | None, typer.Option("--max-steps", min=1, help="Stop this peer at step N (same as --set limits.max_steps=N).")
+]
+MaxSecondsFlag = Annotated[
+    float | None,
+    typer.Option("--max-seconds", min=0.001, help="Stop this peer after this long (--set limits.max_seconds=S)."),
+]
+FreshFlag = Annotated[
+    bool,
+    typer.Option(
+        "--fresh",
+        help="Do not resume from this peer's checkpoints; start a new run (start) or take the run's state (join).",
+    ),
+]
 RunFlag = Annotated[str | None, typer.Option("--run", help="The run's prefix, if the DHT has several runs.")]
 TrustRecipeFlag = Annotated[
     bool, typer.Option("--trust-recipe", help="Run the user code (module:function) a fetched recipe names.")
@@ -63,16 +77,18 @@ def start(
     identity: IdentityOption = None,
     set_values: SetFlag = None,
     max_steps: MaxStepsFlag = None,
+    max_seconds: MaxSecondsFlag = None,
+    fresh: FreshFlag = False,
     json_output: JsonFlag = False,
 ) -> None:
     """Start a training run (or a peer of one, with --initial-peers) from a recipe.
 
-    Prints every address this peer can be reached at and the `hive join ...` line to run elsewhere, publishes the recipe in the DHT under the run's prefix, then trains with a live status line. Writes runs/PREFIX/PEER/: recipe.toml, metrics.jsonl, checkpoints/.
+    Prints every address this peer can be reached at and the `hive join ...` line to run elsewhere, publishes the recipe in the DHT under the run's prefix, then trains with a live status line until the run's goal (run.total_samples or run.total_epochs, over all peers), a limit of this peer, or Ctrl+C. Writes runs/PREFIX/RUN_ID/PEER/: recipe.toml, metrics.jsonl, checkpoints/. Started again with the same --identity, the peer resumes from its latest checkpoint unless --fresh.
     """
-    overrides = _overrides(set_values, host, port, max_steps)
+    overrides = _overrides(set_values, host, port, max_steps, max_seconds)
     loaded = load_recipe(recipe, overrides)
     peers = split_peer_list(initial_peers) or list(loaded.network.initial_peers)
-    _run_peer(loaded, overrides, peers, announce, identity, json_output, join=False)
+    _run_peer(loaded, overrides, peers, announce, identity, json_output, join=False, fresh=fresh)
 
 
 def join(
@@ -89,23 +105,30 @@ def join(
     identity: IdentityOption = None,
     set_values: SetFlag = None,
     max_steps: MaxStepsFlag = None,
+    max_seconds: MaxSecondsFlag = None,
+    fresh: FreshFlag = False,
     json_output: JsonFlag = False,
 ) -> None:
     """Join a running training run: fetch its recipe, download its current state, train with it.
 
-    A fetched recipe is data, never code: if it names user code (module:function), join refuses unless you pass --trust-recipe or give a local RECIPE file.
+    Waits (with a spinner) up to a minute for the run to be announced. A fetched recipe is data, never code: if it names user code (module:function), join refuses unless you pass --trust-recipe or give a local RECIPE file. Joined again with the same --identity, the peer resumes from its checkpoint, or from the run's state if the run has moved further.
     """
-    overrides = _overrides(set_values, host, port, max_steps)
+    overrides = _overrides(set_values, host, port, max_steps, max_seconds)
     peers = split_peer_list([address, *(initial_peers or [])])
     local = load_recipe(recipe, overrides) if recipe is not None else None
     if local is not None:
         from hivecli.runs import check_run_prefix
 
         check_run_prefix(run, local, recipe)
-    _run_peer(local, overrides, peers, announce, identity, json_output, join=True, run=run, trust_recipe=trust_recipe)
+    _run_peer(
+        local, overrides, peers, announce, identity, json_output, join=True, run=run, trust_recipe=trust_recipe,
+        fresh=fresh,
+    )  # fmt: skip
 
 
-def _overrides(set_values: list[str] | None, host: str | None, port: int | None, max_steps: int | None) -> list[str]:
+def _overrides(
+    set_values: list[str] | None, host: str | None, port: int | None, max_steps: int | None, max_seconds: float | None
+) -> list[str]:
     overrides = list(set_values or [])
     if host is not None:
         overrides.append(f'network.host="{host}"')
@@ -113,7 +136,12 @@ def _overrides(set_values: list[str] | None, host: str | None, port: int | None,
         overrides.append(f"network.port={port}")
     if max_steps is not None:
         overrides.append(f"limits.max_steps={max_steps}")
+    if max_seconds is not None:
+        overrides.append(f"limits.max_seconds={float(max_seconds)}")
     return overrides
+
+
+JOIN_WAIT_S = 60.0  # how long `hive join` waits for the run to be announced
 
 
 def _run_peer(
@@ -127,12 +155,18 @@ def _run_peer(
     join: bool,
     run: str | None = None,
     trust_recipe: bool = False,
+    fresh: bool = False,
 ) -> None:
+    from hivecli.cli._display import Display
+    from hivecli.cli._signals import stop_on_signals
     from hivecli.dht.dht import DHT
-    from hivecli.runs import trusted_recipe, wait_for_recipe
 
     # network settings come from the local recipe, or (joining without one) from env and flags only
-    network = (recipe or load_recipe(None, [o for o in overrides if o.startswith("network.")])).network
+    if recipe is None:  # only the network settings matter before the run's recipe is fetched
+        network_env = {k: v for k, v in os.environ.items() if k.startswith("HIVE_NETWORK_")}
+        network = load_recipe(None, [o for o in overrides if o.startswith("network.")], env=network_env).network
+    else:
+        network = recipe.network
     began = time.monotonic()
     dht = DHT(
         initial_peers=peers,
@@ -141,16 +175,57 @@ def _run_peer(
         identity_path=identity or network.identity,
         start=True,
     )
+    display = Display(json_output, goal=None)
     try:
         maddrs = [str(m) for m in dht.get_visible_maddrs()]
         _announce(str(dht.peer_id), maddrs, json_output, time.monotonic() - began)
-        if recipe is None:
-            prefix, data = wait_for_recipe(dht, run, timeout=30.0)
-            recipe = trusted_recipe(data, prefix, overrides, trust_recipe, instead="join with a local recipe file")
-            _output.stderr.print(f"Joining run [bold]{prefix}[/bold] with the recipe it published")
-        _train(recipe, dht, json_output, join)
+        with stop_on_signals(on_stop=display.stopping, second_interrupt_raises=True) as stop:
+            recipe, run_id, joining = _find_run(dht, recipe, overrides, display, stop, join, run, trust_recipe, fresh)
+            display.goal = _describe_goal(recipe)
+            if not stop.is_set():
+                _train(recipe, dht, display, stop, run_id=run_id, joining=joining, fresh=fresh)
     finally:
+        display.close()
         dht.shutdown()
+    raise typer.Exit(stop.exit_code)
+
+
+def _find_run(
+    dht: Any, recipe: Recipe | None, overrides: list[str], display: Any, stop: Any, join: bool, run: str | None,
+    trust_recipe: bool, fresh: bool,
+) -> tuple[Recipe, str, bool]:  # fmt: skip
+    """(recipe, run id, whether the run already exists) for this peer: the run a joiner is
+    told to join, or for `start` the run of that prefix already in the DHT (then this peer
+    joins it), else the run this identity last trained in (resumed), else a new run."""
+    from hivecli.rundir import is_run_id, new_run_id, resumable_run
+    from hivecli.runs import list_runs, trusted_recipe, wait_for_recipe
+
+    if recipe is None:
+        what = f"run {run}" if run else "a run"
+
+        def waiting(elapsed: float) -> None:
+            if stop.is_set():
+                raise typer.Exit(stop.exit_code)
+            display.event("waiting", {"what": f"{what} to be announced", "elapsed_s": round(elapsed, 1),
+                                      "remaining_s": round(JOIN_WAIT_S - elapsed, 1)})  # fmt: skip
+
+        prefix, data = wait_for_recipe(dht, run, timeout=JOIN_WAIT_S, on_wait=waiting)
+        display.event("waiting", {"what": "run", "done": True})
+        recipe = trusted_recipe(data, prefix, overrides, trust_recipe, instead="join with a local recipe file")
+        _output.stderr.print(f"Joining run [bold]{prefix}[/bold] with the recipe it published")
+    live = list_runs(dht).get(recipe.run.prefix, {})
+    if is_run_id(live.get("run_id")):
+        return recipe, live["run_id"], True
+    resumable = None if fresh else resumable_run(recipe.output.dir, recipe.run.prefix, str(dht.peer_id))
+    return recipe, resumable or new_run_id(), join
+
+
+def _describe_goal(recipe: Recipe) -> str | None:
+    if recipe.run.total_samples is not None:
+        return f"{recipe.run.total_samples:,} samples"
+    if recipe.run.total_epochs is not None:
+        return f"{recipe.run.total_epochs:g} epochs"
+    return None
 
 
 def _announce(peer_id: str, maddrs: list[str], json_output: bool, seconds: float) -> None:
@@ -166,90 +241,15 @@ def _announce(peer_id: str, maddrs: list[str], json_output: bool, seconds: float
     sys.stdout.flush()
 
 
-def _train(recipe: Recipe, dht: Any, json_output: bool, join: bool) -> None:
+def _train(recipe: Recipe, dht: Any, display: Any, stop: Any, *, run_id: str, joining: bool, fresh: bool) -> None:
+    from hivecli.rundir import claim, peer_dir
     from hivecli.training import Trainer
 
-    run_dir = Path(recipe.output.dir) / recipe.run.prefix / str(dht.peer_id)[-8:]
-    display = _Display(json_output, recipe)
-    stop = threading.Event()
-    exit_code = {"value": EXIT_OK}
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        if stop.is_set():  # a second Ctrl+C: stop now, without a checkpoint
-            raise KeyboardInterrupt
-        exit_code["value"] = EXIT_INTERRUPTED if signum == signal.SIGINT else EXIT_OK
-        _output.stderr.print("Stopping after this step (Ctrl+C again to quit at once)...")
-        stop.set()
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    trainer = None
+    run_dir = peer_dir(recipe.output.dir, recipe.run.prefix, run_id, str(dht.peer_id))
+    claim(run_dir, recipe.run.prefix, run_id, str(dht.peer_id))
+    trainer = Trainer(recipe, dht, run_dir, display.event, run_id=run_id, joining=joining, fresh=fresh)
     try:
-        trainer = Trainer(recipe, dht, run_dir, display.event, joining=join)
         trainer.publish()  # only now: a recipe whose model or data fail never reaches the DHT
-        display.event("started", {"run_dir": str(run_dir), "prefix": recipe.run.prefix})
-        if join and not trainer.load_state_from_peers(stop, timeout=30.0) and not stop.is_set():
-            logger.warning("No peer of run %r shared its state within 30 s; starting from the recipe's seed",
-                           recipe.run.prefix)  # fmt: skip
         trainer.run(stop)
     finally:
-        display.close()
-        if trainer is not None:
-            trainer.close()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    raise typer.Exit(exit_code["value"])
-
-
-class _Display:
-    """Turns trainer events into a status line on stderr (live on a terminal) and JSON lines."""
-
-    def __init__(self, json_output: bool, recipe: Recipe):
-        self.json_output, self.recipe = json_output, recipe
-        self.live: Any = None
-        if sys.stderr.isatty():
-            from rich.live import Live
-
-            self.live = Live("", console=_output.stderr, refresh_per_second=4, transient=True)
-            self.live.start()
-        self.status: dict[str, Any] = {}
-
-    def event(self, name: str, fields: dict[str, Any]) -> None:
-        if self.json_output:
-            _output.emit_json(name, **fields)
-        if name == "progress":
-            self.status.update(fields)
-            line = self._status_line()
-            if self.live is not None:
-                self.live.update(line)
-            else:
-                _output.stderr.print(line)
-        elif name == "eval":
-            self.status["accuracy"] = fields["accuracy"]
-            _output.stderr.print(f"step {fields['step']}: test accuracy {fields['accuracy']:.3f}")
-        elif name == "checkpoint":
-            logger.debug("Saved %s", fields["path"])
-        elif name == "state_loaded":
-            _output.stderr.print(f"Loaded the run's state at step {fields['step']}")
-        elif name == "started":
-            _output.stderr.print(f"Training; outputs in {fields['run_dir']}")
-        elif name == "finished":
-            accuracy = "-" if fields["accuracy"] is None else f"{fields['accuracy']:.3f}"
-            _output.stderr.print(
-                f"Finished ({fields['reason']}) at step {fields['step']}: test accuracy {accuracy}, "
-                f"{fields['rounds']} averaging rounds; checkpoint {fields['checkpoint']}"
-            )
-
-    def _status_line(self) -> str:
-        s, limit = self.status, self.recipe.limits.max_steps
-        step = f"{s['step']}/{limit}" if limit else str(s["step"])
-        accuracy = f" | acc {s['accuracy']:.3f}" if s.get("accuracy") is not None else ""
-        last = f" (last: {s['last_group_size']} peers)" if s.get("rounds") else ""
-        loss = "-" if s.get("loss") is None else f"{s['loss']:.3f}"
-        return (
-            f"step {step} | loss {loss} | {s['samples_per_s']:.0f} samples/s | "
-            f"peers {s['peers']} | rounds {s['rounds']}{last}{accuracy}"
-        )
-
-    def close(self) -> None:
-        if self.live is not None:
-            self.live.stop()
+        trainer.close()

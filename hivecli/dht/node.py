@@ -69,6 +69,7 @@ class DHTNode:
         self._wake_maintenance = asyncio.Event()
         self._maintenance: asyncio.Task[None] | None = None
         self._last_lookup = 0.0  # monotonic time of this node's latest lookup
+        self._failed_rejoins = 0  # maintenance passes in a row that could not re-join the DHT
         # key -> (when, nearest nodes) of recent complete lookups: a store right after a lookup of the
         # same key (matchmaking declares, polls and declares again every round) skips its own lookup
         self._recent_nearest: dict[DHTID, tuple[float, list[tuple[DHTID, PeerID]]]] = {}
@@ -286,8 +287,13 @@ class DHTNode:
             try:
                 await self.bootstrap(self.initial_peers)
                 logger.info("Re-joined the DHT through the initial peers")
+                self._failed_rejoins = 0
             except BootstrapError as e:
-                logger.warning("Still cut off from the DHT: %s", e)
+                # The first miss is routine when the swarm ends (its last peers leave together):
+                # only a peer that stays cut off for another pass is worth a warning.
+                self._failed_rejoins += 1
+                level = logging.WARNING if self._failed_rejoins > 1 else logging.INFO
+                logger.log(level, "Cut off from the DHT: %s; retrying in about %.0f s", e, self.settings.refresh_period)
         period = self.settings.refresh_period
         now = time.monotonic()
         # Liveness matters most for our nearest neighbours: they hold the other replicas of the

@@ -116,6 +116,7 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         self._priority_updated = -math.inf
         self.rounds_finished = 0  # rounds whose average was applied
         self.rounds_failed = 0  # rounds that found no group or failed (training went on alone)
+        self.rounds_refused = 0  # rounds not started because our own values were not finite
         self.last_group_size = 0  # peers in the last applied round, this one included
 
     @property  # type: ignore[override]
@@ -191,7 +192,10 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         if self.averaging_time_period:
             period = self.averaging_time_period
             self._next_round_time = (math.floor(get_dht_time() / period) + 1) * period
-        self.averager.snapshot()
+        if not self.averager.snapshot():
+            self.rounds_refused += 1
+            logger.warning("Not averaging at step %d: this peer's parameters are not finite", self.local_step)
+            return
         self._log("Starting a new averaging round with current parameters.")
         self._round_started = time.perf_counter()
         timeout = self.timeout if timeout is None else timeout
@@ -253,11 +257,16 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
             self._start_round(timeout=timeout)
         return self.wait_for_averaging(timeout + self.averager.settings.allreduce_timeout)
 
-    def shutdown(self) -> None:
-        """Cancel the round in flight and stop the averager (the DHT keeps running)."""
+    def discard_round(self) -> None:
+        """Cancel the round in flight, if any; its result will not be applied (after a rollback,
+        the parameters it was started from are gone)."""
         if self._round is not None:
             self._round.cancel()
             self._round = None
+
+    def shutdown(self) -> None:
+        """Cancel the round in flight and stop the averager (the DHT keeps running)."""
+        self.discard_round()
         self.averager.shutdown()
 
     def _log(self, message: str) -> None:

@@ -21,12 +21,17 @@ from typing import Any
 
 import torch
 
-from hivecli._exceptions import ConfigError, StateDownloadError
+from hivecli._exceptions import ConfigError, HiveError, StateDownloadError
 from hivecli.averaging.averager import DecentralizedAverager
 from hivecli.averaging.state import StateSnapshot
 from hivecli.dht.dht import DHT
 
 logger = logging.getLogger(__name__)
+
+
+def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
+    """True if no tensor holds a NaN or an infinity."""
+    return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
 
 
 def parameters_of(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
@@ -122,6 +127,9 @@ class TrainingAverager(DecentralizedAverager):
         self.opt = opt
         self.extra_tensors = [t.detach() for t in extra_tensors]
         self.local_step = 0
+        # what the owner wants newcomers to get with the state besides the step (hive's Trainer
+        # puts the run's sample counts here); plain msgpack-able data
+        self.run_metadata: dict[str, Any] = {}
         self.lock_parameters = lock_parameters or threading.RLock()
         initialize_optimizer_state(opt)
         self.average_parameters, self.average_gradients = average_parameters, average_gradients
@@ -166,9 +174,10 @@ class TrainingAverager(DecentralizedAverager):
 
     # ---- one averaging round (called by the training thread) --------------------------------------
 
-    def snapshot(self) -> None:
+    def snapshot(self) -> bool:
         """Copy the sources into the averaged tensors and remember them. Call with
-        `lock_parameters` held and no round in flight."""
+        `lock_parameters` held and no round in flight. Returns False, and the round must not
+        start, if a value is not finite: a diverged peer must not spread NaN or inf to others."""
         with self.get_tensors() as averaged:
             for (kind, tensor), buffer, saved in zip(self._sources, averaged, self._snapshot, strict=True):
                 value = self._source_value(kind, tensor)
@@ -177,6 +186,7 @@ class TrainingAverager(DecentralizedAverager):
                 else:
                     buffer.copy_(value.detach())
                 saved.copy_(buffer)
+            return all_finite(averaged)
 
     def apply_delta(self) -> None:
         """Add `average - snapshot` to every source. Call with `lock_parameters` held."""
@@ -209,8 +219,11 @@ class TrainingAverager(DecentralizedAverager):
         return self._state_tensors()
 
     def get_current_state(self) -> StateSnapshot:
+        """Raises HiveError (the downloader moves on to the next donor) if the state is not finite."""
         tensors, other = self._state()
-        return {"step": self.local_step, "optimizer_state": other}, tensors
+        if not all_finite(tensors):
+            raise HiveError("this peer's state is not finite (it diverged); it does not share it")
+        return {"step": self.local_step, "optimizer_state": other, "run": self.run_metadata}, tensors
 
     def load_state_from_peers(  # type: ignore[override]
         self, wait: bool = True, timeout: float | None = None, progress: Any = None
@@ -240,5 +253,5 @@ class TrainingAverager(DecentralizedAverager):
                         self.opt.state[params[index]][key] = value
             self.local_step = metadata["step"]
         self.state_sharing_priority = self.local_step
-        logger.info("Loaded the run's state at step %d", self.local_step)
+        logger.debug("Loaded the run's state at step %d", self.local_step)
         return metadata, tensors

@@ -1,0 +1,169 @@
+"""How far a run has come, counted over all its peers, and the thread that reports it.
+
+`RunCounter` counts the samples each peer has trained on in this run: a grow-only counter
+(a G-counter, as in CRDTs), where merging keeps each peer's largest count and the run's total
+is the sum. Peers learn each other's counts from progress reports in the DHT, a joiner gets the
+whole counter with the run's state, and a peer keeps it in its checkpoints; so the total never
+forgets a peer that has left, and never counts one twice.
+
+`ProgressReporter` is a background thread: every report period it publishes this peer's
+progress (and, every few minutes, the run's announcement) and reads the others'. The training
+thread only reads its results: a dead or slow peer delays a report, never a training step.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from hivecli._exceptions import HiveError
+from hivecli.dht.dht import DHT
+from hivecli.runs import fetch_progress, publish_progress
+from hivecli.utils.timing import get_dht_time
+
+logger = logging.getLogger(__name__)
+MAX_COUNTER_PEERS = 4096  # entries kept in a counter; beyond, the smallest are dropped (undercounting)
+
+
+class RunCounter:
+    """Samples trained on per peer, for one run. Thread-safe."""
+
+    def __init__(self, counts: dict[str, int] | None = None):
+        self._lock = threading.Lock()
+        self._counts: dict[str, int] = {}
+        self._reported_total = 0  # the largest total another peer has reported
+        if counts:
+            self.merge(counts)
+
+    def add(self, peer: str, samples: int) -> None:
+        with self._lock:
+            self._counts[peer] = self._counts.get(peer, 0) + samples
+
+    def merge(self, counts: Any, reported_total: Any = None) -> None:
+        """Take in another peer's view: each peer's largest count wins. Entries that are not
+        {str: non-negative int} are ignored (the data comes from the network)."""
+        if not isinstance(counts, dict):
+            return
+        with self._lock:
+            for peer, count in counts.items():
+                valid = isinstance(peer, str) and len(peer) <= 128 and isinstance(count, int)
+                if valid and count > self._counts.get(peer, 0):
+                    self._counts[peer] = count
+            if len(self._counts) > MAX_COUNTER_PEERS:
+                kept = sorted(self._counts.items(), key=lambda item: item[1])[-MAX_COUNTER_PEERS:]
+                self._counts = dict(kept)
+            if isinstance(reported_total, int) and reported_total > self._reported_total:
+                self._reported_total = reported_total
+
+    def of(self, peer: str) -> int:
+        with self._lock:
+            return self._counts.get(peer, 0)
+
+    @property
+    def total(self) -> int:
+        """The run's samples as far as this peer knows. A total reported by another peer counts
+        too: it may include peers that left before we could see their reports."""
+        with self._lock:
+            return max(sum(self._counts.values()), self._reported_total)
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counts)
+
+
+def is_live(record: dict[str, Any], now: float, period: float) -> bool:
+    """A progress record from a peer that is still training: recent, and not a goodbye."""
+    stamp = record.get("time")
+    fresh = isinstance(stamp, (int, float)) and now - stamp <= max(10.0, 4 * period)
+    return fresh and not record.get("left")
+
+
+class ProgressReporter:
+    """Publishes this peer's progress every `period` seconds on a thread of its own, and keeps
+    what it learns of the run: `peers` (live peers, this one included), `run_samples_per_s`.
+
+    Args:
+        dht: the peer's DHT.
+        prefix: the run.
+        period: seconds between reports.
+        progress: returns this peer's progress record (called on the reporter's thread).
+        counter: merged with the counts the other peers report.
+        announce: publishes the run's announcement; called every `announce_period` seconds.
+    """
+
+    def __init__(
+        self,
+        dht: DHT,
+        prefix: str,
+        period: float,
+        progress: Callable[[], dict[str, Any]],
+        counter: RunCounter,
+        announce: Callable[[], None],
+        announce_period: float = 120.0,
+    ):
+        self.dht, self.prefix, self.period = dht, prefix, period
+        self._progress, self.counter, self._announce = progress, counter, announce
+        self.announce_period = announce_period
+        self.peers = 1
+        self.run_samples_per_s = 0.0
+        self.reports = 0  # finished report passes (tests wait on this)
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="hive-progress", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def report_now(self) -> None:
+        """Ask for a report as soon as possible (after an eval, a rollback, a loaded state)."""
+        self._wake.set()
+
+    def _loop(self) -> None:
+        announced = -math.inf
+        while not self._stop.is_set():
+            now = get_dht_time()
+            try:
+                if now - announced >= self.announce_period:
+                    self._announce()
+                    announced = now
+                self._report(now)
+            except HiveError as e:
+                logger.debug("Could not report progress to the DHT: %s", e)
+            except Exception:  # a reporting bug must not end the run; it is logged once per pass
+                logger.exception("Progress report failed")
+            self.reports += 1
+            self._wake.wait(self.period)
+            self._wake.clear()
+
+    def _report(self, now: float) -> None:
+        record = self._progress()
+        publish_progress(self.dht, self.prefix, record, ttl=max(30.0, 5 * self.period))
+        me = str(self.dht.peer_id)
+        live, rate = 1, float(record.get("samples_per_s") or 0.0)
+        for peer, other in fetch_progress(self.dht, self.prefix).items():
+            if peer == me:
+                continue
+            if isinstance(other.get("samples"), int):
+                self.counter.merge({peer: other["samples"]}, other.get("run_samples"))
+            if is_live(other, now, self.period):
+                live += 1
+                speed = other.get("samples_per_s")
+                rate += float(speed) if isinstance(speed, (int, float)) and math.isfinite(speed) else 0.0
+        self.peers, self.run_samples_per_s = live, rate
+
+    def stop(self, goodbye: bool = True) -> None:
+        """Stop the thread; with `goodbye`, publish a last record saying this peer left (so the
+        others stop counting it at once instead of when its record expires)."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
+        if goodbye:
+            try:
+                record = {**self._progress(), "left": True}
+                publish_progress(self.dht, self.prefix, record, ttl=max(30.0, 5 * self.period))
+            except Exception as e:  # leaving must not fail on a DHT hiccup
+                logger.debug("Could not publish the goodbye record: %s", e)
