@@ -11,9 +11,11 @@ a kill at any moment leaves either the old file or the new one, never half of on
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
+import secrets
 import shutil
 from pathlib import Path
 from typing import Any
@@ -25,13 +27,25 @@ _STEP_FILE = re.compile(r"^step-(\d+)\.pt$")
 
 
 def atomic_save(state: dict[str, Any], path: Path) -> None:
-    """torch.save `state` to `path` so that a reader (or a crash) never sees a partial file."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    with open(temporary, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
+    """torch.save `state` to `path` so that a reader (or a crash) never sees a partial file: write
+    a temporary file next to it, flush it to disk, rename it over `path`. On any failure the
+    temporary file is removed and `path` is left as it was.
+
+    Raises:
+        OSError: the file could not be written (disk full, directory gone, ...).
+    """
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # mode as umask says
+        with os.fdopen(descriptor, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+        raise
 
 
 def _atomic_link(source: Path, target: Path) -> None:

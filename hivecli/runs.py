@@ -92,7 +92,8 @@ def fetch_recipe(dht: DHT, prefix: str) -> dict[str, Any]:
     found = dht.get(f"{prefix}.recipe", latest=True)
     if found is None or not isinstance(found.value, dict):
         raise ConfigError(
-            f"run {prefix!r} has no recipe in the DHT; check --run, or pass the recipe file: hive join ADDRESS RECIPE"
+            f"run {prefix!r} has no recipe in the DHT; check --run (`hive peers ADDRESS` lists the runs), "
+            f"or pass a local recipe file"
         )
     return found.value
 

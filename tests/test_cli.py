@@ -119,3 +119,15 @@ def test_initial_peers_from_the_environment_are_validated():
 def test_version():
     result = run("--version")
     assert result.returncode == 0 and result.stdout.startswith("hive ")
+
+
+def test_boolean_flags_show_as_plain_flags_in_help():
+    env = {**os.environ, "COLUMNS": "200", "TERMINAL_WIDTH": "200"}
+    result = run("start", "--help", env=env)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    json_line = next(line for line in lines if "--json " in line)
+    assert json_line.split("--json", 1)[1].split()[0] == "Print", json_line  # no <bool> between flag and help
+    assert "<bool>" not in result.stdout
+    port_line = next(line for line in lines if "--port " in line)
+    assert port_line.split("--port", 1)[1].split()[0] == "<int", port_line  # options with a value keep their type

@@ -25,7 +25,7 @@ from hivecli._exceptions import ConfigError, HiveError
 from hivecli.cli import _output
 from hivecli.cli._errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from hivecli.cli._signals import stop_on_signals
-from hivecli.cli.train_cmd import JsonFlag, MaxStepsFlag, SetFlag
+from hivecli.cli.train_cmd import JsonFlag, MaxSecondsFlag, MaxStepsFlag, SetFlag
 
 STARTUP_TIMEOUT = 120.0
 
@@ -101,6 +101,7 @@ def local(
     ] = 0,
     set_values: SetFlag = None,
     max_steps: MaxStepsFlag = None,
+    max_seconds: MaxSecondsFlag = None,
     json_output: JsonFlag = False,
 ) -> None:
     """Run N peers of a recipe on this machine: the first starts the run, the others join it.
@@ -128,6 +129,8 @@ def local(
         common += ["--set", value]
     if max_steps is not None:
         common += ["--max-steps", str(max_steps)]
+    if max_seconds is not None:
+        common += ["--max-seconds", str(max_seconds)]
     peers: list[_Peer] = []
 
     def pass_on(signal_name: str) -> None:  # the first SIGINT or SIGTERM goes to every peer, once

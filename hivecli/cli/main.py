@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -14,6 +14,25 @@ from hivecli.cli.peers_cmd import peers
 from hivecli.cli.recipe_cmd import recipe_app
 from hivecli.cli.state_cmd import pull_state
 from hivecli.cli.train_cmd import join, start
+
+
+def _show_flags_without_a_type() -> None:
+    """typer 0.29's rich help prints a type after every option, `--json <bool>` and `--help <bool>`
+    too, though a flag takes no value (`--json true` is an error). Show flags bare, as click and
+    older typers do, for every command at once."""
+    option_class = getattr(getattr(typer, "core", None), "TyperOption", None)
+    display_type = getattr(option_class, "display_type_rich", None)
+    if display_type is None or getattr(display_type, "flags_bare", False):
+        return  # another typer: nothing to fix, or fixed already
+
+    def display_type_rich(self: Any, ctx: Any) -> str | None:
+        return None if self.is_flag else display_type(self, ctx)
+
+    display_type_rich.flags_bare = True  # type: ignore[attr-defined]
+    option_class.display_type_rich = display_type_rich  # type: ignore[union-attr]
+
+
+_show_flags_without_a_type()
 
 app = typer.Typer(
     name="hive",

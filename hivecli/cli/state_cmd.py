@@ -1,35 +1,52 @@
-"""`hive pull-state ADDRESS -o FILE`: download a run's current model and optimizer state."""
+"""`hive pull-state ADDRESS -o FILE|DIR`: download a run's current model and optimizer state."""
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from hivecli._exceptions import HiveError
+from hivecli._exceptions import ConfigError, HiveError
 from hivecli.cli import _output
 from hivecli.cli.train_cmd import RunFlag, TrustRecipeFlag
 
 
 def pull_state(
     address: Annotated[str, typer.Argument(help="Multiaddr of any peer of the run.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Checkpoint file to write.")],
+    output: Annotated[
+        str,
+        typer.Option(
+            "--output",
+            "-o",
+            metavar="<path>",
+            help="Checkpoint file to write, or an existing directory to write PREFIX-step-N.pt in.",
+        ),
+    ],
     run: RunFlag = None,
     recipe: Annotated[
         Path | None, typer.Option("--recipe", help="A local recipe instead of the one the run published.")
     ] = None,
     trust_recipe: TrustRecipeFlag = False,
-    timeout: Annotated[float, typer.Option("--timeout", min=1.0, help="Seconds to find a donor and download.")] = 120.0,
+    timeout: Annotated[
+        float,
+        typer.Option(
+            "--timeout", min=1.0, help="Seconds to wait for the run to be announced, find a donor and download."
+        ),
+    ] = 120.0,
 ) -> None:
     """Download the current model and optimizer state of a run from one of its peers.
 
-    Writes a checkpoint that plain PyTorch reads: ckpt = torch.load(FILE); model.load_state_dict(ckpt["model"]); also "optimizer" (an optimizer state_dict), "step" and "recipe". Exit code 3 if ADDRESS does not answer, 1 if no peer shares its state within --timeout.
+    Writes a checkpoint that plain PyTorch reads: ckpt = torch.load(FILE); model.load_state_dict(ckpt["model"]); also "optimizer" (an optimizer state_dict), "step" and "recipe". The file appears whole or not at all. If no run is announced yet, waits for one up to --timeout. Exit code 2 if -o names a directory that does not exist, 3 if ADDRESS does not answer, 1 if no peer shares its state within --timeout.
     """
+    deadline = time.monotonic() + timeout
+    folder, file_name = _destination(output)  # before connecting: a typo costs no download
+
     from hivecli.dht.dht import DHT
     from hivecli.recipe import load_recipe
-    from hivecli.runs import check_run_prefix, choose_run, fetch_recipe, list_runs, trusted_recipe
+    from hivecli.runs import check_run_prefix, list_runs, trusted_recipe, wait_for_recipe
 
     with DHT(initial_peers=[address], client_mode=True, start=True) as dht:
         if recipe is not None:
@@ -37,21 +54,71 @@ def pull_state(
             check_run_prefix(run, loaded, recipe)
             prefix = loaded.run.prefix
         else:
-            prefix = choose_run(dht, run)
-            loaded = trusted_recipe(
-                fetch_recipe(dht, prefix), prefix, None, trust_recipe, instead="pass a local --recipe"
-            )
+            prefix, data = wait_for_recipe(dht, run, max(0.0, deadline - time.monotonic()), on_wait=_say_waiting(run))
+            loaded = trusted_recipe(data, prefix, None, trust_recipe, instead="pass a local --recipe")
         summary = list_runs(dht).get(prefix, {})
-        state = _download(dht, loaded, summary, timeout)
-    import torch
-
-    output.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state, output)
-    size = output.stat().st_size / 2**20
-    _output.stderr.print(f"Saved step {state['step']} of run {prefix!r} to {output} ({size:.1f} MiB)")
+        state = _download(dht, loaded, summary, deadline, timeout)
+    path = folder / (file_name or f"{prefix}-step-{state['step']}.pt")
+    _save_atomically(state, path)
+    size = path.stat().st_size / 2**20
+    _output.stderr.print(f"Saved step {state['step']} of run {prefix!r} to {path} ({size:.1f} MiB)", markup=False)
 
 
-def _download(dht: Any, recipe: Any, summary: dict[str, Any], timeout: float) -> dict[str, Any]:
+def _destination(output: str) -> tuple[Path, str | None]:
+    """(directory, file name) that `-o OUTPUT` names; file name None: `<prefix>-step-<N>.pt`,
+    once known. An existing directory gets that file; a path ending in a separator must be an
+    existing directory; a file's directory must exist. Creates nothing.
+
+    Raises:
+        ConfigError: one line naming OUTPUT, what is wrong with it and what to do.
+    """
+    if not output:
+        raise ConfigError("-o '': empty path; name a checkpoint file or an existing directory")
+    separators = tuple(sep for sep in (os.sep, os.altsep) if sep)
+    into_folder = os.path.isdir(output) or output.endswith(separators)
+    path = Path(output)
+    folder = path if into_folder else path.parent
+    if not os.path.isdir(folder):
+        if os.path.exists(folder):
+            raise ConfigError(f"-o {output}: {folder} is not a directory; choose another path")
+        raise ConfigError(f"-o {output}: directory {folder} does not exist; create it first or choose another path")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"-o {output}: directory {folder} is not writable; choose a directory you can write to")
+    if not into_folder and os.path.lexists(path) and not os.path.isfile(path):
+        raise ConfigError(f"-o {output}: exists and is not a regular file; choose another path")
+    return folder, None if into_folder else path.name
+
+
+def _say_waiting(run: str | None) -> Any:
+    """An `on_wait` for wait_for_recipe: one line on stderr the first time it waits."""
+    said = []
+
+    def on_wait(_seconds: float) -> None:
+        if not said:
+            said.append(True)
+            what = f"run {run!r}" if run else "a run"
+            _output.stderr.print(f"waiting for {what} to be announced in the DHT ...", markup=False)
+
+    return on_wait
+
+
+def _save_atomically(state: dict[str, Any], path: Path) -> None:
+    """Write the checkpoint so that an interrupted pull-state leaves the old file or none, never half of one.
+
+    Raises:
+        HiveError: the file could not be written (disk full, directory removed meanwhile, ...).
+    """
+    from hivecli.checkpoints import atomic_save
+
+    try:
+        atomic_save(state, path)
+    except OSError as error:
+        raise HiveError(
+            f"could not write {path}: {error.strerror or error}; free some space or choose another -o"
+        ) from error
+
+
+def _download(dht: Any, recipe: Any, summary: dict[str, Any], deadline: float, timeout: float) -> dict[str, Any]:
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
     from hivecli.optim.training_averager import TrainingAverager
@@ -81,7 +148,6 @@ def _download(dht: Any, recipe: Any, summary: dict[str, Any], timeout: float) ->
             console=_output.stderr, transient=False,
         ) as bar:  # fmt: skip
             task = bar.add_task("downloading state", total=None)
-            deadline = time.monotonic() + timeout
             loaded = None
             while loaded is None and time.monotonic() < deadline:  # donors declare themselves every few s
                 loaded = averager.load_state_from_peers(

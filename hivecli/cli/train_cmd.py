@@ -20,6 +20,7 @@ from typing import Annotated, Any
 
 import typer
 
+from hivecli._exceptions import ConfigError
 from hivecli.cli import _output
 from hivecli.cli._network import (
     AnnounceOption,
@@ -213,11 +214,27 @@ def _find_run(
         display.event("waiting", {"what": "run", "done": True})
         recipe = trusted_recipe(data, prefix, overrides, trust_recipe, instead="join with a local recipe file")
         _output.stderr.print(f"Joining run [bold]{prefix}[/bold] with the recipe it published")
-    live = list_runs(dht).get(recipe.run.prefix, {})
-    if is_run_id(live.get("run_id")):
-        return recipe, live["run_id"], True
-    resumable = None if fresh else resumable_run(recipe.output.dir, recipe.run.prefix, str(dht.peer_id))
+    prefix = recipe.run.prefix
+    announced = list_runs(dht).get(prefix, {}).get("run_id")
+    if is_run_id(announced) and (join or _live_peers(dht, prefix)):
+        if fresh and not join:
+            raise ConfigError(
+                f"--fresh starts a new run, but run {prefix!r} is training in this DHT (run id {announced}); "
+                f"drop --fresh to join it, or choose another run.prefix"
+            )
+        return recipe, announced, True
+    resumable = None if fresh else resumable_run(recipe.output.dir, prefix, str(dht.peer_id))
     return recipe, resumable or new_run_id(), join
+
+
+def _live_peers(dht: Any, prefix: str) -> int:
+    """Peers of run `prefix` that reported recently (an announcement outlives its run by minutes)."""
+    from hivecli.progress import is_live
+    from hivecli.runs import fetch_progress
+    from hivecli.utils.timing import get_dht_time
+
+    now = get_dht_time()
+    return sum(is_live(record, now, period=5.0) for record in fetch_progress(dht, prefix).values())
 
 
 def _describe_goal(recipe: Recipe) -> str | None:
