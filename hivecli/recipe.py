@@ -277,6 +277,10 @@ def is_user_code(name: str) -> bool:
 _Origins = dict[tuple[str, str], tuple[int, str]]
 
 
+# keys that say the same thing two ways: setting one from the environment or --set drops the other
+_ONE_OF = {("run", "total_samples"): "total_epochs", ("run", "total_epochs"): "total_samples"}
+
+
 def load_recipe(
     path: str | Path | None,
     overrides: list[str] | None = None,
@@ -324,6 +328,9 @@ def load_recipe(
     origins: _Origins = {}
     for section, key, value in [*_env_layer(os.environ if env is None else env, origins), *_flags(overrides, origins)]:
         merged.setdefault(section, {})[key] = value
+        other = _ONE_OF.get((section, key))
+        if other is not None and (section, other) not in origins:  # the file's other way to say it gives way
+            merged[section].pop(other, None)
     try:
         return Recipe.model_validate(merged)
     except ValidationError as e:

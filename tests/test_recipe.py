@@ -45,9 +45,10 @@ def test_default_recipe_loads():
     r = load_recipe(RECIPES / "default.toml", env={})
     assert r.run.prefix == "digits-demo"
     assert (r.model.name, r.data.name, r.data.image_size, r.data.channels) == ("quickstart-cnn", "digits", 32, 3)
-    assert (r.data.batch_size, r.optimizer.name, r.optimizer.lr) == (16, "sgd", 0.02)
+    assert (r.data.batch_size, r.optimizer.name, r.optimizer.lr) == (16, "sgd", 0.01)
+    assert (r.optimizer.schedule, r.optimizer.warmup_steps, r.optimizer.final_lr_fraction) == ("cosine", 100, 0.05)
     assert (r.averaging.target_group_size, r.averaging.request_timeout) == (4, 1.0)
-    assert r.limits.max_steps == 200
+    assert (r.run.total_epochs, r.run.total_samples, r.limits.max_steps) == (100, None, None)  # the run's goal
     assert r.user_code() == []
 
 
@@ -491,8 +492,8 @@ def test_a_check_across_keys_blames_the_layer_that_broke_it(tmp_path):
         "--set averaging.min_group_size=8: min_group_size = 8 is larger than target_group_size = 4; "
         "lower min_group_size"
     )
-    assert config_error(path, env={"HIVE_RUN_TOTAL_EPOCHS": "2"}) == (
-        "HIVE_RUN_TOTAL_EPOCHS=2 (environment variable): set run.total_samples or run.total_epochs, not both"
+    assert config_error(path, env={"HIVE_RUN_TOTAL_EPOCHS": "2", "HIVE_RUN_TOTAL_SAMPLES": "5"}) == (
+        "HIVE_RUN_TOTAL_SAMPLES=5 (environment variable): set run.total_samples or run.total_epochs, not both"
     )
     assert config_error(None, env={"HIVE_OPTIMIZER_SCHEDULE": "linear"}).startswith(
         'HIVE_OPTIMIZER_SCHEDULE=linear (environment variable): optimizer.schedule = "linear" decays over'
@@ -505,3 +506,11 @@ def test_a_value_with_a_newline_stays_on_one_line():
     assert config_error(None, env={"HIVE_LIMITS_MAX_STEPS": "1\n2"}).startswith(
         "HIVE_LIMITS_MAX_STEPS='1\\n2' (environment variable): must be a whole number"
     )
+
+
+def test_a_goal_set_later_replaces_the_goal_of_the_file(tmp_path):
+    path = write(tmp_path, "[run]\ntotal_epochs = 100\n")
+    r = load_recipe(path, ["run.total_samples=3200"], env={})
+    assert (r.run.total_samples, r.run.total_epochs) == (3200, None)
+    r = load_recipe(path, env={"HIVE_RUN_TOTAL_SAMPLES": "64"})
+    assert (r.run.total_samples, r.run.total_epochs) == (64, None)
