@@ -2,7 +2,8 @@
 
 For each N (1, 2, 4 by default) it runs `hive local N RECIPE` to the recipe's goal (the run's
 whole length: its samples are shared by the N peers, so each peer trains about 1/N of the
-steps) or, with --steps, until each peer has taken that many steps. Every peer evaluates every
+steps) or, with --steps S, to a goal of N x S x batch samples (about S steps per peer, and the
+learning-rate schedule spans them). Every peer evaluates every
 --every steps; the script reads each peer's metrics.jsonl and prints:
 
 - accuracy every --every steps, per peer;
@@ -38,8 +39,11 @@ def run_local(n: int, recipe: str, every: int, steps: int | None, workdir: Path)
     """Run `hive local n`; returns ({peer dir: metrics rows}, seconds)."""
     out = workdir / f"n{n}"
     args = [*HIVE, "local", str(n), recipe, "--set", f'output.dir="{out}"', "--set", f"output.eval_every_steps={every}"]
-    if steps:
-        args += ["--max-steps", str(steps), "--set", "run.total_samples=1000000000"]
+    if steps:  # the run's goal becomes N peers x steps x batch, so that the LR schedule spans it
+        from hivecli.recipe import load_recipe
+
+        batch = load_recipe(recipe).data.batch_size
+        args += ["--set", f"run.total_samples={n * steps * batch}"]
     began = time.perf_counter()
     result = subprocess.run(args, capture_output=True, text=True, cwd=workdir, timeout=4 * 3600)
     seconds = time.perf_counter() - began
@@ -77,7 +81,9 @@ def main() -> None:
     parser.add_argument("--peers", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--every", type=int, default=500, help="evaluate every this many steps")
     parser.add_argument("--after", type=int, default=1000, help="count drops after this step")
-    parser.add_argument("--steps", type=int, default=None, help="steps per peer instead of the recipe's goal")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="a goal of about this many steps per peer instead of the recipe's"
+    )
     args = parser.parse_args()
 
     finals: dict[int, float] = {}

@@ -206,8 +206,15 @@ class Trainer:
              "resumed_from": str(resumed[0]) if resumed else None, "step": self.step},
         )  # fmt: skip
         if self.joining or resumed is not None:
-            ahead = self._furthest_peer_step()
+            others = self._others_progress()
+            ahead = max((r["step"] for r in others.values() if isinstance(r.get("step"), int)), default=None)
             behind = resumed is None or (ahead is not None and ahead > self.step)
+            if self.goal is not None and self.run_samples >= self.goal:
+                behind = False  # the run is over: nobody is left to send its state, and nothing to train
+                logger.info("Run %r has already reached its goal of %d samples", self.recipe.run.prefix, self.goal)
+            elif others and all(r.get("left") for r in others.values()):
+                behind = False
+                logger.warning("Every peer of run %r has left; going on from this peer's state", self.recipe.run.prefix)
             loaded = behind and self.load_state_from_peers(stop, timeout=30.0 if resumed is None else 10.0)
             if behind and not loaded and resumed is None and not stop.is_set():
                 logger.warning(
@@ -218,13 +225,17 @@ class Trainer:
         if self._checkpointed != self.step and all_finite(self.model.parameters()):
             self.save_checkpoint()  # a state to roll back to from the start
 
-    def _furthest_peer_step(self) -> int | None:
+    def _others_progress(self) -> dict[str, dict[str, Any]]:
+        """The other peers' latest progress records (those that left included), with their sample
+        counts merged into ours: a late joiner learns how far the run has come."""
         try:
-            steps = [r["step"] for r in fetch_progress(self.dht, self.recipe.run.prefix).values()
-                     if isinstance(r.get("step"), int) and not r.get("left")]  # fmt: skip
+            records = {p: r for p, r in fetch_progress(self.dht, self.recipe.run.prefix).items() if p != self.me}
         except HiveError:
-            return None
-        return max(steps, default=None)
+            return {}
+        for peer, record in records.items():
+            if isinstance(record.get("samples"), int):
+                self.counter.merge({peer: record["samples"]}, record.get("run_samples"))
+        return records
 
     def load_state_from_peers(self, stop: threading.Event, timeout: float) -> bool:
         """Take the run's current parameters, optimizer state, step and sample counts from a
