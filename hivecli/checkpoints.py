@@ -115,7 +115,8 @@ class CheckpointStore:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # any damage: torch raises several kinds
-            logger.warning("Skipping checkpoint %s: it does not load (%s)", path, str(e).splitlines()[0][:120])
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            logger.warning("Skipping checkpoint %s: it does not load (%s)", path, reason)
             return None
         if not isinstance(state, dict) or not isinstance(state.get("step"), int) or "model" not in state:
             logger.warning("Skipping checkpoint %s: not a hive checkpoint", path)

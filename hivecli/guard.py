@@ -23,7 +23,7 @@ class GuardSettings:
 
     smoothing: float = 0.2
     window: int = 200
-    warmup: int = 20  # steps to observe before judging spikes (non-finite losses are always bad)
+    warmup: int = 1  # steps to observe before judging spikes (non-finite losses are always bad)
     factor: float = 3.0
     margin: float = 1.0
 

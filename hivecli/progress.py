@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -109,6 +110,8 @@ class ProgressReporter:
         self.announce_period = announce_period
         self.peers = 1
         self.run_samples_per_s = 0.0
+        self.others_samples_per_s = 0.0  # the other live peers' speed, as they last reported it
+        self.reported_at = time.monotonic()  # when `peers` and the counter were last refreshed
         self.reports = 0  # finished report passes (tests wait on this)
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -153,6 +156,14 @@ class ProgressReporter:
                 speed = other.get("samples_per_s")
                 rate += float(speed) if isinstance(speed, (int, float)) and math.isfinite(speed) else 0.0
         self.peers, self.run_samples_per_s = live, rate
+        self.others_samples_per_s = max(0.0, rate - float(record.get("samples_per_s") or 0.0))
+        self.reported_at = time.monotonic()
+
+    def projected_total(self) -> int:
+        """The run's samples now: the counter plus what the others trained since their last report
+        (the counter alone lags by a report period, which a small goal and fast peers overshoot)."""
+        since = min(time.monotonic() - self.reported_at, 2 * self.period)
+        return self.counter.total + int(self.others_samples_per_s * since)
 
     def stop(self, goodbye: bool = True) -> None:
         """Stop the thread; with `goodbye`, publish a last record saying this peer left (so the

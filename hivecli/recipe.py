@@ -205,7 +205,7 @@ class LimitsSection(_Section):
 
 
 class OutputSection(_Section):
-    dir: str = Field("runs", description="Run directories go here: DIR/PREFIX/PEER.")
+    dir: str = Field("runs", description="Run directories go here: DIR/PREFIX/RUN_ID/PEER.")
     checkpoint_every_steps: int = Field(200, ge=1)
     keep_checkpoints: int = Field(
         3, ge=1, description="How many of the latest checkpoints to keep (the best one is kept besides)."

@@ -315,7 +315,7 @@ class Trainer:
                     self._report()
         averaged_at_end = reason != "stopped" and self._finish_last_round()  # on Ctrl+C: no waiting
         if averaged_at_end or self.step % output.eval_every_steps != 0 or self.last_accuracy is None:
-            self.evaluate()  # the model the peer leaves with
+            self.evaluate(final=averaged_at_end)  # the model the peer leaves with
         if window_samples:
             self.samples_per_s = window_samples / max(1e-9, time.monotonic() - window_start)
         self._report()
@@ -324,7 +324,7 @@ class Trainer:
             "finished",
             {"reason": reason, "step": self.step, "accuracy": self.last_accuracy, "best_accuracy": self.best_accuracy,
              "checkpoint": str(path), "rounds": self.opt.rounds_finished, "rollbacks": self.rollbacks,
-             "run_samples": self.run_samples},
+             "run_samples": self.reporter.projected_total()},
         )  # fmt: skip
         return reason
 
@@ -332,7 +332,7 @@ class Trainer:
         limits = self.recipe.limits
         if stop.is_set():
             return "stopped"
-        if self.goal is not None and self.run_samples >= self.goal:
+        if self.goal is not None and self.reporter.projected_total() >= self.goal:
             return "run_complete"
         if limits.max_steps is not None and self.step >= limits.max_steps:
             return "max_steps"
@@ -414,11 +414,12 @@ class Trainer:
         self.guard.reset()
         self.opt.zero_grad()
         self.on_event("rolled_back", {"step": step, "to_step": self.step, "reason": reason, "source": source})
-        self._write_metrics({"event": "rolled_back", "reason": reason, "from_step": step, "source": source})
+        self._write_metrics({"event": "rolled_back", "reason": reason, "from_step": step, "to_step": self.step,
+                             "source": source})  # fmt: skip
 
     # ---- evaluation and reports -----------------------------------------------------------------------
 
-    def evaluate(self) -> float | None:
+    def evaluate(self, final: bool = False) -> float | None:
         if self.test_loader is None:
             return None
         self.model.eval()
@@ -432,7 +433,8 @@ class Trainer:
         best = self.checkpoints.offer_best(self._state(), self.last_accuracy) if self._finite() else False
         if best:
             self.best_accuracy = self.last_accuracy
-        self.on_event("eval", {"step": self.step, "accuracy": round(self.last_accuracy, 4), "best": best})
+        fields = {"step": self.step, "accuracy": round(self.last_accuracy, 4), "best": best}
+        self.on_event("eval", {**fields, "final": True} if final else fields)
         self._write_metrics({"event": "eval", "accuracy": self.last_accuracy, "best": best})
         self.reporter.report_now()
         return self.last_accuracy
@@ -445,16 +447,22 @@ class Trainer:
             "step": self.step,
             "loss": None if self.loss_ema is None else round(self.loss_ema, 4),
             "samples_per_s": round(self.samples_per_s, 1),
-            "peers": self.reporter.peers,
+            "peers": self._live_peers(),
             "rounds": self.opt.rounds_finished,
             "last_group_size": self.opt.last_group_size,
             "accuracy": self.last_accuracy,
-            "run_samples": self.run_samples,
+            "run_samples": self.reporter.projected_total(),
             "goal_samples": self.goal,
             "eta_s": None if eta is None else round(max(0.0, eta), 1),
         }
         self.on_event("progress", fields)
         self._write_metrics({"event": "progress", **fields})
+
+    def _live_peers(self) -> int:
+        """The run's live peers as the last report saw them; a round that finished since with more
+        peers proves they are there (reports come every few seconds, rounds every step)."""
+        recent_round = time.monotonic() - self.opt.last_round_finished < 2 * self.recipe.output.report_every_seconds
+        return max(self.reporter.peers, self.opt.last_group_size if recent_round else 1)
 
     def progress(self) -> dict[str, Any]:
         """This peer's progress record in the DHT (called on the reporter's thread)."""

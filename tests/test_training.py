@@ -55,6 +55,12 @@ def test_guard_tolerates_noise_and_a_hard_batch_but_flags_a_climb():
     assert any(p is not None and "far above its recent level" in p for p in problems)
 
 
+def test_guard_flags_an_explosion_in_the_first_steps():
+    guard = DivergenceGuard()
+    assert guard.check(2.31) is None
+    assert "far above its recent level" in guard.check(93005896.0)  # seen with lr = 1000 at step 2
+
+
 def test_guard_does_not_judge_a_falling_loss():
     guard = DivergenceGuard()
     assert all(guard.check(2.3 * 0.99**i) is None for i in range(1000))

@@ -113,7 +113,8 @@ class Display:
             return Text(f"Loaded the run's state at step {f.get('step')}{peer}")
         if name == "eval" and f.get("accuracy") is not None:
             best = " (best so far)" if f.get("best") else ""
-            return Text(f"step {f.get('step')}: test accuracy {f['accuracy']:.3f}{best}")
+            when = " (after the last averaging round)" if f.get("final") else ""
+            return Text(f"step {f.get('step')}{when}: test accuracy {f['accuracy']:.3f}{best}")
         if name == "rolled_back":
             source = f.get("source")
             if source and " " not in str(source) and ("/" in str(source) or str(source).endswith(".pt")):
@@ -171,7 +172,7 @@ class Display:
         if s.get("step") is not None:
             parts.append(f"step {s['step']}")
         if s.get("loss") is not None:
-            parts.append(f"loss {s['loss']:.3f}")
+            parts.append(f"loss {s['loss']:.3f}" if abs(s["loss"]) < 1000 else f"loss {s['loss']:.3g}")
         if s.get("samples_per_s") is not None:
             parts.append(f"{s['samples_per_s']:,.0f} samples/s")
         if s.get("peers") is not None:

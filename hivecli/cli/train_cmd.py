@@ -201,8 +201,9 @@ def _find_run(
     from hivecli.rundir import is_run_id, new_run_id, resumable_run
     from hivecli.runs import list_runs, trusted_recipe, wait_for_recipe
 
-    if recipe is None:
-        what = f"run {run}" if run else "a run"
+    if join:  # wait for the run to be announced: its recipe (unless we have one) and its run id come with it
+        wanted = recipe.run.prefix if recipe is not None else run
+        what = f"run {wanted}" if wanted else "a run"
 
         def waiting(elapsed: float) -> None:
             if stop.is_set():
@@ -210,10 +211,11 @@ def _find_run(
             display.event("waiting", {"what": f"{what} to be announced", "elapsed_s": round(elapsed, 1),
                                       "remaining_s": round(JOIN_WAIT_S - elapsed, 1)})  # fmt: skip
 
-        prefix, data = wait_for_recipe(dht, run, timeout=JOIN_WAIT_S, on_wait=waiting)
+        prefix, data = wait_for_recipe(dht, wanted, timeout=JOIN_WAIT_S, on_wait=waiting)
         display.event("waiting", {"what": "run", "done": True})
-        recipe = trusted_recipe(data, prefix, overrides, trust_recipe, instead="join with a local recipe file")
-        _output.stderr.print(f"Joining run [bold]{prefix}[/bold] with the recipe it published")
+        if recipe is None:
+            recipe = trusted_recipe(data, prefix, overrides, trust_recipe, instead="join with a local recipe file")
+            _output.stderr.print(f"Joining run [bold]{prefix}[/bold] with the recipe it published")
     prefix = recipe.run.prefix
     announced = list_runs(dht).get(prefix, {}).get("run_id")
     if is_run_id(announced) and (join or _live_peers(dht, prefix)):

@@ -118,6 +118,7 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         self.rounds_failed = 0  # rounds that found no group or failed (training went on alone)
         self.rounds_refused = 0  # rounds not started because our own values were not finite
         self.last_group_size = 0  # peers in the last applied round, this one included
+        self.last_round_finished = -math.inf  # time.monotonic() when it was applied
 
     @property  # type: ignore[override]
     def param_groups(self) -> list[dict[str, Any]]:  # the wrapped optimizer's, even after load_state_dict
@@ -223,6 +224,7 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         self.averager.apply_delta()
         self.rounds_finished += 1
         self.last_group_size = len(group)
+        self.last_round_finished = time.monotonic()
         elapsed = time.perf_counter() - self._round_started
         self._log(f"Finished averaging round in {elapsed:.2f} s with {len(group)} peers.")
         return True
