@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import math
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -75,11 +74,32 @@ class RunCounter:
             return dict(self._counts)
 
 
+MAX_SPEED = 1e9  # samples/s beyond which a reported speed is not believed (it would end the run at once)
+
+
 def is_live(record: dict[str, Any], now: float, period: float) -> bool:
     """A progress record from a peer that is still training: recent, and not a goodbye."""
     stamp = record.get("time")
-    fresh = isinstance(stamp, (int, float)) and now - stamp <= max(10.0, 4 * period)
+    fresh = isinstance(stamp, (int, float)) and 0 <= now - stamp <= max(10.0, 4 * period)
     return fresh and not record.get("left")
+
+
+def speed_of(record: dict[str, Any]) -> float:
+    speed = record.get("samples_per_s")
+    return float(speed) if isinstance(speed, (int, float)) and 0 <= speed < MAX_SPEED else 0.0
+
+
+def run_records(dht: DHT, prefix: str, run_id: str) -> dict[str, dict[str, Any]]:
+    """{peer id: latest progress record} of run `run_id` (an earlier run with the same prefix may
+    have left records behind: they are not this run's)."""
+    return {peer: r for peer, r in fetch_progress(dht, prefix).items() if r.get("run_id") == run_id}
+
+
+def merge_records(counter: RunCounter, records: dict[str, dict[str, Any]]) -> None:
+    """Take the sample counts that other peers report into `counter`."""
+    for peer, record in records.items():
+        if isinstance(record.get("samples"), int):
+            counter.merge({peer: record["samples"]}, record.get("run_samples"))
 
 
 class ProgressReporter:
@@ -88,7 +108,8 @@ class ProgressReporter:
 
     Args:
         dht: the peer's DHT.
-        prefix: the run.
+        prefix: the run's prefix.
+        run_id: the run's id (records of other runs with the same prefix are ignored).
         period: seconds between reports.
         progress: returns this peer's progress record (called on the reporter's thread).
         counter: merged with the counts the other peers report.
@@ -99,19 +120,18 @@ class ProgressReporter:
         self,
         dht: DHT,
         prefix: str,
+        run_id: str,
         period: float,
         progress: Callable[[], dict[str, Any]],
         counter: RunCounter,
         announce: Callable[[], None],
         announce_period: float = 120.0,
     ):
-        self.dht, self.prefix, self.period = dht, prefix, period
+        self.dht, self.prefix, self.run_id, self.period = dht, prefix, run_id, period
         self._progress, self.counter, self._announce = progress, counter, announce
         self.announce_period = announce_period
         self.peers = 1
         self.run_samples_per_s = 0.0
-        self.others_samples_per_s = 0.0  # the other live peers' speed, as they last reported it
-        self.reported_at = time.monotonic()  # when `peers` and the counter were last refreshed
         self.reports = 0  # finished report passes (tests wait on this)
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -125,8 +145,11 @@ class ProgressReporter:
         self._wake.set()
 
     def _loop(self) -> None:
+        # The run is announced here, on the first pass, and its first progress record follows at
+        # once: whoever sees the announcement soon sees a live peer of the run as well.
         announced = -math.inf
         while not self._stop.is_set():
+            self._wake.clear()
             now = get_dht_time()
             try:
                 if now - announced >= self.announce_period:
@@ -139,31 +162,15 @@ class ProgressReporter:
                 logger.exception("Progress report failed")
             self.reports += 1
             self._wake.wait(self.period)
-            self._wake.clear()
 
     def _report(self, now: float) -> None:
         record = self._progress()
         publish_progress(self.dht, self.prefix, record, ttl=max(30.0, 5 * self.period))
         me = str(self.dht.peer_id)
-        live, rate = 1, float(record.get("samples_per_s") or 0.0)
-        for peer, other in fetch_progress(self.dht, self.prefix).items():
-            if peer == me:
-                continue
-            if isinstance(other.get("samples"), int):
-                self.counter.merge({peer: other["samples"]}, other.get("run_samples"))
-            if is_live(other, now, self.period):
-                live += 1
-                speed = other.get("samples_per_s")
-                rate += float(speed) if isinstance(speed, (int, float)) and math.isfinite(speed) else 0.0
-        self.peers, self.run_samples_per_s = live, rate
-        self.others_samples_per_s = max(0.0, rate - float(record.get("samples_per_s") or 0.0))
-        self.reported_at = time.monotonic()
-
-    def projected_total(self) -> int:
-        """The run's samples now: the counter plus what the others trained since their last report
-        (the counter alone lags by a report period, which a small goal and fast peers overshoot)."""
-        since = min(time.monotonic() - self.reported_at, 2 * self.period)
-        return self.counter.total + int(self.others_samples_per_s * since)
+        others = {p: r for p, r in run_records(self.dht, self.prefix, self.run_id).items() if p != me}
+        merge_records(self.counter, others)
+        live = [r for r in others.values() if is_live(r, now, self.period)]
+        self.peers, self.run_samples_per_s = 1 + len(live), speed_of(record) + sum(speed_of(r) for r in live)
 
     def stop(self, goodbye: bool = True) -> None:
         """Stop the thread; with `goodbye`, publish a last record saying this peer left (so the
@@ -171,7 +178,7 @@ class ProgressReporter:
         self._stop.set()
         self._wake.set()
         if self._thread.is_alive():
-            self._thread.join(timeout=30)
+            self._thread.join(timeout=10)  # a pass in flight ends with its DHT call's timeout
         if goodbye:
             try:
                 record = {**self._progress(), "left": True}

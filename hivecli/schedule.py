@@ -29,7 +29,7 @@ class Schedule:
 
     def factor(self, step: int, run_fraction: float | None) -> float:
         """The factor at this peer's `step`, with the run `run_fraction` done (0..1; None: no goal)."""
-        warmup = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
+        warmup = min(1.0, (max(0, step) + 1) / self.warmup_steps) if self.warmup_steps else 1.0
         if self.kind == "constant" or run_fraction is None:
             return warmup
         done = min(1.0, max(0.0, run_fraction))

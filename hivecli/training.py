@@ -34,10 +34,10 @@ from hivecli.dht.dht import DHT
 from hivecli.guard import DivergenceGuard
 from hivecli.optim import DecentralizedOptimizer
 from hivecli.optim.training_averager import all_finite
-from hivecli.progress import ProgressReporter, RunCounter
+from hivecli.progress import ProgressReporter, RunCounter, merge_records, run_records
 from hivecli.recipe import Recipe
 from hivecli.registry import build_model, load_dataset
-from hivecli.runs import fetch_progress, publish_run
+from hivecli.runs import publish_run
 from hivecli.schedule import Schedule
 from hivecli.utils.timing import get_dht_time
 
@@ -151,6 +151,9 @@ class Trainer:
         o = recipe.optimizer
         self.schedule = Schedule(o.schedule, o.warmup_steps, o.final_lr_fraction)
         self.base_lrs = [group["lr"] for group in base_opt.param_groups]
+        self._group_settings = [
+            {k: v for k, v in g.items() if k not in ("params", "lr")} for g in base_opt.param_groups
+        ]
         self.goal = goal_samples(recipe, len(data.train))
         self.counter = RunCounter()
         self.guard = DivergenceGuard()
@@ -160,6 +163,7 @@ class Trainer:
         self.reporter = ProgressReporter(
             dht,
             recipe.run.prefix,
+            run_id,
             recipe.output.report_every_seconds,
             progress=self.progress,
             counter=self.counter,
@@ -194,48 +198,53 @@ class Trainer:
 
     def prepare(self, stop: threading.Event) -> None:
         """Settle the state to start from: this peer's latest checkpoint (unless fresh), then the
-        run's state from a peer if the run has moved further; then start reporting. Emits
-        `started` and, when a state is loaded, `state_loaded`."""
+        run's state from a peer if the run has moved on since; then start reporting (and with it
+        announcing the run). Emits `started` and, when a state is loaded, `state_loaded`.
+
+        Raises:
+            HiveError: a peer joining without a checkpoint of its own found no state to start from.
+        """
         resumed = None if self.fresh else self.checkpoints.latest()
         if resumed is not None:
             self._load_checkpoint(resumed[1])
-        self.reporter.start()
+        self.opt.averager.state_sharing_priority = self.step
         self.on_event(
             "started",
             {"run_dir": str(self.run_dir), "prefix": self.recipe.run.prefix, "run_id": self.run_id,
              "resumed_from": str(resumed[0]) if resumed else None, "step": self.step},
         )  # fmt: skip
         if self.joining or resumed is not None:
-            others = self._others_progress()
-            ahead = max((r["step"] for r in others.values() if isinstance(r.get("step"), int)), default=None)
-            behind = resumed is None or (ahead is not None and ahead > self.step)
-            if self.goal is not None and self.run_samples >= self.goal:
-                behind = False  # the run is over: nobody is left to send its state, and nothing to train
-                logger.info("Run %r has already reached its goal of %d samples", self.recipe.run.prefix, self.goal)
-            elif others and all(r.get("left") for r in others.values()):
-                behind = False
-                logger.warning("Every peer of run %r has left; going on from this peer's state", self.recipe.run.prefix)
-            loaded = behind and self.load_state_from_peers(stop, timeout=30.0 if resumed is None else 10.0)
-            if behind and not loaded and resumed is None and not stop.is_set():
-                logger.warning(
-                    "No peer of run %r shared its state within 30 s; starting from the recipe's seed",
-                    self.recipe.run.prefix,
-                )
+            self._catch_up(stop, resumed is not None)
         self.opt.averager.allow_state_sharing = True
-        if self._checkpointed != self.step and all_finite(self.model.parameters()):
+        self.reporter.start()
+        if self._checkpointed != self.step and self._finite():
             self.save_checkpoint()  # a state to roll back to from the start
 
-    def _others_progress(self) -> dict[str, dict[str, Any]]:
-        """The other peers' latest progress records (those that left included), with their sample
-        counts merged into ours: a late joiner learns how far the run has come."""
+    def _catch_up(self, stop: threading.Event, resumed: bool) -> None:
+        """Load the run's state from a peer if this peer has none (a joiner) or the run has
+        trained on more samples than this peer's checkpoint knew of."""
+        prefix, known = self.recipe.run.prefix, self.run_samples
         try:
-            records = {p: r for p, r in fetch_progress(self.dht, self.recipe.run.prefix).items() if p != self.me}
+            others = {p: r for p, r in run_records(self.dht, prefix, self.run_id).items() if p != self.me}
         except HiveError:
-            return {}
-        for peer, record in records.items():
-            if isinstance(record.get("samples"), int):
-                self.counter.merge({peer: record["samples"]}, record.get("run_samples"))
-        return records
+            others = {}
+        merge_records(self.counter, others)
+        if self.goal is not None and self.run_samples >= self.goal:
+            logger.info("Run %r has already reached its goal of %d samples", prefix, self.goal)
+            return  # nothing to train, and nobody may be left to send the state
+        if others and all(r.get("left") for r in others.values()):  # nobody to load from, nobody to harm
+            start = "this peer's checkpoint" if resumed else "the recipe's seed"
+            logger.warning("Every peer of run %r has left; going on from %s", prefix, start)
+            return
+        if resumed and self.run_samples <= known:
+            return  # the run has not moved on since this peer's checkpoint
+        if not self.load_state_from_peers(stop, timeout=30.0 if not resumed else 10.0) and not stop.is_set():
+            if not resumed:  # training from the seed would drag the run's peers back when averaging
+                raise HiveError(
+                    f"no peer of run {prefix!r} shared its state within 30 s; check that the run is training "
+                    f"(`hive peers ADDRESS --run {prefix}`) and join again"
+                )
+            logger.warning("No peer of run %r shared its newer state; going on from this peer's checkpoint", prefix)
 
     def load_state_from_peers(self, stop: threading.Event, timeout: float) -> bool:
         """Take the run's current parameters, optimizer state, step and sample counts from a
@@ -324,7 +333,7 @@ class Trainer:
             "finished",
             {"reason": reason, "step": self.step, "accuracy": self.last_accuracy, "best_accuracy": self.best_accuracy,
              "checkpoint": str(path), "rounds": self.opt.rounds_finished, "rollbacks": self.rollbacks,
-             "run_samples": self.reporter.projected_total()},
+             "run_samples": self.run_samples},
         )  # fmt: skip
         return reason
 
@@ -332,7 +341,7 @@ class Trainer:
         limits = self.recipe.limits
         if stop.is_set():
             return "stopped"
-        if self.goal is not None and self.reporter.projected_total() >= self.goal:
+        if self.goal is not None and self.run_samples >= self.goal:
             return "run_complete"
         if limits.max_steps is not None and self.step >= limits.max_steps:
             return "max_steps"
@@ -430,7 +439,11 @@ class Trainer:
                 total += len(y)
         self.model.train()
         self.last_accuracy = correct / max(1, total)
-        best = self.checkpoints.offer_best(self._state(), self.last_accuracy) if self._finite() else False
+        try:
+            best = self.checkpoints.offer_best(self._state(), self.last_accuracy) if self._finite() else False
+        except OSError as e:
+            logger.warning("Could not write the best checkpoint: %s; training goes on", e)
+            best = False
         if best:
             self.best_accuracy = self.last_accuracy
         fields = {"step": self.step, "accuracy": round(self.last_accuracy, 4), "best": best}
@@ -451,7 +464,7 @@ class Trainer:
             "rounds": self.opt.rounds_finished,
             "last_group_size": self.opt.last_group_size,
             "accuracy": self.last_accuracy,
-            "run_samples": self.reporter.projected_total(),
+            "run_samples": self.run_samples,
             "goal_samples": self.goal,
             "eta_s": None if eta is None else round(max(0.0, eta), 1),
         }
@@ -474,6 +487,7 @@ class Trainer:
             "accuracy": self.last_accuracy,
             "maddrs": [str(m) for m in self.dht.get_visible_maddrs()],
             "time": get_dht_time(),
+            "run_id": self.run_id,
             "samples": self.counter.of(self.me),
             "run_samples": self.run_samples,
         }
@@ -504,7 +518,11 @@ class Trainer:
         if not self._finite():
             logger.warning("Not saving a checkpoint at step %d: the parameters are not finite", self.step)
             return self._checkpoint_path()
-        path = self.checkpoints.save(self._state())
+        try:
+            path = self.checkpoints.save(self._state())
+        except OSError as e:  # a full disk must not end a run that others rely on; the last good file stays
+            logger.warning("Could not write the checkpoint of step %d: %s; training goes on", self.step, e)
+            return self._checkpoint_path()
         self._checkpointed = self.step
         self.on_event("checkpoint", {"step": self.step, "path": str(path)})
         return path
@@ -513,6 +531,8 @@ class Trainer:
         with self.opt.lock_parameters:
             self.model.load_state_dict(state["model"])
             self.opt.load_state_dict(state["optimizer"])
+            for group, settings in zip(self.opt.param_groups, self._group_settings, strict=True):
+                group.update(settings)  # the recipe's momentum, weight decay, betas: not the checkpoint's
             self.opt.averager.local_step = state["step"]
         self.counter.merge(state.get("samples"))
         self._checkpointed = state["step"]

@@ -58,7 +58,8 @@ def pull_state(
             loaded = trusted_recipe(data, prefix, None, trust_recipe, instead="pass a local --recipe")
         summary = list_runs(dht).get(prefix, {})
         state = _download(dht, loaded, summary, deadline, timeout)
-    path = folder / (file_name or f"{prefix}-step-{state['step']}.pt")
+    # the validated run.prefix, never the DHT's key (any string, e.g. "/etc/x"), names the file
+    path = folder / (file_name or f"{loaded.run.prefix}-step-{int(state['step'])}.pt")
     _save_atomically(state, path)
     size = path.stat().st_size / 2**20
     _output.stderr.print(f"Saved step {state['step']} of run {prefix!r} to {path} ({size:.1f} MiB)", markup=False)

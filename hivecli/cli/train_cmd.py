@@ -218,7 +218,7 @@ def _find_run(
             _output.stderr.print(f"Joining run [bold]{prefix}[/bold] with the recipe it published")
     prefix = recipe.run.prefix
     announced = list_runs(dht).get(prefix, {}).get("run_id")
-    if is_run_id(announced) and (join or _live_peers(dht, prefix)):
+    if is_run_id(announced) and (join or _live_peers(dht, recipe, announced)):
         if fresh and not join:
             raise ConfigError(
                 f"--fresh starts a new run, but run {prefix!r} is training in this DHT (run id {announced}); "
@@ -229,14 +229,15 @@ def _find_run(
     return recipe, resumable or new_run_id(), join
 
 
-def _live_peers(dht: Any, prefix: str) -> int:
-    """Peers of run `prefix` that reported recently (an announcement outlives its run by minutes)."""
-    from hivecli.progress import is_live
-    from hivecli.runs import fetch_progress
+def _live_peers(dht: Any, recipe: Recipe, run_id: str) -> int:
+    """Other peers of the run that reported recently (an announcement outlives its run by minutes;
+    our own record, from before a crash, does not count)."""
+    from hivecli.progress import is_live, run_records
     from hivecli.utils.timing import get_dht_time
 
-    now = get_dht_time()
-    return sum(is_live(record, now, period=5.0) for record in fetch_progress(dht, prefix).values())
+    now, me, period = get_dht_time(), str(dht.peer_id), recipe.output.report_every_seconds
+    records = run_records(dht, recipe.run.prefix, run_id)
+    return sum(is_live(record, now, period) for peer, record in records.items() if peer != me)
 
 
 def _describe_goal(recipe: Recipe) -> str | None:
@@ -265,10 +266,15 @@ def _train(recipe: Recipe, dht: Any, display: Any, stop: Any, *, run_id: str, jo
     from hivecli.training import Trainer
 
     run_dir = peer_dir(recipe.output.dir, recipe.run.prefix, run_id, str(dht.peer_id))
-    claim(run_dir, recipe.run.prefix, run_id, str(dht.peer_id))
-    trainer = Trainer(recipe, dht, run_dir, display.event, run_id=run_id, joining=joining, fresh=fresh)
     try:
-        trainer.publish()  # only now: a recipe whose model or data fail never reaches the DHT
-        trainer.run(stop)
+        claim(run_dir, recipe.run.prefix, run_id, str(dht.peer_id))
+        trainer = Trainer(recipe, dht, run_dir, display.event, run_id=run_id, joining=joining, fresh=fresh)
+    except OSError as e:
+        raise ConfigError(
+            f"output.dir = {recipe.output.dir!r}: cannot write {e.filename or run_dir} ({e.strerror or e}); "
+            f'choose a writable folder, e.g. --set output.dir="$HOME/hive-runs"'
+        ) from None
+    try:
+        trainer.run(stop)  # announces the run once training starts: a recipe that fails never reaches the DHT
     finally:
         trainer.close()
