@@ -46,6 +46,7 @@ def recipe(tmp_path):
     data = tomllib.loads(DEFAULT.read_text())
     data.setdefault("run", {}).pop("total_epochs", None)
     data["run"]["total_samples"] = 10**9
+    data["run"]["min_peers"] = 1  # tests that want a starter to wait say so
     data.pop("limits", None)
     path = tmp_path / "recipe.toml"  # two levels of plain values: JSON writes them as TOML does
     path.write_text("".join(f"[{name}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in table.items())

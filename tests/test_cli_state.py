@@ -92,7 +92,8 @@ def test_pull_state_waits_for_the_run_then_writes_prefix_step_n_into_a_directory
 
         peer = HiveProcess(
             "start", DEFAULT, "--json", *LOOPBACK, "--initial-peers", address,
-            "--set", f'output.dir="{tmp_path / "runs"}"', "--max-steps", "100000", cwd=tmp_path,
+            "--set", f'output.dir="{tmp_path / "runs"}"', "--set", "run.min_peers=1", "--max-steps", "100000",
+            cwd=tmp_path,
         )  # fmt: skip
         peer.wait_event("started", timeout=120)
         assert pull.wait(timeout=240) == 0, pull.stderr

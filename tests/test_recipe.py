@@ -48,7 +48,8 @@ def test_default_recipe_loads():
     assert (r.data.batch_size, r.optimizer.name, r.optimizer.lr) == (16, "sgd", 0.01)
     assert (r.optimizer.schedule, r.optimizer.warmup_steps, r.optimizer.final_lr_fraction) == ("cosine", 100, 0.05)
     assert (r.averaging.target_group_size, r.averaging.request_timeout) == (4, 1.0)
-    assert (r.run.total_epochs, r.run.total_samples, r.limits.max_steps) == (100, None, None)  # the run's goal
+    assert (r.run.total_epochs, r.run.total_samples, r.limits.max_steps) == (300, None, None)  # the run's goal
+    assert (r.run.min_peers, r.run.min_peers_timeout) == (2, 300.0)
     assert r.user_code() == []
 
 

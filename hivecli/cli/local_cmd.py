@@ -128,6 +128,8 @@ def local(
             )
         set_values.append(f"averaging.target_group_size={n}")
         _output.stderr.print(f"groups of at most {n} peers here (the recipe allows {target})")
+    if loaded.run.min_peers > n:  # the peers all start here: waiting for more would only waste time
+        set_values.append(f"run.min_peers={n}")
     for value in set_values:
         common += ["--set", value]
     if max_steps is not None:
