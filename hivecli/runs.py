@@ -58,7 +58,7 @@ def _shareable(recipe_data: dict[str, Any]) -> dict[str, Any]:
     """The recipe without what is private to the machine that publishes it."""
     shared = {section: dict(values) for section, values in recipe_data.items()}
     shared.pop("network", None)
-    shared.pop("output", None)
+    shared.get("output", {}).pop("dir", None)  # the run's eval and checkpoint periods are shared; where, not
     return shared
 
 
