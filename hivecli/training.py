@@ -140,11 +140,12 @@ class Trainer:
                 f"data.batch_size = {recipe.data.batch_size} is larger than the {len(data.train)} training samples "
                 f"of dataset {recipe.data.name!r}; lower data.batch_size"
             )
-        # a joiner shares its state only once it has the run's: before, it would hand out a fresh model
+        # no peer shares its state before prepare() settles it (a checkpoint, the run's): before,
+        # it would hand out the seed model
         self.opt = DecentralizedOptimizer(
             base_opt,
             dht,
-            allow_state_sharing=not joining,
+            allow_state_sharing=False,
             extra_tensors=list(self.model.buffers()),  # BatchNorm statistics travel with the state
             **averager_kwargs(recipe),
         )

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from hivecli._exceptions import ConfigError
 from hivecli.cli import _output
@@ -215,7 +216,7 @@ def _find_run(
         display.event("waiting", {"what": "run", "done": True})
         if recipe is None:
             recipe = trusted_recipe(data, prefix, overrides, trust_recipe, instead="join with a local recipe file")
-            _output.stderr.print(f"Joining run [bold]{prefix}[/bold] with the recipe it published")
+            _output.stderr.print(f"Joining run [bold]{escape(recipe.run.prefix)}[/bold] with the recipe it published")
     prefix = recipe.run.prefix
     announced = list_runs(dht).get(prefix, {}).get("run_id")
     if is_run_id(announced) and (join or _live_peers(dht, recipe, announced)):
