@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from hivecli._exceptions import HiveError
+from hivecli.cores import fair_share
 from hivecli.dht.dht import DHT
 from hivecli.runs import fetch_progress, publish_progress
 from hivecli.utils.timing import get_dht_time
@@ -133,6 +134,7 @@ class ProgressReporter:
         self.peers = 1
         self.run_samples_per_s = 0.0
         self.reports = 0  # finished report passes (tests wait on this)
+        self.fair_share: tuple[int, int] | None = None  # (peers on this machine, our cores): hivecli.cores
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="hive-progress", daemon=True)
@@ -160,6 +162,10 @@ class ProgressReporter:
                 logger.debug("Could not report progress to the DHT: %s", e)
             except Exception:  # a reporting bug must not end the run; it is logged once per pass
                 logger.exception("Progress report failed")
+            try:  # counted here, off the training thread: it reads the process table
+                self.fair_share = fair_share()
+            except Exception as e:
+                logger.debug("Could not count the hive peers on this machine: %s", e)
             self.reports += 1
             self._wake.wait(self.period)
 

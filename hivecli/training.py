@@ -152,6 +152,7 @@ class Trainer:
         o = recipe.optimizer
         self.schedule = Schedule(o.schedule, o.warmup_steps, o.final_lr_fraction)
         self.base_lrs = [group["lr"] for group in base_opt.param_groups]
+        self._default_threads = torch.get_num_threads()
         self._group_settings = [
             {k: v for k, v in g.items() if k not in ("params", "lr")} for g in base_opt.param_groups
         ]
@@ -453,8 +454,23 @@ class Trainer:
         self.reporter.report_now()
         return self.last_accuracy
 
+    def _share_cores(self) -> None:
+        """Use this peer's share of the machine's cores, as the reporter last counted them."""
+        share = self.reporter.fair_share
+        if share is None:
+            return
+        peers, cores = share
+        wanted = min(cores, self._default_threads)  # never more than torch would use alone
+        if wanted != torch.get_num_threads():
+            logger.info(
+                "%d hive peers train on this machine: torch uses %d thread%s here (set OMP_NUM_THREADS to choose)",
+                peers, wanted, "" if wanted == 1 else "s",
+            )  # fmt: skip
+            torch.set_num_threads(wanted)
+
     def _report(self) -> None:
         """The status for the display and metrics.jsonl (the DHT report is the reporter's)."""
+        self._share_cores()
         rate = max(self.reporter.run_samples_per_s, self.samples_per_s)
         eta = (self.goal - self.run_samples) / rate if self.goal is not None and rate > 0 else None
         fields = {

@@ -224,3 +224,29 @@ def test_a_nan_is_rolled_back_and_never_reaches_the_partner(tmp_path):
             for trainer in trainers:
                 trainer.close()
         assert not any(thread.is_alive() for thread in threads)
+
+
+# ---- sharing the machine's cores ----------------------------------------------------------------------
+
+
+def test_training_peers_are_recognised_by_their_command_line():
+    from hivecli.cores import is_training_peer
+
+    assert is_training_peer(["/venv/bin/python", "/venv/bin/hive", "start", "recipe.toml"])
+    assert is_training_peer(["python", "-m", "hivecli.cli.main", "join", "/ip4/1.2.3.4/tcp/5/p2p/x"])
+    assert not is_training_peer(["/venv/bin/hive", "peers", "/ip4/1.2.3.4/tcp/5/p2p/x"])
+    assert not is_training_peer(["python", "-m", "hivecli.cli.main", "local", "3", "recipe.toml"])
+    assert not is_training_peer(["vim", "start"])
+
+
+def test_each_peer_gets_its_share_of_the_cores_unless_the_user_chose(monkeypatch):
+    from hivecli import cores
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(cores, "usable_cores", lambda: 8)
+    monkeypatch.setattr(cores, "training_peers_here", lambda: 3)
+    assert cores.fair_share() == (3, 2)
+    monkeypatch.setattr(cores, "training_peers_here", lambda: 12)
+    assert cores.fair_share() == (12, 1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    assert cores.fair_share() is None
