@@ -131,3 +131,22 @@ def test_boolean_flags_show_as_plain_flags_in_help():
     assert "<bool>" not in result.stdout
     port_line = next(line for line in lines if "--port " in line)
     assert port_line.split("--port", 1)[1].split()[0] == "<int", port_line  # options with a value keep their type
+
+
+def test_peers_prints_hostile_dht_strings_as_text_not_markup(monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from hivecli.cli import _output, peers_cmd
+
+    monkeypatch.setattr(_output, "stdout", Console(file=io.StringIO(), width=200))
+    runs = {
+        "[/bold]x": {
+            "summary": {"model": "[red]m", "dataset": "d", "target_group_size": 4},
+            "peers": {"[/]peer": {"step": "[/x]", "maddrs": ["[/b]"], "last_report_s": 1.0}},
+        }
+    }
+    peers_cmd._print_tables([], runs, show_peers=False)  # rich raised MarkupError on "[/bold]"
+    printed = _output.stdout.file.getvalue()
+    assert "run [/bold]x" in printed and "[red]m" in printed and "[/]peer" in printed

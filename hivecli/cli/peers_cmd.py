@@ -80,11 +80,12 @@ def _warn_small_runs(runs: dict[str, dict[str, Any]]) -> None:
         target = info["summary"].get("target_group_size")
         count = len(info["peers"])
         if count == 0:
-            _output.stderr.print(f"warning: run {prefix!r} has no peer reporting progress")
+            _output.stderr.print(f"warning: run {prefix!r} has no peer reporting progress", markup=False)
         elif isinstance(target, int) and count < target:
             _output.stderr.print(
                 f"warning: run {prefix!r} has {count} peer{'s' if count != 1 else ''}, fewer than its group size "
-                f"{target}: groups form after min_matchmaking_time with whoever is there"
+                f"{target}: groups form after min_matchmaking_time with whoever is there",
+                markup=False,
             )
 
 
@@ -106,6 +107,7 @@ def _to_json(found: list[Any], runs: dict[str, dict[str, Any]]) -> str:
 
 def _print_tables(found: list[Any], runs: dict[str, dict[str, Any]], show_peers: bool) -> None:
     from rich.table import Table
+    from rich.text import Text
 
     if show_peers:
         table = Table(title=f"{_plural(len(found), 'peer')} in the DHT")
@@ -126,15 +128,15 @@ def _print_tables(found: list[Any], runs: dict[str, dict[str, Any]], show_peers:
         title = f"run {prefix}: {_plural(len(info['peers']), 'peer')}"
         if s:
             title += f" (model {s.get('model')}, data {s.get('dataset')}, group size {s.get('target_group_size')})"
-        table = Table(title=title)
+        table = Table(title=Text(title))  # Text, never markup: every string here comes from the DHT
         for column in ("peer id", "addresses", "step", "loss", "samples/s", "test accuracy", "last report"):
             table.add_column(column, overflow="fold")
         for peer_id, p in sorted(info["peers"].items(), key=lambda item: -_step_of(item[1])):
             maddrs = p.get("maddrs") if isinstance(p.get("maddrs"), list) else []
             table.add_row(
-                peer_id,
-                "\n".join(str(m).split("/p2p/")[0] for m in maddrs) or "-",
-                str(p.get("step", "-")),
+                Text(peer_id),
+                Text("\n".join(str(m).split("/p2p/")[0] for m in maddrs) or "-"),
+                Text(str(p.get("step", "-"))),
                 _number(p.get("loss"), ".3f"),
                 _number(p.get("samples_per_s"), ".0f"),
                 _number(p.get("accuracy"), ".3f"),
