@@ -274,6 +274,9 @@ class Trainer:
         if wanted <= 1:
             return
         began = time.monotonic()
+        first_report = began + 2 * self.recipe.output.report_every_seconds
+        while self.reporter.reports == 0 and time.monotonic() < first_report and not stop.is_set():
+            stop.wait(0.05)  # the peers are counted by the first report: until then, we know nothing
         while not stop.is_set() and self.reporter.peers < wanted:
             elapsed = time.monotonic() - began
             if elapsed >= timeout:
