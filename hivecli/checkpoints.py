@@ -88,9 +88,13 @@ class CheckpointStore:
             old.unlink(missing_ok=True)
         return path
 
+    def beats_best(self, metric: float) -> bool:
+        """True if `metric` (higher is better) beats the best checkpoint's."""
+        return self.best_metric is None or metric > self.best_metric
+
     def offer_best(self, state: dict[str, Any], metric: float) -> bool:
         """Write `state` as best.pt if `metric` (higher is better) beats the best so far. True if it did."""
-        if self.best_metric is not None and metric <= self.best_metric:
+        if not self.beats_best(metric):
             return False
         atomic_save({**state, "metric": metric}, self.folder / "best.pt")
         self.best_metric = metric

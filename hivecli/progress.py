@@ -35,6 +35,7 @@ class RunCounter:
     def __init__(self, counts: dict[str, int] | None = None):
         self._lock = threading.Lock()
         self._counts: dict[str, int] = {}
+        self._sum = 0  # sum(self._counts.values()), kept up to date: the total is read at every step
         self._reported_total = 0  # the largest total another peer has reported
         if counts:
             self.merge(counts)
@@ -42,6 +43,7 @@ class RunCounter:
     def add(self, peer: str, samples: int) -> None:
         with self._lock:
             self._counts[peer] = self._counts.get(peer, 0) + samples
+            self._sum += samples
 
     def merge(self, counts: Any, reported_total: Any = None) -> None:
         """Take in another peer's view: each peer's largest count wins. Entries that are not
@@ -52,10 +54,12 @@ class RunCounter:
             for peer, count in counts.items():
                 valid = isinstance(peer, str) and len(peer) <= 128 and isinstance(count, int)
                 if valid and count > self._counts.get(peer, 0):
+                    self._sum += count - self._counts.get(peer, 0)
                     self._counts[peer] = count
             if len(self._counts) > MAX_COUNTER_PEERS:
                 kept = sorted(self._counts.items(), key=lambda item: item[1])[-MAX_COUNTER_PEERS:]
                 self._counts = dict(kept)
+                self._sum = sum(self._counts.values())
             if isinstance(reported_total, int) and reported_total > self._reported_total:
                 self._reported_total = reported_total
 
@@ -68,7 +72,7 @@ class RunCounter:
         """The run's samples as far as this peer knows. A total reported by another peer counts
         too: it may include peers that left before we could see their reports."""
         with self._lock:
-            return max(sum(self._counts.values()), self._reported_total)
+            return max(self._sum, self._reported_total)
 
     def counts(self) -> dict[str, int]:
         with self._lock:
@@ -90,10 +94,11 @@ def speed_of(record: dict[str, Any]) -> float:
     return float(speed) if isinstance(speed, (int, float)) and 0 <= speed < MAX_SPEED else 0.0
 
 
-def run_records(dht: DHT, prefix: str, run_id: str) -> dict[str, dict[str, Any]]:
-    """{peer id: latest progress record} of run `run_id` (an earlier run with the same prefix may
-    have left records behind: they are not this run's)."""
-    return {peer: r for peer, r in fetch_progress(dht, prefix).items() if r.get("run_id") == run_id}
+def others_records(dht: DHT, prefix: str, run_id: str) -> dict[str, dict[str, Any]]:
+    """{peer id: latest progress record} of the other peers of run `run_id`: not this peer's own
+    (perhaps from before a crash), nor those an earlier run with the same prefix left behind."""
+    me = str(dht.peer_id)
+    return {p: r for p, r in fetch_progress(dht, prefix).items() if p != me and r.get("run_id") == run_id}
 
 
 def merge_records(counter: RunCounter, records: dict[str, dict[str, Any]]) -> None:
@@ -139,6 +144,11 @@ class ProgressReporter:
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="hive-progress", daemon=True)
 
+    @property
+    def _ttl(self) -> float:
+        """How long a progress record lives: a few report periods (a dead peer's goes soon)."""
+        return max(30.0, 5 * self.period)
+
     def start(self) -> None:
         self._thread.start()
 
@@ -171,9 +181,8 @@ class ProgressReporter:
 
     def _report(self, now: float) -> None:
         record = self._progress()
-        publish_progress(self.dht, self.prefix, record, ttl=max(30.0, 5 * self.period))
-        me = str(self.dht.peer_id)
-        others = {p: r for p, r in run_records(self.dht, self.prefix, self.run_id).items() if p != me}
+        publish_progress(self.dht, self.prefix, record, ttl=self._ttl)
+        others = others_records(self.dht, self.prefix, self.run_id)
         merge_records(self.counter, others)
         live = [r for r in others.values() if is_live(r, now, self.period)]
         self.peers, self.run_samples_per_s = 1 + len(live), speed_of(record) + sum(speed_of(r) for r in live)
@@ -187,7 +196,6 @@ class ProgressReporter:
             self._thread.join(timeout=10)  # a pass in flight ends with its DHT call's timeout
         if goodbye:
             try:
-                record = {**self._progress(), "left": True}
-                publish_progress(self.dht, self.prefix, record, ttl=max(30.0, 5 * self.period))
+                publish_progress(self.dht, self.prefix, {**self._progress(), "left": True}, ttl=self._ttl)
             except Exception as e:  # leaving must not fail on a DHT hiccup
                 logger.debug("Could not publish the goodbye record: %s", e)

@@ -157,7 +157,3 @@ def fetch_progress(dht: DHT, prefix: str) -> dict[str, dict[str, Any]]:
     if found is None or not isinstance(found.value, dict):
         return {}
     return {k: v.value for k, v in found.value.items() if isinstance(k, str) and isinstance(v.value, dict)}
-
-
-def count_peers(dht: DHT, prefix: str) -> int:
-    return max(1, len(fetch_progress(dht, prefix)))

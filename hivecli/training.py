@@ -34,7 +34,7 @@ from hivecli.dht.dht import DHT
 from hivecli.guard import DivergenceGuard
 from hivecli.optim import DecentralizedOptimizer
 from hivecli.optim.training_averager import all_finite
-from hivecli.progress import ProgressReporter, RunCounter, merge_records, run_records
+from hivecli.progress import ProgressReporter, RunCounter, merge_records, others_records
 from hivecli.recipe import Recipe
 from hivecli.registry import build_model, load_dataset
 from hivecli.runs import publish_run
@@ -227,7 +227,7 @@ class Trainer:
         trained on more samples than this peer's checkpoint knew of."""
         prefix, known = self.recipe.run.prefix, self.run_samples
         try:
-            others = {p: r for p, r in run_records(self.dht, prefix, self.run_id).items() if p != self.me}
+            others = others_records(self.dht, prefix, self.run_id)
         except HiveError:
             others = {}
         merge_records(self.counter, others)
@@ -444,11 +444,13 @@ class Trainer:
                 total += len(y)
         self.model.train()
         self.last_accuracy = correct / max(1, total)
-        try:
-            best = self.checkpoints.offer_best(self._state(), self.last_accuracy) if self._finite() else False
-        except OSError as e:
-            logger.warning("Could not write the best checkpoint: %s; training goes on", e)
-            best = False
+        best = self.checkpoints.beats_best(self.last_accuracy) and self._finite()
+        if best:  # only then is the state worth building and writing
+            try:
+                self.checkpoints.offer_best(self._state(), self.last_accuracy)
+            except OSError as e:
+                logger.warning("Could not write the best checkpoint: %s; training goes on", e)
+                best = False
         if best:
             self.best_accuracy = self.last_accuracy
         fields = {"step": self.step, "accuracy": round(self.last_accuracy, 4), "best": best}

@@ -209,6 +209,7 @@ def _child_environment(n: int) -> dict[str, str]:
     training with 2 threads per peer ran 1.5-5x slower than with 1 thread beside other work."""
     env = dict(os.environ)
     if "OMP_NUM_THREADS" not in env:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        env["OMP_NUM_THREADS"] = str(max(1, cores // n))
+        from hivecli.cores import usable_cores
+
+        env["OMP_NUM_THREADS"] = str(max(1, usable_cores() // n))
     return env

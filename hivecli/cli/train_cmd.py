@@ -163,8 +163,9 @@ def _run_peer(
     from hivecli.cli._signals import stop_on_signals
     from hivecli.dht.dht import DHT
 
-    # network settings come from the local recipe, or (joining without one) from env and flags only
-    if recipe is None:  # only the network settings matter before the run's recipe is fetched
+    # network settings come from the local recipe, or (joining without one) from env and flags only:
+    # the rest of the environment applies to the fetched recipe later
+    if recipe is None:
         network_env = {k: v for k, v in os.environ.items() if k.startswith("HIVE_NETWORK_")}
         network = load_recipe(None, [o for o in overrides if o.startswith("network.")], env=network_env).network
     else:
@@ -233,12 +234,11 @@ def _find_run(
 def _live_peers(dht: Any, recipe: Recipe, run_id: str) -> int:
     """Other peers of the run that reported recently (an announcement outlives its run by minutes;
     our own record, from before a crash, does not count)."""
-    from hivecli.progress import is_live, run_records
+    from hivecli.progress import is_live, others_records
     from hivecli.utils.timing import get_dht_time
 
-    now, me, period = get_dht_time(), str(dht.peer_id), recipe.output.report_every_seconds
-    records = run_records(dht, recipe.run.prefix, run_id)
-    return sum(is_live(record, now, period) for peer, record in records.items() if peer != me)
+    now, period = get_dht_time(), recipe.output.report_every_seconds
+    return sum(is_live(record, now, period) for record in others_records(dht, recipe.run.prefix, run_id).values())
 
 
 def _describe_goal(recipe: Recipe) -> str | None:
