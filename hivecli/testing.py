@@ -12,10 +12,12 @@ with HiveProcess("dht", "--json", "--host", "127.0.0.1") as node:    # a real `h
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import random
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -25,6 +27,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from hivecli.dht.dht import DHT
+from hivecli.net.framing import PREFIX, pack
+from hivecli.net.handshake import perform_handshake
+from hivecli.net.identity import Identity
+from hivecli.net.multiaddr import Multiaddr
+from hivecli.net.tcp import TCPTransport
+from hivecli.net.transport import ByteStream
 
 T = TypeVar("T")
 
@@ -202,4 +210,161 @@ class HiveProcess:
         self.stop()
 
 
-__all__ = ["HiveProcess", "launch_swarm", "local_swarm", "shutdown_all", "wait_for"]
+# ---- hostile peers --------------------------------------------------------------------------
+
+
+async def wait_until(condition: Callable[[], T], timeout: float, what: str = "condition", interval: float = 0.01) -> T:
+    """`wait_for` for code on an event loop: polls without blocking the loop, so the hosts on it
+    keep running while the test waits.
+
+    Raises:
+        TimeoutError: still falsy after `timeout` seconds; the message names `what`.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+class HostilePeer:
+    """A peer that breaks the rules on purpose, to test that a `Host` stays bounded and keeps
+    serving. Everything runs on the caller's event loop, over TCP; `aclose` closes every
+    stream it opened.
+
+        hostile = HostilePeer(server.visible_maddrs()[0])
+        idle = await hostile.open_raw(100)               # sockets that never start the handshake
+        stream = await hostile.handshake()               # authenticated as a fresh identity
+        await hostile.send_frame(stream, [0, 0, "echo", HostilePeer.deep(1000)])
+
+    Streams it opens read only what the test reads: a flood whose replies the test never reads
+    fills the server's send buffer, as a peer that stopped reading would.
+
+    Args:
+        target: the server's address, with /p2p/<its peer id>.
+        small_receive_buffer: shrink each socket's kernel receive buffer (and so its TCP
+            window), so that unread replies pile up at the server after kilobytes, not after
+            the tens of megabytes loopback autotuning would absorb.
+    """
+
+    def __init__(self, target: Multiaddr, small_receive_buffer: bool = True):
+        self.target = target
+        self.small_receive_buffer = small_receive_buffer
+        self.streams: list[ByteStream] = []
+
+    async def open_raw(self, count: int = 1) -> list[ByteStream]:
+        """Open `count` TCP connections and send nothing on them.
+
+        Raises:
+            PeerUnreachableError: the server refused one (the ones before stay open).
+        """
+        opened = []
+        for _ in range(count):
+            stream = await TCPTransport().dial(self.target.host, self.target.port, 5.0)
+            if self.small_receive_buffer:
+                sock = getattr(stream, "_transport", None)
+                sock = sock.get_extra_info("socket") if sock is not None else None
+                if sock is not None:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            self.streams.append(stream)
+            opened.append(stream)
+        return opened
+
+    async def handshake(self, identity: Identity | None = None, timeout: float = 5.0) -> ByteStream:
+        """Open a connection and pass the real handshake as `identity` (default: a fresh one);
+        returns the stream to send frames on (sealed, when the handshake set up encryption).
+
+        Raises:
+            PeerUnreachableError: the server refused the connection.
+            HandshakeError, asyncio.IncompleteReadError, ConnectionError: the handshake failed.
+            TimeoutError: it did not finish within `timeout` seconds.
+        """
+        (raw,) = await self.open_raw()
+        identity = identity or Identity.generate()
+        result = await asyncio.wait_for(
+            perform_handshake(raw, identity, [], self.target.peer_id, "test server"), timeout
+        )
+        if result.stream is not raw:
+            self.streams.append(result.stream)
+        return result.stream
+
+    @staticmethod
+    def deep(depth: int) -> bytes:
+        """msgpack of a list nested `depth` levels deep: [[[...[None]...]]]."""
+        return b"\x91" * depth + b"\xc0"
+
+    @staticmethod
+    async def send(stream: ByteStream, data: bytes) -> None:
+        """Write raw bytes and wait until they are handed to the kernel.
+
+        Raises:
+            ConnectionError: the connection is closed.
+        """
+        stream.write(data)
+        await stream.drain()
+
+    @staticmethod
+    async def send_frame(stream: ByteStream, header: Any, body: bytes = b"", raw_header: bytes | None = None) -> None:
+        """Send one frame; `raw_header` (already msgpack) replaces `header`, for payloads that
+        `pack` would refuse or that should reach the wire exactly as given.
+
+        Raises:
+            ConnectionError: the connection is closed.
+        """
+        head = raw_header if raw_header is not None else pack(header)
+        await HostilePeer.send(stream, PREFIX.pack(len(head), len(body)) + head + body)
+
+    @staticmethod
+    async def request_with_payload(stream: ByteStream, stream_id: int, method: str, payload: bytes) -> None:
+        """Send REQUEST [0, stream_id, method, <payload>], where `payload` is raw msgpack.
+
+        Raises:
+            ConnectionError: the connection is closed.
+        """
+        head = b"\x94" + pack(0) + pack(stream_id) + pack(method) + payload
+        await HostilePeer.send_frame(stream, None, raw_header=head)
+
+    @staticmethod
+    async def declare_body(stream: ByteStream, body_len: int, sent: bytes, stream_id: int = 0) -> None:
+        """Send a REQUEST for "echo" whose prefix declares a `body_len`-byte body, then only
+        `sent` of it: the server is left waiting for bytes that never come.
+
+        Raises:
+            ConnectionError: the connection is closed.
+        """
+        head = pack([0, stream_id, "echo", None])
+        await HostilePeer.send(stream, PREFIX.pack(len(head), body_len) + head + sent)
+
+    @staticmethod
+    async def flood(stream: ByteStream, method: str, payload: Any, count: int, first_id: int = 0) -> int:
+        """Send `count` REQUESTs for `method` (stream ids first_id, first_id + 2, ...) without
+        reading any reply; returns the next free stream id.
+
+        Raises:
+            ConnectionError: the server closed the connection meanwhile.
+        """
+        batch = bytearray()
+        stream_id = first_id
+        for _ in range(count):
+            head = pack([0, stream_id, method, payload])
+            batch += PREFIX.pack(len(head), 0) + head
+            stream_id += 2
+            if len(batch) >= 64 * 1024:
+                await HostilePeer.send(stream, bytes(batch))
+                batch.clear()
+        if batch:
+            await HostilePeer.send(stream, bytes(batch))
+        return stream_id
+
+    async def aclose(self) -> None:
+        """Close every stream this peer opened."""
+        for stream in self.streams:
+            stream.close()
+        self.streams.clear()
+        await asyncio.sleep(0)  # let the transports run their close callbacks
+
+
+__all__ = ["HiveProcess", "HostilePeer", "launch_swarm", "local_swarm", "shutdown_all", "wait_for", "wait_until"]

@@ -12,7 +12,10 @@ Every frame header is a msgpack list `[kind, stream_id, ...]`:
 
 The dialer numbers its streams even, the acceptor odd, so both can open streams at once.
 A peer that sends an oversized or malformed frame gets a GOAWAY naming the problem and is
-disconnected; the node keeps serving everyone else.
+disconnected; the node keeps serving everyone else. So does one that breaks a limit of
+`NetSettings`: it sends requests too fast for too long, or leaves its replies unread. A request
+over the rate or concurrency limit is refused on its own with an ERROR. Each such event is
+logged as one line, at most one per kind every few seconds (`LimitLog`), never with a traceback.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import contextlib
 import itertools
 import logging
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -35,13 +39,15 @@ from hivecli._exceptions import (
     RemoteError,
     RPCTimeoutError,
 )
-from hivecli.net.framing import FrameLimits, encode_frame, read_header
+from hivecli.net.framing import FrameLimits, describe, encode_frame, read_header
 from hivecli.net.identity import PeerID
 from hivecli.net.multiaddr import Multiaddr
+from hivecli.net.secure import SecuritySettings
 from hivecli.net.transport import ByteStream
 
 logger = logging.getLogger(__name__)
 _COALESCE_BYTES = 64 * 1024
+_MAX_ERROR_TEXT = 2000  # characters of a peer's ERROR or GOAWAY text we keep: it is the peer's word
 
 
 if sys.version_info >= (3, 11):
@@ -95,6 +101,25 @@ class NetSettings:
         stream_queue_size: messages buffered per stream before the connection's reader waits
             for the consumer (default 64); this is what keeps a fast sender from filling memory.
         limits: per-frame size limits, checked before allocation.
+        max_pending_handshakes: inbound connections that may be mid-handshake at once (default
+            256); beyond it a new inbound socket is closed at once.
+        max_connections: open authenticated connections (default None: min(1024, the soft
+            RLIMIT_NOFILE - 64), computed when the Host is created). At the cap, the least
+            recently active connection without open streams is closed to admit a new one; if
+            every connection is busy, the new one is refused.
+        max_connections_per_peer: open connections to one peer ID (default 4), the same way.
+        max_queued_bytes: bytes queued for sending on one connection (default 32 MiB) beyond
+            which a reply written by the read loop (which cannot wait for the peer to read)
+            closes the connection instead. An allreduce legitimately queues ~2 tensor chunks
+            plus the 4 MiB write high-water mark.
+        max_requests_per_second: requests a peer may make per connection, sustained (default
+            500); a request over the rate gets an ERROR "rate limit exceeded".
+        request_burst: requests a peer may make at once above that rate (default 1000). A peer
+            refused 2 x request_burst times in a row is disconnected.
+        max_concurrent_requests: handler tasks running at once for one connection (default
+            256); a request beyond it gets an ERROR "too many concurrent requests".
+        security: encryption and the swarm key (hivecli.net.secure.SecuritySettings; default:
+            encrypted, public swarm).
     """
 
     connect_timeout: float = 5.0
@@ -103,6 +128,55 @@ class NetSettings:
     idle_timeout: float = 300.0
     stream_queue_size: int = 64
     limits: FrameLimits = field(default_factory=FrameLimits)
+    max_pending_handshakes: int = 256
+    max_connections: int | None = None
+    max_connections_per_peer: int = 4
+    max_queued_bytes: int = 32 * 1024 * 1024
+    max_requests_per_second: float = 500.0
+    request_burst: int = 1000
+    max_concurrent_requests: int = 256
+    security: SecuritySettings = field(default_factory=SecuritySettings)
+
+
+class LimitLog:
+    """Logs limit events as WARNING lines, at most one per kind every `interval` seconds.
+
+    A hostile peer trips a limit as often as it likes; one line per event would let it fill the
+    disk and drown everything else. The first line after a quiet spell says how many events of
+    that kind went unlogged since the previous line.
+    """
+
+    def __init__(self, log: logging.Logger, interval: float = 10.0):
+        self._log = log
+        self._interval = interval
+        self._last: dict[str, float] = {}  # kind -> when its last line was logged
+        self._dropped: dict[str, int] = {}
+
+    def warning(self, kind: str, message: str, *args: object) -> None:
+        """Log `message % args` unless a line of this `kind` was logged within the interval."""
+        now = time.monotonic()
+        last = self._last.get(kind, -self._interval)
+        if now - last < self._interval:
+            self._dropped[kind] = self._dropped.get(kind, 0) + 1
+            return
+        self._last[kind] = now
+        dropped = self._dropped.pop(kind, 0)
+        if dropped:
+            message += f" ({dropped} more like this in the last {now - last:.0f} s were not logged)"
+        self._log.warning(message, *args)
+
+
+_limit_log = LimitLog(logger)  # for connections made without a Host
+
+
+class _Disconnect(Exception):
+    """Raised in the read loop to drop a peer that broke a limit. Its message is the reason
+    (logged once, sent in a GOAWAY when `goaway`); `kind` groups it for `LimitLog`."""
+
+    def __init__(self, kind: str, reason: str, goaway: bool = True):
+        super().__init__(reason)
+        self.kind = kind
+        self.goaway = goaway
 
 
 class EndOfStream(Exception):
@@ -172,7 +246,7 @@ class Stream:
         if kind == Kind.END:
             raise EndOfStream()
         if kind == Kind.ERROR:
-            raise RemoteError(f"{self.method} failed on peer {self.remote_peer}: {payload}")
+            raise RemoteError(f"{self.method} failed on peer {self.remote_peer}: {describe(payload, _MAX_ERROR_TEXT)}")
         raise ConnectionClosedError(f"connection to peer {self.remote_peer} closed: {payload}")
 
     async def __aiter__(self) -> AsyncIterator[Message]:
@@ -231,6 +305,7 @@ class Connection:
         handlers: Handlers,
         settings: NetSettings,
         outbound: bool,
+        limit_log: LimitLog | None = None,
     ):
         self.remote_peer = remote_peer
         self.remote_maddrs = remote_maddrs
@@ -244,13 +319,25 @@ class Connection:
         self._handler_tasks: dict[int, asyncio.Task[None]] = {}
         self._ids = itertools.count(0 if outbound else 1, 2)
         self._close_reason: str | None = None
+        self._limit_log = limit_log or _limit_log
+        self._loop = asyncio.get_running_loop()
+        # the peer's request budget: a token bucket refilled at max_requests_per_second
+        self._tokens = float(settings.request_burst)
+        self._tokens_at = self._loop.time()
+        self._refused_in_a_row = 0
         self.closed = asyncio.Event()
-        self.last_activity = asyncio.get_running_loop().time()
-        self._reader = asyncio.get_running_loop().create_task(self._read_loop())
+        self.last_activity = self._loop.time()
+        self._reader = self._loop.create_task(self._read_loop())
 
     @property
     def is_closed(self) -> bool:
         return self._close_reason is not None
+
+    @property
+    def busy(self) -> bool:
+        """Whether a call, stream or handler is in progress on this connection; a host that
+        needs room closes idle connections only."""
+        return bool(self._streams or self._calls or self._handler_tasks)
 
     async def call(self, method: str, payload: Any, body: bytes = b"", timeout: float | None = None) -> Message:
         """Call a unary method and wait for its response.
@@ -280,7 +367,7 @@ class Connection:
         if kind in (Kind.DATA, Kind.RESPONSE):
             return Message(result, result_body)
         if kind == Kind.ERROR:
-            raise RemoteError(f"{method} failed on peer {self.remote_peer}: {result}")
+            raise RemoteError(f"{method} failed on peer {self.remote_peer}: {describe(result, _MAX_ERROR_TEXT)}")
         if kind == Kind.END:
             raise RemoteError(f"{method} on peer {self.remote_peer} ended without a response")
         raise ConnectionClosedError(f"connection to peer {self.remote_peer} closed: {result}")
@@ -338,12 +425,13 @@ class Connection:
             pass
         except ProtocolError as e:
             reason = f"protocol violation: {e}"
-            logger.warning("Disconnecting peer %s (%s): %s", self.remote_peer, self.remote_host, e)
-            try:
-                prefix, _ = encode_frame([Kind.GOAWAY, 0, str(e)])
-                self._stream.write(prefix)
-            except Exception:
-                pass
+            self._limit_log.warning("protocol", "Disconnecting peer %s (%s): %s", self.remote_peer, self.remote_host, e)
+            self._send_goaway(str(e))
+        except _Disconnect as e:
+            reason = str(e)
+            self._limit_log.warning(e.kind, "Disconnecting peer %s (%s): %s", self.remote_peer, self.remote_host, e)
+            if e.goaway:
+                self._send_goaway(reason)
         except asyncio.CancelledError:
             reason = "closed by this node"
         finally:
@@ -363,7 +451,7 @@ class Connection:
 
     async def _dispatch(self, header: Any, body: bytes | memoryview) -> None:
         if not isinstance(header, list) or len(header) < 2 or not all(isinstance(x, int) for x in header[:2]):
-            raise MalformedFrameError(f"frame header {str(header)[:80]!r} is not [kind, stream_id, ...]")
+            raise MalformedFrameError(f"frame header {describe(header)} is not [kind, stream_id, ...]")
         kind, stream_id = header[0], header[1]
         if kind == Kind.REQUEST:
             if len(header) != 4 or not isinstance(header[2], str):
@@ -371,6 +459,8 @@ class Connection:
             if stream_id in self._streams or stream_id in self._handler_tasks:
                 raise MalformedFrameError(f"REQUEST reuses open stream id {stream_id}")
             inline = self._handlers.inline.get(header[2])
+            if not self._admit_request(stream_id, needs_task=inline is None):
+                return
             if inline is not None:
                 self._run_inline(inline, stream_id, header[2], header[3], body)
             else:
@@ -393,24 +483,97 @@ class Connection:
             if task is not None:
                 task.cancel()
         elif kind == Kind.GOAWAY:
-            raise ConnectionResetError(f"peer closed the connection: {header[2] if len(header) > 2 else ''}")
+            reason = describe(header[2], _MAX_ERROR_TEXT) if len(header) > 2 else ""
+            raise ConnectionResetError(f"peer closed the connection: {reason}")
         else:
             raise MalformedFrameError(f"unknown frame kind {kind}")
 
+    def _admit_request(self, stream_id: int, needs_task: bool) -> bool:
+        """Spend one of the peer's request tokens; if it has none left, or `needs_task` and it
+        already has max_concurrent_requests handlers running, answer ERROR instead and return
+        False. The handler never runs, so a flood costs one small frame per request.
+
+        Raises:
+            _Disconnect: the peer was refused 2 x request_burst times in a row (it is not
+                backing off, so answering each request is a waste), or leaves replies unread.
+        """
+        settings = self.settings
+        now = self._loop.time()
+        refill = (now - self._tokens_at) * settings.max_requests_per_second
+        self._tokens = min(float(settings.request_burst), self._tokens + refill)
+        self._tokens_at = now
+        if self._tokens < 1.0:
+            refusal = "rate limit exceeded"
+        elif needs_task and len(self._handler_tasks) >= settings.max_concurrent_requests:
+            refusal = "too many concurrent requests"
+        else:
+            self._tokens -= 1.0
+            self._refused_in_a_row = 0
+            return True
+        self._refused_in_a_row += 1
+        if self._refused_in_a_row >= 2 * settings.request_burst:
+            raise _Disconnect(
+                "requests", f"it kept sending requests after {self._refused_in_a_row} refusals in a row ({refusal})"
+            )
+        self._reply_now([Kind.ERROR, stream_id, refusal])
+        return False
+
     def _run_inline(self, handler: InlineHandler, stream_id: int, method: str, payload: Any, body: bytes) -> None:
         """Answer a request right here in the read loop: no task, no stream object. Only for
-        handlers that never wait, where a task would cost more than the handler itself."""
+        handlers that never wait, where a task would cost more than the handler itself.
+
+        Raises:
+            _Disconnect: the peer leaves its replies unread (see `_reply_now`).
+        """
         try:
             result = handler(self, payload, body)
             reply = result if isinstance(result, Reply) else Reply(result)
             frame = [Kind.RESPONSE, stream_id, reply.payload]
         except Exception as e:
             frame, reply = [Kind.ERROR, stream_id, self._describe_failure(method, e)], Reply(None)
+        self._reply_now(frame, reply.body)
+
+    def _reply_now(self, header: list[Any], body: bytes | bytearray | memoryview = b"") -> None:
+        """Queue a frame from the read loop without waiting for the peer to read it.
+
+        The read loop must never await `drain`: two peers each blocked sending to the other
+        would stop reading, and so never unblock each other. Without that backpressure, a peer
+        that sends requests and never reads the replies would grow our send buffer forever;
+        instead, past max_queued_bytes queued for it, the connection is dropped.
+
+        Raises:
+            _Disconnect: the frame would take the queued bytes past max_queued_bytes.
+            ConnectionResetError: the stream is already closed.
+        """
+        if self._close_reason is not None:
+            return
+        prefix, out_body = encode_frame(header, body)
+        size = len(prefix) + (out_body.nbytes if isinstance(out_body, memoryview) else len(out_body))
+        queued = self._stream.write_buffer_size()
+        limit = self.settings.max_queued_bytes
+        if queued and queued + size > limit:  # an empty queue takes any one reply
+            raise _Disconnect(
+                "unread replies",
+                f"it does not read its replies ({queued} bytes queued for it, max_queued_bytes={limit})",
+                goaway=False,  # it would not read that either
+            )
+        self._stream.write(prefix)  # flow control happens on our next awaited send
+        if out_body:
+            self._stream.write(out_body)
+
+    def _send_goaway(self, reason: str) -> None:
+        """Best effort: tell the peer why we are about to close (it may be gone already)."""
+        try:
+            prefix, _ = encode_frame([Kind.GOAWAY, 0, reason])
+            self._stream.write(prefix)
+        except Exception:
+            pass
+
+    def goaway(self, reason: str) -> None:
+        """Close the connection, first telling the peer why (its calls fail with `reason`)."""
         if self._close_reason is None:
-            prefix, out_body = encode_frame(frame, reply.body)
-            self._stream.write(prefix)  # flow control happens on our next awaited send
-            if out_body:
-                self._stream.write(out_body)
+            self._send_goaway(reason)
+        self.close(reason)
 
     def _describe_failure(self, method: str, error: Exception) -> str:
         """The one line a caller sees for a failed handler; unexpected errors are logged here."""
@@ -436,7 +599,7 @@ class Connection:
                     await streaming(stream, payload, body)
                     await stream.end()
                 else:
-                    await self._send_frame([Kind.ERROR, stream_id, f"unknown method {method!r}"])
+                    await self._send_frame([Kind.ERROR, stream_id, f"unknown method {describe(method)!r}"])
             except asyncio.CancelledError:
                 pass
             except ConnectionClosedError:

@@ -12,6 +12,8 @@ decoded with msgpack only: never pickle, no extension types.
 
 from __future__ import annotations
 
+import itertools
+import reprlib
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -46,42 +48,78 @@ def pack(obj: Any) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
 
-def _reject_timestamp(value: Any) -> None:
-    # msgpack decodes extension -1 (Timestamp) itself, without calling ext_hook
-    if type(value) is msgpack.Timestamp:
-        raise MalformedFrameError("msgpack extension type -1 (timestamp) is not allowed on the hive wire")
+MAX_NESTING = 32
+"""Deepest list/map nesting `unpack` accepts. Hive's own messages nest a handful of levels; a
+peer's 1,000-deep list decodes fine but then overflows the stack in anything recursive that
+touches it (repr, ==, a handler walking it), so it is refused at the door."""
 
 
-def _checked_list(items: list[Any]) -> list[Any]:
-    for item in items:
-        _reject_timestamp(item)
-    return items
+def unpack(data: bytes, max_nesting: int = MAX_NESTING) -> Any:
+    """Deserialize bytes that came from the network.
 
-
-def _checked_map(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
-    for key, value in pairs:
-        _reject_timestamp(key)
-        _reject_timestamp(value)
-    return dict(pairs)
-
-
-def unpack(data: bytes) -> Any:
-    """Deserialize bytes that came from the network. Raises MalformedFrameError if they do not decode."""
+    Raises:
+        MalformedFrameError: the bytes do not decode, use a msgpack extension type, or nest
+            lists/maps more than `max_nesting` levels deep.
+    """
     try:
-        value = msgpack.unpackb(
-            data,
-            raw=False,
-            strict_map_key=False,
-            ext_hook=_reject_ext,
-            list_hook=_checked_list,
-            object_pairs_hook=_checked_map,
-        )
-        _reject_timestamp(value)
-        return value
+        value = msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=_reject_ext)
     except MalformedFrameError:
         raise
-    except Exception as e:  # msgpack raises a zoo of ValueError/TypeError/ExtraData/FormatError
+    except Exception as e:  # msgpack raises a zoo of ValueError/TypeError/ExtraData/FormatError/StackError
         raise MalformedFrameError(f"undecodable msgpack ({type(e).__name__}: {e})") from None
+    _check_structure(value, max_nesting)
+    return value
+
+
+def _check_structure(value: Any, max_nesting: int) -> None:
+    """Walk a decoded value without recursion (a hostile depth cannot overflow our stack) and
+    reject timestamps, which msgpack decodes itself without calling ext_hook.
+
+    Raises:
+        MalformedFrameError: nesting deeper than `max_nesting`, or a msgpack Timestamp.
+    """
+    pending: list[tuple[Any, int]] = [(value, 0)]
+    while pending:
+        item, depth = pending.pop()
+        kind = type(item)
+        if kind is list or kind is dict:
+            if depth >= max_nesting:
+                raise MalformedFrameError(f"msgpack nested more than {max_nesting} levels deep")
+            children = item if kind is list else itertools.chain.from_iterable(item.items())
+            pending.extend((child, depth + 1) for child in children)
+        elif kind is msgpack.Timestamp:
+            raise MalformedFrameError("msgpack extension type -1 (timestamp) is not allowed on the hive wire")
+
+
+class _ShortRepr(reprlib.Repr):
+    """reprlib with few elements and levels, and bytes cut before they are formatted (reprlib
+    would format a whole 4 MiB bytes value and only then cut the text)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel = 3
+        self.maxstring = self.maxother = 60
+
+    def repr_bytes(self, x: bytes, level: int) -> str:
+        return repr(x[: self.maxstring]) + ("..." if len(x) > self.maxstring else "")
+
+
+_SHORT_REPR = _ShortRepr()
+
+
+def describe(value: Any, limit: int = 80) -> str:
+    """A short, safe rendering of a value that came from the network, for errors and logs.
+
+    Unlike `str(value)[:limit]` it never formats more than a few elements (a 4 MiB header is
+    not turned into a 4 MiB string first) and never recurses deeper than a few levels.
+    """
+    if isinstance(value, str):
+        text = value[:limit]
+    elif isinstance(value, (bytes, bytearray)):
+        text = _SHORT_REPR.repr_bytes(bytes(value[:limit]), 0)
+    else:
+        text = _SHORT_REPR.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def encode_frame(

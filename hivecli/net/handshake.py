@@ -1,44 +1,243 @@
-"""The connection handshake: both sides prove they hold the key of the peer ID they claim.
+"""The connection handshake (wire protocol v2): both sides prove who they are and agree on keys.
 
-1. Each side sends HELLO {protocol, version, peer_id, nonce (32 random bytes), listen maddrs}.
-2. Each side checks the protocol name and version, and the dialer checks that the peer ID is
-   the one it dialed (`/p2p/X` reaching someone else fails here).
-3. Each side sends AUTH {signature}: its key signs (domain tag, the other side's nonce, both
-   peer IDs). A fresh nonce per connection means a recorded AUTH cannot be replayed.
-
-Traffic after the handshake is authenticated at connection level but not encrypted.
+1. Each side sends HELLO {protocol, version, peer_id, nonce (32 random bytes), ephemeral (a fresh
+   X25519 public key), encrypt (bool), private (bool: it holds a swarm key)}.
+2. Each side checks the protocol name and version, the types of every field, that the peer ID
+   is the one it dialed (`/p2p/X` reaching someone else fails here), and that the two settings
+   agree: encryption is off only when both turned it off, and both or neither hold a swarm key.
+3. Both compute the transcript hash: SHA-256 over both HELLOs' nonces, peer IDs, ephemeral keys
+   and flags, in nonce order so both sides get the same bytes.
+4. Private swarms only: each side sends PROOF {swarm_proof: HMAC-SHA256(swarm key, transcript,
+   own peer ID)} and checks the other's before sending anything more. A peer without the key
+   learns no more than the HELLO told it.
+5. Each side sends AUTH {signature, listen}: its Ed25519 key signs the transcript, its own peer
+   ID and its listen addresses. Signing the ephemeral keys binds the key exchange to both
+   identities, so a man in the middle cannot substitute its own; fresh nonces and ephemeral
+   keys mean a recorded AUTH cannot be replayed.
+6. Session keys: HKDF-SHA256 over the X25519 shared secret, salt = the swarm key (32 zero bytes
+   in the public swarm), info = the transcript; one key per direction. All later traffic goes
+   through `SecureStream` (unless both sides turned encryption off).
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from hivecli._exceptions import HandshakeError, MultiaddrError, ProtocolError
 from hivecli.net.framing import FrameLimits, encode_frame, read_frame
 from hivecli.net.identity import Identity, PeerID
 from hivecli.net.multiaddr import Multiaddr
+from hivecli.net.secure import KEY_BYTES, SecureStream, SecuritySettings, swarm_key_fingerprint
 from hivecli.net.transport import ByteStream
 
 PROTOCOL_NAME = "hive"
-PROTOCOL_VERSION = 1
-_AUTH_TAG = b"hive-handshake-v1"
+PROTOCOL_VERSION = 2
+# Domain tags: a signature, MAC or key made for one purpose can never pass as another.
+_TRANSCRIPT_TAG = b"hive-handshake-v2/transcript"
+_AUTH_TAG = b"hive-handshake-v2/auth"
+_PROOF_TAG = b"hive-handshake-v2/swarm-proof"
+_KEYS_TAG = b"hive-handshake-v2/session-keys"
 _HANDSHAKE_LIMITS = FrameLimits(max_header_bytes=64 * 1024, max_body_bytes=0)
 _MAX_LISTEN_ADDRS = 32
+_NONCE_BYTES = 32
+_EPHEMERAL_BYTES = 32
+_PUBLIC_SWARM_SALT = bytes(32)
 
 
-def _auth_message(nonce: bytes, signer: PeerID, verifier: PeerID) -> bytes:
-    return _AUTH_TAG + nonce + signer.to_bytes() + verifier.to_bytes()
+class HandshakeResult(NamedTuple):
+    """What a completed handshake established.
+
+    Attributes:
+        remote_peer: the peer ID the other side proved it holds the key of.
+        listen: the addresses it says it listens on (signed by it, each with /p2p/remote_peer).
+        stream: the stream to use from now on: a `SecureStream` over the handshake's stream, or
+            that stream itself when both sides turned encryption off.
+    """
+
+    remote_peer: PeerID
+    listen: list[Multiaddr]
+    stream: ByteStream
 
 
-async def _read(stream: ByteStream, where: str) -> dict[str, Any]:
+@dataclass(frozen=True)
+class _Hello:
+    """The fields of a HELLO that the transcript covers, checked and typed."""
+
+    peer_id: PeerID
+    nonce: bytes
+    ephemeral: bytes
+    encrypt: bool
+    private: bool
+
+    def message(self) -> dict[str, Any]:
+        return {
+            "protocol": PROTOCOL_NAME,
+            "version": PROTOCOL_VERSION,
+            "peer_id": self.peer_id.to_bytes(),
+            "nonce": self.nonce,
+            "ephemeral": self.ephemeral,
+            "encrypt": self.encrypt,
+            "private": self.private,
+        }
+
+    def transcript_part(self) -> bytes:
+        # every field has a fixed length, so plain concatenation is unambiguous
+        return self.nonce + self.peer_id.to_bytes() + self.ephemeral + bytes([self.encrypt, self.private])
+
+
+def _short(value: Any) -> str:
+    """repr() of a value from the network, cut so that a hostile one cannot flood the logs."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _transcript(ours: _Hello, theirs: _Hello) -> bytes:
+    first, second = sorted((ours, theirs), key=lambda hello: hello.nonce)
+    return hashlib.sha256(_TRANSCRIPT_TAG + first.transcript_part() + second.transcript_part()).digest()
+
+
+def _listen_digest(listen: list[str]) -> bytes:
+    """A hash of the listen list that does not depend on how msgpack encoded it."""
+    digest = hashlib.sha256()
+    for text in listen:
+        data = text.encode("utf-8", "surrogatepass")
+        digest.update(len(data).to_bytes(4, "big") + data)
+    return digest.digest()
+
+
+def _auth_message(transcript: bytes, signer: PeerID, listen: list[str]) -> bytes:
+    return _AUTH_TAG + transcript + signer.to_bytes() + _listen_digest(listen)
+
+
+def _swarm_proof(swarm_key: bytes, transcript: bytes, prover: PeerID) -> bytes:
+    # the prover's ID makes the two proofs differ: echoing ours back proves nothing
+    return hmac.new(swarm_key, _PROOF_TAG + transcript + prover.to_bytes(), hashlib.sha256).digest()
+
+
+def _session_keys(shared: bytes, swarm_key: bytes | None, transcript: bytes, we_are_first: bool) -> tuple[bytes, bytes]:
+    """(send key, receive key). The side whose nonce sorts first sends with the first key."""
+    okm = HKDF(
+        algorithm=hashes.SHA256(),
+        length=2 * KEY_BYTES,
+        salt=swarm_key if swarm_key is not None else _PUBLIC_SWARM_SALT,
+        info=_KEYS_TAG + transcript,
+    ).derive(shared)
+    first, second = okm[:KEY_BYTES], okm[KEY_BYTES:]
+    return (first, second) if we_are_first else (second, first)
+
+
+async def _send(stream: ByteStream, message: dict[str, Any]) -> None:
+    """Write one handshake message. Raises ConnectionError if the stream is closed."""
+    for chunk in encode_frame(message):
+        stream.write(chunk)
+    await stream.drain()
+
+
+async def _read(stream: ByteStream, where: str, what: str) -> dict[str, Any]:
+    """Read one handshake message (`what` names it in errors).
+
+    Raises:
+        HandshakeError: the bytes are not a handshake frame holding a map.
+        asyncio.IncompleteReadError, ConnectionError: the stream ended.
+    """
     try:
         message, _ = await read_frame(stream, _HANDSHAKE_LIMITS)
     except ProtocolError as e:
-        raise HandshakeError(f"{where} is not a hive peer (its first bytes are not a hive handshake: {e})") from None
+        if what == "HELLO":
+            raise HandshakeError(
+                f"{where} is not a hive peer (its first bytes are not a hive handshake: {e})"
+            ) from None
+        raise HandshakeError(f"{where} sent a broken handshake {what} message: {e}") from None
     if not isinstance(message, dict):
-        raise HandshakeError(f"{where} sent a handshake message that is not a map")
+        raise HandshakeError(f"{where} sent a handshake {what} message that is not a map")
     return message
+
+
+def _parse_hello(message: dict[str, Any], where: str) -> _Hello:
+    """Check a HELLO field by field. Raises HandshakeError naming the first bad field."""
+    if message.get("protocol") != PROTOCOL_NAME:
+        raise HandshakeError(f"{where} is not a hive peer (protocol {_short(message.get('protocol'))})")
+    version = message.get("version")
+    if type(version) is not int:
+        raise HandshakeError(f"{where} sent a handshake without a valid protocol version ({_short(version)})")
+    if version != PROTOCOL_VERSION:
+        older = "that peer" if version < PROTOCOL_VERSION else "this node"
+        raise HandshakeError(
+            f"{where} speaks hive wire protocol v{version}, this node speaks v{PROTOCOL_VERSION}; "
+            f"upgrade hivecli on {older}"
+        )
+    nonce, ephemeral = message.get("nonce"), message.get("ephemeral")
+    if not isinstance(nonce, bytes) or len(nonce) != _NONCE_BYTES:
+        raise HandshakeError(f"{where} sent a handshake without a {_NONCE_BYTES}-byte nonce")
+    if not isinstance(ephemeral, bytes) or len(ephemeral) != _EPHEMERAL_BYTES:
+        raise HandshakeError(f"{where} sent a handshake without a {_EPHEMERAL_BYTES}-byte ephemeral key")
+    encrypt, private = message.get("encrypt"), message.get("private")
+    if type(encrypt) is not bool or type(private) is not bool:
+        raise HandshakeError(f"{where} sent a handshake whose encrypt or private field is not a boolean")
+    raw_peer_id = message.get("peer_id")
+    if not isinstance(raw_peer_id, bytes):
+        raise HandshakeError(f"{where} sent a handshake with a non-bytes peer_id")
+    try:
+        peer_id = PeerID(raw_peer_id)
+    except ValueError as e:
+        raise HandshakeError(f"{where} sent an invalid peer ID: {e}") from None
+    return _Hello(peer_id, nonce, ephemeral, encrypt, private)
+
+
+def _check_settings(ours: _Hello, theirs: _Hello, security: SecuritySettings, where: str) -> None:
+    """Refuse a peer whose swarm membership or encryption setting does not match ours.
+
+    Raises:
+        HandshakeError: one holds a swarm key and the other not, or only one turned encryption off.
+    """
+    if security.swarm_key is not None and not theirs.private:
+        raise HandshakeError(
+            f"{where} holds no swarm key, but this node belongs to a private swarm (key fingerprint "
+            f"{swarm_key_fingerprint(security.swarm_key)}) and only talks to peers holding its key; "
+            f"give that peer the same swarm key file"
+        )
+    if theirs.private and not ours.private:
+        raise HandshakeError(
+            f"{where} belongs to a private swarm and only talks to peers holding its swarm key, which this "
+            f"node does not have; start this node with that swarm's key file to join it"
+        )
+    if ours.encrypt and not theirs.encrypt:
+        raise HandshakeError(
+            f"{where} has encryption turned off, but this node requires encrypted links; turn encryption "
+            f"back on at that peer (it may be off only when both ends turn it off)"
+        )
+    if theirs.encrypt and not ours.encrypt:
+        raise HandshakeError(
+            f"{where} requires encrypted links, but this node has encryption turned off; turn it back on "
+            f"(encryption may be off only when both ends turn it off)"
+        )
+
+
+def _parse_listen(raw_listen: Any, remote_peer: PeerID, where: str) -> tuple[list[str], list[Multiaddr]]:
+    """Check an AUTH's listen field: (the strings as sent, the usable addresses among them).
+
+    Raises:
+        HandshakeError: it is not a list of at most _MAX_LISTEN_ADDRS strings.
+    """
+    if not isinstance(raw_listen, list) or len(raw_listen) > _MAX_LISTEN_ADDRS:
+        raise HandshakeError(f"{where} sent a listen field that is not a list of at most {_MAX_LISTEN_ADDRS} addresses")
+    if not all(isinstance(text, str) for text in raw_listen):
+        raise HandshakeError(f"{where} sent a listen address that is not a string")
+    listen: list[Multiaddr] = []
+    for text in raw_listen:
+        try:
+            listen.append(Multiaddr.parse(text).with_peer_id(remote_peer))
+        except MultiaddrError:
+            continue  # a bad announced address is the announcer's problem; skip it
+    return raw_listen, listen
 
 
 async def perform_handshake(
@@ -47,75 +246,81 @@ async def perform_handshake(
     listen_maddrs: list[Multiaddr],
     expected_peer: PeerID | None,
     where: str,
-) -> tuple[PeerID, list[Multiaddr]]:
-    """Authenticate both ends of a fresh stream; the caller bounds it with a timeout.
+    security: SecuritySettings | None = None,
+) -> HandshakeResult:
+    """Authenticate both ends of a fresh stream and set up its encryption; the caller bounds it
+    with a timeout and closes the stream if it fails.
 
     Args:
         expected_peer: the peer ID we dialed, or None when accepting.
         where: how to name the other end in errors, e.g. "127.0.0.1:4001".
+        security: encryption and swarm key; None means the defaults (encrypted, public swarm).
 
     Returns:
-        The remote peer ID and the addresses it says it listens on.
+        The remote peer ID, the addresses it listens on and the stream to use from now on.
 
     Raises:
-        HandshakeError: not a hive peer, wrong version, wrong peer ID or a bad signature.
+        HandshakeError: not a hive peer, wrong version, wrong peer ID, a bad signature, a swarm
+            key or encryption setting that does not match ours, or a malformed field.
         asyncio.IncompleteReadError, ConnectionError: the stream ended during the handshake.
     """
-    nonce = os.urandom(32)
-    hello = {
-        "protocol": PROTOCOL_NAME,
-        "version": PROTOCOL_VERSION,
-        "peer_id": identity.peer_id.to_bytes(),
-        "nonce": nonce,
-        "listen": [m.transport_address for m in listen_maddrs[:_MAX_LISTEN_ADDRS]],
-    }
-    for chunk in encode_frame(hello):
-        stream.write(chunk)
-    await stream.drain()
+    security = security if security is not None else SecuritySettings()
+    ephemeral = X25519PrivateKey.generate()
+    ours = _Hello(
+        identity.peer_id,
+        os.urandom(_NONCE_BYTES),
+        ephemeral.public_key().public_bytes_raw(),
+        security.encrypt,
+        security.swarm_key is not None,
+    )
+    await _send(stream, ours.message())
 
-    theirs = await _read(stream, where)
-    if theirs.get("protocol") != PROTOCOL_NAME:
-        raise HandshakeError(f"{where} is not a hive peer (protocol {theirs.get('protocol')!r})")
-    if theirs.get("version") != PROTOCOL_VERSION:
-        raise HandshakeError(
-            f"{where} speaks hive wire protocol v{theirs.get('version')}, this node speaks "
-            f"v{PROTOCOL_VERSION}; upgrade hivecli on the older peer"
-        )
-    their_nonce = theirs.get("nonce")
-    if not isinstance(their_nonce, bytes) or len(their_nonce) != 32:
-        raise HandshakeError(f"{where} sent a handshake without a 32-byte nonce")
-    raw_peer_id, raw_listen = theirs.get("peer_id"), theirs.get("listen", [])
-    if not isinstance(raw_peer_id, bytes) or not isinstance(raw_listen, list):
-        raise HandshakeError(f"{where} sent a handshake with a non-bytes peer_id or a non-list listen field")
-    try:
-        remote_peer = PeerID(raw_peer_id)
-    except ValueError as e:
-        raise HandshakeError(f"{where} sent an invalid peer ID: {e}") from None
+    theirs = _parse_hello(await _read(stream, where, "HELLO"), where)
+    remote_peer = theirs.peer_id
     if expected_peer is not None and remote_peer != expected_peer:
         raise HandshakeError(
             f"{where} is peer {remote_peer}, not {expected_peer} as the address says; "
             f"the address is stale or someone else listens there"
         )
-    listen: list[Multiaddr] = []
-    for text in raw_listen:
-        try:
-            listen.append(Multiaddr.parse(text).with_peer_id(remote_peer))
-        except MultiaddrError:
-            continue  # a bad announced address is the announcer's problem; skip it
-        if len(listen) >= _MAX_LISTEN_ADDRS:
-            break
+    # Our own ID or nonce coming back is a reflection of our HELLO (or a second node started
+    # with this node's identity file): either way there is no other peer to authenticate.
+    if remote_peer == identity.peer_id or theirs.nonce == ours.nonce:
+        raise HandshakeError(
+            f"{where} uses this node's own peer ID {remote_peer}: it is this node itself, or another node "
+            f"started with the same identity file; give each node its own identity file"
+        )
+    _check_settings(ours, theirs, security, where)
+    try:
+        shared = ephemeral.exchange(X25519PublicKey.from_public_bytes(theirs.ephemeral))
+    except ValueError:  # a low-order point: the shared secret would be all zeros
+        raise HandshakeError(f"{where} sent an invalid ephemeral key") from None
+    transcript = _transcript(ours, theirs)
 
-    signature = identity.sign(_auth_message(their_nonce, identity.peer_id, remote_peer))
-    for chunk in encode_frame({"signature": signature}):
-        stream.write(chunk)
-    await stream.drain()
+    if security.swarm_key is not None:
+        await _send(stream, {"swarm_proof": _swarm_proof(security.swarm_key, transcript, identity.peer_id)})
+        their_proof = (await _read(stream, where, "PROOF")).get("swarm_proof")
+        expected_proof = _swarm_proof(security.swarm_key, transcript, remote_peer)
+        if not isinstance(their_proof, bytes) or not hmac.compare_digest(their_proof, expected_proof):
+            raise HandshakeError(
+                f"peer at {where} does not hold this swarm's key "
+                f"(fingerprint {swarm_key_fingerprint(security.swarm_key)})"
+            )
 
-    auth = await _read(stream, where)
+    our_listen = [m.transport_address for m in listen_maddrs[:_MAX_LISTEN_ADDRS]]
+    signature = identity.sign(_auth_message(transcript, identity.peer_id, our_listen))
+    await _send(stream, {"signature": signature, "listen": our_listen})
+
+    auth = await _read(stream, where, "AUTH")
     their_signature = auth.get("signature")
     if not isinstance(their_signature, bytes):
         raise HandshakeError(f"{where} sent no signature in its handshake")
+    raw_listen, listen = _parse_listen(auth.get("listen"), remote_peer, where)
     try:
-        remote_peer.verify(their_signature, _auth_message(nonce, remote_peer, identity.peer_id))
+        remote_peer.verify(their_signature, _auth_message(transcript, remote_peer, raw_listen))
     except HandshakeError:
         raise HandshakeError(f"{where} claims to be {remote_peer} but cannot prove it holds that peer's key") from None
-    return remote_peer, listen
+
+    if not ours.encrypt:  # _check_settings made sure both sides turned it off
+        return HandshakeResult(remote_peer, listen, stream)
+    send_key, receive_key = _session_keys(shared, security.swarm_key, transcript, ours.nonce < theirs.nonce)
+    return HandshakeResult(remote_peer, listen, SecureStream(stream, send_key, receive_key))

@@ -3,27 +3,43 @@
 Callers address peers by PeerID; the host remembers where each peer listens (its address
 book), dials on demand, reuses the open connection for every later call, and closes links
 that have been idle for `NetSettings.idle_timeout`.
+
+It also bounds what strangers can make it hold: inbound sockets still in the handshake
+(`max_pending_handshakes`) and authenticated connections, in all and per peer ID
+(`max_connections`, `max_connections_per_peer`). At a cap the least recently active idle
+connection makes room; when all are busy the new one is refused. A node that runs out of file
+descriptors cannot accept anyone, so a cap below the descriptor limit keeps it reachable.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 import time
 from typing import Any
 
-from hivecli._exceptions import ConfigError, ConnectionClosedError, HandshakeError, PeerUnreachableError
+from hivecli._exceptions import (
+    ConfigError,
+    ConnectionClosedError,
+    HandshakeError,
+    PeerUnreachableError,
+    ResourceExhaustedError,
+)
 from hivecli.net.connection import (
     Connection,
     Handlers,
     InlineHandler,
+    Kind,
+    LimitLog,
     Message,
     NetSettings,
     StreamHandlerFn,
     UnaryHandler,
 )
+from hivecli.net.framing import encode_frame
 from hivecli.net.handshake import perform_handshake
 from hivecli.net.identity import Identity, PeerID
 from hivecli.net.interfaces import expand_unspecified
@@ -35,6 +51,19 @@ logger = logging.getLogger(__name__)
 
 _MAX_ADDRS_PER_PEER = 16
 _VISIBLE_ADDRS_TTL = 5.0
+_FD_RESERVE = 64  # descriptors left for listeners, files, pending handshakes and outbound dials
+
+
+def default_max_connections() -> int:
+    """min(1024, the soft RLIMIT_NOFILE - 64): the default for `NetSettings.max_connections`."""
+    try:
+        import resource  # Unix only
+    except ImportError:  # pragma: no cover - Windows has no descriptor limit to read
+        return 1024
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1024
+    return max(1, min(1024, soft - _FD_RESERVE))
 
 
 class Host:
@@ -49,7 +78,10 @@ class Host:
         self.identity = identity or Identity.generate()
         self.peer_id = self.identity.peer_id
         self.transport = transport or TCPTransport()
-        self.settings = settings or NetSettings()
+        settings = settings or NetSettings()
+        if settings.max_connections is None:
+            settings = dataclasses.replace(settings, max_connections=default_max_connections())
+        self.settings = settings
         self.handlers = Handlers()
         self.address_book: dict[PeerID, list[Multiaddr]] = {}
         self.listen_maddrs: list[Multiaddr] = []
@@ -61,6 +93,9 @@ class Host:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._janitor: asyncio.Task[None] | None = None
         self._visible: tuple[float, list[Multiaddr]] | None = None
+        self._pending_handshakes = 0
+        self._limit_log = LimitLog(logger)
+        self._connection_log = LimitLog(logging.getLogger(Connection.__module__))
 
     # ---- serving ---------------------------------------------------------------------------
 
@@ -109,17 +144,88 @@ class Host:
 
     async def _accept(self, stream: ByteStream) -> None:
         where = f"{stream.remote_host} (inbound)"
+        limit = self.settings.max_pending_handshakes
+        if self._pending_handshakes >= limit:  # strangers must not hold unbounded sockets and buffers
+            self._limit_log.warning(
+                "pending handshakes",
+                "Refusing an inbound connection from %s: %d connections are already in the handshake "
+                "(max_pending_handshakes=%d)",
+                stream.remote_host,
+                self._pending_handshakes,
+                limit,
+            )
+            stream.close()
+            return
+        self._pending_handshakes += 1
         try:
-            remote, maddrs = await asyncio.wait_for(
-                perform_handshake(stream, self.identity, self.visible_maddrs(), None, where),
+            remote, maddrs, stream = await asyncio.wait_for(  # from here on, the handshake's (sealed) stream
+                perform_handshake(stream, self.identity, self.visible_maddrs(), None, where, self.settings.security),
                 self.settings.handshake_timeout,
             )
         except Exception as e:  # whatever a stranger sends, drop the connection and keep serving
             logger.debug("Rejected inbound connection from %s: %s", stream.remote_host, e or type(e).__name__)
             stream.close()
             return
+        finally:
+            self._pending_handshakes -= 1
+        refusal = self._make_room(remote)
+        if refusal is not None:
+            with contextlib.suppress(Exception):  # best effort: it may be gone already
+                for chunk in encode_frame([Kind.GOAWAY, 0, refusal]):
+                    stream.write(chunk)
+            stream.close()
+            return
         self.add_addrs(remote, _with_observed_host(maddrs, stream.remote_host))
-        self._register(Connection(stream, remote, maddrs, self.handlers, self.settings, outbound=False))
+        self._register(self._connection(stream, remote, maddrs, outbound=False))
+
+    def _connection(self, stream: ByteStream, remote: PeerID, maddrs: list[Multiaddr], outbound: bool) -> Connection:
+        return Connection(stream, remote, maddrs, self.handlers, self.settings, outbound, self._connection_log)
+
+    def _make_room(self, peer_id: PeerID) -> str | None:
+        """Make room for one more connection with `peer_id`: where a cap (per peer, then in
+        all) is reached, close the least recently active connection that is idle.
+
+        Returns:
+            None if the new connection may be registered, else the reason it is refused
+            (every connection under the cap is busy); both events are logged, rate-limited.
+        """
+        everyone = self.open_connections()
+        same_peer = [c for c in everyone if c.remote_peer == peer_id]
+        total_cap = self.settings.max_connections
+        assert total_cap is not None  # __init__ filled in the default
+        for pool, cap, name in (
+            (same_peer, self.settings.max_connections_per_peer, "max_connections_per_peer"),
+            (everyone, total_cap, "max_connections"),
+        ):
+            while len(pool) >= cap:
+                idle = [c for c in pool if not c.busy]
+                if not idle:
+                    self._limit_log.warning(
+                        f"{name} refused",
+                        "Refusing a connection with peer %s: %d connections are open, all busy (%s=%d)",
+                        peer_id,
+                        len(pool),
+                        name,
+                        cap,
+                    )
+                    return f"this node is at its connection limit ({name}={cap}) and all of them are busy"
+                victim = min(idle, key=lambda c: c.last_activity)
+                self._limit_log.warning(
+                    f"{name} evicted",
+                    "%d connections are open (%s=%d): closing the least recently active one, with peer %s (%s), "
+                    "to admit peer %s",
+                    len(pool),
+                    name,
+                    cap,
+                    victim.remote_peer,
+                    victim.remote_host,
+                    peer_id,
+                )
+                victim.goaway(f"closed to make room for another connection ({name}={cap})")
+                for conns in (same_peer, everyone):
+                    if victim in conns:
+                        conns.remove(victim)
+        return None
 
     # ---- dialing ---------------------------------------------------------------------------
 
@@ -154,7 +260,8 @@ class Host:
             PeerUnreachableError: no known address answered as that peer in time.
             ConfigError: the target is this node itself, or a multiaddr without /p2p.
             ConnectionClosedError: this host was closed while dialing.
-            ResourceExhaustedError: this process is out of file descriptors.
+            ResourceExhaustedError: this process is out of file descriptors, or this host is at
+                `NetSettings.max_connections` with every connection busy.
         """
         if isinstance(target, Multiaddr):
             if target.peer_id is None:
@@ -198,6 +305,10 @@ class Host:
                 except (PeerUnreachableError, HandshakeError) as e:
                     errors.append(str(e))
                     continue
+                refusal = self._make_room(peer_id)
+                if refusal is not None:
+                    winner.goaway(refusal)
+                    raise ResourceExhaustedError(f"cannot connect to peer {peer_id}: {refusal}")
                 if candidates is not None:
                     self.add_addrs(peer_id, candidates)
                 self._register(winner)
@@ -214,8 +325,15 @@ class Host:
         timeout = self.settings.connect_timeout
         stream = await self.transport.dial(maddr.host, maddr.port, timeout)
         try:
-            _, listen = await asyncio.wait_for(
-                perform_handshake(stream, self.identity, self.visible_maddrs(), peer_id, maddr.transport_address),
+            _, listen, stream = await asyncio.wait_for(  # from here on, the handshake's (sealed) stream
+                perform_handshake(
+                    stream,
+                    self.identity,
+                    self.visible_maddrs(),
+                    peer_id,
+                    maddr.transport_address,
+                    self.settings.security,
+                ),
                 self.settings.handshake_timeout,
             )
         except asyncio.TimeoutError:
@@ -233,7 +351,7 @@ class Host:
             stream.close()
             raise
         self.add_addrs(peer_id, listen)
-        return Connection(stream, peer_id, listen, self.handlers, self.settings, outbound=True)
+        return self._connection(stream, peer_id, listen, outbound=True)
 
     def _register(self, conn: Connection) -> None:
         self._all_connections.add(conn)

@@ -18,10 +18,19 @@ from collections.abc import Callable
 from hivecli._exceptions import PeerUnreachableError, ResourceExhaustedError
 from hivecli.net.transport import ByteStream, Listener, StreamHandler, Transport
 
-_BUFFER_BYTES = 256 * 1024
+# Every connection starts with a small receive buffer: a node holds thousands of mostly idle
+# connections (and strangers that never finish the handshake), so an idle one must cost little.
+# The buffer grows only while a read waits for more bytes than it holds, and only as those bytes
+# arrive; it is dropped back to this size once everything in it has been read.
+_INITIAL_BUFFER_BYTES = 16 * 1024
 # Writes are handed to the kernel without copying; a higher mark lets a sender queue a whole
 # tensor chunk before `drain` makes it wait.
 _WRITE_HIGH_WATER = 4 * 1024 * 1024
+# A closed transport keeps its unsent bytes until the peer reads them; one that never reads
+# would keep them (and the socket) forever. So `close` drops them at once above the high-water
+# mark (the peer is not keeping up, and the connection is going away anyway), and gives up on
+# what is left below it after a grace period.
+_CLOSE_FLUSH_SECONDS = 5.0
 
 
 class _TCPStream(asyncio.BufferedProtocol, ByteStream):
@@ -29,11 +38,12 @@ class _TCPStream(asyncio.BufferedProtocol, ByteStream):
         self.remote_host = "?"
         self._on_ready = on_ready
         self._transport: asyncio.Transport | None = None
-        self._buffer = bytearray(_BUFFER_BYTES)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._buffer = bytearray(_INITIAL_BUFFER_BYTES)
         self._start = self._end = 0  # unread bytes are _buffer[_start:_end]
         self._target: memoryview | None = None  # read_into's destination, filled by the kernel
         self._target_pos = 0
-        self._wanted = 0  # bytes read_exactly is waiting for
+        self._wanted = 0  # bytes the waiting read_exactly needs buffered; 0 when none waits
         self._waiter: asyncio.Future[None] | None = None
         self._drain_waiter: asyncio.Future[None] | None = None
         self._paused_reading = self._paused_writing = False
@@ -44,6 +54,7 @@ class _TCPStream(asyncio.BufferedProtocol, ByteStream):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]  # uvloop's is not an asyncio.Transport
+        self._loop = asyncio.get_running_loop()
         transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER)
         peer = transport.get_extra_info("peername")
         self.remote_host = peer[0] if peer else "?"
@@ -57,7 +68,7 @@ class _TCPStream(asyncio.BufferedProtocol, ByteStream):
         if self._target is not None:
             return self._target[self._target_pos :]
         if self._end == len(self._buffer):
-            self._compact()
+            self._make_room()
         return memoryview(self._buffer)[self._end :]
 
     def buffer_updated(self, nbytes: int) -> None:
@@ -68,10 +79,14 @@ class _TCPStream(asyncio.BufferedProtocol, ByteStream):
                 self._wake()
             return
         self._end += nbytes
-        if self._end - self._start >= self._wanted:
+        unread = self._end - self._start
+        if self._wanted and unread >= self._wanted:
             self._wake()
-        if self._end == len(self._buffer) and self._start == 0 and not self._paused_reading:
-            self._paused_reading = True  # full: the reader will resume us once it takes some
+        # Full of unread bytes, and no read waits for more: stop reading until the reader takes
+        # some (`_consumed` resumes). Growing instead would let a peer that sends faster than
+        # we consume fill our memory.
+        if unread == len(self._buffer) and unread >= self._wanted and not self._paused_reading:
+            self._paused_reading = True
             self._transport.pause_reading()  # type: ignore[union-attr]
 
     def eof_received(self) -> bool:
@@ -82,6 +97,9 @@ class _TCPStream(asyncio.BufferedProtocol, ByteStream):
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = exc or ConnectionResetError("connection lost")
         self._eof = True
+        if self._start == self._end:  # nothing left to read: the buffer is garbage now
+            self._buffer = bytearray()
+            self._start = self._end = 0
         self._wake()
         if self._drain_waiter is not None and not self._drain_waiter.done():
             self._drain_waiter.set_exception(ConnectionResetError("connection lost"))
@@ -97,15 +115,24 @@ class _TCPStream(asyncio.BufferedProtocol, ByteStream):
     # ---- ByteStream ------------------------------------------------------------------------
 
     async def read_exactly(self, n: int) -> bytes:
-        while self._end - self._start < n:
-            if self._eof:
-                partial = bytes(self._buffer[self._start : self._end])
-                self._start = self._end
-                raise asyncio.IncompleteReadError(partial, n)
-            if n > len(self._buffer) - self._start:
-                self._compact(min_size=n)
-            self._wanted = n
-            await self._wait()
+        """Read exactly n bytes. Raises asyncio.IncompleteReadError at end of stream.
+
+        A frame's declared length is the peer's word, not bytes on the wire: the buffer grows
+        (in `_make_room`) only as bytes arrive, so asking for 64 MiB costs nothing until they do.
+        """
+        try:
+            while self._end - self._start < n:
+                if self._eof:
+                    partial = bytes(self._buffer[self._start : self._end])
+                    self._consumed(self._end - self._start)
+                    raise asyncio.IncompleteReadError(partial, n)
+                self._wanted = n
+                if self._paused_reading:  # paused on a full buffer; now a read needs more room
+                    self._paused_reading = False
+                    self._transport.resume_reading()  # type: ignore[union-attr]
+                await self._wait()
+        finally:
+            self._wanted = 0
         data = bytes(self._buffer[self._start : self._start + n])
         self._consumed(n)
         return data
@@ -133,6 +160,9 @@ class _TCPStream(asyncio.BufferedProtocol, ByteStream):
             raise ConnectionResetError("connection is closed")
         self._transport.write(data)
 
+    def write_buffer_size(self) -> int:
+        return 0 if self._transport is None else self._transport.get_write_buffer_size()
+
     async def drain(self) -> None:
         if self._lost is not None:
             raise ConnectionResetError("connection lost")
@@ -142,8 +172,16 @@ class _TCPStream(asyncio.BufferedProtocol, ByteStream):
             await asyncio.shield(self._drain_waiter)
 
     def close(self) -> None:
-        if self._transport is not None:
-            self._transport.close()
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        queued = transport.get_write_buffer_size()
+        if queued > _WRITE_HIGH_WATER:
+            transport.abort()
+            return
+        transport.close()  # sends what is queued first (a GOAWAY, say), then closes
+        if queued and self._loop is not None:
+            self._loop.call_later(_CLOSE_FLUSH_SECONDS, transport.abort)
 
     def is_closing(self) -> bool:
         return self._transport is None or self._transport.is_closing()
@@ -154,21 +192,31 @@ class _TCPStream(asyncio.BufferedProtocol, ByteStream):
         self._start += n
         if self._start == self._end:
             self._start = self._end = 0
-        if self._paused_reading and self._end < len(self._buffer):
-            self._paused_reading = False
+            if len(self._buffer) > _INITIAL_BUFFER_BYTES or (self._lost is not None and self._buffer):
+                # Empty: give back what a large read grew (a new buffer, never a resize: a
+                # memoryview the loop took may still be alive, and resizing would raise).
+                self._buffer = bytearray(_INITIAL_BUFFER_BYTES if self._lost is None else 0)
+        if self._paused_reading and self._end - self._start < len(self._buffer):
+            self._paused_reading = False  # there is room again (`get_buffer` compacts)
             self._transport.resume_reading()  # type: ignore[union-attr]
 
-    def _compact(self, min_size: int = 0) -> None:
-        """Move unread bytes to the front; grow (a new buffer, never a resize: the loop may
-        still hold a view of the old one) when one read needs more than fits."""
-        unread = self._buffer[self._start : self._end]
-        if min_size > len(self._buffer):
-            self._buffer = bytearray(max(min_size, 2 * len(self._buffer)))
-        self._buffer[: len(unread)] = unread
-        self._start, self._end = 0, len(unread)
-        if self._paused_reading and self._end < len(self._buffer):
-            self._paused_reading = False
-            self._transport.resume_reading()  # type: ignore[union-attr]
+    def _make_room(self) -> None:
+        """Free space at the end of a full buffer: move unread bytes to the front, or, when a
+        read waits for more than the buffer holds, double it (never past what that read needs).
+        Growth is driven by bytes that arrived, so memory stays within twice the unread bytes."""
+        unread = self._end - self._start
+        size = len(self._buffer)
+        if self._wanted > size:
+            size = min(max(2 * size, _INITIAL_BUFFER_BYTES), self._wanted)
+        elif self._start == 0:  # reading should be paused; room for one more recv, just in case
+            size += _INITIAL_BUFFER_BYTES
+        if size == len(self._buffer):
+            self._buffer[:unread] = self._buffer[self._start : self._end]
+        else:  # a new buffer, never a resize (see `_consumed`)
+            grown = bytearray(size)
+            grown[:unread] = self._buffer[self._start : self._end]
+            self._buffer = grown
+        self._start, self._end = 0, unread
 
     async def _wait(self) -> None:
         self._waiter = asyncio.get_running_loop().create_future()

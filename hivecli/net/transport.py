@@ -35,6 +35,13 @@ class ByteStream(ABC):
     def write(self, data: bytes | bytearray | memoryview) -> None:
         """Queue bytes for sending; never blocks. Call `drain()` to wait for buffer space."""
 
+    def write_buffer_size(self) -> int:
+        """Bytes written but not yet handed to the network, so that code which cannot await
+        `drain` can still bound what a peer that never reads makes us hold. Streams without a
+        send buffer of their own (in-memory ones: bytes land in the peer's reader at once)
+        report 0."""
+        return 0
+
     @abstractmethod
     async def drain(self) -> None:
         """Wait until the send buffer is below its high-water mark. Raises ConnectionError if closed."""
