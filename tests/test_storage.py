@@ -2,7 +2,7 @@ import pytest
 
 from hivecli.dht import storage as storage_module
 from hivecli.dht.routing import DHTID
-from hivecli.dht.storage import LocalStorage, Record, merge_records
+from hivecli.dht.storage import LocalStorage, Record, SubkeyEntry, merge_records
 
 
 @pytest.fixture
@@ -39,9 +39,10 @@ def test_subkeys_expire_separately(clock):
     assert s.store(KEY, b"b", 1300, subkey=b"y")
     assert not s.store(KEY, b"a-old", 1050, subkey=b"x")
     record = s.get(KEY)
-    assert record.subkeys == {b"x": (b"a", 1100), b"y": (b"b", 1300)} and record.expiration_time == 1300
+    assert record.subkeys == {b"x": SubkeyEntry(b"a", 1100), b"y": SubkeyEntry(b"b", 1300)}
+    assert record.expiration_time == 1300
     clock["t"] = 1150.0
-    assert s.get(KEY).subkeys == {b"y": (b"b", 1300)}
+    assert s.get(KEY).subkeys == {b"y": SubkeyEntry(b"b", 1300)}
 
 
 def test_regular_value_and_dictionary_rules(clock):
@@ -49,7 +50,7 @@ def test_regular_value_and_dictionary_rules(clock):
     assert s.store(KEY, b"reg", 1200)
     assert not s.store(KEY, b"sub", 1200, subkey=b"x")  # blocked by a regular value as new
     assert s.store(KEY, b"sub", 1300, subkey=b"x")  # a newer subkey replaces it
-    assert s.get(KEY).subkeys == {b"x": (b"sub", 1300)}
+    assert s.get(KEY).subkeys == {b"x": SubkeyEntry(b"sub", 1300)}
     assert not s.store(KEY, b"reg2", 1250)  # older than the dictionary's latest subkey
     assert s.store(KEY, b"reg3", 1400)
     assert s.get(KEY) == Record(b"reg3", 1400)
@@ -65,10 +66,11 @@ def test_max_records_evicts_the_soonest_to_expire(clock):
 
 
 def test_merge_records_keeps_newest_per_subkey():
-    a = Record(None, 20, {b"x": (b"a", 10), b"y": (b"a", 20)})
-    b = Record(None, 30, {b"x": (b"b", 30)})
+    a = Record(None, 20, {b"x": SubkeyEntry(b"a", 10), b"y": SubkeyEntry(b"a", 20)})
+    b = Record(None, 30, {b"x": SubkeyEntry(b"b", 30)})
     merged = merge_records(a, b)
-    assert merged.subkeys == {b"x": (b"b", 30), b"y": (b"a", 20)} and merged.expiration_time == 30
+    assert merged.subkeys == {b"x": SubkeyEntry(b"b", 30), b"y": SubkeyEntry(b"a", 20)}
+    assert merged.expiration_time == 30
     assert merge_records(Record(b"r", 40), merged) == Record(b"r", 40)
     assert merge_records(Record(b"r", 25), merged) == merged
     assert merge_records(None, a) == a

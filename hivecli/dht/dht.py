@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 from hivecli._exceptions import ConfigError, MultiaddrError
 from hivecli.dht.node import DHTNode
+from hivecli.dht.records import owned_subkey
 from hivecli.dht.settings import DHTSettings
 from hivecli.dht.storage import ValueWithExpiration
 from hivecli.net.connection import NetSettings
@@ -226,9 +227,15 @@ class DHT:
         """Store a value until `expiration_time` (DHT time, see `get_dht_time`).
 
         Returns True if at least one replica accepted it (False: expired, or a value at least
-        as new is already stored). Raises ConfigError if key/subkey/value are not msgpack-serializable.
+        as new is already stored). Raises ConfigError as `DHTNode.store` does: key/subkey/value
+        not msgpack-serializable, value too large, or a subkey owned by another peer.
         """
         return self._submit(self.node.store(key, value, expiration_time, subkey), return_future)
+
+    def owned_subkey(self, name: str = "") -> str:
+        """A subkey only this peer can write (`name` followed by an `[owner:<peer id>]` marker):
+        `store` signs values under it, and every node refuses anyone else's."""
+        return owned_subkey(self.peer_id, name)
 
     def get(self, key: Any, latest: bool = False, *, return_future: bool = False) -> Any:
         """Return a ValueWithExpiration (for dictionaries, its value is {subkey: ValueWithExpiration})

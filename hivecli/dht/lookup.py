@@ -3,7 +3,8 @@
 Start from the nearest nodes in our routing table; ask each for the key; every answer names
 nodes still closer, which join the candidates. The lookup ends when the `beam_size` closest
 nodes seen so far have all answered (or failed), or as soon as `is_enough(record)` says the
-record found is good enough (a plain `get` stops at the first live value).
+record found is good enough (a plain `get` stops at the first live value). A node that left
+its record out of a full reply still counts as having answered, but not as lacking the key.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import heapq
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from hivecli.dht.protocol import DHTProtocol
+from hivecli.dht.protocol import DHTProtocol, FindResult
 from hivecli.dht.routing import DHTID
 from hivecli.dht.storage import Record, merge_records
 from hivecli.net.identity import PeerID
@@ -51,7 +52,7 @@ async def iterative_lookup(
     seen: dict[DHTID, PeerID] = {}
     to_ask: list[tuple[int, DHTID]] = []  # heap by distance
     answered: list[tuple[int, DHTID]] = []  # sorted by distance
-    in_flight: dict[asyncio.Task[list[tuple[Record | None, list[tuple[DHTID, PeerID]]]] | None], DHTID] = {}
+    in_flight: dict[asyncio.Task[list[FindResult] | None], DHTID] = {}
 
     def consider(node_id: DHTID, peer: PeerID) -> None:
         if node_id in seen or node_id == protocol.node_id or protocol.blacklist.is_banned(peer):
@@ -79,11 +80,12 @@ async def iterative_lookup(
                 response = task.result()
                 if response is None:
                     continue
-                record, nearest = response[0]
+                record, nearest, omitted = response[0]
                 entry = (node_id ^ key_id, node_id)
                 bisect.insort(answered, entry)
                 if record is None:
-                    result.without_record.append((node_id, seen[node_id]))
+                    if not omitted:  # a node that has the key too big to send needs no cached copy
+                        result.without_record.append((node_id, seen[node_id]))
                 else:
                     result.record = merge_records(result.record, record)
                 for near_id, near_peer in nearest:

@@ -6,6 +6,8 @@ Use `hivecli.DHT` from ordinary code; this class is for code already inside the 
 from __future__ import annotations
 
 import asyncio
+import bisect
+import heapq
 import logging
 import random
 import time
@@ -14,10 +16,11 @@ from typing import Any
 
 from hivecli._exceptions import BootstrapError, ConfigError, HiveError, MalformedFrameError
 from hivecli.dht.lookup import LookupResult, iterative_lookup
-from hivecli.dht.protocol import MAX_ITEMS_PER_REQUEST, DHTProtocol
-from hivecli.dht.routing import DHTID, MAX_ID
+from hivecli.dht.protocol import DHTProtocol
+from hivecli.dht.records import Record, SubkeyEntry, packed_subkey_owner, record_items, sign_entry
+from hivecli.dht.routing import DHTID, ID_BITS, MAX_ID
 from hivecli.dht.settings import DHTSettings
-from hivecli.dht.storage import LocalStorage, Record, ValueWithExpiration, merge_records
+from hivecli.dht.storage import LocalStorage, ValueWithExpiration, merge_records
 from hivecli.net.framing import pack, unpack
 from hivecli.net.host import Host
 from hivecli.net.identity import PeerID
@@ -30,27 +33,67 @@ _RECENT_NEAREST_S = 2.0  # how long a lookup's nearest nodes serve later stores 
 _RECENT_NEAREST_MAX = 256
 
 
-def record_items(key_id: DHTID, record: Record, in_cache: bool = False) -> list[list[Any]]:
-    """A record as `dht.store` items (one per subkey for a dictionary)."""
-    if record.subkeys is None:
-        return [[key_id.to_bytes_(), None, record.value, record.expiration_time, in_cache]]
-    return [[key_id.to_bytes_(), sub, value, exp, in_cache] for sub, (value, exp) in record.subkeys.items()]
+# Handing records over to nodes that joined near our keys is done in the background, under a
+# node-wide budget, so that a flood of fake newcomers costs bounded CPU and network.
+_HANDOVER_SCAN_INTERVAL_S = 1.0  # at most one storage scan per this, for all newcomers queued meanwhile
+_HANDOVER_QUEUE = 1024  # newcomers waiting for the next scan; more are not handed anything
+_DEPARTED_PER_SCAN = 64  # departures checked per scan; the rest wait for the next one
+_SCAN_CHUNK = 512  # keys examined between yields to the loop
+_HANDOVER_BATCH = 256  # items per store request of a handover
+_random = random.Random()  # our own: jitter drawn in a background thread leaves the global state alone
 
 
 def _store_record(storage: LocalStorage, key_id: DHTID, record: Record) -> bool:
     """Apply a record to a local storage, part by part. Returns whether any part took effect."""
-    results = [storage.store(key_id, value, exp, subkey) for _, subkey, value, exp, _ in record_items(key_id, record)]
+    if record.subkeys is None:
+        return storage.store(key_id, record.value or b"", record.expiration_time)
+    results = [storage.store(key_id, e.value, e.expiration_time, sub, e.signature) for sub, e in record.subkeys.items()]
     return any(results)
 
 
 def decode_value(record: Record) -> ValueWithExpiration:
-    """Turn stored bytes back into Python values. Raises MalformedFrameError if they do not decode."""
+    """Turn stored bytes back into Python values.
+
+    Subkeys anyone may write: one that does not decode (or decodes to something unhashable,
+    such as a list) is skipped rather than hiding the others.
+
+    Raises:
+        MalformedFrameError: a regular value does not decode.
+    """
     if record.subkeys is None:
         return ValueWithExpiration(unpack(record.value or b""), record.expiration_time)
-    return ValueWithExpiration(
-        {unpack(sub): ValueWithExpiration(unpack(value), exp) for sub, (value, exp) in record.subkeys.items()},
-        record.expiration_time,
-    )
+    entries: dict[Any, ValueWithExpiration] = {}
+    skipped = 0
+    for sub, entry in record.subkeys.items():
+        try:
+            entries[unpack(sub)] = ValueWithExpiration(unpack(entry.value), entry.expiration_time)
+        except (MalformedFrameError, TypeError):
+            skipped += 1
+    if skipped:
+        logger.debug("Skipped %d undecodable subkeys", skipped)
+    return ValueWithExpiration(entries, record.expiration_time)
+
+
+def nearest_in_sorted(ids: list[int], key: int, count: int) -> list[int]:
+    """The `count` IDs of the sorted list `ids` nearest to `key` by XOR, nearest first.
+
+    O(log n) bisects plus a small sort: the smallest aligned subtree around `key` that holds
+    `count` IDs contains exactly the nearest ones (all IDs in it share more leading bits with
+    `key` than any ID outside it).
+    """
+    if len(ids) <= count:
+        return sorted(ids, key=lambda x: x ^ key)
+    low, high = 0, ID_BITS
+    while low < high:
+        mid = (low + high) // 2
+        base = (key >> mid) << mid
+        if bisect.bisect_left(ids, base + (1 << mid)) - bisect.bisect_left(ids, base) >= count:
+            high = mid
+        else:
+            low = mid + 1
+    base = (key >> low) << low
+    candidates = ids[bisect.bisect_left(ids, base) : bisect.bisect_left(ids, base + (1 << low))]
+    return heapq.nsmallest(count, candidates, key=lambda x: x ^ key)
 
 
 class DHTNode:
@@ -73,6 +116,11 @@ class DHTNode:
         # key -> (when, nearest nodes) of recent complete lookups: a store right after a lookup of the
         # same key (matchmaking declares, polls and declares again every round) skips its own lookup
         self._recent_nearest: dict[DHTID, tuple[float, list[tuple[DHTID, PeerID]]]] = {}
+        self._newcomers: dict[DHTID, PeerID] = {}  # waiting for the next handover scan
+        self._departed: set[DHTID] = set()  # removed nodes whose keys may need another replica
+        self._wake_handover = asyncio.Event()
+        self._handover: asyncio.Task[None] | None = None
+        self._handover_clock = 0.0  # monotonic time until which the handover budget is spent
 
     @classmethod
     async def create(
@@ -99,6 +147,7 @@ class DHTNode:
             await node.shutdown()
             raise
         node._maintenance = asyncio.get_running_loop().create_task(node._maintain())
+        node._handover = asyncio.get_running_loop().create_task(node._hand_over())
         return node
 
     @property
@@ -171,8 +220,14 @@ class DHTNode:
             True if at least one node (possibly this one) accepted it; False if it is already
             expired or every replica holds a value that is at least as new.
 
+        A subkey made with `owned_subkey` for this node's peer ID is signed, so that only this
+        node can ever write it (see `hivecli.dht.records`).
+
         Raises:
-            ConfigError: key, subkey or value cannot be serialized with msgpack.
+            ConfigError: key, subkey or value cannot be serialized with msgpack; the value is
+                over max_value_bytes; the subkey is owned by another peer (this node cannot
+                sign for it) or carries a malformed owner marker; an owned subkey's expiration
+                is more than max_expiration away (nodes refuse those).
         """
         try:
             key_id = DHTID.from_key(key)
@@ -180,15 +235,36 @@ class DHTNode:
             subkey_bytes = None if subkey is None else pack(subkey)
         except (TypeError, ValueError, OverflowError) as e:
             raise ConfigError(f"DHT keys, subkeys and values must be msgpack-serializable: {e}") from None
+        if len(value_bytes) > self.settings.max_value_bytes:
+            raise ConfigError(
+                f"a DHT value may be at most {self.settings.max_value_bytes} bytes packed; this one is "
+                f"{len(value_bytes)} (store large data elsewhere and put a reference in the DHT)"
+            )
         expiration = float(expiration_time)
         if subkey_bytes is None:
-            record = Record(value_bytes, expiration)
-        else:
-            record = Record(None, expiration, {subkey_bytes: (value_bytes, expiration)})
-        return await self.store_record(key_id, record)
+            return await self.store_record(key_id, Record(value_bytes, expiration))
+        signature = None
+        try:
+            owner = packed_subkey_owner(subkey_bytes)
+        except ValueError as e:
+            raise ConfigError(f"subkey {subkey!r:.80}: {e}") from None
+        if owner is not None:
+            if owner != self.peer_id:
+                raise ConfigError(
+                    f"subkey {subkey!r:.80} is owned by peer {owner}; this node ({self.peer_id}) cannot sign for it"
+                )
+            if expiration > get_dht_time() + self.settings.max_expiration:
+                raise ConfigError(
+                    f"an owned subkey may expire at most {self.settings.max_expiration:g} s from now "
+                    f"(max_expiration); nodes refuse signed records beyond that"
+                )
+            signature = sign_entry(self.host.identity, key_id.to_bytes_(), subkey_bytes, value_bytes, expiration)
+        entry = SubkeyEntry(value_bytes, expiration, signature)
+        return await self.store_record(key_id, Record(None, expiration, {subkey_bytes: entry}))
 
     async def store_record(self, key_id: DHTID, record: Record) -> bool:
-        if record.expiration_time <= get_dht_time():
+        """Store a record (signatures included) on the nearest nodes; see `store`."""
+        if not record.expiration_time > get_dht_time():
             return False
         nearest = await self._nearest_for_store(key_id)
         targets: list[DHTID | None] = [node_id for node_id, _ in nearest]
@@ -197,7 +273,7 @@ class DHTNode:
         targets.sort(key=lambda node_id: (self.node_id if node_id is None else node_id) ^ key_id)
         targets = targets[: self.settings.num_replicas]
         peers = dict(nearest)
-        items = record_items(key_id, record)
+        items = record_items(key_id.to_bytes_(), record)
         stored_here = None in targets and _store_record(self.protocol.storage, key_id, record)
         remote = [self.protocol.call_store(peers[node_id], items) for node_id in targets if node_id is not None]
         results = await asyncio.gather(*remote)
@@ -238,40 +314,103 @@ class DHTNode:
                 _store_record(self.protocol.cache, key_id, found)
             if self.settings.cache_on_lookup_path and lookup.without_record:
                 cache_peer = lookup.without_record[0][1]
-                self.protocol.spawn(self.protocol.call_store(cache_peer, record_items(key_id, found, in_cache=True)))
+                self.protocol.spawn(
+                    self.protocol.call_store(cache_peer, record_items(key_id.to_bytes_(), found, in_cache=True))
+                )
         return merge_records(local, found)
 
     # ---- keeping replicas alive -------------------------------------------------------------
 
-    def _replica_set(self, key_id: DHTID) -> list[DHTID]:
-        """Who should hold `key_id` as far as we know: the nearest nodes, this one included."""
-        nearest = [node_id for node_id, _ in self.protocol.routing_table.nearest(key_id, self.settings.num_replicas)]
-        return sorted([*nearest, self.node_id], key=lambda n: n ^ key_id)[: self.settings.num_replicas]
-
     def _on_node_removed(self, node_id: DHTID) -> None:
-        # If the departed node was one of a key's replicas (as we see it), the key is down a copy.
-        for key_id, _ in self.protocol.storage.items():
-            replicas = self._replica_set(key_id)
-            if len(replicas) < self.settings.num_replicas or (node_id ^ key_id) < (replicas[-1] ^ key_id):
-                self._needs_replication.add(key_id)
-        if self._needs_replication:
-            self._wake_maintenance.set()
+        # If the departed node was one of a key's replicas (as we see it), the key is down a copy:
+        # found out by the next handover scan, not here, so departures cost one scan a second.
+        # Over a thousand departures within a second are not a real swarm: beyond the queue they
+        # are not checked, as re-replicating everything would be a lever for an attacker.
+        if len(self._departed) < _HANDOVER_QUEUE:
+            self._departed.add(node_id)
+            self._wake_handover.set()
 
     def _on_new_node(self, node_id: DHTID, peer: PeerID) -> None:
-        # Hand a newcomer the keys it is now a replica of; only the nearest current holder sends.
-        items: list[list[Any]] = []
-        for key_id, record in self.protocol.storage.items():
-            replicas = self._replica_set(key_id)
-            if node_id in replicas and next(n for n in replicas if n != node_id) == self.node_id:
-                items.extend(record_items(key_id, record))
-        for start in range(0, len(items), MAX_ITEMS_PER_REQUEST):
-            self.protocol.spawn(self.protocol.call_store(peer, items[start : start + MAX_ITEMS_PER_REQUEST]))
+        # Queued for the next scan: a flood of newcomers (real or made up) is batched into it.
+        if len(self._newcomers) < _HANDOVER_QUEUE:
+            self._newcomers[node_id] = peer
+            self._wake_handover.set()
+
+    async def _hand_over(self) -> None:
+        """Background task: at most one storage scan a second for all queued newcomers and
+        departures, then the handover sent at most `handover_rate` items a second."""
+        last_scan = -_HANDOVER_SCAN_INTERVAL_S
+        while True:
+            await self._wake_handover.wait()
+            await asyncio.sleep(max(0.0, last_scan + _HANDOVER_SCAN_INTERVAL_S - time.monotonic()))
+            self._wake_handover.clear()
+            newcomers, self._newcomers = self._newcomers, {}
+            departed = set(list(self._departed)[:_DEPARTED_PER_SCAN])
+            self._departed -= departed
+            if self._departed:
+                self._wake_handover.set()
+            try:
+                outgoing = await self._scan(newcomers, departed)
+                # the pause counts from the end of a scan: back-to-back scans (~10 us a key, at
+                # most half the CPU while running) take at most about a third of one core
+                last_scan = time.monotonic()
+                for node_id, items in outgoing.items():
+                    await self._send_handover(node_id, newcomers[node_id], items)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                last_scan = time.monotonic()
+                logger.exception("DHT handover failed; newcomers will get records from later stores")
+
+    async def _scan(self, newcomers: dict[DHTID, PeerID], departed: set[DHTID]) -> dict[DHTID, list[list[Any]]]:
+        """Which of our records each newcomer is now a replica of (only the nearest current
+        holder sends), and which keys lost a replica with the departed nodes."""
+        table = self.protocol.routing_table
+        newcomers = {node_id: peer for node_id, peer in newcomers.items() if node_id in table}
+        if not newcomers and not departed:
+            return {}
+        known = sorted([*table.node_to_peer, self.node_id])
+        replicas_wanted = self.settings.num_replicas
+        outgoing: dict[DHTID, list[list[Any]]] = {}
+        began = time.monotonic()
+        for count, key_id in enumerate(self.protocol.storage.keys()):
+            if count and count % _SCAN_CHUNK == 0:
+                # yield for as long as we computed: a scan takes at most about half the CPU
+                await asyncio.sleep(time.monotonic() - began)
+                began = time.monotonic()
+            replicas = nearest_in_sorted(known, key_id, replicas_wanted)
+            if departed and (
+                len(replicas) < replicas_wanted or any((gone ^ key_id) < (replicas[-1] ^ key_id) for gone in departed)
+            ):
+                self._needs_replication.add(key_id)
+            targets = [node_id for node_id in replicas if node_id in newcomers]
+            holders = [node_id for node_id in replicas if node_id not in newcomers]
+            if targets and holders and holders[0] == self.node_id:
+                record = self.protocol.storage.get(key_id)
+                if record is not None:
+                    items = record_items(key_id.to_bytes_(), record)
+                    for node_id in targets:
+                        outgoing.setdefault(DHTID(node_id), []).extend(items)
+        if self._needs_replication:
+            self._wake_maintenance.set()
+        return outgoing
+
+    async def _send_handover(self, node_id: DHTID, peer: PeerID, items: list[list[Any]]) -> None:
+        for start in range(0, len(items), _HANDOVER_BATCH):
+            if node_id not in self.protocol.routing_table:
+                return  # gone (or never real): the rest of its share of the budget is not spent
+            batch = items[start : start + _HANDOVER_BATCH]
+            now = time.monotonic()
+            begin = max(self._handover_clock, now)
+            self._handover_clock = begin + len(batch) / self.settings.handover_rate
+            await asyncio.sleep(begin - now)
+            self.protocol.spawn(self.protocol.call_store(peer, batch))
 
     async def _maintain(self) -> None:
         period = self.settings.refresh_period
         while True:
             # jitter keeps a swarm started all at once from refreshing in lockstep
-            await wait_event(self._wake_maintenance, period * random.uniform(0.75, 1.25))
+            await wait_event(self._wake_maintenance, period * _random.uniform(0.75, 1.25))
             self._wake_maintenance.clear()
             try:
                 await self._maintenance_pass()
@@ -303,7 +442,7 @@ class DHTNode:
         await asyncio.gather(*(protocol.call_ping(peer) for peer in stale))
         if len(protocol.routing_table) and now - self._last_lookup > period:
             # an idle node refreshes a random region of the table, finding nodes that joined
-            await self._lookup(DHTID(random.randrange(MAX_ID)))
+            await self._lookup(DHTID(_random.randrange(MAX_ID)))
         await self._replicate()
 
     async def _replicate(self) -> None:
@@ -317,8 +456,9 @@ class DHTNode:
 
     async def shutdown(self) -> None:
         """Stop maintenance and close every connection and listener. Idempotent."""
-        if self._maintenance is not None:
-            self._maintenance.cancel()
-            await asyncio.gather(self._maintenance, return_exceptions=True)
+        for task in (self._maintenance, self._handover):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         await self.protocol.aclose()
         await self.host.aclose()

@@ -1,27 +1,37 @@
 """The DHT's wire protocol: what a node serves and how it calls others.
 
 Every request and response carries `node`: the sender's 20-byte DHT ID, or None for a client
-(which is never added to routing tables). Methods:
+(which is never added to routing tables). The first node ID a peer presents sticks to it: a
+later different one from the same peer is ignored unless it comes over a new connection at
+least a minute later (a restart). Methods:
 
     dht.ping   {node}                          -> {node, time}
-    dht.store  {node, items: [[key_id, subkey|None, value, expiration, in_cache], ...]}
+    dht.store  {node, items: [[key_id, subkey|None, value, expiration, in_cache(, signature)], ...]}
                                                -> {node, ok: [bool, ...]}
-    dht.find   {node, keys: [key_id, ...]}     -> {node, results: [[record|None, nearest], ...]}
-          record  = [expiration, value] | [expiration, None, [[subkey, value, expiration], ...]]
+    dht.find   {node, keys: [key_id, ...]}     -> {node, results: [[record|None, nearest], ...](, omitted)}
+          record  = [expiration, value] | [expiration, None, [[subkey, value, expiration(, signature)], ...]]
           nearest = [[node_id, peer_id, [maddr, ...]], ...]   (up to bucket_size, requester excluded)
+          omitted = [index, ...]: keys whose record was left out to keep the reply within
+                    max_reply_bytes (ask for them again, alone); a repeated key gets [None, []]
     dht.peers  {}                              -> {node, peers: [[node_id, peer_id, [maddr, ...], age_s], ...]}
 
-Anything malformed in a response counts as a failure of that peer; anything malformed in a
-request is answered with an error naming the field.
+`signature` (optional, Ed25519, 64 bytes) is required for, and only meaningful on, owned
+subkeys (see `hivecli.dht.records`); nodes check it on every store and readers on every find
+result. A store request holds at most 1024 items; senders split larger batches.
+
+Anything malformed or forged in a response counts as a failure of that peer; anything
+malformed in a request is answered with an error naming the field.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
+from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from hivecli._exceptions import (
     ConfigError,
@@ -32,6 +42,7 @@ from hivecli._exceptions import (
     ResourceExhaustedError,
     RPCError,
 )
+from hivecli.dht.records import ENTRY_OVERHEAD, decode_record, encode_record, entry_is_authentic, record_bytes
 from hivecli.dht.routing import DHTID, RoutingTable
 from hivecli.dht.settings import DHTSettings
 from hivecli.dht.storage import LocalStorage, Record, merge_records
@@ -45,6 +56,9 @@ logger = logging.getLogger(__name__)
 
 MAX_ITEMS_PER_REQUEST = 1024
 _ADDRS_PER_NODE = 4
+_REBIND_AFTER_S = 60.0  # a peer may present a new node ID (a restart) this long after the last
+_MAX_BINDINGS = 16384  # peer -> node ID bindings remembered (least recently seen forgotten first)
+_MAX_BLACKLIST = 16384  # peers remembered by the blacklist
 
 
 class Blacklist:
@@ -52,12 +66,20 @@ class Blacklist:
 
     def __init__(self, base_time: float, backoff_rate: float, max_time: float):
         self.base_time, self.backoff_rate, self.max_time = base_time, backoff_rate, max_time
-        self._banned: dict[PeerID, tuple[float, int]] = {}  # peer -> (banned until, failures)
+        # past this many failures the ban is max_time anyway: capping the exponent keeps
+        # backoff_rate ** failures from overflowing after a peer failed a thousand times
+        if backoff_rate > 1 and 0 < base_time < max_time:
+            self._max_exponent = math.ceil(math.log(max_time / base_time, backoff_rate))
+        else:
+            self._max_exponent = 0
+        self._banned: OrderedDict[PeerID, tuple[float, int]] = OrderedDict()  # peer -> (until, failures)
 
     def register_failure(self, peer: PeerID) -> None:
-        _, failures = self._banned.get(peer, (0.0, 0))
-        ban = min(self.base_time * self.backoff_rate**failures, self.max_time)
-        self._banned[peer] = (time.monotonic() + ban, failures + 1)
+        _, failures = self._banned.pop(peer, (0.0, 0))
+        ban = min(self.base_time * self.backoff_rate ** min(failures, self._max_exponent), self.max_time)
+        self._banned[peer] = (time.monotonic() + ban, min(failures + 1, self._max_exponent + 1))
+        if len(self._banned) > _MAX_BLACKLIST:
+            self._banned.popitem(last=False)  # the longest unbanned is the least useful to remember
 
     def register_success(self, peer: PeerID) -> None:
         self._banned.pop(peer, None)
@@ -71,38 +93,31 @@ class Blacklist:
         return sum(1 for until, _ in self._banned.values() if until > now)
 
 
+class FindResult(NamedTuple):
+    """What one node said about one key: its record (None: none, or `omitted`) and nearest nodes."""
+
+    record: Record | None
+    nearest: list[tuple[DHTID, PeerID]]
+    omitted: bool = False  # the node has a record but left it out of a full reply
+
+
 def _node_id_or_none(raw: Any) -> DHTID | None:
     return None if raw is None else DHTID.from_bytes_(raw)
 
 
-def encode_record(record: Record) -> list[Any]:
-    if record.subkeys is None:
-        return [record.expiration_time, record.value]
-    return [record.expiration_time, None, [[sub, value, exp] for sub, (value, exp) in record.subkeys.items()]]
+def _is_time(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def decode_record(raw: Any) -> Record:
-    """Parse a record from the wire. Raises ValueError naming what is wrong."""
-    if not isinstance(raw, list) or len(raw) not in (2, 3) or not isinstance(raw[0], (int, float)):
-        raise ValueError(f"record {str(raw)[:60]} is not [expiration, value(, entries)]")
-    if len(raw) == 2:
-        if not isinstance(raw[1], bytes):
-            raise ValueError("record value must be bytes")
-        return Record(raw[1], float(raw[0]))
-    subkeys: dict[bytes, tuple[bytes, float]] = {}
-    for entry in raw[2]:
-        if (
-            not isinstance(entry, list)
-            or len(entry) != 3
-            or not isinstance(entry[0], bytes)
-            or not isinstance(entry[1], bytes)
-            or not isinstance(entry[2], (int, float))
-        ):
-            raise ValueError("dictionary entries must be [subkey, value, expiration]")
-        subkeys[entry[0]] = (entry[1], float(entry[2]))
-    if not subkeys:
-        raise ValueError("a dictionary record has no entries")
-    return Record(None, max(exp for _, exp in subkeys.values()), subkeys)
+def _storage(settings: DHTSettings) -> LocalStorage:
+    return LocalStorage(
+        settings.max_records,
+        max_bytes=settings.max_bytes,
+        max_record_bytes=settings.max_record_bytes,
+        max_value_bytes=settings.max_value_bytes,
+        max_expiration=settings.max_expiration,
+        peer_quota=settings.peer_quota,
+    )
 
 
 class DHTProtocol:
@@ -115,12 +130,15 @@ class DHTProtocol:
         self.settings = settings
         self.client_mode = client_mode
         self.routing_table = RoutingTable(node_id, settings.bucket_size, settings.depth_modulo)
-        self.storage = LocalStorage(settings.max_records)
-        self.cache = LocalStorage(settings.max_records)
+        self.storage = _storage(settings)
+        self.cache = _storage(settings)
         self.blacklist = Blacklist(settings.blacklist_time, settings.backoff_rate, settings.max_blacklist_time)
         self.last_seen: dict[DHTID, float] = {}  # monotonic time of the last answer or request
         self.on_new_node: Callable[[DHTID, PeerID], None] = lambda node_id, peer: None
         self.on_node_removed: Callable[[DHTID], None] = lambda node_id: None
+        # peer -> (the node ID it first presented, the connection it came over, when)
+        self._bindings: OrderedDict[PeerID, tuple[DHTID, Connection | None, float]] = OrderedDict()
+        self._pinging: set[PeerID] = set()  # stale nodes being checked, so each is pinged once at a time
         self._tasks: set[asyncio.Task[Any]] = set()
         self._wire_id = None if client_mode else node_id.to_bytes_()
         if not client_mode:
@@ -131,9 +149,30 @@ class DHTProtocol:
 
     # ---- routing-table upkeep -------------------------------------------------------------
 
-    def _saw_node(self, node_id: DHTID | None, peer: PeerID) -> None:
+    def _bind(self, node_id: DHTID, peer: PeerID, conn: Connection | None) -> DHTID:
+        """The node ID to route `peer` by: the first it presented, unless this is a restart."""
+        now = time.monotonic()
+        bound = self._bindings.pop(peer, None)
+        if bound is not None and bound[0] != node_id:
+            bound_id, bound_conn, since = bound
+            # Rotating node IDs would make every request look like a newcomer to hand our storage
+            # to; only a new connection a while later (the peer restarted) may change it.
+            if conn is None or conn is bound_conn or now - since < _REBIND_AFTER_S:
+                self._bindings[peer] = bound
+                return bound_id
+            if self.routing_table.remove(bound_id):
+                self.last_seen.pop(bound_id, None)
+                self.on_node_removed(bound_id)
+            bound = None
+        self._bindings[peer] = bound if bound is not None else (node_id, conn, now)
+        if len(self._bindings) > _MAX_BINDINGS:
+            self._bindings.popitem(last=False)
+        return node_id
+
+    def _saw_node(self, node_id: DHTID | None, peer: PeerID, conn: Connection | None = None) -> None:
         if node_id is None or node_id == self.node_id:
             return
+        node_id = self._bind(node_id, peer, conn)
         is_new = node_id not in self.routing_table
         stale = self.routing_table.add_or_update(node_id, peer)
         if node_id in self.routing_table:
@@ -142,11 +181,19 @@ class DHTProtocol:
                 self.on_new_node(node_id, peer)
         if stale is not None:  # bucket full: the newcomer replaces the stale node if it is dead
             stale_peer = self.routing_table.node_to_peer.get(stale)
-            if stale_peer is not None:
-                self.spawn(self.call_ping(stale_peer))
+            if stale_peer is not None and stale_peer not in self._pinging:
+                self._pinging.add(stale_peer)
+                self.spawn(self._check_stale(stale_peer))
+
+    async def _check_stale(self, peer: PeerID) -> None:
+        try:
+            await self.call_ping(peer)
+        finally:
+            self._pinging.discard(peer)
 
     def _lost_peer(self, peer: PeerID) -> None:
         self.blacklist.register_failure(peer)
+        self._bindings.pop(peer, None)
         node_id = self.routing_table.peer_to_node.get(peer)
         if node_id is not None and self.routing_table.remove(node_id):
             self.last_seen.pop(node_id, None)
@@ -167,7 +214,7 @@ class DHTProtocol:
         if not isinstance(payload, dict):
             raise ConfigError("a DHT request must be a map")
         try:
-            self._saw_node(_node_id_or_none(payload.get("node")), conn.remote_peer)
+            self._saw_node(_node_id_or_none(payload.get("node")), conn.remote_peer, conn)
         except ValueError as e:
             raise ConfigError(f"bad 'node' field: {e}") from None
         return payload
@@ -182,22 +229,32 @@ class DHTProtocol:
         items = self._sender(conn, payload).get("items")
         if not isinstance(items, list) or len(items) > MAX_ITEMS_PER_REQUEST:
             raise ConfigError(f"'items' must be a list of at most {MAX_ITEMS_PER_REQUEST} entries")
-        ok = []
-        for item in items:
+        parsed = []
+        for item in items:  # all checked before any is applied: a malformed request changes nothing
             if (
                 not isinstance(item, list)
-                or len(item) != 5
-                or not isinstance(item[2], bytes)
-                or not isinstance(item[3], (int, float))
+                or len(item) not in (5, 6)
                 or not isinstance(item[1], (bytes, type(None)))
+                or not isinstance(item[2], bytes)
+                or not _is_time(item[3])
+                or (len(item) == 6 and not isinstance(item[5], (bytes, type(None))))
             ):
-                raise ConfigError("each store item must be [key_id, subkey|None, value, expiration, in_cache]")
+                raise ConfigError(
+                    "each store item must be [key_id, subkey|None, value, expiration, in_cache(, signature)]"
+                )
             try:
                 key_id = DHTID.from_bytes_(item[0])
             except ValueError as e:
                 raise ConfigError(str(e)) from None
+            parsed.append((key_id, item))
+        ok = []
+        for key_id, item in parsed:
+            if item[4] and item[1] is None and self.storage.has_owned(key_id):
+                ok.append(False)  # a cached regular value must not shadow owned subkeys we hold either
+                continue
             target = self.cache if item[4] else self.storage
-            ok.append(target.store(key_id, item[2], float(item[3]), item[1]))
+            signature = item[5] if len(item) == 6 else None
+            ok.append(target.store(key_id, item[2], float(item[3]), item[1], signature, payer=conn.remote_peer))
         return {"node": self._wire_id, "ok": ok}
 
     def _rpc_find(self, conn: Connection, payload: Any, body: bytes) -> dict[str, Any]:
@@ -205,20 +262,44 @@ class DHTProtocol:
         keys = request.get("keys")
         if not isinstance(keys, list) or len(keys) > MAX_ITEMS_PER_REQUEST:
             raise ConfigError(f"'keys' must be a list of at most {MAX_ITEMS_PER_REQUEST} key IDs")
+        try:
+            key_ids = [DHTID.from_bytes_(raw_key) for raw_key in keys]
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         requester = self.routing_table.peer_to_node.get(conn.remote_peer)
-        results = []
-        for raw_key in keys:
-            try:
-                key_id = DHTID.from_bytes_(raw_key)
-            except ValueError as e:
-                raise ConfigError(str(e)) from None
-            record = merge_records(self.storage.get(key_id), self.cache.get(key_id))
+        budget = self.settings.max_reply_bytes
+        answered: set[DHTID] = set()
+        results: list[list[Any]] = []
+        omitted: list[int] = []
+        for index, key_id in enumerate(key_ids):
+            if key_id in answered or budget <= 0:
+                # a repeated key was answered already; past the budget, nothing more fits
+                results.append([None, []])
+                if key_id not in answered:
+                    omitted.append(index)
+                continue
+            answered.add(key_id)
             nearest = [
                 [node_id.to_bytes_(), peer.to_bytes(), self._addrs_of(peer)]
                 for node_id, peer in self.routing_table.nearest(key_id, self.settings.bucket_size, exclude=requester)
             ]
-            results.append([encode_record(record) if record is not None else None, nearest])
-        return {"node": self._wire_id, "results": results}
+            budget -= sum(ENTRY_OVERHEAD + len(peer) + sum(len(a) + 2 for a in addrs) for _, peer, addrs in nearest)
+            stored = self.storage.get(key_id)
+            encoded = None
+            # storage and cache may each hold a full record; if both do not fit, the replica's own does
+            for record in (merge_records(stored, self.cache.get(key_id)), stored):
+                if record is not None and record_bytes(record) <= budget:
+                    budget -= record_bytes(record)
+                    encoded = encode_record(record)
+                    break
+            else:
+                if stored is not None or key_id in self.cache:
+                    omitted.append(index)
+            results.append([encoded, nearest])
+        response: dict[str, Any] = {"node": self._wire_id, "results": results}
+        if omitted:
+            response["omitted"] = omitted
+        return response
 
     def _rpc_peers(self, conn: Connection, payload: Any, body: bytes) -> dict[str, Any]:
         now = time.monotonic()
@@ -257,7 +338,7 @@ class DHTProtocol:
         response = (await conn.call(method, payload, timeout=timeout)).payload
         if not isinstance(response, dict):
             raise MalformedFrameError(f"{method} response is not a map")
-        self._saw_node(_node_id_or_none(response.get("node")), peer_id)
+        self._saw_node(_node_id_or_none(response.get("node")), peer_id, conn)
         return response
 
     async def _call(self, peer: PeerID | Multiaddr, method: str, payload: dict[str, Any]) -> dict[str, Any] | None:
@@ -288,52 +369,98 @@ class DHTProtocol:
         return await self._call(peer, "dht.ping", {})
 
     async def call_store(self, peer: PeerID, items: list[list[Any]]) -> list[bool] | None:
-        response = await self._call(peer, "dht.store", {"items": items})
-        ok = None if response is None else response.get("ok")
-        if not isinstance(ok, list) or len(ok) != len(items):
-            return None
-        return [bool(x) for x in ok]
+        """Send store items, split into requests of at most MAX_ITEMS_PER_REQUEST items and
+        about max_reply_bytes each. Returns one bool per item, or None if any request failed."""
+        ok: list[bool] = []
+        start = 0
+        while start < len(items):
+            end, size = start, 0
+            while end < len(items) and end - start < MAX_ITEMS_PER_REQUEST:
+                item_size = ENTRY_OVERHEAD + sum(len(x) for x in items[end] if isinstance(x, bytes))
+                if end > start and size + item_size > self.settings.max_reply_bytes:
+                    break
+                size += item_size
+                end += 1
+            response = await self._call(peer, "dht.store", {"items": items[start:end]})
+            answer = None if response is None else response.get("ok")
+            if not isinstance(answer, list) or len(answer) != end - start:
+                return None
+            ok.extend(bool(x) for x in answer)
+            start = end
+        return ok
 
-    async def call_find(
-        self, peer: PeerID, key_ids: list[DHTID]
-    ) -> list[tuple[Record | None, list[tuple[DHTID, PeerID]]]] | None:
-        """Ask `peer` for records and nearest nodes. Learns the addresses of the nodes it names."""
+    async def call_find(self, peer: PeerID, key_ids: list[DHTID]) -> list[FindResult] | None:
+        """Ask `peer` for records and nearest nodes. Learns the addresses of the nodes it names.
+
+        Returns None (and marks the peer as failed) if the reply is malformed or carries an
+        owned entry whose signature does not verify. Keys whose records the peer left out of a
+        full reply are asked for again one at a time; a record too big even alone comes back
+        as `omitted`.
+        """
         response = await self._call(peer, "dht.find", {"keys": [k.to_bytes_() for k in key_ids]})
         if response is None:
             return None
         try:
-            results = response["results"]
-            if not isinstance(results, list) or len(results) != len(key_ids):
-                raise ValueError("wrong number of results")
-            parsed = []
-            for raw_record, raw_nearest in results:
-                record = None if raw_record is None else decode_record(raw_record)
-                nearest = []
-                for node_bytes, peer_bytes, addrs in raw_nearest[: self.settings.bucket_size]:
-                    node_peer = PeerID(peer_bytes)
-                    nearest.append((DHTID.from_bytes_(node_bytes), node_peer))
-                    self.host.add_addrs(node_peer, _parse_addrs(addrs))
-                parsed.append((record, nearest))
-            return parsed
+            parsed = self._parse_find(response, key_ids)
         except (ValueError, TypeError, KeyError) as e:
-            logger.debug("Malformed dht.find response from %s: %s", peer, e)
+            logger.warning("Ignoring peer %s: bad dht.find reply: %s", peer, e)
             self._lost_peer(peer)
             return None
+        if len(key_ids) > 1:
+            for index, result in enumerate(parsed):
+                if result.omitted:
+                    again = await self.call_find(peer, [key_ids[index]])
+                    if again is None:
+                        return None
+                    parsed[index] = again[0]
+        return parsed
+
+    def _parse_find(self, response: dict[str, Any], key_ids: list[DHTID]) -> list[FindResult]:
+        """Raises ValueError, TypeError or KeyError for anything malformed or forged."""
+        results = response["results"]
+        if not isinstance(results, list) or len(results) != len(key_ids):
+            raise ValueError("wrong number of results")
+        omitted = response.get("omitted") or []
+        if not isinstance(omitted, list) or not all(isinstance(i, int) for i in omitted):
+            raise ValueError("'omitted' must be a list of indices")
+        parsed = []
+        for key_id, (raw_record, raw_nearest) in zip(key_ids, results, strict=True):
+            record = None if raw_record is None else decode_record(raw_record)
+            if record is not None and record.subkeys is not None:
+                key_bytes = key_id.to_bytes_()
+                for subkey, entry in record.subkeys.items():
+                    if not entry_is_authentic(key_bytes, subkey, entry):
+                        raise ValueError(f"subkey {subkey[:40]!r} carries a forged or missing owner signature")
+            nearest = []
+            for node_bytes, peer_bytes, addrs in raw_nearest[: self.settings.bucket_size]:
+                node_peer = PeerID(peer_bytes)
+                nearest.append((DHTID.from_bytes_(node_bytes), node_peer))
+                self.host.add_addrs(node_peer, _parse_addrs(addrs))
+            parsed.append(FindResult(record, nearest))
+        for index in omitted:
+            if 0 <= index < len(parsed) and parsed[index].record is None:
+                parsed[index] = parsed[index]._replace(omitted=True)
+        return parsed
 
     async def call_peers(self, peer: PeerID | Multiaddr) -> list[dict[str, Any]] | None:
+        """The routing table `peer` reports, or None if it did not answer sensibly."""
         response = await self._call(peer, "dht.peers", {})
         if response is None:
             return None
         peers = []
-        for node_bytes, peer_bytes, addrs, age in response.get("peers") or []:
-            peers.append(
-                {
-                    "node_id": node_bytes,
-                    "peer_id": PeerID(peer_bytes),
-                    "maddrs": _parse_addrs(addrs),
-                    "last_seen_s": float(age),
-                }
-            )
+        try:
+            for node_bytes, peer_bytes, addrs, age in response.get("peers") or []:
+                peers.append(
+                    {
+                        "node_id": node_bytes,
+                        "peer_id": PeerID(peer_bytes),
+                        "maddrs": _parse_addrs(addrs),
+                        "last_seen_s": float(age),
+                    }
+                )
+        except (ValueError, TypeError) as e:
+            logger.warning("Ignoring peer %s: bad dht.peers reply: %s", peer, e)
+            return None
         return peers
 
 

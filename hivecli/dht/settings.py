@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from hivecli._exceptions import ConfigError
+from hivecli.net.framing import FrameLimits
+
+KIB, MIB = 1024, 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -31,7 +34,18 @@ class DHTSettings:
         cache_locally: keep values this node fetched, for later gets (default True).
         cache_on_lookup_path: also push fetched values to the nearest node on the lookup path
             that lacked them, so popular keys get cheaper (default True).
-        max_records: most records a node stores, evicting the soonest to expire (default None).
+        max_records: most keys a node holds in its storage, and again in its cache, evicting
+            the soonest to expire (default 100,000; None: unbounded).
+        max_bytes: most bytes of records in storage, and again in cache (default 256 MiB).
+        peer_quota: the share of max_records and max_bytes that records stored on behalf of
+            one peer may take (default 0.1), so no single peer can fill a node.
+        max_value_bytes: largest value (or subkey value) a node accepts (default 256 KiB).
+        max_record_bytes: largest record, all its subkeys together (default 1 MiB).
+        max_expiration: seconds into the future an expiration may lie (default 24 h): unsigned
+            stores are capped to it, signed ones beyond it refused.
+        max_reply_bytes: budget of one dht.find reply (default 2 MiB, half the default frame
+            header limit): records past it are left out, and the asker asks again.
+        handover_rate: records per second a node hands to newcomers, all together (default 2000).
     """
 
     bucket_size: int = 20
@@ -47,7 +61,14 @@ class DHTSettings:
     max_blacklist_time: float = 300.0
     cache_locally: bool = True
     cache_on_lookup_path: bool = True
-    max_records: int | None = None
+    max_records: int | None = 100_000
+    max_bytes: int | None = 256 * MIB
+    peer_quota: float = 0.1
+    max_value_bytes: int = 256 * KIB
+    max_record_bytes: int = 1 * MIB
+    max_expiration: float = 24 * 3600.0
+    max_reply_bytes: int = 2 * MIB
+    handover_rate: float = 2000.0
 
     def __post_init__(self) -> None:
         for name in ("bucket_size", "num_replicas", "parallel_rpc", "depth_modulo"):
@@ -58,7 +79,17 @@ class DHTSettings:
                 f"The DHT setting beam_size ({self.beam_size}) must be at least num_replicas "
                 f"({self.num_replicas}), or stores could miss the nearest nodes."
             )
-        for name in ("wait_timeout", "refresh_period", "blacklist_time"):
+        if not 0 < self.peer_quota <= 1:
+            raise ConfigError(f"The DHT setting peer_quota ({self.peer_quota}) must be in (0, 1].")
+        # the reply must fit in one frame header, and any record in one reply (with its nearest nodes)
+        header_limit = FrameLimits().max_header_bytes
+        if not self.max_value_bytes <= self.max_record_bytes <= self.max_reply_bytes // 2 < header_limit // 2:
+            raise ConfigError(
+                f"The DHT settings must satisfy max_value_bytes ({self.max_value_bytes}) <= max_record_bytes "
+                f"({self.max_record_bytes}) <= max_reply_bytes / 2 ({self.max_reply_bytes // 2}), and "
+                f"max_reply_bytes < the frame header limit ({header_limit} bytes)."
+            )
+        for name in ("wait_timeout", "refresh_period", "blacklist_time", "max_expiration", "handover_rate"):
             if not getattr(self, name) > 0:
                 raise ConfigError(
                     f"The DHT setting {name} ({getattr(self, name)}) must be a positive number of seconds."
