@@ -1,72 +1,144 @@
 """What a run keeps in the DHT, so that others can find it, join it and watch it.
 
-    hive.runs             subkey PREFIX   -> {"model", "dataset", "target_group_size", "input_shape", "num_classes",
-                                              "run_id"}
-    PREFIX.recipe                         -> the resolved recipe (plain data, never code)
-    PREFIX.progress       subkey PEER ID  -> {"step", "loss", "samples_per_s", "accuracy", "maddrs", "time",
-                                              "samples" (this peer's), "run_samples" (the run's, as it knows),
-                                              "left" (a last record when it stops)}
+    hive.runs        subkey PREFIX[owner:PEER] -> {"prefix", "owner", "run_id", "model", "dataset",
+                                                   "target_group_size", "input_shape", "num_classes"}
+    PREFIX.recipe    subkey [owner:PEER]       -> the run card (runcard.py): the recipe, signed by the run's owner
+    PREFIX.progress  subkey [owner:PEER]       -> {"step", "loss", "samples_per_s", "accuracy", "maddrs", "time",
+                                                   "samples" (this peer's), "run_samples" (the run's, as it knows),
+                                                   "run_id", "left" (a last record when it stops)}
 
-A run is named by its prefix; its `run_id` tells one run from a later one with the same prefix
-(a peer keeps its files under runs/PREFIX/RUN_ID/PEER).
+Every subkey is owned by the peer that writes it (hivecli.dht.records): the DHT accepts it only
+signed by that peer, so nobody can overwrite another peer's announcement or progress. A run is
+named by its prefix and its owner, the peer that started it (`PREFIX@OWNER`); its `run_id` tells
+one run from a later one with the same prefix (a peer keeps its files under runs/PREFIX/RUN_ID/PEER).
 
-Every peer of a run re-publishes the first two while it trains, so the run outlives the peer
-that started it. Progress entries expire a few report periods after a peer stops.
-No torch here: `hive peers` stays light.
+Every peer of a run re-publishes the first two while it trains (the card exactly as its owner
+signed it), so the run outlives the peer that started it. Progress entries expire a few report
+periods after a peer stops. No torch here: `hive peers` stays light.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
 
 from hivecli._exceptions import ConfigError
 from hivecli.dht.dht import DHT
+from hivecli.dht.node import DHTNode
+from hivecli.dht.records import owned_subkey, subkey_owner
+from hivecli.net.identity import PeerID
 from hivecli.recipe import Recipe, load_recipe
+from hivecli.runcard import RunCard
 from hivecli.utils.timing import get_dht_time
 
+logger = logging.getLogger(__name__)
 RUNS_KEY = "hive.runs"
 RECIPE_TTL = 600.0
 
 
-def publish_run(
-    dht: DHT,
-    recipe_data: dict[str, Any],
-    input_shape: tuple[int, ...] | None = None,
-    num_classes: int | None = None,
-    run_id: str | None = None,
-) -> None:
-    """Announce the run and its recipe (the caller repeats this every few minutes). The model's
-    input shape and class count, once known, let `hive pull-state` build the model without the data."""
+def sign_as_peer(dht: DHT, message: bytes) -> bytes:
+    """Sign `message` with this peer's key (the one its peer ID names)."""
+
+    async def sign(_dht: DHT, node: DHTNode) -> bytes:
+        return node.host.identity.sign(message)
+
+    return dht.run_coroutine(sign)  # type: ignore[no-any-return]
+
+
+def new_card(dht: DHT, recipe_data: dict[str, Any], run_id: str) -> RunCard:
+    """The card of a run this peer starts (and so owns)."""
     prefix = recipe_data["run"]["prefix"]
+    return RunCard.create(prefix, run_id, dht.peer_id, recipe_data, lambda m: sign_as_peer(dht, m))
+
+
+def publish_run(
+    dht: DHT, card: RunCard, input_shape: tuple[int, ...] | None = None, num_classes: int | None = None
+) -> None:
+    """Announce the run and republish its card under this peer's own subkeys (the caller repeats
+    this every few minutes). The model's input shape and class count, once known, let
+    `hive pull-state` build the model without the data."""
+    recipe = card.recipe
     expiration = get_dht_time() + RECIPE_TTL
-    summary = {
-        "model": recipe_data["model"]["name"],
-        "dataset": recipe_data["data"]["name"],
-        "target_group_size": recipe_data["averaging"]["target_group_size"],
+    summary: dict[str, Any] = {
+        "prefix": card.prefix,
+        "owner": card.owner.to_base58(),
+        "run_id": card.run_id,
+        "model": recipe.get("model", {}).get("name"),
+        "dataset": recipe.get("data", {}).get("name"),
+        "target_group_size": recipe.get("averaging", {}).get("target_group_size"),
     }
     if input_shape is not None:
         summary.update(input_shape=list(input_shape), num_classes=num_classes)
-    if run_id is not None:
-        summary["run_id"] = run_id
-    dht.store(RUNS_KEY, summary, expiration, subkey=prefix)
-    dht.store(f"{prefix}.recipe", _shareable(recipe_data), expiration)
+    dht.store(RUNS_KEY, summary, expiration, subkey=owned_subkey(dht.peer_id, card.prefix))
+    dht.store(f"{card.prefix}.recipe", card.to_wire(), expiration, subkey=owned_subkey(dht.peer_id))
 
 
-def _shareable(recipe_data: dict[str, Any]) -> dict[str, Any]:
-    """The recipe without what is private to the machine that publishes it."""
-    shared = {section: dict(values) for section, values in recipe_data.items()}
-    shared.pop("network", None)
-    shared.get("output", {}).pop("dir", None)  # the run's eval and checkpoint periods are shared; where, not
-    return shared
+def _owned_entries(found: Any) -> list[tuple[PeerID, Any, float]]:
+    """(owner, value, expiration) of the owned entries of a dictionary value; unowned ones are
+    anybody's word and are skipped."""
+    if found is None or not isinstance(found.value, dict):
+        return []
+    entries = []
+    for subkey, entry in found.value.items():
+        try:
+            owner = subkey_owner(subkey)
+        except ValueError:  # a malformed owner marker: no node stores one, so a hostile node sent it
+            continue
+        if owner is not None:
+            entries.append((owner, entry.value, entry.expiration_time))
+    return entries
 
 
 def list_runs(dht: DHT) -> dict[str, dict[str, Any]]:
-    found = dht.get(RUNS_KEY, latest=True)
-    if found is None or not isinstance(found.value, dict):
-        return {}
-    return {k: v.value for k, v in found.value.items() if isinstance(k, str) and isinstance(v.value, dict)}
+    """{prefix: summary} of the runs announced in the DHT: for each prefix, the newest announcement."""
+    newest: dict[str, tuple[float, dict[str, Any]]] = {}
+    for _owner, value, expiration in _owned_entries(dht.get(RUNS_KEY, latest=True)):
+        if not isinstance(value, dict) or not isinstance(value.get("prefix"), str):
+            continue
+        prefix = value["prefix"]
+        if prefix not in newest or expiration > newest[prefix][0]:
+            newest[prefix] = (expiration, value)
+    return {prefix: summary for prefix, (_, summary) in newest.items()}
+
+
+def run_cards(dht: DHT, prefix: str) -> list[RunCard]:
+    """The validly signed cards published for `prefix`, one per (owner, run id), newest run first."""
+    cards: dict[tuple[PeerID, str], RunCard] = {}
+    for publisher, value, _ in _owned_entries(dht.get(f"{prefix}.recipe", latest=True)):
+        try:
+            card = RunCard.from_wire(value)
+        except ValueError as e:
+            logger.debug("Ignoring a run card published by %s: %s", publisher, e)
+            continue
+        if card.prefix == prefix:
+            cards[(card.owner, card.run_id)] = card
+    return sorted(cards.values(), key=lambda c: c.run_id, reverse=True)
+
+
+def choose_card(cards: list[RunCard], prefix: str, owner: PeerID | None) -> RunCard | None:
+    """The card of run `prefix` to trust: the newest run of `owner`, or with no owner given, of
+    the only owner there is. None if there is none (yet).
+
+    Raises:
+        ConfigError: no owner was given and several peers sign runs with this prefix.
+    """
+    if owner is not None:
+        mine = [c for c in cards if c.owner == owner]
+        if not mine and cards:
+            logger.warning(
+                "Run %r is published by %s, not by %s as --run says; waiting for the right owner",
+                prefix, ", ".join(sorted({str(c.owner) for c in cards})), owner,
+            )  # fmt: skip
+        return mine[0] if mine else None
+    owners = sorted({str(c.owner) for c in cards})
+    if len(owners) > 1:
+        raise ConfigError(
+            f"run {prefix!r} is published by {len(owners)} different peers ({', '.join(owners)}), so anyone could "
+            f"have published it; pass --run {prefix}@OWNER with the owner `hive start` printed"
+        )
+    return cards[0] if cards else None
 
 
 def choose_run(dht: DHT, prefix: str | None) -> str:
@@ -87,31 +159,58 @@ def choose_run(dht: DHT, prefix: str | None) -> str:
     raise ConfigError(f"this DHT has {len(runs)} runs ({', '.join(sorted(runs))}); choose one with --run PREFIX")
 
 
-def fetch_recipe(dht: DHT, prefix: str) -> dict[str, Any]:
-    """The recipe a run published. Raises ConfigError if there is none."""
-    found = dht.get(f"{prefix}.recipe", latest=True)
-    if found is None or not isinstance(found.value, dict):
-        raise ConfigError(
-            f"run {prefix!r} has no recipe in the DHT; check --run (`hive peers ADDRESS` lists the runs), "
-            f"or pass a local recipe file"
-        )
-    return found.value
+def wait_for_run(
+    dht: DHT,
+    prefix: str | None,
+    owner: PeerID | None,
+    timeout: float,
+    on_wait: Callable[[float], None] | None = None,
+) -> RunCard:
+    """The card of the run to join, waiting up to `timeout` seconds for it to be announced: a peer
+    started a moment ago publishes its run once its model is built. `on_wait(seconds waited)`
+    is called about twice a second while it waits.
+
+    Raises:
+        ConfigError: still no such run (signed by `owner`, if given) after `timeout`, several runs
+            and none chosen, or several owners for the prefix and none chosen.
+    """
+    began = time.monotonic()
+    deadline = began + timeout
+    while True:
+        try:
+            chosen = choose_run(dht, prefix)
+        except ConfigError:
+            several = prefix is None and len(list_runs(dht)) > 1  # waiting would not help
+            if several or time.monotonic() >= deadline:
+                raise
+        else:
+            card = choose_card(run_cards(dht, chosen), chosen, owner)
+            if card is not None:
+                return card
+            if time.monotonic() >= deadline:
+                signed_by = f" signed by {owner}" if owner is not None else ""
+                raise ConfigError(
+                    f"run {chosen!r} has no recipe{signed_by} in the DHT; check --run (`hive peers ADDRESS` lists "
+                    f"the runs), or pass a local recipe file"
+                )
+        if on_wait is not None:
+            on_wait(time.monotonic() - began)
+        time.sleep(0.5)
 
 
-def trusted_recipe(
-    data: dict[str, Any], prefix: str, overrides: list[str] | None, trusted: bool, instead: str
-) -> Recipe:
-    """A recipe fetched from the DHT, validated. It is data, never code: one that names user code
-    (module:function) is refused unless `trusted`.
+def trusted_recipe(card: RunCard, overrides: list[str] | None, trusted: bool, instead: str) -> Recipe:
+    """A run's recipe from its card, validated. It is data, never code: one that names user code
+    (module:function) is refused unless `trusted`. Keys that act on this machine (output.dir,
+    data.root, network.*) are never in it: they come from this machine's flags and environment.
 
     Raises:
         ConfigError: invalid, or names user code without `trusted`; `instead` says what else to do.
     """
-    recipe = load_recipe(None, overrides, data=data)
+    recipe = load_recipe(None, overrides, data=card.recipe)
     if recipe.user_code() and not trusted:
         raise ConfigError(
-            f"the recipe of run {prefix!r} names code to run on this machine ({', '.join(recipe.user_code())}); "
-            f"read the recipe, then pass --trust-recipe, or {instead}"
+            f"the recipe of run {card.prefix!r} names code to run on this machine "
+            f"({', '.join(recipe.user_code())}); read the recipe, then pass --trust-recipe, or {instead}"
         )
     return recipe
 
@@ -122,38 +221,11 @@ def check_run_prefix(run: str | None, recipe: Recipe, path: object) -> None:
         raise ConfigError(f"--run {run!r} does not match run.prefix = {recipe.run.prefix!r} in {path}; drop one")
 
 
-def wait_for_recipe(
-    dht: DHT, prefix: str | None, timeout: float, on_wait: Callable[[float], None] | None = None
-) -> tuple[str, dict[str, Any]]:
-    """(prefix, recipe) of the run to join, waiting up to `timeout` seconds for it to be
-    announced: a peer started a moment ago publishes its run once its model is built.
-    `on_wait(seconds waited)` is called about twice a second while it waits.
-
-    Raises:
-        ConfigError: still no such run after `timeout`, or several runs and none chosen.
-    """
-    began = time.monotonic()
-    deadline = began + timeout
-    while True:
-        try:
-            chosen = choose_run(dht, prefix)
-            return chosen, fetch_recipe(dht, chosen)
-        except ConfigError:
-            several = prefix is None and len(list_runs(dht)) > 1  # waiting would not help
-            if several or time.monotonic() >= deadline:
-                raise
-        if on_wait is not None:
-            on_wait(time.monotonic() - began)
-        time.sleep(0.5)
-
-
 def publish_progress(dht: DHT, prefix: str, progress: dict[str, Any], ttl: float) -> None:
-    dht.store(f"{prefix}.progress", progress, get_dht_time() + ttl, subkey=str(dht.peer_id))
+    dht.store(f"{prefix}.progress", progress, get_dht_time() + ttl, subkey=owned_subkey(dht.peer_id))
 
 
 def fetch_progress(dht: DHT, prefix: str) -> dict[str, dict[str, Any]]:
-    """{peer id: progress} of the peers of a run that reported recently."""
+    """{peer id: progress} of the peers of a run that reported recently, each written by that peer."""
     found = dht.get(f"{prefix}.progress", latest=True)
-    if found is None or not isinstance(found.value, dict):
-        return {}
-    return {k: v.value for k, v in found.value.items() if isinstance(k, str) and isinstance(v.value, dict)}
+    return {str(owner): value for owner, value, _ in _owned_entries(found) if isinstance(value, dict)}

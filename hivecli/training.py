@@ -37,7 +37,8 @@ from hivecli.optim.training_averager import all_finite
 from hivecli.progress import ProgressReporter, RunCounter, merge_records, others_records
 from hivecli.recipe import Recipe
 from hivecli.registry import build_model, load_dataset
-from hivecli.runs import publish_run
+from hivecli.runcard import RunCard
+from hivecli.runs import new_card, publish_run
 from hivecli.schedule import Schedule
 from hivecli.utils.timing import get_dht_time
 
@@ -100,6 +101,8 @@ class Trainer:
         run_id: the run's id, announced with the run.
         joining: the run exists already: load its state from a peer before training.
         fresh: do not resume from a checkpoint in `run_dir`.
+        card: the run's card (hivecli.runcard), republished as its owner signed it; None for a
+            run of this peer's own, whose card it signs when it first announces the run.
 
     Raises (from the constructor):
         ConfigError: the recipe's model, dataset or optimizer settings do not fit together.
@@ -115,9 +118,11 @@ class Trainer:
         run_id: str,
         joining: bool = False,
         fresh: bool = False,
+        card: RunCard | None = None,
     ):
         self.recipe, self.dht, self.run_dir, self.on_event = recipe, dht, run_dir, on_event
         self.run_id, self.joining, self.fresh = run_id, joining, fresh
+        self._card = card
         self.me = str(dht.peer_id)
         data = load_dataset(recipe.data)
         self.data = data
@@ -193,8 +198,9 @@ class Trainer:
         Raises:
             HiveError: the DHT could not store them.
         """
-        recipe = self.recipe.to_dict()
-        publish_run(self.dht, recipe, self.data.input_shape, self.data.num_classes, run_id=self.run_id)
+        if self._card is None:  # a run of our own: we sign its card
+            self._card = new_card(self.dht, self.recipe.to_dict(), self.run_id)
+        publish_run(self.dht, self._card, self.data.input_shape, self.data.num_classes)
 
     # ---- getting the state to start from --------------------------------------------------------------
 

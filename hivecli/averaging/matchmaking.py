@@ -1,7 +1,8 @@
 """Matchmaking: peers that call `step()` at about the same time form groups through the DHT.
 
-Each looking peer declares itself under the run's group key (`{prefix}.0b`, one subkey per
-peer) with an expiration T, and polls that key. Peers are ordered by (T, peer id), and a peer
+Each looking peer declares itself under the run's group key (`{prefix}.0b`, one owned subkey
+per peer, which only that peer can write) with an expiration T, and polls that key. Peers
+are ordered by (T, peer id), and a peer
 only asks peers *before* it to let it join; the first peer accepts. Requests therefore never
 form a cycle and nobody deadlocks, whatever each peer's view of the DHT is. A leader
 assembles its group the moment it is full, or at T with whoever joined (if at least
@@ -27,6 +28,7 @@ from hivecli._exceptions import HiveError, MatchmakingError
 from hivecli.averaging.group import GroupInfo, Member
 from hivecli.averaging.settings import AveragingSettings
 from hivecli.dht.node import DHTNode
+from hivecli.dht.records import owned_subkey, subkey_owner
 from hivecli.net.connection import EndOfStream, Stream
 from hivecli.net.identity import PeerID
 from hivecli.utils.loops import wait_event
@@ -102,7 +104,8 @@ class Matchmaker:
     async def _withdraw(self, expiration: float) -> None:
         # a value just after our declaration replaces it (the DHT keeps the newest per subkey)
         with contextlib.suppress(HiveError, OSError):
-            await self.node.store(self.group_key, None, math.nextafter(expiration, math.inf), self.peer_id.to_base58())
+            withdrawn = math.nextafter(expiration, math.inf)
+            await self.node.store(self.group_key, None, withdrawn, owned_subkey(self.peer_id))
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -200,7 +203,7 @@ class _Search:
         self.expiration = min(get_dht_time() + self.settings.min_matchmaking_time, deadline_dht)
         self.declared_expiration = self.expiration
         self.tried.clear()
-        await self.mm.node.store(self.mm.group_key, list(self.me.addrs), self.expiration, self.me.peer_id.to_base58())
+        await self.mm.node.store(self.mm.group_key, list(self.me.addrs), self.expiration, owned_subkey(self.me.peer_id))
 
     async def fetch_candidates(self) -> list[Candidate]:
         """Declared peers before us that we have not yet asked at their current declaration."""
@@ -209,12 +212,12 @@ class _Search:
             return []
         candidates = []
         for subkey, entry in found.value.items():
-            if not isinstance(subkey, str) or not isinstance(entry.value, list) or not entry.value:
-                continue  # withdrawn (None) or malformed
             try:
-                peer = PeerID.from_base58(subkey)
+                peer = subkey_owner(subkey)  # only the peer itself can have written its own subkey
             except ValueError:
                 continue
+            if peer is None or not isinstance(entry.value, list) or not entry.value:
+                continue  # withdrawn (None), malformed, or anybody's word
             candidate = Candidate(entry.expiration_time, peer, tuple(a for a in entry.value if isinstance(a, str)))
             if peer == self.me.peer_id or (candidate.expiration, peer) >= self.order:
                 continue

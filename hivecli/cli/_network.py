@@ -9,6 +9,8 @@ from typing import Annotated
 import typer
 
 from hivecli._exceptions import ConfigError
+from hivecli.net.connection import NetSettings
+from hivecli.net.secure import SecuritySettings, load_swarm_key
 
 HostOption = Annotated[
     str,
@@ -29,6 +31,14 @@ InitialPeersOption = Annotated[
         "--initial-peers",
         envvar="HIVE_INITIAL_PEERS",
         help="Multiaddr of a peer already in the DHT (repeatable; the env var takes a space-separated list).",
+    ),
+]
+SwarmKeyOption = Annotated[
+    str | None,
+    typer.Option(
+        "--swarm-key",
+        envvar="HIVE_SWARM_KEY",
+        help="A private swarm's key file (`hive keygen`): only peers holding the same key can connect.",
     ),
 ]
 IdentityOption = Annotated[
@@ -82,3 +92,15 @@ def split_peer_list(values: list[str] | None) -> list[str]:
             )
         peers.extend(parts)
     return peers
+
+
+def net_settings(swarm_key: str | None) -> NetSettings:
+    """Network settings for a node started from the command line: encrypted links, and the
+    private swarm of `swarm_key` (a file path) if given.
+
+    Raises:
+        ConfigError: the swarm key file is missing or malformed (the message names it and the fix).
+    """
+    if not swarm_key:
+        return NetSettings()
+    return NetSettings(security=SecuritySettings(swarm_key=load_swarm_key(swarm_key)))

@@ -14,8 +14,10 @@ from hivecli.cli._network import (
     IdentityOption,
     InitialPeersOption,
     PortOption,
+    SwarmKeyOption,
     announce_maddrs,
     listen_maddr,
+    net_settings,
     split_peer_list,
 )
 from hivecli.cli._signals import stop_on_signals
@@ -29,6 +31,7 @@ def dht(
     announce: AnnounceOption = None,
     initial_peers: InitialPeersOption = None,
     identity: IdentityOption = None,
+    swarm_key: SwarmKeyOption = None,
     refresh_period: Annotated[
         float,
         typer.Option("--refresh-period", min=0.1, help="Seconds between maintenance passes and status lines."),
@@ -47,6 +50,7 @@ def dht(
         host_maddrs=[listen_maddr(host, port)],
         announce_maddrs=announce_maddrs(announce, port),
         identity_path=identity,
+        net_settings=net_settings(swarm_key),
         refresh_period=refresh_period,
     )
     with stop_on_signals() as stop:

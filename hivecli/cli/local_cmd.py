@@ -25,6 +25,7 @@ import typer
 from hivecli._exceptions import ConfigError, HiveError
 from hivecli.cli import _output
 from hivecli.cli._errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
+from hivecli.cli._network import SwarmKeyOption, net_settings
 from hivecli.cli._signals import stop_on_signals
 from hivecli.cli.train_cmd import JsonFlag, MaxSecondsFlag, MaxStepsFlag, SetFlag
 
@@ -77,11 +78,11 @@ class _Peer:
             except queue.Empty:
                 if self.proc.poll() is not None:
                     code = self.proc.returncode
-                    raise HiveError(f"peer {self.index} exited with code {code} before it listened") from None
+                    raise HiveError(f"peer {self.index} exited with code {code} before its {name!r} event") from None
                 continue
             if event.get("event") == name:
                 return event
-        raise HiveError(f"peer {self.index} did not report its address within {timeout:g} s")
+        raise HiveError(f"peer {self.index} sent no {name!r} event within {timeout:g} s")
 
     def close(self, timeout: float) -> int:
         try:
@@ -104,6 +105,7 @@ def local(
     set_values: SetFlag = None,
     max_steps: MaxStepsFlag = None,
     max_seconds: MaxSecondsFlag = None,
+    swarm_key: SwarmKeyOption = None,
     json_output: JsonFlag = False,
 ) -> None:
     """Run N peers of a recipe on this machine: the first starts the run, the others join it.
@@ -136,6 +138,9 @@ def local(
         common += ["--max-steps", str(max_steps)]
     if max_seconds is not None:
         common += ["--max-seconds", str(max_seconds)]
+    if swarm_key:
+        net_settings(swarm_key)  # a bad key file fails here, once, not in N children
+        common += ["--swarm-key", swarm_key]
     peers: list[_Peer] = []
 
     def pass_on(signal_name: str) -> None:  # the first SIGINT or SIGTERM goes to every peer, once
@@ -153,6 +158,7 @@ def local(
             peers.append(_Peer(0, [*base, "start", str(recipe), *common, *port_of(0)], json_output, env))
             try:
                 address = peers[0].wait_for_event("listening", STARTUP_TIMEOUT)["maddrs"][0]
+                run = peers[0].wait_for_event("run", STARTUP_TIMEOUT)  # the joiners take only its owner's recipe
             except HiveError:
                 if interrupted.is_set():
                     raise typer.Exit(interrupted.exit_code) from None
@@ -161,9 +167,8 @@ def local(
             for index in range(1, n):
                 if interrupted.is_set():
                     break
-                peers.append(
-                    _Peer(index, [*base, "join", address, str(recipe), *common, *port_of(index)], json_output, env)
-                )
+                joiner = [*base, "join", address, str(recipe), "--run", f"{run['prefix']}@{run['owner']}"]
+                peers.append(_Peer(index, [*joiner, *common, *port_of(index)], json_output, env))
             while any(peer.proc.poll() is None for peer in peers):
                 time.sleep(0.2)
         finally:

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from hivecli.cli import _output
+from hivecli.cli._network import SwarmKeyOption, net_settings
 
 
 def peers(
@@ -27,6 +28,7 @@ def peers(
     interval: Annotated[
         float, typer.Option("--interval", min=0.5, help="Seconds between refreshes with --watch.")
     ] = 2.0,
+    swarm_key: SwarmKeyOption = None,
 ) -> None:
     """List the peers of a DHT and the training runs in it.
 
@@ -37,7 +39,7 @@ def peers(
     from hivecli.net.multiaddr import parse_peer_maddr
 
     start = parse_peer_maddr(address)
-    with DHT(client_mode=True, wait_timeout=min(3.0, timeout)) as client:
+    with DHT(client_mode=True, wait_timeout=min(3.0, timeout), net_settings=net_settings(swarm_key)) as client:
         found = client.run_coroutine(lambda _dht, node: crawl(node, start, max_peers=max_peers, timeout=timeout))
         client.run_coroutine(lambda _dht, node: node.bootstrap([start]))  # reads of run records need a routing table
         while True:
@@ -62,6 +64,7 @@ def _runs(client: Any, only: str | None) -> dict[str, dict[str, Any]]:
     from hivecli.utils.timing import get_dht_time
 
     announced = list_runs(client)
+    only = only.rpartition("@")[0] or only if only else None  # PREFIX@OWNER, as `hive start` prints it
     prefixes = [only] if only else sorted(announced)
     now = get_dht_time()
     result = {}

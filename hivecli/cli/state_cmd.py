@@ -11,6 +11,7 @@ import typer
 
 from hivecli._exceptions import ConfigError, HiveError
 from hivecli.cli import _output
+from hivecli.cli._network import SwarmKeyOption, net_settings
 from hivecli.cli.train_cmd import RunFlag, TrustRecipeFlag
 
 
@@ -36,6 +37,7 @@ def pull_state(
             "--timeout", min=1.0, help="Seconds to wait for the run to be announced, find a donor and download."
         ),
     ] = 120.0,
+    swarm_key: SwarmKeyOption = None,
 ) -> None:
     """Download the current model and optimizer state of a run from one of its peers.
 
@@ -46,16 +48,19 @@ def pull_state(
 
     from hivecli.dht.dht import DHT
     from hivecli.recipe import load_recipe
-    from hivecli.runs import check_run_prefix, list_runs, trusted_recipe, wait_for_recipe
+    from hivecli.runcard import parse_run_ref
+    from hivecli.runs import check_run_prefix, list_runs, trusted_recipe, wait_for_run
 
-    with DHT(initial_peers=[address], client_mode=True, start=True) as dht:
+    wanted, owner = parse_run_ref(run) if run else (None, None)
+    with DHT(initial_peers=[address], client_mode=True, net_settings=net_settings(swarm_key), start=True) as dht:
         if recipe is not None:
             loaded = load_recipe(recipe)
-            check_run_prefix(run, loaded, recipe)
+            check_run_prefix(wanted, loaded, recipe)
             prefix = loaded.run.prefix
         else:
-            prefix, data = wait_for_recipe(dht, run, max(0.0, deadline - time.monotonic()), on_wait=_say_waiting(run))
-            loaded = trusted_recipe(data, prefix, None, trust_recipe, instead="pass a local --recipe")
+            card = wait_for_run(dht, wanted, owner, max(0.0, deadline - time.monotonic()), _say_waiting(wanted))
+            loaded = trusted_recipe(card, None, trust_recipe, instead="pass a local --recipe")
+            prefix = card.prefix
         summary = list_runs(dht).get(prefix, {})
         state = _download(dht, loaded, summary, deadline, timeout)
     # the validated run.prefix, never the DHT's key (any string, e.g. "/etc/x"), names the file
@@ -91,7 +96,7 @@ def _destination(output: str) -> tuple[Path, str | None]:
 
 
 def _say_waiting(run: str | None) -> Any:
-    """An `on_wait` for wait_for_recipe: one line on stderr the first time it waits."""
+    """An `on_wait` for wait_for_run: one line on stderr the first time it waits."""
     said = []
 
     def on_wait(_seconds: float) -> None:

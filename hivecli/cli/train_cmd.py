@@ -27,8 +27,10 @@ from hivecli.cli._network import (
     AnnounceOption,
     IdentityOption,
     InitialPeersOption,
+    SwarmKeyOption,
     announce_maddrs,
     listen_maddr,
+    net_settings,
     split_peer_list,
 )
 from hivecli.recipe import Recipe, load_recipe
@@ -61,7 +63,14 @@ FreshFlag = Annotated[
         help="Do not resume from this peer's checkpoints; start a new run (start) or take the run's state (join).",
     ),
 ]
-RunFlag = Annotated[str | None, typer.Option("--run", help="The run's prefix, if the DHT has several runs.")]
+RunFlag = Annotated[
+    str | None,
+    typer.Option(
+        "--run",
+        help="The run to join: PREFIX@OWNER as `hive start` printed it (only a recipe signed by OWNER is taken), "
+        "or PREFIX alone if one peer publishes it.",
+    ),
+]
 TrustRecipeFlag = Annotated[
     bool, typer.Option("--trust-recipe", help="Run the user code (module:function) a fetched recipe names.")
 ]
@@ -77,6 +86,7 @@ def start(
     announce: AnnounceOption = None,
     initial_peers: InitialPeersOption = None,
     identity: IdentityOption = None,
+    swarm_key: SwarmKeyOption = None,
     set_values: SetFlag = None,
     max_steps: MaxStepsFlag = None,
     max_seconds: MaxSecondsFlag = None,
@@ -90,7 +100,7 @@ def start(
     overrides = _overrides(set_values, host, port, max_steps, max_seconds)
     loaded = load_recipe(recipe, overrides)
     peers = split_peer_list(initial_peers) or list(loaded.network.initial_peers)
-    _run_peer(loaded, overrides, peers, announce, identity, json_output, join=False, fresh=fresh)
+    _run_peer(loaded, overrides, peers, announce, identity, swarm_key, json_output, join=False, fresh=fresh)
 
 
 def join(
@@ -105,6 +115,7 @@ def join(
     announce: AnnounceOption = None,
     initial_peers: InitialPeersOption = None,
     identity: IdentityOption = None,
+    swarm_key: SwarmKeyOption = None,
     set_values: SetFlag = None,
     max_steps: MaxStepsFlag = None,
     max_seconds: MaxSecondsFlag = None,
@@ -119,12 +130,13 @@ def join(
     peers = split_peer_list([address, *(initial_peers or [])])
     local = load_recipe(recipe, overrides) if recipe is not None else None
     if local is not None:
+        from hivecli.runcard import parse_run_ref
         from hivecli.runs import check_run_prefix
 
-        check_run_prefix(run, local, recipe)
+        check_run_prefix(parse_run_ref(run)[0] if run else None, local, recipe)
     _run_peer(
-        local, overrides, peers, announce, identity, json_output, join=True, run=run, trust_recipe=trust_recipe,
-        fresh=fresh,
+        local, overrides, peers, announce, identity, swarm_key, json_output, join=True, run=run,
+        trust_recipe=trust_recipe, fresh=fresh,
     )  # fmt: skip
 
 
@@ -152,6 +164,7 @@ def _run_peer(
     peers: list[str],
     announce: list[str] | None,
     identity: str | None,
+    swarm_key: str | None,
     json_output: bool,
     *,
     join: bool,
@@ -176,6 +189,7 @@ def _run_peer(
         host_maddrs=[listen_maddr(network.host, network.port)],
         announce_maddrs=announce_maddrs(list(announce or network.announce), network.port),
         identity_path=identity or network.identity,
+        net_settings=net_settings(swarm_key),
         start=True,
     )
     display = Display(json_output, goal=None)
@@ -183,10 +197,11 @@ def _run_peer(
         maddrs = [str(m) for m in dht.get_visible_maddrs()]
         _announce(str(dht.peer_id), maddrs, json_output, time.monotonic() - began)
         with stop_on_signals(on_stop=display.stopping, second_interrupt_raises=True) as stop:
-            recipe, run_id, joining = _find_run(dht, recipe, overrides, display, stop, join, run, trust_recipe, fresh)
+            recipe, card, joining = _find_run(dht, recipe, overrides, display, stop, join, run, trust_recipe, fresh)
+            _announce_run(card, maddrs, json_output)
             display.goal = _describe_goal(recipe)
             if not stop.is_set():
-                _train(recipe, dht, display, stop, run_id=run_id, joining=joining, fresh=fresh)
+                _train(recipe, dht, display, stop, card=card, joining=joining, fresh=fresh)
     finally:
         display.close()
         dht.shutdown()
@@ -196,15 +211,18 @@ def _run_peer(
 def _find_run(
     dht: Any, recipe: Recipe | None, overrides: list[str], display: Any, stop: Any, join: bool, run: str | None,
     trust_recipe: bool, fresh: bool,
-) -> tuple[Recipe, str, bool]:  # fmt: skip
-    """(recipe, run id, whether the run already exists) for this peer: the run a joiner is
-    told to join, or for `start` the run of that prefix already in the DHT (then this peer
-    joins it), else the run this identity last trained in (resumed), else a new run."""
-    from hivecli.rundir import is_run_id, new_run_id, resumable_run
-    from hivecli.runs import list_runs, trusted_recipe, wait_for_recipe
+) -> tuple[Recipe, Any, bool]:  # fmt: skip
+    """(recipe, run card, whether the run already exists) for this peer: the run a joiner is
+    told to join, or for `start` the run of that prefix already training in the DHT (then this
+    peer joins it), else the run this identity last trained in (resumed), else a new run that
+    this peer owns."""
+    from hivecli.runcard import parse_run_ref
+    from hivecli.rundir import new_run_id, resumable_run
+    from hivecli.runs import new_card, run_cards, trusted_recipe, wait_for_run
 
-    if join:  # wait for the run to be announced: its recipe (unless we have one) and its run id come with it
-        wanted = recipe.run.prefix if recipe is not None else run
+    if join:  # wait for the run to be announced: its card (the owner-signed recipe and run id) comes with it
+        prefix, owner = parse_run_ref(run) if run else (None, None)
+        wanted = recipe.run.prefix if recipe is not None else prefix
         what = f"run {wanted}" if wanted else "a run"
 
         def waiting(elapsed: float) -> None:
@@ -213,22 +231,27 @@ def _find_run(
             display.event("waiting", {"what": f"{what} to be announced", "elapsed_s": round(elapsed, 1),
                                       "remaining_s": round(JOIN_WAIT_S - elapsed, 1)})  # fmt: skip
 
-        prefix, data = wait_for_recipe(dht, wanted, timeout=JOIN_WAIT_S, on_wait=waiting)
+        card = wait_for_run(dht, wanted, owner, timeout=JOIN_WAIT_S, on_wait=waiting)
         display.event("waiting", {"what": "run", "done": True})
+        if owner is None:
+            logger.info("Run %s is signed by its owner %s; pin it with --run %s", card.prefix, card.owner, card.address)
         if recipe is None:
-            recipe = trusted_recipe(data, prefix, overrides, trust_recipe, instead="join with a local recipe file")
+            recipe = trusted_recipe(card, overrides, trust_recipe, instead="join with a local recipe file")
             _output.stderr.print(f"Joining run [bold]{escape(recipe.run.prefix)}[/bold] with the recipe it published")
+        return recipe, card, True
+    assert recipe is not None
     prefix = recipe.run.prefix
-    announced = list_runs(dht).get(prefix, {}).get("run_id")
-    if is_run_id(announced) and (join or _live_peers(dht, recipe, announced)):
-        if fresh and not join:
+    live = [(n, c) for c in run_cards(dht, prefix) if (n := _live_peers(dht, recipe, c.run_id)) > 0]
+    if live:
+        card = max(live, key=lambda item: item[0])[1]  # the run most of its peers train in
+        if fresh:
             raise ConfigError(
-                f"--fresh starts a new run, but run {prefix!r} is training in this DHT (run id {announced}); "
+                f"--fresh starts a new run, but run {prefix!r} is training in this DHT (run id {card.run_id}); "
                 f"drop --fresh to join it, or choose another run.prefix"
             )
-        return recipe, announced, True
+        return recipe, card, True
     resumable = None if fresh else resumable_run(recipe.output.dir, prefix, str(dht.peer_id))
-    return recipe, resumable or new_run_id(), join
+    return recipe, new_card(dht, recipe.to_dict(), resumable or new_run_id()), False
 
 
 def _live_peers(dht: Any, recipe: Recipe, run_id: str) -> int:
@@ -257,19 +280,31 @@ def _announce(peer_id: str, maddrs: list[str], json_output: bool, seconds: float
     out.print(f"Peer [bold]{peer_id}[/bold] is listening at:")
     for maddr in maddrs:
         out.print(f"  {maddr}")
-    out.print("To join this run from another machine, run:")
-    out.print(f"  {join_line}")
     sys.stdout.flush()
 
 
-def _train(recipe: Recipe, dht: Any, display: Any, stop: Any, *, run_id: str, joining: bool, fresh: bool) -> None:
+def _announce_run(card: Any, maddrs: list[str], json_output: bool) -> None:
+    """The line to join this very run elsewhere: it names the run's owner, whose signature a
+    joiner then requires on the recipe."""
+    join_line = f"hive join {maddrs[0]} --run {card.address}"
+    if json_output:
+        _output.emit_json("run", prefix=card.prefix, run_id=card.run_id, owner=str(card.owner), join=join_line)
+    out = _output.stderr if json_output else _output.stdout
+    out.print("To join this run from another machine, run:", markup=False)
+    out.print(f"  {join_line}", markup=False)
+    sys.stdout.flush()
+
+
+def _train(recipe: Recipe, dht: Any, display: Any, stop: Any, *, card: Any, joining: bool, fresh: bool) -> None:
     from hivecli.rundir import claim, peer_dir
     from hivecli.training import Trainer
+
+    run_id = card.run_id
 
     run_dir = peer_dir(recipe.output.dir, recipe.run.prefix, run_id, str(dht.peer_id))
     try:
         claim(run_dir, recipe.run.prefix, run_id, str(dht.peer_id))
-        trainer = Trainer(recipe, dht, run_dir, display.event, run_id=run_id, joining=joining, fresh=fresh)
+        trainer = Trainer(recipe, dht, run_dir, display.event, run_id=run_id, joining=joining, fresh=fresh, card=card)
     except OSError as e:
         raise ConfigError(
             f"output.dir = {recipe.output.dir!r}: cannot write {e.filename or run_dir} ({e.strerror or e}); "
