@@ -22,6 +22,7 @@ from typing import Any
 from hivecli._exceptions import HiveError
 from hivecli.cores import fair_share
 from hivecli.dht.dht import DHT
+from hivecli.rundir import run_started
 from hivecli.runs import fetch_progress, publish_progress
 from hivecli.utils.timing import get_dht_time
 
@@ -92,6 +93,25 @@ def is_live(record: dict[str, Any], now: float, period: float) -> bool:
 def speed_of(record: dict[str, Any]) -> float:
     speed = record.get("samples_per_s")
     return float(speed) if isinstance(speed, (int, float)) and 0 <= speed < MAX_SPEED else 0.0
+
+
+MAX_STEPS_PER_SECOND = 1000  # faster than any real peer trains: a step beyond it is a lie
+
+
+def plausible_step(run_id: str, live_steps: list[int], now: float) -> int | None:
+    """The highest step a donor's state may claim: a donor is a stranger, and step 10**12 would
+    end a joiner's training at once. Bounded by what the run could have trained since its id
+    was stamped (UTC, signed by the run's owner) at MAX_STEPS_PER_SECOND, and by twice the
+    median step of the run's live peers (a majority of liars is needed to raise it). None
+    when there is nothing to go by."""
+    bounds = []
+    started = run_started(run_id)
+    if started is not None:
+        bounds.append(int(max(0.0, now - started) * MAX_STEPS_PER_SECOND) + 1000)
+    if live_steps:
+        ordered = sorted(live_steps)
+        bounds.append(2 * max(0, ordered[(len(ordered) - 1) // 2]) + 1000)
+    return min(bounds) if bounds else None
 
 
 def others_records(dht: DHT, prefix: str, run_id: str) -> dict[str, dict[str, Any]]:

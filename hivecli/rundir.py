@@ -15,6 +15,7 @@ No torch here.
 
 from __future__ import annotations
 
+import calendar
 import json
 import re
 import secrets
@@ -32,6 +33,16 @@ def new_run_id() -> str:
 
 def is_run_id(value: object) -> bool:
     return isinstance(value, str) and bool(_RUN_ID.match(value))
+
+
+def run_started(run_id: str) -> float | None:
+    """When run `run_id` started (Unix time, from the UTC stamp in its id), or None if the id has none."""
+    if not is_run_id(run_id):
+        return None
+    try:
+        return calendar.timegm(time.strptime(run_id[:15], "%Y%m%d-%H%M%S"))
+    except ValueError:
+        return None
 
 
 def peer_dir(output_dir: str | Path, prefix: str, run_id: str, peer_id: str) -> Path:

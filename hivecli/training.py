@@ -34,7 +34,7 @@ from hivecli.dht.dht import DHT
 from hivecli.guard import DivergenceGuard
 from hivecli.optim import DecentralizedOptimizer
 from hivecli.optim.training_averager import all_finite
-from hivecli.progress import ProgressReporter, RunCounter, merge_records, others_records
+from hivecli.progress import ProgressReporter, RunCounter, is_live, merge_records, others_records, plausible_step
 from hivecli.recipe import Recipe
 from hivecli.registry import build_model, load_dataset
 from hivecli.runcard import RunCard
@@ -254,13 +254,25 @@ class Trainer:
                 )
             logger.warning("No peer of run %r shared its newer state; going on from this peer's checkpoint", prefix)
 
+    def plausible_step(self) -> int | None:
+        """The highest step a donor's state may claim (see hivecli.progress.plausible_step)."""
+        try:
+            records = others_records(self.dht, self.recipe.run.prefix, self.run_id).values()
+        except HiveError:
+            records = []
+        now, period = get_dht_time(), self.recipe.output.report_every_seconds
+        steps = [r["step"] for r in records if is_live(r, now, period) and type(r.get("step")) is int]
+        return plausible_step(self.run_id, steps, time.time())
+
     def load_state_from_peers(self, stop: threading.Event, timeout: float) -> bool:
         """Take the run's current parameters, optimizer state, step and sample counts from a
         peer. False if no peer shared its state within `timeout`, or `stop` was set."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and not stop.is_set():
             try:
-                loaded = self.opt.averager.load_state_from_peers(timeout=max(1.0, deadline - time.monotonic()))
+                loaded = self.opt.averager.load_state_from_peers(
+                    timeout=max(1.0, deadline - time.monotonic()), max_step=self.plausible_step()
+                )
             except HiveError as e:
                 logger.warning("Could not load the run's state: %s; retrying", e)
                 loaded = None

@@ -19,6 +19,7 @@ from hivecli import DHT, ConfigError
 from hivecli._exceptions import MatchmakingError
 from hivecli.averaging import DecentralizedAverager, Stage, load_balance
 from hivecli.averaging.partition import Layout
+from hivecli.dht.records import subkey_owner
 from hivecli.testing import local_swarm, wait_for
 
 DHT_FAST = {"wait_timeout": 1.0}
@@ -63,7 +64,7 @@ def declared_donors(dht, prefix):
     found = dht.get(f"{prefix}.all_averagers", latest=True)
     if found is None or not isinstance(found.value, dict):
         return {}
-    return {k: v.value for k, v in found.value.items() if v.value is not None}
+    return {str(subkey_owner(k)): v.value for k, v in found.value.items() if v.value is not None}
 
 
 # ---- plain averaging --------------------------------------------------------------------------

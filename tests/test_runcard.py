@@ -128,3 +128,18 @@ def test_a_stranger_cannot_replace_a_runs_recipe_in_the_dht() -> None:
         with pytest.raises(ConfigError, match="different peers"):
             wait_for_run(joiner_dht, "demo", None, timeout=1)
         assert list_runs(joiner_dht)["demo"]["prefix"] == "demo"
+
+
+def test_a_donors_step_must_be_plausible_for_the_run() -> None:
+    """A donor claiming step 10**12 (it would end a joiner's training at once) is over the bound."""
+    from hivecli.progress import plausible_step
+    from hivecli.rundir import run_started
+
+    run_id = "20261202-150000-abcd"
+    started = run_started(run_id)
+    assert started is not None and run_started("not-a-run-id") is None
+    an_hour = plausible_step(run_id, [], started + 3600)
+    assert an_hour is not None and 3600 * 100 < an_hour < 10**12  # fast peers fit, absurd claims do not
+    # the run's live peers say where it is: one liar among three does not move the median
+    assert plausible_step(run_id, [500, 510, 10**12], started + 3600) == 2 * 510 + 1000
+    assert plausible_step("custom", [], 0.0) is None

@@ -13,6 +13,16 @@ alive (each chunk is the weighted mean of the peers that delivered it, and every
 gets the same values). A reducer that fails leaves its span at the sender's local values.
 Averages are applied to the tensors only once a whole span has arrived, so a half-received
 part is never used.
+
+Hostile members: a reducer drops a sender whose chunk holds a NaN or an infinity, and caps
+every weight at `max_weight_ratio` times the median (robust.py); `aggregation` can replace
+the weighted mean by a trimmed mean or CenteredClip. A sender keeps its local values for the
+span of a reducer that returns a non-finite average. Both kinds of offenders end up in
+`offenders`, which the averager bans for `ban_duration`; banned members are neither served
+nor sent to (their spans keep local values). A reducer that returns finite but wrong values
+is not detected yet: that needs an audit where members first commit to their inputs (a hash
+per chunk, sent to every member), so that a result can be recomputed at random positions
+afterwards without taking any single member's word for what it sent.
 """
 
 from __future__ import annotations
@@ -21,7 +31,7 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import torch
@@ -30,14 +40,20 @@ from hivecli._exceptions import AllreduceError, HiveError
 from hivecli.averaging.compression import Codec, tensor_bytes
 from hivecli.averaging.group import GroupInfo
 from hivecli.averaging.partition import Chunk, Layout, load_balance
+from hivecli.averaging.robust import aggregate, all_finite, cap_weights
 from hivecli.averaging.settings import AveragingSettings
 from hivecli.net.connection import EndOfStream, Stream
 from hivecli.net.host import Host
+from hivecli.net.identity import PeerID
 
 logger = logging.getLogger(__name__)
 
 PART_METHOD = "avg.part"
 READY = "ready"
+
+
+class HostilePeerError(HiveError):
+    """A peer sent values no honest peer sends (NaN or infinity); it is dropped and banned."""
 
 
 class BufferPool:
@@ -108,8 +124,10 @@ class AllReduceRunner:
         codec: Codec,
         settings: AveragingSettings,
         pool: BufferPool,
+        banned: Collection[PeerID] = (),
     ):
         self.host, self.group, self.tensors = host, group, list(tensors)
+        self.banned = set(banned)
         self.weight, self.codec, self.settings, self.pool = weight, codec, settings, pool
         self.index = group.index_of(host.peer_id)
         self.flat = [t.view(-1) for t in self.tensors]
@@ -122,11 +140,13 @@ class AllReduceRunner:
         self.my_chunks = self.layout.chunks(*self.spans[self.index], self.chunk_elements)
         self.loop = asyncio.get_running_loop()
         self.failed_peers: dict[int, str] = {}  # member index -> why it was dropped
+        self.offenders: dict[PeerID, str] = {}  # members caught sending non-finite values -> why
         # reducer state; a sender is "alive" until it fails, and chunk c of our span is final once
         # every alive sender has delivered it
         self._alive = set(self._expected_senders())
         self._arrived: set[int] = set()
         self._weights: dict[int, float] = {}
+        self._capped: dict[int, float] | None = None  # member -> weight after the cap, set at the first chunk
         self._buffers: dict[int, _ChunkedBuffer] = {}
         self._delivered: dict[int, int] = {}  # sender -> chunks received from it
         self._served = {i: self.loop.create_future() for i in self._alive}  # its averages were received
@@ -151,6 +171,9 @@ class AllReduceRunner:
                 reason,
             )
 
+    def _offend(self, index: int, reason: str) -> None:
+        self.offenders.setdefault(self.group.members[index].peer_id, reason)
+
     async def run(self) -> None:
         """Average in place with the group.
 
@@ -160,7 +183,10 @@ class AllReduceRunner:
         tasks = [self.loop.create_task(self._reduce())]
         for j in range(len(self.group.members)):
             if j != self.index and self.spans[j][1] > self.spans[j][0]:
-                tasks.append(self.loop.create_task(self._exchange_with(j)))
+                if self.group.members[j].peer_id in self.banned:
+                    self._drop(j, "it is banned for earlier hostile values; kept local values for its span")
+                else:
+                    tasks.append(self.loop.create_task(self._exchange_with(j)))
         try:
             async with asyncio.timeout(self.settings.allreduce_timeout):
                 await asyncio.gather(*tasks)
@@ -192,6 +218,9 @@ class AllReduceRunner:
                 self._fail_sender(i, reason)
 
         timer = self.loop.call_later(self.settings.request_timeout, no_show)
+        for i in list(self._alive):  # refused at once rather than waited for
+            if self.group.members[i].peer_id in self.banned:
+                self._fail_sender(i, "it is banned for earlier hostile values; its part is refused")
         try:
             self._finalize_ready_chunks()
             while self._finalized < len(self.my_chunks):
@@ -227,15 +256,51 @@ class AllReduceRunner:
             c = self._finalized
             if any(self._delivered.get(k, 0) <= c for k in self._alive):
                 break
-            # a running weighted mean: one fused pass (lerp) per sender, no temporary buffers
-            mean, weight = self._piece(self.my_chunks[c]), self.weight
-            for k in sorted(self._alive):
-                if self._weights[k] > 0:
-                    weight += self._weights[k]
-                    mean.lerp_(self._buffers[k].decode(c).to(mean.dtype), self._weights[k] / weight)
+            weights = self._capped_weights()
+            piece = self._piece(self.my_chunks[c])
+            if self.settings.aggregation == "mean":
+                # a running weighted mean: one fused pass (lerp) per sender, no temporary buffers
+                weight = weights[self.index]
+                for k in sorted(self._alive):
+                    if weights[k] > 0:
+                        weight += weights[k]
+                        piece.lerp_(self._buffers[k].decode(c).to(piece.dtype), weights[k] / weight)
+            else:
+                self._robust_chunk(c, piece, weights)
             self._finalized += 1
         if self._finalized > before:
             self._pulse()
+
+    def _capped_weights(self) -> dict[int, float]:
+        """Member -> weight after the cap. Computed once, at the first final chunk: by then every
+        alive sender has arrived with its weight, so every chunk uses the same weights."""
+        if self._capped is None:
+            members = [self.index, *sorted(self._weights)]
+            raw = [self.weight, *(self._weights[k] for k in members[1:])]
+            self._capped = dict(zip(members, cap_weights(raw, self.settings.max_weight_ratio), strict=True))
+            for k, w in zip(members, raw, strict=True):
+                if self._capped[k] < w:
+                    logger.info(
+                        "Averaging round %s: capped the weight of peer %s from %g to %g (max_weight_ratio = %g "
+                        "times the group's median weight)",
+                        self.group.group_id.hex()[:8],
+                        self.group.members[k].peer_id,
+                        w,
+                        self._capped[k],
+                        self.settings.max_weight_ratio,
+                    )
+        return self._capped
+
+    def _robust_chunk(self, c: int, piece: torch.Tensor, weights: dict[int, float]) -> None:
+        """Aggregate chunk c by a robust rule into our tensors; weights only exclude zero-weight peers."""
+        dtype = torch.promote_types(piece.dtype, torch.float32)  # no sorting or norms in half precision
+        values = [piece.to(dtype)] if weights[self.index] > 0 else []
+        values += [self._buffers[k].decode(c).to(dtype) for k in sorted(self._alive) if weights[k] > 0]
+        if len(values) == 1:
+            piece.copy_(values[0])
+        elif values:
+            s = self.settings
+            piece.copy_(aggregate(torch.stack(values), s.aggregation, s.trim_fraction, s.clip_iterations, s.clip_tau))
 
     async def serve_sender(self, stream: Stream, payload: Any) -> None:
         """Receive one sender's part and stream the averages back as chunks become final.
@@ -283,7 +348,10 @@ class AllReduceRunner:
         try:
             for c in range(len(self.my_chunks)):
                 message = await stream.recv(timeout=self.settings.next_chunk_timeout)
-                received.place(c, message.payload, message.body)
+                if not all_finite(received.place(c, message.payload, message.body)):
+                    reason = f"it sent a non-finite value (NaN or inf) in chunk {c} of its part"
+                    self._offend(sender, reason)
+                    raise HostilePeerError(reason)
                 self._delivered[sender] = c + 1
                 self._finalize_ready_chunks()
         except (HiveError, EndOfStream, ValueError) as e:
@@ -317,12 +385,17 @@ class AllReduceRunner:
                     # the first averaged chunk can only come once every sender has delivered
                     timeout = None if i == 0 else self.settings.next_chunk_timeout
                     message = await stream.recv(timeout=timeout)
-                    results.place(i, message.payload, message.body)
+                    if not all_finite(results.place(i, message.payload, message.body)):
+                        raise HostilePeerError(f"it returned a non-finite average (NaN or inf) in chunk {i}")
                 await sending
                 await stream.end()  # tells the reducer we have everything: it may reuse its buffers
                 stream = None
             finally:
                 sending.cancel()
+        except HostilePeerError as e:
+            self._offend(j, str(e))
+            self._drop(j, f"{e}; kept local values for its span")
+            return
         except (HiveError, EndOfStream, ValueError, OSError, asyncio.TimeoutError) as e:
             self._drop(j, f"did not return its averaged part: {e or type(e).__name__}; kept local values there")
             return

@@ -3,6 +3,11 @@
 It lives on the DHT's event loop and host (same peer id, same connections). `step()` finds a
 group (matchmaking.py), averages in place with it (allreduce.py) and returns what each member
 passed as `gather`. `load_state_from_peers()` downloads another peer's state (state.py).
+
+Peers caught hostile (non-finite values sent or returned in a round, an invalid state served)
+are banned for `ban_duration`: `banned_peers` lists them; rounds neither serve nor send to
+them and state downloads skip them. Matchmaking does not know the list yet, so a banned peer
+can still be in our groups; its span then keeps our local values.
 """
 
 from __future__ import annotations
@@ -27,13 +32,21 @@ from hivecli.averaging.allreduce import PART_METHOD, AllReduceRunner, BufferPool
 from hivecli.averaging.compression import Codec, get_codec
 from hivecli.averaging.matchmaking import JOIN_METHOD, Matchmaker
 from hivecli.averaging.settings import AveragingSettings
-from hivecli.averaging.state import STATE_METHOD, StateServer, StateSnapshot, download_state, find_donors
+from hivecli.averaging.state import (
+    STATE_METHOD,
+    InvalidStateError,
+    StateServer,
+    StateSnapshot,
+    download_state,
+    find_donors,
+)
 from hivecli.dht.dht import DHT
 from hivecli.dht.node import DHTNode
 from hivecli.net.connection import Stream
 from hivecli.net.identity import PeerID
 
 logger = logging.getLogger(__name__)
+StateValidator = Callable[[Any, list[torch.Tensor]], None]
 _SETTING_NAMES = [f.name for f in dataclasses.fields(AveragingSettings)]
 
 
@@ -143,6 +156,7 @@ class DecentralizedAverager:
         self._steps: set[asyncio.Task[Any]] = set()
         self._step_lock: asyncio.Lock | None = None  # one step at a time; a cancelled one unwinds first
         self._running = False
+        self._banned: dict[PeerID, tuple[float, str]] = {}  # peer -> (time.monotonic() it ends, why)
         if start:
             self.run_in_background()
 
@@ -207,6 +221,21 @@ class DecentralizedAverager:
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
 
+    # ---- banned peers -----------------------------------------------------------------------------
+
+    @property
+    def banned_peers(self) -> dict[PeerID, str]:
+        """Peers banned for hostile behaviour, and why; each ban lasts `ban_duration` seconds."""
+        now = time.monotonic()
+        return {peer: why for peer, (until, why) in list(self._banned.items()) if until > now}
+
+    def ban(self, peer: PeerID, reason: str) -> None:
+        """Refuse `peer` as a sender, reducer and state donor for `ban_duration` seconds."""
+        if self.settings.ban_duration > 0:
+            self._banned[peer] = (time.monotonic() + self.settings.ban_duration, reason)
+            for expired in [p for p, (until, _) in list(self._banned.items()) if until <= time.monotonic()]:
+                self._banned.pop(expired, None)
+
     # ---- tensors --------------------------------------------------------------------------------
 
     @contextlib.contextmanager
@@ -230,7 +259,10 @@ class DecentralizedAverager:
 
         Args:
             gather: msgpack-able data to share with the group (returned from every member).
-            weight: this peer's weight in the average (default 1.0; 0 contributes nothing).
+            weight: this peer's weight in the average (default 1.0; 0 contributes nothing): meant
+                to be its sample count since the last round. Reducers cap it at
+                `max_weight_ratio` times the group's median weight, and the robust
+                `aggregation` modes use it only to leave out zero-weight peers.
             timeout: seconds to find a group (default settings.step_timeout); the all-reduce
                 itself is bounded by allreduce_timeout.
             allow_retries: look for another group if an all-reduce fails as a whole.
@@ -298,13 +330,22 @@ class DecentralizedAverager:
             await asyncio.sleep(0.001)  # polling, not a thread: a cancelled step must not take the lock later
         try:
             runner = AllReduceRunner(
-                node.host, group, self._averaged_tensors, weight, self.codec, self.settings, self._pool
+                node.host,
+                group,
+                self._averaged_tensors,
+                weight,
+                self.codec,
+                self.settings,
+                self._pool,
+                self.banned_peers,
             )
             self._registry.register(runner)
             try:
                 await runner.run()
             finally:
                 self._registry.unregister(group.group_id)
+                for peer, why in runner.offenders.items():
+                    self.ban(peer, why)
         finally:
             self.lock_averaged_tensors.release()
         logger.debug("Averaged with %d peers in group %s", len(group.members), group.group_id.hex()[:8])
@@ -371,22 +412,33 @@ class DecentralizedAverager:
             return metadata, copy(tensors)
 
     def load_state_from_peers(
-        self, wait: bool = True, timeout: float | None = None, progress: Callable[[int, int], None] | None = None
+        self,
+        wait: bool = True,
+        timeout: float | None = None,
+        progress: Callable[[int, int], None] | None = None,
+        validate: StateValidator | None = None,
     ) -> tuple[Any, list[torch.Tensor]] | Any | None:
         """Download (metadata, tensors) from the best available donor; None if nobody shares.
 
         Donors are tried by priority, and the next one after a failure; each failure is logged
-        with its reason. The tensors are checked against our own shapes and dtypes, and are
-        returned, not applied: the caller decides what to do with them. `progress(received,
-        total)` is called as bytes arrive (on the DHT's thread).
+        with its reason. The tensors are checked against our own shapes and dtypes and must be
+        finite, and are returned, not applied: the caller decides what to do with them.
+        `progress(received, total)` is called as bytes arrive (on the DHT's thread).
+        `validate(metadata, tensors)` is called on the DHT's thread (keep it quick) before a
+        state is accepted; it raises HiveError with the reason to refuse that donor. A donor
+        refused for an invalid state is banned for `ban_duration` and skipped meanwhile.
         """
         future = self.dht.run_coroutine(
-            lambda _dht, node: self._load_state(node, timeout, progress), return_future=True
+            lambda _dht, node: self._load_state(node, timeout, progress, validate), return_future=True
         )
         return future.result() if wait else future
 
     async def _load_state(
-        self, node: DHTNode, timeout: float | None, progress: Callable[[int, int], None] | None = None
+        self,
+        node: DHTNode,
+        timeout: float | None,
+        progress: Callable[[int, int], None] | None = None,
+        validate: StateValidator | None = None,
     ) -> tuple[Any, list[torch.Tensor]] | None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (self.settings.allreduce_timeout if timeout is None else timeout)
@@ -394,21 +446,47 @@ class DecentralizedAverager:
         if not donors:
             logger.info("No peer under prefix %r shares its state yet", self.prefix)
             return None
+        banned = self.banned_peers
         for donor, maddrs in donors:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 break
+            if donor in banned:
+                logger.debug("Skipping donor %s: banned (%s)", donor, banned[donor])
+                continue
             node.host.add_addrs(donor, maddrs)
             try:
                 async with asyncio.timeout(remaining):
                     result = await download_state(
                         node, donor, self._state_template(), self.settings.next_chunk_timeout, progress
                     )
-                logger.info("Downloaded the state of peer %s", donor)
-                return result
+                if validate is not None:
+                    _validate(validate, *result)
+            except InvalidStateError as e:
+                self.ban(donor, f"it served an invalid state: {e}")
+                logger.warning("Refused the state of peer %s: %s; banned it, trying the next donor", donor, e)
+                continue
             except (HiveError, OSError, TimeoutError) as e:
                 logger.warning("Could not load state from peer %s: %s; trying the next donor", donor, e or "timeout")
+                continue
+            logger.info("Downloaded the state of peer %s", donor)
+            return result
         return None
+
+
+def _validate(validate: StateValidator, metadata: Any, tensors: list[torch.Tensor]) -> None:
+    """Run a caller's validator on a downloaded state.
+
+    Raises:
+        InvalidStateError: it refused the state, or crashed on it (malformed metadata must
+            cost one donor, never the download).
+    """
+    try:
+        validate(metadata, tensors)
+    except HiveError as e:
+        raise InvalidStateError(str(e)) from None
+    except (TypeError, ValueError, LookupError, AttributeError) as e:
+        raise InvalidStateError(f"validate raised {type(e).__name__}: {e}") from None
 
 
 def _check_tensors(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:

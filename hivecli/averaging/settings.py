@@ -1,7 +1,8 @@
-"""Timeouts and sizes of decentralized averaging, as one frozen value object."""
+"""Timeouts, sizes and defences of decentralized averaging, as one frozen value object."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from hivecli._exceptions import ConfigError
@@ -28,6 +29,24 @@ class AveragingSettings:
         chunk_bytes: bytes per message on the wire (default 8 MiB): large enough that per-message
             costs vanish, small enough to overlap receiving with reducing.
         declare_state_period: a state donor re-announces itself this often (default 30 s).
+        max_weight_ratio: a reducer caps every member's weight at this many times the lower
+            median of the group's positive weights (default 10), so that one peer claiming a
+            huge weight cannot make the average its own tensors. A peer's weight is meant to
+            be its sample count (or anything proportional to it, equal for all by default).
+        aggregation: how a reducer combines the contributions to each chunk: "mean" (the
+            weighted mean; default), "trimmed_mean" (per coordinate, the mean after dropping
+            the `trim_fraction` highest and lowest values) or "centered_clip" (CenteredClip,
+            Karimireddy et al. 2021, as in BTARD). The robust modes ignore weights, except that
+            a zero weight still contributes nothing; every peer of a run should use the same.
+        trim_fraction: share of the highest and of the lowest values "trimmed_mean" drops per
+            coordinate, in [0, 0.5) (default 0.2); at least one each side once there are 3
+            contributions or more.
+        clip_iterations: iterations of CenteredClip (default 3).
+        clip_tau: CenteredClip's clipping radius; 0 (default) adapts it per chunk to the median
+            L2 distance of the contributions from their coordinate-wise median.
+        ban_duration: seconds a peer caught sending non-finite values, returning non-finite
+            averages or serving an invalid state is refused as a sender, reducer and state
+            donor (default 600).
     """
 
     target_group_size: int = 4
@@ -39,6 +58,12 @@ class AveragingSettings:
     step_timeout: float = 60.0
     chunk_bytes: int = 8 * 1024 * 1024
     declare_state_period: float = 30.0
+    max_weight_ratio: float = 10.0
+    aggregation: str = "mean"
+    trim_fraction: float = 0.2
+    clip_iterations: int = 3
+    clip_tau: float = 0.0
+    ban_duration: float = 600.0
 
     def __post_init__(self) -> None:
         if self.min_group_size < 1:
@@ -58,3 +83,38 @@ class AveragingSettings:
             )
         if self.chunk_bytes < 4096:
             raise ConfigError(f"chunk_bytes = {self.chunk_bytes}: must be at least 4096")
+        self._check_defences()
+
+    def _check_defences(self) -> None:
+        """Raises ConfigError naming the first robustness setting out of range."""
+        if not (isinstance(self.max_weight_ratio, (int, float)) and math.isfinite(self.max_weight_ratio)) or (
+            self.max_weight_ratio < 1
+        ):
+            raise ConfigError(
+                f"max_weight_ratio = {self.max_weight_ratio!r} must be a finite number >= 1; it bounds how many "
+                "times the group's median weight one peer may count for"
+            )
+        if self.aggregation not in AGGREGATIONS:
+            raise ConfigError(f"aggregation = {self.aggregation!r} is not known; use one of: {', '.join(AGGREGATIONS)}")
+        if not (isinstance(self.trim_fraction, (int, float)) and 0 <= self.trim_fraction < 0.5):
+            raise ConfigError(
+                f"trim_fraction = {self.trim_fraction!r} must be a number in [0, 0.5): the share of the highest "
+                "and of the lowest values that trimmed_mean drops"
+            )
+        if (
+            not isinstance(self.clip_iterations, int)
+            or isinstance(self.clip_iterations, bool)
+            or not (1 <= self.clip_iterations <= 100)
+        ):
+            raise ConfigError(f"clip_iterations = {self.clip_iterations!r} must be an integer between 1 and 100")
+        if not (isinstance(self.clip_tau, (int, float)) and math.isfinite(self.clip_tau) and self.clip_tau >= 0):
+            raise ConfigError(
+                f"clip_tau = {self.clip_tau!r} must be a finite number >= 0 (0 adapts it to the contributions)"
+            )
+        if not (isinstance(self.ban_duration, (int, float)) and math.isfinite(self.ban_duration)) or (
+            self.ban_duration < 0
+        ):
+            raise ConfigError(f"ban_duration = {self.ban_duration!r} must be a finite number of seconds >= 0")
+
+
+AGGREGATIONS = ("mean", "trimmed_mean", "centered_clip")

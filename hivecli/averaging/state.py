@@ -1,20 +1,24 @@
 """State sharing: a newcomer downloads the current tensors and metadata from a peer.
 
-Donors declare themselves under `{prefix}.all_averagers` (subkey: peer id, value:
-[priority, addrs]). A downloader tries donors by priority, highest first and in random order
-among equals (so that a crowd of newcomers spreads over the donors), and moves on to the next
-donor when one fails. The donor copies its state once, under the tensor lock, into buffers it
-keeps, and streams that copy without holding the lock, so it goes on averaging meanwhile.
+Donors declare themselves under `{prefix}.all_averagers` (an owned subkey per donor, which
+only that donor can write; value: [priority, addrs]). A downloader tries donors by priority,
+highest first and in random order among equals (so that a crowd of newcomers spreads over
+the donors), and moves on to the next donor when one fails. The donor copies its state once,
+under the tensor lock, into buffers it keeps, and streams that copy without holding the lock,
+so it goes on averaging meanwhile.
 
 The stream: first message {metadata, tensors: [[shape, dtype], ...], schema}; then raw
 chunks [tensor index, byte offset] + bytes, received straight into the new tensors. The
-downloader checks the declared shapes and dtypes against what it expects before allocating.
+downloader checks the declared shapes and dtypes against what it expects before allocating,
+and refuses a state with a NaN or an infinity (`InvalidStateError`: the donor is at fault,
+not the network). Declarations whose priority is not a finite number are ignored.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -23,7 +27,9 @@ import torch
 
 from hivecli._exceptions import HiveError
 from hivecli.averaging.compression import tensor_bytes
+from hivecli.averaging.robust import all_finite
 from hivecli.dht.node import DHTNode
+from hivecli.dht.records import owned_subkey, subkey_owner
 from hivecli.net.connection import EndOfStream, Stream
 from hivecli.net.identity import PeerID
 from hivecli.net.multiaddr import Multiaddr
@@ -49,6 +55,11 @@ DTYPES = {
     )
 }
 StateSnapshot = tuple[Any, Sequence[torch.Tensor]]
+
+
+class InvalidStateError(HiveError):
+    """A donor served a state no honest donor serves (another shape, chunks out of order, NaN
+    or inf, or metadata its downloader's `validate` refused): the downloader bans it."""
 
 
 def describe(tensors: Sequence[torch.Tensor]) -> list[list[Any]]:
@@ -93,7 +104,7 @@ class StateServer:
                 )
                 try:
                     await self.node.store(
-                        self.key, value, get_dht_time() + 2 * self.declare_period, self.node.peer_id.to_base58()
+                        self.key, value, get_dht_time() + 2 * self.declare_period, owned_subkey(self.node.peer_id)
                     )
                     declared_sharing = self.allow_sharing
                 except (HiveError, OSError) as e:
@@ -147,7 +158,9 @@ class StateServer:
             self.allow_sharing = False
             try:  # withdraw, so that newcomers do not try us first
                 await asyncio.wait_for(
-                    self.node.store(self.key, None, get_dht_time() + 2 * self.declare_period, str(self.node.peer_id)),
+                    self.node.store(
+                        self.key, None, get_dht_time() + 2 * self.declare_period, owned_subkey(self.node.peer_id)
+                    ),
                     1.0,
                 )
             except (HiveError, OSError, asyncio.TimeoutError):
@@ -162,17 +175,20 @@ async def find_donors(node: DHTNode, prefix: str) -> list[tuple[PeerID, list[Mul
     ranked = []
     for subkey, entry in found.value.items():
         value = entry.value
-        if not (isinstance(subkey, str) and isinstance(value, list) and len(value) == 2):
+        if not (isinstance(value, list) and len(value) == 2):
             continue
         priority, addrs = value
-        if not isinstance(priority, (int, float)) or not isinstance(addrs, list):
+        # NaN would break the sort and inf would always come first: such declarations are ignored
+        if isinstance(priority, bool) or not isinstance(priority, (int, float)) or not isinstance(addrs, list):
+            continue
+        if not math.isfinite(priority):
             continue
         try:
-            peer = PeerID.from_base58(subkey)
+            peer = subkey_owner(subkey)  # only the donor itself can have written its declaration
             maddrs = [Multiaddr.parse(a) for a in addrs if isinstance(a, str)]
         except ValueError:
             continue
-        if peer != node.peer_id:
+        if peer is not None and peer != node.peer_id:
             ranked.append((-float(priority), random.random(), peer, maddrs))
     ranked.sort(key=lambda item: item[:2])
     return [(peer, maddrs) for _, _, peer, maddrs in ranked]
@@ -189,7 +205,9 @@ async def download_state(
     `progress(received_bytes, total_bytes)` is called after every chunk, on the event loop.
 
     Raises:
-        HiveError: the donor is unreachable, refuses, goes quiet, or sends a state of another shape.
+        InvalidStateError: the donor sent a state of another shape, chunks out of order, or a
+            floating-point tensor with a NaN or an infinity.
+        HiveError: the donor is unreachable, refuses, goes quiet or ends the stream early.
     """
     conn = await node.host.connect(donor)
     stream = await conn.open_stream(STATE_METHOD, {})
@@ -211,7 +229,7 @@ async def download_state(
         head = (await stream.recv(timeout=chunk_timeout)).payload
         if not isinstance(head, dict) or head.get("tensors") != describe(expected):
             declared = head.get("tensors") if isinstance(head, dict) else head
-            raise HiveError(
+            raise InvalidStateError(
                 f"donor {donor} has a state of another shape: {str(declared)[:120]} instead of "
                 f"{str(describe(expected))[:120]}; is it training the same model?"
             )
@@ -222,7 +240,7 @@ async def download_state(
             index, offset = position
             view = views[index]
             if message.payload != position or offset + len(message.body) > len(view) or not len(message.body):
-                raise HiveError(f"donor {donor} sent chunk {str(message.payload)[:40]}, expected {position}")
+                raise InvalidStateError(f"donor {donor} sent chunk {str(message.payload)[:40]}, expected {position}")
             if not isinstance(message.body, memoryview) or message.body.obj is not view.obj:
                 view[offset : offset + len(message.body)] = message.body
             position[1] += len(message.body)
@@ -230,6 +248,9 @@ async def download_state(
             if progress is not None:
                 progress(received, total)
             skip_empty()
+        for index, tensor in enumerate(tensors):
+            if tensor.is_floating_point() and tensor.numel() and not all_finite(tensor):
+                raise InvalidStateError(f"donor {donor} served a state with NaN or inf in tensor {index}")
         return head.get("metadata"), tensors
     except EndOfStream:
         raise HiveError(f"donor {donor} ended the download early") from None

@@ -15,18 +15,20 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import math
 import threading
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 
-from hivecli._exceptions import ConfigError, HiveError, StateDownloadError
-from hivecli.averaging.averager import DecentralizedAverager
+from hivecli._exceptions import ConfigError, HiveError
+from hivecli.averaging.averager import DecentralizedAverager, StateValidator
 from hivecli.averaging.state import StateSnapshot
 from hivecli.dht.dht import DHT
 
 logger = logging.getLogger(__name__)
+MAX_STEP = 2**62  # a step beyond any run's, below int64's limit: the default bound on a loaded step
 
 
 def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
@@ -226,32 +228,100 @@ class TrainingAverager(DecentralizedAverager):
         return {"step": self.local_step, "optimizer_state": other, "run": self.run_metadata}, tensors
 
     def load_state_from_peers(  # type: ignore[override]
-        self, wait: bool = True, timeout: float | None = None, progress: Any = None
+        self,
+        wait: bool = True,
+        timeout: float | None = None,
+        progress: Any = None,
+        validate: StateValidator | None = None,
+        max_step: int | None = None,
     ) -> tuple[Any, list[torch.Tensor]] | None:
         """Download the run's parameters, optimizer state and step from the best donor, apply
         them to the model and optimizer, and return (metadata, tensors); None if nobody shares.
 
+        A donor's metadata is checked strictly first (`check_state_metadata`, then the caller's
+        `validate(metadata, tensors)` if given); a donor that fails is logged, banned for a while
+        and the next one is tried. `max_step` bounds the step a donor may claim (default 2**62):
+        pass the run's total steps, so that a donor claiming the run is over is refused.
+
         Raises:
-            StateDownloadError: a donor's metadata does not describe this optimizer.
+            ConfigError: wait=False (the state is applied here), or max_step is not an int >= 0.
         """
         if not wait:
             raise ConfigError("TrainingAverager.load_state_from_peers applies the state; call it with wait=True")
-        loaded = super().load_state_from_peers(wait=True, timeout=timeout, progress=progress)
+        bound = MAX_STEP if max_step is None else max_step
+        if not isinstance(bound, int) or isinstance(bound, bool) or bound < 0:
+            raise ConfigError(f"max_step = {max_step!r} must be an integer >= 0 or None")
+
+        # the local structure is read here, on the caller's thread, not on the DHT's during a step
+        local = self._local_entries()
+
+        def check(metadata: Any, tensors: list[torch.Tensor]) -> None:
+            self.check_state_metadata(metadata, bound, local)
+            if validate is not None:
+                validate(metadata, tensors)
+
+        loaded = super().load_state_from_peers(wait=True, timeout=timeout, progress=progress, validate=check)
         if loaded is None:
             return None
         metadata, tensors = loaded  # type: ignore[misc]
-        if not isinstance(metadata, dict) or not isinstance(metadata.get("step"), int):
-            raise StateDownloadError(f"the donor's metadata {str(metadata)[:80]!r} has no training step")
         with self.lock_parameters, torch.no_grad():
             for target, value in zip(self._state_tensors(), tensors, strict=True):
                 target.copy_(value.to(target.device))
             params = parameters_of(self.opt)
-            for entry in metadata.get("optimizer_state", []):
-                if isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], int):
-                    index, key, value = entry
-                    if 0 <= index < len(params) and isinstance(key, str):
-                        self.opt.state[params[index]][key] = value
+            for index, key, value in metadata.get("optimizer_state", []):  # checked: known keys, same types
+                self.opt.state[params[index]][key] = value
             self.local_step = metadata["step"]
         self.state_sharing_priority = self.local_step
         logger.debug("Loaded the run's state at step %d", self.local_step)
         return metadata, tensors
+
+    def _local_entries(self) -> dict[tuple[int, str], Any]:
+        """(parameter index, key) -> value of the local optimizer's non-tensor state entries."""
+        return {(index, key): value for index, key, value in optimizer_state_tensors(self.opt)[1]}
+
+    def check_state_metadata(
+        self, metadata: Any, max_step: int = MAX_STEP, local: dict[tuple[int, str], Any] | None = None
+    ) -> None:
+        """Check a donor's metadata against this optimizer before any of it is applied.
+
+        The step must be an int in [0, max_step]; "run" a dict if present; "optimizer_state" a
+        list of [parameter index, key, value] whose (index, key) the local optimizer has as a
+        non-tensor entry too, with a value of the same type (an int or a finite float for a
+        float): a donor can neither add keys nor replace a tensor statistic by a number.
+        The shapes and dtypes of the state's tensors are checked by the download itself.
+        `local` is `_local_entries()`, read beforehand if the optimizer may be stepping.
+
+        Raises:
+            HiveError: what is wrong, in one sentence (the donor is then skipped and banned).
+        """
+        if not isinstance(metadata, dict):
+            raise HiveError(f"its metadata is a {type(metadata).__name__}, not a dict")
+        step = metadata.get("step")
+        if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step <= max_step:
+            raise HiveError(f"its step {str(step)[:40]} is not an integer in [0, {max_step}]")
+        if not isinstance(metadata.get("run", {}), dict):
+            raise HiveError("its run metadata is not a dict")
+        entries = metadata.get("optimizer_state", [])
+        if not isinstance(entries, list):
+            raise HiveError("its optimizer_state is not a list")
+        local = self._local_entries() if local is None else local
+        for entry in entries:
+            known = isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], int)
+            if not (known and isinstance(entry[1], str) and (entry[0], entry[1]) in local):
+                raise HiveError(f"its optimizer state entry {str(entry)[:60]} is not one this optimizer has")
+            if not _same_kind(entry[2], local[entry[0], entry[1]]):
+                raise HiveError(
+                    f"its optimizer state entry {str(entry)[:60]} holds a {type(entry[2]).__name__} where this "
+                    f"optimizer has a {type(local[entry[0], entry[1]]).__name__}"
+                )
+
+
+def _same_kind(value: Any, local: Any) -> bool:
+    """A downloaded non-tensor optimizer entry may replace `local`: same type, and a finite number."""
+    if isinstance(local, bool) or local is None:
+        return type(value) is type(local)
+    if isinstance(local, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(local, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, str) and isinstance(local, str) and len(value) <= 1024

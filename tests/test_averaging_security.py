@@ -1,0 +1,399 @@
+"""One hostile group member against decentralized averaging: the math of the robust rules,
+then real averagers on loopback where one peer sends NaN, claims a huge weight, sends
+outliers, returns NaN as a reducer, or serves a bad state. Honest peers must stay finite and
+near the honest mean, name the attacker in a log record, and go on with the next round.
+
+Tests wait on results with deadlines (`result(timeout=...)`, `wait_for`), never on sleeps.
+"""
+
+import contextlib
+import logging
+import math
+
+import pytest
+import torch
+
+from hivecli import ConfigError, HiveError
+from hivecli.averaging import AveragingSettings, DecentralizedAverager, load_balance
+from hivecli.averaging.allreduce import AllReduceRunner
+from hivecli.averaging.partition import Layout
+from hivecli.averaging.robust import (
+    all_finite,
+    cap_weights,
+    centered_clip,
+    lower_median,
+    sort_rows,
+    trim_count,
+    trimmed_mean,
+)
+from hivecli.dht.records import subkey_owner
+from hivecli.optim.training_averager import TrainingAverager
+from hivecli.testing import local_swarm, wait_for
+
+DHT_FAST = {"wait_timeout": 1.0}
+FAST = {"min_matchmaking_time": 2.0, "request_timeout": 1.0}
+NUMELS = [3000, 7]
+
+
+# ---- the math ---------------------------------------------------------------------------------
+
+
+def test_lower_median_and_weight_cap():
+    assert lower_median([3.0, 1.0]) == 1.0
+    assert lower_median([5.0, 1.0, 3.0, 2.0]) == 2.0
+    assert cap_weights([1.0, 1e30], 10) == [1.0, 10.0]
+    assert cap_weights([1.0, 2.0, 1e30], 10) == [1.0, 2.0, 20.0]
+    assert cap_weights([0.0, 1.0, 5.0], 2) == [0.0, 1.0, 2.0]  # zero stays zero and is not the median
+    assert cap_weights([0.0, 0.0], 10) == [0.0, 0.0]
+    with pytest.raises(ValueError, match="no values"):
+        lower_median([])
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 7, 16, 17])
+def test_sort_rows_sorts_every_coordinate(k):
+    x = torch.randn(k, 999)
+    x[:, :10] = 0.0  # ties
+    assert torch.equal(torch.stack(sort_rows(x)), x.sort(dim=0).values)
+
+
+def test_trim_count():
+    assert [trim_count(k, 0.2) for k in (1, 2, 3, 4, 5, 10, 11)] == [0, 0, 1, 1, 1, 2, 2]
+    assert trim_count(3, 0.0) == 1  # at least one each side from 3 contributions on
+    assert trim_count(4, 0.49) == 1  # always leaves one value
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5, 8])
+def test_robust_rules_equal_the_mean_when_everyone_agrees(k):
+    same = torch.randn(1000).expand(k, 1000).contiguous()
+    torch.testing.assert_close(trimmed_mean(same, 0.2), same[0])
+    torch.testing.assert_close(centered_clip(same), same[0])
+
+
+@pytest.mark.parametrize("k", [3, 4, 8])
+def test_robust_rules_bound_one_outliers_influence(k):
+    torch.manual_seed(k)
+    honest = torch.randn(k - 1, 5000) * 0.1 + 1.0
+    for outlier in (1e6, -1e6, 1e30):
+        stack = torch.cat([honest, torch.full((1, 5000), outlier)])
+        low, high = honest.min(0).values, honest.max(0).values
+        trimmed = trimmed_mean(stack, 0.2)
+        assert bool(((trimmed >= low - 1e-6) & (trimmed <= high + 1e-6)).all())  # never leaves the honest range
+        clipped = centered_clip(stack, iterations=3)
+        assert (clipped - honest.mean(0)).abs().max() < 1.0, "one outlier dragged CenteredClip away"
+        assert (stack.mean(0) - honest.mean(0)).abs().max() > 1e4  # while the plain mean is lost
+
+
+def test_centered_clip_with_a_fixed_radius_moves_at_most_tau_per_iteration():
+    honest = torch.zeros(4, 100)
+    stack = torch.cat([honest, torch.full((1, 100), 1e6)])
+    clipped = centered_clip(stack, iterations=3, tau=0.5)
+    assert clipped.norm() <= 3 * 0.5 / 5 + 1e-6
+
+
+def test_all_finite():
+    t = torch.randn(10_000)
+    assert all_finite(t)
+    assert all_finite(torch.full((10_000,), 3e37))  # the sum overflows, the values do not
+    for bad in (math.nan, math.inf, -math.inf):
+        poisoned = t.clone()
+        poisoned[1234] = bad
+        assert not all_finite(poisoned)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [
+        ({"aggregation": "median"}, "aggregation = 'median' is not known"),
+        ({"trim_fraction": 0.5}, "trim_fraction = 0.5 must be a number in"),
+        ({"trim_fraction": math.nan}, "trim_fraction"),
+        ({"max_weight_ratio": 0.5}, "max_weight_ratio = 0.5 must be a finite number >= 1"),
+        ({"max_weight_ratio": math.inf}, "max_weight_ratio"),
+        ({"clip_iterations": 0}, "clip_iterations = 0 must be an integer"),
+        ({"clip_tau": -1.0}, "clip_tau = -1.0 must be a finite number >= 0"),
+        ({"ban_duration": math.nan}, "ban_duration"),
+    ],
+)
+def test_bad_defence_settings_are_config_errors(kwargs, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace("(", r"\(")):
+        AveragingSettings(**kwargs)
+
+
+# ---- one hostile member of a round, through the wire ----------------------------------------
+
+
+@contextlib.contextmanager
+def group_of_three(prefix, inputs, **kwargs):
+    with local_swarm(3, **DHT_FAST) as dhts:
+        avs = []
+        try:
+            for dht, tensors in zip(dhts, inputs, strict=True):
+                avs.append(
+                    DecentralizedAverager(
+                        [t.clone() for t in tensors],
+                        dht,
+                        prefix=prefix,
+                        target_group_size=3,
+                        chunk_bytes=4096,
+                        start=True,
+                        **FAST,
+                        **kwargs,
+                    )
+                )
+            yield avs
+        finally:
+            for av in avs:
+                av.shutdown()
+
+
+def run_round(avs, weights=None, hostile=None, timeout=30.0):
+    """A step on every averager at once; the group's member order (from the first result).
+    The `hostile` one does not retry (every honest peer drops it, so its round fails) and its
+    outcome is not checked."""
+    weights = weights or [1.0] * len(avs)
+    controls = [
+        av.step(wait=False, weight=w, timeout=timeout, allow_retries=i != hostile)
+        for i, (av, w) in enumerate(zip(avs, weights, strict=True))
+    ]
+    results = [c.result(timeout=timeout + 30) for i, c in enumerate(controls) if i != hostile]
+    if hostile is not None:
+        with contextlib.suppress(HiveError):
+            controls[hostile].result(timeout=timeout + 30)
+    return list(results[0])
+
+
+def values(av):
+    with av.get_tensors() as tensors:
+        return torch.cat([t.reshape(-1).to(torch.float64) for t in tensors])
+
+
+def flat(tensors):
+    return torch.cat([t.reshape(-1).to(torch.float64) for t in tensors])
+
+
+def span_of(order, peer_id):
+    return Layout(NUMELS).spans(load_balance(sum(NUMELS), [None] * len(order)))[order.index(peer_id)]
+
+
+def named(caplog, peer_id, *fragments):
+    """Log records that name `peer_id` and contain every fragment."""
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if str(peer_id) in r.getMessage() and all(f in r.getMessage() for f in fragments)
+    ]
+
+
+def honest_inputs(seed):
+    torch.manual_seed(seed)
+    return [[torch.randn(n) for n in NUMELS] for _ in range(3)]
+
+
+@pytest.mark.parametrize("poison", [math.nan, math.inf], ids=["nan", "inf"])
+def test_a_member_sending_non_finite_values_is_dropped_and_banned(caplog, poison):
+    caplog.set_level(logging.INFO, logger="hivecli.averaging")
+    inputs = honest_inputs(11)
+    inputs[2] = [t.clone() for t in inputs[2]]
+    inputs[2][0][::7] = poison  # the attacker: its part holds a NaN (or inf) in every chunk
+    with group_of_three("poison", inputs) as avs:
+        attacker = avs[2].peer_id
+        order = run_round(avs, hostile=2)
+        honest_mean = flat([(a + b) / 2 for a, b in zip(inputs[0], inputs[1], strict=True)])
+        lo, hi = span_of(order, attacker)
+        for av, original in zip(avs[:2], inputs[:2], strict=True):
+            got = values(av)
+            assert all_finite(got)
+            # the attacker reduced its own span with its NaN: honest peers kept their own values there
+            assert torch.equal(got[lo:hi], flat(original)[lo:hi])
+            keep = torch.ones_like(got, dtype=torch.bool)
+            keep[lo:hi] = False
+            torch.testing.assert_close(got[keep], honest_mean[keep], rtol=0, atol=1e-6)
+            assert attacker in av.banned_peers
+        assert named(caplog, attacker, "non-finite", "dropped")
+
+        # the next round: the attacker (now finite, but banned) is refused; the honest pair averages
+        with avs[2].get_tensors() as tensors:
+            tensors[0].nan_to_num_(0.0, 0.0, 0.0)
+        before = [values(av) for av in avs[:2]]
+        order = run_round(avs, hostile=2)
+        lo, hi = span_of(order, attacker)
+        for av, mine in zip(avs[:2], before, strict=True):
+            got = values(av)
+            assert torch.equal(got[lo:hi], mine[lo:hi])  # nobody sends to a banned reducer
+            keep = torch.ones_like(got, dtype=torch.bool)
+            keep[lo:hi] = False
+            torch.testing.assert_close(got[keep], ((before[0] + before[1]) / 2)[keep], rtol=0, atol=1e-6)
+        assert named(caplog, attacker, "banned")
+
+
+def test_a_huge_weight_is_capped_at_max_weight_ratio_times_the_median(caplog):
+    caplog.set_level(logging.INFO, logger="hivecli.averaging")
+    inputs = honest_inputs(12)
+    with group_of_three("heavy", inputs) as avs:
+        attacker = avs[2].peer_id
+        run_round(avs, weights=[1.0, 1.0, 1e30])  # a finite weight: step() itself accepts it
+        # every reducer caps 1e30 at 10 x the median weight 1
+        want = flat([(a + b + 10 * c) / 12 for a, b, c in zip(*inputs, strict=True)])
+        for av in avs[:2]:
+            torch.testing.assert_close(values(av), want, rtol=0, atol=1e-5)
+            assert (values(av) - flat(inputs[2])).abs().max() > 0.01  # not the attacker's tensors
+        assert named(caplog, attacker, "capped the weight", "1e+30")
+        run_round(avs)  # the next round works as usual
+        for av in avs:
+            torch.testing.assert_close(values(av), values(avs[0]), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("aggregation", ["trimmed_mean", "centered_clip"])
+def test_robust_aggregation_keeps_an_outlier_from_moving_the_average(aggregation):
+    inputs = honest_inputs(13)
+    inputs[2] = [torch.full((n,), 1e6) for n in NUMELS]
+    with group_of_three(f"robust-{aggregation}", inputs, aggregation=aggregation) as avs:
+        run_round(avs)
+        honest = torch.stack([flat(inputs[0]), flat(inputs[1])])
+        for av in avs:
+            got = values(av)
+            assert all_finite(got)
+            if aggregation == "trimmed_mean":  # 3 contributions: the per-coordinate median
+                assert torch.equal(got, honest.max(0).values)
+            else:
+                assert (got - honest.mean(0)).abs().max() < 5.0, "the outlier dragged the average away"
+
+
+def test_a_reducer_returning_non_finite_averages_is_ignored_and_banned(caplog, monkeypatch):
+    caplog.set_level(logging.INFO, logger="hivecli.averaging")
+    inputs = honest_inputs(14)
+    with group_of_three("bad-reducer", inputs) as avs:
+        attacker = avs[2].peer_id
+        original = AllReduceRunner._finalize_ready_chunks
+
+        def poisoned(self):
+            before = self._finalized
+            original(self)
+            if self.host.peer_id == attacker:  # the hostile reducer returns NaN for every chunk
+                for chunk in self.my_chunks[before : self._finalized]:
+                    self._piece(chunk).fill_(math.nan)
+
+        monkeypatch.setattr(AllReduceRunner, "_finalize_ready_chunks", poisoned)
+        order = run_round(avs, hostile=2)
+        mean3 = flat([(a + b + c) / 3 for a, b, c in zip(*inputs, strict=True)])
+        lo, hi = span_of(order, attacker)
+        for av, mine in zip(avs[:2], inputs[:2], strict=True):
+            got = values(av)
+            assert all_finite(got)
+            assert torch.equal(got[lo:hi], flat(mine)[lo:hi])
+            keep = torch.ones_like(got, dtype=torch.bool)
+            keep[lo:hi] = False
+            torch.testing.assert_close(got[keep], mean3[keep], rtol=0, atol=1e-6)  # it sent honestly
+            assert attacker in av.banned_peers
+        assert named(caplog, attacker, "non-finite average")
+
+
+# ---- hostile state donors ---------------------------------------------------------------------
+
+
+def declared(dht, prefix):
+    found = dht.get(f"{prefix}.all_averagers", latest=True)
+    if found is None or not isinstance(found.value, dict):
+        return {}
+    return {str(subkey_owner(k)): v.value for k, v in found.value.items() if v.value is not None}
+
+
+class ForgedDonor(DecentralizedAverager):
+    """Serves whatever (metadata, tensors) the test puts in `forged`."""
+
+    forged = None
+
+    def get_current_state(self):
+        return self.forged
+
+
+def test_a_donor_with_a_non_finite_state_is_skipped_banned_and_the_next_used(caplog):
+    caplog.set_level(logging.INFO, logger="hivecli.averaging")
+    with local_swarm(4, **DHT_FAST) as dhts, contextlib.ExitStack() as stack:
+        liar = stack.enter_context(ForgedDonor([torch.zeros(100)], dhts[0], prefix="st", state_sharing_priority=1e18))
+        liar.forged = ({}, [torch.full((100,), math.nan)])
+        infinite = stack.enter_context(
+            DecentralizedAverager([torch.full((100,), 9.0)], dhts[1], prefix="st", state_sharing_priority=math.inf)
+        )
+        honest = stack.enter_context(
+            DecentralizedAverager([torch.full((100,), 1.0)], dhts[2], prefix="st", state_sharing_priority=1.0)
+        )
+        newcomer = stack.enter_context(
+            DecentralizedAverager([torch.zeros(100)], dhts[3], prefix="st", allow_state_sharing=False)
+        )
+        everyone = {str(av.peer_id) for av in (liar, infinite, honest)}
+        wait_for(lambda: everyone <= set(declared(dhts[3], "st")), 10, "the donors' declarations")
+        _, tensors = newcomer.load_state_from_peers(timeout=20)
+        assert torch.equal(tensors[0], torch.full((100,), 1.0))  # the inf-priority donor is never asked
+        assert liar.peer_id in newcomer.banned_peers
+        assert named(caplog, liar.peer_id, "NaN or inf")
+        caplog.clear()
+        _, tensors = newcomer.load_state_from_peers(timeout=20)  # skipped without a download now
+        assert torch.equal(tensors[0], torch.full((100,), 1.0))
+        assert not named(caplog, liar.peer_id, "Refused")
+
+
+class ForgedTrainingDonor(TrainingAverager):
+    """A training peer whose shared state the test tampers with."""
+
+    tamper = None
+
+    def get_current_state(self):
+        tensors, other = self._state()
+        metadata = {"step": self.local_step, "optimizer_state": other, "run": {}}
+        return self.tamper(metadata, [t.clone() for t in tensors])
+
+
+def training_peer(cls, dht, seed, **kwargs):
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    return model, cls(opt, dht, prefix="train-st", target_group_size=2, start=True, **kwargs)
+
+
+def nan_params(metadata, tensors):
+    tensors[0].fill_(math.nan)
+    return metadata, tensors
+
+
+def huge_step(metadata, tensors):
+    return dict(metadata, step=10**12), tensors
+
+
+def tensor_entry_as_int(metadata, tensors):
+    return dict(metadata, optimizer_state=[[0, "momentum_buffer", 5]]), tensors  # crashed joiners: int.mul_
+
+
+def step_as_string(metadata, tensors):
+    return dict(metadata, step="7"), tensors
+
+
+@pytest.mark.parametrize("tamper", [nan_params, huge_step, tensor_entry_as_int, step_as_string])
+def test_a_training_donor_with_a_bad_state_is_skipped_for_the_next(caplog, tamper):
+    caplog.set_level(logging.INFO, logger="hivecli.averaging")
+    with local_swarm(3, **DHT_FAST) as dhts, contextlib.ExitStack() as stack:
+        _, liar = training_peer(ForgedTrainingDonor, dhts[0], 1, state_sharing_priority=1e18)
+        stack.callback(liar.shutdown)
+        liar.tamper = staticmethod(tamper)
+        honest_model, honest = training_peer(TrainingAverager, dhts[1], 2, state_sharing_priority=5.0)
+        stack.callback(honest.shutdown)
+        honest.local_step = 5
+        new_model, newcomer = training_peer(TrainingAverager, dhts[2], 3, allow_state_sharing=False)
+        stack.callback(newcomer.shutdown)
+        donors = {str(liar.peer_id), str(honest.peer_id)}
+        wait_for(lambda: donors <= set(declared(dhts[2], "train-st")), 10, "the donors' declarations")
+        loaded = newcomer.load_state_from_peers(timeout=20, max_step=1000)
+        assert loaded is not None and loaded[0]["step"] == 5 and newcomer.local_step == 5
+        for mine, theirs in zip(new_model.parameters(), honest_model.parameters(), strict=True):
+            assert torch.equal(mine, theirs)
+        assert liar.peer_id in newcomer.banned_peers
+        assert named(caplog, liar.peer_id, "Refused the state")
+
+
+def test_max_step_must_be_a_non_negative_int():
+    with local_swarm(1, **DHT_FAST) as dhts:
+        _, av = training_peer(TrainingAverager, dhts[0], 4)
+        try:
+            with pytest.raises(ConfigError, match="max_step"):
+                av.load_state_from_peers(max_step=-1)
+        finally:
+            av.shutdown()
