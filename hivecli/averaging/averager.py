@@ -5,9 +5,9 @@ group (matchmaking.py), averages in place with it (allreduce.py) and returns wha
 passed as `gather`. `load_state_from_peers()` downloads another peer's state (state.py).
 
 Peers caught hostile (non-finite values sent or returned in a round, an invalid state served)
-are banned for `ban_duration`: `banned_peers` lists them; rounds neither serve nor send to
-them and state downloads skip them. Matchmaking does not know the list yet, so a banned peer
-can still be in our groups; its span then keeps our local values.
+are banned for `ban_duration`: `banned_peers` lists them; matchmaking neither accepts them
+into our groups nor joins theirs, rounds neither serve nor send to them, and state downloads
+skip them.
 """
 
 from __future__ import annotations
@@ -183,7 +183,9 @@ class DecentralizedAverager:
         # steps/s, benchmarks/bench_optimizer.py), and all-reduce times did not get worse
         # without it (2 peers, 50M: 122 ms, 1.00x gloo).
         self._step_lock = asyncio.Lock()
-        self._matchmaker = Matchmaker(node, self.prefix, self.schema_hash, self.settings, self.client_mode)
+        self._matchmaker = Matchmaker(
+            node, self.prefix, self.schema_hash, self.settings, self.client_mode, is_banned=self._is_banned
+        )
         node.host.add_stream_handler(PART_METHOD, self._serve_part)
         self._state_server = StateServer(
             node, self.prefix, self._snapshot_state, self.settings.chunk_bytes, self.settings.declare_state_period
@@ -228,6 +230,10 @@ class DecentralizedAverager:
         """Peers banned for hostile behaviour, and why; each ban lasts `ban_duration` seconds."""
         now = time.monotonic()
         return {peer: why for peer, (until, why) in list(self._banned.items()) if until > now}
+
+    def _is_banned(self, peer: PeerID) -> bool:
+        entry = self._banned.get(peer)
+        return entry is not None and entry[0] > time.monotonic()
 
     def ban(self, peer: PeerID, reason: str) -> None:
         """Refuse `peer` as a sender, reducer and state donor for `ban_duration` seconds."""

@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,9 +63,18 @@ class _Follower:
 class Matchmaker:
     """Serves join requests for one averager and runs its group searches, one at a time."""
 
-    def __init__(self, node: DHTNode, prefix: str, schema_hash: bytes, settings: AveragingSettings, client_mode: bool):
+    def __init__(
+        self,
+        node: DHTNode,
+        prefix: str,
+        schema_hash: bytes,
+        settings: AveragingSettings,
+        client_mode: bool,
+        is_banned: Callable[[PeerID], bool] = lambda peer: False,
+    ):
         self.node, self.prefix, self.schema_hash = node, prefix, schema_hash
         self.settings, self.client_mode = settings, client_mode
+        self.is_banned = is_banned  # peers caught hostile: never in our groups, never our leaders
         self.group_key = f"{prefix}.0b"
         self._search: _Search | None = None
         self._background: set[asyncio.Task[Any]] = set()
@@ -125,7 +135,7 @@ class Matchmaker:
             expiration = float(payload["expiration"]) if member is not None else 0.0
         except (ValueError, KeyError, TypeError):
             member = None
-        if member is None or member.peer_id != stream.remote_peer:
+        if member is None or member.peer_id != stream.remote_peer or self.is_banned(member.peer_id):
             await stream.send({"code": BAD_REQUEST})
             return
         search = self._search
@@ -216,8 +226,8 @@ class _Search:
                 peer = subkey_owner(subkey)  # only the peer itself can have written its own subkey
             except ValueError:
                 continue
-            if peer is None or not isinstance(entry.value, list) or not entry.value:
-                continue  # withdrawn (None), malformed, or anybody's word
+            if peer is None or not isinstance(entry.value, list) or not entry.value or self.mm.is_banned(peer):
+                continue  # withdrawn (None), malformed, anybody's word, or a peer caught hostile
             candidate = Candidate(entry.expiration_time, peer, tuple(a for a in entry.value if isinstance(a, str)))
             if peer == self.me.peer_id or (candidate.expiration, peer) >= self.order:
                 continue
@@ -266,6 +276,8 @@ class _Search:
             return None
         candidate = Candidate(expiration, leader.peer_id, leader.addrs)
         if (expiration, leader.peer_id) >= self.order or leader.peer_id == self.me.peer_id:
+            return None
+        if self.mm.is_banned(leader.peer_id):
             return None
         return await self.try_join(candidate)
 
