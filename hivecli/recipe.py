@@ -174,6 +174,17 @@ class AveragingSection(_Section):
     request_timeout: float = Field(3.0, gt=0)
     allreduce_timeout: float = Field(120.0, gt=0)
     round_timeout: float = Field(30.0, gt=0, description="How long one round may look for a group.")
+    aggregation: Literal["mean", "trimmed_mean", "centered_clip"] = Field(
+        "mean",
+        description="How a reducer combines the group's values: the weighted mean, or, for runs open to anyone, "
+        "a robust rule that bounds what a minority of hostile peers can do (weights then count only as 0 or not).",
+    )
+    trim_fraction: float = Field(
+        0.2, ge=0, lt=0.5, description="trimmed_mean: the share of highest and of lowest values dropped per position."
+    )
+    max_weight_ratio: float = Field(
+        10.0, ge=1, description="A peer's weight (its samples) counts at most this many times the group's median."
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> AveragingSection:

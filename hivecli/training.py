@@ -78,6 +78,9 @@ def averager_kwargs(recipe: Recipe) -> dict[str, Any]:
         "request_timeout": a.request_timeout,
         "allreduce_timeout": a.allreduce_timeout,
         "timeout": a.round_timeout,
+        "aggregation": a.aggregation,
+        "trim_fraction": a.trim_fraction,
+        "max_weight_ratio": a.max_weight_ratio,
     }
 
 
