@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 import torch
 
+from hivecli._exceptions import RemoteError
 from hivecli.averaging import DecentralizedAverager
 from hivecli.dht.dht import DHT
 from hivecli.dht.node import DHTNode
+from hivecli.dht.protocol import MAX_SIGNED_ITEMS_PER_REQUEST
 from hivecli.dht.records import owned_subkey, sign_entry, store_item
 from hivecli.dht.routing import DHTID
 from hivecli.net.framing import pack
@@ -65,3 +68,23 @@ def test_shadowing_and_forged_declarations_do_not_stop_averaging_or_state_sharin
         finally:
             for av in avs:
                 av.shutdown()
+
+
+def test_signature_checks_per_store_request_are_bounded() -> None:
+    """Checking a signature costs ~100 us in the node's read loop: a request may carry at most
+    MAX_SIGNED_ITEMS_PER_REQUEST of them (a hostile peer's 512 stalled a node for 70 ms), and
+    honest senders split larger batches."""
+    with local_swarm(2, seed=4, wait_timeout=1.0) as (target, sender):
+
+        async def send(_dht: DHT, node: DHTNode) -> list[bool] | None:
+            expiration = get_dht_time() + 60
+            items = []
+            for i in range(2 * MAX_SIGNED_ITEMS_PER_REQUEST + 5):
+                key_id, sub, packed = DHTID.from_key(f"k{i}").to_bytes_(), pack(owned_subkey(node.peer_id)), pack(i)
+                signature = sign_entry(node.host.identity, key_id, sub, packed, expiration)
+                items.append(store_item(key_id, sub, packed, expiration, False, signature))
+            with pytest.raises(RemoteError, match="at most 64 signed items"):
+                await node.protocol.request(target.peer_id, "dht.store", {"items": items})
+            return await node.protocol.call_store(target.peer_id, items)
+
+        assert sender.run_coroutine(send) == [True] * (2 * MAX_SIGNED_ITEMS_PER_REQUEST + 5)

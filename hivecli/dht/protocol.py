@@ -55,6 +55,7 @@ from hivecli.utils.timing import get_dht_time
 logger = logging.getLogger(__name__)
 
 MAX_ITEMS_PER_REQUEST = 1024
+MAX_SIGNED_ITEMS_PER_REQUEST = 64  # each costs a ~100 us signature check in the read loop
 _ADDRS_PER_NODE = 4
 _REBIND_AFTER_S = 60.0  # a peer may present a new node ID (a restart) this long after the last
 _MAX_BINDINGS = 16384  # peer -> node ID bindings remembered (least recently seen forgotten first)
@@ -229,6 +230,11 @@ class DHTProtocol:
         items = self._sender(conn, payload).get("items")
         if not isinstance(items, list) or len(items) > MAX_ITEMS_PER_REQUEST:
             raise ConfigError(f"'items' must be a list of at most {MAX_ITEMS_PER_REQUEST} entries")
+        signed = sum(1 for item in items if isinstance(item, list) and len(item) == 6 and item[5] is not None)
+        if signed > MAX_SIGNED_ITEMS_PER_REQUEST:  # checks run in the read loop: bound them per request
+            raise ConfigError(
+                f"a store request may carry at most {MAX_SIGNED_ITEMS_PER_REQUEST} signed items, not {signed}; split it"
+            )
         parsed = []
         for item in items:  # all checked before any is applied: a malformed request changes nothing
             if (
@@ -369,17 +375,22 @@ class DHTProtocol:
         return await self._call(peer, "dht.ping", {})
 
     async def call_store(self, peer: PeerID, items: list[list[Any]]) -> list[bool] | None:
-        """Send store items, split into requests of at most MAX_ITEMS_PER_REQUEST items and
-        about max_reply_bytes each. Returns one bool per item, or None if any request failed."""
+        """Send store items, split into requests of at most MAX_ITEMS_PER_REQUEST items (of them
+        at most MAX_SIGNED_ITEMS_PER_REQUEST signed) and about max_reply_bytes each. Returns one
+        bool per item, or None if any request failed."""
         ok: list[bool] = []
         start = 0
         while start < len(items):
-            end, size = start, 0
+            end, size, signed = start, 0, 0
             while end < len(items) and end - start < MAX_ITEMS_PER_REQUEST:
                 item_size = ENTRY_OVERHEAD + sum(len(x) for x in items[end] if isinstance(x, bytes))
-                if end > start and size + item_size > self.settings.max_reply_bytes:
+                is_signed = len(items[end]) == 6 and items[end][5] is not None
+                if end > start and (
+                    size + item_size > self.settings.max_reply_bytes
+                    or signed + is_signed > MAX_SIGNED_ITEMS_PER_REQUEST
+                ):
                     break
-                size += item_size
+                size, signed = size + item_size, signed + is_signed
                 end += 1
             response = await self._call(peer, "dht.store", {"items": items[start:end]})
             answer = None if response is None else response.get("ok")

@@ -47,6 +47,7 @@ from hivecli.net.transport import ByteStream
 
 logger = logging.getLogger(__name__)
 _COALESCE_BYTES = 64 * 1024
+REFUSAL_WINDOW = 10.0  # seconds over which refused requests are counted towards a disconnect
 _MAX_ERROR_TEXT = 2000  # characters of a peer's ERROR or GOAWAY text we keep: it is the peer's word
 
 
@@ -115,7 +116,7 @@ class NetSettings:
         max_requests_per_second: requests a peer may make per connection, sustained (default
             500); a request over the rate gets an ERROR "rate limit exceeded".
         request_burst: requests a peer may make at once above that rate (default 1000). A peer
-            refused 2 x request_burst times in a row is disconnected.
+            refused 2 x request_burst times within 10 s is disconnected, however it spaces them.
         max_concurrent_requests: handler tasks running at once for one connection (default
             256); a request beyond it gets an ERROR "too many concurrent requests".
         security: encryption and the swarm key (hivecli.net.secure.SecuritySettings; default:
@@ -324,7 +325,7 @@ class Connection:
         # the peer's request budget: a token bucket refilled at max_requests_per_second
         self._tokens = float(settings.request_burst)
         self._tokens_at = self._loop.time()
-        self._refused_in_a_row = 0
+        self._refused, self._refused_since = 0, self._loop.time()  # refusals in the current window
         self.closed = asyncio.Event()
         self.last_activity = self._loop.time()
         self._reader = self._loop.create_task(self._read_loop())
@@ -494,8 +495,9 @@ class Connection:
         False. The handler never runs, so a flood costs one small frame per request.
 
         Raises:
-            _Disconnect: the peer was refused 2 x request_burst times in a row (it is not
-                backing off, so answering each request is a waste), or leaves replies unread.
+            _Disconnect: the peer was refused 2 x request_burst times within REFUSAL_WINDOW seconds
+                (it is not backing off, so answering each request is a waste: a flood at any
+                rate above the limit is cut off within seconds), or leaves replies unread.
         """
         settings = self.settings
         now = self._loop.time()
@@ -508,12 +510,14 @@ class Connection:
             refusal = "too many concurrent requests"
         else:
             self._tokens -= 1.0
-            self._refused_in_a_row = 0
             return True
-        self._refused_in_a_row += 1
-        if self._refused_in_a_row >= 2 * settings.request_burst:
+        if now - self._refused_since > REFUSAL_WINDOW:
+            self._refused, self._refused_since = 0, now
+        self._refused += 1
+        if self._refused >= 2 * settings.request_burst:
             raise _Disconnect(
-                "requests", f"it kept sending requests after {self._refused_in_a_row} refusals in a row ({refusal})"
+                "requests",
+                f"it kept sending requests after {self._refused} refusals within {REFUSAL_WINDOW:g} s ({refusal})",
             )
         self._reply_now([Kind.ERROR, stream_id, refusal])
         return False
