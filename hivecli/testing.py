@@ -268,7 +268,8 @@ class HostilePeer:
                 sock = getattr(stream, "_transport", None)
                 sock = sock.get_extra_info("socket") if sock is not None else None
                 if sock is not None:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                    with contextlib.suppress(OSError, ValueError):  # closed by the server already
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             self.streams.append(stream)
             opened.append(stream)
         return opened

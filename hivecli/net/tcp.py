@@ -102,7 +102,9 @@ class _TCPStream(asyncio.BufferedProtocol, ByteStream):
             self._start = self._end = 0
         self._wake()
         if self._drain_waiter is not None and not self._drain_waiter.done():
-            self._drain_waiter.set_exception(ConnectionResetError("connection lost"))
+            # a result, not an exception: if every waiter was cancelled, nobody would retrieve it
+            # and asyncio would log "Future exception was never retrieved"; drain() checks _lost
+            self._drain_waiter.set_result(None)
 
     def pause_writing(self) -> None:
         self._paused_writing = True
@@ -170,6 +172,8 @@ class _TCPStream(asyncio.BufferedProtocol, ByteStream):
             if self._drain_waiter is None or self._drain_waiter.done():
                 self._drain_waiter = asyncio.get_running_loop().create_future()
             await asyncio.shield(self._drain_waiter)
+            if self._lost is not None:
+                raise ConnectionResetError("connection lost")
 
     def close(self) -> None:
         transport = self._transport
