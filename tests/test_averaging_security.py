@@ -6,6 +6,7 @@ near the honest mean, name the attacker in a log record, and go on with the next
 Tests wait on results with deadlines (`result(timeout=...)`, `wait_for`), never on sleeps.
 """
 
+import asyncio
 import contextlib
 import logging
 import math
@@ -15,7 +16,8 @@ import torch
 
 from hivecli import ConfigError, HiveError
 from hivecli.averaging import AveragingSettings, DecentralizedAverager, load_balance
-from hivecli.averaging.allreduce import AllReduceRunner
+from hivecli.averaging.allreduce import AllReduceRunner, _decode_one, _encoded_values, _parse_audit_answer
+from hivecli.averaging.compression import CODECS
 from hivecli.averaging.partition import Layout
 from hivecli.averaging.robust import (
     all_finite,
@@ -111,6 +113,9 @@ def test_all_finite():
         ({"clip_iterations": 0}, "clip_iterations = 0 must be an integer"),
         ({"clip_tau": -1.0}, "clip_tau = -1.0 must be a finite number >= 0"),
         ({"ban_duration": math.nan}, "ban_duration"),
+        ({"audit_positions": 0}, "audit_positions = 0 must be an integer between 1 and 1024"),
+        ({"audit_positions": 2.5}, "audit_positions"),
+        ({"verify_reducers": 1}, "verify_reducers = 1 must be True or False"),
     ],
 )
 def test_bad_defence_settings_are_config_errors(kwargs, fragment):
@@ -210,19 +215,15 @@ def test_a_member_sending_non_finite_values_is_dropped_and_banned(caplog, poison
             assert attacker in av.banned_peers
         assert named(caplog, attacker, "non-finite", "dropped")
 
-        # the next round: the attacker (now finite, but banned) is refused; the honest pair averages
+        # the next round: the attacker (now finite, but banned) is kept out of the honest pair's
+        # group by matchmaking, and the pair averages everything, the attacker's old span included
         with avs[2].get_tensors() as tensors:
             tensors[0].nan_to_num_(0.0, 0.0, 0.0)
         before = [values(av) for av in avs[:2]]
-        order = run_round(avs, hostile=2)
-        lo, hi = span_of(order, attacker)
-        for av, mine in zip(avs[:2], before, strict=True):
-            got = values(av)
-            assert torch.equal(got[lo:hi], mine[lo:hi])  # nobody sends to a banned reducer
-            keep = torch.ones_like(got, dtype=torch.bool)
-            keep[lo:hi] = False
-            torch.testing.assert_close(got[keep], ((before[0] + before[1]) / 2)[keep], rtol=0, atol=1e-6)
-        assert named(caplog, attacker, "banned")
+        order = run_round(avs, hostile=2, timeout=10.0)
+        assert attacker not in order and len(order) == 2
+        for av in avs[:2]:
+            torch.testing.assert_close(values(av), (before[0] + before[1]) / 2, rtol=0, atol=1e-6)
 
 
 def test_a_huge_weight_is_capped_at_max_weight_ratio_times_the_median(caplog):
@@ -285,6 +286,160 @@ def test_a_reducer_returning_non_finite_averages_is_ignored_and_banned(caplog, m
             torch.testing.assert_close(got[keep], mean3[keep], rtol=0, atol=1e-6)  # it sent honestly
             assert attacker in av.banned_peers
         assert named(caplog, attacker, "non-finite average")
+
+
+# ---- reducers returning finite but wrong averages: the audit ---------------------------------
+
+
+def lying_reducer(monkeypatch, attacker, claim_666=False):
+    """The `attacker`'s runner overwrites its finalized averages with 666 before they go back;
+    with `claim_666` its audit answers also claim that every input was 666 (a consistent lie)."""
+    finalize, answer = AllReduceRunner._finalize_ready_chunks, AllReduceRunner._audit_answer
+
+    def wrong_averages(self):
+        before = self._finalized
+        finalize(self)
+        if self.host.peer_id == attacker:
+            for chunk in self.my_chunks[before : self._finalized]:
+                self._piece(chunk).fill_(666.0)
+
+    def wrong_inputs(self, request):
+        reply = answer(self, request)
+        if self.host.peer_id == attacker and claim_666:
+            reply["inputs"] = [[[k, 666.0] for k, _ in row] for row in reply["inputs"]]
+        return reply
+
+    monkeypatch.setattr(AllReduceRunner, "_finalize_ready_chunks", wrong_averages)
+    monkeypatch.setattr(AllReduceRunner, "_audit_answer", wrong_inputs)
+
+
+def warnings_naming(caplog, peer_id):
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.WARNING and r.name.startswith("hivecli.averaging") and str(peer_id) in r.getMessage()
+    ]
+
+
+@pytest.mark.parametrize(
+    ("aggregation", "compression", "claim_666", "mismatch"),
+    [
+        ("mean", "none", False, "the inputs it claims give"),
+        ("trimmed_mean", "none", False, "the inputs it claims give"),
+        ("mean", "blockwise8bit", False, "the inputs it claims give"),
+        ("mean", "none", True, "claims our input was 666.0"),
+        ("centered_clip", "none", True, "claims our input was 666.0"),
+    ],
+    ids=["mean", "trimmed-mean", "blockwise8bit", "consistent-liar", "consistent-liar-centered-clip"],
+)
+def test_a_reducer_returning_wrong_finite_averages_fails_the_audit_and_is_banned(
+    caplog, monkeypatch, aggregation, compression, claim_666, mismatch
+):
+    caplog.set_level(logging.INFO, logger="hivecli.averaging")
+    inputs = honest_inputs(15)
+    with group_of_three(
+        f"audit-{aggregation}-{compression}-{claim_666}", inputs, aggregation=aggregation, compression=compression
+    ) as avs:
+        attacker = avs[2].peer_id
+        lying_reducer(monkeypatch, attacker, claim_666)
+        order = run_round(avs, hostile=2)
+        lo, hi = span_of(order, attacker)
+        stacked = torch.stack([flat(p) for p in inputs])
+        honest = stacked.mean(0) if aggregation == "mean" else stacked.median(0).values  # it sent honestly
+        for av, mine in zip(avs[:2], inputs[:2], strict=True):
+            got = values(av)
+            assert torch.equal(got[lo:hi], flat(mine)[lo:hi]), "the liar's span was applied"
+            keep = torch.ones_like(got, dtype=torch.bool)
+            keep[lo:hi] = False
+            atol = {"none": 1e-5, "blockwise8bit": 0.1}[compression]
+            if aggregation != "centered_clip":
+                torch.testing.assert_close(got[keep], honest[keep], rtol=0, atol=atol)
+            assert (got - 666).abs().min() > 100
+            assert attacker in av.banned_peers
+            assert "audit" in av.banned_peers[attacker]
+        lines = warnings_naming(caplog, attacker)
+        assert len(lines) == 2, lines  # exactly one per honest peer
+        for line in lines:
+            assert "failed the audit" in line and mismatch in line and "kept local values" in line
+
+        # the next round: the banned liar's span (if it is in the group at all) is never applied
+        caplog.clear()
+        run_round(avs, hostile=2)
+        for av in avs[:2]:
+            assert (values(av) - 666).abs().min() > 100
+        assert not named(caplog, attacker, "failed the audit")  # nobody sent to it, so nobody audited it
+
+
+def test_without_verify_reducers_the_wrong_averages_go_through(caplog, monkeypatch):
+    """The same attack with the audit off: it works. So the test above tests the audit."""
+    caplog.set_level(logging.INFO, logger="hivecli.averaging")
+    inputs = honest_inputs(15)
+    with group_of_three("no-audit", inputs, verify_reducers=False) as avs:
+        attacker = avs[2].peer_id
+        lying_reducer(monkeypatch, attacker)
+        order = run_round(avs, hostile=2)
+        lo, hi = span_of(order, attacker)
+        for av in avs[:2]:
+            assert torch.equal(values(av)[lo:hi], torch.full((hi - lo,), 666.0, dtype=torch.float64))
+            assert attacker not in av.banned_peers
+        assert not warnings_naming(caplog, attacker)
+
+
+def test_a_reducer_that_does_not_answer_the_audit_is_a_failed_reducer(caplog, monkeypatch):
+    caplog.set_level(logging.INFO, logger="hivecli.averaging")
+    inputs = honest_inputs(16)
+    with group_of_three("mute-auditee", inputs, next_chunk_timeout=2.0) as avs:
+        attacker = avs[2].peer_id
+        answer = AllReduceRunner._answer_audit_or_end
+
+        async def mute(self, stream, sender):
+            if self.host.peer_id == attacker:
+                await asyncio.sleep(3600)  # holds the stream open and never answers
+            await answer(self, stream, sender)
+
+        monkeypatch.setattr(AllReduceRunner, "_answer_audit_or_end", mute)
+        order = run_round(avs, hostile=2)
+        lo, hi = span_of(order, attacker)
+        mean3 = flat([(a + b + c) / 3 for a, b, c in zip(*inputs, strict=True)])
+        for av, mine in zip(avs[:2], inputs[:2], strict=True):
+            got = values(av)
+            assert torch.equal(got[lo:hi], flat(mine)[lo:hi])
+            keep = torch.ones_like(got, dtype=torch.bool)
+            keep[lo:hi] = False
+            torch.testing.assert_close(got[keep], mean3[keep], rtol=0, atol=1e-6)
+            assert attacker not in av.banned_peers  # silence proves no lie
+        assert len(named(caplog, attacker, "did not answer the audit")) == 2
+
+
+@pytest.mark.parametrize("codec", sorted(CODECS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_audit_values_are_bit_identical_to_decoding_the_whole_chunk(codec, dtype):
+    """A sender re-encodes only what its audited values depend on; the reducer decodes only
+    them: both must equal what the full chunk gives, or honest reducers would fail audits."""
+    torch.manual_seed(17)
+    c = CODECS[codec]()
+    for n in (1, 5, 4096, 10_000):
+        x = (torch.randn(n) * 3 + 1).to(dtype)
+        meta, data = c.encode(x)
+        full = c.decode(meta, data, n)
+        offsets = sorted({0, n - 1, n // 2, min(4095, n - 1), min(4096, n - 1), 3 % n})
+        assert _encoded_values(c, x, offsets) == [float(full[o]) for o in offsets]
+        assert [_decode_one(c, meta, data, n, o) for o in offsets] == [float(full[o]) for o in offsets]
+
+
+def test_malformed_audit_answers_are_named():
+    good = {"weights": [[0, 1.0], [1, 1.0]], "inputs": [[[1, 0.5], [0, 2.0]]]}
+    assert _parse_audit_answer(good, 1, 2) == ({0: 1.0, 1: 1.0}, [{1: 0.5, 0: 2.0}])
+    for bad in (
+        [],
+        {"weights": [[0, 1.0]], "inputs": []},  # no row for the position
+        {"weights": [[5, 1.0]], "inputs": [[[0, 1.0]]]},  # no such member
+        {"weights": [[0, 1.0], [0, 2.0]], "inputs": [[[0, 1.0]]]},  # a member twice
+        {"weights": [[0, 1.0]], "inputs": [[[0, math.nan]]]},
+        {"weights": [[True, 1.0]], "inputs": [[[0, 1.0]]]},
+        {"weights": [[0, 1.0]], "inputs": [[[0, "1"]]]},
+    ):
+        assert isinstance(_parse_audit_answer(bad, 1, 2), str), bad
 
 
 # ---- hostile state donors ---------------------------------------------------------------------

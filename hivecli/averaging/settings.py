@@ -47,6 +47,14 @@ class AveragingSettings:
         ban_duration: seconds a peer caught sending non-finite values, returning non-finite
             averages or serving an invalid state is refused as a sender, reducer and state
             donor (default 600).
+        verify_reducers: after receiving a reducer's averages, a sender audits them at
+            `audit_positions` random positions of that span: the reducer must show the inputs
+            it aggregated there, its claim for the sender's own input must be what the sender
+            sent, and the inputs must give the average it returned. A reducer that fails is
+            ignored (the sender keeps its local values for that span) and banned (default
+            True). Every peer of a run should use the same: a reducer with it off refuses audits.
+        audit_positions: positions of a span each sender audits per round (default 8), between
+            1 and 1024; every peer of a run must use the same, since a reducer refuses any other count.
     """
 
     target_group_size: int = 4
@@ -64,6 +72,8 @@ class AveragingSettings:
     clip_iterations: int = 3
     clip_tau: float = 0.0
     ban_duration: float = 600.0
+    verify_reducers: bool = True
+    audit_positions: int = 8
 
     def __post_init__(self) -> None:
         if self.min_group_size < 1:
@@ -115,6 +125,17 @@ class AveragingSettings:
             self.ban_duration < 0
         ):
             raise ConfigError(f"ban_duration = {self.ban_duration!r} must be a finite number of seconds >= 0")
+        if not isinstance(self.verify_reducers, bool):
+            raise ConfigError(f"verify_reducers = {self.verify_reducers!r} must be True or False")
+        if (
+            not isinstance(self.audit_positions, int)
+            or isinstance(self.audit_positions, bool)
+            or not (1 <= self.audit_positions <= MAX_AUDIT_POSITIONS)
+        ):
+            raise ConfigError(
+                f"audit_positions = {self.audit_positions!r} must be an integer between 1 and {MAX_AUDIT_POSITIONS}"
+            )
 
 
 AGGREGATIONS = ("mean", "trimmed_mean", "centered_clip")
+MAX_AUDIT_POSITIONS = 1024  # an audit reply (positions x members x 2 numbers) stays well under a 4 MiB header
