@@ -91,11 +91,14 @@ def _owned_entries(found: Any) -> list[tuple[PeerID, Any, float]]:
     return entries
 
 
-def list_runs(dht: DHT) -> dict[str, dict[str, Any]]:
-    """{prefix: summary} of the runs announced in the DHT: for each prefix, the newest announcement."""
+def list_runs(dht: DHT, owner: PeerID | None = None) -> dict[str, dict[str, Any]]:
+    """{prefix: summary} of the runs announced in the DHT: for each prefix, the newest
+    announcement (of the runs that `owner` started, if given)."""
     newest: dict[str, tuple[float, dict[str, Any]]] = {}
-    for _owner, value, expiration in _owned_entries(dht.get(RUNS_KEY, latest=True)):
+    for _publisher, value, expiration in _owned_entries(dht.get(RUNS_KEY, latest=True)):
         if not isinstance(value, dict) or not isinstance(value.get("prefix"), str):
+            continue
+        if owner is not None and value.get("owner") != owner.to_base58():
             continue
         prefix = value["prefix"]
         if prefix not in newest or expiration > newest[prefix][0]:
@@ -126,11 +129,6 @@ def choose_card(cards: list[RunCard], prefix: str, owner: PeerID | None) -> RunC
     """
     if owner is not None:
         mine = [c for c in cards if c.owner == owner]
-        if not mine and cards:
-            logger.warning(
-                "Run %r is published by %s, not by %s as --run says; waiting for the right owner",
-                prefix, ", ".join(sorted({str(c.owner) for c in cards})), owner,
-            )  # fmt: skip
         return mine[0] if mine else None
     owners = sorted({str(c.owner) for c in cards})
     if len(owners) > 1:
@@ -176,6 +174,7 @@ def wait_for_run(
     """
     began = time.monotonic()
     deadline = began + timeout
+    warned = False
     while True:
         try:
             chosen = choose_run(dht, prefix)
@@ -184,9 +183,17 @@ def wait_for_run(
             if several or time.monotonic() >= deadline:
                 raise
         else:
-            card = choose_card(run_cards(dht, chosen), chosen, owner)
+            cards = run_cards(dht, chosen)
+            card = choose_card(cards, chosen, owner)
             if card is not None:
                 return card
+            others = sorted({str(c.owner) for c in cards})
+            if others and not warned:  # once: the wait goes on, in case the owner's peers are starting
+                warned = True
+                logger.warning(
+                    "Run %r is published by %s, not by %s as --run says; waiting for the right owner",
+                    chosen, ", ".join(others), owner,
+                )  # fmt: skip
             if time.monotonic() >= deadline:
                 signed_by = f" signed by {owner}" if owner is not None else ""
                 raise ConfigError(

@@ -155,7 +155,9 @@ class Trainer:
             dht,
             allow_state_sharing=False,
             extra_tensors=list(self.model.buffers()),  # BatchNorm statistics travel with the state
-            **averager_kwargs(recipe),
+            # with a card, averaging and state sharing are keyed by the run's address, PREFIX@OWNER: the
+            # peers of another owner's run with the same prefix are neither averaged with nor downloaded from
+            **{**averager_kwargs(recipe), "prefix": card.address if card else recipe.run.prefix},
         )
         o = recipe.optimizer
         self.schedule = Schedule(o.schedule, o.warmup_steps, o.final_lr_fraction)

@@ -101,6 +101,11 @@ def net_settings(swarm_key: str | None) -> NetSettings:
     Raises:
         ConfigError: the swarm key file is missing or malformed (the message names it and the fix).
     """
-    if not swarm_key:
+    if swarm_key == "" or (swarm_key is None and os.environ.get("HIVE_SWARM_KEY", "x").strip() == ""):
+        raise ConfigError(
+            "--swarm-key (or HIVE_SWARM_KEY) is set but empty, which usually means an unset variable in a script; "
+            "name the key file (`hive keygen` creates one), or unset it for a public swarm"
+        )
+    if swarm_key is None:
         return NetSettings()
     return NetSettings(security=SecuritySettings(swarm_key=load_swarm_key(swarm_key)))

@@ -52,17 +52,18 @@ def pull_state(
     from hivecli.runs import check_run_prefix, list_runs, trusted_recipe, wait_for_run
 
     wanted, owner = parse_run_ref(run) if run else (None, None)
+    loaded = load_recipe(recipe) if recipe is not None else None
+    if loaded is not None:
+        check_run_prefix(wanted, loaded, recipe)
+        wanted = loaded.run.prefix
     with DHT(initial_peers=[address], client_mode=True, net_settings=net_settings(swarm_key), start=True) as dht:
-        if recipe is not None:
-            loaded = load_recipe(recipe)
-            check_run_prefix(wanted, loaded, recipe)
-            prefix = loaded.run.prefix
-        else:
-            card = wait_for_run(dht, wanted, owner, max(0.0, deadline - time.monotonic()), _say_waiting(wanted))
+        # the run's card names its owner, and so the peers to download from, even with a local recipe
+        card = wait_for_run(dht, wanted, owner, max(0.0, deadline - time.monotonic()), _say_waiting(wanted))
+        if loaded is None:
             loaded = trusted_recipe(card, None, trust_recipe, instead="pass a local --recipe")
-            prefix = card.prefix
-        summary = list_runs(dht).get(prefix, {})
-        state = _download(dht, loaded, summary, deadline, timeout)
+        prefix = card.prefix
+        summary = list_runs(dht, owner=card.owner).get(prefix, {})
+        state = _download(dht, loaded, card.address, summary, deadline, timeout)
     # the validated run.prefix, never the DHT's key (any string, e.g. "/etc/x"), names the file
     path = folder / (file_name or f"{loaded.run.prefix}-step-{int(state['step'])}.pt")
     _save_atomically(state, path)
@@ -124,7 +125,9 @@ def _save_atomically(state: dict[str, Any], path: Path) -> None:
         ) from error
 
 
-def _download(dht: Any, recipe: Any, summary: dict[str, Any], deadline: float, timeout: float) -> dict[str, Any]:
+def _download(
+    dht: Any, recipe: Any, run_address: str, summary: dict[str, Any], deadline: float, timeout: float
+) -> dict[str, Any]:
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
     from hivecli.optim.training_averager import TrainingAverager
@@ -141,7 +144,7 @@ def _download(dht: Any, recipe: Any, summary: dict[str, Any], deadline: float, t
     averager = TrainingAverager(
         opt,
         dht,
-        prefix=recipe.run.prefix,
+        prefix=run_address,
         target_group_size=recipe.averaging.target_group_size,
         client_mode=True,
         allow_state_sharing=False,
