@@ -9,19 +9,29 @@ For each world size (2, 4) and size (1M, 10M, 50M fp32), in the same run:
   step = max end - min start (matchmaking included); allreduce = max end - min(moment a peer's
   group was assembled); matchmaking = max(assembled) - min start. After every round each
   peer checks its tensor against the mean of the initial tensors (max abs error <= 1e-5).
+  CPU per peer = the process's user + system CPU during its step() (all threads), mean over
+  peers; less sensitive than wall time to other load on a shared machine.
 
 Then the state download: one donor process with a 50M fp32 tensor; `--state-trials` fresh
 processes each join the DHT, create an averager and time `load_state_from_peers()` (the donor
 lookup, the download and the hand-over), check it bit for bit, and time a second load. Raw TCP
 loopback (one stream, 8 MiB sendall / recv_into) is measured in the same run as the ceiling.
 
+Encryption (`--encryption`, default `both`): links are encrypted by default (AES-256-GCM after
+an X25519 handshake, hivecli/net/secure.py). Every DHT the worker processes start gets
+`NetSettings(security=SecuritySettings(encrypt=...))`; with `both`, each averaging configuration
+and the state download are measured with encryption on and with it off (in alternating order,
+against the same gloo and raw TCP references), and two more tables give the on/off ratios.
+A run that fails in one mode is reported in its row ("FAILED: ...") and the others go on.
+
 Peak memory per peer is the peak RSS of each averaging process (includes the torch import)
 and its USS at the end. Methods follow ../shared/reference/baselines.md.
 
 Run from the repository root:
 
-    .venv/bin/python benchmarks/bench_averaging.py                    # everything (about 3 min)
+    .venv/bin/python benchmarks/bench_averaging.py                    # everything (about 5 min)
     .venv/bin/python benchmarks/bench_averaging.py --sizes 1M 10M --peers 2 --rounds 4
+    .venv/bin/python benchmarks/bench_averaging.py --encryption off   # the plaintext links only
 """
 
 from __future__ import annotations
@@ -35,21 +45,79 @@ import socket
 import statistics
 import sys
 import time
+import traceback
 from typing import Any
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 SIZES = {"1M": 1_000_000, "10M": 10_000_000, "50M": 50_000_000}
+MODES = {"on": True, "off": False}  # --encryption: SecuritySettings.encrypt
+MAX_ERROR = 1e-5  # an averaged tensor further than this from the exact mean is a mismatch
 
 
 def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _cpu_s() -> float:
+    """CPU seconds used so far by all threads of this process (the DHT and averager included)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _uss_mib() -> float:
     import psutil
 
     return psutil.Process().memory_full_info().uss / 2**20
+
+
+def _net_settings(encrypt: bool) -> Any:
+    from hivecli.net.connection import NetSettings
+    from hivecli.net.secure import SecuritySettings
+
+    return NetSettings(security=SecuritySettings(encrypt=encrypt))
+
+
+def _join_swarm(rank: int, world: int, addr_q: Any, encrypt: bool) -> Any:
+    """As benchmarks/_swarm.py's join_swarm, with every DHT's links set to `encrypt`."""
+    from hivecli import DHT
+
+    if rank == 0:
+        dht = DHT(start=True, net_settings=_net_settings(encrypt))
+        for _ in range(world - 1):
+            addr_q.put([str(a) for a in dht.get_visible_maddrs()])
+        return dht
+    return DHT(initial_peers=addr_q.get(timeout=60), start=True, net_settings=_net_settings(encrypt))
+
+
+def _error(where: str) -> tuple[str, str, str]:
+    """What a worker puts on its queue instead of a result when it fails."""
+    return ("error", where, traceback.format_exc().strip().splitlines()[-1])
+
+
+def _collect(out: Any, procs: list[Any], count: int, timeout: float) -> list[Any]:
+    """`count` results from `out`; raises RuntimeError at the first worker error, when a worker
+    died without reporting, or after `timeout` seconds."""
+    import queue
+
+    results: list[Any] = []
+    deadline = time.monotonic() + timeout
+    while len(results) < count:
+        try:
+            item = out.get(timeout=1.0)
+        except queue.Empty:
+            dead = [p for p in procs if p.exitcode not in (None, 0)]
+            if dead:
+                time.sleep(1.0)  # a worker that failed may still have its error in flight
+                if out.empty():
+                    raise RuntimeError(f"worker exited with code {dead[0].exitcode} without a result") from None
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"timed out after {timeout:.0f} s with {len(results)}/{count} results") from None
+            continue
+        if isinstance(item, tuple) and item and item[0] == "error":
+            raise RuntimeError(f"{item[1]}: {item[2]}")
+        results.append(item)
+    return results
 
 
 # ---- gloo ------------------------------------------------------------------------------------
@@ -94,17 +162,43 @@ def run_gloo(world: int, numel: int, reps: int) -> dict[str, Any]:
 
 
 def _avg_worker(
-    rank: int, world: int, numel: int, rounds: int, chunk_mib: int, addr_q: Any, barrier: Any, out: Any
+    rank: int,
+    world: int,
+    numel: int,
+    rounds: int,
+    chunk_mib: int,
+    encrypt: bool,
+    addr_q: Any,
+    barrier: Any,
+    out: Any,
+) -> None:
+    try:
+        _avg_worker_body(rank, world, numel, rounds, chunk_mib, encrypt, addr_q, barrier, out)
+    except BaseException:
+        out.put(_error(f"peer {rank}"))
+        barrier.abort()  # the other peers stop waiting for this one
+        raise
+
+
+def _avg_worker_body(
+    rank: int,
+    world: int,
+    numel: int,
+    rounds: int,
+    chunk_mib: int,
+    encrypt: bool,
+    addr_q: Any,
+    barrier: Any,
+    out: Any,
 ) -> None:
     import torch
-    from _swarm import join_swarm
 
     from hivecli.averaging import DecentralizedAverager
 
     torch.manual_seed(rank)
     tensor = torch.randn(numel)
     mean = sum(_seeded(r, numel) for r in range(world)) / world
-    dht = join_swarm(rank, world, addr_q)
+    dht = _join_swarm(rank, world, addr_q, encrypt)
     averager = DecentralizedAverager(
         [tensor],
         dht,
@@ -120,13 +214,13 @@ def _avg_worker(
     try:
         for _ in range(rounds + 1):
             barrier.wait(timeout=120)
-            start = time.perf_counter()
+            cpu_start, start = _cpu_s(), time.perf_counter()
             control = averager.step(wait=False, timeout=60)
             control.result(timeout=120)
-            end = time.perf_counter()
+            end, cpu = time.perf_counter(), _cpu_s() - cpu_start
             with averager.get_tensors() as (averaged,):
                 error = (averaged - mean).abs().max().item()
-            records.append((start, control.timings["running_allreduce"], end, error, control.group_size))
+            records.append((start, control.timings["running_allreduce"], end, error, control.group_size, cpu))
         out.put((rank, records, _peak_rss_mib(), _uss_mib()))
     finally:
         averager.shutdown()
@@ -140,17 +234,17 @@ def _seeded(rank: int, numel: int) -> Any:
     return torch.randn(numel)
 
 
-def run_ours(world: int, numel: int, rounds: int, chunk_mib: int = 8) -> dict[str, Any]:
+def run_ours(world: int, numel: int, rounds: int, chunk_mib: int = 8, encrypt: bool = True) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     out, addr_q, barrier = ctx.Queue(), ctx.Queue(), ctx.Barrier(world)
     procs = [
-        ctx.Process(target=_avg_worker, args=(r, world, numel, rounds, chunk_mib, addr_q, barrier, out))
+        ctx.Process(target=_avg_worker, args=(r, world, numel, rounds, chunk_mib, encrypt, addr_q, barrier, out))
         for r in range(world)
     ]
     for p in procs:
         p.start()
     try:
-        results = [out.get(timeout=600) for _ in procs]
+        results = _collect(out, procs, world, timeout=600)
     finally:
         _stop(procs)
     steps, allreduces, matchmakings, errors = [], [], [], []
@@ -176,20 +270,22 @@ def run_ours(world: int, numel: int, rounds: int, chunk_mib: int = 8) -> dict[st
         "group_sizes": sorted({rec[4] for r in results for rec in r[1]}),
         "rss": max(r[2] for r in results),
         "uss": max(r[3] for r in results),
+        # CPU of one peer's step, mean over the peers, median over the timed rounds
+        "cpu": statistics.median(statistics.mean(r[1][i][5] for r in results) for i in range(1, rounds + 1)),
     }
 
 
 # ---- state download --------------------------------------------------------------------------
 
 
-def _donor(numel: int, addr_q: Any, stop: Any) -> None:
+def _donor(numel: int, encrypt: bool, addr_q: Any, stop: Any) -> None:
     import torch
 
     from hivecli import DHT
     from hivecli.averaging import DecentralizedAverager
 
     torch.manual_seed(1234)
-    dht = DHT(start=True)
+    dht = DHT(start=True, net_settings=_net_settings(encrypt))
     averager = DecentralizedAverager([torch.randn(numel)], dht, prefix="bench-state", start=True)
     addr_q.put([str(a) for a in dht.get_visible_maddrs()])
     stop.wait(timeout=600)
@@ -197,7 +293,15 @@ def _donor(numel: int, addr_q: Any, stop: Any) -> None:
     dht.shutdown()
 
 
-def _newcomer(numel: int, addrs: list[str], out: Any) -> None:
+def _newcomer(numel: int, encrypt: bool, addrs: list[str], out: Any) -> None:
+    try:
+        _newcomer_body(numel, encrypt, addrs, out)
+    except BaseException:
+        out.put(_error("newcomer"))
+        raise
+
+
+def _newcomer_body(numel: int, encrypt: bool, addrs: list[str], out: Any) -> None:
     import torch
 
     from hivecli import DHT
@@ -205,7 +309,7 @@ def _newcomer(numel: int, addrs: list[str], out: Any) -> None:
 
     expected = _seeded(1234, numel)
     started = time.perf_counter()
-    dht = DHT(initial_peers=addrs, start=True)
+    dht = DHT(initial_peers=addrs, start=True, net_settings=_net_settings(encrypt))
     averager = DecentralizedAverager(
         [torch.zeros(numel)], dht, prefix="bench-state", allow_state_sharing=False, start=True
     )
@@ -222,19 +326,21 @@ def _newcomer(numel: int, addrs: list[str], out: Any) -> None:
     dht.shutdown()
 
 
-def run_state(numel: int, trials: int) -> dict[str, Any]:
+def run_state(numel: int, trials: int, encrypt: bool = True) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     addr_q, out, stop = ctx.Queue(), ctx.Queue(), ctx.Event()
-    donor = ctx.Process(target=_donor, args=(numel, addr_q, stop))
+    donor = ctx.Process(target=_donor, args=(numel, encrypt, addr_q, stop))
     donor.start()
     try:
         addrs = addr_q.get(timeout=120)
         results = []
         for _ in range(trials):
-            proc = ctx.Process(target=_newcomer, args=(numel, addrs, out))
+            proc = ctx.Process(target=_newcomer, args=(numel, encrypt, addrs, out))
             proc.start()
-            results.append(out.get(timeout=300))
-            proc.join(timeout=30)
+            try:
+                results.extend(_collect(out, [proc], 1, timeout=300))
+            finally:
+                _stop([proc])
     finally:
         stop.set()
         donor.join(timeout=30)
@@ -311,6 +417,47 @@ def _stop(procs: list[Any]) -> None:
             p.join(timeout=5)
 
 
+def _ratio(a: float | None, b: float | None, fmt: str = "{:.2f}x") -> str:
+    return "-" if a is None or b is None else fmt.format(a / b)
+
+
+def _avg_row(world: int, name: str, mode: str, ours: dict[str, Any], gloo: dict[str, Any], nbytes: int) -> str:
+    gloo_ms = {k: v * 1e3 for k, v in gloo.items()}
+    gloo_cells = f"{gloo_ms['t']:.1f} ({gloo_ms['min']:.1f}-{gloo_ms['max']:.1f}) | {nbytes / gloo['t'] / 1e6:.0f}"
+    if "error" in ours:
+        return f"| {world} | {name} | {mode} | FAILED: {ours['error']} | | | | | {gloo_cells} | | | |"
+    ms = {k: v * 1e3 for k, v in ours.items() if isinstance(v, float)}
+    check = f"{ours['max_error']:.1e}"
+    if ours["max_error"] > MAX_ERROR:
+        check += " MISMATCH"
+    if ours["group_sizes"] != [world]:
+        check += f" (groups of {ours['group_sizes']})"
+    return (
+        f"| {world} | {name} | {mode} | {ms['step']:.1f} ({ms['step_min']:.1f}-{ms['step_max']:.1f}) "
+        f"| {ms['allreduce']:.1f} | {ms['matchmaking']:.1f} | {ms['first']:.0f} "
+        f"| {nbytes / ours['step'] / 1e6:.0f} | {gloo_cells} | {ours['step'] / gloo['t']:.2f}x | {check} "
+        f"| {ours['rss']:.0f} / {ours['uss']:.0f} |"
+    )
+
+
+def _state_row(mode: str, state: dict[str, Any], raw: float) -> str:
+    if "error" in state:
+        return f"| {mode} | FAILED: {state['error']} | | | | | {raw:.2f} | | | |"
+    return (
+        f"| {mode} | {state['join']:.2f} | {state['first']:.3f} | {state['first_gbps']:.2f} | {state['again']:.3f} "
+        f"| {state['again_gbps']:.2f} | {raw:.2f} | {state['first_gbps'] / raw:.2f} | {state['identical']} "
+        f"| {state['rss']:.0f} / {state['uss']:.0f} |"
+    )
+
+
+def _attempt(fn: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """fn's result, or {"error": ...} when it failed, so that the other configurations still run."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as e:  # reported in the table; the other configurations go on
+        return {"error": f"{type(e).__name__}: {e}".replace("|", "/")}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--peers", type=int, nargs="+", default=[2, 4])
@@ -319,57 +466,104 @@ def main() -> None:
     parser.add_argument("--state-trials", type=int, default=5)
     parser.add_argument("--chunk-mib", type=int, default=8, help="AveragingSettings.chunk_bytes, in MiB")
     parser.add_argument("--state-size", default="50M", choices=list(SIZES))
+    parser.add_argument(
+        "--encryption",
+        choices=["on", "off", "both"],
+        default="both",
+        help="links between hivecli peers: encrypted, plaintext, or each in turn (default)",
+    )
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
+    modes = list(MODES) if args.encryption == "both" else [args.encryption]
 
     rows = []
     print(
-        "| peers | numel | step ms (min-max) | allreduce ms | matchmaking ms | 1st round ms | algbw MB/s "
+        "| peers | numel | encryption | step ms (min-max) | allreduce ms | matchmaking ms | 1st round ms | algbw MB/s "
         "| gloo ms (min-max) | gloo algbw MB/s | step / gloo | max err | peak RSS / USS MiB |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for world in args.peers:
         for name in args.sizes:
             numel = SIZES[name]
-            gloo = run_gloo(world, numel, args.rounds)
-            ours = run_ours(world, numel, args.rounds, args.chunk_mib)
             nbytes = 4 * numel
-            row = {"peers": world, "numel": name, "ours": ours, "gloo": gloo, "ratio": ours["step"] / gloo["t"]}
-            rows.append(row)
-            ms = {k: v * 1e3 for k, v in ours.items() if isinstance(v, float)}
-            gloo_ms = {k: v * 1e3 for k, v in gloo.items()}
-            print(
-                f"| {world} | {name} | {ms['step']:.1f} ({ms['step_min']:.1f}-{ms['step_max']:.1f}) "
-                f"| {ms['allreduce']:.1f} | {ms['matchmaking']:.1f} | {ms['first']:.0f} "
-                f"| {nbytes / ours['step'] / 1e6:.0f} | {gloo_ms['t']:.1f} ({gloo_ms['min']:.1f}-{gloo_ms['max']:.1f}) "
-                f"| {nbytes / gloo['t'] / 1e6:.0f} | {row['ratio']:.2f}x | {ours['max_error']:.1e} "
-                f"| {ours['rss']:.0f} / {ours['uss']:.0f} |",
-                flush=True,
-            )
-    state = None
+            gloo = run_gloo(world, numel, args.rounds)
+            # alternate which mode goes first, so that drift in the machine's load favours neither
+            order = modes if len(rows) % 2 == 0 else modes[::-1]
+            ours = {
+                mode: _attempt(run_ours, world, numel, args.rounds, args.chunk_mib, encrypt=MODES[mode])
+                for mode in order
+            }
+            ratio = {mode: r["step"] / gloo["t"] for mode, r in ours.items() if "error" not in r}
+            rows.append({"peers": world, "numel": name, "ours": ours, "gloo": gloo, "ratio": ratio})
+            for mode in modes:
+                print(_avg_row(world, name, mode, ours[mode], gloo, nbytes), flush=True)
+
+    if len(modes) == 2:
+        print()
+        print("Encryption on vs off, same run (medians; CPU per peer and step; gloo as above):")
+        print(
+            "| peers | numel | step ms on | step ms off | step on / off | allreduce ms on | allreduce ms off "
+            "| allreduce on / off | CPU ms/peer on | CPU ms/peer off | CPU on / off "
+            "| gloo ms | on / gloo | off / gloo |"
+        )
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        for row in rows:
+            on, off = (row["ours"][m] if "error" not in row["ours"][m] else {} for m in ("on", "off"))
+            cells = [
+                f"{on['step'] * 1e3:.1f}" if on else "FAILED",
+                f"{off['step'] * 1e3:.1f}" if off else "FAILED",
+                _ratio(on.get("step"), off.get("step")),
+                f"{on['allreduce'] * 1e3:.1f}" if on else "-",
+                f"{off['allreduce'] * 1e3:.1f}" if off else "-",
+                _ratio(on.get("allreduce"), off.get("allreduce")),
+                f"{on['cpu'] * 1e3:.0f}" if on else "-",
+                f"{off['cpu'] * 1e3:.0f}" if off else "-",
+                _ratio(on.get("cpu"), off.get("cpu")),
+                f"{row['gloo']['t'] * 1e3:.1f}",
+                _ratio(on.get("step"), row["gloo"]["t"]),
+                _ratio(off.get("step"), row["gloo"]["t"]),
+            ]
+            print(f"| {row['peers']} | {row['numel']} | " + " | ".join(cells) + " |", flush=True)
+
+    states: dict[str, Any] = {}
     if args.state_trials:
         numel = SIZES[args.state_size]
         raw = run_raw_tcp(4 * numel, 5)
-        state = run_state(numel, args.state_trials)
-        state["raw_tcp_gbps"] = raw
+        for mode in modes:
+            states[mode] = _attempt(run_state, numel, args.state_trials, encrypt=MODES[mode])
+            states[mode]["raw_tcp_gbps"] = raw
         print()
         print(
             f"load_state_from_peers, {args.state_size} fp32 ({4 * numel / 1e6:.0f} MB), 1 donor, "
             f"{args.state_trials} fresh peers:"
         )
         print(
-            "| join s | first load s | first GB/s | repeat load s | repeat GB/s | raw TCP GB/s | first / raw "
-            "| bit-identical | peak RSS / USS MiB |"
+            "| encryption | join s | first load s | first GB/s | repeat load s | repeat GB/s | raw TCP GB/s "
+            "| first / raw | bit-identical | peak RSS / USS MiB |"
         )
-        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-        print(
-            f"| {state['join']:.2f} | {state['first']:.3f} | {state['first_gbps']:.2f} | {state['again']:.3f} "
-            f"| {state['again_gbps']:.2f} | {raw:.2f} | {state['first_gbps'] / raw:.2f} | {state['identical']} "
-            f"| {state['rss']:.0f} / {state['uss']:.0f} |"
-        )
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        for mode in modes:
+            print(_state_row(mode, states[mode], raw))
+        if len(modes) == 2:
+            on, off = (states[m] if "error" not in states[m] else {} for m in ("on", "off"))
+            print()
+            print(
+                "| first GB/s on | first GB/s off | first on / off "
+                "| repeat GB/s on | repeat GB/s off | repeat on / off |"
+            )
+            print("| --- | --- | --- | --- | --- | --- |")
+            cells = [
+                f"{on['first_gbps']:.2f}" if on else "FAILED",
+                f"{off['first_gbps']:.2f}" if off else "FAILED",
+                _ratio(on.get("first_gbps"), off.get("first_gbps")),
+                f"{on['again_gbps']:.2f}" if on else "FAILED",
+                f"{off['again_gbps']:.2f}" if off else "FAILED",
+                _ratio(on.get("again_gbps"), off.get("again_gbps")),
+            ]
+            print("| " + " | ".join(cells) + " |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"averaging": rows, "state": state}, f, indent=2)
+            json.dump({"averaging": rows, "state": states or None}, f, indent=2)
 
 
 if __name__ == "__main__":
