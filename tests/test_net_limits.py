@@ -458,3 +458,32 @@ def test_limit_log_says_how_many_lines_it_left_out(caplog: pytest.LogCaptureFixt
         "event b",
         "event a again (4 more like this in the last 7200 s were not logged)",
     ]
+
+
+def test_a_dial_that_fails_after_its_callers_gave_up_logs_nothing() -> None:
+    """Its callers timed out first: the dial's own failure is nobody's to report, and asyncio
+    must not print it as "Task exception was never retrieved" with a traceback."""
+
+    async def main() -> list[dict[str, Any]]:
+        reported: list[dict[str, Any]] = []
+        asyncio.get_running_loop().set_exception_handler(lambda _loop, context: reported.append(context))
+        accepted: list[asyncio.StreamWriter] = []
+        silent = await asyncio.start_server(lambda _r, w: accepted.append(w), "127.0.0.1", 0)  # never answers
+        port = silent.sockets[0].getsockname()[1]
+        host = Host(Identity.generate(), settings=NetSettings(handshake_timeout=0.2))
+        target = Multiaddr.parse(f"/ip4/127.0.0.1/tcp/{port}/p2p/{Identity.generate().peer_id}")
+        try:
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(host.connect(target), 0.02)
+            await wait_until(lambda: not host._dials, DEADLINE, "the dial to fail on its own")
+            gc.collect()
+            await asyncio.sleep(0)
+        finally:
+            await host.aclose()
+            for writer in accepted:
+                writer.close()
+            silent.close()
+            await silent.wait_closed()
+        return reported
+
+    assert asyncio.run(main()) == []

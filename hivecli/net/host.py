@@ -281,6 +281,9 @@ class Host:
             dial.add_done_callback(
                 lambda _: self._dials.pop(peer_id, None) if self._dials.get(peer_id) is dial else None
             )
+            # its callers may all have given up (timeouts) before it fails: its error is theirs to
+            # see, and must not come back as "Task exception was never retrieved" with a traceback
+            dial.add_done_callback(lambda t: t.cancelled() or t.exception())
         try:
             return await asyncio.shield(dial)  # several callers may share one dial
         except asyncio.CancelledError:
