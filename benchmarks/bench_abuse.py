@@ -3,7 +3,8 @@
 A target node runs as a separate process (`hive dht --json --host 127.0.0.1 --port 0`, i.e.
 `python -m hivecli.cli.main dht ...`), so that its RSS and open file descriptors (read with
 psutil by pid every 0.1 s) are its own; its stderr (the node's log) goes to a file in which
-"Traceback" lines are counted, phase by phase. In this process:
+"Traceback" lines are counted, phase by phase. This process runs nothing of the benchmark's but
+the honest client (and the sampler, and a thread reading the target's stdout):
 
 * an honest client, a `hivecli.DHT` joined through the target, alternates store and get
   (`--ops-per-second`, default 20 operations a second; every other key under an owned subkey,
@@ -12,15 +13,21 @@ psutil by pid every 0.1 s) are its own; its stderr (the node's log) goes to a fi
   a full node would also store every value in its own storage (store() then returns True
   whatever the target does) and answer the get from there without asking the target at all;
   in client mode every store and get has to go through the target.
-* a hostile peer runs on an event loop thread of its own (`hivecli.testing.HostilePeer` and
-  plain `hivecli.net.Host`s with identities of their own, sending raw `dht.*` requests).
+
+The hostile peer runs in a third process, one per phase: this same script with a hidden
+`--hostile PHASE ADDR` mode (config as a JSON line on its stdin), started before the phase and
+stopped and collected after it (`hivecli.testing.HostilePeer` and plain `hivecli.net.Host`s with
+identities of their own, sending raw `dht.*` requests, on an event loop of its own). It sets up
+its attack untimed, says "ready" on its stdout, floods from "start" to "stop" (or its stdin's
+end, so it cannot outlive this process), closes every socket and reports what it did as a JSON
+line. Neither the GIL nor the honest client's process is shared with the attack.
 
 Phases, each `--seconds-per-phase` long (default 15), one after the other against the same
 target, with `--settle` seconds between them:
 
   baseline            no attack: the reference the other phases' p95 is compared with
   slowloris           2,000 TCP connections (--slowloris) that never start the handshake, topped
-                      up every second as the target closes them (this process's soft
+                      up every second as the target closes them (the hostile process's soft
                       RLIMIT_NOFILE is raised to the hard limit first; the target keeps its own)
   64MiB declarations  16 authenticated connections (fresh identities), each declaring a 64 MiB
                       frame body and sending 13 bytes of it; re-opened if the target drops them
@@ -46,12 +53,13 @@ PASS/MISS against the targets: honest success 100%, p95 under 50 ms, RSS growth 
 the start of the baseline) under 200 MB, no traceback in the target's log.
 
 Caveats: the machine this was written for has 2 cores shared by the target, the honest client
-and the hostile peer. The hostile side runs on its own thread, but in this process, so it
-shares the GIL with the honest client's DHT thread: an attack that keeps its loop busy (the
-slowloris top-up, the floods) also delays the honest client's own code by up to a GIL switch
-interval (5 ms) at a time, and the latencies here are an upper bound on what the target alone
-causes. Everything started (the target process, the honest DHT, the hostile loop and its
-sockets, the sampler) is stopped and collected at the end, also on errors and Ctrl+C.
+and the hostile peer. The hostile side is a process of its own, so it no longer shares a GIL
+with the honest client, but it still competes with both for the same cores: an attack that
+keeps a core busy (the floods, the slowloris top-up) can still delay the honest client's and
+the target's threads by an OS scheduling slice, and the latencies here stay an upper bound on
+what the target alone causes. Everything started (the target process, the honest DHT, each
+phase's hostile process and its sockets, the sampler) is stopped and collected at the end,
+also on errors and Ctrl+C.
 """
 
 from __future__ import annotations
@@ -60,9 +68,11 @@ import argparse
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import json
 import math
 import os
+import queue
 import random
 import re
 import resource
@@ -583,7 +593,8 @@ class ManyKeys(Attack):
                 items.append([key, subkey, value, expiration, False, signature])
             else:
                 items.append([key, None, value, expiration, False])
-        self.batches = [items[i : i + 1024] for i in range(0, len(items), 1024)]
+        # as many signed items per request as a node takes (MAX_SIGNED_ITEMS_PER_REQUEST): half of 128
+        self.batches = [items[i : i + 128] for i in range(0, len(items), 128)]
 
     async def run(self, stop: asyncio.Event) -> None:
         began = time.monotonic()
@@ -669,6 +680,153 @@ ATTACKS: dict[str, type[Attack]] = {
 }
 
 
+# ---- the hostile side, in a process of its own -------------------------------------------------
+
+HOSTILE_TAG = "bench_abuse.hostile"  # marks the hostile process's protocol lines on its stdout
+
+
+def _say(event: str, **fields: Any) -> None:
+    print(json.dumps({HOSTILE_TAG: event, **fields}), flush=True)
+
+
+def hostile_main(phase: str, target_addr: str) -> int:
+    """The hidden `--hostile PHASE ADDR` mode: one phase's attack on `target_addr`.
+
+    stdin: a JSON line (the Config), then "start", then "stop"; its end counts as "stop" (before
+    "start": exit without flooding). stdout: "ready" once `prepare` is done, "done" (with the
+    summary) once the flood has stopped and every socket is closed.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops this process; Ctrl+C is its to handle
+    raise_nofile_limit()
+    hostile: HostileLoop | None = None
+    try:
+        line = sys.stdin.readline()
+        if not line:
+            return 0
+        config = Config(**json.loads(line))
+        hostile = HostileLoop()
+        attack = ATTACKS[phase](Multiaddr.parse(target_addr), config)
+        try:
+            hostile.run(attack.prepare(), timeout=300)
+            _say("ready")
+            if sys.stdin.readline().strip() != "start":
+                return 0
+            stop: asyncio.Event = hostile.run(_new_event(), timeout=10)
+            flood = hostile.submit(attack.run(stop))
+            sys.stdin.readline()  # "stop", or the end of stdin
+            hostile.loop.call_soon_threadsafe(stop.set)
+            try:
+                flood.result(timeout=60)
+            except concurrent.futures.TimeoutError:
+                flood.cancel()
+                attack.errors["did not stop within 60 s"] = 1
+            except Exception as e:  # reported in the summary, not fatal for the run
+                attack.error(e)
+        finally:
+            hostile.run(attack.aclose(), timeout=60)
+        _say("done", summary=attack.summary(), unretrieved=hostile.unretrieved)
+        return 0
+    finally:
+        if hostile is not None:
+            hostile.close()
+
+
+class HostileProcess:
+    """One phase's hostile side: this script with `--hostile PHASE ADDR` in a subprocess (own
+    session, so Ctrl+C here does not reach it); stderr is shared with this process, stdout
+    carries its protocol lines, read by a thread."""
+
+    def __init__(self, phase: str, target_addr: str, config: Config):
+        self.phase = phase
+        self.summary: str | None = None
+        self.unretrieved = 0
+        self._events: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self.proc = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), "--hostile", phase, target_addr],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            cwd=REPO_ROOT,
+            start_new_session=True,
+            text=True,
+        )
+        self._reader = threading.Thread(target=self._read_stdout, name=f"hostile-stdout-{phase}", daemon=True)
+        self._reader.start()
+        self._send(json.dumps(dataclasses.asdict(config)))
+
+    def _read_stdout(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                event = None
+            if isinstance(event, dict) and HOSTILE_TAG in event:
+                self._events.put(event)
+            elif line.strip():  # anything else it printed: pass it on
+                print(f"[hostile {self.phase}] {line.rstrip()}", file=sys.stderr)
+        self._events.put(None)
+
+    def _send(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        with contextlib.suppress(OSError):  # it is gone: _wait_for says so
+            self.proc.stdin.write(line + "\n")
+            self.proc.stdin.flush()
+
+    def _wait_for(self, event: str, timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                found = self._events.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                message = f"the {self.phase} hostile process did not say {event!r} within {timeout:g} s"
+                raise TimeoutError(message) from None
+            if found is None:
+                self._events.put(None)  # later waits see the end too
+                code = self.proc.wait()
+                raise RuntimeError(f"the {self.phase} hostile process exited ({code}) before saying {event!r}")
+            if found[HOSTILE_TAG] == event:
+                return found
+
+    def wait_ready(self, timeout: float = 330.0) -> None:
+        self._wait_for("ready", timeout)
+
+    def start(self) -> None:
+        self._send("start")
+
+    def stop(self, timeout: float = 150.0) -> str:
+        """Ask it to stop and wait for its summary; then collect the process."""
+        try:
+            self._send("stop")
+            done = self._wait_for("done", timeout)
+            self.summary, self.unretrieved = str(done["summary"]), int(done.get("unretrieved", 0))
+        except (TimeoutError, RuntimeError) as e:
+            self.summary = f"no summary: {e}"
+        finally:
+            self.close()
+        return self.summary
+
+    def close(self) -> int | None:
+        """End of stdin (it stops and exits), then SIGTERM after 30 s, SIGKILL after 10 more;
+        returns the exit code. Idempotent."""
+        try:
+            if self.proc.stdin is not None and not self.proc.stdin.closed:
+                with contextlib.suppress(OSError):
+                    self.proc.stdin.close()
+            for sig, wait_s in ((None, 30.0), (signal.SIGTERM, 10.0), (signal.SIGKILL, None)):
+                if self.proc.poll() is not None:
+                    break
+                if sig is not None:
+                    with contextlib.suppress(ProcessLookupError):
+                        self.proc.send_signal(sig)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.proc.wait(timeout=wait_s)
+        finally:
+            self._reader.join(timeout=10)
+            if self.proc.stdout is not None and not self._reader.is_alive():
+                self.proc.stdout.close()
+        return self.proc.returncode
+
+
 # ---- one phase --------------------------------------------------------------------------------
 
 
@@ -718,29 +876,24 @@ def run_phase(
     target: TargetNode,
     sampler: Sampler,
     honest: HonestClient,
-    hostile: HostileLoop,
-    target_maddr: Multiaddr,
+    target_addr: str,
+    hostiles: list[HostileProcess],
 ) -> PhaseResult:
     result = PhaseResult(name)
-    attack = ATTACKS[name](target_maddr, config)
-    hostile.run(attack.prepare(), timeout=300)
-    stop: asyncio.Event = hostile.run(_new_event(), timeout=10)
-    log_start = target.log_size()
-    first = sampler.sample()
-    began = time.monotonic()
-    flood = hostile.submit(attack.run(stop))
+    hostile = HostileProcess(name, target_addr, config)
+    hostiles.append(hostile)  # the caller closes it too, should this phase end in an error
     try:
-        result.ops = honest.run_for(config.seconds, name)
-    finally:
-        hostile.loop.call_soon_threadsafe(stop.set)
+        hostile.wait_ready()
+        log_start = target.log_size()
+        first = sampler.sample()
+        began = time.monotonic()
+        hostile.start()
         try:
-            flood.result(timeout=60)
-        except concurrent.futures.TimeoutError:
-            flood.cancel()
-            attack.errors["did not stop within 60 s"] = 1
-        except Exception as e:  # reported in the summary, not fatal for the run
-            attack.error(e)
-        hostile.run(attack.aclose(), timeout=60)
+            result.ops = honest.run_for(config.seconds, name)
+        finally:
+            result.attack = hostile.stop()
+    finally:
+        hostile.close()
     ended = time.monotonic()
     sampler.sample()
     samples = sampler.between(began - 1.0, ended)
@@ -753,7 +906,6 @@ def run_phase(
     log = target.log_text(log_start)
     result.tracebacks = log.count("Traceback")
     result.warnings = warning_lines(log)
-    result.attack = attack.summary()
     result.target_alive = target.alive()
     return result
 
@@ -880,11 +1032,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--keys", type=int, default=100_000, help="keys the hostile peer stores (default 100000)")
     parser.add_argument("--fresh-identities", type=int, default=3, help="fresh identities joining (default 3)")
     parser.add_argument("--target-log", default=None, help="keep the target's log here (default: a temp file)")
+    parser.add_argument("--hostile", nargs=2, metavar=("PHASE", "ADDR"), default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.hostile is not None:
+        phase, target_addr = args.hostile
+        if phase not in ATTACKS:
+            raise SystemExit(f"--hostile: unknown phase {phase!r}")
+        return hostile_main(phase, target_addr)
     seconds = args.seconds_per_phase if args.seconds_per_phase is not None else (5.0 if args.quick else 15.0)
     config = Config(
         seconds=seconds,
@@ -903,7 +1061,7 @@ def main(argv: list[str] | None = None) -> int:
     target: TargetNode | None = None
     sampler: Sampler | None = None
     honest: HonestClient | None = None
-    hostile: HostileLoop | None = None
+    hostiles: list[HostileProcess] = []
     results: list[PhaseResult] = []
     interrupted = False
     try:
@@ -922,10 +1080,8 @@ def main(argv: list[str] | None = None) -> int:
         sampler = Sampler(target.ps)
         sampler.start()
         honest = HonestClient(target_addr, config)
-        hostile = HostileLoop()
-        target_maddr = Multiaddr.parse(target_addr)
         for name in phases:
-            result = run_phase(name, config, target, sampler, honest, hostile, target_maddr)
+            result = run_phase(name, config, target, sampler, honest, target_addr, hostiles)
             results.append(result)
             print(
                 f"  {name:<20} {len(result.ops)} ops, {fmt(result.success_pct)}% ok, "
@@ -939,7 +1095,7 @@ def main(argv: list[str] | None = None) -> int:
         interrupted = True
         print("\ninterrupted; stopping everything", file=sys.stderr)
     finally:
-        if hostile is not None:
+        for hostile in hostiles:  # each already closed by its phase, unless that phase was cut short
             hostile.close()
         if honest is not None:
             honest.close()
@@ -954,10 +1110,9 @@ def main(argv: list[str] | None = None) -> int:
         baseline_rss = results[0].rss_start
         print_report(results, baseline_rss, shutdown_tracebacks, log_path if keep_log else "removed; see --target-log")
         print(f"\ntarget exit code after SIGTERM: {exit_code}")
-    if hostile is not None and hostile.unretrieved:
-        print(
-            f"hostile side: {hostile.unretrieved} orphaned drain futures ended with ConnectionResetError (not printed)"
-        )
+    unretrieved = sum(hostile.unretrieved for hostile in hostiles)
+    if unretrieved:
+        print(f"hostile side: {unretrieved} orphaned drain futures ended with ConnectionResetError (not printed)")
     if temp_dir is not None and not keep_log:
         with contextlib.suppress(OSError):
             os.remove(log_path)

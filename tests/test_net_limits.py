@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from hivecli._exceptions import MalformedFrameError, RemoteError
+from hivecli._exceptions import HandshakeError, MalformedFrameError, RemoteError
 from hivecli.net import ByteStream, Connection, Host, Identity, Multiaddr, NetSettings, Reply
 from hivecli.net.connection import LimitLog
 from hivecli.net.framing import FrameLimits, describe, read_frame, unpack
@@ -487,3 +487,32 @@ def test_a_dial_that_fails_after_its_callers_gave_up_logs_nothing() -> None:
         return reported
 
     assert asyncio.run(main()) == []
+
+
+def test_an_address_whose_peers_keep_flooding_is_refused_for_a_while(caplog: pytest.LogCaptureFixture) -> None:
+    """A flooder that comes back at once under a fresh identity (with a fresh allowance) would
+    keep the node's loop busy refusing it: after max_offences_per_host drops in a minute, new
+    connections from its address are refused before the handshake. Connections already open
+    (an honest peer at the same address) go on."""
+
+    async def main(scene: Scene) -> None:
+        server = await scene.server(max_requests_per_second=20, request_burst=10, max_offences_per_host=3)
+        honest = Host(Identity.generate())
+        scene.hosts.append(honest)
+        address = server.visible_maddrs()[0]
+        assert (await honest.call(address, "echo", 1, timeout=DEADLINE)).payload == {"payload": 1}
+        hostile = scene.attacker(server)
+        for _ in range(3):  # three identities, each flooding until it is dropped
+            me = Identity.generate()
+            stream = await hostile.handshake(me)
+            reader = asyncio.ensure_future(_read_until_closed(stream))
+            with contextlib.suppress(ConnectionError):
+                await hostile.flood(stream, "echo", None, 100)
+            await asyncio.wait_for(reader, DEADLINE)
+            await wait_until(lambda me=me: not connections_of(server, {me.peer_id}), DEADLINE, "the drop")
+        with pytest.raises((ConnectionError, asyncio.IncompleteReadError, HandshakeError)):
+            await hostile.handshake()  # a fourth identity from the same address: refused at once
+        assert len(lines_with(caplog, "of its connections broke limits in the last 60 s")) == 1
+        assert (await honest.call(address, "echo", 2, timeout=DEADLINE)).payload == {"payload": 2}
+
+    run(main)

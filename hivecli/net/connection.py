@@ -119,6 +119,11 @@ class NetSettings:
             refused 2 x request_burst times within 10 s is disconnected, however it spaces them.
         max_concurrent_requests: handler tasks running at once for one connection (default
             256); a request beyond it gets an ERROR "too many concurrent requests".
+        max_offences_per_host: connections from one IP address dropped for breaking a limit
+            (flooding requests, leaving replies unread) within a minute, after which new
+            connections from that address are refused until the minute has passed (default 3;
+            0: never). A flooder with fresh identities cannot come back at once, each time with
+            a fresh allowance, and keep the node's loop busy refusing it.
         security: encryption and the swarm key (hivecli.net.secure.SecuritySettings; default:
             encrypted, public swarm).
     """
@@ -136,6 +141,7 @@ class NetSettings:
     max_requests_per_second: float = 500.0
     request_burst: int = 1000
     max_concurrent_requests: int = 256
+    max_offences_per_host: int = 3
     security: SecuritySettings = field(default_factory=SecuritySettings)
 
 
@@ -320,6 +326,7 @@ class Connection:
         self._handler_tasks: dict[int, asyncio.Task[None]] = {}
         self._ids = itertools.count(0 if outbound else 1, 2)
         self._close_reason: str | None = None
+        self.broke_limit: str | None = None  # the kind of limit this peer was dropped for, if any
         self._limit_log = limit_log or _limit_log
         self._loop = asyncio.get_running_loop()
         # the peer's request budget: a token bucket refilled at max_requests_per_second
@@ -430,6 +437,7 @@ class Connection:
             self._send_goaway(str(e))
         except _Disconnect as e:
             reason = str(e)
+            self.broke_limit = e.kind
             self._limit_log.warning(e.kind, "Disconnecting peer %s (%s): %s", self.remote_peer, self.remote_host, e)
             if e.goaway:
                 self._send_goaway(reason)

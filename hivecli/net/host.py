@@ -51,6 +51,7 @@ logger = logging.getLogger(__name__)
 
 _MAX_ADDRS_PER_PEER = 16
 _VISIBLE_ADDRS_TTL = 5.0
+OFFENCE_WINDOW = 60.0  # seconds a connection dropped for breaking a limit counts against its IP
 _FD_RESERVE = 64  # descriptors left for listeners, files, pending handshakes and outbound dials
 
 
@@ -94,6 +95,7 @@ class Host:
         self._janitor: asyncio.Task[None] | None = None
         self._visible: tuple[float, list[Multiaddr]] | None = None
         self._pending_handshakes = 0
+        self._offences: dict[str, list[float]] = {}  # remote IP -> when its connections broke limits
         self._limit_log = LimitLog(logger)
         self._connection_log = LimitLog(logging.getLogger(Connection.__module__))
 
@@ -156,6 +158,17 @@ class Host:
             )
             stream.close()
             return
+        offences = self._recent_offences(stream.remote_host)
+        if self.settings.max_offences_per_host and offences >= self.settings.max_offences_per_host:
+            self._limit_log.warning(
+                "offending host",
+                "Refusing an inbound connection from %s: %d of its connections broke limits in the last %g s",
+                stream.remote_host,
+                offences,
+                OFFENCE_WINDOW,
+            )
+            stream.close()  # before the handshake: refusing costs no cryptography
+            return
         self._pending_handshakes += 1
         try:
             remote, maddrs, stream = await asyncio.wait_for(  # from here on, the handshake's (sealed) stream
@@ -177,6 +190,22 @@ class Host:
             return
         self.add_addrs(remote, _with_observed_host(maddrs, stream.remote_host))
         self._register(self._connection(stream, remote, maddrs, outbound=False))
+
+    def _recent_offences(self, remote_host: str) -> int:
+        """How many connections from `remote_host` were dropped for breaking a limit within the
+        last OFFENCE_WINDOW seconds (older ones, and hosts with none left, are forgotten)."""
+        times = self._offences.get(remote_host)
+        if not times:
+            return 0
+        recent = [t for t in times if time.monotonic() - t < OFFENCE_WINDOW]
+        if recent:
+            self._offences[remote_host] = recent[-64:]
+        else:
+            del self._offences[remote_host]
+        if len(self._offences) > 4096:  # a bounded memory of offenders: the oldest go first
+            for host in sorted(self._offences, key=lambda h: self._offences[h][-1])[:1024]:
+                del self._offences[host]
+        return len(recent)
 
     def _connection(self, stream: ByteStream, remote: PeerID, maddrs: list[Multiaddr], outbound: bool) -> Connection:
         return Connection(stream, remote, maddrs, self.handlers, self.settings, outbound, self._connection_log)
@@ -365,6 +394,8 @@ class Host:
             self._all_connections.discard(conn)
             if self._connections.get(conn.remote_peer) is conn:
                 del self._connections[conn.remote_peer]
+            if conn.broke_limit is not None:
+                self._offences.setdefault(conn.remote_host, []).append(time.monotonic())
 
         task = asyncio.get_running_loop().create_task(conn.closed.wait())
         task.add_done_callback(forget)
