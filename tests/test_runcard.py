@@ -143,3 +143,18 @@ def test_a_donors_step_must_be_plausible_for_the_run() -> None:
     # the run's live peers say where it is: one liar among three does not move the median
     assert plausible_step(run_id, [500, 510, 10**12], started + 3600) == 2 * 510 + 1000
     assert plausible_step("custom", [], 0.0) is None
+
+
+def test_the_run_outlives_its_owner_for_joiners_that_pin_it() -> None:
+    """After the owner leaves, a newcomer that names the owner still finds the run's card: the
+    DHT's replicas hold it, and the run's peers republish it as it is, under their own subkeys
+    (checked by hand with `hive` processes too: owner killed, a newcomer joined through another
+    peer with --run PREFIX@OWNER and loaded the state)."""
+    with local_swarm(4, seed=2) as dhts:
+        owner, member, newcomer = dhts[0], dhts[1], dhts[3]
+        card = new_card(owner, _recipe(), "20261202-150000-abcd")
+        publish_run(owner, card)
+        got = wait_for_run(member, "demo", owner.peer_id, timeout=10)
+        publish_run(member, got)  # what every peer of the run does every few minutes
+        owner.shutdown()
+        assert wait_for_run(newcomer, "demo", card.owner, timeout=10) == card
