@@ -15,7 +15,8 @@ A peer that sends an oversized or malformed frame gets a GOAWAY naming the probl
 disconnected; the node keeps serving everyone else. So does one that breaks a limit of
 `NetSettings`: it sends requests too fast for too long, or leaves its replies unread. A request
 over the rate or concurrency limit is refused on its own with an ERROR. Each such event is
-logged as one line, at most one per kind every few seconds (`LimitLog`), never with a traceback.
+logged as one line, at most one per kind every few seconds, never with a traceback. The limit
+machinery itself (`RequestBudget`, `LimitLog`) lives in hivecli.net.limits.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import contextlib
 import itertools
 import logging
 import sys
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -41,13 +41,14 @@ from hivecli._exceptions import (
 )
 from hivecli.net.framing import FrameLimits, describe, encode_frame, read_header
 from hivecli.net.identity import PeerID
+from hivecli.net.limits import REFUSAL_WINDOW as REFUSAL_WINDOW  # re-exported: it lived here
+from hivecli.net.limits import Disconnect, LimitLog, RequestBudget
 from hivecli.net.multiaddr import Multiaddr
 from hivecli.net.secure import SecuritySettings
 from hivecli.net.transport import ByteStream
 
 logger = logging.getLogger(__name__)
 _COALESCE_BYTES = 64 * 1024
-REFUSAL_WINDOW = 10.0  # seconds over which refused requests are counted towards a disconnect
 _MAX_ERROR_TEXT = 2000  # characters of a peer's ERROR or GOAWAY text we keep: it is the peer's word
 
 
@@ -145,45 +146,7 @@ class NetSettings:
     security: SecuritySettings = field(default_factory=SecuritySettings)
 
 
-class LimitLog:
-    """Logs limit events as WARNING lines, at most one per kind every `interval` seconds.
-
-    A hostile peer trips a limit as often as it likes; one line per event would let it fill the
-    disk and drown everything else. The first line after a quiet spell says how many events of
-    that kind went unlogged since the previous line.
-    """
-
-    def __init__(self, log: logging.Logger, interval: float = 10.0):
-        self._log = log
-        self._interval = interval
-        self._last: dict[str, float] = {}  # kind -> when its last line was logged
-        self._dropped: dict[str, int] = {}
-
-    def warning(self, kind: str, message: str, *args: object) -> None:
-        """Log `message % args` unless a line of this `kind` was logged within the interval."""
-        now = time.monotonic()
-        last = self._last.get(kind, -self._interval)
-        if now - last < self._interval:
-            self._dropped[kind] = self._dropped.get(kind, 0) + 1
-            return
-        self._last[kind] = now
-        dropped = self._dropped.pop(kind, 0)
-        if dropped:
-            message += f" ({dropped} more like this in the last {now - last:.0f} s were not logged)"
-        self._log.warning(message, *args)
-
-
 _limit_log = LimitLog(logger)  # for connections made without a Host
-
-
-class _Disconnect(Exception):
-    """Raised in the read loop to drop a peer that broke a limit. Its message is the reason
-    (logged once, sent in a GOAWAY when `goaway`); `kind` groups it for `LimitLog`."""
-
-    def __init__(self, kind: str, reason: str, goaway: bool = True):
-        super().__init__(reason)
-        self.kind = kind
-        self.goaway = goaway
 
 
 class EndOfStream(Exception):
@@ -329,10 +292,7 @@ class Connection:
         self.broke_limit: str | None = None  # the kind of limit this peer was dropped for, if any
         self._limit_log = limit_log or _limit_log
         self._loop = asyncio.get_running_loop()
-        # the peer's request budget: a token bucket refilled at max_requests_per_second
-        self._tokens = float(settings.request_burst)
-        self._tokens_at = self._loop.time()
-        self._refused, self._refused_since = 0, self._loop.time()  # refusals in the current window
+        self._budget = RequestBudget(settings, self._loop.time())  # what the peer may still request
         self.closed = asyncio.Event()
         self.last_activity = self._loop.time()
         self._reader = self._loop.create_task(self._read_loop())
@@ -435,7 +395,7 @@ class Connection:
             reason = f"protocol violation: {e}"
             self._limit_log.warning("protocol", "Disconnecting peer %s (%s): %s", self.remote_peer, self.remote_host, e)
             self._send_goaway(str(e))
-        except _Disconnect as e:
+        except Disconnect as e:
             reason = str(e)
             self.broke_limit = e.kind
             self._limit_log.warning(e.kind, "Disconnecting peer %s (%s): %s", self.remote_peer, self.remote_host, e)
@@ -498,35 +458,17 @@ class Connection:
             raise MalformedFrameError(f"unknown frame kind {kind}")
 
     def _admit_request(self, stream_id: int, needs_task: bool) -> bool:
-        """Spend one of the peer's request tokens; if it has none left, or `needs_task` and it
-        already has max_concurrent_requests handlers running, answer ERROR instead and return
-        False. The handler never runs, so a flood costs one small frame per request.
+        """Ask the peer's `RequestBudget` whether this request may run; if not (rate or
+        concurrency limit), answer ERROR instead and return False. The handler never runs, so a
+        flood costs one small frame per request.
 
         Raises:
-            _Disconnect: the peer was refused 2 x request_burst times within REFUSAL_WINDOW seconds
-                (it is not backing off, so answering each request is a waste: a flood at any
-                rate above the limit is cut off within seconds), or leaves replies unread.
+            Disconnect: the peer keeps sending requests that are refused (see
+                `RequestBudget.admit`), or leaves replies unread (see `_reply_now`).
         """
-        settings = self.settings
-        now = self._loop.time()
-        refill = (now - self._tokens_at) * settings.max_requests_per_second
-        self._tokens = min(float(settings.request_burst), self._tokens + refill)
-        self._tokens_at = now
-        if self._tokens < 1.0:
-            refusal = "rate limit exceeded"
-        elif needs_task and len(self._handler_tasks) >= settings.max_concurrent_requests:
-            refusal = "too many concurrent requests"
-        else:
-            self._tokens -= 1.0
+        refusal = self._budget.admit(self._loop.time(), needs_task, len(self._handler_tasks))
+        if refusal is None:
             return True
-        if now - self._refused_since > REFUSAL_WINDOW:
-            self._refused, self._refused_since = 0, now
-        self._refused += 1
-        if self._refused >= 2 * settings.request_burst:
-            raise _Disconnect(
-                "requests",
-                f"it kept sending requests after {self._refused} refusals within {REFUSAL_WINDOW:g} s ({refusal})",
-            )
         self._reply_now([Kind.ERROR, stream_id, refusal])
         return False
 
@@ -535,7 +477,7 @@ class Connection:
         handlers that never wait, where a task would cost more than the handler itself.
 
         Raises:
-            _Disconnect: the peer leaves its replies unread (see `_reply_now`).
+            Disconnect: the peer leaves its replies unread (see `_reply_now`).
         """
         try:
             result = handler(self, payload, body)
@@ -554,7 +496,7 @@ class Connection:
         instead, past max_queued_bytes queued for it, the connection is dropped.
 
         Raises:
-            _Disconnect: the frame would take the queued bytes past max_queued_bytes.
+            Disconnect: the frame would take the queued bytes past max_queued_bytes.
             ConnectionResetError: the stream is already closed.
         """
         if self._close_reason is not None:
@@ -564,7 +506,7 @@ class Connection:
         queued = self._stream.write_buffer_size()
         limit = self.settings.max_queued_bytes
         if queued and queued + size > limit:  # an empty queue takes any one reply
-            raise _Disconnect(
+            raise Disconnect(
                 "unread replies",
                 f"it does not read its replies ({queued} bytes queued for it, max_queued_bytes={limit})",
                 goaway=False,  # it would not read that either

@@ -33,7 +33,6 @@ from hivecli.net.connection import (
     Handlers,
     InlineHandler,
     Kind,
-    LimitLog,
     Message,
     NetSettings,
     StreamHandlerFn,
@@ -43,6 +42,7 @@ from hivecli.net.framing import encode_frame
 from hivecli.net.handshake import perform_handshake
 from hivecli.net.identity import Identity, PeerID
 from hivecli.net.interfaces import expand_unspecified
+from hivecli.net.limits import LimitLog
 from hivecli.net.multiaddr import Multiaddr
 from hivecli.net.tcp import TCPTransport
 from hivecli.net.transport import ByteStream, Listener, Transport
