@@ -16,7 +16,8 @@ import torch
 
 from hivecli import ConfigError, HiveError
 from hivecli.averaging import AveragingSettings, DecentralizedAverager, load_balance
-from hivecli.averaging.allreduce import AllReduceRunner, _decode_one, _encoded_values, _parse_audit_answer
+from hivecli.averaging.allreduce import AllReduceRunner
+from hivecli.averaging.audit import _decode_one, _encoded_values, _parse_audit_answer
 from hivecli.averaging.compression import CODECS
 from hivecli.averaging.partition import Layout
 from hivecli.averaging.robust import (

@@ -21,29 +21,13 @@ span of a reducer that returns a non-finite average. Both kinds of offenders end
 `offenders`, which the averager bans for `ban_duration`; banned members are neither served
 nor sent to (their spans keep local values).
 
-Reducer audit (`verify_reducers`, on by default): a reducer that returns finite but wrong
-averages is caught by the senders. Once a sender has every averaged chunk of reducer j's
-span, and before it ends the stream or copies them into its tensors (which still hold its
-input there), it picks `audit_positions` random positions of the span (only now, so the
-reducer could not know which ones to get right) and sends {"audit": [flat positions]}. The
-reducer answers with what it aggregated there: the raw weight (before the cap) of every
-member the cap was computed over, and for each position each included member's decoded
-input, its own first. To answer, a reducer keeps the received buffers until the round ends
-and a pooled copy of its own input for its span, taken as each chunk is finalized (1/N of the
-tensors); it refuses a request that is not exactly `audit_positions` positions in its span.
-The sender checks (a) that the claimed weight and input of its own are what it sent
-(re-encoded with the codec: exact), and (b) for "mean" and "trimmed_mean" (not CenteredClip,
-which mixes a whole chunk) that the claimed inputs, capped and aggregated again, give the
-returned average within the codec's error and float rounding (for a lossy codec, the error
-bound of the returned chunk's own grid, which the reducer chose). A reducer that fails is
-treated like one that returned non-finite averages: the sender keeps its local values for
-the span, logs one warning naming it, and adds it to `offenders`; one that does not answer
-in time is a failed reducer (local values, no ban). A sender can verify only its own input:
-the reducer's own input and what it claims the other senders sent are its word. The audit
-thus catches a reducer that returns averages its claimed inputs do not give, or misstates the
-auditor's input; one that makes up the other members' inputs to fit its averages, each audit
-apart, is not caught. That needs members to first commit to their inputs (a hash per chunk,
-sent to every member), so that every claimed input can be checked.
+Reducer audit (`verify_reducers`, on by default; audit.py): once a sender has all of a reducer's
+averages, and before it applies them, it asks the reducer for the inputs it aggregated at a few
+random positions of its span and checks them against what it sent and against the averages
+returned. A reducer that fails is treated like one that returned non-finite averages (local
+values, banned); one that does not answer is a failed reducer (local values, no ban). The
+runner keeps a ReducerAudit that copies its input as each chunk is finalized, answers audits
+as a reducer, and runs them as a sender.
 """
 
 from __future__ import annotations
@@ -52,25 +36,17 @@ import asyncio
 import contextlib
 import logging
 import math
-import secrets
-from bisect import bisect_right
 from collections.abc import Collection, Sequence
 from typing import Any
 
 import torch
 
 from hivecli._exceptions import AllreduceError, HiveError
-from hivecli.averaging.compression import (
-    Blockwise8BitQuantization,
-    Codec,
-    Float16Compression,
-    NoCompression,
-    Uniform8BitQuantization,
-    tensor_bytes,
-)
+from hivecli.averaging.audit import AuditFailed, AuditUnanswered, ReducerAudit
+from hivecli.averaging.compression import Codec, tensor_bytes
 from hivecli.averaging.group import GroupInfo
 from hivecli.averaging.partition import Chunk, Layout, load_balance
-from hivecli.averaging.robust import aggregate, all_finite, cap_weights, trimmed_mean
+from hivecli.averaging.robust import aggregate, all_finite, cap_weights
 from hivecli.averaging.settings import AveragingSettings
 from hivecli.net.connection import EndOfStream, Stream
 from hivecli.net.host import Host
@@ -83,12 +59,7 @@ READY = "ready"
 
 
 class HostilePeerError(HiveError):
-    """A peer sent values no honest peer sends (NaN or infinity, or averages its own audit
-    contradicts); it is dropped and banned."""
-
-
-class _AuditUnanswered(HiveError):
-    """A reducer did not answer a sender's audit (in time, or at all): a failed reducer, not a proven liar."""
+    """A peer sent values no honest peer sends (NaN or infinity); it is dropped and banned."""
 
 
 class BufferPool:
@@ -187,28 +158,12 @@ class AllReduceRunner:
         self._served = {i: self.loop.create_future() for i in self._alive}  # its averages were received
         self._finalized = 0
         self._progress = asyncio.Event()  # pulsed whenever _finalized grows
-        # audit state: for each final chunk, the senders aggregated into it; and a copy of our own
-        # input for our span (our tensors get the averages in place), kept until the round ends
-        self._included: list[list[int]] = []
-        self._chunk_starts = [chunk.start for chunk in self.my_chunks]
-        self._own_offsets: list[int] = [0]
-        self._own: torch.Tensor | None = None
-        if settings.verify_reducers and self.my_chunks:
-            for chunk in self.my_chunks:  # 8-byte aligned, so that every chunk views as its tensor's dtype
-                nbytes = chunk.numel * self.tensors[chunk.tensor].element_size()
-                self._own_offsets.append(self._own_offsets[-1] + -(-nbytes // 8) * 8)
-            self._own = pool.get(("own",), self._own_offsets[-1])
+        self.audit = ReducerAudit(
+            self.index, weight, len(group.members), self.flat, self.spans, self.my_chunks, codec, settings, pool
+        )
 
     def _piece(self, chunk: Chunk) -> torch.Tensor:
         return self.flat[chunk.tensor][chunk.offset_in_tensor : chunk.offset_in_tensor + chunk.numel]
-
-    def _own_input(self, c: int) -> torch.Tensor:
-        """Our input for chunk c of our span, as it was before the round (only with verify_reducers)."""
-        assert self._own is not None
-        chunk = self.my_chunks[c]
-        return self._own[self._own_offsets[c] : self._own_offsets[c + 1]].view(self.tensors[chunk.tensor].dtype)[
-            : chunk.numel
-        ]
 
     def _expected_senders(self) -> list[int]:
         if not self.my_chunks:
@@ -312,9 +267,7 @@ class AllReduceRunner:
                 break
             weights = self._capped_weights()
             piece = self._piece(self.my_chunks[c])
-            if self._own is not None:  # an audit asks for our input after the average replaced it
-                self._own_input(c).copy_(piece)
-            self._included.append(sorted(self._alive))  # who is in this chunk: someone may fail later
+            self.audit.keep_input(c, piece, sorted(self._alive))  # our input: the average replaces it next
             if self.settings.aggregation == "mean":
                 # a running weighted mean: one fused pass (lerp) per sender, no temporary buffers
                 weight = weights[self.index]
@@ -416,39 +369,15 @@ class AllReduceRunner:
             await stream.recv(timeout=self.settings.next_chunk_timeout)
 
     def _audit_answer(self, request: Any) -> dict[str, Any]:
-        """The inputs we aggregated at the requested positions of our span: {"weights": [[member,
-        weight as received, before the cap], ...] for every member the cap was computed over,
-        "inputs": [[[member, decoded value], ...] for each position]}, our own input first.
+        """Our answer to a sender's audit request (ReducerAudit.answer).
 
         Raises:
-            HiveError: we keep no inputs (verify_reducers is off here), or the request is not
-                exactly `audit_positions` positions inside our span.
+            HiveError: we refuse the request.
         """
-        positions = request.get("audit") if isinstance(request, dict) else None
-        lo, hi = self.spans[self.index]
-        if self._own is None or self._capped is None:
-            raise HiveError("this reducer keeps no inputs to audit (verify_reducers = False here)")
-        if not (
-            isinstance(positions, list)
-            and len(positions) == self.settings.audit_positions
-            and all(type(p) is int and lo <= p < hi for p in positions)
-        ):
-            raise HiveError(
-                f"an audit must name exactly audit_positions = {self.settings.audit_positions} positions in "
-                f"[{lo}, {hi}), got {str(request)[:60]!r}"
-            )
-        raw = {k: self.weight if k == self.index else self._weights[k] for k in self._capped}
-        inputs = []
-        for p in positions:
-            c = bisect_right(self._chunk_starts, p) - 1
-            chunk = self.my_chunks[c]
-            offset = p - chunk.start
-            row = [[self.index, float(self._own_input(c)[offset])]]
-            for k in self._included[c]:
-                received = self._buffers[k]
-                row.append([k, _decode_one(self.codec, received.metas[c], received.region(c), chunk.numel, offset)])
-            inputs.append(row)
-        return {"weights": [[k, w] for k, w in raw.items()], "inputs": inputs}
+        raw = None  # member -> weight as received, for every member the cap was computed over
+        if self._capped is not None:
+            raw = {k: self.weight if k == self.index else self._weights[k] for k in self._capped}
+        return self.audit.answer(request, raw, self._buffers)
 
     async def _receive_part(self, stream: Stream, sender: int, received: _ChunkedBuffer) -> None:
         try:
@@ -495,16 +424,16 @@ class AllReduceRunner:
                         raise HostilePeerError(f"it returned a non-finite average (NaN or inf) in chunk {i}")
                 await sending
                 if self.settings.verify_reducers:
-                    await self._audit(stream, j, chunks, results)
+                    await self.audit.check(stream, j, chunks, results)  # before our input is overwritten
                 await stream.end()  # tells the reducer we have everything: it may reuse its buffers
                 stream = None
             finally:
                 sending.cancel()
-        except HostilePeerError as e:
+        except (HostilePeerError, AuditFailed) as e:
             self._offend(j, str(e))
             self._drop(j, f"{e}; kept local values for its span")
             return
-        except _AuditUnanswered as e:
+        except AuditUnanswered as e:
             self._drop(j, f"{e}; kept local values for its span")
             return
         except (HiveError, EndOfStream, ValueError, OSError, asyncio.TimeoutError) as e:
@@ -517,186 +446,8 @@ class AllReduceRunner:
         for i, chunk in enumerate(chunks):
             self._piece(chunk).copy_(results.decode(i))
 
-    async def _audit(self, stream: Stream, j: int, chunks: Sequence[Chunk], results: _ChunkedBuffer) -> None:
-        """Check reducer j's averages at random positions of its span, chosen only now that they
-        are all here (so it could not have known which ones to get right). Our tensors still
-        hold our input for span j: the results are copied in only after this.
-
-        Raises:
-            HostilePeerError: the reducer's answer contradicts our input or its own averages.
-            _AuditUnanswered: it did not answer within next_chunk_timeout, or refused.
-        """
-        lo, hi = self.spans[j]
-        count, rng = self.settings.audit_positions, secrets.SystemRandom()  # unpredictable, unlike random's
-        if hi - lo >= count:
-            positions = rng.sample(range(lo, hi), count)
-        else:
-            positions = [rng.randrange(lo, hi) for _ in range(count)]
-        await stream.send({"audit": positions})
-        try:
-            reply = await stream.recv(timeout=self.settings.next_chunk_timeout)
-        except (HiveError, EndOfStream) as e:
-            raise _AuditUnanswered(f"did not answer the audit of its span: {e or type(e).__name__}") from None
-        problem = self._audit_problem(j, chunks, results, positions, reply.payload)
-        if problem is not None:
-            raise HostilePeerError(f"its averages failed the audit: {problem}")
-
-    def _audit_problem(
-        self, j: int, chunks: Sequence[Chunk], results: _ChunkedBuffer, positions: Sequence[int], reply: Any
-    ) -> str | None:
-        """What in reducer j's audit answer does not match, or None. It must (a) claim our input
-        and our weight as we sent them, and (b) for the per-position rules, return what its
-        claimed inputs give, within the codec's error and float rounding."""
-        parsed = _parse_audit_answer(reply, len(positions), len(self.group.members))
-        if isinstance(parsed, str):
-            return parsed
-        raw, inputs = parsed
-        if raw.get(self.index) != self.weight:
-            return f"it claims our weight was {raw.get(self.index)!r}, we sent {self.weight!r}"
-        capped = dict(zip(raw, cap_weights(list(raw.values()), self.settings.max_weight_ratio), strict=True))
-        starts = [chunk.start for chunk in chunks]
-        where = [bisect_right(starts, p) - 1 for p in positions]  # chunk index of each position
-        mine: dict[int, float] = {}  # position -> our input as the reducer decoded it
-        for i in set(where):
-            ours = [p for p, at in zip(positions, where, strict=True) if at == i]
-            sent = _encoded_values(self.codec, self._piece(chunks[i]), [p - chunks[i].start for p in ours])
-            mine.update(zip(ours, sent, strict=True))
-        for p, claimed, i in zip(positions, inputs, where, strict=True):
-            chunk, offset = chunks[i], p - chunks[i].start
-            if claimed.get(self.index) != mine[p]:  # both went through the same codec: exact
-                return f"at position {p} it claims our input was {claimed.get(self.index)!r}, we sent {mine[p]!r}"
-            if j not in claimed or not claimed.keys() <= raw.keys():
-                return f"at position {p} its inputs {sorted(claimed)} are not members it reported weights for"
-            if self.settings.aggregation == "centered_clip":
-                continue  # CenteredClip mixes the whole chunk: a position alone cannot be recomputed
-            returned = _decode_one(self.codec, results.metas[i], results.region(i), chunk.numel, offset)
-            codec_error = _codec_error(self.codec, results.metas[i], results.region(i), offset, returned)
-            if codec_error is None:
-                continue  # a codec we know no bound for
-            expected = self._recompute(j, claimed, capped)
-            if isinstance(self.codec, Float16Compression):
-                expected = max(-_FP16_MAX, min(_FP16_MAX, expected))  # the return trip clamps to fp16's range
-            # the reducer rounds in its tensors' dtype (and float32 on the wire) at each of its steps
-            eps = max(torch.finfo(self.tensors[chunk.tensor].dtype).eps, _FP32_EPS)
-            magnitude = max(abs(expected), abs(returned), *(abs(v) for v in claimed.values()))
-            slack = 8 * (len(claimed) + 1) * eps * magnitude + 1e-30
-            if not abs(returned - expected) <= codec_error + slack:
-                return (
-                    f"at position {p} it returned {returned!r}, but the inputs it claims give {expected!r} "
-                    f"(tolerance {codec_error + slack:.3g})"
-                )
-        return None
-
-    def _recompute(self, j: int, claimed: dict[int, float], capped: dict[int, float]) -> float:
-        """The aggregate of the claimed inputs at one position, as reducer j computes it."""
-        values = [v for k, v in claimed.items() if capped[k] > 0]
-        if not values:
-            return claimed[j]  # nobody with a weight: the reducer keeps its own value
-        if self.settings.aggregation == "mean":
-            total = sum(capped[k] for k in claimed if capped[k] > 0)
-            return sum(capped[k] * v for k, v in claimed.items() if capped[k] > 0) / total
-        return float(trimmed_mean(torch.tensor(values, dtype=torch.float64)[:, None], self.settings.trim_fraction)[0])
-
     def _request(self) -> dict[str, Any]:
         return {"group_id": self.group.group_id, "sender": self.index, "weight": self.weight}
-
-
-_FP16_MAX = torch.finfo(torch.float16).max
-_FP32_EPS = torch.finfo(torch.float32).eps
-
-
-def _decode_one(codec: Codec, meta: Any, data: memoryview, numel: int, offset: int) -> float:
-    """Element `offset` of an encoded chunk, bit for bit what `codec.decode` gives there, without
-    decoding the whole chunk (an audit reads a few values of chunks of millions).
-
-    Raises:
-        ValueError: `meta` or `data` is malformed.
-    """
-    if isinstance(codec, NoCompression | Float16Compression):
-        size = 4 if isinstance(codec, NoCompression) else 2
-        return float(codec.decode(meta, data[size * offset : size * (offset + 1)], 1)[0])
-    if isinstance(codec, Uniform8BitQuantization):  # one grid for the chunk: the byte alone decodes
-        return float(codec.decode(meta, data[offset : offset + 1], 1)[0])
-    if isinstance(codec, Blockwise8BitQuantization):  # the byte and its block's scale
-        blocks, block = -(-numel // codec.block), offset // codec.block
-        one = bytes(data[4 * block : 4 * block + 4]) + bytes(data[4 * blocks + offset : 4 * blocks + offset + 1])
-        return float(codec.decode(meta, memoryview(one), 1)[0])
-    return float(codec.decode(meta, data, numel)[offset])
-
-
-def _encoded_values(codec: Codec, piece: torch.Tensor, offsets: Sequence[int]) -> list[float]:
-    """What a receiver decodes at `offsets` of `piece` once we encode the piece as one chunk;
-    only the part of the chunk each value's encoding depends on is encoded.
-
-    Raises:
-        ValueError: the codec's own encoding does not decode (a broken codec).
-    """
-    if isinstance(codec, Uniform8BitQuantization):  # the chunk's min and max set the grid: keep them
-        low, high = torch.aminmax(piece.to(torch.float32))
-        sub = torch.stack([*(piece[o].to(torch.float32) for o in offsets), low, high])
-        at = list(range(len(offsets)))
-    elif isinstance(codec, Blockwise8BitQuantization):  # each block is encoded on its own scale
-        size = codec.block
-        blocks = sorted({o // size for o in offsets})
-        # the blocks side by side; only the chunk's last block can be short, and it comes last:
-        # padded with zeros, as the codec pads it, so that every scale stays the same
-        sub = torch.cat([piece[b * size : (b + 1) * size] for b in blocks])
-        sub = torch.nn.functional.pad(sub.to(torch.float32), (0, len(blocks) * size - sub.numel()))
-        at = [blocks.index(o // size) * size + o % size for o in offsets]
-    elif isinstance(codec, NoCompression | Float16Compression):  # value by value
-        sub, at = torch.stack([piece[o] for o in offsets]), list(range(len(offsets)))
-    else:
-        sub, at = piece, list(offsets)
-    meta, data = codec.encode(sub)  # one call: on a busy machine every small torch op costs
-    return [_decode_one(codec, meta, data, sub.numel(), a) for a in at]
-
-
-def _codec_error(codec: Codec, meta: Any, data: memoryview, offset: int, value: float) -> float | None:
-    """A bound on |decoded - encoded| for the value decoded at `offset` of a chunk, from what
-    the chunk itself carries; None for a codec we know no bound for."""
-    if isinstance(codec, NoCompression):
-        return 0.0
-    if isinstance(codec, Float16Compression):  # half an fp16 ulp, or half the subnormal step
-        return abs(value) * 2**-10 + 2**-24
-    if isinstance(codec, Uniform8BitQuantization):  # half a grid step, plus float32 rounding of low + code * step
-        low, scale = float(meta[0]), float(meta[1])
-        return abs(scale) / 2 + 4 * _FP32_EPS * (abs(low) + 256 * abs(scale))
-    if isinstance(codec, Blockwise8BitQuantization):  # half a step of the value's block
-        block = offset // codec.block
-        scale = float(torch.frombuffer(bytearray(data[4 * block : 4 * block + 4]), dtype=torch.float32)[0])
-        return abs(scale) / 2 + 4 * _FP32_EPS * 128 * abs(scale)
-    return None
-
-
-_Claims = tuple[dict[int, float], list[dict[int, float]]]  # member -> raw weight; per position, member -> value
-
-
-def _parse_audit_answer(answer: Any, positions: int, members: int) -> _Claims | str:
-    """(member -> raw weight, [member -> value] per position) from a reducer's audit answer, or
-    what is malformed in it."""
-
-    def pairs(rows: Any) -> dict[int, float] | None:
-        if not isinstance(rows, list):
-            return None
-        found: dict[int, float] = {}
-        for row in rows:
-            if not (isinstance(row, list) and len(row) == 2 and type(row[0]) is int and 0 <= row[0] < members):
-                return None
-            if row[0] in found or type(row[1]) not in (int, float) or not math.isfinite(row[1]):
-                return None
-            found[row[0]] = float(row[1])
-        return found
-
-    if not isinstance(answer, dict):
-        return f"its answer {str(answer)[:60]!r} is not an audit answer"
-    raw = pairs(answer.get("weights"))
-    rows = answer.get("inputs")
-    if raw is None or not isinstance(rows, list) or len(rows) != positions:
-        return "its answer has no valid weights or not one row of inputs per position"
-    inputs = [pairs(row) for row in rows]
-    if any(row is None for row in inputs):
-        return "its answer has a malformed row of inputs"
-    return raw, [row for row in inputs if row is not None]
 
 
 class RunnerRegistry:
