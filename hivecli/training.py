@@ -14,6 +14,7 @@ DHT reports are made by a `ProgressReporter` thread, never by the training loop.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -467,10 +468,12 @@ class Trainer:
                 total += len(y)
         self.model.train()
         self.last_accuracy = correct / max(1, total)
-        best = self.checkpoints.beats_best(self.last_accuracy) and self._finite()
-        if best:  # only then is the state worth building and writing
+        best = self.checkpoints.beats_best(self.last_accuracy)
+        state = self._state() if best else None  # only then is the state worth building and writing
+        best = state is not None and all_finite(state["model"].values())
+        if best:
             try:
-                self.checkpoints.offer_best(self._state(), self.last_accuracy)
+                self.checkpoints.offer_best(state, self.last_accuracy)
             except OSError as e:
                 logger.warning("Could not write the best checkpoint: %s; training goes on", e)
                 best = False
@@ -547,10 +550,13 @@ class Trainer:
         return all_finite(self.model.parameters())
 
     def _state(self) -> dict[str, Any]:
+        """A copy of this peer's state, taken at once under the parameters' lock. A copy, not the
+        live tensors `state_dict()` returns: the averaging thread and the training step write
+        those, and a file written later from them could hold a state that was never checked."""
         with self.opt.lock_parameters:
             return {
-                "model": self.model.state_dict(),
-                "optimizer": self.opt.state_dict(),
+                "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+                "optimizer": copy.deepcopy(self.opt.state_dict()),
                 "step": self.step,
                 "recipe": self.recipe.to_dict(),
                 "run_id": self.run_id,
@@ -560,16 +566,17 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """Write checkpoints/step-N.pt and latest.pt; plain `torch.load(path)["model"]` reads them.
         A broken (non-finite) model is never saved: the last good checkpoint stays the newest."""
-        if not self._finite():
-            logger.warning("Not saving a checkpoint at step %d: the parameters are not finite", self.step)
+        state = self._state()
+        if not all_finite(state["model"].values()):  # the very tensors that go into the file
+            logger.warning("Not saving a checkpoint at step %d: the parameters are not finite", state["step"])
             return self._checkpoint_path()
         try:
-            path = self.checkpoints.save(self._state())
+            path = self.checkpoints.save(state)
         except OSError as e:  # a full disk must not end a run that others rely on; the last good file stays
             logger.warning("Could not write the checkpoint of step %d: %s; training goes on", self.step, e)
             return self._checkpoint_path()
-        self._checkpointed = self.step
-        self.on_event("checkpoint", {"step": self.step, "path": str(path)})
+        self._checkpointed = state["step"]
+        self.on_event("checkpoint", {"step": state["step"], "path": str(path)})
         return path
 
     def _load_checkpoint(self, state: dict[str, Any]) -> None:
