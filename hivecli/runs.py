@@ -27,7 +27,7 @@ from typing import Any
 from hivecli._exceptions import ConfigError
 from hivecli.dht.dht import DHT
 from hivecli.dht.node import DHTNode
-from hivecli.dht.records import owned_subkey, subkey_owner
+from hivecli.dht.records import owned_entries, owned_subkey
 from hivecli.net.identity import PeerID
 from hivecli.recipe import Recipe, load_recipe
 from hivecli.runcard import RunCard
@@ -75,27 +75,11 @@ def publish_run(
     dht.store(f"{card.prefix}.recipe", card.to_wire(), expiration, subkey=owned_subkey(dht.peer_id))
 
 
-def _owned_entries(found: Any) -> list[tuple[PeerID, Any, float]]:
-    """(owner, value, expiration) of the owned entries of a dictionary value; unowned ones are
-    anybody's word and are skipped."""
-    if found is None or not isinstance(found.value, dict):
-        return []
-    entries = []
-    for subkey, entry in found.value.items():
-        try:
-            owner = subkey_owner(subkey)
-        except ValueError:  # a malformed owner marker: no node stores one, so a hostile node sent it
-            continue
-        if owner is not None:
-            entries.append((owner, entry.value, entry.expiration_time))
-    return entries
-
-
 def list_runs(dht: DHT, owner: PeerID | None = None) -> dict[str, dict[str, Any]]:
     """{prefix: summary} of the runs announced in the DHT: for each prefix, the newest
     announcement (of the runs that `owner` started, if given)."""
     newest: dict[str, tuple[float, dict[str, Any]]] = {}
-    for _publisher, value, expiration in _owned_entries(dht.get(RUNS_KEY, latest=True)):
+    for _publisher, value, expiration in owned_entries(dht.get(RUNS_KEY, latest=True)):
         if not isinstance(value, dict) or not isinstance(value.get("prefix"), str):
             continue
         if owner is not None and value.get("owner") != owner.to_base58():
@@ -109,7 +93,7 @@ def list_runs(dht: DHT, owner: PeerID | None = None) -> dict[str, dict[str, Any]
 def run_cards(dht: DHT, prefix: str) -> list[RunCard]:
     """The validly signed cards published for `prefix`, one per (owner, run id), newest run first."""
     cards: dict[tuple[PeerID, str], RunCard] = {}
-    for publisher, value, _ in _owned_entries(dht.get(f"{prefix}.recipe", latest=True)):
+    for publisher, value, _ in owned_entries(dht.get(f"{prefix}.recipe", latest=True)):
         try:
             card = RunCard.from_wire(value)
         except ValueError as e:
@@ -235,4 +219,4 @@ def publish_progress(dht: DHT, prefix: str, progress: dict[str, Any], ttl: float
 def fetch_progress(dht: DHT, prefix: str) -> dict[str, dict[str, Any]]:
     """{peer id: progress} of the peers of a run that reported recently, each written by that peer."""
     found = dht.get(f"{prefix}.progress", latest=True)
-    return {str(owner): value for owner, value, _ in _owned_entries(found) if isinstance(value, dict)}
+    return {str(owner): value for owner, value, _ in owned_entries(found) if isinstance(value, dict)}

@@ -29,7 +29,7 @@ from hivecli._exceptions import HiveError, MatchmakingError
 from hivecli.averaging.group import GroupInfo, Member
 from hivecli.averaging.settings import AveragingSettings
 from hivecli.dht.node import DHTNode
-from hivecli.dht.records import owned_subkey, subkey_owner
+from hivecli.dht.records import owned_entries, owned_subkey
 from hivecli.net.connection import EndOfStream, Stream
 from hivecli.net.identity import PeerID
 from hivecli.utils.loops import wait_event
@@ -218,17 +218,11 @@ class _Search:
     async def fetch_candidates(self) -> list[Candidate]:
         """Declared peers before us that we have not yet asked at their current declaration."""
         found = await self.mm.node.get(self.mm.group_key, latest=True)
-        if found is None or not isinstance(found.value, dict):
-            return []
         candidates = []
-        for subkey, entry in found.value.items():
-            try:
-                peer = subkey_owner(subkey)  # only the peer itself can have written its own subkey
-            except ValueError:
-                continue
-            if peer is None or not isinstance(entry.value, list) or not entry.value or self.mm.is_banned(peer):
-                continue  # withdrawn (None), malformed, anybody's word, or a peer caught hostile
-            candidate = Candidate(entry.expiration_time, peer, tuple(a for a in entry.value if isinstance(a, str)))
+        for peer, value, expiration in owned_entries(found):  # only a peer itself writes its declaration
+            if not isinstance(value, list) or not value or self.mm.is_banned(peer):
+                continue  # withdrawn (None), malformed, or a peer caught hostile
+            candidate = Candidate(expiration, peer, tuple(a for a in value if isinstance(a, str)))
             if peer == self.me.peer_id or (candidate.expiration, peer) >= self.order:
                 continue
             if self.tried.get(peer) == candidate.expiration or candidate.expiration <= get_dht_time():

@@ -29,7 +29,7 @@ from hivecli._exceptions import HiveError
 from hivecli.averaging.compression import tensor_bytes
 from hivecli.averaging.robust import all_finite
 from hivecli.dht.node import DHTNode
-from hivecli.dht.records import owned_subkey, subkey_owner
+from hivecli.dht.records import owned_entries, owned_subkey
 from hivecli.net.connection import EndOfStream, Stream
 from hivecli.net.identity import PeerID
 from hivecli.net.multiaddr import Multiaddr
@@ -170,11 +170,8 @@ class StateServer:
 async def find_donors(node: DHTNode, prefix: str) -> list[tuple[PeerID, list[Multiaddr]]]:
     """Declared donors, best first: by priority, then at random."""
     found = await node.get(f"{prefix}.all_averagers", latest=True)
-    if found is None or not isinstance(found.value, dict):
-        return []
     ranked = []
-    for subkey, entry in found.value.items():
-        value = entry.value
+    for peer, value, _ in owned_entries(found):  # only the donor itself can have written its declaration
         if not (isinstance(value, list) and len(value) == 2):
             continue
         priority, addrs = value
@@ -184,11 +181,10 @@ async def find_donors(node: DHTNode, prefix: str) -> list[tuple[PeerID, list[Mul
         if not math.isfinite(priority):
             continue
         try:
-            peer = subkey_owner(subkey)  # only the donor itself can have written its declaration
             maddrs = [Multiaddr.parse(a) for a in addrs if isinstance(a, str)]
         except ValueError:
             continue
-        if peer is not None and peer != node.peer_id:
+        if peer != node.peer_id:
             ranked.append((-float(priority), random.random(), peer, maddrs))
     ranked.sort(key=lambda item: item[:2])
     return [(peer, maddrs) for _, _, peer, maddrs in ranked]

@@ -97,6 +97,23 @@ def subkey_owner(subkey: Any) -> PeerID | None:
     return packed_subkey_owner(packed)
 
 
+def owned_entries(found: Any) -> list[tuple[PeerID, Any, float]]:
+    """(owner, value, expiration) of the owned entries of a dictionary value as `get` returns it;
+    unowned entries are anybody's word and are skipped, as are malformed owner markers (no node
+    stores one, so a hostile node sent it)."""
+    if found is None or not isinstance(getattr(found, "value", None), dict):
+        return []
+    entries = []
+    for subkey, entry in found.value.items():
+        try:
+            owner = subkey_owner(subkey)
+        except ValueError:
+            continue
+        if owner is not None:
+            entries.append((owner, entry.value, entry.expiration_time))
+    return entries
+
+
 def signed_message(key_id: bytes, subkey: bytes, value: bytes, expiration_time: float) -> bytes:
     """The exact bytes an owner signs for one entry (see the module docstring)."""
     return b"".join(
