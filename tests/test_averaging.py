@@ -19,7 +19,7 @@ from hivecli import DHT, ConfigError
 from hivecli._exceptions import MatchmakingError
 from hivecli.averaging import DecentralizedAverager, Stage, load_balance
 from hivecli.averaging.partition import Layout
-from hivecli.dht.records import subkey_owner
+from hivecli.dht.records import owned_entries
 from hivecli.testing import local_swarm, wait_for
 
 DHT_FAST = {"wait_timeout": 1.0}
@@ -62,9 +62,7 @@ def flat(tensors):
 def declared_donors(dht, prefix):
     """{peer id text: [priority, addrs]} of the live state-sharing declarations under `prefix`."""
     found = dht.get(f"{prefix}.all_averagers", latest=True)
-    if found is None or not isinstance(found.value, dict):
-        return {}
-    return {str(subkey_owner(k)): v.value for k, v in found.value.items() if v.value is not None}
+    return {str(owner): value for owner, value, _ in owned_entries(found) if value is not None}
 
 
 # ---- plain averaging --------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from hivecli.averaging.robust import (
     trim_count,
     trimmed_mean,
 )
-from hivecli.dht.records import subkey_owner
+from hivecli.dht.records import owned_entries
 from hivecli.optim.training_averager import TrainingAverager
 from hivecli.testing import local_swarm, wait_for
 
@@ -448,9 +448,7 @@ def test_malformed_audit_answers_are_named():
 
 def declared(dht, prefix):
     found = dht.get(f"{prefix}.all_averagers", latest=True)
-    if found is None or not isinstance(found.value, dict):
-        return {}
-    return {str(subkey_owner(k)): v.value for k, v in found.value.items() if v.value is not None}
+    return {str(owner): value for owner, value, _ in owned_entries(found) if value is not None}
 
 
 class ForgedDonor(DecentralizedAverager):
