@@ -268,9 +268,13 @@ def test_listening_on_every_interface_lists_each_interface_address():
     from hivecli.net.interfaces import interface_addresses
 
     with hivemind.DHT(start=True, host_maddrs=["/ip4/0.0.0.0/tcp/0"]) as dht:
-        maddrs = dht.get_visible_maddrs()
+        # what anyone may be told (the printed join line, the DHT): never loopback
+        everyone = [m.host for m in dht.get_visible_maddrs()]
+        assert "0.0.0.0" not in everyone and "127.0.0.1" not in everyone
+        assert set(everyone) == set(interface_addresses(socket.AF_INET)) - {"127.0.0.1"}
+        # a peer on this very machine is also told the loopback address, last
+        maddrs = dht.node.host.visible_maddrs("127.0.0.1")
         hosts = [m.host for m in maddrs]
-        assert "0.0.0.0" not in hosts and "127.0.0.1" in hosts
         assert set(hosts) == set(interface_addresses(socket.AF_INET))
         assert hosts[-1] == "127.0.0.1"  # loopback last: the others are what remote peers can use
         assert len({m.port for m in maddrs}) == 1

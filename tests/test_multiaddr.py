@@ -101,7 +101,9 @@ BAD_ADDRESSES = [
     ("/ip4/1.2.3.4", "it has 2 components"),
     ("/", "it has 0 components"),
     ("/ip4/1.2.3.4/tcp/80/p2p", "it has 5 components"),
-    (f"/ip4/1.2.3.4/tcp/80/p2p/{PEER_TEXT}/extra", "it has 7 components"),
+    (f"/ip4/1.2.3.4/tcp/80/p2p/{PEER_TEXT}/extra", "a relayed address reads"),
+    (f"/ip4/1.2.3.4/tcp/80/p2p/{PEER_TEXT}/p2p-circuit/p2p", "it has 8 components"),
+    ("/ip4/1.2.3.4/tcp/80/p2p/QmNotAPeerId/p2p-circuit", "relay: 'QmNotAPeerId' is not a peer ID"),
     ("/unix/tmp/tcp/80", "'unix' is not a supported address protocol"),
     ("/http/example.com/tcp/80", "'http' is not a supported address protocol"),
     ("/IP4/1.2.3.4/tcp/80", "'IP4' is not a supported address protocol"),
@@ -161,3 +163,17 @@ def test_parse_peer_maddr_rejects_addresses_it_cannot_dial(text: str, reason: st
 def test_parse_peer_maddr_propagates_syntax_errors() -> None:
     with pytest.raises(MultiaddrError, match=re.escape("'300.0.0.1' is not an IPv4 address")):
         parse_peer_maddr(f"/ip4/300.0.0.1/tcp/1/p2p/{PEER_TEXT}")
+
+
+def test_circuit_address_round_trips_and_names_its_relay() -> None:
+    relay, peer = Identity.generate().peer_id, Identity.generate().peer_id
+    text = f"/ip4/203.0.113.5/tcp/31337/p2p/{relay}/p2p-circuit/p2p/{peer}"
+    maddr = Multiaddr.parse(text)
+    assert (maddr.relay, maddr.peer_id, maddr.host, maddr.port) == (relay, peer, "203.0.113.5", 31337)
+    assert str(maddr) == text
+    assert maddr.transport_address == f"/ip4/203.0.113.5/tcp/31337/p2p/{relay}/p2p-circuit"
+    assert maddr.relay_maddr == Multiaddr.parse(f"/ip4/203.0.113.5/tcp/31337/p2p/{relay}")
+    # what the DHT passes around (transport_address) parses back to the circuit, ready for our /p2p part
+    assert Multiaddr.parse(maddr.transport_address).with_peer_id(peer) == maddr
+    assert Multiaddr.parse("/ip4/203.0.113.5/tcp/31337").via(relay).with_peer_id(peer) == maddr
+    assert parse_peer_maddr(text) == maddr

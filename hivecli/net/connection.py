@@ -44,6 +44,7 @@ from hivecli.net.identity import PeerID
 from hivecli.net.limits import REFUSAL_WINDOW as REFUSAL_WINDOW  # re-exported: it lived here
 from hivecli.net.limits import Disconnect, LimitLog, RequestBudget
 from hivecli.net.multiaddr import Multiaddr
+from hivecli.net.relay import RelaySettings
 from hivecli.net.secure import SecuritySettings
 from hivecli.net.transport import ByteStream
 
@@ -127,6 +128,8 @@ class NetSettings:
             a fresh allowance, and keep the node's loop busy refusing it.
         security: encryption and the swarm key (hivecli.net.secure.SecuritySettings; default:
             encrypted, public swarm).
+        relay: whether we relay for unreachable peers and use relays when unreachable, and the
+            caps on what we relay (hivecli.net.relay.RelaySettings).
     """
 
     connect_timeout: float = 5.0
@@ -144,6 +147,7 @@ class NetSettings:
     max_concurrent_requests: int = 256
     max_offences_per_host: int = 3
     security: SecuritySettings = field(default_factory=SecuritySettings)
+    relay: RelaySettings = field(default_factory=RelaySettings)
 
 
 _limit_log = LimitLog(logger)  # for connections made without a Host

@@ -25,11 +25,13 @@ from hivecli._exceptions import (
     ConfigError,
     ConnectionClosedError,
     HandshakeError,
+    HiveError,
     PeerUnreachableError,
     ResourceExhaustedError,
 )
 from hivecli.net.connection import (
     Connection,
+    EndOfStream,
     Handlers,
     InlineHandler,
     Kind,
@@ -41,9 +43,11 @@ from hivecli.net.connection import (
 from hivecli.net.framing import encode_frame
 from hivecli.net.handshake import perform_handshake
 from hivecli.net.identity import Identity, PeerID
-from hivecli.net.interfaces import expand_unspecified
+from hivecli.net.interfaces import expand_unspecified, local_networks, select_addresses
 from hivecli.net.limits import LimitLog
 from hivecli.net.multiaddr import Multiaddr
+from hivecli.net.reachability import PUBLIC, UNKNOWN, DialbackService, ReachabilityReport
+from hivecli.net.relay import RelayClient, RelayedStream, RelayService, peer_field
 from hivecli.net.tcp import TCPTransport
 from hivecli.net.transport import ByteStream, Listener, Transport
 
@@ -93,11 +97,20 @@ class Host:
         self._dials: dict[PeerID, asyncio.Task[Connection]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._janitor: asyncio.Task[None] | None = None
-        self._visible: tuple[float, list[Multiaddr]] | None = None
+        self._direct: tuple[float, list[Multiaddr]] | None = None
+        self._networks: tuple[float, list[Any]] | None = None
         self._pending_handshakes = 0
         self._offences: dict[str, list[float]] = {}  # remote IP -> when its connections broke limits
         self._limit_log = LimitLog(logger)
         self._connection_log = LimitLog(logging.getLogger(Connection.__module__))
+        # whether others can dial us, and the relays that let them when they cannot
+        self.reachability = ReachabilityReport(UNKNOWN)
+        self.relay = RelayService(settings.relay, enabled=settings.relay.serve is True)
+        self.relay_client = RelayClient(self.connect, self._relay_addresses)
+        self.handlers.streaming["relay.reserve"] = self.relay.serve_reserve
+        self.handlers.streaming["relay.connect"] = self.relay.serve_connect
+        self.handlers.streaming["relay.incoming"] = self._accept_relayed
+        self.handlers.unary["net.dialback"] = DialbackService(self).handle
 
     # ---- serving ---------------------------------------------------------------------------
 
@@ -125,7 +138,7 @@ class Host:
             except OSError as e:
                 raise ConfigError(f"cannot listen on {maddr}: {e.strerror or e}; pick another port or host") from None
             self._listeners.append(listener)
-            self._visible = None
+            self._direct = None
             for host, port in listener.bound:
                 bound = Multiaddr(maddr.protocol, host, port)
                 if bound not in self.listen_maddrs:
@@ -133,19 +146,74 @@ class Host:
         if self._janitor is None:
             self._janitor = asyncio.get_running_loop().create_task(self._close_idle_connections())
 
-    def visible_maddrs(self) -> list[Multiaddr]:
-        """Addresses to give to other peers, each ending in /p2p/<our peer id>.
+    def direct_maddrs(self) -> list[Multiaddr]:
+        """The addresses we listen at (or were told to announce), without /p2p: every interface
+        of a 0.0.0.0 listener, public first. Re-read at most every few seconds: every handshake
+        sends a list made from them."""
+        now = time.monotonic()
+        if self._direct is None or now - self._direct[0] > _VISIBLE_ADDRS_TTL:
+            self._direct = (now, self.announce_maddrs or expand_unspecified(self.listen_maddrs))
+        return list(self._direct[1])
 
-        Interfaces are re-read at most every few seconds: every handshake sends this list.
+    def visible_maddrs(self, remote_host: str | None = None) -> list[Multiaddr]:
+        """Addresses to give to other peers, each ending in /p2p/<our peer id>: only those the
+        peer at `remote_host` can use (None: anyone, e.g. for the DHT or a printed join line).
+
+        Never loopback to a remote peer; not our direct addresses to strangers once a dial-back
+        found them unreachable (circuit addresses through our relays instead); those a dial-back
+        confirmed first. See `interfaces.select_addresses`.
         """
         now = time.monotonic()
-        if self._visible is None or now - self._visible[0] > _VISIBLE_ADDRS_TTL:
-            base = self.announce_maddrs or expand_unspecified(self.listen_maddrs)
-            self._visible = (now, [m.with_peer_id(self.peer_id) for m in base])
-        return list(self._visible[1])
+        if self._networks is None or now - self._networks[0] > _VISIBLE_ADDRS_TTL:
+            self._networks = (now, local_networks())
+        direct = self.direct_maddrs()
+        confirmed = [m for m in self.reachability.reachable if m not in direct]
+        chosen = select_addresses(
+            confirmed + direct,
+            self.relay_client.circuit_maddrs(),
+            self.reachability,
+            remote_host,
+            self._networks[1],
+        )
+        return [m.with_peer_id(self.peer_id) for m in chosen]
+
+    def set_reachability(self, report: ReachabilityReport) -> None:
+        """Record a dial-back's verdict: it decides what we advertise, and (unless told otherwise
+        by RelaySettings.serve) whether we relay for others, which only a reachable peer can."""
+        self.reachability = report
+        if self.settings.relay.serve is None:
+            self.relay.enabled = report.status == PUBLIC
+
+    def _relay_addresses(self, relay: PeerID) -> list[Multiaddr]:
+        return [m for m in self.address_book.get(relay, []) if m.relay is None and not m.is_unspecified]
 
     async def _accept(self, stream: ByteStream) -> None:
-        where = f"{stream.remote_host} (inbound)"
+        await self._admit(stream, f"{stream.remote_host} (inbound)")
+
+    async def _accept_relayed(self, rpc: Any, payload: Any, body: bytes) -> None:
+        """`relay.incoming {source}` from a relay we hold a slot on: a peer wants a connection
+        through it. Runs the handshake over the circuit and serves the connection until it ends."""
+        relay = rpc.remote_peer
+        if relay not in self.relay_client.relays:
+            raise PeerUnreachableError("we hold no relay reservation with this peer")
+        source = peer_field(payload, "source")
+        await rpc.send({"ok": True})
+        circuit = RelayedStream(rpc, f"via relay {relay}")
+        conn = await self._admit(circuit, f"peer {source} via relay {relay}", expected=source)
+        if conn is None:
+            return
+        try:
+            await conn.closed.wait()
+        finally:
+            conn.close("relay circuit closed")
+
+    async def _admit(self, stream: ByteStream, where: str, expected: PeerID | None = None) -> Connection | None:
+        """The accepting side of a new stream: limits, handshake, registration.
+
+        Returns:
+            The new connection, or None if the stream was refused or failed its handshake
+            (closed, with one debug or rate-limited warning line).
+        """
         limit = self.settings.max_pending_handshakes
         if self._pending_handshakes >= limit:  # strangers must not hold unbounded sockets and buffers
             self._limit_log.warning(
@@ -157,7 +225,7 @@ class Host:
                 limit,
             )
             stream.close()
-            return
+            return None
         offences = self._recent_offences(stream.remote_host)
         if self.settings.max_offences_per_host and offences >= self.settings.max_offences_per_host:
             self._limit_log.warning(
@@ -168,17 +236,21 @@ class Host:
                 OFFENCE_WINDOW,
             )
             stream.close()  # before the handshake: refusing costs no cryptography
-            return
+            return None
         self._pending_handshakes += 1
         try:
             remote, maddrs, stream = await asyncio.wait_for(  # from here on, the handshake's (sealed) stream
-                perform_handshake(stream, self.identity, self.visible_maddrs(), None, where, self.settings.security),
+                perform_handshake(
+                    stream, self.identity, self.visible_maddrs(stream.remote_host), None, where, self.settings.security
+                ),
                 self.settings.handshake_timeout,
             )
+            if expected is not None and remote != expected:
+                raise HandshakeError(f"the relay announced peer {expected} but peer {remote} answered")
         except Exception as e:  # whatever a stranger sends, drop the connection and keep serving
-            logger.debug("Rejected inbound connection from %s: %s", stream.remote_host, e or type(e).__name__)
+            logger.debug("Rejected inbound connection from %s: %s", where, e or type(e).__name__)
             stream.close()
-            return
+            return None
         finally:
             self._pending_handshakes -= 1
         refusal = self._make_room(remote)
@@ -187,9 +259,11 @@ class Host:
                 for chunk in encode_frame([Kind.GOAWAY, 0, refusal]):
                     stream.write(chunk)
             stream.close()
-            return
+            return None
         self.add_addrs(remote, _with_observed_host(maddrs, stream.remote_host))
-        self._register(self._connection(stream, remote, maddrs, outbound=False))
+        conn = self._connection(stream, remote, maddrs, outbound=False)
+        self._register(conn)
+        return conn
 
     def _recent_offences(self, remote_host: str) -> int:
         """How many connections from `remote_host` were dropped for breaking a limit within the
@@ -354,14 +428,18 @@ class Host:
         raise PeerUnreachableError(f"cannot reach peer {peer_id}: " + "; ".join(errors))
 
     async def _dial_one(self, peer_id: PeerID, maddr: Multiaddr) -> Connection:
-        timeout = self.settings.connect_timeout
-        stream = await self.transport.dial(maddr.host, maddr.port, timeout)
+        if maddr.relay is not None:
+            stream = await self._open_circuit(peer_id, maddr)
+            remote_host = None  # whoever it is, it reaches us through a relay: tell it what anyone can use
+        else:
+            stream = await self.transport.dial(maddr.host, maddr.port, self.settings.connect_timeout)
+            remote_host = maddr.host
         try:
             _, listen, stream = await asyncio.wait_for(  # from here on, the handshake's (sealed) stream
                 perform_handshake(
                     stream,
                     self.identity,
-                    self.visible_maddrs(),
+                    self.visible_maddrs(remote_host),
                     peer_id,
                     maddr.transport_address,
                     self.settings.security,
@@ -384,6 +462,47 @@ class Host:
             raise
         self.add_addrs(peer_id, listen)
         return self._connection(stream, peer_id, listen, outbound=True)
+
+    async def _open_circuit(self, peer_id: PeerID, maddr: Multiaddr) -> ByteStream:
+        """Ask the relay in a circuit address for a stream to `peer_id`.
+
+        Raises:
+            PeerUnreachableError: the relay cannot be reached, holds no slot for the peer, or the
+                peer did not take the circuit in time.
+        """
+        relay = maddr.relay
+        assert relay is not None
+        if relay in (self.peer_id, peer_id):
+            raise PeerUnreachableError(f"{maddr} names {'us' if relay == self.peer_id else 'the peer'} as its relay")
+        timeout = self.settings.connect_timeout
+        try:
+            relay_conn = await asyncio.wait_for(self.connect(maddr.relay_maddr), timeout)
+            rpc = await relay_conn.open_stream("relay.connect", {"target": peer_id.to_bytes()})
+        except asyncio.TimeoutError:
+            raise PeerUnreachableError(f"relay {relay} did not answer within {timeout:g} s") from None
+        except (HiveError, ConfigError) as e:
+            raise PeerUnreachableError(f"cannot reach relay {relay}: {e}") from None
+        try:
+            answer = await rpc.recv(timeout=timeout + self.settings.handshake_timeout)
+        except (HiveError, EndOfStream) as e:
+            await rpc.cancel()
+            reason = str(e) or "it ended the stream"
+            raise PeerUnreachableError(f"relay {relay} could not connect us to peer {peer_id}: {reason}") from None
+        if not (isinstance(answer.payload, dict) and answer.payload.get("ok") is True):
+            await rpc.cancel()
+            raise PeerUnreachableError(f"relay {relay} sent an unexpected answer to relay.connect")
+        return RelayedStream(rpc, f"via relay {relay}")
+
+    async def probe(self, maddr: Multiaddr) -> None:
+        """Dial `maddr` on a fresh connection, complete the handshake with its /p2p peer, hang up
+        (a dial-back check; the pool is not touched).
+
+        Raises:
+            PeerUnreachableError, HandshakeError: as a dial does.
+        """
+        assert maddr.peer_id is not None
+        conn = await self._dial_one(maddr.peer_id, maddr)
+        conn.close("dial-back check done")
 
     def _register(self, conn: Connection) -> None:
         self._all_connections.add(conn)
@@ -432,6 +551,7 @@ class Host:
         """Stop listening, close every connection and wait for their tasks. Idempotent."""
         if self._janitor is not None:
             self._janitor.cancel()
+        await self.relay_client.aclose()
         for listener in self._listeners:
             with contextlib.suppress(Exception):
                 await listener.aclose()

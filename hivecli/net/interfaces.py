@@ -9,8 +9,14 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+from typing import TYPE_CHECKING
 
 from hivecli.net.multiaddr import Multiaddr
+
+if TYPE_CHECKING:
+    from hivecli.net.reachability import ReachabilityReport
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 def _rank(address: str) -> int:
@@ -58,3 +64,73 @@ def expand_unspecified(bound: list[Multiaddr]) -> list[Multiaddr]:
             ]
         visible.extend(m for m in candidates if m not in visible)
     return sorted(visible, key=lambda m: _rank(m.host) if m.protocol in ("ip4", "ip6") else 0)
+
+
+def local_networks() -> list[Network]:
+    """The networks (address and netmask) of this machine's interfaces that are up: a peer in
+    one of them can dial our address there directly, NAT or not."""
+    import psutil
+
+    stats = psutil.net_if_stats()
+    networks: list[Network] = []
+    for name, addrs in psutil.net_if_addrs().items():
+        if name in stats and not stats[name].isup:
+            continue
+        for addr in addrs:
+            if addr.family not in (socket.AF_INET, socket.AF_INET6) or not addr.netmask:
+                continue
+            try:
+                networks.append(ipaddress.ip_network(f"{addr.address.split('%', 1)[0]}/{addr.netmask}", strict=False))
+            except ValueError:
+                continue
+    return networks
+
+
+def select_addresses(
+    direct: list[Multiaddr],
+    circuits: list[Multiaddr],
+    reachability: ReachabilityReport,
+    remote_host: str | None,
+    networks: list[Network],
+) -> list[Multiaddr]:
+    """Which of our addresses to give to the peer at `remote_host` (None: to anyone).
+
+    * Loopback only to a peer on this machine (or to anyone when it is all we have: a swarm on
+      one machine).
+    * Private addresses not to a peer with a public address, which cannot route to them.
+    * Once a dial-back found our direct addresses unreachable, they go only to peers on the
+      same network as the address (a LAN neighbour can still dial it) and to this machine;
+      everyone else gets the circuit addresses through our relays.
+    * Addresses a dial-back confirmed come first, circuits last.
+    """
+    remote = _ip_or_none(remote_host)
+    unreachable = reachability.status == "unreachable"
+
+    def usable(maddr: Multiaddr) -> bool:
+        host = _ip_or_none(maddr.host)
+        if host is None:  # a DNS name: the user announced it, so it is meant for everyone
+            return not unreachable
+        if remote is None:
+            return not host.is_loopback and not (unreachable and circuits)
+        if remote.is_loopback:
+            return True
+        if host.is_loopback:
+            return False
+        if unreachable:
+            return any(host in net and remote in net for net in networks)
+        return host.is_global or not remote.is_global  # a peer on the internet cannot route to 10.x
+
+    confirmed = set(reachability.reachable)
+    chosen = sorted((m for m in direct if usable(m)), key=lambda m: m not in confirmed)
+    if remote is None and not chosen and not circuits:
+        chosen = list(direct)  # all loopback (a swarm on one machine), or nothing reachable and no relay yet
+    return chosen + [m for m in circuits if m not in chosen]
+
+
+def _ip_or_none(host: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    if host is None:
+        return None
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None

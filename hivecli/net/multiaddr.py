@@ -1,7 +1,9 @@
 """Multiaddrs in the subset hive speaks: `/ip4|ip6|dns|dns4|dns6/HOST/tcp/PORT[/p2p/PEER_ID]`.
 
 A peer's full address is e.g. `/ip4/203.0.113.5/tcp/31337/p2p/12D3KooW...`; a listen address
-leaves out `/p2p/...`. Parsing errors say which part of which string is wrong.
+leaves out `/p2p/...`. A peer that others cannot dial (behind NAT) is reached through a relay:
+`/ip4/RELAY_HOST/tcp/PORT/p2p/RELAY_ID/p2p-circuit/p2p/PEER_ID` (libp2p's circuit notation; see
+hivecli.net.relay). Parsing errors say which part of which string is wrong.
 """
 
 from __future__ import annotations
@@ -25,11 +27,15 @@ class Multiaddr:
     host: str
     port: int
     peer_id: PeerID | None = None
+    relay: PeerID | None = None  # set for a circuit address: dial `relay` at host:port, then ask it for peer_id
     # formatted text, cached: DHT answers carry many addresses and the same ones recur
     _base: str = field(default="", init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_base", f"/{self.protocol}/{self.host}/tcp/{self.port}")
+        base = f"/{self.protocol}/{self.host}/tcp/{self.port}"
+        if self.relay is not None:
+            base += f"/p2p/{self.relay.to_base58()}/p2p-circuit"
+        object.__setattr__(self, "_base", base)
 
     @classmethod
     def parse(cls, text: str) -> Multiaddr:
@@ -54,6 +60,15 @@ class Multiaddr:
         if not stripped.startswith("/"):
             raise fail("it must start with '/'")
         parts = stripped.rstrip("/").split("/")[1:]
+        relay = None
+        if len(parts) in (7, 9):  # .../p2p/RELAY_ID/p2p-circuit[/p2p/PEER_ID]
+            if parts[4] != "p2p" or parts[6] != "p2p-circuit":
+                raise fail("a relayed address reads /PROTO/HOST/tcp/PORT/p2p/RELAY_ID/p2p-circuit[/p2p/PEER_ID]")
+            try:
+                relay = PeerID.from_base58(parts[5])
+            except ValueError as e:
+                raise fail(f"relay: {e}") from None
+            parts = parts[:4] + parts[7:]
         if len(parts) not in (4, 6):
             raise fail(f"it has {len(parts)} components, expected /PROTO/HOST/tcp/PORT[/p2p/PEER_ID]")
         protocol, host, transport, port_text = parts[:4]
@@ -83,16 +98,26 @@ class Multiaddr:
                 peer_id = PeerID.from_base58(parts[5])
             except ValueError as e:
                 raise fail(str(e)) from None
-        return cls(protocol, host, int(port_text), peer_id)
+        return cls(protocol, host, int(port_text), peer_id, relay)
 
     def with_peer_id(self, peer_id: PeerID | None) -> Multiaddr:
-        return Multiaddr(self.protocol, self.host, self.port, peer_id)
+        return Multiaddr(self.protocol, self.host, self.port, peer_id, self.relay)
 
     def without_peer_id(self) -> Multiaddr:
         return self.with_peer_id(None)
 
     def with_port(self, port: int) -> Multiaddr:
-        return Multiaddr(self.protocol, self.host, port, self.peer_id)
+        return Multiaddr(self.protocol, self.host, port, self.peer_id, self.relay)
+
+    def via(self, relay: PeerID) -> Multiaddr:
+        """This relay's address (host, port) turned into a circuit address through it."""
+        return Multiaddr(self.protocol, self.host, self.port, None, relay)
+
+    @property
+    def relay_maddr(self) -> Multiaddr:
+        """For a circuit address: the relay's own address, with /p2p/RELAY_ID."""
+        assert self.relay is not None, "not a circuit address"
+        return Multiaddr(self.protocol, self.host, self.port, self.relay)
 
     @property
     def is_unspecified(self) -> bool:
@@ -105,7 +130,8 @@ class Multiaddr:
 
     @property
     def transport_address(self) -> str:
-        """The address without its /p2p part, e.g. /ip4/1.2.3.4/tcp/5."""
+        """The address without its final /p2p part, e.g. /ip4/1.2.3.4/tcp/5 (a circuit address
+        keeps its relay: /ip4/1.2.3.4/tcp/5/p2p/RELAY/p2p-circuit)."""
         return self._base
 
     def __str__(self) -> str:

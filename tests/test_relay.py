@@ -1,0 +1,204 @@
+"""Relays, dial-back and the addresses a host gives out, between hosts on 127.0.0.1.
+
+Network namespaces with a real NAT router are in tests/test_scenarios.py; here the hosts share
+loopback, so "unreachable" is played by a host that does not listen at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from hivecli._exceptions import PeerUnreachableError
+from hivecli.net import Host, Multiaddr, NetSettings
+from hivecli.net.connection import Connection
+from hivecli.net.interfaces import select_addresses
+from hivecli.net.reachability import PUBLIC, UNKNOWN, UNREACHABLE, ReachabilityReport, advice, check_reachability
+from hivecli.net.relay import CHUNK_BYTES, RelaySettings
+from hivecli.testing import wait_until
+
+LOOPBACK = Multiaddr.parse("/ip4/127.0.0.1/tcp/0")
+RELAY = NetSettings(relay=RelaySettings(serve=True))
+
+
+async def echo(conn: Connection, payload: Any, body: bytes) -> Any:
+    return {"echo": payload, "from": str(conn.remote_peer), "via": conn.remote_host, "size": len(body)}
+
+
+@pytest.fixture
+async def hosts() -> AsyncIterator[list[Host]]:
+    made: list[Host] = []
+    yield made
+    await asyncio.gather(*(h.aclose() for h in made))
+
+
+async def _host(made: list[Host], listen: bool, settings: NetSettings | None = None) -> Host:
+    host = Host(settings=settings)
+    host.add_unary_handler("echo", echo)
+    if listen:
+        await host.listen([LOOPBACK])
+    made.append(host)
+    return host
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def test_two_unreachable_hosts_talk_through_a_relay_which_sees_only_ciphertext() -> None:
+    async def main() -> None:
+        made: list[Host] = []
+        try:
+            relay = await _host(made, listen=True, settings=RELAY)
+            b = await _host(made, listen=False)  # nobody can dial b: it listens nowhere
+            a = await _host(made, listen=False)
+            relay_addr = relay.visible_maddrs()[0]
+            await b.connect(relay_addr)
+            assert await b.relay_client.reserve([relay.peer_id]) == [relay.peer_id]
+            circuit = b.visible_maddrs()[0]
+            assert circuit.relay == relay.peer_id and circuit.peer_id == b.peer_id
+            assert str(circuit).endswith(f"/p2p/{relay.peer_id}/p2p-circuit/p2p/{b.peer_id}")
+
+            secret = b"the plaintext a relay must never see" * 1000
+            reply = await a.call(circuit, "echo", {"x": 1}, body=secret)
+            assert reply.payload == {"echo": {"x": 1}, "from": str(a.peer_id), "via": f"via relay {relay.peer_id}",
+                                     "size": len(secret)}  # fmt: skip
+            # b can call a back over the same circuit connection
+            back = await b.call(a.peer_id, "echo", "hi")
+            assert back.payload["from"] == str(b.peer_id)
+            stats = relay.relay.stats
+            assert stats.circuits == 1 and stats.circuits_total == 1 and stats.reservations == 1
+            assert stats.bytes_relayed > len(secret)  # both ways, with record overhead
+
+            # a large transfer goes through in CHUNK_BYTES messages, in order
+            big = bytes(range(256)) * (3 * CHUNK_BYTES // 256 + 7)
+            reply = await a.call(b.peer_id, "echo", None, body=big)
+            assert reply.payload["size"] == len(big)
+
+            # closing the circuit connection releases the relay's circuit
+            a.connection_to(b.peer_id).close()
+            await wait_until(lambda: relay.relay.stats.circuits == 0, 5.0, "the relay to drop the circuit")
+            # b leaving frees its slot, and a can no longer reach it
+            await b.aclose()
+            await wait_until(lambda: relay.relay.stats.reservations == 0, 5.0, "the relay to drop b's slot")
+            with pytest.raises(PeerUnreachableError, match="holds no slot"):
+                await a.connect(circuit)
+        finally:
+            await asyncio.gather(*(h.aclose() for h in made))
+
+    run(main())
+
+
+def test_a_peer_that_is_not_a_relay_refuses_reservations_and_circuits() -> None:
+    async def main() -> None:
+        made: list[Host] = []
+        try:
+            plain = await _host(made, listen=True)  # serve=None and reachability unknown: not a relay
+            b = await _host(made, listen=False)
+            await b.connect(plain.visible_maddrs()[0])
+            assert await b.relay_client.reserve([plain.peer_id]) == []
+            assert plain.relay.stats.refused == 1
+            fake = plain.visible_maddrs()[0].via(plain.peer_id).with_peer_id(b.peer_id)
+            a = await _host(made, listen=False)
+            with pytest.raises(PeerUnreachableError, match="not a relay"):
+                await a.connect(fake)
+            # once a dial-back says it is reachable, it relays (RelaySettings.serve=None)
+            plain.set_reachability(ReachabilityReport(PUBLIC, (plain.visible_maddrs()[0],)))
+            assert await b.relay_client.reserve([plain.peer_id]) == [plain.peer_id]
+        finally:
+            await asyncio.gather(*(h.aclose() for h in made))
+
+    run(main())
+
+
+def test_relay_caps_circuits() -> None:
+    async def main() -> None:
+        made: list[Host] = []
+        try:
+            relay = await _host(made, listen=True, settings=NetSettings(relay=RelaySettings(serve=True, max_circuits=1)))
+            b = await _host(made, listen=False)
+            await b.connect(relay.visible_maddrs()[0])
+            await b.relay_client.reserve([relay.peer_id])
+            circuit = b.visible_maddrs()[0]
+            first, second = await _host(made, listen=False), await _host(made, listen=False)
+            await first.call(circuit, "echo", 1)
+            with pytest.raises(PeerUnreachableError, match="circuit limit"):
+                await second.connect(circuit)
+        finally:
+            await asyncio.gather(*(h.aclose() for h in made))
+
+    run(main())
+
+
+def test_dialback_finds_a_listening_host_reachable_and_a_closed_port_not() -> None:
+    async def main() -> None:
+        made: list[Host] = []
+        try:
+            helper = await _host(made, listen=True)
+            ours = await _host(made, listen=True)
+            await ours.connect(helper.visible_maddrs()[0])
+            report = await check_reachability(ours, [helper.peer_id])
+            assert report.status == PUBLIC and report.checked_by == (helper.peer_id,)
+            assert report.observed_host == "127.0.0.1"
+            assert [m.port for m in report.reachable] == [ours.listen_maddrs[0].port]
+            assert "Reachable from other peers" in advice(report, 4000, relayed=False)
+
+            # a host whose announced port nobody listens on: unreachable, with the reason and advice
+            closed = await _host(made, listen=False)
+            closed.announce_maddrs = [Multiaddr.parse("/ip4/127.0.0.1/tcp/9")]  # discard port: nothing listens
+            await closed.connect(helper.visible_maddrs()[0])
+            await asyncio.sleep(0)  # the helper's per-IP dial-back interval: a fresh helper instead
+            helper2 = await _host(made, listen=True)
+            await closed.connect(helper2.visible_maddrs()[0])
+            report = await check_reachability(closed, [helper2.peer_id])
+            assert report.status == UNREACHABLE and not report.reachable
+            assert report.failures and "/ip4/127.0.0.1/tcp/9" in report.failures[0]
+            text = advice(report, 9, relayed=False)
+            assert "forward TCP port 9" in text and "runs as a client" in text
+            assert (await check_reachability(closed, [])).status == UNKNOWN
+        finally:
+            await asyncio.gather(*(h.aclose() for h in made))
+
+    run(main())
+
+
+def test_dialback_only_dials_the_asking_peers_own_ip() -> None:
+    from hivecli.net.reachability import _dialback_targets
+
+    observed = ipaddress.ip_address("198.51.100.7")
+    targets = _dialback_targets(
+        ["/ip4/10.0.0.5/tcp/4000", "/ip4/203.0.113.9/tcp/5000", "/dns/example.com/tcp/6000", "garbage"], observed
+    )
+    assert [str(t) for t in targets] == [
+        "/ip4/198.51.100.7/tcp/4000",
+        "/ip4/198.51.100.7/tcp/5000",
+        "/ip4/198.51.100.7/tcp/6000",
+    ]
+    assert len(_dialback_targets([f"/ip4/10.0.0.5/tcp/{p}" for p in range(1, 100)], observed)) == 8
+
+
+def test_addresses_given_out_fit_the_peer_that_asks() -> None:
+    m = Multiaddr.parse
+    loop, lan, pub = m("/ip4/127.0.0.1/tcp/1"), m("/ip4/192.168.1.5/tcp/1"), m("/ip4/5.6.7.8/tcp/1")
+    relay_id = Host().peer_id
+    circuit = m("/ip4/198.51.100.1/tcp/2").via(relay_id)
+    nets = [ipaddress.ip_network("192.168.1.0/24"), ipaddress.ip_network("127.0.0.0/8")]
+    unknown, unreachable = ReachabilityReport(UNKNOWN), ReachabilityReport(UNREACHABLE)
+    direct = [pub, lan, loop]
+    # never loopback to another machine; private addresses not to a public peer
+    assert select_addresses(direct, [], unknown, "1.2.3.4", nets) == [pub]
+    assert select_addresses(direct, [], unknown, "192.168.7.7", nets) == [pub, lan]
+    assert select_addresses(direct, [], unknown, "127.0.0.1", nets) == direct
+    assert select_addresses(direct, [], unknown, None, nets) == [pub, lan]
+    assert select_addresses([loop], [], unknown, None, nets) == [loop]  # a swarm on one machine
+    # unreachable: direct addresses only to a LAN neighbour; everyone else gets the circuit
+    assert select_addresses([lan], [circuit], unreachable, "192.168.1.9", nets) == [lan, circuit]
+    assert select_addresses([lan], [circuit], unreachable, "10.9.9.9", nets) == [circuit]
+    assert select_addresses([lan], [circuit], unreachable, None, nets) == [circuit]
+    # a confirmed address comes first
+    confirmed = ReachabilityReport(PUBLIC, (lan,))
+    assert select_addresses([pub, lan], [], confirmed, "192.168.1.9", nets) == [lan, pub]
