@@ -19,7 +19,7 @@ from hivecli.net.connection import Connection
 from hivecli.net.interfaces import select_addresses
 from hivecli.net.reachability import PUBLIC, UNKNOWN, UNREACHABLE, ReachabilityReport, advice, check_reachability
 from hivecli.net.relay import CHUNK_BYTES, RelaySettings
-from hivecli.testing import wait_until
+from hivecli.testing import wait_for, wait_until
 
 LOOPBACK = Multiaddr.parse("/ip4/127.0.0.1/tcp/0")
 RELAY = NetSettings(relay=RelaySettings(serve=True))
@@ -97,18 +97,22 @@ def test_a_peer_that_is_not_a_relay_refuses_reservations_and_circuits() -> None:
     async def main() -> None:
         made: list[Host] = []
         try:
-            plain = await _host(made, listen=True)  # serve=None and reachability unknown: not a relay
+            never = await _host(made, listen=True, settings=NetSettings(relay=RelaySettings(serve=False)))
             b = await _host(made, listen=False)
-            await b.connect(plain.visible_maddrs()[0])
-            assert await b.relay_client.reserve([plain.peer_id]) == []
-            assert plain.relay.stats.refused == 1
-            fake = plain.visible_maddrs()[0].via(plain.peer_id).with_peer_id(b.peer_id)
+            await b.connect(never.visible_maddrs()[0])
+            assert await b.relay_client.reserve([never.peer_id]) == []
+            assert never.relay.stats.refused == 1
+            fake = never.visible_maddrs()[0].via(never.peer_id).with_peer_id(b.peer_id)
             a = await _host(made, listen=False)
             with pytest.raises(PeerUnreachableError, match="not a relay"):
                 await a.connect(fake)
-            # once a dial-back says it is reachable, it relays (RelaySettings.serve=None)
-            plain.set_reachability(ReachabilityReport(PUBLIC, (plain.visible_maddrs()[0],)))
-            assert await b.relay_client.reserve([plain.peer_id]) == [plain.peer_id]
+            # serve=None (the default): a relay unless a dial-back found it unreachable
+            auto = await _host(made, listen=True)
+            await b.connect(auto.visible_maddrs()[0])
+            auto.set_reachability(ReachabilityReport(UNREACHABLE))
+            assert await b.relay_client.reserve([auto.peer_id]) == []
+            auto.set_reachability(ReachabilityReport(PUBLIC, (auto.visible_maddrs()[0],)))
+            assert await b.relay_client.reserve([auto.peer_id]) == [auto.peer_id]
         finally:
             await asyncio.gather(*(h.aclose() for h in made))
 
@@ -119,7 +123,9 @@ def test_relay_caps_circuits() -> None:
     async def main() -> None:
         made: list[Host] = []
         try:
-            relay = await _host(made, listen=True, settings=NetSettings(relay=RelaySettings(serve=True, max_circuits=1)))
+            relay = await _host(
+                made, listen=True, settings=NetSettings(relay=RelaySettings(serve=True, max_circuits=1))
+            )
             b = await _host(made, listen=False)
             await b.connect(relay.visible_maddrs()[0])
             await b.relay_client.reserve([relay.peer_id])
@@ -202,3 +208,47 @@ def test_addresses_given_out_fit_the_peer_that_asks() -> None:
     # a confirmed address comes first
     confirmed = ReachabilityReport(PUBLIC, (lan,))
     assert select_addresses([pub, lan], [], confirmed, "192.168.1.9", nets) == [lan, pub]
+
+
+def test_dht_peers_check_reachability_and_two_unreachable_ones_average_through_a_relay() -> None:
+    """Two peers whose announced ports nobody listens on (as behind NAT) find out by dial-back,
+    stop serving the DHT, reserve slots on the reachable first peer, and average with each
+    other through it: the relay counts the bytes."""
+    import torch
+
+    from hivecli import DHT
+    from hivecli.averaging import DecentralizedAverager
+
+    first = DHT(start=True, check_reachability=True)
+    nated: list[DHT] = []
+    avs: list[DecentralizedAverager] = []
+    try:
+        entry = [str(m) for m in first.get_visible_maddrs()]
+        assert first.reachability.status == UNKNOWN  # alone: nobody to ask yet
+        for _ in range(2):
+            nated.append(DHT(initial_peers=entry, start=True, check_reachability=True, announce_maddrs=["/ip4/127.0.0.1/tcp/9"]))  # fmt: skip
+        for dht in nated:
+            assert dht.reachability.status == UNREACHABLE and dht.relayed and not dht.client_mode
+            assert dht.node.client_mode  # it does not serve the DHT: nobody could dial it
+            visible = dht.get_visible_maddrs()
+            assert [m.relay for m in visible] == [first.peer_id] and visible[0].peer_id == dht.peer_id
+        # the first peer got checked by the newcomers in the meantime
+        wait_for(lambda: first.reachability.status == PUBLIC, 15, "the first peer's own dial-back")
+        relay = first.node.host.relay
+        assert relay.stats.reservations == 2
+        for i, dht in enumerate(nated):
+            avs.append(DecentralizedAverager([torch.full((1000,), float(i))], dht, prefix="nat", target_group_size=2,
+                                             min_matchmaking_time=2.0, request_timeout=1.0, start=True))  # fmt: skip
+        before = relay.stats.bytes_relayed
+        controls = [av.step(wait=False, timeout=30) for av in avs]
+        results = [c.result(timeout=60) for c in controls]
+        assert all(r is not None and len(r) == 2 for r in results)
+        for av in avs:
+            with av.get_tensors() as (tensor,):
+                assert torch.allclose(tensor, torch.full((1000,), 0.5))
+        assert relay.stats.bytes_relayed - before > 4000  # the tensors crossed the relay
+    finally:
+        for av in avs:
+            av.shutdown()
+        for dht in [*nated, first]:
+            dht.shutdown()

@@ -16,6 +16,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
 from hivecli._exceptions import ConfigError, MultiaddrError
+from hivecli.dht.nat import NatTraversal
 from hivecli.dht.node import DHTNode
 from hivecli.dht.records import owned_subkey
 from hivecli.dht.settings import DHTSettings
@@ -24,6 +25,7 @@ from hivecli.net.connection import NetSettings
 from hivecli.net.host import Host
 from hivecli.net.identity import Identity, PeerID
 from hivecli.net.multiaddr import Multiaddr, parse_peer_maddr
+from hivecli.net.reachability import ReachabilityReport
 from hivecli.net.transport import Transport
 from hivecli.utils.loops import new_event_loop
 
@@ -76,7 +78,12 @@ class DHT:
         announce_maddrs: the addresses to tell others, instead of the ones we listen on (for
             port forwarding or a public IP the machine does not see).
         client_mode: query and store through others, but never be stored into or routed via
-            (for peers behind NAT that others cannot reach).
+            (for peers behind NAT that others cannot reach). After start, True means that
+            nobody can open a connection to this peer (averagers then default to client mode).
+        check_reachability: after joining, ask peers to dial us back (see hivecli.dht.nat): if
+            none can, switch the DHT to client mode and reserve a slot on a relay, through which
+            others can still reach us (`relayed`); without a relay, `client_mode` becomes True.
+            Checked again every few minutes. Off by default; the `hive` commands turn it on.
         identity_path: a file holding this peer's Ed25519 key (created if missing), so the peer
             keeps its ID across restarts; random otherwise.
         startup_timeout: seconds `run_in_background` waits for the node to be ready.
@@ -96,6 +103,7 @@ class DHT:
         host_maddrs: Sequence[str | Multiaddr] = DEFAULT_HOST_MADDRS,
         announce_maddrs: Sequence[str | Multiaddr] = (),
         client_mode: bool = False,
+        check_reachability: bool = False,
         identity_path: str | None = None,
         startup_timeout: float = 30.0,
         settings: DHTSettings | None = None,
@@ -118,6 +126,8 @@ class DHT:
                     f"announce address {maddr} must name a reachable host and a real port, not 0.0.0.0 or port 0"
                 )
         self.client_mode = client_mode
+        self.check_reachability = check_reachability and not client_mode
+        self._nat: NatTraversal | None = None
         self.startup_timeout = startup_timeout
         self.settings = _settings_from_kwargs(settings, setting_overrides)
         self.net_settings = net_settings or NetSettings()
@@ -183,6 +193,9 @@ class DHT:
                     client_mode=self.client_mode,
                 )
             )
+            if self.check_reachability:
+                self._nat = loop.run_until_complete(self._start_nat(self._node))
+                self.client_mode = not self._nat.reachable
         except BaseException as e:
             self._start_error = e
             self._ready.set()
@@ -192,6 +205,8 @@ class DHT:
         try:
             loop.run_forever()
         finally:
+            if self._nat is not None:
+                loop.run_until_complete(self._nat.aclose())
             loop.run_until_complete(self._node.shutdown())
             # whatever else runs on this loop (an averager's step, say) ends now, not at garbage collection
             loop.run_until_complete(_cancel_remaining_tasks())
@@ -210,6 +225,24 @@ class DHT:
             )
         future = asyncio.run_coroutine_threadsafe(coro, self._loop)
         return future if return_future else future.result()
+
+    async def _start_nat(self, node: DHTNode) -> NatTraversal:
+        nat = NatTraversal(node)
+        if self.initial_peers:  # a first peer has nobody to ask yet: NatTraversal asks once someone joins
+            await nat.check()
+        nat.start()
+        return nat
+
+    @property
+    def reachability(self) -> ReachabilityReport:
+        """The latest dial-back verdict: status "public", "unreachable" or "unknown" (not checked:
+        check_reachability is off, or no peer could check yet)."""
+        return self.node.host.reachability
+
+    @property
+    def relayed(self) -> bool:
+        """Whether others reach this peer only through a relay (see check_reachability)."""
+        return self._nat is not None and self._nat.relayed
 
     def get_visible_maddrs(self, latest: bool = False) -> list[Multiaddr]:
         """Addresses other peers can use to join through this one, each ending in /p2p/<peer id>.

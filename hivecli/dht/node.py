@@ -103,6 +103,7 @@ class DHTNode:
         self.host = host
         self.settings = settings
         self.client_mode = client_mode
+        self.requested_client_mode = client_mode  # what the user asked for, whatever reachability says
         self.node_id = node_id or DHTID.generate()
         self.protocol = DHTProtocol(host, self.node_id, settings, client_mode)
         self.protocol.on_new_node = self._on_new_node
@@ -153,6 +154,11 @@ class DHTNode:
     @property
     def peer_id(self) -> PeerID:
         return self.host.peer_id
+
+    def set_client_mode(self, client_mode: bool) -> None:
+        """Stop (True) or resume (False) serving the DHT to others; see DHTProtocol.set_client_mode."""
+        self.client_mode = client_mode
+        self.protocol.set_client_mode(client_mode)
 
     async def bootstrap(self, initial_peers: Sequence[Multiaddr]) -> None:
         """Ping the initial peers; as soon as one answers, look up our own ID to fill the table.

@@ -141,12 +141,21 @@ class DHTProtocol:
         self._bindings: OrderedDict[PeerID, tuple[DHTID, Connection | None, float]] = OrderedDict()
         self._pinging: set[PeerID] = set()  # stale nodes being checked, so each is pinged once at a time
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._wire_id = None if client_mode else node_id.to_bytes_()
-        if not client_mode:
-            host.add_inline_handler("dht.ping", self._rpc_ping)
-            host.add_inline_handler("dht.store", self._rpc_store)
-            host.add_inline_handler("dht.find", self._rpc_find)
+        self._wire_id: bytes | None = None
+        self.set_client_mode(client_mode)
         host.add_inline_handler("dht.peers", self._rpc_peers)
+
+    def set_client_mode(self, client_mode: bool) -> None:
+        """Serve the DHT (False) or only use it (True: others get "unknown method" and drop us
+        from their routing tables). A peer found unreachable switches to client mode."""
+        self.client_mode = client_mode
+        self._wire_id = None if client_mode else self.node_id.to_bytes_()
+        serving = {"dht.ping": self._rpc_ping, "dht.store": self._rpc_store, "dht.find": self._rpc_find}
+        for method, handler in serving.items():
+            if client_mode:
+                self.host.handlers.inline.pop(method, None)
+            else:
+                self.host.add_inline_handler(method, handler)
 
     # ---- routing-table upkeep -------------------------------------------------------------
 

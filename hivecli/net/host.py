@@ -46,7 +46,7 @@ from hivecli.net.identity import Identity, PeerID
 from hivecli.net.interfaces import expand_unspecified, local_networks, select_addresses
 from hivecli.net.limits import LimitLog
 from hivecli.net.multiaddr import Multiaddr
-from hivecli.net.reachability import PUBLIC, UNKNOWN, DialbackService, ReachabilityReport
+from hivecli.net.reachability import UNKNOWN, UNREACHABLE, DialbackService, ReachabilityReport
 from hivecli.net.relay import RelayClient, RelayedStream, RelayService, peer_field
 from hivecli.net.tcp import TCPTransport
 from hivecli.net.transport import ByteStream, Listener, Transport
@@ -105,7 +105,9 @@ class Host:
         self._connection_log = LimitLog(logging.getLogger(Connection.__module__))
         # whether others can dial us, and the relays that let them when they cannot
         self.reachability = ReachabilityReport(UNKNOWN)
-        self.relay = RelayService(settings.relay, enabled=settings.relay.serve is True)
+        # serve=None: relay unless a dial-back found us unreachable (a peer alone in its swarm has
+        # not been checked, and the first peer of a run is exactly who its NATed joiners need)
+        self.relay = RelayService(settings.relay, enabled=settings.relay.serve is not False)
         self.relay_client = RelayClient(self.connect, self._relay_addresses)
         self.handlers.streaming["relay.reserve"] = self.relay.serve_reserve
         self.handlers.streaming["relay.connect"] = self.relay.serve_connect
@@ -182,7 +184,7 @@ class Host:
         by RelaySettings.serve) whether we relay for others, which only a reachable peer can."""
         self.reachability = report
         if self.settings.relay.serve is None:
-            self.relay.enabled = report.status == PUBLIC
+            self.relay.enabled = report.status != UNREACHABLE
 
     def _relay_addresses(self, relay: PeerID) -> list[Multiaddr]:
         return [m for m in self.address_book.get(relay, []) if m.relay is None and not m.is_unspecified]

@@ -23,18 +23,18 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from hivecli._exceptions import ConfigError, HiveError, PeerUnreachableError
+from hivecli.net.identity import PeerID
 from hivecli.net.multiaddr import Multiaddr
 
 if TYPE_CHECKING:
     from hivecli.net.connection import Connection
     from hivecli.net.host import Host
-    from hivecli.net.identity import PeerID
 
 logger = logging.getLogger(__name__)
 
 MAX_DIALBACK_ADDRS = 8
 DIALBACK_TIMEOUT = 3.0  # seconds per dial-back attempt (connect + handshake)
-_MIN_INTERVAL_PER_HOST = 5.0  # seconds between dial-backs for one IP address
+_MIN_INTERVAL = 5.0  # seconds between dial-backs for one peer (they go only to its own IP, at most 8 ports)
 _MAX_CONCURRENT = 4
 
 PUBLIC, UNREACHABLE, UNKNOWN = "public", "unreachable", "unknown"
@@ -74,7 +74,7 @@ class DialbackService:
 
     def __init__(self, host: Host):
         self._host = host
-        self._last: dict[str, float] = {}  # IP -> when we last dialed it back
+        self._last: dict[tuple[str, PeerID], float] = {}  # (IP, peer) -> when we last dialed it back
         self._slots = asyncio.Semaphore(_MAX_CONCURRENT)
 
     async def handle(self, conn: Connection, payload: Any, body: bytes) -> dict[str, Any]:
@@ -86,12 +86,12 @@ class DialbackService:
         addrs = payload.get("addrs") if isinstance(payload, dict) else None
         if not isinstance(addrs, list) or not all(isinstance(a, str) for a in addrs):
             raise ConfigError("net.dialback needs a list of address strings")
-        now = time.monotonic()
-        if now - self._last.get(observed, -_MIN_INTERVAL_PER_HOST) < _MIN_INTERVAL_PER_HOST:
-            raise PeerUnreachableError(f"a dial-back for {observed} ran less than {_MIN_INTERVAL_PER_HOST:g} s ago")
-        self._last[observed] = now
+        now, key = time.monotonic(), (observed, conn.remote_peer)
+        if now - self._last.get(key, -_MIN_INTERVAL) < _MIN_INTERVAL:
+            raise PeerUnreachableError(f"a dial-back for this peer ran less than {_MIN_INTERVAL:g} s ago")
+        self._last[key] = now
         if len(self._last) > 4096:
-            self._last = {h: t for h, t in self._last.items() if now - t < _MIN_INTERVAL_PER_HOST}
+            self._last = {k: t for k, t in self._last.items() if now - t < _MIN_INTERVAL}
         targets = _dialback_targets(addrs, ip)
         async with self._slots:
             results = await asyncio.gather(*(self._probe(conn.remote_peer, m) for m in targets))

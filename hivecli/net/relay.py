@@ -44,8 +44,8 @@ class RelaySettings:
     """What this peer does about relays.
 
     Attributes:
-        serve: relay for unreachable peers: None (default) when others can dial us directly (the
-            reachability check says so, or the peer was told it is public), True always, False never.
+        serve: relay for unreachable peers: None (default) unless a dial-back found that others
+            cannot dial us directly, True always, False never.
         use: when unreachable, reserve a slot on a relay so that others can reach us (default True).
         max_reservations: unreachable peers we keep a slot for at once (default 64).
         max_circuits: circuits we relay at once (default 64).
