@@ -231,6 +231,15 @@ class NetworkSection(_Section):
     announce: list[str] = Field(default_factory=list)
     initial_peers: list[str] = Field(default_factory=list)
     identity: str | None = None
+    client_mode: bool = Field(
+        False,
+        description="Never accept connections (behind NAT with no relay wanted): the peer trains and averages "
+        "through connections it opens. By default a peer asks others to dial it back and decides by itself.",
+    )
+    relay: bool = Field(
+        True,
+        description="Relay for peers that others cannot dial (behind NAT), while this peer is reachable itself.",
+    )
 
 
 class Recipe(_Section):

@@ -1,15 +1,16 @@
-"""Network flags shared by every command that runs a peer (`hive dht` now; start/join/local later)."""
+"""Network flags shared by every command that runs a peer (`hive dht`, `hive start`, `hive join`)."""
 
 from __future__ import annotations
 
 import ipaddress
 import os
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from hivecli._exceptions import ConfigError
 from hivecli.net.connection import NetSettings
+from hivecli.net.relay import RelaySettings
 from hivecli.net.secure import SecuritySettings, load_swarm_key
 
 HostOption = Annotated[
@@ -39,6 +40,14 @@ SwarmKeyOption = Annotated[
         "--swarm-key",
         envvar="HIVE_SWARM_KEY",
         help="A private swarm's key file (`hive keygen`): only peers holding the same key can connect.",
+    ),
+]
+ClientModeOption = Annotated[
+    bool,
+    typer.Option(
+        "--client-mode",
+        help="Accept no connections (behind NAT): only dial out. By default the peer asks others to dial it "
+        "back and, if they cannot, becomes reachable through a relay or runs as a client by itself.",
     ),
 ]
 IdentityOption = Annotated[
@@ -94,9 +103,9 @@ def split_peer_list(values: list[str] | None) -> list[str]:
     return peers
 
 
-def net_settings(swarm_key: str | None) -> NetSettings:
-    """Network settings for a node started from the command line: encrypted links, and the
-    private swarm of `swarm_key` (a file path) if given.
+def net_settings(swarm_key: str | None, relay: bool = True) -> NetSettings:
+    """Network settings for a node started from the command line: encrypted links, the private
+    swarm of `swarm_key` (a file path) if given, and relaying for NATed peers unless `relay` is off.
 
     Raises:
         ConfigError: the swarm key file is missing or malformed (the message names it and the fix).
@@ -106,6 +115,29 @@ def net_settings(swarm_key: str | None) -> NetSettings:
             "--swarm-key (or HIVE_SWARM_KEY) is set but empty, which usually means an unset variable in a script; "
             "name the key file (`hive keygen` creates one), or unset it for a public swarm"
         )
+    relays = RelaySettings(serve=None if relay else False)
     if swarm_key is None:
-        return NetSettings()
-    return NetSettings(security=SecuritySettings(swarm_key=load_swarm_key(swarm_key)))
+        return NetSettings(relay=relays)
+    return NetSettings(security=SecuritySettings(swarm_key=load_swarm_key(swarm_key)), relay=relays)
+
+
+def describe_reachability(dht: Any) -> tuple[str, list[str], list[str]]:
+    """What to tell the user about reaching this peer: (one paragraph on whether others can and
+    what to do, the addresses others can reach it at, reachable ones first, and the addresses to
+    put in a join line). A peer others cannot dial does not serve the DHT, so others join through
+    its relay instead; with no relay, there is nothing to put in a join line."""
+    from hivecli.net.reachability import UNKNOWN, UNREACHABLE, advice
+
+    maddrs = [str(m) for m in dht.get_visible_maddrs()]
+    report = dht.reachability
+    if dht.node.requested_client_mode:
+        return "Running as a client (--client-mode): other peers do not open connections to this one.", [], []
+    port = next((m.port for m in dht.node.host.listen_maddrs if m.port), None)
+    if report.status == UNKNOWN:
+        text = "Whether other machines can reach this peer is checked when another peer joins (dial-back)."
+        return text, maddrs, maddrs
+    text = advice(report, port, relayed=dht.relayed)
+    if report.status != UNREACHABLE:
+        return text, maddrs, maddrs
+    relays = [str(m.relay_maddr) for m in dht.get_visible_maddrs() if m.relay is not None]
+    return text, maddrs if relays else [], relays

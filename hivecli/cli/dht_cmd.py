@@ -10,12 +10,14 @@ import typer
 from hivecli.cli import _output
 from hivecli.cli._network import (
     AnnounceOption,
+    ClientModeOption,
     HostOption,
     IdentityOption,
     InitialPeersOption,
     PortOption,
     SwarmKeyOption,
     announce_maddrs,
+    describe_reachability,
     listen_maddr,
     net_settings,
     split_peer_list,
@@ -29,6 +31,10 @@ def dht(
     host: HostOption = "0.0.0.0",
     port: PortOption = 0,
     announce: AnnounceOption = None,
+    client_mode: ClientModeOption = False,
+    relay: Annotated[
+        bool, typer.Option("--relay/--no-relay", help="Relay for peers behind NAT while this node is reachable.")
+    ] = True,
     initial_peers: InitialPeersOption = None,
     identity: IdentityOption = None,
     swarm_key: SwarmKeyOption = None,
@@ -50,17 +56,22 @@ def dht(
         host_maddrs=[listen_maddr(host, port)],
         announce_maddrs=announce_maddrs(announce, port),
         identity_path=identity,
-        net_settings=net_settings(swarm_key),
+        net_settings=net_settings(swarm_key, relay=relay),
+        client_mode=client_mode,
+        check_reachability=not client_mode,
         refresh_period=refresh_period,
     )
     with stop_on_signals() as stop:
         try:
             node.run_in_background(await_ready=True)
-            maddrs = [str(m) for m in node.get_visible_maddrs()]
+            reachability, maddrs, join = describe_reachability(node)
             if json_output:
-                _output.emit_json("listening", peer_id=str(node.peer_id), maddrs=maddrs)
+                _output.emit_json(
+                    "listening", peer_id=str(node.peer_id), maddrs=maddrs, join=join,
+                    reachability=node.reachability.to_json() | {"relayed": node.relayed, "advice": reachability},
+                )  # fmt: skip
             else:
-                _print_banner(str(node.peer_id), maddrs)
+                _print_banner(str(node.peer_id), maddrs, reachability, join)
             while not stop.wait(refresh_period):
                 table, keys = node.run_coroutine(_status)
                 if json_output:
@@ -81,11 +92,17 @@ async def _status(_dht: Any, node: Any) -> tuple[int, int]:
     return len(node.protocol.routing_table), len(node.protocol.storage)
 
 
-def _print_banner(peer_id: str, maddrs: list[str]) -> None:
+def _print_banner(peer_id: str, maddrs: list[str], reachability: str, join: list[str]) -> None:
     out = _output.stdout
-    out.print(f"DHT node [bold]{peer_id}[/bold] is running. Visible addresses:")
-    for maddr in maddrs:
-        out.print(f"  {maddr}")
-    out.print("To join from another machine, run:")
-    out.print(f"  hive dht --initial-peers {maddrs[0]}")
-    out.print(f'or, in Python: hivecli.DHT(initial_peers=["{maddrs[0]}"], start=True)')
+    if maddrs:
+        out.print(f"DHT node [bold]{peer_id}[/bold] is running. Visible addresses:")
+        for maddr in maddrs:
+            out.print(f"  {maddr}")
+    else:
+        out.print(f"DHT node [bold]{peer_id}[/bold] is running, with no address other machines can reach.")
+    out.print(reachability, markup=False)
+    if not join:
+        return
+    out.print("To join from another machine, run:" if join == maddrs else "To join, go through its relay:")
+    out.print(f"  hive dht --initial-peers {join[0]}")
+    out.print(f'or, in Python: hivecli.DHT(initial_peers=["{join[0]}"], start=True)')

@@ -25,10 +25,12 @@ from hivecli._exceptions import ConfigError
 from hivecli.cli import _output
 from hivecli.cli._network import (
     AnnounceOption,
+    ClientModeOption,
     IdentityOption,
     InitialPeersOption,
     SwarmKeyOption,
     announce_maddrs,
+    describe_reachability,
     listen_maddr,
     net_settings,
     split_peer_list,
@@ -84,6 +86,7 @@ def start(
     host: HostFlag = None,
     port: PortFlag = None,
     announce: AnnounceOption = None,
+    client_mode: ClientModeOption = False,
     initial_peers: InitialPeersOption = None,
     identity: IdentityOption = None,
     swarm_key: SwarmKeyOption = None,
@@ -97,7 +100,7 @@ def start(
 
     Prints every address this peer can be reached at and the `hive join ...` line to run elsewhere, publishes the recipe in the DHT under the run's prefix, then trains with a live status line until the run's goal (run.total_samples or run.total_epochs, over all peers), a limit of this peer, or Ctrl+C. Writes runs/PREFIX/RUN_ID/PEER/: recipe.toml, metrics.jsonl, checkpoints/. Started again with the same --identity, the peer resumes from its latest checkpoint unless --fresh.
     """
-    overrides = _overrides(set_values, host, port, max_steps, max_seconds)
+    overrides = _overrides(set_values, host, port, max_steps, max_seconds, client_mode)
     loaded = load_recipe(recipe, overrides)
     peers = split_peer_list(initial_peers) or list(loaded.network.initial_peers)
     _run_peer(loaded, overrides, peers, announce, identity, swarm_key, json_output, join=False, fresh=fresh)
@@ -113,6 +116,7 @@ def join(
     host: HostFlag = None,
     port: PortFlag = None,
     announce: AnnounceOption = None,
+    client_mode: ClientModeOption = False,
     initial_peers: InitialPeersOption = None,
     identity: IdentityOption = None,
     swarm_key: SwarmKeyOption = None,
@@ -126,7 +130,7 @@ def join(
 
     Waits (with a spinner) up to a minute for the run to be announced. A fetched recipe is data, never code: if it names user code (module:function), join refuses unless you pass --trust-recipe or give a local RECIPE file. Joined again with the same --identity, the peer resumes from its checkpoint, or from the run's state if the run has moved further.
     """
-    overrides = _overrides(set_values, host, port, max_steps, max_seconds)
+    overrides = _overrides(set_values, host, port, max_steps, max_seconds, client_mode)
     peers = split_peer_list([address, *(initial_peers or [])])
     local = load_recipe(recipe, overrides) if recipe is not None else None
     if local is not None:
@@ -141,9 +145,16 @@ def join(
 
 
 def _overrides(
-    set_values: list[str] | None, host: str | None, port: int | None, max_steps: int | None, max_seconds: float | None
+    set_values: list[str] | None,
+    host: str | None,
+    port: int | None,
+    max_steps: int | None,
+    max_seconds: float | None,
+    client_mode: bool = False,
 ) -> list[str]:
     overrides = list(set_values or [])
+    if client_mode:
+        overrides.append("network.client_mode=true")
     if host is not None:
         overrides.append(f'network.host="{host}"')
     if port is not None:
@@ -189,16 +200,18 @@ def _run_peer(
         host_maddrs=[listen_maddr(network.host, network.port)],
         announce_maddrs=announce_maddrs(list(announce or network.announce), network.port),
         identity_path=identity or network.identity,
-        net_settings=net_settings(swarm_key),
+        net_settings=net_settings(swarm_key, relay=network.relay),
+        client_mode=network.client_mode,
+        check_reachability=not network.client_mode,
         start=True,
     )
     display = Display(json_output, goal=None)
     try:
-        maddrs = [str(m) for m in dht.get_visible_maddrs()]
-        _announce(str(dht.peer_id), maddrs, json_output, time.monotonic() - began)
+        reachability, maddrs, join_maddrs = describe_reachability(dht)
+        _announce(dht, maddrs, join_maddrs, reachability, json_output, time.monotonic() - began)
         with stop_on_signals(on_stop=display.stopping, second_interrupt_raises=True) as stop:
             recipe, card, joining = _find_run(dht, recipe, overrides, display, stop, join, run, trust_recipe, fresh)
-            _announce_run(card, maddrs, json_output)
+            _announce_run(card, join_maddrs, json_output)
             display.goal = _describe_goal(recipe)
             if not stop.is_set():
                 _train(recipe, dht, display, stop, card=card, joining=joining, fresh=fresh)
@@ -272,26 +285,41 @@ def _describe_goal(recipe: Recipe) -> str | None:
     return None
 
 
-def _announce(peer_id: str, maddrs: list[str], json_output: bool, seconds: float) -> None:
-    join_line = f"hive join {maddrs[0]}"
+def _announce(
+    dht: Any, maddrs: list[str], join_maddrs: list[str], reachability: str, json_output: bool, seconds: float
+) -> None:
+    """Where others can reach this peer (reachable addresses first), and whether they can."""
+    peer_id = str(dht.peer_id)
+    join_line = f"hive join {join_maddrs[0]}" if join_maddrs else None
     if json_output:
-        _output.emit_json("listening", peer_id=peer_id, maddrs=maddrs, join=join_line, seconds=round(seconds, 3))
+        _output.emit_json(
+            "listening", peer_id=peer_id, maddrs=maddrs, join=join_line, seconds=round(seconds, 3),
+            reachability=dht.reachability.to_json() | {"relayed": dht.relayed, "advice": reachability},
+        )  # fmt: skip
     out = _output.stderr if json_output else _output.stdout  # stdout carries only JSON with --json
-    out.print(f"Peer [bold]{peer_id}[/bold] is listening at:")
-    for maddr in maddrs:
-        out.print(f"  {maddr}")
+    if maddrs:
+        out.print(f"Peer [bold]{peer_id}[/bold] is listening at:")
+        for maddr in maddrs:
+            out.print(f"  {maddr}")
+    else:
+        out.print(f"Peer [bold]{peer_id}[/bold] has no address other machines can reach.")
+    out.print(reachability, markup=False)
     sys.stdout.flush()
 
 
 def _announce_run(card: Any, maddrs: list[str], json_output: bool) -> None:
     """The line to join this very run elsewhere: it names the run's owner, whose signature a
     joiner then requires on the recipe."""
-    join_line = f"hive join {maddrs[0]} --run {card.address}"
+    join_line = f"hive join {maddrs[0]} --run {card.address}" if maddrs else None  # maddrs: the join addresses
     if json_output:
         _output.emit_json("run", prefix=card.prefix, run_id=card.run_id, owner=str(card.owner), join=join_line)
     out = _output.stderr if json_output else _output.stdout
-    out.print("To join this run from another machine, run:", markup=False)
-    out.print(f"  {join_line}", markup=False)
+    if join_line is None:
+        out.print(f"To join run {card.address}, join through a reachable peer of the run:", markup=False)
+        out.print(f"  hive join ADDRESS_OF_THAT_PEER --run {card.address}", markup=False)
+    else:
+        out.print("To join this run from another machine, run:", markup=False)
+        out.print(f"  {join_line}", markup=False)
     sys.stdout.flush()
 
 

@@ -73,13 +73,15 @@ class NatTraversal:
         elif report.status == PUBLIC and before.status == UNREACHABLE and not self.node.requested_client_mode:
             self.node.set_client_mode(False)
         if report.status != before.status or report.reachable != before.reachable:
-            self._log(report)
+            # the verdict at start-up is for whoever starts the peer to print (see DHT.reachability);
+            # a later change is news that only the log can carry
+            self._log(report, loud=self._task is not None)
         return report
 
-    def _log(self, report: ReachabilityReport) -> None:
+    def _log(self, report: ReachabilityReport, loud: bool) -> None:
         port = next((m.port for m in self.host.listen_maddrs if m.port), None)
         text = advice(report, port, relayed=self.relayed)
-        if report.status == UNREACHABLE:
+        if report.status == UNREACHABLE and loud:
             logger.warning("%s", text)
             for failure in report.failures[:4]:
                 logger.info("Dial-back failed: %s", failure)
