@@ -226,7 +226,8 @@ def test_dht_peers_check_reachability_and_two_unreachable_ones_average_through_a
         entry = [str(m) for m in first.get_visible_maddrs()]
         assert first.reachability.status == UNKNOWN  # alone: nobody to ask yet
         for _ in range(2):
-            nated.append(DHT(initial_peers=entry, start=True, check_reachability=True, announce_maddrs=["/ip4/127.0.0.1/tcp/9"]))  # fmt: skip
+            closed_port = ["/ip4/127.0.0.1/tcp/9"]  # nothing listens there: dial-backs fail, as behind NAT
+            nated.append(DHT(initial_peers=entry, start=True, check_reachability=True, announce_maddrs=closed_port))
         for dht in nated:
             assert dht.reachability.status == UNREACHABLE and dht.relayed and not dht.client_mode
             assert dht.node.client_mode  # it does not serve the DHT: nobody could dial it
@@ -247,6 +248,19 @@ def test_dht_peers_check_reachability_and_two_unreachable_ones_average_through_a
             with av.get_tensors() as (tensor,):
                 assert torch.allclose(tensor, torch.full((1000,), 0.5))
         assert relay.stats.bytes_relayed - before > 4000  # the tensors crossed the relay
+
+        # `hive peers` (the crawl) lists the NATed peers, which no routing table names, through their relay
+        from hivecli.dht.crawl import crawl
+
+        with DHT(client_mode=True) as client:
+            start = first.get_visible_maddrs()[0]
+            found = {info.peer_id: info for info in client.run_coroutine(lambda _d, node: crawl(node, start))}
+        assert set(found) == {first.peer_id, *(d.peer_id for d in nated)}
+        assert found[first.peer_id].net["relay"]["reservations"] == 2
+        assert found[first.peer_id].net["relay"]["bytes"] > 4000
+        for dht in nated:
+            assert found[dht.peer_id].net["relays"] == [first.peer_id]
+            assert found[dht.peer_id].net["reachability"] == UNREACHABLE
     finally:
         for av in avs:
             av.shutdown()

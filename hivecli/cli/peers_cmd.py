@@ -99,7 +99,21 @@ def _row(info: Any) -> dict[str, Any]:
         "last_seen_s": None if info.last_seen_s is None else round(info.last_seen_s, 3),
         "rtt_ms": None if info.rtt_ms is None else round(info.rtt_ms, 3),
         "reachable": info.reachable,
+        "reachability": info.net.get("reachability") if info.net else None,
+        "relays": [str(p) for p in info.net.get("relays", [])] if info.net else [],
+        "relay": info.net.get("relay") if info.net else None,
     }
+
+
+def _relay_column(row: dict[str, Any]) -> str:
+    """e.g. "via 12D3…abcd" for a peer reached through a relay; "relays 2 peers, 3.1 MB" for a relay."""
+    parts = [f"via {relay[:6]}…{relay[-4:]}" for relay in row["relays"]]
+    relay = row["relay"] or {}
+    if relay.get("reservations") or relay.get("bytes"):
+        parts.append(f"relays {_plural(relay.get('reservations', 0), 'peer')}, {relay.get('bytes', 0) / 1e6:.1f} MB")
+    if row["reachability"] == "unreachable" and not row["relays"]:
+        parts.append("unreachable (client)")
+    return "\n".join(parts) or "-"
 
 
 def _to_json(found: list[Any], runs: dict[str, dict[str, Any]]) -> str:
@@ -114,7 +128,7 @@ def _print_tables(found: list[Any], runs: dict[str, dict[str, Any]], show_peers:
 
     if show_peers:
         table = Table(title=f"{_plural(len(found), 'peer')} in the DHT")
-        for column in ("peer id", "addresses", "last seen", "round trip", "reachable"):
+        for column in ("peer id", "addresses", "last seen", "round trip", "reachable", "relay"):
             table.add_column(column, overflow="fold")  # never truncate: peer IDs and addresses get copied
         for info in found:
             row = _row(info)
@@ -124,6 +138,7 @@ def _print_tables(found: list[Any], runs: dict[str, dict[str, Any]], show_peers:
                 "-" if row["last_seen_s"] is None else f"{row['last_seen_s']:.1f} s ago",
                 "-" if row["rtt_ms"] is None else f"{row['rtt_ms']:.1f} ms",
                 {True: "yes", False: "no", None: "not asked"}[row["reachable"]],
+                _relay_column(row),
             )
         _output.stdout.print(table)
     for prefix, info in runs.items():

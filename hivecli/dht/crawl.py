@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
-from hivecli._exceptions import PeerUnreachableError
+from hivecli._exceptions import HiveError, PeerUnreachableError
 from hivecli.dht.node import DHTNode
 from hivecli.net.identity import PeerID
 from hivecli.net.multiaddr import Multiaddr
@@ -21,6 +22,7 @@ class PeerInfo:
     last_seen_s: float | None = None  # how long ago the node that named it last heard from it
     rtt_ms: float | None = None  # our round trip to it, if we asked it ourselves
     reachable: bool | None = None  # None: not asked
+    net: dict[str, Any] | None = None  # its `net.info`: reachability, relays used, relay traffic
 
 
 async def crawl(
@@ -48,6 +50,14 @@ async def crawl(
         info.rtt_ms = (time.perf_counter() - began) * 1000
         if info.last_seen_s is None:
             info.last_seen_s = 0.0
+        info.net = await _net_info(node, info.peer_id)
+        # peers behind NAT serve no DHT, so no routing table names them: their relay does
+        for relayed in info.net.get("reserved", []) if info.net else []:
+            if relayed not in found and len(found) < max_peers and relayed != node.peer_id:
+                relay_addrs = node.host.address_book.get(info.peer_id, [])
+                circuits = [m.via(info.peer_id) for m in relay_addrs if m.relay is None][:1]
+                found[relayed] = PeerInfo(relayed, circuits)
+                node.host.add_addrs(relayed, circuits)
         for entry in peers:
             known = found.get(entry["peer_id"])
             if known is None and len(found) < max_peers and entry["peer_id"] != node.peer_id:
@@ -85,3 +95,33 @@ async def crawl(
             break
         await asyncio.gather(*(ask_bounded(info) for info in batch))
     return sorted(found.values(), key=lambda info: (info.peer_id != start.peer_id, str(info.peer_id)))
+
+
+async def _net_info(node: DHTNode, peer: PeerID) -> dict[str, Any] | None:
+    """A peer's `net.info` (see Host), checked for shape; None if it did not answer."""
+    try:
+        conn = node.host.connection_to(peer)
+        if conn is None:
+            return None
+        raw = (await conn.call("net.info", {}, timeout=node.settings.wait_timeout)).payload
+    except HiveError:
+        return None
+    if not isinstance(raw, dict):
+        return None
+    relay = raw.get("relay") if isinstance(raw.get("relay"), dict) else {}
+
+    def peers(name: str) -> list[PeerID]:
+        found = []
+        for item in raw.get(name, [])[:64] if isinstance(raw.get(name), list) else []:
+            try:
+                found.append(PeerID(item))
+            except (ValueError, TypeError):
+                continue
+        return found
+
+    return {
+        "reachability": raw.get("reachability") if isinstance(raw.get("reachability"), str) else None,
+        "relays": peers("relays"),
+        "reserved": peers("reserved"),
+        "relay": {k: v for k, v in relay.items() if isinstance(k, str) and isinstance(v, (int, bool))},
+    }

@@ -113,6 +113,7 @@ class Host:
         self.handlers.streaming["relay.connect"] = self.relay.serve_connect
         self.handlers.streaming["relay.incoming"] = self._accept_relayed
         self.handlers.unary["net.dialback"] = DialbackService(self).handle
+        self.handlers.inline["net.info"] = self._net_info
 
     # ---- serving ---------------------------------------------------------------------------
 
@@ -185,6 +186,15 @@ class Host:
         self.reachability = report
         if self.settings.relay.serve is None:
             self.relay.enabled = report.status != UNREACHABLE
+
+    def _net_info(self, conn: Connection, payload: Any, body: bytes) -> dict[str, Any]:
+        """`net.info`: what `hive peers` shows of us: reachability, the relays we use, what we relay."""
+        return {
+            "reachability": self.reachability.status,
+            "relays": [peer.to_bytes() for peer in self.relay_client.relays],
+            "relay": self.relay.stats.to_wire() | {"serving": self.relay.enabled},
+            "reserved": [peer.to_bytes() for peer in self.relay.reserved_peers()[:64]],
+        }
 
     def _relay_addresses(self, relay: PeerID) -> list[Multiaddr]:
         return [m for m in self.address_book.get(relay, []) if m.relay is None and not m.is_unspecified]

@@ -196,6 +196,9 @@ class RelayService:
         self._reserved: dict[PeerID, Connection] = {}
         self._limiter = _RateLimiter(settings.max_bytes_per_second)
 
+    def reserved_peers(self) -> list[PeerID]:
+        return [peer for peer, conn in self._reserved.items() if not conn.is_closed]
+
     def has_reservation(self, peer: PeerID) -> bool:
         conn = self._reserved.get(peer)
         return conn is not None and not conn.is_closed
