@@ -140,6 +140,33 @@ def test_relay_caps_circuits() -> None:
     run(main())
 
 
+def test_one_peer_cannot_take_every_circuit_of_a_relay() -> None:
+    from hivecli._exceptions import RemoteError
+    from hivecli.net.relay import MAX_CIRCUITS_PER_PEER
+
+    async def main() -> None:
+        made: list[Host] = []
+        try:
+            relay = await _host(made, listen=True, settings=RELAY)
+            b = await _host(made, listen=False)
+            await b.connect(relay.visible_maddrs()[0])
+            await b.relay_client.reserve([relay.peer_id])
+            greedy = await _host(made, listen=False)
+            conn = await greedy.connect(relay.visible_maddrs()[0])
+            target = {"target": b.peer_id.to_bytes()}
+            streams = [await conn.open_stream("relay.connect", target) for _ in range(MAX_CIRCUITS_PER_PEER)]
+            for stream in streams:
+                assert (await stream.recv(timeout=5)).payload == {"ok": True}
+            extra = await conn.open_stream("relay.connect", target)
+            with pytest.raises(RemoteError, match="already has 8 circuits"):
+                await extra.recv(timeout=5)
+            assert relay.relay.stats.circuits == MAX_CIRCUITS_PER_PEER
+        finally:
+            await asyncio.gather(*(h.aclose() for h in made))
+
+    run(main())
+
+
 def test_dialback_finds_a_listening_host_reachable_and_a_closed_port_not() -> None:
     async def main() -> None:
         made: list[Host] = []

@@ -12,8 +12,9 @@ forwards only bytes it cannot read (AES-GCM records after the handshake) and can
 either side (the handshake checks both identities). The circuit is a `ByteStream`, so the
 connection on top of it is a normal `Connection`.
 
-A relay bounds what it gives away (`RelaySettings`): reservations, circuits, and the rate of
-all relayed bytes together; it counts what it relays (`RelayService.stats`, shown by `hive peers`).
+A relay bounds what it gives away (`RelaySettings`): reservations, circuits (in all, and
+MAX_CIRCUITS_PER_PEER for one asking peer), and the rate of all relayed bytes together; it
+counts what it relays (`RelayService.stats`, shown by `hive peers`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+MAX_CIRCUITS_PER_PEER = 8  # one stranger cannot take every circuit of a relay
 CHUNK_BYTES = 64 * 1024  # per relayed message: a stream's queue (64 messages) then holds at most 4 MiB
 _HIGH_WATER = 1024 * 1024  # bytes a circuit stream buffers before `drain` waits
 
@@ -194,6 +196,7 @@ class RelayService:
         self.enabled = enabled  # the Host turns it on when others can dial us (see RelaySettings.serve)
         self.stats = RelayStats()
         self._reserved: dict[PeerID, Connection] = {}
+        self._circuits_of: dict[PeerID, int] = {}  # open circuits per asking peer
         self._limiter = _RateLimiter(settings.max_bytes_per_second)
 
     def reserved_peers(self) -> list[PeerID]:
@@ -237,9 +240,15 @@ class RelayService:
             self.stats.circuits < self.settings.max_circuits,
             f"this relay is at its circuit limit ({self.settings.max_circuits})",
         )
+        source = stream.remote_peer
+        self._refuse_unless(
+            self._circuits_of.get(source, 0) < MAX_CIRCUITS_PER_PEER,
+            f"peer {source} already has {MAX_CIRCUITS_PER_PEER} circuits through this relay",
+        )
         assert conn is not None
         self.stats.circuits += 1
         self.stats.circuits_total += 1
+        self._circuits_of[source] = self._circuits_of.get(source, 0) + 1
         try:
             other = await conn.open_stream("relay.incoming", {"source": stream.remote_peer.to_bytes()})
             try:
@@ -254,6 +263,9 @@ class RelayService:
                 await other.cancel()
         finally:
             self.stats.circuits -= 1
+            self._circuits_of[source] -= 1
+            if not self._circuits_of[source]:
+                del self._circuits_of[source]
 
     async def _pipe(self, source: Stream, sink: Stream) -> None:
         """Copy message bodies from source to sink until source ends; then end sink."""
