@@ -141,3 +141,20 @@ def describe_reachability(dht: Any) -> tuple[str, list[str], list[str]]:
         return text, maddrs, maddrs
     relays = [str(m.relay_maddr) for m in dht.get_visible_maddrs() if m.relay is not None]
     return text, maddrs if relays else [], relays
+
+
+def print_reachability(out: Any, title: str, maddrs: list[str], reachability: str) -> None:
+    """The lines every command that starts a peer prints: its addresses under `title` (or that
+    it has none others can reach), then the reachability paragraph."""
+    if maddrs:
+        out.print(title)
+        for maddr in maddrs:
+            out.print(f"  {maddr}", markup=False)
+    else:
+        out.print("No address of this peer can be reached from other machines.")
+    out.print(reachability, markup=False)
+
+
+def reachability_json(dht: Any, advice: str) -> dict[str, Any]:
+    """The "reachability" field of a command's "listening" JSON event."""
+    return dht.reachability.to_json() | {"relayed": dht.relayed, "advice": advice}

@@ -20,6 +20,8 @@ from hivecli.cli._network import (
     describe_reachability,
     listen_maddr,
     net_settings,
+    print_reachability,
+    reachability_json,
     split_peer_list,
 )
 from hivecli.cli._signals import stop_on_signals
@@ -68,7 +70,7 @@ def dht(
             if json_output:
                 _output.emit_json(
                     "listening", peer_id=str(node.peer_id), maddrs=maddrs, join=join,
-                    reachability=node.reachability.to_json() | {"relayed": node.relayed, "advice": reachability},
+                    reachability=reachability_json(node, reachability),
                 )  # fmt: skip
             else:
                 _print_banner(str(node.peer_id), maddrs, reachability, join)
@@ -94,13 +96,7 @@ async def _status(_dht: Any, node: Any) -> tuple[int, int]:
 
 def _print_banner(peer_id: str, maddrs: list[str], reachability: str, join: list[str]) -> None:
     out = _output.stdout
-    if maddrs:
-        out.print(f"DHT node [bold]{peer_id}[/bold] is running. Visible addresses:")
-        for maddr in maddrs:
-            out.print(f"  {maddr}")
-    else:
-        out.print(f"DHT node [bold]{peer_id}[/bold] is running, with no address other machines can reach.")
-    out.print(reachability, markup=False)
+    print_reachability(out, f"DHT node [bold]{peer_id}[/bold] is running. Visible addresses:", maddrs, reachability)
     if not join:
         return
     out.print("To join from another machine, run:" if join == maddrs else "To join, go through its relay:")

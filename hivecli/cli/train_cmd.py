@@ -33,6 +33,8 @@ from hivecli.cli._network import (
     describe_reachability,
     listen_maddr,
     net_settings,
+    print_reachability,
+    reachability_json,
     split_peer_list,
 )
 from hivecli.recipe import Recipe, load_recipe
@@ -294,16 +296,10 @@ def _announce(
     if json_output:
         _output.emit_json(
             "listening", peer_id=peer_id, maddrs=maddrs, join=join_line, seconds=round(seconds, 3),
-            reachability=dht.reachability.to_json() | {"relayed": dht.relayed, "advice": reachability},
+            reachability=reachability_json(dht, reachability),
         )  # fmt: skip
     out = _output.stderr if json_output else _output.stdout  # stdout carries only JSON with --json
-    if maddrs:
-        out.print(f"Peer [bold]{peer_id}[/bold] is listening at:")
-        for maddr in maddrs:
-            out.print(f"  {maddr}")
-    else:
-        out.print(f"Peer [bold]{peer_id}[/bold] has no address other machines can reach.")
-    out.print(reachability, markup=False)
+    print_reachability(out, f"Peer [bold]{peer_id}[/bold] is listening at:", maddrs, reachability)
     sys.stdout.flush()
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from hivecli.net.multiaddr import Multiaddr
 
@@ -33,22 +33,24 @@ def interface_addresses(family: int) -> list[str]:
 
     IPv6 link-local addresses are left out: they need a zone (scope id) to be dialed.
     """
+    found: list[str] = []
+    for addr in _addresses_of_interfaces_up():
+        host = addr.address.split("%", 1)[0]
+        if addr.family != family or (family == socket.AF_INET6 and ipaddress.IPv6Address(host).is_link_local):
+            continue
+        if host not in found:
+            found.append(host)
+    return sorted(found, key=_rank)
+
+
+def _addresses_of_interfaces_up() -> list[Any]:
+    """psutil's address entries (family, address, netmask) of every interface that is up."""
     import psutil  # imported here: only nodes that listen on every interface need it
 
     stats = psutil.net_if_stats()
-    found: list[str] = []
-    for name, addrs in psutil.net_if_addrs().items():
-        if name in stats and not stats[name].isup:
-            continue
-        for addr in addrs:
-            if addr.family != family:
-                continue
-            host = addr.address.split("%", 1)[0]
-            if family == socket.AF_INET6 and ipaddress.IPv6Address(host).is_link_local:
-                continue
-            if host not in found:
-                found.append(host)
-    return sorted(found, key=_rank)
+    return [
+        addr for name, addrs in psutil.net_if_addrs().items() if name not in stats or stats[name].isup for addr in addrs
+    ]
 
 
 def expand_unspecified(bound: list[Multiaddr]) -> list[Multiaddr]:
@@ -69,20 +71,14 @@ def expand_unspecified(bound: list[Multiaddr]) -> list[Multiaddr]:
 def local_networks() -> list[Network]:
     """The networks (address and netmask) of this machine's interfaces that are up: a peer in
     one of them can dial our address there directly, NAT or not."""
-    import psutil
-
-    stats = psutil.net_if_stats()
     networks: list[Network] = []
-    for name, addrs in psutil.net_if_addrs().items():
-        if name in stats and not stats[name].isup:
+    for addr in _addresses_of_interfaces_up():
+        if addr.family not in (socket.AF_INET, socket.AF_INET6) or not addr.netmask:
             continue
-        for addr in addrs:
-            if addr.family not in (socket.AF_INET, socket.AF_INET6) or not addr.netmask:
-                continue
-            try:
-                networks.append(ipaddress.ip_network(f"{addr.address.split('%', 1)[0]}/{addr.netmask}", strict=False))
-            except ValueError:
-                continue
+        try:
+            networks.append(ipaddress.ip_network(f"{addr.address.split('%', 1)[0]}/{addr.netmask}", strict=False))
+        except ValueError:
+            continue
     return networks
 
 

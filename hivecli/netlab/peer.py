@@ -82,11 +82,10 @@ def run(args: argparse.Namespace, stop: threading.Event) -> None:
     )
     averager = None
     try:
-        from hivecli.cli._network import describe_reachability
+        from hivecli.cli._network import describe_reachability, reachability_json
 
         advice, maddrs, _ = describe_reachability(dht)
-        reachability = dht.reachability.to_json() | {"relayed": dht.relayed, "advice": advice}
-        emit(event="listening", peer_id=str(dht.peer_id), maddrs=maddrs, reachability=reachability)
+        emit(event="listening", peer_id=str(dht.peer_id), maddrs=maddrs, reachability=reachability_json(dht, advice))
         tensor = torch.zeros(args.size)
         averager = DecentralizedAverager(
             [tensor],
