@@ -163,6 +163,7 @@ class _Search:
         self.followers: dict[PeerID, _Follower] = {}
         self.changed = asyncio.Event()  # a follower came or went
         self.tried: dict[PeerID, float] = {}  # candidate -> the expiration we already asked at
+        self.rejoins = matchmaker.node.rejoins  # the DHT node's re-joins we have caught up with
 
     @property
     def order(self) -> tuple[float, PeerID]:
@@ -178,6 +179,8 @@ class _Search:
         while True:
             if self.group_size() >= self.settings.target_group_size:
                 return self.assemble()
+            if self.rejoins != self.mm.node.rejoins:
+                await self.after_rejoin()
             for candidate in await self.fetch_candidates():
                 if self.group_size() >= self.settings.target_group_size:
                     break
@@ -215,6 +218,15 @@ class _Search:
         self.tried.clear()
         await self.mm.node.store(self.mm.group_key, list(self.me.addrs), self.expiration, owned_subkey(self.me.peer_id))
 
+    async def after_rejoin(self) -> None:
+        """Our DHT node was cut off and is back: what we declared meanwhile reached only our own
+        storage, so others could not find us, and peers we failed to reach may be back too."""
+        self.rejoins = self.mm.node.rejoins
+        self.tried.clear()
+        if self.declared_expiration is not None and self.declared_expiration > get_dht_time():
+            subkey = owned_subkey(self.me.peer_id)
+            await self.mm.node.store(self.mm.group_key, list(self.me.addrs), self.declared_expiration, subkey)
+
     async def fetch_candidates(self) -> list[Candidate]:
         """Declared peers before us that we have not yet asked at their current declaration."""
         found = await self.mm.node.get(self.mm.group_key, latest=True)
@@ -241,6 +253,7 @@ class _Search:
             "schema_hash": self.mm.schema_hash,
         }
         stream: Stream | None = None
+        unanswered = False  # the request went out, and no reply came in time
         try:
             host.add_addrs(candidate.peer_id, Member(candidate.peer_id, candidate.addrs, False, None).multiaddrs())
             async with asyncio.timeout(self.settings.request_timeout):
@@ -257,10 +270,16 @@ class _Search:
             return await self.follow(candidate, stream)
         except (HiveError, OSError, EndOfStream, asyncio.TimeoutError) as e:
             logger.debug("Join request to %s failed: %s", candidate.peer_id, e or type(e).__name__)
+            unanswered = isinstance(e, asyncio.TimeoutError) and stream is not None
             return None
         finally:
             if stream is not None:
                 await stream.cancel()
+                # A leader answers at once, so silence means a dead link, such as a TCP connection from
+                # before a network outage that retransmits on a long backed-off timer: close it (unless
+                # it carries more) so that the next request connects afresh.
+                if unanswered and not stream.connection.busy:
+                    stream.connection.close(f"no reply to a join request within {self.settings.request_timeout:g} s")
 
     async def follow_suggestion(self, suggestion: Any) -> GroupInfo | None:
         try:

@@ -41,6 +41,7 @@ from hivecli._exceptions import (
     PeerUnreachableError,
     ResourceExhaustedError,
     RPCError,
+    RPCTimeoutError,
 )
 from hivecli.dht.records import ENTRY_OVERHEAD, decode_record, encode_record, entry_is_authentic, record_bytes
 from hivecli.dht.routing import DHTID, RoutingTable
@@ -60,10 +61,17 @@ _ADDRS_PER_NODE = 4
 _REBIND_AFTER_S = 60.0  # a peer may present a new node ID (a restart) this long after the last
 _MAX_BINDINGS = 16384  # peer -> node ID bindings remembered (least recently seen forgotten first)
 _MAX_BLACKLIST = 16384  # peers remembered by the blacklist
+_MAX_REMOVED = 64  # peers dropped from the routing table whose addresses are kept to re-join through
+_MAX_UNANSWERED = 1024  # busy connections remembered for leaving a request unanswered
 
 
 class Blacklist:
-    """Peers that recently failed to answer, skipped by lookups with exponential back-off."""
+    """Peers that recently failed, skipped by lookups with exponential back-off.
+
+    A failure is either silence (no connection, no answer in time: the peer may be down, or the
+    network between us) or misbehaviour (an answer that is malformed, forged or an error). Only
+    silence can be the network's fault: `forgive_silent` lifts those bans alone.
+    """
 
     def __init__(self, base_time: float, backoff_rate: float, max_time: float):
         self.base_time, self.backoff_rate, self.max_time = base_time, backoff_rate, max_time
@@ -74,16 +82,36 @@ class Blacklist:
         else:
             self._max_exponent = 0
         self._banned: OrderedDict[PeerID, tuple[float, int]] = OrderedDict()  # peer -> (until, failures)
+        self._misbehaved: set[PeerID] = set()  # banned peers whose latest failure was an answer, not silence
 
-    def register_failure(self, peer: PeerID) -> None:
+    def register_failure(self, peer: PeerID, misbehaved: bool = False) -> None:
         _, failures = self._banned.pop(peer, (0.0, 0))
         ban = min(self.base_time * self.backoff_rate ** min(failures, self._max_exponent), self.max_time)
         self._banned[peer] = (time.monotonic() + ban, min(failures + 1, self._max_exponent + 1))
+        if misbehaved:
+            self._misbehaved.add(peer)
+        else:
+            self._misbehaved.discard(peer)
         if len(self._banned) > _MAX_BLACKLIST:
-            self._banned.popitem(last=False)  # the longest unbanned is the least useful to remember
+            oldest, _ = self._banned.popitem(last=False)  # the longest unbanned is the least useful to remember
+            self._misbehaved.discard(oldest)
 
     def register_success(self, peer: PeerID) -> None:
         self._banned.pop(peer, None)
+        self._misbehaved.discard(peer)
+
+    def forgive_silent(self) -> None:
+        """Lift every ban for silence: after this node was cut off, the silence was probably ours."""
+        for peer in [peer for peer in self._banned if peer not in self._misbehaved]:
+            del self._banned[peer]
+
+    def misbehaved(self, peer: PeerID) -> bool:
+        """Whether `peer` is banned now for a bad answer (not for silence)."""
+        return peer in self._misbehaved and self.is_banned(peer)
+
+    def silent(self, peer: PeerID) -> bool:
+        """Whether `peer` is banned now for not answering."""
+        return peer not in self._misbehaved and self.is_banned(peer)
 
     def is_banned(self, peer: PeerID) -> bool:
         entry = self._banned.get(peer)
@@ -137,9 +165,21 @@ class DHTProtocol:
         self.last_seen: dict[DHTID, float] = {}  # monotonic time of the last answer or request
         self.on_new_node: Callable[[DHTID, PeerID], None] = lambda node_id, peer: None
         self.on_node_removed: Callable[[DHTID], None] = lambda node_id: None
+        # How well we reach others, for telling a node cut off from the network: every valid answer
+        # resets `silent_failures` (requests in a row that got no answer at all) and calls on_answer.
+        self.last_answer = time.monotonic()  # monotonic time of the latest valid answer
+        self.last_answer_peer: PeerID | None = None
+        self.silent_failures = 0
+        self.on_answer: Callable[[PeerID], None] = lambda peer: None
+        self.on_silence: Callable[[], None] = lambda: None
+        # peer -> addresses of nodes dropped from the routing table, newest last: after an outage
+        # they are the likeliest way back in (the address book may hold thousands of peers)
+        self.removed_peers: OrderedDict[PeerID, list[Multiaddr]] = OrderedDict()
+        # peer -> a connection that left a request of ours unanswered but was busy, so left open
+        self._unanswered: OrderedDict[PeerID, Connection] = OrderedDict()
         # peer -> (the node ID it first presented, the connection it came over, when)
         self._bindings: OrderedDict[PeerID, tuple[DHTID, Connection | None, float]] = OrderedDict()
-        self._pinging: set[PeerID] = set()  # stale nodes being checked, so each is pinged once at a time
+        self._pinging: set[PeerID] = set()  # nodes being checked, so each is pinged once at a time
         self._tasks: set[asyncio.Task[Any]] = set()
         self._wire_id: bytes | None = None
         self.set_client_mode(client_mode)
@@ -191,23 +231,39 @@ class DHTProtocol:
                 self.on_new_node(node_id, peer)
         if stale is not None:  # bucket full: the newcomer replaces the stale node if it is dead
             stale_peer = self.routing_table.node_to_peer.get(stale)
-            if stale_peer is not None and stale_peer not in self._pinging:
-                self._pinging.add(stale_peer)
-                self.spawn(self._check_stale(stale_peer))
+            if stale_peer is not None:
+                self._check_alive(stale_peer)
 
-    async def _check_stale(self, peer: PeerID) -> None:
+    def _check_alive(self, peer: PeerID) -> None:
+        """Ping `peer` in the background (unless a check is under way): an answer lifts its ban,
+        silence drops it from the table."""
+        if peer not in self._pinging:
+            self._pinging.add(peer)
+            self.spawn(self._ping_to_check(peer))
+
+    async def _ping_to_check(self, peer: PeerID) -> None:
         try:
             await self.call_ping(peer)
         finally:
             self._pinging.discard(peer)
 
-    def _lost_peer(self, peer: PeerID) -> None:
-        self.blacklist.register_failure(peer)
+    def _lost_peer(self, peer: PeerID, misbehaved: bool = False) -> None:
+        """`peer` failed a request: ban it for a while and drop it from the routing table.
+        `misbehaved`: it answered, wrongly (else it did not answer at all)."""
+        self.blacklist.register_failure(peer, misbehaved)
         self._bindings.pop(peer, None)
         node_id = self.routing_table.peer_to_node.get(peer)
         if node_id is not None and self.routing_table.remove(node_id):
             self.last_seen.pop(node_id, None)
+            if not misbehaved:
+                self.removed_peers.pop(peer, None)
+                self.removed_peers[peer] = list(self.host.address_book.get(peer, []))
+                if len(self.removed_peers) > _MAX_REMOVED:
+                    self.removed_peers.popitem(last=False)
             self.on_node_removed(node_id)
+        if not misbehaved:
+            self.silent_failures += 1
+            self.on_silence()
 
     def spawn(self, awaitable: Any) -> None:
         """Run a coroutine (or own a task) in the background until done or until `aclose`."""
@@ -223,6 +279,16 @@ class DHTProtocol:
     def _sender(self, conn: Connection, payload: Any) -> dict[str, Any]:
         if not isinstance(payload, dict):
             raise ConfigError("a DHT request must be a map")
+        silent = self._unanswered.pop(conn.remote_peer, None)
+        if silent is not None and silent is not conn:
+            # It dialed us anew, so its end of the link that left us unanswered is gone (it closed
+            # it, or restarted): our end would only swallow requests until TCP gives up.
+            silent.close("the peer reconnected; this link had left a request unanswered")
+        if self.blacklist.silent(conn.remote_peer):
+            # A peer we banned for not answering reaches us (say, across a partition that has
+            # healed): if it answers us too, our lookups may ask it again now, not minutes later.
+            # Checked, not believed: a peer that only sends would keep itself in our lookups.
+            self._check_alive(conn.remote_peer)
         try:
             self._saw_node(_node_id_or_none(payload.get("node")), conn.remote_peer, conn)
         except ValueError as e:
@@ -339,6 +405,11 @@ class DHTProtocol:
     ) -> dict[str, Any]:
         """Call `method` on `peer` (dialing if needed) and learn the responder's node ID.
 
+        A connection that carried nothing else and got no answer in time is closed: after a
+        network outage, TCP retransmits on a timer that has backed off to seconds or minutes, so
+        the old link may stay silent long after the network is back, while a new one connects
+        at once.
+
         Raises:
             asyncio.TimeoutError: no connection or no answer within `timeout` (default: wait_timeout).
             PeerUnreachableError, HandshakeError, RPCError, ConnectionClosedError,
@@ -350,10 +421,26 @@ class DHTProtocol:
         timeout = self.settings.wait_timeout if timeout is None else timeout
         payload["node"] = self._wire_id
         conn = self.host.connection_to(peer_id) or await asyncio.wait_for(self.host.connect(peer), timeout)
-        response = (await conn.call(method, payload, timeout=timeout)).payload
+        try:
+            response = (await conn.call(method, payload, timeout=timeout)).payload
+        except RPCTimeoutError:
+            # DHT methods are answered in the peer's read loop, so silence means a dead link or
+            # peer; a busy connection (a transfer in flight) is left alone, as it may just be full
+            if not conn.busy:
+                conn.close(f"no answer to {method} within {timeout:g} s")
+            else:
+                self._unanswered.pop(peer_id, None)
+                self._unanswered[peer_id] = conn
+                if len(self._unanswered) > _MAX_UNANSWERED:
+                    self._unanswered.popitem(last=False)
+            raise
         if not isinstance(response, dict):
             raise MalformedFrameError(f"{method} response is not a map")
         self._saw_node(_node_id_or_none(response.get("node")), peer_id, conn)
+        if self._unanswered.get(peer_id) is conn:
+            del self._unanswered[peer_id]
+        self.last_answer, self.last_answer_peer, self.silent_failures = time.monotonic(), peer_id, 0
+        self.on_answer(peer_id)
         return response
 
     async def _call(self, peer: PeerID | Multiaddr, method: str, payload: dict[str, Any]) -> dict[str, Any] | None:
@@ -365,17 +452,13 @@ class DHTProtocol:
         except ResourceExhaustedError as e:
             logger.warning("%s to %s not sent: %s", method, peer_id, e)  # our problem, not the peer's
             return None
-        except (
-            PeerUnreachableError,
-            HandshakeError,
-            RPCError,
-            ConnectionClosedError,
-            asyncio.TimeoutError,
-            MalformedFrameError,
-            ValueError,
-        ) as e:
+        except (PeerUnreachableError, ConnectionClosedError, RPCTimeoutError, asyncio.TimeoutError) as e:  # silence
             logger.debug("%s to %s failed: %s", method, peer_id, e or type(e).__name__)
             self._lost_peer(peer_id)
+            return None
+        except (HandshakeError, RPCError, MalformedFrameError, ValueError) as e:  # a wrong answer
+            logger.debug("%s to %s failed: %s", method, peer_id, e or type(e).__name__)
+            self._lost_peer(peer_id, misbehaved=True)
             return None
         self.blacklist.register_success(peer_id)
         return response
@@ -424,7 +507,7 @@ class DHTProtocol:
             parsed = self._parse_find(response, key_ids)
         except (ValueError, TypeError, KeyError) as e:
             logger.warning("Ignoring peer %s: bad dht.find reply: %s", peer, e)
-            self._lost_peer(peer)
+            self._lost_peer(peer, misbehaved=True)
             return None
         if len(key_ids) > 1:
             for index, result in enumerate(parsed):

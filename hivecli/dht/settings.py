@@ -29,6 +29,9 @@ class DHTSettings:
         bootstrap_timeout: seconds to wait for the initial peers (default: wait_timeout).
         refresh_period: seconds between maintenance passes: re-checking stale neighbours,
             re-replicating what lost a holder, refreshing idle buckets (default 30).
+        rejoin_period: seconds between attempts to re-join the DHT while cut off from it (its
+            routing table empty, or its last requests all unanswered), each pinging every peer
+            it has known (default 1): how soon a peer is back after a network outage ends.
         blacklist_time: seconds a peer that failed to answer is skipped (default 5); doubles
             (backoff_rate) with each further failure, up to max_blacklist_time (default 300).
         cache_locally: keep values this node fetched, for later gets (default True).
@@ -56,6 +59,7 @@ class DHTSettings:
     wait_timeout: float = 3.0
     bootstrap_timeout: float | None = None
     refresh_period: float = 30.0
+    rejoin_period: float = 1.0
     blacklist_time: float = 5.0
     backoff_rate: float = 2.0
     max_blacklist_time: float = 300.0
@@ -89,7 +93,14 @@ class DHTSettings:
                 f"({self.max_record_bytes}) <= max_reply_bytes / 2 ({self.max_reply_bytes // 2}), and "
                 f"max_reply_bytes < the frame header limit ({header_limit} bytes)."
             )
-        for name in ("wait_timeout", "refresh_period", "blacklist_time", "max_expiration", "handover_rate"):
+        for name in (
+            "wait_timeout",
+            "refresh_period",
+            "rejoin_period",
+            "blacklist_time",
+            "max_expiration",
+            "handover_rate",
+        ):
             if not getattr(self, name) > 0:
                 raise ConfigError(
                     f"The DHT setting {name} ({getattr(self, name)}) must be a positive number of seconds."

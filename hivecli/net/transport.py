@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 from hivecli._exceptions import PeerUnreachableError
 
@@ -82,11 +83,39 @@ class Transport(ABC):
         """
 
 
-class _MemoryWriter:
-    """The writing half of an in-memory pipe: feeds the peer's StreamReader on the peer's loop."""
+# How Linux TCP resends what a partition drops, which decides how soon a link works after the heal:
+_SYN_RESEND_S = 1.0  # a SYN is resent after 1 s, then 2 s more, 4 s more...
+_RTO_MIN_S, _RTO_MAX_S = 0.2, 120.0  # unacknowledged data after 0.2 s, 0.4 s more... (at most 120 s apart)
 
-    def __init__(self, peer_reader: asyncio.StreamReader, peer_loop: asyncio.AbstractEventLoop):
+
+def _next_resend(first_sent: float, now: float) -> float:
+    """When TCP next resends data first sent at `first_sent` (time.monotonic()), at or after `now`."""
+    rto = _RTO_MIN_S
+    at = first_sent + rto
+    while at < now:
+        rto = min(2 * rto, _RTO_MAX_S)
+        at += rto
+    return at
+
+
+class _MemoryWriter:
+    """The writing half of an in-memory pipe: feeds the peer's StreamReader on the peer's loop.
+
+    Across a partition of its network, what it sends (bytes, then the end of the stream) is held
+    in order and delivered after the heal, at TCP's next resend: after a long partition that may
+    be seconds or minutes later, as with a real connection."""
+
+    def __init__(
+        self,
+        peer_reader: asyncio.StreamReader,
+        peer_loop: asyncio.AbstractEventLoop,
+        network: MemoryTransport.Network | None = None,
+        route: tuple[str, str] = ("127.0.0.1", "127.0.0.1"),
+    ):
         self._peer_reader, self._peer_loop = peer_reader, peer_loop
+        self._network, self._route = network, route  # route: (our host, the peer's host)
+        self.held: list[Callable[[], None]] = []  # sent across a partition, not yet delivered
+        self.held_since = 0.0  # time.monotonic() when the oldest of them was sent
         self.closed = False
 
     def _deliver(self, method: Callable[..., None], *args: bytes) -> None:
@@ -99,15 +128,46 @@ class _MemoryWriter:
         elif not self._peer_loop.is_closed():  # the peer lives in another thread (one DHT per thread)
             self._peer_loop.call_soon_threadsafe(method, *args)
 
+    def _send(self, action: Callable[[], None]) -> None:
+        network = self._network
+        if network is None or (not self.held and not network.sides):  # the common case: no partition
+            action()
+            return
+        with network.lock:
+            if self.held or network.is_cut(*self._route):  # behind held bytes, or across the cut: wait
+                if not self.held:
+                    self.held_since = time.monotonic()
+                self.held.append(action)
+                network.holding.add(self)
+                return
+        action()
+
+    def flush(self) -> None:
+        """Deliver what was held (on the peer's loop, so that later writes cannot overtake it;
+        until then, they queue behind it)."""
+        assert self._network is not None
+        with self._network.lock:
+            held, self.held = self.held, []
+        for action in held:
+            action()
+
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if self.closed:
             raise ConnectionResetError("in-memory stream is closed")
-        self._deliver(self._peer_reader.feed_data, bytes(data))
+        data = bytes(data)
+        self._send(lambda: self._deliver(self._peer_reader.feed_data, data))
 
-    def close(self) -> None:
+    def close(self, then: Callable[[], None] | None = None) -> None:
+        """End the stream; `then` runs when the peer receives the end (at once, unless partitioned)."""
         if not self.closed:
             self.closed = True
-            self._deliver(self._peer_reader.feed_eof)
+
+            def end() -> None:
+                self._deliver(self._peer_reader.feed_eof)
+                if then is not None:
+                    then()
+
+            self._send(end)
 
 
 class _MemoryByteStream(ByteStream):
@@ -128,9 +188,8 @@ class _MemoryByteStream(ByteStream):
         await asyncio.sleep(0)  # let the reader run, as a socket buffer would
 
     def close(self) -> None:
-        self._writer.close()
-        if self.other is not None:  # closing a socket ends both directions
-            self.other._writer.close()
+        # closing a socket ends both directions, but the peer finds out only when our end reaches it
+        self._writer.close(then=self.other._writer.close if self.other is not None else None)
 
     def is_closing(self) -> bool:
         return self._writer.closed
@@ -141,16 +200,54 @@ class MemoryTransport(Transport):
 
     Addresses are ordinary host:port pairs inside the network; binding port 0 picks a free one.
     Hosts may run on different event loops (threads): bytes are handed over on the owner's loop.
+
+    A transport dials from the host of its first listener (127.0.0.1 before it listens): to
+    partition peers apart (`Network.partition`), give each its own transport and host address.
     """
 
     class Network:
+        """The hosts and listeners of in-memory transports, and the partitions between them."""
+
         def __init__(self) -> None:
             self.listeners: dict[tuple[str, int], tuple[StreamHandler, asyncio.AbstractEventLoop]] = {}
             self.ports = itertools.count(10000)
             self.lock = threading.Lock()
+            self.sides: dict[str, int] = {}  # host -> its side of the partition; empty when whole
+            self.holding: set[_MemoryWriter] = set()  # writers holding bytes until the heal
+
+        def partition(self, *groups: Iterable[str]) -> None:
+            """Cut the network: hosts (as given to listen and dial) in different groups cannot reach
+            each other; hosts in no group form one more group together. So `partition({"10.0.0.3"})`
+            cuts 10.0.0.3 off from everyone else.
+
+            Across the cut, as if every packet were dropped: a new dial waits, and connects if the
+            partition has healed by one of its resent SYNs (1 s, 3 s, 7 s... after the dial began)
+            within the dial's timeout, else raises PeerUnreachableError at the timeout; bytes written
+            on open streams are held, and delivered in order at TCP's next resend after the heal.
+            Nothing fails early: peers find out only through their own timeouts.
+            """
+            with self.lock:
+                self.sides = {host: side for side, group in enumerate(groups, 1) for host in group}
+
+        def heal(self) -> None:
+            """Make the network whole again; what was held is delivered at each stream's next resend."""
+            with self.lock:
+                self.sides = {}
+                holding, self.holding = self.holding, set()
+            now = time.monotonic()
+            for writer in holding:
+                if not writer._peer_loop.is_closed():
+                    delay = _next_resend(writer.held_since, now) - now
+                    writer._peer_loop.call_soon_threadsafe(writer._peer_loop.call_later, delay, writer.flush)
+
+        def is_cut(self, host_a: str, host_b: str) -> bool:
+            """Whether a partition separates the two hosts now."""
+            sides = self.sides
+            return bool(sides) and sides.get(host_a, 0) != sides.get(host_b, 0)
 
     def __init__(self, network: MemoryTransport.Network):
         self.network = network
+        self.local_host: str | None = None  # where our dials come from: the host of our first listener
 
     async def listen(self, host: str, port: int, handler: StreamHandler) -> Listener:
         network = self.network
@@ -159,6 +256,8 @@ class MemoryTransport(Transport):
             if (host, port) in network.listeners:
                 raise OSError(f"address {host}:{port} is already in use in this memory network")
             network.listeners[(host, port)] = (handler, asyncio.get_running_loop())
+        if self.local_host is None:
+            self.local_host = host
 
         class _MemoryListener(Listener):
             @property
@@ -172,16 +271,29 @@ class MemoryTransport(Transport):
         return _MemoryListener()
 
     async def dial(self, host: str, port: int, timeout: float) -> ByteStream:
-        with self.network.lock:
-            entry = self.network.listeners.get((host, port)) or self.network.listeners.get(("0.0.0.0", port))
+        """Raises PeerUnreachableError: nobody listens there (at once), or a partition lies in
+        between and does not heal within `timeout` seconds."""
+        network, our_host = self.network, self.local_host or "127.0.0.1"
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        syn_at, resend = loop.time(), _SYN_RESEND_S
+        while network.is_cut(our_host, host):  # this SYN is dropped: wait for the next one
+            syn_at, resend = syn_at + resend, 2 * resend
+            if syn_at >= deadline:
+                await asyncio.sleep(deadline - loop.time())
+                raise PeerUnreachableError(f"cannot connect to {host}:{port}: timed out after {timeout:g} s")
+            await asyncio.sleep(syn_at - loop.time())
+        with network.lock:
+            entry = network.listeners.get((host, port)) or network.listeners.get(("0.0.0.0", port))
         if entry is None:
             raise PeerUnreachableError(f"cannot connect to {host}:{port}: connection refused")
         handler, their_loop = entry
-        our_loop = asyncio.get_running_loop()
-        our_reader = asyncio.StreamReader(loop=our_loop)
+        our_reader = asyncio.StreamReader(loop=loop)
         their_reader = asyncio.StreamReader(loop=their_loop)
-        ours = _MemoryByteStream(our_reader, _MemoryWriter(their_reader, their_loop), host)
-        theirs = _MemoryByteStream(their_reader, _MemoryWriter(our_reader, our_loop), "127.0.0.1")
+        ours = _MemoryByteStream(our_reader, _MemoryWriter(their_reader, their_loop, network, (our_host, host)), host)
+        theirs = _MemoryByteStream(
+            their_reader, _MemoryWriter(our_reader, loop, network, (host, our_host)), "127.0.0.1"
+        )
         ours.other, theirs.other = theirs, ours
         asyncio.run_coroutine_threadsafe(handler(theirs), their_loop)
         return ours
