@@ -95,6 +95,7 @@ class Host:
         self._connections: dict[PeerID, Connection] = {}
         self._all_connections: set[Connection] = set()
         self._dials: dict[PeerID, asyncio.Task[Connection]] = {}
+        self._dial_waiters: dict[PeerID, int] = {}  # callers awaiting each dial
         self._tasks: set[asyncio.Task[Any]] = set()
         self._janitor: asyncio.Task[None] | None = None
         self._direct: tuple[float, list[Multiaddr]] | None = None
@@ -393,18 +394,32 @@ class Host:
         if dial is None:
             dial = asyncio.get_running_loop().create_task(self._dial(peer_id, candidates))
             self._dials[peer_id] = dial
-            dial.add_done_callback(
-                lambda _: self._dials.pop(peer_id, None) if self._dials.get(peer_id) is dial else None
-            )
+            self._dial_waiters[peer_id] = 0
+            dial.add_done_callback(lambda _: self._forget_dial(peer_id, dial))
             # its callers may all have given up (timeouts) before it fails: its error is theirs to
             # see, and must not come back as "Task exception was never retrieved" with a traceback
             dial.add_done_callback(lambda t: t.cancelled() or t.exception())
+        self._dial_waiters[peer_id] += 1
         try:
             return await asyncio.shield(dial)  # several callers may share one dial
         except asyncio.CancelledError:
             if dial.cancelled():  # the host is closing, not our caller giving up
                 raise ConnectionClosedError(f"this node closed while dialing peer {peer_id}") from None
             raise
+        finally:
+            if self._dials.get(peer_id) is dial:
+                self._dial_waiters[peer_id] -= 1
+                if self._dial_waiters[peer_id] == 0 and not dial.done():
+                    # Everyone who wanted it gave up. Left running, a dial whose SYNs were lost (an
+                    # outage) would keep later callers waiting for the kernel's backed-off resend
+                    # long after the network is back; the next caller's fresh dial sends one at once.
+                    self._forget_dial(peer_id, dial)
+                    dial.cancel()
+
+    def _forget_dial(self, peer_id: PeerID, dial: asyncio.Task[Connection]) -> None:
+        if self._dials.get(peer_id) is dial:
+            del self._dials[peer_id]
+            del self._dial_waiters[peer_id]
 
     async def _dial(self, peer_id: PeerID, candidates: list[Multiaddr] | None) -> Connection:
         """Dial every known address at once; the first to complete the handshake wins."""
