@@ -113,7 +113,7 @@ def table_peers(dht: DHT) -> set:
 
 
 def test_cut_off_peer_rejoins_through_a_peer_that_was_not_its_initial_peer(caplog):
-    caplog.set_level(logging.INFO, logger="hivecli.dht.node")
+    caplog.set_level(logging.INFO, logger="hivecli.dht.rejoin")
     network = MemoryTransport.Network()
     dhts = []
     try:
@@ -171,7 +171,7 @@ def test_cut_off_peer_rejoins_through_a_peer_that_was_not_its_initial_peer(caplo
 def test_a_peer_whose_neighbours_all_stop_answering_rejoins_before_its_table_empties(caplog):
     """No maintenance runs (refresh_period is long): the cut-off is noticed from unanswered
     requests while the routing table still lists peers, and the peer re-joins after the heal."""
-    caplog.set_level(logging.INFO, logger="hivecli.dht.node")
+    caplog.set_level(logging.INFO, logger="hivecli.dht.rejoin")
     settings = DHTSettings(wait_timeout=0.5, refresh_period=600)
 
     async def scenario() -> float:

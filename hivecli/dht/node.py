@@ -18,6 +18,7 @@ from hivecli._exceptions import BootstrapError, ConfigError, HiveError, Malforme
 from hivecli.dht.lookup import LookupResult, iterative_lookup
 from hivecli.dht.protocol import DHTProtocol
 from hivecli.dht.records import Record, SubkeyEntry, packed_subkey_owner, record_items, sign_entry
+from hivecli.dht.rejoin import Rejoiner
 from hivecli.dht.routing import DHTID, ID_BITS, MAX_ID
 from hivecli.dht.settings import DHTSettings
 from hivecli.dht.storage import LocalStorage, ValueWithExpiration, merge_records
@@ -41,12 +42,6 @@ _DEPARTED_PER_SCAN = 64  # departures checked per scan; the rest wait for the ne
 _SCAN_CHUNK = 512  # keys examined between yields to the loop
 _HANDOVER_BATCH = 256  # items per store request of a handover
 _random = random.Random()  # our own: jitter drawn in a background thread leaves the global state alone
-
-# A node whose requests all go unanswered, this many in a row and none answered for wait_timeout,
-# is cut off (its network is down or partitioned) even while its routing table still lists peers.
-_CUT_OFF_AFTER_SILENCES = 4
-_REJOIN_FANOUT = 64  # peers pinged at once by a re-join attempt; beyond, the less likely ones take turns
-_CUT_OFF_WARNING_S = 30.0  # cut off this long is logged as a warning (first an info line), again at 2x, 4x...
 
 
 def _store_record(storage: LocalStorage, key_id: DHTID, record: Record) -> bool:
@@ -114,8 +109,6 @@ class DHTNode:
         self.protocol = DHTProtocol(host, self.node_id, settings, client_mode)
         self.protocol.on_new_node = self._on_new_node
         self.protocol.on_node_removed = self._on_node_removed
-        self.protocol.on_silence = self._on_silence
-        self.protocol.on_answer = self._on_answer
         self.initial_peers: list[Multiaddr] = []
         # Times this node re-joined the DHT after being cut off: whatever it stored meanwhile reached
         # only its own storage, so code that publishes (matchmaking) publishes again when this changes.
@@ -123,10 +116,7 @@ class DHTNode:
         self._needs_replication: set[DHTID] = set()
         self._wake_maintenance = asyncio.Event()
         self._maintenance: asyncio.Task[None] | None = None
-        self._wake_watch = asyncio.Event()  # a request went unanswered or a node left the table
-        self._answered = asyncio.Event()  # some peer answered a request of ours
-        self._watch: asyncio.Task[None] | None = None
-        self._rejoin_turn = 0  # where the next re-join attempt starts among the less likely peers
+        self.rejoiner = Rejoiner(self)  # re-joins the DHT whenever this node is cut off from it
         self._last_lookup = 0.0  # monotonic time of this node's latest lookup
         # key -> (when, nearest nodes) of recent complete lookups: a store right after a lookup of the
         # same key (matchmaking declares, polls and declares again every round) skips its own lookup
@@ -163,7 +153,7 @@ class DHTNode:
             raise
         node._maintenance = asyncio.get_running_loop().create_task(node._maintain())
         node._handover = asyncio.get_running_loop().create_task(node._hand_over())
-        node._watch = asyncio.get_running_loop().create_task(node._watch_connectivity())
+        node.rejoiner.start()
         return node
 
     @property
@@ -212,6 +202,11 @@ class DHTNode:
                 f"Could not reach any of the {len(self.initial_peers)} initial peers ({details}). "
                 f"Check that the addresses are current and that those peers are running and reachable."
             )
+        await self.refill_table()
+
+    async def refill_table(self) -> None:
+        """Look up our own ID, wide and all at once, to fill the routing table with our neighbours
+        (after joining or re-joining the DHT)."""
         k = self.settings.bucket_size
         await self._lookup(self.node_id, beam_size=k, parallel=k)
 
@@ -350,7 +345,7 @@ class DHTNode:
         if len(self._departed) < _HANDOVER_QUEUE:
             self._departed.add(node_id)
             self._wake_handover.set()
-        self._wake_watch.set()  # the table may be empty now
+        self.rejoiner.wake()  # the table may be empty now
 
     def _on_new_node(self, node_id: DHTID, peer: PeerID) -> None:
         # Queued for the next scan: a flood of newcomers (real or made up) is batched into it.
@@ -462,143 +457,14 @@ class DHTNode:
             if record is not None:
                 await self.store_record(key_id, record)
 
-    # ---- staying connected ------------------------------------------------------------------
-
-    def _on_silence(self) -> None:
-        self._wake_watch.set()
-
-    def _on_answer(self, peer: PeerID) -> None:
-        self._answered.set()
-
-    def _cut_off_reason(self) -> str | None:
-        """Why this node seems cut off from the DHT, or None if it does not."""
-        protocol = self.protocol
-        if len(protocol.routing_table) == 0:
-            return "its routing table is empty"
-        silent_for = time.monotonic() - protocol.last_answer
-        if protocol.silent_failures >= _CUT_OFF_AFTER_SILENCES and silent_for >= self.settings.wait_timeout:
-            return f"its last {protocol.silent_failures} requests went unanswered"
-        return None
-
-    def _rejoin_targets(self) -> list[tuple[PeerID, PeerID | Multiaddr]]:
-        """Every peer this node has known, to re-join through, the likeliest first: those still in
-        the routing table, those dropped from it (newest first), the initial peers, then the rest
-        of the address book. Peers banned for wrong answers are left out."""
-        protocol, host = self.protocol, self.host
-        targets: dict[PeerID, PeerID | Multiaddr] = {peer: peer for _, peer in protocol.routing_table}
-        for peer, addrs in reversed(protocol.removed_peers.items()):
-            if addrs and not host.address_book.get(peer):
-                host.add_addrs(peer, addrs)
-            targets.setdefault(peer, peer)
-        for maddr in self.initial_peers:  # by address: we may never have reached them
-            if maddr.peer_id is not None:
-                targets.setdefault(maddr.peer_id, maddr)
-        for peer in host.address_book:
-            targets.setdefault(peer, peer)
-        targets.pop(self.peer_id, None)
-        return [(peer, target) for peer, target in targets.items() if not protocol.blacklist.misbehaved(peer)]
-
-    async def _watch_connectivity(self) -> None:
-        """Background task: whenever this node seems cut off from the DHT, re-join it."""
-        while True:
-            await self._wake_watch.wait()
-            self._wake_watch.clear()
-            if self._cut_off_reason() is None or not self._rejoin_targets():
-                continue  # connected, or a lone node (the first of a swarm) with nobody to join
-            try:
-                await self._rejoin()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                logger.exception("Re-joining the DHT failed; will try again at the next failed request")
-
-    async def _rejoin(self) -> None:
-        """Ping known peers (see `_rejoin_targets`) until one answers: all at once, again every
-        rejoin_period, at most one ping per peer in flight. Then look up our own ID to refill the
-        routing table, as `bootstrap` does.
-
-        Bans for silence are lifted: they were probably our own outage. Peers that stayed
-        connected took us out of their tables meanwhile; our pings put us back in."""
-        protocol, settings = self.protocol, self.settings
-        began = time.monotonic()
-        timeout = settings.effective_bootstrap_timeout
-        pinging: dict[PeerID, asyncio.Future[None]] = {}
-        errors: dict[PeerID, str] = {}
-        reported_at = 0.0  # how long we had been cut off when we last said so (0: not yet)
-        # a blip noticed only from a few unanswered requests, and over at once, is not worth a line
-        worth_a_line = len(protocol.routing_table) == 0
-
-        async def ping(peer: PeerID, target: PeerID | Multiaddr) -> None:
-            try:
-                if (await protocol.request(target, "dht.ping", {}, timeout)).get("node") is None:
-                    errors[peer] = "it is a client-mode node, which cannot be joined through"
-            except asyncio.TimeoutError:
-                errors[peer] = f"no answer within {timeout:g} s"
-                conn = self.host.connection_to(peer)
-                if conn is not None and time.monotonic() - began >= 2 * timeout:
-                    # Silent through a whole cut-off, even while busy (`request` closes idle links at
-                    # once): a transfer stalled since the outage began, that TCP would resume only
-                    # at its next backed-off resend, possibly long after the network is back. A new
-                    # link connects at once. (A link just slow with a transfer may be cut here too,
-                    # but a node that hears from nobody for this long has little to lose.)
-                    conn.close(f"no answer to dht.ping within {timeout:g} s while cut off from the DHT")
-            except (HiveError, ValueError) as e:
-                errors[peer] = str(e) or type(e).__name__
-            finally:
-                pinging.pop(peer, None)
-
-        try:
-            while (reason := self._cut_off_reason()) is not None:
-                targets = self._rejoin_targets()
-                if not targets:
-                    return
-                if len(targets) > _REJOIN_FANOUT:  # the likeliest every time, the others in turn
-                    half, rest = _REJOIN_FANOUT // 2, targets[_REJOIN_FANOUT // 2 :]
-                    start = self._rejoin_turn % len(rest)
-                    self._rejoin_turn += half
-                    targets = targets[:half] + (rest[start:] + rest[:start])[:half]
-                for peer, target in targets:
-                    if peer not in pinging:
-                        pinging[peer] = asyncio.ensure_future(ping(peer, target))
-                self._answered.clear()
-                await wait_event(self._answered, settings.rejoin_period)
-                cut_off_for = time.monotonic() - began
-                # said once the first pings have timed out, then at 30 s, 60 s, 120 s...: one line each
-                # time, so a peer that outlived its swarm (and keeps trying) logs little
-                due = timeout + settings.rejoin_period if not reported_at else max(2 * reported_at, _CUT_OFF_WARNING_S)
-                if cut_off_for >= due and self._cut_off_reason() is not None:
-                    reported_at = cut_off_for
-                    examples = "; ".join(f"{peer}: {why}" for peer, why in list(errors.items())[:3])
-                    logger.log(
-                        logging.WARNING if cut_off_for >= _CUT_OFF_WARNING_S else logging.INFO,
-                        "Cut off from the DHT for %.0f s (%s): none of the %d known peers answered (%s); "
-                        "trying again every %g s",
-                        cut_off_for,
-                        reason,
-                        len(self._rejoin_targets()),
-                        examples or "no answer yet",
-                        settings.rejoin_period,
-                    )
-        finally:
-            for task in list(pinging.values()):  # the rest finish in the background; they only add to the table
-                protocol.spawn(task)
-        elapsed = time.monotonic() - began
-        through = protocol.last_answer_peer if protocol.last_answer >= began else None
-        how = f"through peer {through}" if through is not None else "after a peer reached it"
-        level = logging.INFO if worth_a_line or reported_at else logging.DEBUG
-        logger.log(level, "Re-joined the DHT %s after %.1f s", how, elapsed)
-        protocol.blacklist.forgive_silent()
-        self.rejoins += 1
-        k = settings.bucket_size
-        await self._lookup(self.node_id, beam_size=k, parallel=k)
-
     # ---- lifecycle ------------------------------------------------------------------------
 
     async def shutdown(self) -> None:
         """Stop maintenance and close every connection and listener. Idempotent."""
-        for task in (self._maintenance, self._handover, self._watch):
+        for task in (self._maintenance, self._handover):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
+        await self.rejoiner.aclose()
         await self.protocol.aclose()
         await self.host.aclose()
