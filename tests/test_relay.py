@@ -57,6 +57,21 @@ def test_two_unreachable_hosts_talk_through_a_relay_which_sees_only_ciphertext()
             b = await _host(made, listen=False)  # nobody can dial b: it listens nowhere
             a = await _host(made, listen=False)
             relay_addr = relay.visible_maddrs()[0]
+            seen = bytearray()  # every byte the relay forwards
+            forward = relay.relay._pipe
+
+            async def spying(source: Any, sink: Any) -> None:
+                receive = source.recv
+
+                async def recording(*args: Any, **kwargs: Any) -> Any:
+                    message = await receive(*args, **kwargs)
+                    seen.extend(message.body)
+                    return message
+
+                source.recv = recording
+                await forward(source, sink)
+
+            relay.relay._pipe = spying  # type: ignore[method-assign]
             await b.connect(relay_addr)
             assert await b.relay_client.reserve([relay.peer_id]) == [relay.peer_id]
             circuit = b.visible_maddrs()[0]
@@ -70,6 +85,7 @@ def test_two_unreachable_hosts_talk_through_a_relay_which_sees_only_ciphertext()
             # b can call a back over the same circuit connection
             back = await b.call(a.peer_id, "echo", "hi")
             assert back.payload["from"] == str(b.peer_id)
+            assert len(seen) > len(secret) and secret[:36] not in seen  # it carried the call, unreadable
             stats = relay.relay.stats
             assert stats.circuits == 1 and stats.circuits_total == 1 and stats.reservations == 1
             assert stats.bytes_relayed > len(secret)  # both ways, with record overhead
