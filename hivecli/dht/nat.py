@@ -81,12 +81,14 @@ class NatTraversal:
     def _log(self, report: ReachabilityReport, loud: bool) -> None:
         port = next((m.port for m in self.host.listen_maddrs if m.port), None)
         text = advice(report, port, relayed=self.relayed)
-        if report.status == UNREACHABLE and loud:
+        if not loud:  # at start-up: whoever started the peer prints DHT.reachability itself
+            logger.debug("%s", text)
+        elif report.status == UNREACHABLE:
             logger.warning("%s", text)
-            for failure in report.failures[:4]:
-                logger.info("Dial-back failed: %s", failure)
         else:
             logger.info("%s", text)
+        for failure in report.failures[:4]:
+            logger.debug("Dial-back failed: %s", failure)
 
     def _candidates(self, first: tuple[PeerID, ...] = ()) -> list[PeerID]:
         """Peers to ask for a dial-back or a relay slot: `first`, then those we are connected to,
