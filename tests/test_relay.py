@@ -7,6 +7,7 @@ loopback, so "unreachable" is played by a host that does not listen at all.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 from collections.abc import AsyncIterator
 from typing import Any
@@ -29,11 +30,14 @@ async def echo(conn: Connection, payload: Any, body: bytes) -> Any:
     return {"echo": payload, "from": str(conn.remote_peer), "via": conn.remote_host, "size": len(body)}
 
 
-@pytest.fixture
+@contextlib.asynccontextmanager
 async def hosts() -> AsyncIterator[list[Host]]:
+    """A list to put the test's hosts in; all are closed at the end, whatever happened."""
     made: list[Host] = []
-    yield made
-    await asyncio.gather(*(h.aclose() for h in made))
+    try:
+        yield made
+    finally:
+        await asyncio.gather(*(h.aclose() for h in made))
 
 
 async def _host(made: list[Host], listen: bool, settings: NetSettings | None = None) -> Host:
@@ -51,8 +55,7 @@ def run(coro: Any) -> Any:
 
 def test_two_unreachable_hosts_talk_through_a_relay_which_sees_only_ciphertext() -> None:
     async def main() -> None:
-        made: list[Host] = []
-        try:
+        async with hosts() as made:
             relay = await _host(made, listen=True, settings=RELAY)
             b = await _host(made, listen=False)  # nobody can dial b: it listens nowhere
             a = await _host(made, listen=False)
@@ -103,16 +106,13 @@ def test_two_unreachable_hosts_talk_through_a_relay_which_sees_only_ciphertext()
             await wait_until(lambda: relay.relay.stats.reservations == 0, 5.0, "the relay to drop b's slot")
             with pytest.raises(PeerUnreachableError, match="holds no slot"):
                 await a.connect(circuit)
-        finally:
-            await asyncio.gather(*(h.aclose() for h in made))
 
     run(main())
 
 
 def test_a_peer_that_is_not_a_relay_refuses_reservations_and_circuits() -> None:
     async def main() -> None:
-        made: list[Host] = []
-        try:
+        async with hosts() as made:
             never = await _host(made, listen=True, settings=NetSettings(relay=RelaySettings(serve=False)))
             b = await _host(made, listen=False)
             await b.connect(never.visible_maddrs()[0])
@@ -129,16 +129,13 @@ def test_a_peer_that_is_not_a_relay_refuses_reservations_and_circuits() -> None:
             assert await b.relay_client.reserve([auto.peer_id]) == []
             auto.set_reachability(ReachabilityReport(PUBLIC, (auto.visible_maddrs()[0],)))
             assert await b.relay_client.reserve([auto.peer_id]) == [auto.peer_id]
-        finally:
-            await asyncio.gather(*(h.aclose() for h in made))
 
     run(main())
 
 
 def test_relay_caps_circuits() -> None:
     async def main() -> None:
-        made: list[Host] = []
-        try:
+        async with hosts() as made:
             relay = await _host(
                 made, listen=True, settings=NetSettings(relay=RelaySettings(serve=True, max_circuits=1))
             )
@@ -150,8 +147,6 @@ def test_relay_caps_circuits() -> None:
             await first.call(circuit, "echo", 1)
             with pytest.raises(PeerUnreachableError, match="circuit limit"):
                 await second.connect(circuit)
-        finally:
-            await asyncio.gather(*(h.aclose() for h in made))
 
     run(main())
 
@@ -161,8 +156,7 @@ def test_one_peer_cannot_take_every_circuit_of_a_relay() -> None:
     from hivecli.net.relay import MAX_CIRCUITS_PER_PEER
 
     async def main() -> None:
-        made: list[Host] = []
-        try:
+        async with hosts() as made:
             relay = await _host(made, listen=True, settings=RELAY)
             b = await _host(made, listen=False)
             await b.connect(relay.visible_maddrs()[0])
@@ -177,16 +171,13 @@ def test_one_peer_cannot_take_every_circuit_of_a_relay() -> None:
             with pytest.raises(RemoteError, match="already has 8 circuits"):
                 await extra.recv(timeout=5)
             assert relay.relay.stats.circuits == MAX_CIRCUITS_PER_PEER
-        finally:
-            await asyncio.gather(*(h.aclose() for h in made))
 
     run(main())
 
 
 def test_dialback_finds_a_listening_host_reachable_and_a_closed_port_not() -> None:
     async def main() -> None:
-        made: list[Host] = []
-        try:
+        async with hosts() as made:
             helper = await _host(made, listen=True)
             ours = await _host(made, listen=True)
             await ours.connect(helper.visible_maddrs()[0])
@@ -209,8 +200,6 @@ def test_dialback_finds_a_listening_host_reachable_and_a_closed_port_not() -> No
             text = advice(report, 9, relayed=False)
             assert "forward TCP port 9" in text and "runs as a client" in text
             assert (await check_reachability(closed, [])).status == UNKNOWN
-        finally:
-            await asyncio.gather(*(h.aclose() for h in made))
 
     run(main())
 
