@@ -51,6 +51,7 @@ from hivecli.averaging.settings import AveragingSettings
 from hivecli.net.connection import EndOfStream, Stream
 from hivecli.net.host import Host
 from hivecli.net.identity import PeerID
+from hivecli.utils.loops import timeout as _timeout
 
 logger = logging.getLogger(__name__)
 
@@ -197,7 +198,7 @@ class AllReduceRunner:
                 else:
                     tasks.append(self.loop.create_task(self._exchange_with(j)))
         try:
-            async with asyncio.timeout(self.settings.allreduce_timeout):
+            async with _timeout(self.settings.allreduce_timeout):
                 await asyncio.gather(*tasks)
         except TimeoutError:
             raise AllreduceError(

@@ -44,6 +44,7 @@ from hivecli.dht.dht import DHT
 from hivecli.dht.node import DHTNode
 from hivecli.net.connection import Stream
 from hivecli.net.identity import PeerID
+from hivecli.utils.loops import timeout as _timeout
 
 logger = logging.getLogger(__name__)
 StateValidator = Callable[[Any, list[torch.Tensor]], None]
@@ -462,7 +463,7 @@ class DecentralizedAverager:
                 continue
             node.host.add_addrs(donor, maddrs)
             try:
-                async with asyncio.timeout(remaining):
+                async with _timeout(remaining):
                     result = await download_state(
                         node, donor, self._state_template(), self.settings.next_chunk_timeout, progress
                     )

@@ -32,6 +32,7 @@ from hivecli.dht.node import DHTNode
 from hivecli.dht.records import owned_entries, owned_subkey
 from hivecli.net.connection import EndOfStream, Stream
 from hivecli.net.identity import PeerID
+from hivecli.utils.loops import timeout as _timeout
 from hivecli.utils.loops import wait_event
 from hivecli.utils.timing import get_dht_time
 
@@ -256,7 +257,7 @@ class _Search:
         unanswered = False  # the request went out, and no reply came in time
         try:
             host.add_addrs(candidate.peer_id, Member(candidate.peer_id, candidate.addrs, False, None).multiaddrs())
-            async with asyncio.timeout(self.settings.request_timeout):
+            async with _timeout(self.settings.request_timeout):
                 conn = await host.connect(candidate.peer_id)
                 stream = await conn.open_stream(JOIN_METHOD, request)
                 reply = (await stream.recv()).payload

@@ -25,7 +25,6 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -47,30 +46,11 @@ from hivecli.net.multiaddr import Multiaddr
 from hivecli.net.relay import RelaySettings
 from hivecli.net.secure import SecuritySettings
 from hivecli.net.transport import ByteStream
+from hivecli.utils.loops import timeout as _timeout
 
 logger = logging.getLogger(__name__)
 _COALESCE_BYTES = 64 * 1024
 _MAX_ERROR_TEXT = 2000  # characters of a peer's ERROR or GOAWAY text we keep: it is the peer's word
-
-
-if sys.version_info >= (3, 11):
-    _timeout = asyncio.timeout  # no extra task per wait, unlike wait_for
-else:  # pragma: no cover - Python 3.10
-
-    @contextlib.asynccontextmanager
-    async def _timeout(delay: float | None) -> AsyncIterator[None]:
-        task = asyncio.current_task()
-        assert task is not None
-        handle = asyncio.get_running_loop().call_later(delay, task.cancel) if delay is not None else None
-        try:
-            yield
-        except asyncio.CancelledError:
-            if handle is not None and handle.when() <= asyncio.get_running_loop().time():
-                raise asyncio.TimeoutError() from None
-            raise
-        finally:
-            if handle is not None:
-                handle.cancel()
 
 
 class Kind(IntEnum):
