@@ -341,3 +341,38 @@ def test_a_dial_everyone_gave_up_on_is_dropped_so_the_next_caller_dials_afresh()
             await host.aclose()
 
     run(main())
+
+
+def test_a_peer_behind_nat_moves_to_another_relay_when_its_relay_leaves() -> None:
+    from hivecli import DHT, get_dht_time
+
+    first = DHT(start=True, check_reachability=True)
+    others: list[DHT] = []
+    try:
+        entry = [str(m) for m in first.get_visible_maddrs()]
+        hidden = DHT(initial_peers=entry, start=True, check_reachability=True, announce_maddrs=["/ip4/127.0.0.1/tcp/9"])
+        others.append(hidden)
+        assert hidden.relayed and [m.relay for m in hidden.get_visible_maddrs()] == [first.peer_id]
+        second = DHT(initial_peers=entry, start=True, check_reachability=True)
+        others.append(second)
+        # a peer learns of others as it uses the DHT (a training peer stores progress every few seconds)
+        wait_for(
+            lambda: hidden.store("ping", 1, get_dht_time() + 60) and hidden.run_coroutine(_knows(second.peer_id)),
+            10,
+            "the NATed peer to learn of the second",
+        )
+        first.shutdown()
+        wait_for(
+            lambda: [m.relay for m in hidden.get_visible_maddrs()] == [second.peer_id], 20, "a move to the second relay"
+        )
+        assert hidden.relayed and second.node.host.relay.stats.reservations == 1
+    finally:
+        for dht in [*others, first]:
+            dht.shutdown()
+
+
+def _knows(peer: Any) -> Any:
+    async def check(_dht: Any, node: Any) -> bool:
+        return any(p == peer for _, p in node.protocol.routing_table)
+
+    return check
