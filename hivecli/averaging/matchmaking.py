@@ -255,6 +255,7 @@ class _Search:
         }
         stream: Stream | None = None
         unanswered = False  # the request went out, and no reply came in time
+        asked = asyncio.get_running_loop().time()
         try:
             host.add_addrs(candidate.peer_id, Member(candidate.peer_id, candidate.addrs, False, None).multiaddrs())
             async with _timeout(self.settings.request_timeout):
@@ -279,7 +280,7 @@ class _Search:
                 # A leader answers at once, so silence means a dead link, such as a TCP connection from
                 # before a network outage that retransmits on a long backed-off timer: close it (unless
                 # it carries more) so that the next request connects afresh.
-                if unanswered and not stream.connection.busy:
+                if unanswered and not stream.connection.busy and stream.connection.silent_since(asked):
                     stream.connection.close(f"no reply to a join request within {self.settings.request_timeout:g} s")
 
     async def follow_suggestion(self, suggestion: Any) -> GroupInfo | None:

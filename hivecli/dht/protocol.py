@@ -421,9 +421,12 @@ class DHTProtocol:
         timeout = self.settings.wait_timeout if timeout is None else timeout
         payload["node"] = self._wire_id
         conn = self.host.connection_to(peer_id) or await asyncio.wait_for(self.host.connect(peer), timeout)
+        asked = asyncio.get_running_loop().time()
         try:
             response = (await conn.call(method, payload, timeout=timeout)).payload
         except RPCTimeoutError:
+            if not conn.silent_since(asked):
+                raise  # the link carries other traffic: the peer is slow (a busy machine), not gone
             # DHT methods are answered in the peer's read loop, so silence means a dead link or
             # peer; a busy connection (a transfer in flight) is left alone, as it may just be full
             if not conn.busy:

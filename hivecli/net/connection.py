@@ -279,11 +279,19 @@ class Connection:
         self._budget = RequestBudget(settings, self._loop.time())  # what the peer may still request
         self.closed = asyncio.Event()
         self.last_activity = self._loop.time()
+        self.last_received = self.last_activity  # loop time of the last frame from the peer
         self._reader = self._loop.create_task(self._read_loop())
 
     @property
     def is_closed(self) -> bool:
         return self._close_reason is not None
+
+    def silent_since(self, moment: float) -> bool:
+        """Whether nothing at all has arrived from the peer since loop time `moment`: a request
+        that timed out on a link that also carried nothing else points to a dead link (say, a
+        TCP connection from before an outage, resending on a long backed-off timer), not to a
+        slow peer on a busy machine."""
+        return self.last_received <= moment
 
     @property
     def busy(self) -> bool:
@@ -369,7 +377,7 @@ class Connection:
                         body = target
                     else:
                         body = await self._stream.read_exactly(body_len)
-                self.last_activity = asyncio.get_running_loop().time()
+                self.last_activity = self.last_received = asyncio.get_running_loop().time()
                 await self._dispatch(header, body)
         except ConnectionResetError as e:
             reason = str(e) or reason  # carries the peer's GOAWAY reason, if it sent one

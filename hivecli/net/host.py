@@ -56,6 +56,7 @@ logger = logging.getLogger(__name__)
 _MAX_ADDRS_PER_PEER = 16
 _VISIBLE_ADDRS_TTL = 5.0
 OFFENCE_WINDOW = 60.0  # seconds a connection dropped for breaking a limit counts against its IP
+STALE_DIAL_S = 1.0  # a dial nobody waits for, older than Linux's first SYN resend, is not joined
 _FD_RESERVE = 64  # descriptors left for listeners, files, pending handshakes and outbound dials
 
 
@@ -96,6 +97,7 @@ class Host:
         self._all_connections: set[Connection] = set()
         self._dials: dict[PeerID, asyncio.Task[Connection]] = {}
         self._dial_waiters: dict[PeerID, int] = {}  # callers awaiting each dial
+        self._dial_began: dict[PeerID, float] = {}  # loop time each dial started
         self._tasks: set[asyncio.Task[Any]] = set()
         self._janitor: asyncio.Task[None] | None = None
         self._direct: tuple[float, list[Multiaddr]] | None = None
@@ -391,10 +393,20 @@ class Host:
         if existing is not None:
             return existing
         dial = self._dials.get(peer_id)
+        loop = asyncio.get_running_loop()
+        abandoned = dial is not None and not self._dial_waiters[peer_id]
+        if abandoned and loop.time() - self._dial_began[peer_id] > STALE_DIAL_S:
+            # Everyone who wanted it gave up a while ago. A dial whose SYNs were lost (an outage)
+            # would keep a new caller waiting for the kernel's backed-off resend long after the
+            # network is back, so the new caller gets a fresh dial. The old one runs on (a slow
+            # handshake on a busy machine is still worth finishing) until aclose at the latest.
+            self._forget_dial(peer_id, dial)
+            self._tasks.add(dial)
+            dial.add_done_callback(self._tasks.discard)
+            dial = None
         if dial is None:
-            dial = asyncio.get_running_loop().create_task(self._dial(peer_id, candidates))
-            self._dials[peer_id] = dial
-            self._dial_waiters[peer_id] = 0
+            dial = loop.create_task(self._dial(peer_id, candidates))
+            self._dials[peer_id], self._dial_waiters[peer_id], self._dial_began[peer_id] = dial, 0, loop.time()
             dial.add_done_callback(lambda _: self._forget_dial(peer_id, dial))
             # its callers may all have given up (timeouts) before it fails: its error is theirs to
             # see, and must not come back as "Task exception was never retrieved" with a traceback
@@ -409,17 +421,10 @@ class Host:
         finally:
             if self._dials.get(peer_id) is dial:
                 self._dial_waiters[peer_id] -= 1
-                if self._dial_waiters[peer_id] == 0 and not dial.done():
-                    # Everyone who wanted it gave up. Left running, a dial whose SYNs were lost (an
-                    # outage) would keep later callers waiting for the kernel's backed-off resend
-                    # long after the network is back; the next caller's fresh dial sends one at once.
-                    self._forget_dial(peer_id, dial)
-                    dial.cancel()
 
     def _forget_dial(self, peer_id: PeerID, dial: asyncio.Task[Connection]) -> None:
         if self._dials.get(peer_id) is dial:
-            del self._dials[peer_id]
-            del self._dial_waiters[peer_id]
+            del self._dials[peer_id], self._dial_waiters[peer_id], self._dial_began[peer_id]
 
     async def _dial(self, peer_id: PeerID, candidates: list[Multiaddr] | None) -> Connection:
         """Dial every known address at once; the first to complete the handshake wins."""
