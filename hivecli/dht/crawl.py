@@ -11,6 +11,7 @@ from hivecli._exceptions import HiveError, PeerUnreachableError
 from hivecli.dht.node import DHTNode
 from hivecli.net.identity import PeerID
 from hivecli.net.multiaddr import Multiaddr
+from hivecli.utils.loops import timeout as _timeout
 
 
 @dataclass
@@ -67,7 +68,8 @@ async def crawl(
                 known.last_seen_s = min(known.last_seen_s, entry["last_seen_s"])
 
     try:
-        await asyncio.wait_for(node.host.connect(start), timeout)
+        async with _timeout(timeout):
+            await node.host.connect(start)
     except asyncio.TimeoutError:
         raise PeerUnreachableError(
             f"{start} did not answer within {timeout:g} s; check the address and "
@@ -85,7 +87,8 @@ async def crawl(
             remaining = deadline - time.monotonic()
             if remaining > 0:
                 try:
-                    await asyncio.wait_for(ask(info, info.peer_id), remaining)
+                    async with _timeout(remaining):
+                        await ask(info, info.peer_id)
                 except asyncio.TimeoutError:
                     info.reachable = False
 

@@ -20,6 +20,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from hivecli.net.reachability import PUBLIC, UNKNOWN, UNREACHABLE, ReachabilityReport, advice, check_reachability
+from hivecli.utils.loops import wait_event
 
 if TYPE_CHECKING:
     from hivecli.dht.node import DHTNode
@@ -110,11 +111,7 @@ class NatTraversal:
         while True:
             stranded = self.report.status == UNREACHABLE and not self.relayed
             pause = UNKNOWN_RETRY_S if self.report.status == UNKNOWN else RETRY_S if stranded else RECHECK_S
-            try:
-                await asyncio.wait_for(self._wake.wait(), pause)
-                woken = True  # a relay came or went
-            except asyncio.TimeoutError:
-                woken = False
+            woken = await wait_event(self._wake, pause)  # True: a relay came or went
             self._wake.clear()
             try:
                 if self.report.status == UNREACHABLE and not self.relayed and self.host.settings.relay.use:

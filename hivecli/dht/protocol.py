@@ -51,6 +51,7 @@ from hivecli.net.connection import Connection
 from hivecli.net.host import Host
 from hivecli.net.identity import PeerID
 from hivecli.net.multiaddr import Multiaddr
+from hivecli.utils.loops import timeout as _timeout
 from hivecli.utils.timing import get_dht_time
 
 logger = logging.getLogger(__name__)
@@ -420,7 +421,10 @@ class DHTProtocol:
         assert peer_id is not None
         timeout = self.settings.wait_timeout if timeout is None else timeout
         payload["node"] = self._wire_id
-        conn = self.host.connection_to(peer_id) or await asyncio.wait_for(self.host.connect(peer), timeout)
+        conn = self.host.connection_to(peer_id)
+        if conn is None:
+            async with _timeout(timeout):  # in this task: a connect failing after we gave up leaves no orphan
+                conn = await self.host.connect(peer)
         asked = asyncio.get_running_loop().time()
         try:
             response = (await conn.call(method, payload, timeout=timeout)).payload

@@ -50,6 +50,7 @@ from hivecli.net.reachability import UNKNOWN, UNREACHABLE, DialbackService, Reac
 from hivecli.net.relay import RelayClient, RelayedStream, RelayService, peer_field
 from hivecli.net.tcp import TCPTransport
 from hivecli.net.transport import ByteStream, Listener, Transport
+from hivecli.utils.loops import timeout as _timeout
 
 logger = logging.getLogger(__name__)
 
@@ -254,12 +255,10 @@ class Host:
             return None
         self._pending_handshakes += 1
         try:
-            remote, maddrs, stream = await asyncio.wait_for(  # from here on, the handshake's (sealed) stream
-                perform_handshake(
+            async with _timeout(self.settings.handshake_timeout):  # from here on, the handshake's (sealed) stream
+                remote, maddrs, stream = await perform_handshake(
                     stream, self.identity, self.visible_maddrs(stream.remote_host), None, where, self.settings.security
-                ),
-                self.settings.handshake_timeout,
-            )
+                )
             if expected is not None and remote != expected:
                 raise HandshakeError(f"the relay announced peer {expected} but peer {remote} answered")
         except Exception as e:  # whatever a stranger sends, drop the connection and keep serving
@@ -467,17 +466,15 @@ class Host:
             stream = await self.transport.dial(maddr.host, maddr.port, self.settings.connect_timeout)
             remote_host = maddr.host
         try:
-            _, listen, stream = await asyncio.wait_for(  # from here on, the handshake's (sealed) stream
-                perform_handshake(
+            async with _timeout(self.settings.handshake_timeout):  # from here on, the handshake's (sealed) stream
+                _, listen, stream = await perform_handshake(
                     stream,
                     self.identity,
                     self.visible_maddrs(remote_host),
                     peer_id,
                     maddr.transport_address,
                     self.settings.security,
-                ),
-                self.settings.handshake_timeout,
-            )
+                )
         except asyncio.TimeoutError:
             stream.close()
             raise PeerUnreachableError(
@@ -508,7 +505,8 @@ class Host:
             raise PeerUnreachableError(f"{maddr} names {'us' if relay == self.peer_id else 'the peer'} as its relay")
         timeout = self.settings.connect_timeout
         try:
-            relay_conn = await asyncio.wait_for(self.connect(maddr.relay_maddr), timeout)
+            async with _timeout(timeout):
+                relay_conn = await self.connect(maddr.relay_maddr)
             rpc = await relay_conn.open_stream("relay.connect", {"target": peer_id.to_bytes()})
         except asyncio.TimeoutError:
             raise PeerUnreachableError(f"relay {relay} did not answer within {timeout:g} s") from None

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from hivecli._exceptions import ConfigError, HiveError, PeerUnreachableError
 from hivecli.net.identity import PeerID
 from hivecli.net.multiaddr import Multiaddr
+from hivecli.utils.loops import timeout as _timeout
 
 if TYPE_CHECKING:
     from hivecli.net.connection import Connection
@@ -99,7 +100,8 @@ class DialbackService:
 
     async def _probe(self, peer: PeerID, maddr: Multiaddr) -> str | None:
         try:
-            await asyncio.wait_for(self._host.probe(maddr.with_peer_id(peer)), DIALBACK_TIMEOUT)
+            async with _timeout(DIALBACK_TIMEOUT):  # in this task: a cancelled handler leaves no orphan
+                await self._host.probe(maddr.with_peer_id(peer))
         except asyncio.TimeoutError:
             return f"no answer within {DIALBACK_TIMEOUT:g} s"
         except (HiveError, OSError) as e:
@@ -140,7 +142,8 @@ async def check_reachability(host: Host, helpers: list[PeerID], timeout: float =
         if len(checked_by) >= 2 or (checked_by and reachable):
             break
         try:
-            conn = await asyncio.wait_for(host.connect(helper), timeout)
+            async with _timeout(timeout):
+                conn = await host.connect(helper)
             answer = (await conn.call("net.dialback", {"addrs": wanted}, timeout=timeout)).payload
             results = answer["results"]
             observed = str(answer["observed"])

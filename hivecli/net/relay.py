@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from hivecli._exceptions import ConfigError, HiveError, PeerUnreachableError
 from hivecli.net.identity import PeerID
 from hivecli.net.transport import ByteStream
+from hivecli.utils.loops import timeout as _timeout
 
 if TYPE_CHECKING:
     from hivecli.net.connection import Connection, Stream
@@ -318,7 +319,8 @@ class RelayClient:
             if peer in self.relays:
                 continue
             try:
-                conn = await asyncio.wait_for(self._connect(peer), timeout)
+                async with _timeout(timeout):  # in this task: no inner task whose error could go unretrieved
+                    conn = await self._connect(peer)
                 stream = await conn.open_stream("relay.reserve", {})
                 answer = await stream.recv(timeout=timeout)
             except (HiveError, asyncio.TimeoutError, OSError) as e:
