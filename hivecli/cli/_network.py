@@ -128,7 +128,8 @@ def describe_reachability(dht: Any) -> tuple[str, list[str], list[str]]:
     its relay instead; with no relay, there is nothing to put in a join line."""
     from hivecli.net.reachability import UNKNOWN, UNREACHABLE, advice
 
-    maddrs = [str(m) for m in dht.get_visible_maddrs()]
+    visible = dht.get_visible_maddrs()
+    maddrs = [str(m) for m in visible]
     report = dht.reachability
     if dht.node.requested_client_mode:
         return "Running as a client (--client-mode): other peers do not open connections to this one.", [], []
@@ -139,7 +140,7 @@ def describe_reachability(dht: Any) -> tuple[str, list[str], list[str]]:
     text = advice(report, port, relayed=dht.relayed)
     if report.status != UNREACHABLE:
         return text, maddrs, maddrs
-    relays = [str(m.relay_maddr) for m in dht.get_visible_maddrs() if m.relay is not None]
+    relays = [str(m.relay_maddr) for m in visible if m.relay is not None]
     return text, maddrs if relays else [], relays
 
 

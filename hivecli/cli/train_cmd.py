@@ -303,10 +303,10 @@ def _announce(
     sys.stdout.flush()
 
 
-def _announce_run(card: Any, maddrs: list[str], json_output: bool) -> None:
+def _announce_run(card: Any, join_maddrs: list[str], json_output: bool) -> None:
     """The line to join this very run elsewhere: it names the run's owner, whose signature a
     joiner then requires on the recipe."""
-    join_line = f"hive join {maddrs[0]} --run {card.address}" if maddrs else None  # maddrs: the join addresses
+    join_line = f"hive join {join_maddrs[0]} --run {card.address}" if join_maddrs else None
     if json_output:
         _output.emit_json("run", prefix=card.prefix, run_id=card.run_id, owner=str(card.owner), join=join_line)
     out = _output.stderr if json_output else _output.stdout

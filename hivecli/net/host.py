@@ -47,7 +47,7 @@ from hivecli.net.interfaces import expand_unspecified, local_networks, select_ad
 from hivecli.net.limits import LimitLog
 from hivecli.net.multiaddr import Multiaddr
 from hivecli.net.reachability import UNKNOWN, UNREACHABLE, DialbackService, ReachabilityReport
-from hivecli.net.relay import RelayClient, RelayedStream, RelayService, peer_field
+from hivecli.net.relay import OK, RelayClient, RelayedStream, RelayService, accepted, peer_field
 from hivecli.net.tcp import TCPTransport
 from hivecli.net.transport import ByteStream, Listener, Transport
 from hivecli.utils.loops import timeout as _timeout
@@ -73,6 +73,15 @@ def default_max_connections() -> int:
     return max(1, min(1024, soft - _FD_RESERVE))
 
 
+@dataclasses.dataclass
+class _Dial:
+    """A dial in progress, shared by every caller that wants a connection to its peer."""
+
+    task: asyncio.Task[Connection]
+    began: float  # loop time
+    waiters: int = 0  # callers awaiting it now
+
+
 class Host:
     """Identity + listeners + connection pool. Every method must run on one event loop."""
 
@@ -96,9 +105,7 @@ class Host:
         self._listeners: list[Listener] = []
         self._connections: dict[PeerID, Connection] = {}
         self._all_connections: set[Connection] = set()
-        self._dials: dict[PeerID, asyncio.Task[Connection]] = {}
-        self._dial_waiters: dict[PeerID, int] = {}  # callers awaiting each dial
-        self._dial_began: dict[PeerID, float] = {}  # loop time each dial started
+        self._dials: dict[PeerID, _Dial] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._janitor: asyncio.Task[None] | None = None
         self._direct: tuple[float, list[Multiaddr]] | None = None
@@ -213,7 +220,7 @@ class Host:
         if relay not in self.relay_client.relays:
             raise PeerUnreachableError("we hold no relay reservation with this peer")
         source = peer_field(payload, "source")
-        await rpc.send({"ok": True})
+        await rpc.send(OK)
         circuit = RelayedStream(rpc, f"via relay {relay}")
         conn = await self._admit(circuit, f"peer {source} via relay {relay}", expected=source)
         if conn is None:
@@ -391,39 +398,35 @@ class Host:
         existing = self.connection_to(peer_id)
         if existing is not None:
             return existing
-        dial = self._dials.get(peer_id)
         loop = asyncio.get_running_loop()
-        abandoned = dial is not None and not self._dial_waiters[peer_id]
-        if abandoned and loop.time() - self._dial_began[peer_id] > STALE_DIAL_S:
+        dial = self._dials.get(peer_id)
+        if dial is not None and not dial.waiters and loop.time() - dial.began > STALE_DIAL_S:
             # Everyone who wanted it gave up a while ago. A dial whose SYNs were lost (an outage)
             # would keep a new caller waiting for the kernel's backed-off resend long after the
             # network is back, so the new caller gets a fresh dial. The old one runs on (a slow
             # handshake on a busy machine is still worth finishing) until aclose at the latest.
-            self._forget_dial(peer_id, dial)
-            self._tasks.add(dial)
-            dial.add_done_callback(self._tasks.discard)
+            del self._dials[peer_id]
+            self._tasks.add(dial.task)
+            dial.task.add_done_callback(self._tasks.discard)
             dial = None
         if dial is None:
-            dial = loop.create_task(self._dial(peer_id, candidates))
-            self._dials[peer_id], self._dial_waiters[peer_id], self._dial_began[peer_id] = dial, 0, loop.time()
-            dial.add_done_callback(lambda _: self._forget_dial(peer_id, dial))
+            dial = _Dial(loop.create_task(self._dial(peer_id, candidates)), loop.time())
+            self._dials[peer_id] = dial
+            dial.task.add_done_callback(
+                lambda _: self._dials.pop(peer_id, None) if self._dials.get(peer_id) is dial else None
+            )
             # its callers may all have given up (timeouts) before it fails: its error is theirs to
             # see, and must not come back as "Task exception was never retrieved" with a traceback
-            dial.add_done_callback(lambda t: t.cancelled() or t.exception())
-        self._dial_waiters[peer_id] += 1
+            dial.task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        dial.waiters += 1
         try:
-            return await asyncio.shield(dial)  # several callers may share one dial
+            return await asyncio.shield(dial.task)  # several callers may share one dial
         except asyncio.CancelledError:
-            if dial.cancelled():  # the host is closing, not our caller giving up
+            if dial.task.cancelled():  # the host is closing, not our caller giving up
                 raise ConnectionClosedError(f"this node closed while dialing peer {peer_id}") from None
             raise
         finally:
-            if self._dials.get(peer_id) is dial:
-                self._dial_waiters[peer_id] -= 1
-
-    def _forget_dial(self, peer_id: PeerID, dial: asyncio.Task[Connection]) -> None:
-        if self._dials.get(peer_id) is dial:
-            del self._dials[peer_id], self._dial_waiters[peer_id], self._dial_began[peer_id]
+            dial.waiters -= 1
 
     async def _dial(self, peer_id: PeerID, candidates: list[Multiaddr] | None) -> Connection:
         """Dial every known address at once; the first to complete the handshake wins."""
@@ -518,7 +521,7 @@ class Host:
             await rpc.cancel()
             reason = str(e) or "it ended the stream"
             raise PeerUnreachableError(f"relay {relay} could not connect us to peer {peer_id}: {reason}") from None
-        if not (isinstance(answer.payload, dict) and answer.payload.get("ok") is True):
+        if not accepted(answer):
             await rpc.cancel()
             raise PeerUnreachableError(f"relay {relay} sent an unexpected answer to relay.connect")
         return RelayedStream(rpc, f"via relay {relay}")
@@ -588,7 +591,11 @@ class Host:
         self._listeners.clear()
         conns = list(self._all_connections)
         await asyncio.gather(*(c.aclose() for c in conns), return_exceptions=True)
-        pending = [*self._tasks, *self._dials.values(), *([self._janitor] if self._janitor else [])]
+        pending = [
+            *self._tasks,
+            *(dial.task for dial in self._dials.values()),
+            *([self._janitor] if self._janitor else []),
+        ]
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)

@@ -29,15 +29,17 @@ from typing import TYPE_CHECKING, Any
 
 from hivecli._exceptions import ConfigError, HiveError, PeerUnreachableError
 from hivecli.net.identity import PeerID
+from hivecli.net.multiaddr import Multiaddr
 from hivecli.net.transport import ByteStream
 from hivecli.utils.loops import timeout as _timeout
 
 if TYPE_CHECKING:
-    from hivecli.net.connection import Connection, Stream
+    from hivecli.net.connection import Connection, Message, Stream
 
 logger = logging.getLogger(__name__)
 
 MAX_CIRCUITS_PER_PEER = 8  # one stranger cannot take every circuit of a relay
+OK = {"ok": True}  # the first message of every relay stream that goes ahead
 CHUNK_BYTES = 64 * 1024  # per relayed message: a stream's queue (64 messages) then holds at most 4 MiB
 _HIGH_WATER = 1024 * 1024  # bytes a circuit stream buffers before `drain` waits
 
@@ -220,7 +222,7 @@ class RelayService:
         self.stats.reservations = len(self._reserved)
         logger.info("Relaying for peer %s (%s)", peer, conn.remote_host)
         try:
-            await stream.send({"ok": True})
+            await stream.send(OK)
             with contextlib.suppress(HiveError):
                 async for _ in stream:  # the client sends nothing; this returns when it leaves
                     pass
@@ -253,10 +255,9 @@ class RelayService:
         try:
             other = await conn.open_stream("relay.incoming", {"source": stream.remote_peer.to_bytes()})
             try:
-                answer = await other.recv(timeout=conn.settings.handshake_timeout)
-                if not (isinstance(answer.payload, dict) and answer.payload.get("ok") is True):
+                if not accepted(await other.recv(timeout=conn.settings.handshake_timeout)):
                     raise PeerUnreachableError(f"peer {target} refused the relayed connection")
-                await stream.send({"ok": True})
+                await stream.send(OK)
                 await asyncio.gather(self._pipe(stream, other), self._pipe(other, stream))
             except EndOfStream:
                 raise PeerUnreachableError(f"peer {target} closed the relayed connection") from None
@@ -296,7 +297,7 @@ class RelayClient:
     """The unreachable side: keeps slots on relays so that others can reach us through them.
 
     Each reservation is a `relay.reserve` stream held open on our connection to the relay;
-    when it ends (the relay left, the link broke), `on_lost` is called so that the owner can
+    when it ends (the relay left, the link broke), `on_change` is called so that the owner can
     reserve elsewhere.
     """
 
@@ -326,7 +327,7 @@ class RelayClient:
             except (HiveError, asyncio.TimeoutError, OSError) as e:
                 logger.debug("Peer %s did not take a relay reservation: %s", peer, e or type(e).__name__)
                 continue
-            if not (isinstance(answer.payload, dict) and answer.payload.get("ok") is True):
+            if not accepted(answer):
                 await stream.cancel()
                 continue
             logger.info("Reachable through relay %s", peer)
@@ -347,7 +348,7 @@ class RelayClient:
                 del self._held[peer]
             self._changed()
 
-    def circuit_maddrs(self) -> list[Any]:
+    def circuit_maddrs(self) -> list[Multiaddr]:
         """Our addresses through the relays we hold slots on (without /p2p of our own)."""
         return [maddr.via(peer) for peer in self.relays for maddr in self._addresses_of(peer)[:2]]
 
@@ -361,6 +362,11 @@ class RelayClient:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._held.clear()
+
+
+def accepted(message: Message) -> bool:
+    """Whether a relay stream's first message is the `OK` that every step of a relay answers with."""
+    return isinstance(message.payload, dict) and message.payload.get("ok") is True
 
 
 def peer_field(payload: Any, name: str) -> PeerID:
