@@ -31,10 +31,12 @@ from hivecli._exceptions import AllreduceError, ConfigError, HiveError
 from hivecli.averaging.allreduce import PART_METHOD, AllReduceRunner, BufferPool, RunnerRegistry
 from hivecli.averaging.compression import Codec, get_codec
 from hivecli.averaging.matchmaking import JOIN_METHOD, Matchmaker
+from hivecli.averaging.robust import all_finite
 from hivecli.averaging.settings import AveragingSettings
 from hivecli.averaging.state import (
     STATE_METHOD,
     InvalidStateError,
+    SharedState,
     StateServer,
     StateSnapshot,
     download_state,
@@ -45,6 +47,7 @@ from hivecli.dht.node import DHTNode
 from hivecli.net.connection import Stream
 from hivecli.net.identity import PeerID
 from hivecli.utils.loops import timeout as _timeout
+from hivecli.utils.loops import wait_event
 
 logger = logging.getLogger(__name__)
 StateValidator = Callable[[Any, list[torch.Tensor]], None]
@@ -61,14 +64,38 @@ class Stage(Enum):
 class StepControl:
     """A step in flight (`step(wait=False)`): wait on it, await it, or cancel it.
 
+    A step started with `scheduled=True` finds its group at once but starts the all-reduce
+    only after `allow_allreduce()`: a training peer looks for its group while it finishes
+    the epoch's last batches, fills the tensors, sets `weight`, then lets the round go.
     `timings` records when each stage began (time.perf_counter), for benchmarks and logs.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, weight: float = 1.0, scheduled: bool = False) -> None:
         self.stage = Stage.IDLE
         self.timings: dict[str, float] = {"created": time.perf_counter()}
         self.group_size = 0
+        self.weight = weight
         self._future: Any = None  # concurrent.futures.Future of the step coroutine
+        self._allowed = threading.Event()
+        if not scheduled:
+            self._allowed.set()
+        self._wake: Callable[[], None] | None = None  # wakes the step waiting for allow_allreduce
+
+    def allow_allreduce(self, weight: float | None = None) -> None:
+        """Let a scheduled step average the tensors as they are now, with `weight` if given.
+
+        Raises:
+            ConfigError: weight is not a finite number >= 0.
+        """
+        if weight is not None:
+            self.weight = _check_weight(weight)
+        self._allowed.set()
+        if self._wake is not None:
+            self._wake()
+
+    @property
+    def allreduce_allowed(self) -> bool:
+        return self._allowed.is_set()
 
     def _enter(self, stage: Stage) -> None:
         self.stage = stage
@@ -106,6 +133,7 @@ class DecentralizedAverager:
         client_mode: only send, never reduce or accept connections (default: the DHT's mode).
         allow_state_sharing: let others download our state (default: not in client mode).
         state_sharing_priority: donors with a higher priority are asked first (e.g. the step).
+        shared_state: what newcomers download (default: the averaged tensors, no metadata).
         start: start serving at once (else call `run_in_background()`).
 
     Raises:
@@ -125,6 +153,7 @@ class DecentralizedAverager:
         client_mode: bool | None = None,
         allow_state_sharing: bool | None = None,
         state_sharing_priority: float = 0.0,
+        shared_state: SharedState | None = None,
         start: bool = False,
         settings: AveragingSettings | None = None,
         **setting_overrides: Any,
@@ -150,6 +179,9 @@ class DecentralizedAverager:
         self._state_sharing_priority = float(state_sharing_priority)
         self.schema_hash = self._schema_hash()
         self.lock_averaged_tensors = threading.Lock()
+        self.shared_state = shared_state or SharedState(
+            lambda: ({}, self._averaged_tensors), self.lock_averaged_tensors
+        )
         self._pool = BufferPool()
         self._registry = RunnerRegistry()
         self._matchmaker: Matchmaker | None = None
@@ -261,6 +293,8 @@ class DecentralizedAverager:
         timeout: float | None = None,
         allow_retries: bool = True,
         wait: bool = True,
+        scope: str = "",
+        scheduled: bool = False,
     ) -> dict[PeerID, Any] | StepControl:
         """Find a group and average the tensors with it, in place.
 
@@ -274,6 +308,10 @@ class DecentralizedAverager:
                 itself is bounded by allreduce_timeout.
             allow_retries: look for another group if an all-reduce fails as a whole.
             wait: False returns a `StepControl` at once.
+            scope: only peers whose step has the same scope group together, e.g. "epoch-12":
+                peers averaging the gradients of different epochs must not meet.
+            scheduled: find the group now, average after `StepControl.allow_allreduce()`
+                (implies wait=False); the all-reduce waits for it at most until `timeout`.
 
         Returns:
             {peer id: gather} for every member of the group (or a StepControl).
@@ -284,19 +322,18 @@ class DecentralizedAverager:
         """
         if not self._running:
             raise RuntimeError("the averager is not running; pass start=True or call run_in_background()")
-        weight = 1.0 if weight is None else float(weight)
-        if not math.isfinite(weight) or weight < 0:
-            raise ConfigError(f"weight = {weight}: must be a finite number >= 0")
+        if not isinstance(scope, str) or len(scope) > 64 or any(c.isspace() for c in scope):
+            raise ConfigError(f"scope = {scope!r}: must be a name of at most 64 characters without spaces")
+        control = StepControl(_check_weight(1.0 if weight is None else weight), scheduled)
         timeout = self.settings.step_timeout if timeout is None else float(timeout)
-        control = StepControl()
         control._future = self.dht.run_coroutine(
-            lambda _dht, _node: self._step(control, gather, weight, timeout, allow_retries),
+            lambda _dht, _node: self._step(control, gather, timeout, allow_retries, scope),
             return_future=True,
         )
-        return control.result() if wait else control
+        return control.result() if wait and not scheduled else control
 
     async def _step(
-        self, control: StepControl, gather: Any, weight: float, timeout: float, allow_retries: bool
+        self, control: StepControl, gather: Any, timeout: float, allow_retries: bool, scope: str
     ) -> dict[PeerID, Any]:
         assert self._matchmaker is not None and self._step_lock is not None
         task = asyncio.current_task()
@@ -306,24 +343,25 @@ class DecentralizedAverager:
         deadline = loop.time() + timeout
         try:
             async with self._step_lock:
-                return await self._step_locked(control, gather, weight, deadline, allow_retries)
+                return await self._step_locked(control, gather, deadline, allow_retries, scope)
         finally:
             self._steps.discard(task)
             if control.stage != Stage.FINISHED:
                 control._enter(Stage.FINISHED)
 
     async def _step_locked(
-        self, control: StepControl, gather: Any, weight: float, deadline: float, allow_retries: bool
+        self, control: StepControl, gather: Any, deadline: float, allow_retries: bool, scope: str
     ) -> dict[PeerID, Any]:
         assert self._matchmaker is not None
         node, loop = self._matchmaker.node, asyncio.get_running_loop()
         while True:
             control._enter(Stage.LOOKING_FOR_GROUP)
-            group = await self._matchmaker.look_for_group(gather, self.bandwidth, deadline)
+            group = await self._matchmaker.look_for_group(gather, self.bandwidth, deadline, scope)
+            await self._wait_until_allowed(control, deadline)
             control._enter(Stage.RUNNING_ALLREDUCE)
             control.group_size = len(group.members)
             try:
-                await self._run_allreduce(node, group, weight)
+                await self._run_allreduce(node, group, control.weight)
             except AllreduceError as e:
                 if not allow_retries or loop.time() >= deadline:
                     raise
@@ -331,6 +369,21 @@ class DecentralizedAverager:
                 continue
             control._enter(Stage.FINISHED)
             return {member.peer_id: member.gathered for member in group.members}
+
+    async def _wait_until_allowed(self, control: StepControl, deadline: float) -> None:
+        """A scheduled step's group has formed: wait for the owner to fill the tensors.
+
+        Raises:
+            AllreduceError: allow_allreduce() did not come before the step's deadline.
+        """
+        if control.allreduce_allowed:
+            return
+        loop, allowed = asyncio.get_running_loop(), asyncio.Event()
+        control._wake = lambda: loop.call_soon_threadsafe(allowed.set)
+        if control.allreduce_allowed:  # allowed between the check and the hook
+            return
+        if not await wait_event(allowed, max(0.0, deadline - loop.time())):
+            raise AllreduceError("the scheduled round was not allowed to start before its timeout")
 
     async def _run_allreduce(self, node: DHTNode, group: Any, weight: float) -> None:
         while not self.lock_averaged_tensors.acquire(blocking=False):
@@ -395,28 +448,28 @@ class DecentralizedAverager:
             self.dht._loop.call_soon_threadsafe(server.update, sharing, priority)  # type: ignore[union-attr]
 
     def get_current_state(self) -> StateSnapshot:
-        """What a downloader gets: (msgpack-able metadata, tensors). Subclasses override this
-        to add their own (a training step, optimizer statistics).
-
-        It is called in a worker thread under `_state_lock()` (the averaged tensors' lock by
-        default), and the result is copied before the lock is released; do not call
-        `get_tensors()` inside it.
-        """
-        return {}, self._averaged_tensors
-
-    def _state_lock(self) -> contextlib.AbstractContextManager[Any]:
-        """Held while `get_current_state()` runs and its tensors are copied. Subclasses whose state
-        lives elsewhere (a model) return the lock that guards that."""
-        return self.lock_averaged_tensors
-
-    def _state_template(self) -> Sequence[torch.Tensor]:
-        """Tensors with the shapes and dtypes a downloaded state must have."""
-        return self._averaged_tensors
+        """What a downloader gets: (msgpack-able metadata, tensors), from `shared_state`.
+        Subclasses may override it (hivemind's way); it runs under `shared_state.lock`, in a
+        worker thread, and its tensors are copied before the lock is released; do not call
+        `get_tensors()` inside it."""
+        return self.shared_state.get()
 
     def _snapshot_state(self, copy: Callable[[Sequence[torch.Tensor]], list[torch.Tensor]]) -> StateSnapshot:
-        with self._state_lock():
+        """Raises HiveError (the downloader moves on to the next donor) if the state must be finite
+        and is not: a diverged peer must not hand its state to anyone."""
+        with self.shared_state.lock:
             metadata, tensors = self.get_current_state()
-            return metadata, copy(tensors)
+            copied = copy(tensors)
+        if self.shared_state.finite_only and not all(all_finite(t) for t in copied if t.is_floating_point()):
+            raise HiveError("this peer's state is not finite (it diverged); it does not share it")
+        return metadata, copied
+
+    def _state_template(self) -> list[torch.Tensor]:
+        """Our own state's tensors, whose shapes and dtypes a download must match (only read).
+        Called on the caller's thread: the lock may be the training loop's."""
+        with self.shared_state.lock:
+            _, tensors = self.get_current_state()
+            return [t.detach() for t in tensors]
 
     def load_state_from_peers(
         self,
@@ -435,14 +488,16 @@ class DecentralizedAverager:
         state is accepted; it raises HiveError with the reason to refuse that donor. A donor
         refused for an invalid state is banned for `ban_duration` and skipped meanwhile.
         """
+        template = self._state_template()
         future = self.dht.run_coroutine(
-            lambda _dht, node: self._load_state(node, timeout, progress, validate), return_future=True
+            lambda _dht, node: self._load_state(node, template, timeout, progress, validate), return_future=True
         )
         return future.result() if wait else future
 
     async def _load_state(
         self,
         node: DHTNode,
+        template: list[torch.Tensor],
         timeout: float | None,
         progress: Callable[[int, int], None] | None = None,
         validate: StateValidator | None = None,
@@ -464,9 +519,7 @@ class DecentralizedAverager:
             node.host.add_addrs(donor, maddrs)
             try:
                 async with _timeout(remaining):
-                    result = await download_state(
-                        node, donor, self._state_template(), self.settings.next_chunk_timeout, progress
-                    )
+                    result = await download_state(node, donor, template, self.settings.next_chunk_timeout, progress)
                 if validate is not None:
                     _validate(validate, *result)
             except InvalidStateError as e:
@@ -494,6 +547,13 @@ def _validate(validate: StateValidator, metadata: Any, tensors: list[torch.Tenso
         raise InvalidStateError(str(e)) from None
     except (TypeError, ValueError, LookupError, AttributeError) as e:
         raise InvalidStateError(f"validate raised {type(e).__name__}: {e}") from None
+
+
+def _check_weight(weight: Any) -> float:
+    weight = float(weight)
+    if not math.isfinite(weight) or weight < 0:
+        raise ConfigError(f"weight = {weight}: must be a finite number >= 0")
+    return weight
 
 
 def _check_tensors(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:

@@ -1,11 +1,11 @@
 """Matchmaking: peers that call `step()` at about the same time form groups through the DHT.
 
-Each looking peer declares itself under the run's group key (`{prefix}.0b`, one owned subkey
-per peer, which only that peer can write) with an expiration T, and polls that key. Peers
-are ordered by (T, peer id), and a peer
-only asks peers *before* it to let it join; the first peer accepts. Requests therefore never
-form a cycle and nobody deadlocks, whatever each peer's view of the DHT is. A leader
-assembles its group the moment it is full, or at T with whoever joined (if at least
+Each looking peer declares itself under the round's group key (`{prefix}.0b`, with the step's
+scope, such as an epoch, so that only peers averaging the same thing meet; one owned subkey
+per peer, which only that peer can write) with an expiration T, and polls that key. Peers are
+ordered by (T, peer id), and a peer only asks peers *before* it to let it join; the first peer
+accepts. Requests therefore never form a cycle and nobody deadlocks, whatever each peer's view
+of the DHT is. A leader assembles its group the moment it is full, or at T with whoever joined (if at least
 `min_group_size`). A peer accepted by a leader disbands its own followers and points them to
 that leader.
 
@@ -88,8 +88,10 @@ class Matchmaker:
     def my_addrs(self) -> tuple[str, ...]:
         return () if self.client_mode else tuple(str(m) for m in self.node.host.visible_maddrs())
 
-    async def look_for_group(self, gathered: Any, bandwidth: float | None, deadline: float) -> GroupInfo:
-        """Find a group before `deadline` (loop time).
+    async def look_for_group(
+        self, gathered: Any, bandwidth: float | None, deadline: float, scope: str = ""
+    ) -> GroupInfo:
+        """Find a group of peers looking under the same `scope` before `deadline` (loop time).
 
         Raises:
             MatchmakingError: no group of at least min_group_size peers formed in time.
@@ -97,7 +99,7 @@ class Matchmaker:
         if self._search is not None:
             raise RuntimeError("this averager is already looking for a group")
         me = Member(self.peer_id, self.my_addrs(), self.client_mode, 0.0 if self.client_mode else bandwidth, gathered)
-        search = _Search(self, me, deadline)
+        search = _Search(self, me, deadline, f"{self.group_key}.{scope}" if scope else self.group_key)
         self._search = search
         group = None
         try:
@@ -110,13 +112,13 @@ class Matchmaker:
             # after a group formed, the next round declares anew (replacing this declaration) and
             # a stale one only costs askers a quick refusal: a withdrawal would cost a DHT store
             if search.declared_expiration is not None and group is None:
-                self._spawn(self._withdraw(search.declared_expiration))
+                self._spawn(self._withdraw(search.group_key, search.declared_expiration))
 
-    async def _withdraw(self, expiration: float) -> None:
+    async def _withdraw(self, group_key: str, expiration: float) -> None:
         # a value just after our declaration replaces it (the DHT keeps the newest per subkey)
         with contextlib.suppress(HiveError, OSError):
             withdrawn = math.nextafter(expiration, math.inf)
-            await self.node.store(self.group_key, None, withdrawn, owned_subkey(self.peer_id))
+            await self.node.store(group_key, None, withdrawn, owned_subkey(self.peer_id))
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -142,7 +144,7 @@ class Matchmaker:
         search = self._search
         if search is None or search.finished:
             await stream.send({"code": NOT_LOOKING})
-        elif payload.get("group_key") != self.group_key:
+        elif payload.get("group_key") != search.group_key:
             await stream.send({"code": BAD_GROUP_KEY})
         elif payload.get("schema_hash") != self.schema_hash:
             await stream.send({"code": BAD_SCHEMA_HASH})
@@ -153,8 +155,8 @@ class Matchmaker:
 class _Search:
     """One `look_for_group` call: declare, ask the peers before us, lead if nobody takes us."""
 
-    def __init__(self, matchmaker: Matchmaker, me: Member, deadline: float):
-        self.mm, self.me, self.deadline = matchmaker, me, deadline
+    def __init__(self, matchmaker: Matchmaker, me: Member, deadline: float, group_key: str):
+        self.mm, self.me, self.deadline, self.group_key = matchmaker, me, deadline, group_key
         self.settings = matchmaker.settings
         self.loop = asyncio.get_running_loop()
         self.finished = False
@@ -217,7 +219,7 @@ class _Search:
         self.expiration = min(get_dht_time() + self.settings.min_matchmaking_time, deadline_dht)
         self.declared_expiration = self.expiration
         self.tried.clear()
-        await self.mm.node.store(self.mm.group_key, list(self.me.addrs), self.expiration, owned_subkey(self.me.peer_id))
+        await self.mm.node.store(self.group_key, list(self.me.addrs), self.expiration, owned_subkey(self.me.peer_id))
 
     async def after_rejoin(self) -> None:
         """Our DHT node was cut off and is back: what we declared meanwhile reached only our own
@@ -226,11 +228,11 @@ class _Search:
         self.tried.clear()
         if self.declared_expiration is not None and self.declared_expiration > get_dht_time():
             subkey = owned_subkey(self.me.peer_id)
-            await self.mm.node.store(self.mm.group_key, list(self.me.addrs), self.declared_expiration, subkey)
+            await self.mm.node.store(self.group_key, list(self.me.addrs), self.declared_expiration, subkey)
 
     async def fetch_candidates(self) -> list[Candidate]:
         """Declared peers before us that we have not yet asked at their current declaration."""
-        found = await self.mm.node.get(self.mm.group_key, latest=True)
+        found = await self.mm.node.get(self.group_key, latest=True)
         candidates = []
         for peer, value, expiration in owned_entries(found):  # only a peer itself writes its declaration
             if not isinstance(value, list) or not value or self.mm.is_banned(peer):
@@ -250,7 +252,7 @@ class _Search:
         request = {
             "member": self.me.to_wire(),
             "expiration": self.expiration,
-            "group_key": self.mm.group_key,
+            "group_key": self.group_key,
             "schema_hash": self.mm.schema_hash,
         }
         stream: Stream | None = None

@@ -17,10 +17,12 @@ not the network). Declarations whose priority is not a finite number are ignored
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import random
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -37,6 +39,20 @@ from hivecli.utils.loops import wait_event
 from hivecli.utils.timing import get_dht_time
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SharedState:
+    """What a peer hands to newcomers: `get()` returns (msgpack-able metadata, tensors), and is
+    called with `lock` held, which is kept until the tensors are copied. The download checks a
+    donor's tensors against the shapes and dtypes of our own `get()`: a state may differ from
+    the tensors a peer averages (a model and its optimizer, while only gradients are averaged).
+    With `finite_only`, a state with a NaN or an infinity is not served (a diverged peer's)."""
+
+    get: Callable[[], tuple[Any, Sequence[torch.Tensor]]]
+    lock: contextlib.AbstractContextManager[Any]
+    finite_only: bool = False
+
 
 STATE_METHOD = "avg.state"
 DTYPES = {
