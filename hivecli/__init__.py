@@ -38,6 +38,8 @@ _LAZY = {
     "AveragingSettings": "hivecli.averaging",
     "DecentralizedAverager": "hivecli.averaging",
     "DecentralizedOptimizer": "hivecli.optim",
+    "DiLoCoOptimizer": "hivecli.optim",
+    "Optimizer": "hivecli.optim",
     "TrainingAverager": "hivecli.optim",
 }
 
@@ -71,6 +73,7 @@ __all__ = [
     "DHTSettings",
     "DecentralizedAverager",
     "DecentralizedOptimizer",
+    "DiLoCoOptimizer",
     "FrameTooLargeError",
     "HandshakeError",
     "HiveError",
@@ -79,6 +82,7 @@ __all__ = [
     "Multiaddr",
     "MultiaddrError",
     "NetSettings",
+    "Optimizer",
     "PeerID",
     "PeerUnreachableError",
     "ProtocolError",

@@ -29,7 +29,7 @@ from hivecli.net.transport import ByteStream
 from hivecli.testing import HostilePeer
 from hivecli.utils.timing import get_dht_time
 
-METHODS = ["dht.ping", "dht.store", "dht.find", "dht.peers", "avg.join", "avg.part", "avg.state", "nope"]
+METHODS = ["dht.ping", "dht.store", "dht.find", "dht.peers", "avg.join/fuzz", "avg.part/fuzz", "avg.state/fuzz", "nope"]
 
 scalars = (
     st.none()

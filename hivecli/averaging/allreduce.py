@@ -132,8 +132,10 @@ class AllReduceRunner:
         settings: AveragingSettings,
         pool: BufferPool,
         banned: Collection[PeerID] = (),
+        part_method: str = PART_METHOD,
     ):
         self.host, self.group, self.tensors = host, group, list(tensors)
+        self.part_method = part_method
         self.banned = set(banned)
         self.weight, self.codec, self.settings, self.pool = weight, codec, settings, pool
         self.index = group.index_of(host.peer_id)
@@ -404,7 +406,7 @@ class AllReduceRunner:
         try:
             self.host.add_addrs(member.peer_id, member.multiaddrs())
             conn = await asyncio.wait_for(self.host.connect(member.peer_id), self.settings.request_timeout)
-            stream = await conn.open_stream(PART_METHOD, self._request(), b"")
+            stream = await conn.open_stream(self.part_method, self._request(), b"")
             stream.body_sink = results.sink
             ready = await stream.recv(timeout=2 * self.settings.request_timeout)
             if ready.payload != READY:

@@ -30,6 +30,7 @@ import torch
 from hivecli._exceptions import AllreduceError, ConfigError, HiveError
 from hivecli.averaging.allreduce import PART_METHOD, AllReduceRunner, BufferPool, RunnerRegistry
 from hivecli.averaging.compression import Codec, get_codec
+from hivecli.averaging.group import method_name
 from hivecli.averaging.matchmaking import JOIN_METHOD, Matchmaker
 from hivecli.averaging.robust import all_finite
 from hivecli.averaging.settings import AveragingSettings
@@ -219,7 +220,7 @@ class DecentralizedAverager:
         self._matchmaker = Matchmaker(
             node, self.prefix, self.schema_hash, self.settings, self.client_mode, is_banned=self._is_banned
         )
-        node.host.add_stream_handler(PART_METHOD, self._serve_part)
+        node.host.add_stream_handler(method_name(PART_METHOD, self.prefix), self._serve_part)
         self._state_server = StateServer(
             node, self.prefix, self._snapshot_state, self.settings.chunk_bytes, self.settings.declare_state_period
         )
@@ -242,7 +243,7 @@ class DecentralizedAverager:
             task.cancel()
         await asyncio.gather(*self._steps, return_exceptions=True)
         for method in (JOIN_METHOD, PART_METHOD, STATE_METHOD):
-            node.host.handlers.streaming.pop(method, None)
+            node.host.handlers.streaming.pop(method_name(method, self.prefix), None)
         if self._matchmaker is not None:
             await self._matchmaker.aclose()
         if self._state_server is not None:
@@ -398,6 +399,7 @@ class DecentralizedAverager:
                 self.settings,
                 self._pool,
                 self.banned_peers,
+                method_name(PART_METHOD, self.prefix),
             )
             self._registry.register(runner)
             try:
@@ -519,7 +521,9 @@ class DecentralizedAverager:
             node.host.add_addrs(donor, maddrs)
             try:
                 async with _timeout(remaining):
-                    result = await download_state(node, donor, template, self.settings.next_chunk_timeout, progress)
+                    result = await download_state(
+                        node, donor, template, self.settings.next_chunk_timeout, progress, self.prefix
+                    )
                 if validate is not None:
                     _validate(validate, *result)
             except InvalidStateError as e:

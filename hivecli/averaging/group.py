@@ -12,6 +12,12 @@ from hivecli.net.identity import PeerID
 from hivecli.net.multiaddr import Multiaddr
 
 
+def method_name(method: str, prefix: str) -> str:
+    """The name under which the averager of `prefix` serves `method`: a host may run several
+    averagers (hivecli.Optimizer averages gradients and parameters apart), each with its own."""
+    return f"{method}/{prefix}"
+
+
 @dataclass(frozen=True)
 class Member:
     """One peer of a group.

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hivecli._exceptions import HiveError, MatchmakingError
-from hivecli.averaging.group import GroupInfo, Member
+from hivecli.averaging.group import GroupInfo, Member, method_name
 from hivecli.averaging.settings import AveragingSettings
 from hivecli.dht.node import DHTNode
 from hivecli.dht.records import owned_entries, owned_subkey
@@ -79,7 +79,7 @@ class Matchmaker:
         self.group_key = f"{prefix}.0b"
         self._search: _Search | None = None
         self._background: set[asyncio.Task[Any]] = set()
-        node.host.add_stream_handler(JOIN_METHOD, self._handle_join)
+        node.host.add_stream_handler(method_name(JOIN_METHOD, prefix), self._handle_join)
 
     @property
     def peer_id(self) -> PeerID:
@@ -262,7 +262,7 @@ class _Search:
             host.add_addrs(candidate.peer_id, Member(candidate.peer_id, candidate.addrs, False, None).multiaddrs())
             async with _timeout(self.settings.request_timeout):
                 conn = await host.connect(candidate.peer_id)
-                stream = await conn.open_stream(JOIN_METHOD, request)
+                stream = await conn.open_stream(method_name(JOIN_METHOD, self.mm.prefix), request)
                 reply = (await stream.recv()).payload
             code = reply.get("code") if isinstance(reply, dict) else None
             if code == NOT_A_LEADER and reply.get("leader"):

@@ -29,6 +29,7 @@ import torch
 
 from hivecli._exceptions import HiveError
 from hivecli.averaging.compression import tensor_bytes
+from hivecli.averaging.group import method_name
 from hivecli.averaging.robust import all_finite
 from hivecli.dht.node import DHTNode
 from hivecli.dht.records import owned_entries, owned_subkey
@@ -103,7 +104,7 @@ class StateServer:
         self._copying: asyncio.Future[tuple[Any, list[torch.Tensor]]] | None = None
         self._changed = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._declare_forever())
-        node.host.add_stream_handler(STATE_METHOD, self._serve)
+        node.host.add_stream_handler(method_name(STATE_METHOD, prefix), self._serve)
 
     def update(self, allow_sharing: bool, priority: float) -> None:
         if (allow_sharing, priority) != (self.allow_sharing, self.priority):
@@ -212,6 +213,7 @@ async def download_state(
     expected: Sequence[torch.Tensor],
     chunk_timeout: float,
     progress: Callable[[int, int], None] | None = None,
+    prefix: str = "",
 ) -> tuple[Any, list[torch.Tensor]]:
     """Download a donor's state, checking it against the shapes and dtypes of `expected`.
     `progress(received_bytes, total_bytes)` is called after every chunk, on the event loop.
@@ -222,7 +224,7 @@ async def download_state(
         HiveError: the donor is unreachable, refuses, goes quiet or ends the stream early.
     """
     conn = await node.host.connect(donor)
-    stream = await conn.open_stream(STATE_METHOD, {})
+    stream = await conn.open_stream(method_name(STATE_METHOD, prefix), {})
     try:
         tensors = [torch.empty(t.shape, dtype=t.dtype) for t in expected]  # lazily backed: no cost yet
         views = [tensor_bytes(t.view(-1)) if t.numel() else memoryview(b"") for t in tensors]

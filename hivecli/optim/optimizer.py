@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -24,13 +23,14 @@ from hivecli._exceptions import ConfigError, HiveError, MatchmakingError
 from hivecli.averaging.averager import StepControl
 from hivecli.dht.dht import DHT
 from hivecli.optim.training_averager import TrainingAverager
+from hivecli.optim.wrapper import WrappedOptimizer
 from hivecli.utils.timing import get_dht_time
 
 logger = logging.getLogger(__name__)
 _PRIORITY_PERIOD = 10.0  # seconds between updates of our donor priority (the step) in the DHT
 
 
-class DecentralizedOptimizer(torch.optim.Optimizer):
+class DecentralizedOptimizer(WrappedOptimizer):
     """A torch optimizer that averages with other peers of the same run in the background.
 
     Args:
@@ -81,19 +81,7 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
             raise ConfigError(f"timeout = {timeout!r}: must be a positive number of seconds or None")
         if isinstance(average_opt_statistics, str):
             average_opt_statistics = (average_opt_statistics,)
-        self.opt = opt
-        # torch's own attributes, shared with the wrapped optimizer so that LR schedulers and
-        # code that edits param_groups see one set of groups
-        self.defaults = opt.defaults
-        self._optimizer_step_pre_hooks: dict[int, Callable[..., Any]] = {}
-        self._optimizer_step_post_hooks: dict[int, Callable[..., Any]] = {}
-        self._optimizer_state_dict_pre_hooks: dict[int, Callable[..., Any]] = {}
-        self._optimizer_state_dict_post_hooks: dict[int, Callable[..., Any]] = {}
-        self._optimizer_load_state_dict_pre_hooks: dict[int, Callable[..., Any]] = {}
-        self._optimizer_load_state_dict_post_hooks: dict[int, Callable[..., Any]] = {}
-        self.verbose = verbose
-        if verbose:
-            _show_info_logs()
+        self._wrap(opt, verbose)
         self.averaging_steps_period, self.averaging_time_period = averaging_steps_period, averaging_time_period
         self.timeout = timeout
         self.lock_parameters = threading.RLock()
@@ -120,22 +108,6 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         self.last_group_size = 0  # peers in the last applied round, this one included
         self.last_round_finished = -math.inf  # time.monotonic() when it was applied
 
-    @property  # type: ignore[override]
-    def param_groups(self) -> list[dict[str, Any]]:  # the wrapped optimizer's, even after load_state_dict
-        return self.opt.param_groups
-
-    @param_groups.setter
-    def param_groups(self, value: list[dict[str, Any]]) -> None:
-        self.opt.param_groups = value
-
-    @property  # type: ignore[override]
-    def state(self) -> Any:
-        return self.opt.state
-
-    @state.setter
-    def state(self, value: Any) -> None:
-        self.opt.state = value
-
     @property
     def local_step(self) -> int:
         """Optimizer steps taken by this peer (or loaded from the run by load_state_from_peers)."""
@@ -149,14 +121,11 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         with self.lock_parameters:
             self._apply_finished_round()
             loss = self.opt.step(closure) if closure is not None else self.opt.step()
-            self.averager.local_step += 1
+            self.averager.state.step += 1
             self._advertise_step()
             if self._round_due():
                 self._start_round()
         return loss
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.opt.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict[str, Any]:
         return self.opt.state_dict()
@@ -165,12 +134,6 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         with self.lock_parameters:
             self.opt.load_state_dict(state_dict)  # new state tensors: the averaged statistics must follow
             self.averager.refresh_sources()
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        raise ConfigError(
-            "DecentralizedOptimizer cannot add parameter groups after it starts averaging; "
-            "add them to the wrapped optimizer before creating the DecentralizedOptimizer"
-        )
 
     def __repr__(self) -> str:
         return f"DecentralizedOptimizer(prefix={self.averager.prefix!r}, opt={self.opt!r})"
@@ -226,7 +189,7 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         self.last_group_size = len(group)
         self.last_round_finished = time.monotonic()
         elapsed = time.perf_counter() - self._round_started
-        self._log(f"Finished averaging round in {elapsed:.2f} s with {len(group)} peers.")
+        self._log("Finished averaging round in %.2f s with %d peers.", elapsed, len(group))
         return True
 
     def wait_for_averaging(self, timeout: float | None = None) -> bool:
@@ -270,17 +233,3 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         """Cancel the round in flight and stop the averager (the DHT keeps running)."""
         self.discard_round()
         self.averager.shutdown()
-
-    def _log(self, message: str) -> None:
-        logger.log(logging.INFO if self.verbose else logging.DEBUG, message)
-
-
-def _show_info_logs() -> None:
-    """verbose=True should print without the user configuring logging, as the quick-start shows."""
-    package_logger = logging.getLogger("hivecli")
-    if package_logger.level == logging.NOTSET or package_logger.level > logging.INFO:
-        package_logger.setLevel(logging.INFO)
-    if not package_logger.handlers and not logging.getLogger().handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("[%(asctime)s.%(msecs)03d] %(message)s", "%Y-%m-%d %H:%M:%S"))
-        package_logger.addHandler(handler)
