@@ -162,6 +162,22 @@ class OptimizerSection(_Section):
 
 
 class AveragingSection(_Section):
+    mode: Literal["parameters", "collaborative", "diloco"] = Field(
+        "parameters",
+        description="parameters: average parameters in the background every few steps (hivemind 0.9); "
+        "collaborative: the run steps together every target_batch_size samples (hivemind 1.x Optimizer); "
+        "diloco: local_steps inner steps, then an averaged outer step (DiLoCo).",
+    )
+    target_batch_size: int | None = Field(
+        None, ge=1, description="collaborative: samples of the whole run per epoch (default: 4 x data.batch_size)."
+    )
+    use_local_updates: bool = Field(
+        False, description="collaborative: step locally every batch and average parameters every epoch."
+    )
+    average_state_every: int = Field(1, ge=1, description="collaborative: average parameters every this many epochs.")
+    local_steps: int = Field(500, ge=1, description="diloco: inner steps between outer steps (H).")
+    outer_lr: float = Field(0.7, gt=0, description="diloco: the outer SGD's learning rate.")
+    outer_momentum: float = Field(0.9, ge=0, lt=1, description="diloco: the outer SGD's Nesterov momentum.")
     target_group_size: int = Field(16, ge=2, description="Largest group to average in.")
     min_group_size: int = Field(2, ge=2)
     average_parameters: bool = True

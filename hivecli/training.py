@@ -33,7 +33,7 @@ from hivecli._exceptions import ConfigError, HiveError
 from hivecli.checkpoints import CheckpointStore
 from hivecli.dht.dht import DHT
 from hivecli.guard import DivergenceGuard
-from hivecli.optim import DecentralizedOptimizer
+from hivecli.optim import DecentralizedOptimizer, DiLoCoOptimizer, Optimizer
 from hivecli.optim.training_averager import all_finite
 from hivecli.progress import ProgressReporter, RunCounter, is_live, merge_records, others_records, plausible_step
 from hivecli.recipe import Recipe
@@ -83,6 +83,38 @@ def averager_kwargs(recipe: Recipe) -> dict[str, Any]:
         "trim_fraction": a.trim_fraction,
         "max_weight_ratio": a.max_weight_ratio,
     }
+
+
+def build_run_optimizer(
+    recipe: Recipe, base_opt: torch.optim.Optimizer, model: torch.nn.Module, dht: DHT, prefix: str
+) -> DecentralizedOptimizer | Optimizer | DiLoCoOptimizer:
+    """The recipe's averaging.mode around `base_opt`; the model's buffers travel with the state."""
+    a, buffers = recipe.averaging, list(model.buffers())
+    if a.mode == "parameters":
+        kwargs = {**averager_kwargs(recipe), "prefix": prefix}
+        return DecentralizedOptimizer(base_opt, dht, extra_tensors=buffers, **kwargs)
+    opts = {
+        "target_group_size": a.target_group_size, "min_group_size": a.min_group_size,
+        "request_timeout": a.request_timeout, "aggregation": a.aggregation, "trim_fraction": a.trim_fraction,
+        "max_weight_ratio": a.max_weight_ratio,
+    }  # fmt: skip
+    common = {
+        "dht": dht, "run_id": prefix, "matchmaking_time": a.min_matchmaking_time,
+        "averaging_timeout": a.allreduce_timeout, "extra_tensors": buffers, "averager_opts": opts,
+    }  # fmt: skip
+    if a.mode == "collaborative":
+        return Optimizer(
+            optimizer=base_opt, target_batch_size=a.target_batch_size or 4 * recipe.data.batch_size,
+            batch_size_per_step=recipe.data.batch_size, use_local_updates=a.use_local_updates,
+            average_state_every=a.average_state_every, average_opt_statistics=tuple(a.average_opt_statistics),
+            grad_compression=a.compression, state_averaging_compression=a.compression, **common,
+        )  # fmt: skip
+    momentum = a.outer_momentum
+    return DiLoCoOptimizer(
+        params=model.parameters(), inner_optimizer=base_opt, local_steps=a.local_steps,
+        outer_optimizer=lambda p: torch.optim.SGD(p, lr=a.outer_lr, momentum=momentum, nesterov=momentum > 0),
+        batch_size_per_step=recipe.data.batch_size, compression=a.compression, **common,
+    )  # fmt: skip
 
 
 def goal_samples(recipe: Recipe, train_size: int) -> int | None:
@@ -151,15 +183,10 @@ class Trainer:
             )
         # no peer shares its state before prepare() settles it (a checkpoint, the run's): before,
         # it would hand out the seed model
-        self.opt = DecentralizedOptimizer(
-            base_opt,
-            dht,
-            allow_state_sharing=False,
-            extra_tensors=list(self.model.buffers()),  # BatchNorm statistics travel with the state
-            # with a card, averaging and state sharing are keyed by the run's address, PREFIX@OWNER: the
-            # peers of another owner's run with the same prefix are neither averaged with nor downloaded from
-            **{**averager_kwargs(recipe), "prefix": card.address if card else recipe.run.prefix},
-        )
+        # with a card, averaging and state sharing are keyed by the run's address, PREFIX@OWNER: the
+        # peers of another owner's run with the same prefix are neither averaged with nor downloaded from
+        self.opt = build_run_optimizer(recipe, base_opt, self.model, dht, card.address if card else recipe.run.prefix)
+        self.opt.averager.allow_state_sharing = False
         o = recipe.optimizer
         self.schedule = Schedule(o.schedule, o.warmup_steps, o.final_lr_fraction)
         self.base_lrs = [group["lr"] for group in base_opt.param_groups]
@@ -276,14 +303,14 @@ class Trainer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and not stop.is_set():
             try:
-                loaded = self.opt.averager.load_state_from_peers(
+                loaded = self.opt.load_state_from_peers(
                     timeout=max(1.0, deadline - time.monotonic()), max_step=self.plausible_step()
                 )
             except HiveError as e:
                 logger.warning("Could not load the run's state: %s; retrying", e)
-                loaded = None
-            if loaded is not None:
-                run = loaded[0].get("run") if isinstance(loaded[0], dict) else None
+                loaded = False
+            if loaded:
+                run = self.opt.training_state.loaded_run
                 if isinstance(run, dict):
                     self.counter.merge(run.get("samples"))
                 self.on_event("state_loaded", {"step": self.step})
@@ -385,6 +412,8 @@ class Trainer:
         leave with the same averaged model; alone, this costs one matchmaking wait. True if
         the parameters changed."""
         a = self.recipe.averaging
+        if not isinstance(self.opt, DecentralizedOptimizer):
+            return False  # the other modes step together already: their last epoch's step is the run's
         if self.reporter.peers <= 1 and not self.opt.rounds_finished:
             return False  # alone all along: nobody to wait for
         try:
@@ -527,8 +556,9 @@ class Trainer:
 
     def progress(self) -> dict[str, Any]:
         """This peer's progress record in the DHT (called on the reporter's thread)."""
-        self.opt.averager.run_metadata = {"samples": self.counter.counts()}  # what a newcomer gets with the state
+        self.opt.training_state.run_metadata = {"samples": self.counter.counts()}  # what a newcomer gets with the state
         return {
+            **self._epoch_progress(),
             "step": self.step,
             "loss": None if self.loss_ema is None else round(self.loss_ema, 4),
             "samples_per_s": round(self.samples_per_s, 1),
@@ -539,6 +569,19 @@ class Trainer:
             "samples": self.counter.of(self.me),
             "run_samples": self.run_samples,
         }
+
+    def _epoch_progress(self) -> dict[str, Any]:
+        """collaborative and diloco: the run's global epoch (outer step), the samples (inner
+        steps) reported toward the next one, its target and ETA, for `hive peers --run`."""
+        tracker = getattr(self.opt, "tracker", None)
+        if tracker is None:
+            return {}
+        g = tracker.global_progress
+        return {
+            "mode": self.recipe.averaging.mode, "epoch": self.opt.local_step, "global_epoch": g.epoch,
+            "epoch_progress": g.samples_accumulated, "epoch_target": g.target_batch_size,
+            "epoch_eta": round(max(0.0, g.eta_next_epoch - get_dht_time()), 1),
+        }  # fmt: skip
 
     def _write_metrics(self, fields: dict[str, Any]) -> None:
         self._metrics.write(json.dumps({"time": round(time.time(), 3), "step": self.step, **fields}) + "\n")
@@ -585,7 +628,7 @@ class Trainer:
             self.opt.load_state_dict(state["optimizer"])
             for group, settings in zip(self.opt.param_groups, self._group_settings, strict=True):
                 group.update(settings)  # the recipe's momentum, weight decay, betas: not the checkpoint's
-            self.opt.averager.local_step = state["step"]
+            self.opt.training_state.step = state["step"]
         self.counter.merge(state.get("samples"))
         self._checkpointed = state["step"]
 

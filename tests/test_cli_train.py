@@ -192,3 +192,41 @@ def test_a_batch_larger_than_the_dataset_is_a_usage_error_not_a_hang(workdir):
     result = hive("start", DEFAULT, *LOOPBACK, "--set", "data.batch_size=2000", cwd=workdir)
     assert result.returncode == 2, result.stderr
     assert "data.batch_size = 2000 is larger than the" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("mode", "settings"),
+    [
+        ("collaborative", ["averaging.target_batch_size=256"]),
+        ("diloco", ["averaging.local_steps=20", 'optimizer.name="adamw"', "optimizer.lr=0.001"]),
+    ],
+)
+def test_start_and_join_train_in_the_collaborative_and_diloco_modes(workdir, mode, settings):
+    fast = ["averaging.min_matchmaking_time=2", "averaging.request_timeout=1", "output.report_every_seconds=0.5"]
+    sets = [arg for value in [f'averaging.mode="{mode}"', *settings, *fast] for arg in ("--set", value)]
+    out_dir = ["--set", f'output.dir="{workdir / "runs"}"', "--max-steps", "100000"]
+    first = Peer("start", DEFAULT, *sets, *out_dir, cwd=workdir)
+    second = None
+    try:
+        address = first.wait_event("listening", timeout=60)["maddrs"][0]
+        second = Peer("join", address, *out_dir, cwd=workdir)  # the mode comes with the run's recipe
+        second.wait_event("state_loaded")
+        for peer in (first, second):  # each epoch (outer step) averages with the other peer
+            peer.wait_event("progress", lambda e: e["rounds"] >= 2 and e["last_group_size"] == 2)
+        deadline = time.monotonic() + 60
+        while True:
+            listed = hive("peers", address, "--run", "digits-demo", "--json", cwd=workdir)
+            assert listed.returncode == 0, listed.stderr
+            epoch = json.loads(listed.stdout)["runs"]["digits-demo"]["epoch"]
+            if (epoch and epoch["epoch"] >= 2) or time.monotonic() > deadline:
+                break
+        assert epoch["mode"] == mode and epoch["epoch"] >= 2
+        assert epoch["target"] == (256 if mode == "collaborative" else 20) and epoch["progress"] >= 0
+        table = hive("peers", address, "--run", "digits-demo", cwd=workdir)
+        assert ("outer step" if mode == "diloco" else "epoch") in table.stdout and "toward the next" in table.stdout
+    finally:
+        codes = [first.stop(signal.SIGTERM)] + ([second.stop(signal.SIGTERM)] if second else [])
+    assert codes == [0, 0]
+    finished = first.wait_event("finished", timeout=5)
+    assert finished["step"] >= 2 and finished["accuracy"] is not None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Annotated, Any
 
@@ -74,8 +75,37 @@ def _runs(client: Any, only: str | None) -> dict[str, dict[str, Any]]:
         for entry in progress.values():
             seen = entry.get("time")
             entry["last_report_s"] = round(now - seen, 1) if isinstance(seen, (int, float)) else None
-        result[prefix] = {"summary": announced.get(prefix, {}), "peers": progress}
+        result[prefix] = {"summary": announced.get(prefix, {}), "peers": progress, "epoch": _epoch_of(progress)}
     return result
+
+
+def _epoch_of(progress: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """A collaborative or DiLoCo run's global epoch (outer step), with the progress toward the
+    next one and its ETA, from the freshest report of a peer at that epoch; None for other runs."""
+    reports = [
+        entry for entry in progress.values()
+        if all(type(entry.get(k)) is int and entry[k] >= 0 for k in ("global_epoch", "epoch_progress", "epoch_target"))
+    ]  # fmt: skip
+    if not reports:
+        return None
+    epoch = max(entry["global_epoch"] for entry in reports)
+    fresh = min(
+        (entry for entry in reports if entry["global_epoch"] == epoch),
+        key=lambda entry: entry["last_report_s"] if isinstance(entry.get("last_report_s"), float) else math.inf,
+    )
+    eta = fresh.get("epoch_eta")
+    return {
+        "mode": fresh.get("mode") if fresh.get("mode") in ("collaborative", "diloco") else "collaborative",
+        "epoch": epoch, "progress": fresh["epoch_progress"], "target": fresh["epoch_target"],
+        "eta_s": eta if isinstance(eta, (int, float)) and math.isfinite(eta) and eta >= 0 else None,
+    }  # fmt: skip
+
+
+def _describe_epoch(epoch: dict[str, Any]) -> str:
+    """e.g. "epoch 12, 640/1,024 samples toward the next, ETA 3 s"."""
+    unit, name = ("inner steps", "outer step") if epoch["mode"] == "diloco" else ("samples", "epoch")
+    text = f"{name} {epoch['epoch']}, {epoch['progress']:,}/{epoch['target']:,} {unit} toward the next"
+    return text + (f", ETA {epoch['eta_s']:.0f} s" if epoch["eta_s"] is not None else "")
 
 
 def _warn_small_runs(runs: dict[str, dict[str, Any]]) -> None:
@@ -146,6 +176,8 @@ def _print_tables(found: list[Any], runs: dict[str, dict[str, Any]], show_peers:
         title = f"run {prefix}: {_plural(len(info['peers']), 'peer')}"
         if s:
             title += f" (model {s.get('model')}, data {s.get('dataset')}, group size {s.get('target_group_size')})"
+        if info.get("epoch"):
+            title += f"; {_describe_epoch(info['epoch'])}"
         table = Table(title=Text(title))  # Text, never markup: every string here comes from the DHT
         for column in ("peer id", "addresses", "step", "loss", "samples/s", "test accuracy", "last report"):
             table.add_column(column, overflow="fold")

@@ -29,12 +29,12 @@ from typing import Any
 import torch
 
 from hivecli._exceptions import ConfigError, HiveError, MatchmakingError
-from hivecli.averaging.averager import DecentralizedAverager, StepControl
+from hivecli.averaging.averager import DecentralizedAverager, Stage, StepControl
 from hivecli.dht.dht import DHT
 from hivecli.optim.state import TrainingState, load_training_state, parameters_of
 from hivecli.optim.tracker import ProgressTracker
 from hivecli.optim.training_averager import TrainingAverager
-from hivecli.optim.wrapper import WrappedOptimizer, build_optimizer
+from hivecli.optim.wrapper import WrappedOptimizer, build_optimizer, finish_round
 from hivecli.utils.timing import get_dht_time
 
 logger = logging.getLogger(__name__)
@@ -125,7 +125,7 @@ class Optimizer(WrappedOptimizer):
         self.use_local_updates, self.auxiliary = use_local_updates, auxiliary
         self.matchmaking_time, self.averaging_timeout = float(matchmaking_time), float(averaging_timeout)
         self.load_state_timeout, self.average_state_every = float(load_state_timeout), average_state_every
-        self.state = TrainingState(self.opt, extra_tensors)  # its step is the epoch
+        self.training_state = TrainingState(self.opt, extra_tensors)  # its step is the epoch
         self.scheduler = scheduler(self.opt) if callable(scheduler) else scheduler
 
         opts = {
@@ -142,7 +142,7 @@ class Optimizer(WrappedOptimizer):
             allow_state_sharing=False, start=True, **opts,
         )  # fmt: skip
         self.state_averager = TrainingAverager(
-            self.opt, dht, prefix=f"{run_id}_state_averager", state=self.state,
+            self.opt, dht, prefix=f"{run_id}_state_averager", state=self.training_state,
             average_opt_statistics=tuple(average_opt_statistics), compression=state_averaging_compression,
             allow_state_sharing=not (client_mode or auxiliary), start=True, **opts,
         )  # fmt: skip
@@ -162,15 +162,15 @@ class Optimizer(WrappedOptimizer):
     @property
     def local_epoch(self) -> int:
         """This peer's epoch: global optimizer steps taken (or loaded from peers)."""
-        return self.state.step
+        return self.training_state.step
 
     @property
     def local_step(self) -> int:  # the counter hive's Trainer reads, whatever the mode
-        return self.state.step
+        return self.training_state.step
 
     @property
     def lock_parameters(self) -> Any:
-        return self.state.lock
+        return self.training_state.lock
 
     @property
     def averager(self) -> TrainingAverager:
@@ -205,7 +205,7 @@ class Optimizer(WrappedOptimizer):
         if batch_size is None:
             raise ConfigError("pass batch_size_per_step= to Optimizer() or step(batch_size=...)")
         _check_positive_int("batch_size", batch_size)
-        with self.state.lock:
+        with self.training_state.lock:
             self._apply_state_round()
             if self._behind():
                 self.load_state_from_peers()
@@ -249,7 +249,7 @@ class Optimizer(WrappedOptimizer):
     def _start_grad_round(self) -> StepControl:
         timeout = self.matchmaking_time + self.averaging_timeout
         return self.grad_averager.step(  # type: ignore[return-value]
-            scope=f"e{self.local_epoch}", scheduled=True, timeout=timeout, wait=False
+            scope=f"e{self.local_epoch}", scheduled=True, timeout=timeout, wait=False, allow_retries=False
         )
 
     def _end_epoch(self) -> None:
@@ -257,17 +257,19 @@ class Optimizer(WrappedOptimizer):
         average state every average_state_every epochs, step the scheduler, move on."""
         epoch = self.local_epoch
         self._log("Beginning optimizer step #%d", epoch)
-        if self._state_round is not None:  # apply it before the step, as every peer of the round does:
+        state_round = self._state_round
+        if state_round is not None and state_round.stage in (Stage.IDLE, Stage.LOOKING_FOR_GROUP):
+            self.discard_round(state_round)  # still no group a whole epoch later: the others moved on
+        elif state_round is not None:  # apply it before the step, as every peer of the round does:
             try:  # (p - lr g) + (avg - p) is not bitwise avg - lr g, and peers must stay identical
                 self.wait_for_averaging(self.averaging_timeout)
             except TimeoutError:
-                self._state_round.cancel()
-                self._state_round = None
+                self.discard_round(state_round)
         if not self.use_local_updates:
             self._average_gradients()
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
-        self.state.step = max(epoch + 1, self.tracker.global_epoch)
+        self.training_state.step = max(epoch + 1, self.tracker.global_epoch)
         if self.scheduler is not None:
             self.scheduler.step()
         self.samples = 0
@@ -287,13 +289,11 @@ class Optimizer(WrappedOptimizer):
         with self.grad_averager.get_tensors() as grads:
             for acc in grads:
                 acc.div_(max(1, self.samples))
-        control.allow_allreduce(weight=self.samples)
         try:
-            group = control.result(timeout=self.matchmaking_time + 2 * self.averaging_timeout)
+            group = finish_round(control, self.samples, self.matchmaking_time, self.averaging_timeout)
             self._round_done(len(group))
             self._log("Averaged gradients with %d peers", len(group))
         except (HiveError, TimeoutError) as e:
-            control.cancel()
             self.rounds_failed += 1
             level = logging.INFO if isinstance(e, MatchmakingError) else logging.WARNING
             logger.log(level, "Averaging gradients failed: %s; proceeding with local gradients", e or "timeout")
@@ -312,7 +312,7 @@ class Optimizer(WrappedOptimizer):
             return
         self._log("Starting a new averaging round with current parameters.")
         self._state_round_started = time.perf_counter()
-        timeout = self.matchmaking_time + self.averaging_timeout
+        timeout = 2 * self.matchmaking_time  # to find a group; the all-reduce has averaging_timeout
         self._state_round = self.state_averager.step(  # type: ignore[assignment]
             scope=f"e{self.local_epoch}", timeout=timeout, wait=False
         )
@@ -354,7 +354,7 @@ class Optimizer(WrappedOptimizer):
         except Exception:  # its failure is logged when applied; only a timeout concerns us here
             if not control.done():
                 raise TimeoutError(f"the averaging round did not finish within {timeout} s") from None
-        with self.state.lock:
+        with self.training_state.lock:
             return self._apply_state_round()
 
     # ---- auxiliary peers -------------------------------------------------------------------------------
@@ -362,7 +362,7 @@ class Optimizer(WrappedOptimizer):
     def _auxiliary_step(self) -> None:
         """Join each epoch's gradient round with weight 0: reduce a part, contribute nothing."""
         if self.tracker.global_epoch > self.local_epoch + 1:
-            self.state.step = self.tracker.global_epoch  # nothing of ours to keep in sync
+            self.training_state.step = self.tracker.global_epoch  # nothing of ours to keep in sync
             self.tracker.update_epoch(self.local_epoch)
         self._schedule_grad_round()
         if not self.tracker.ready_to_update_epoch:
@@ -375,16 +375,14 @@ class Optimizer(WrappedOptimizer):
         with self.grad_averager.get_tensors() as grads:
             for acc in grads:
                 acc.zero_()
-        control.allow_allreduce(weight=0.0)
         try:
-            group = control.result(timeout=self.matchmaking_time + 2 * self.averaging_timeout)
+            group = finish_round(control, 0.0, self.matchmaking_time, self.averaging_timeout)
             self._round_done(len(group))
             self._log("Helped average gradients of epoch %d with %d peers", self.local_epoch, len(group))
         except (HiveError, TimeoutError) as e:
-            control.cancel()
             self.rounds_failed += 1
             logger.info("Auxiliary averaging round failed: %s", e or "timeout")
-        self.state.step = max(self.local_epoch + 1, self.tracker.global_epoch)
+        self.training_state.step = max(self.local_epoch + 1, self.tracker.global_epoch)
         self.tracker.update_epoch(self.local_epoch)
 
     # ---- state -------------------------------------------------------------------------------------------
@@ -398,9 +396,9 @@ class Optimizer(WrappedOptimizer):
         self._grad_round = self._state_round = None
         bound = self.tracker.global_epoch + 1 if max_step is None else max_step
         timeout = self.load_state_timeout if timeout is None else timeout
-        with self.state.lock:
+        with self.training_state.lock:
             try:
-                loaded = load_training_state(self.state_averager, self.state, timeout=timeout, max_step=bound)
+                loaded = load_training_state(self.state_averager, self.training_state, timeout=timeout, max_step=bound)
             except HiveError as e:
                 logger.warning("Could not load the run's state: %s", e)
                 loaded = None
@@ -428,10 +426,10 @@ class Optimizer(WrappedOptimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
         epoch = state_dict.pop("local_epoch", self.local_epoch)
-        with self.state.lock:
+        with self.training_state.lock:
             self.opt.load_state_dict(state_dict)
             self.state_averager.refresh_sources()
-            self.state.step = int(epoch)
+            self.training_state.step = int(epoch)
         self.tracker.update_epoch(self.local_epoch)
 
     def _log_progress(self) -> None:
@@ -446,11 +444,15 @@ class Optimizer(WrappedOptimizer):
 
     # ---- the end ------------------------------------------------------------------------------------------
 
-    def discard_round(self) -> None:
-        for control in (self._grad_round, self._state_round):
-            if control is not None:
-                control.cancel()
-        self._grad_round = self._state_round = None
+    def discard_round(self, control: StepControl | None = None) -> None:
+        """Cancel `control`, or every round in flight; their results are not applied."""
+        for pending in (self._grad_round, self._state_round):
+            if pending is not None and control in (None, pending):
+                pending.cancel()
+        if control is None or control is self._grad_round:
+            self._grad_round = None
+        if control is None or control is self._state_round:
+            self._state_round = None
 
     def shutdown(self) -> None:
         """Cancel the rounds in flight and stop the tracker and averagers (the DHT keeps running)."""

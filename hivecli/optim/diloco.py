@@ -29,7 +29,7 @@ from hivecli.averaging.averager import DecentralizedAverager, StepControl
 from hivecli.dht.dht import DHT
 from hivecli.optim.state import TrainingState, load_training_state
 from hivecli.optim.tracker import ProgressTracker
-from hivecli.optim.wrapper import WrappedOptimizer, build_optimizer
+from hivecli.optim.wrapper import WrappedOptimizer, build_optimizer, finish_round
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ class DiLoCoOptimizer(WrappedOptimizer):
             torch.nn.Parameter(p.detach().to("cpu", torch.float32, copy=True), requires_grad=True) for p in self.params
         ]
         self.outer_opt = build_optimizer(outer_optimizer, self.outer_params, "outer_optimizer")
-        self.state = TrainingState(self.outer_opt, extra_tensors)  # its step is the outer step
+        self.training_state = TrainingState(self.outer_opt, extra_tensors)  # its step is the outer step
         self.pseudo_grads = [torch.zeros_like(p, requires_grad=False) for p in self.outer_params]
         client_mode = dht.client_mode if client_mode is None else bool(client_mode)
         opts = {
@@ -124,7 +124,7 @@ class DiLoCoOptimizer(WrappedOptimizer):
         }
         self.averager = DecentralizedAverager(
             [g.detach() for g in self.pseudo_grads], dht, prefix=f"{run_id}_diloco", compression=compression,
-            shared_state=self.state.shared(), start=True, **opts,
+            shared_state=self.training_state.shared(), start=True, **opts,
         )  # fmt: skip
         # the run's outer step and each peer's progress toward its next one, for newcomers and `hive peers`
         self.tracker = ProgressTracker(dht, run_id, target_batch_size=local_steps, client_mode=client_mode)
@@ -140,15 +140,15 @@ class DiLoCoOptimizer(WrappedOptimizer):
     @property
     def local_epoch(self) -> int:
         """Outer steps taken (or loaded from peers)."""
-        return self.state.step
+        return self.training_state.step
 
     @property
     def local_step(self) -> int:  # what hive's Trainer reads, whatever the mode
-        return self.state.step
+        return self.training_state.step
 
     @property
     def lock_parameters(self) -> Any:
-        return self.state.lock
+        return self.training_state.lock
 
     def __repr__(self) -> str:
         return f"DiLoCoOptimizer(run_id={self.run_id!r}, inner={self.opt!r}, local_epoch={self.local_epoch})"
@@ -162,7 +162,7 @@ class DiLoCoOptimizer(WrappedOptimizer):
         now = time.perf_counter()
         self._step_times = [*self._step_times, now - self._last_step][-20:]
         self._last_step = now
-        with self.state.lock:
+        with self.training_state.lock:
             if self.inner_steps == 0 and self.tracker.global_epoch > self.local_epoch:
                 self.load_state_from_peers()  # the run took an outer step without us
             self.opt.step()
@@ -184,7 +184,8 @@ class DiLoCoOptimizer(WrappedOptimizer):
 
     def _start_round(self) -> StepControl:
         return self.averager.step(  # type: ignore[return-value]
-            scope=f"o{self.local_epoch}", scheduled=True, timeout=self.matchmaking_time + self.averaging_timeout,
+            scope=f"o{self.local_epoch}", scheduled=True, allow_retries=False,
+            timeout=self.matchmaking_time + self.averaging_timeout,
             wait=False,
         )  # fmt: skip
 
@@ -197,15 +198,13 @@ class DiLoCoOptimizer(WrappedOptimizer):
         with self.averager.get_tensors() as grads, torch.no_grad():
             for g, outer, p in zip(grads, self.outer_params, self.params, strict=True):
                 g.copy_(outer - p.detach().to("cpu", torch.float32))
-        control.allow_allreduce(weight=self.samples)
         try:
-            group = control.result(timeout=self.matchmaking_time + 2 * self.averaging_timeout)
+            group = finish_round(control, self.samples, self.matchmaking_time, self.averaging_timeout)
             self.rounds_finished += 1
             self.last_group_size = len(group)
             self.last_round_finished = time.monotonic()
             self._log("Averaged pseudo-gradients with %d peers", len(group))
         except (HiveError, TimeoutError) as e:
-            control.cancel()
             self.rounds_failed += 1
             level = logging.INFO if isinstance(e, MatchmakingError) else logging.WARNING
             logger.log(level, "Averaging pseudo-gradients failed: %s; applying this peer's own", e or "timeout")
@@ -215,7 +214,7 @@ class DiLoCoOptimizer(WrappedOptimizer):
             self.outer_opt.step()
             self.outer_opt.zero_grad(set_to_none=True)
             self._reset_to_outer()
-        self.state.step += 1
+        self.training_state.step += 1
         self.inner_steps = self.samples = 0
         self.tracker.update_epoch(self.local_epoch)
         self.averager.state_sharing_priority = self.local_epoch
@@ -225,18 +224,19 @@ class DiLoCoOptimizer(WrappedOptimizer):
             for p, outer in zip(self.params, self.outer_params, strict=True):
                 p.copy_(outer.to(p.device, p.dtype))
 
-    def load_state_from_peers(self, timeout: float | None = None) -> bool:
+    def load_state_from_peers(self, timeout: float | None = None, max_step: int | None = None) -> bool:
         """Download the run's outer parameters, outer optimizer state (momentum) and outer step
         from a peer, and restart the inner steps from them. False if no peer shared in time."""
         if self._round is not None:
             self._round.cancel()
             self._round = None
         timeout = self.load_state_timeout if timeout is None else timeout
-        with self.state.lock:
+        with self.training_state.lock:
             try:
                 loaded = load_training_state(
-                    self.averager, self.state, timeout=timeout, max_step=self.tracker.global_epoch + 1
-                )
+                    self.averager, self.training_state, timeout=timeout,
+                    max_step=self.tracker.global_epoch + 1 if max_step is None else max_step,
+                )  # fmt: skip
             except HiveError as e:
                 logger.warning("Could not load the run's state: %s", e)
                 loaded = None
@@ -258,12 +258,12 @@ class DiLoCoOptimizer(WrappedOptimizer):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        with self.state.lock, torch.no_grad():
+        with self.training_state.lock, torch.no_grad():
             self.opt.load_state_dict(state_dict["inner"])
             for outer, value in zip(self.outer_params, state_dict["outer_params"], strict=True):
                 outer.copy_(value)
             self.outer_opt.load_state_dict(state_dict["outer"])
-            self.state.step = int(state_dict["local_epoch"])
+            self.training_state.step = int(state_dict["local_epoch"])
             self.inner_steps = int(state_dict.get("inner_steps", 0))
         self.tracker.update_epoch(self.local_epoch)
 

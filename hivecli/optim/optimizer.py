@@ -22,6 +22,7 @@ import torch
 from hivecli._exceptions import ConfigError, HiveError, MatchmakingError
 from hivecli.averaging.averager import StepControl
 from hivecli.dht.dht import DHT
+from hivecli.optim.state import TrainingState
 from hivecli.optim.training_averager import TrainingAverager
 from hivecli.optim.wrapper import WrappedOptimizer
 from hivecli.utils.timing import get_dht_time
@@ -107,6 +108,18 @@ class DecentralizedOptimizer(WrappedOptimizer):
         self.rounds_refused = 0  # rounds not started because our own values were not finite
         self.last_group_size = 0  # peers in the last applied round, this one included
         self.last_round_finished = -math.inf  # time.monotonic() when it was applied
+
+    @property
+    def training_state(self) -> TrainingState:
+        """The state newcomers download, and the owner of the step counter."""
+        return self.averager.state
+
+    def load_state_from_peers(self, timeout: float | None = None, max_step: int | None = None) -> bool:
+        """Download the run's parameters, optimizer state and step from a peer (dropping the round
+        in flight, whose start is gone). False if no peer shared its state in time.
+        See `TrainingAverager.load_state_from_peers`."""
+        self.discard_round()
+        return self.averager.load_state_from_peers(timeout=timeout, max_step=max_step) is not None
 
     @property
     def local_step(self) -> int:

@@ -116,6 +116,7 @@ class TrainingState:
         # what the owner wants newcomers to get besides the step (hive's Trainer puts the run's
         # sample counts here); plain msgpack-able data
         self.run_metadata: dict[str, Any] = {}
+        self.loaded_run: Any = None  # the run metadata of the last state loaded from a peer
         initialize_optimizer_state(opt)
 
     def tensors(self) -> list[torch.Tensor]:
@@ -145,6 +146,7 @@ class TrainingState:
             for index, key, value in metadata.get("optimizer_state", []):  # checked: known keys, same types
                 self.opt.state[params[index]][key] = value
             self.step = metadata["step"]
+            self.loaded_run = metadata.get("run")
 
     def check_state_metadata(
         self, metadata: Any, max_step: int = MAX_STEP, local: dict[tuple[int, str], Any] | None = None

@@ -9,14 +9,18 @@ one `TrainingState` (hivecli.optim.state), whose `step` it counts.
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import logging
 import sys
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 
 from hivecli._exceptions import ConfigError
+from hivecli.averaging.averager import Stage, StepControl
 
 logger = logging.getLogger(__name__)
 OptimizerFactory = Callable[[Any], torch.optim.Optimizer]
@@ -67,6 +71,29 @@ class WrappedOptimizer(torch.optim.Optimizer):
 
     def _log(self, message: str, *args: Any) -> None:
         logger.log(logging.INFO if self.verbose else logging.DEBUG, message, *args)
+
+
+def finish_round(control: StepControl, weight: float, matchmaking_time: float, averaging_timeout: float) -> Any:
+    """Let a scheduled round average now, with `weight`, and wait for it: at most
+    `matchmaking_time` more for its group to form (the peers it was waiting for may have left),
+    then at most `averaging_timeout` for the all-reduce. Returns the group's gathered data.
+
+    Raises:
+        HiveError: the round failed. TimeoutError: it took longer (it is cancelled).
+    """
+    control.allow_allreduce(weight=weight)
+    deadline = time.monotonic() + matchmaking_time
+    while control.stage in (Stage.IDLE, Stage.LOOKING_FOR_GROUP) and not control.done():
+        if time.monotonic() >= deadline:
+            control.cancel()
+            raise TimeoutError(f"no group formed within {matchmaking_time:g} s of the end of the epoch")
+        with contextlib.suppress(concurrent.futures.TimeoutError, TimeoutError):
+            control.result(timeout=0.05)
+    try:
+        return control.result(timeout=averaging_timeout)
+    except (concurrent.futures.TimeoutError, TimeoutError):
+        control.cancel()
+        raise TimeoutError(f"the all-reduce did not finish within {averaging_timeout:g} s") from None
 
 
 def build_optimizer(optimizer: Any, params: Iterable[Any] | None, name: str) -> torch.optim.Optimizer:
