@@ -16,6 +16,7 @@ SECTIONS = {
         "To join the training, use initial_peers = ['/ip4/127.0.0.1/tcp/",
         "20 steps, loss ",
     ],
+    "hivemind 1.x's Optimizer and DiLoCo": ["epoch 2"],
     "The DHT on its own": ["ValueWithExpiration(value={'any': 'msgpack value'}"],
 }
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from hivecli._exceptions import ConfigError
+from hivecli._exceptions import ConfigError, MatchmakingError
 from hivecli.averaging.averager import Stage, StepControl
 
 logger = logging.getLogger(__name__)
@@ -79,14 +79,15 @@ def finish_round(control: StepControl, weight: float, matchmaking_time: float, a
     then at most `averaging_timeout` for the all-reduce. Returns the group's gathered data.
 
     Raises:
-        HiveError: the round failed. TimeoutError: it took longer (it is cancelled).
+        MatchmakingError: no group formed in time (it is cancelled). HiveError: the round
+            failed. TimeoutError: the all-reduce took longer (it is cancelled).
     """
     control.allow_allreduce(weight=weight)
     deadline = time.monotonic() + matchmaking_time
     while control.stage in (Stage.IDLE, Stage.LOOKING_FOR_GROUP) and not control.done():
         if time.monotonic() >= deadline:
             control.cancel()
-            raise TimeoutError(f"no group formed within {matchmaking_time:g} s of the end of the epoch")
+            raise MatchmakingError(f"no group formed within {matchmaking_time:g} s of the end of the epoch")
         with contextlib.suppress(concurrent.futures.TimeoutError, TimeoutError):
             control.result(timeout=0.05)
     try:
