@@ -225,6 +225,11 @@ def test_start_and_join_train_in_the_collaborative_and_diloco_modes(workdir, mod
         assert epoch["target"] == (256 if mode == "collaborative" else 20) and epoch["progress"] >= 0
         table = hive("peers", address, "--run", "digits-demo", cwd=workdir)
         assert ("outer step" if mode == "diloco" else "epoch") in table.stdout and "toward the next" in table.stdout
+        pulled = hive("pull-state", address, "-o", str(workdir / "pulled.pt"), cwd=workdir)  # from this mode's donors
+        assert pulled.returncode == 0, pulled.stderr
+        checkpoint = torch.load(workdir / "pulled.pt")
+        quickstart_cnn((3, 32, 32), 10).load_state_dict(checkpoint["model"])
+        assert checkpoint["step"] >= 2
     finally:
         codes = [first.stop(signal.SIGTERM)] + ([second.stop(signal.SIGTERM)] if second else [])
     assert codes == [0, 0]

@@ -128,9 +128,11 @@ def _save_atomically(state: dict[str, Any], path: Path) -> None:
 def _download(
     dht: Any, recipe: Any, run_address: str, summary: dict[str, Any], deadline: float, timeout: float
 ) -> dict[str, Any]:
+    import torch
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
-    from hivecli.optim.training_averager import TrainingAverager
+    from hivecli.optim import DiLoCoOptimizer, Optimizer
+    from hivecli.optim.training_averager import TrainingAverager, parameters_of
     from hivecli.training import build_model_and_optimizer
 
     if "input_shape" in summary:
@@ -141,10 +143,17 @@ def _download(
         data = load_dataset(recipe.data)
         shape, classes = data.input_shape, data.num_classes
     model, opt = build_model_and_optimizer(recipe, shape, classes)
+    a = recipe.averaging
+    # each mode shares its state under its own prefix; DiLoCo's is its outer parameters and momentum
+    prefix = {"parameters": run_address, "collaborative": Optimizer.state_prefix(run_address)}.get(a.mode)
+    shared = opt
+    if a.mode == "diloco":
+        prefix = DiLoCoOptimizer.state_prefix(run_address)
+        shared = DiLoCoOptimizer.outer_state(model.parameters(), a.outer_lr, a.outer_momentum).opt
     averager = TrainingAverager(
-        opt,
+        shared,
         dht,
-        prefix=run_address,
+        prefix=prefix,
         target_group_size=recipe.averaging.target_group_size,
         client_mode=True,
         allow_state_sharing=False,
@@ -167,6 +176,10 @@ def _download(
                     time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
     finally:
         averager.shutdown()
+    if loaded is not None and shared is not opt:  # DiLoCo: the model is the outer parameters
+        with torch.no_grad():
+            for param, outer in zip(model.parameters(), parameters_of(shared), strict=True):
+                param.copy_(outer)
     if loaded is None:
         raise HiveError(
             f"no peer of run {recipe.run.prefix!r} shared its state within {timeout:g} s; "

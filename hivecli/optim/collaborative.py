@@ -142,7 +142,7 @@ class Optimizer(WrappedOptimizer):
             allow_state_sharing=False, start=True, **opts,
         )  # fmt: skip
         self.state_averager = TrainingAverager(
-            self.opt, dht, prefix=f"{run_id}_state_averager", state=self.training_state,
+            self.opt, dht, prefix=self.state_prefix(run_id), state=self.training_state,
             average_opt_statistics=tuple(average_opt_statistics), compression=state_averaging_compression,
             allow_state_sharing=not (client_mode or auxiliary), start=True, **opts,
         )  # fmt: skip
@@ -156,6 +156,11 @@ class Optimizer(WrappedOptimizer):
         self.last_group_size = 0
         self.last_round_finished = -math.inf  # time.monotonic()
         self._last_progress_log = -math.inf
+
+    @staticmethod
+    def state_prefix(run_id: str) -> str:
+        """The prefix under which a run's peers average parameters and share their state."""
+        return f"{run_id}_state_averager"
 
     # ---- what hivemind's users read -------------------------------------------------------------------
 
@@ -394,8 +399,8 @@ class Optimizer(WrappedOptimizer):
             if control is not None:
                 control.cancel()
         self._grad_round = self._state_round = None
-        bound = self.tracker.global_epoch + 1 if max_step is None else max_step
         timeout = self.load_state_timeout if timeout is None else timeout
+        bound = self.tracker.epoch_bound(timeout) if max_step is None else max_step
         with self.training_state.lock:
             try:
                 loaded = load_training_state(self.state_averager, self.training_state, timeout=timeout, max_step=bound)
@@ -430,6 +435,7 @@ class Optimizer(WrappedOptimizer):
             self.opt.load_state_dict(state_dict)
             self.state_averager.refresh_sources()
             self.training_state.step = int(epoch)
+        self.state_averager.state_sharing_priority = self.local_epoch
         self.tracker.update_epoch(self.local_epoch)
 
     def _log_progress(self) -> None:

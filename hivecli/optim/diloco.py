@@ -123,7 +123,7 @@ class DiLoCoOptimizer(WrappedOptimizer):
             **(averager_opts or {}),
         }
         self.averager = DecentralizedAverager(
-            [g.detach() for g in self.pseudo_grads], dht, prefix=f"{run_id}_diloco", compression=compression,
+            [g.detach() for g in self.pseudo_grads], dht, prefix=self.state_prefix(run_id), compression=compression,
             shared_state=self.training_state.shared(), start=True, **opts,
         )  # fmt: skip
         # the run's outer step and each peer's progress toward its next one, for newcomers and `hive peers`
@@ -136,6 +136,18 @@ class DiLoCoOptimizer(WrappedOptimizer):
         self.rounds_finished = self.rounds_failed = 0
         self.last_group_size = 0
         self.last_round_finished = -math.inf
+
+    @staticmethod
+    def state_prefix(run_id: str) -> str:
+        """The prefix under which a run's peers average pseudo-gradients and share their state."""
+        return f"{run_id}_diloco"
+
+    @staticmethod
+    def outer_state(params: Iterable[torch.Tensor], outer_lr: float, outer_momentum: float) -> TrainingState:
+        """A stand-in for a DiLoCo peer's shared state, of the same layout, for `hive pull-state`:
+        outer parameters (float32 CPU copies of `params`) and a Nesterov SGD's momentum."""
+        outer = [torch.nn.Parameter(p.detach().to("cpu", torch.float32, copy=True)) for p in params]
+        return TrainingState(torch.optim.SGD(outer, lr=outer_lr, momentum=outer_momentum, nesterov=outer_momentum > 0))
 
     @property
     def local_epoch(self) -> int:
@@ -235,7 +247,7 @@ class DiLoCoOptimizer(WrappedOptimizer):
             try:
                 loaded = load_training_state(
                     self.averager, self.training_state, timeout=timeout,
-                    max_step=self.tracker.global_epoch + 1 if max_step is None else max_step,
+                    max_step=self.tracker.epoch_bound(timeout) if max_step is None else max_step,
                 )  # fmt: skip
             except HiveError as e:
                 logger.warning("Could not load the run's state: %s", e)
@@ -265,6 +277,7 @@ class DiLoCoOptimizer(WrappedOptimizer):
             self.outer_opt.load_state_dict(state_dict["outer"])
             self.training_state.step = int(state_dict["local_epoch"])
             self.inner_steps = int(state_dict.get("inner_steps", 0))
+        self.averager.state_sharing_priority = self.local_epoch
         self.tracker.update_epoch(self.local_epoch)
 
     def discard_round(self) -> None:

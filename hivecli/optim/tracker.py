@@ -211,6 +211,14 @@ class ProgressTracker:
         self._fetch_requested = True
         self._wake.set()
 
+    def epoch_bound(self, timeout: float) -> int:
+        """The highest epoch a donor's state may claim: one past the run's epoch as a fetch made
+        now sees it (waiting at most min(timeout, 5 s)), not as of this tracker's last fetch: a
+        peer that just started knows nothing yet, and would refuse (and ban) honest donors."""
+        self.fetch_now()
+        self.wait_for_update(min(timeout, 5.0))
+        return self.global_epoch + 1
+
     def wait_for_update(self, timeout: float) -> bool:
         """Block until a fetch that ends after this call; True if one succeeded within `timeout` seconds."""
         with self._fetched:
