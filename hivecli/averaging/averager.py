@@ -519,6 +519,7 @@ class DecentralizedAverager:
                 logger.debug("Skipping donor %s: banned (%s)", donor, banned[donor])
                 continue
             node.host.add_addrs(donor, maddrs)
+            logger.info("Downloading parameters from peer %s", donor)  # hivemind's line, which users look for
             try:
                 async with _timeout(remaining):
                     result = await download_state(

@@ -20,6 +20,7 @@ Auxiliary peers help average (they reduce a part of each round) without training
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -38,6 +39,7 @@ from hivecli.optim.wrapper import WrappedOptimizer, build_optimizer, finish_roun
 from hivecli.utils.timing import get_dht_time
 
 logger = logging.getLogger(__name__)
+_RELOAD_PERIOD = 10.0  # seconds between catch-up downloads that fail (the peer trains meanwhile)
 # hivemind 1.x arguments whose job hive does another way; accepted so that its code runs as written
 _ACCEPTED_HIVEMIND_ARGS = {
     "delay_optimizer_step", "delay_grad_averaging", "delay_state_averaging", "delay_before_state_averaging",
@@ -156,6 +158,7 @@ class Optimizer(WrappedOptimizer):
         self.last_group_size = 0
         self.last_round_finished = -math.inf  # time.monotonic()
         self._last_progress_log = -math.inf
+        self._next_load_attempt = -math.inf  # after a failed catch-up download, the next is not before
 
     @staticmethod
     def state_prefix(run_id: str) -> str:
@@ -212,9 +215,10 @@ class Optimizer(WrappedOptimizer):
         _check_positive_int("batch_size", batch_size)
         with self.training_state.lock:
             self._apply_state_round()
-            if self._behind():
-                self.load_state_from_peers()
-                return loss
+            if self._behind() and time.monotonic() >= self._next_load_attempt:
+                if self.load_state_from_peers():
+                    return loss  # this batch's gradients belong to parameters that are gone
+                self._next_load_attempt = time.monotonic() + _RELOAD_PERIOD  # meanwhile, train on
             if self.use_local_updates:
                 self.opt.step()
             else:
@@ -262,15 +266,8 @@ class Optimizer(WrappedOptimizer):
         average state every average_state_every epochs, step the scheduler, move on."""
         epoch = self.local_epoch
         self._log("Beginning optimizer step #%d", epoch)
-        state_round = self._state_round
-        if state_round is not None and state_round.stage in (Stage.IDLE, Stage.LOOKING_FOR_GROUP):
-            self.discard_round(state_round)  # still no group a whole epoch later: the others moved on
-        elif state_round is not None:  # apply it before the step, as every peer of the round does:
-            try:  # (p - lr g) + (avg - p) is not bitwise avg - lr g, and peers must stay identical
-                self.wait_for_averaging(self.averaging_timeout)
-            except TimeoutError:
-                self.discard_round(state_round)
         if not self.use_local_updates:
+            self._settle_state_round()
             self._average_gradients()
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
@@ -283,6 +280,28 @@ class Optimizer(WrappedOptimizer):
         if self.local_epoch % self.average_state_every == 0:
             self._start_state_round()
         self._log("Transitioning to epoch %d", self.local_epoch)
+
+    def _settle_state_round(self) -> None:
+        """Before a gradient step, apply the parameters round in flight, as every peer of its group
+        does: (p - lr g) + (avg - p) is not bitwise avg - lr g, and the peers must stay identical.
+        A round still without a group gets the rest of its matchmaking time, then is dropped
+        (the peers it waited for have moved on). With local updates, rounds just run on: the
+        delta rule keeps the steps taken meanwhile."""
+        control = self._state_round
+        if control is None:
+            return
+        grace = 2 * self.matchmaking_time - (time.perf_counter() - self._state_round_started)
+        if control.stage in (Stage.IDLE, Stage.LOOKING_FOR_GROUP) and grace > 0:
+            with contextlib.suppress(Exception):  # its failure is logged when it is applied
+                control.result(grace)
+        if control.stage in (Stage.IDLE, Stage.LOOKING_FOR_GROUP) and not control.done():
+            logger.info("The parameters round of epoch %d found no group in time; dropped it", self.local_epoch)
+            self.discard_round(control)
+            return
+        try:
+            self.wait_for_averaging(self.averaging_timeout)
+        except TimeoutError:
+            self.discard_round(control)
 
     def _average_gradients(self) -> None:
         """Average the epoch's mean gradient with the group, weighted by samples, into `.grad`.
@@ -318,8 +337,11 @@ class Optimizer(WrappedOptimizer):
         self._log("Starting a new averaging round with current parameters.")
         self._state_round_started = time.perf_counter()
         timeout = 2 * self.matchmaking_time  # to find a group; the all-reduce has averaging_timeout
+        # with local updates, peers a little apart in epochs average too (as hivemind's do); in
+        # lockstep gradient training, only peers of the same epoch
+        scope = "" if self.use_local_updates else f"e{self.local_epoch}"
         self._state_round = self.state_averager.step(  # type: ignore[assignment]
-            scope=f"e{self.local_epoch}", timeout=timeout, wait=False
+            scope=scope, timeout=timeout, wait=False
         )
 
     def _apply_state_round(self) -> bool:
