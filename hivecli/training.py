@@ -426,8 +426,7 @@ class Trainer:
 
     def _train_step(self, x: torch.Tensor, y: torch.Tensor, stop: threading.Event) -> bool:
         """One step; False if the guard found the model broken and rolled it back instead."""
-        fraction = None if self.goal is None else self.run_samples / self.goal
-        factor = self.schedule.factor(self.step, fraction)
+        factor = self.schedule.factor(*self._schedule_position())
         for group, base in zip(self.opt.param_groups, self.base_lrs, strict=True):
             group["lr"] = base * factor
         self.opt.zero_grad()
@@ -444,6 +443,18 @@ class Trainer:
         self.loss_ema = self.guard.smoothed
         self._healthy_steps += 1
         return True
+
+    def _schedule_position(self) -> tuple[int, float | None]:
+        """(step, fraction of the run's goal) at which the learning-rate schedule is read. In the
+        collaborative mode every peer must use the same rate in an epoch, so both come from the
+        shared epoch; DiLoCo's inner optimizer warms up over inner steps, not outer ones."""
+        fraction = None if self.goal is None else self.run_samples / self.goal
+        if isinstance(self.opt, Optimizer):
+            samples = self.opt.local_epoch * self.opt.target_batch_size
+            return self.step, None if self.goal is None else samples / self.goal
+        if isinstance(self.opt, DiLoCoOptimizer):
+            return self.step * self.opt.local_steps + self.opt.inner_steps, fraction
+        return self.step, fraction
 
     # ---- the divergence guard's rollback ------------------------------------------------------------
 

@@ -35,7 +35,14 @@ from hivecli.dht.dht import DHT
 from hivecli.optim.state import TrainingState, load_training_state, parameters_of
 from hivecli.optim.tracker import ProgressTracker
 from hivecli.optim.training_averager import TrainingAverager
-from hivecli.optim.wrapper import WrappedOptimizer, build_optimizer, finish_round
+from hivecli.optim.wrapper import (
+    WrappedOptimizer,
+    averager_options,
+    build_optimizer,
+    check_seconds,
+    finish_round,
+    wait_for_round,
+)
 from hivecli.utils.timing import get_dht_time
 
 logger = logging.getLogger(__name__)
@@ -114,10 +121,11 @@ class Optimizer(WrappedOptimizer):
         if batch_size_per_step is not None:
             _check_positive_int("batch_size_per_step", batch_size_per_step)
         _check_positive_int("average_state_every", average_state_every)
-        for name, value in (("matchmaking_time", matchmaking_time), ("averaging_timeout", averaging_timeout),
-                            ("load_state_timeout", load_state_timeout)):  # fmt: skip
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ConfigError(f"{name} = {value!r}: must be a positive number of seconds")
+        check_seconds(
+            matchmaking_time=matchmaking_time,
+            averaging_timeout=averaging_timeout,
+            load_state_timeout=load_state_timeout,
+        )
         client_mode = dht.client_mode if client_mode is None else bool(client_mode)
         if auxiliary and client_mode:
             raise ConfigError("auxiliary=True with client_mode=True: an auxiliary peer must accept connections")
@@ -130,14 +138,7 @@ class Optimizer(WrappedOptimizer):
         self.training_state = TrainingState(self.opt, extra_tensors)  # its step is the epoch
         self.scheduler = scheduler(self.opt) if callable(scheduler) else scheduler
 
-        opts = {
-            "target_group_size": 64,  # the whole run in one group: all peers take the same step
-            "min_matchmaking_time": self.matchmaking_time,
-            "request_timeout": min(3.0, self.matchmaking_time / 2),
-            "allreduce_timeout": self.averaging_timeout,
-            "client_mode": client_mode,
-            **(averager_opts or {}),
-        }
+        opts = averager_options(self.matchmaking_time, self.averaging_timeout, client_mode, averager_opts)
         self.grads = [torch.zeros(p.shape, dtype=torch.float32) for p in parameters_of(self.opt)]
         self.grad_averager = DecentralizedAverager(
             self.grads, dht, prefix=f"{run_id}_grad_averager", compression=grad_compression,
@@ -373,14 +374,9 @@ class Optimizer(WrappedOptimizer):
         Raises:
             TimeoutError: it is still running after `timeout` seconds.
         """
-        control = self._state_round
-        if control is None:
+        if self._state_round is None:
             return False
-        try:
-            control.result(timeout)
-        except Exception:  # its failure is logged when applied; only a timeout concerns us here
-            if not control.done():
-                raise TimeoutError(f"the averaging round did not finish within {timeout} s") from None
+        wait_for_round(self._state_round, timeout)  # its failure is logged when it is applied
         with self.training_state.lock:
             return self._apply_state_round()
 

@@ -29,7 +29,13 @@ from hivecli.averaging.averager import DecentralizedAverager, StepControl
 from hivecli.dht.dht import DHT
 from hivecli.optim.state import TrainingState, load_training_state
 from hivecli.optim.tracker import ProgressTracker
-from hivecli.optim.wrapper import WrappedOptimizer, build_optimizer, finish_round
+from hivecli.optim.wrapper import (
+    WrappedOptimizer,
+    averager_options,
+    build_optimizer,
+    check_seconds,
+    finish_round,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -83,10 +89,11 @@ class DiLoCoOptimizer(WrappedOptimizer):
         for name, value in (("local_steps", local_steps), ("batch_size_per_step", batch_size_per_step or 1)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} = {value!r}: must be an integer >= 1")
-        for name, value in (("matchmaking_time", matchmaking_time), ("averaging_timeout", averaging_timeout),
-                            ("load_state_timeout", load_state_timeout)):  # fmt: skip
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ConfigError(f"{name} = {value!r}: must be a positive number of seconds")
+        check_seconds(
+            matchmaking_time=matchmaking_time,
+            averaging_timeout=averaging_timeout,
+            load_state_timeout=load_state_timeout,
+        )
         self.params = [p for p in params]
         if not self.params or any(isinstance(p, dict) for p in self.params):
             raise ConfigError("params must be the model's parameters, e.g. params=model.parameters()")
@@ -114,14 +121,7 @@ class DiLoCoOptimizer(WrappedOptimizer):
         self.training_state = TrainingState(self.outer_opt, extra_tensors)  # its step is the outer step
         self.pseudo_grads = [torch.zeros_like(p, requires_grad=False) for p in self.outer_params]
         client_mode = dht.client_mode if client_mode is None else bool(client_mode)
-        opts = {
-            "target_group_size": 64,
-            "min_matchmaking_time": self.matchmaking_time,
-            "request_timeout": min(3.0, self.matchmaking_time / 2),
-            "allreduce_timeout": self.averaging_timeout,
-            "client_mode": client_mode,
-            **(averager_opts or {}),
-        }
+        opts = averager_options(self.matchmaking_time, self.averaging_timeout, client_mode, averager_opts)
         self.averager = DecentralizedAverager(
             [g.detach() for g in self.pseudo_grads], dht, prefix=self.state_prefix(run_id), compression=compression,
             shared_state=self.training_state.shared(), start=True, **opts,

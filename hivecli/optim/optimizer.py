@@ -24,7 +24,7 @@ from hivecli.averaging.averager import StepControl
 from hivecli.dht.dht import DHT
 from hivecli.optim.state import TrainingState
 from hivecli.optim.training_averager import TrainingAverager
-from hivecli.optim.wrapper import WrappedOptimizer
+from hivecli.optim.wrapper import WrappedOptimizer, wait_for_round
 from hivecli.utils.timing import get_dht_time
 
 logger = logging.getLogger(__name__)
@@ -211,14 +211,9 @@ class DecentralizedOptimizer(WrappedOptimizer):
         Raises:
             TimeoutError: the round is still running after `timeout` seconds.
         """
-        control = self._round
-        if control is None:
+        if self._round is None:
             return False
-        try:
-            control.result(timeout)
-        except Exception:  # its failure is logged when applied; only a timeout concerns us here
-            if not control.done():
-                raise TimeoutError(f"the averaging round did not finish within {timeout} s") from None
+        wait_for_round(self._round, timeout)  # its failure is logged when it is applied
         with self.lock_parameters:
             return self._apply_finished_round()
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import logging
+import math
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -71,6 +72,41 @@ class WrappedOptimizer(torch.optim.Optimizer):
 
     def _log(self, message: str, *args: Any) -> None:
         logger.log(logging.INFO if self.verbose else logging.DEBUG, message, *args)
+
+
+def check_seconds(**values: Any) -> None:
+    """Raises ConfigError naming the first value that is not a positive, finite number of seconds."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise ConfigError(f"{name} = {value!r}: must be a positive number of seconds")
+
+
+def averager_options(
+    matchmaking_time: float, averaging_timeout: float, client_mode: bool, overrides: dict[str, Any] | None
+) -> dict[str, Any]:
+    """DecentralizedAverager settings of an epoch-based optimizer: the whole run in one group (all
+    peers take the same step), groups gathered for matchmaking_time, then `overrides`."""
+    return {
+        "target_group_size": 64,
+        "min_matchmaking_time": matchmaking_time,
+        "request_timeout": min(3.0, matchmaking_time / 2),
+        "allreduce_timeout": averaging_timeout,
+        "client_mode": client_mode,
+        **(overrides or {}),
+    }
+
+
+def wait_for_round(control: StepControl, timeout: float | None) -> None:
+    """Wait until a round in flight is done (its failure, if any, is the caller's to read).
+
+    Raises:
+        TimeoutError: it is still running after `timeout` seconds.
+    """
+    try:
+        control.result(timeout)
+    except Exception:  # only a timeout concerns us here
+        if not control.done():
+            raise TimeoutError(f"the averaging round did not finish within {timeout} s") from None
 
 
 def finish_round(control: StepControl, weight: float, matchmaking_time: float, averaging_timeout: float) -> Any:
