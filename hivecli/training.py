@@ -364,13 +364,16 @@ class Trainer:
                 reason = self._stop_reason(stop, started, my_samples, max_samples)
                 if reason:
                     break
+                before = self.step
                 if not self._train_step(x, y, stop):
                     continue
                 my_samples += len(y)
                 window_samples += len(y)
-                if self.step % output.eval_every_steps == 0:
+                # in the collaborative and DiLoCo modes the step moves once per epoch (outer step), not
+                # per batch: evaluate and save when it reaches a multiple, not at every batch while it is one
+                if self.step != before and self.step % output.eval_every_steps == 0:
                     self.evaluate()
-                if self.step % output.checkpoint_every_steps == 0:
+                if self.step != before and self.step % output.checkpoint_every_steps == 0:
                     self.save_checkpoint()
                 now = time.monotonic()
                 if now >= next_report:
