@@ -262,6 +262,15 @@ class Optimizer(WrappedOptimizer):
             scope=f"e{self.local_epoch}", scheduled=True, timeout=timeout, wait=False, allow_retries=False
         )
 
+    def _take_grad_round(self) -> StepControl:
+        """The epoch's scheduled gradient round, or a new one if it was never scheduled or its
+        search ended without a group."""
+        control = self._grad_round
+        if control is None or control.done():
+            control = self._start_grad_round()
+        self._grad_round = None
+        return control
+
     def _end_epoch(self) -> None:
         """The run reached target_batch_size: average gradients (unless local updates), step,
         average state every average_state_every epochs, step the scheduler, move on."""
@@ -307,10 +316,7 @@ class Optimizer(WrappedOptimizer):
     def _average_gradients(self) -> None:
         """Average the epoch's mean gradient with the group, weighted by samples, into `.grad`.
         On failure the local gradient is used ("Proceeding with local gradients")."""
-        control = self._grad_round
-        if control is None or control.done():  # never scheduled, or its search ended without a group
-            control = self._start_grad_round()
-        self._grad_round = None
+        control = self._take_grad_round()
         with self.grad_averager.get_tensors() as grads:
             for acc in grads:
                 acc.div_(max(1, self.samples))
@@ -391,10 +397,7 @@ class Optimizer(WrappedOptimizer):
         if not self.tracker.ready_to_update_epoch:
             self.tracker.wait_for_update(timeout=min(1.0, self.matchmaking_time))
             return
-        control = self._grad_round
-        if control is None or control.done():
-            control = self._start_grad_round()
-        self._grad_round = None
+        control = self._take_grad_round()
         with self.grad_averager.get_tensors() as grads:
             for acc in grads:
                 acc.zero_()

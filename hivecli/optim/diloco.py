@@ -16,6 +16,7 @@ pseudo-gradient and says so.
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import time
@@ -119,19 +120,18 @@ class DiLoCoOptimizer(WrappedOptimizer):
         ]
         self.outer_opt = build_optimizer(outer_optimizer, self.outer_params, "outer_optimizer")
         self.training_state = TrainingState(self.outer_opt, extra_tensors)  # its step is the outer step
-        self.pseudo_grads = [torch.zeros_like(p, requires_grad=False) for p in self.outer_params]
         client_mode = dht.client_mode if client_mode is None else bool(client_mode)
         opts = averager_options(self.matchmaking_time, self.averaging_timeout, client_mode, averager_opts)
         self.averager = DecentralizedAverager(
-            [g.detach() for g in self.pseudo_grads], dht, prefix=self.state_prefix(run_id), compression=compression,
-            shared_state=self.training_state.shared(), start=True, **opts,
+            [torch.zeros(p.shape) for p in self.outer_params], dht, prefix=self.state_prefix(run_id),
+            compression=compression, shared_state=self.training_state.shared(), start=True, **opts,
         )  # fmt: skip
         # the run's outer step and each peer's progress toward its next one, for newcomers and `hive peers`
         self.tracker = ProgressTracker(dht, run_id, target_batch_size=local_steps, client_mode=client_mode)
         self.inner_steps = 0  # since the last outer step
         self.samples = 0  # since the last outer step: this peer's weight in the average
         self._round: StepControl | None = None
-        self._step_times: list[float] = []  # recent inner step durations, for when to look for a group
+        self._step_times: collections.deque[float] = collections.deque(maxlen=20)  # recent inner step durations
         self._last_step = time.perf_counter()
         self.rounds_finished = self.rounds_failed = 0
         self.last_group_size = 0
@@ -172,7 +172,7 @@ class DiLoCoOptimizer(WrappedOptimizer):
             with torch.enable_grad():
                 loss = closure()
         now = time.perf_counter()
-        self._step_times = [*self._step_times, now - self._last_step][-20:]
+        self._step_times.append(now - self._last_step)
         self._last_step = now
         with self.training_state.lock:
             if self.inner_steps == 0 and self.tracker.global_epoch > self.local_epoch:
