@@ -43,6 +43,7 @@ from hivecli.averaging.state import (
     download_state,
     find_donors,
 )
+from hivecli.cores import single_threaded_here
 from hivecli.dht.dht import DHT
 from hivecli.dht.node import DHTNode
 from hivecli.net.connection import Stream
@@ -212,10 +213,7 @@ class DecentralizedAverager:
         self._running = True
 
     async def _start(self, node: DHTNode) -> None:
-        # No torch.set_num_threads(1) here, though reductions run on this thread: called from
-        # this thread it halved the training loop's speed too (the quick-start CNN, 32 -> 17
-        # steps/s, benchmarks/bench_optimizer.py), and all-reduce times did not get worse
-        # without it (2 peers, 50M: 122 ms, 1.00x gloo).
+        single_threaded_here()  # our reductions and copies run on this thread: see its docstring
         self._step_lock = asyncio.Lock()
         self._matchmaker = Matchmaker(
             node, self.prefix, self.schema_hash, self.settings, self.client_mode, is_banned=self._is_banned

@@ -31,6 +31,7 @@ from hivecli._exceptions import HiveError
 from hivecli.averaging.compression import tensor_bytes
 from hivecli.averaging.group import method_name
 from hivecli.averaging.robust import all_finite
+from hivecli.cores import single_threaded_here
 from hivecli.dht.node import DHTNode
 from hivecli.dht.records import owned_entries, owned_subkey
 from hivecli.net.connection import EndOfStream, Stream
@@ -130,6 +131,7 @@ class StateServer:
 
     def _copy_state(self) -> tuple[Any, list[torch.Tensor]]:
         """Runs in a worker thread; `take_snapshot` calls `_copy_into_buffers` under its lock."""
+        single_threaded_here()  # a memory-bound copy: more threads would only slow down training
         metadata, tensors = self.take_snapshot(self._copy_into_buffers)
         return metadata, list(tensors)
 
