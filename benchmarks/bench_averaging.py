@@ -13,8 +13,9 @@ For each world size (2, 4) and size (1M, 10M, 50M fp32), in the same run:
   peers; less sensitive than wall time to other load on a shared machine.
 
 Then the state download: one donor process with a 50M fp32 tensor; `--state-trials` fresh
-processes each join the DHT, create an averager and time `load_state_from_peers()` (the donor
-lookup, the download and the hand-over), check it bit for bit, and time a second load. Raw TCP
+processes each make their model (a 50M tensor), join the DHT, create an averager and time
+`load_state_from_peers(into=[model])` (the donor lookup, the download straight into the model
+and the hand-over), check it bit for bit, and time a second load. Raw TCP
 loopback (one stream, 8 MiB sendall / recv_into) is measured in the same run as the ceiling.
 
 Encryption (`--encryption`, default `both`): links are encrypted by default (AES-256-GCM after
@@ -131,14 +132,15 @@ def _gloo_worker(rank: int, world: int, port: int, numel: int, reps: int, out: A
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     torch.manual_seed(rank)
     tensor = torch.randn(numel)
-    times = []
+    times, cpus = [], []
     for rep in range(reps + 1):
         dist.barrier()
-        start = time.perf_counter()
+        cpu_start, start = _cpu_s(), time.perf_counter()
         dist.all_reduce(tensor)
         if rep:
             times.append(time.perf_counter() - start)
-    out.put((rank, times, _peak_rss_mib()))
+            cpus.append(_cpu_s() - cpu_start)
+    out.put((rank, times, _peak_rss_mib(), cpus))
     dist.destroy_process_group()
 
 
@@ -155,7 +157,8 @@ def run_gloo(world: int, numel: int, reps: int) -> dict[str, Any]:
         _stop(procs)
     per_rep = [max(r[1][i] for r in results) for i in range(reps)]
     rss = max(r[2] for r in results)
-    return {"t": statistics.median(per_rep), "min": min(per_rep), "max": max(per_rep), "rss": rss}
+    cpu = statistics.median(statistics.mean(r[3][i] for r in results) for i in range(reps))
+    return {"t": statistics.median(per_rep), "min": min(per_rep), "max": max(per_rep), "rss": rss, "cpu": cpu}
 
 
 # ---- hivecli averaging ---------------------------------------------------------------------------
@@ -208,6 +211,7 @@ def _avg_worker_body(
         min_matchmaking_time=5.0,
         request_timeout=1.0,
         chunk_bytes=chunk_mib * 2**20,
+        compression=os.environ.get("BENCH_COMPRESSION", "none"),
         start=True,
     )
     records = []
@@ -308,19 +312,19 @@ def _newcomer_body(numel: int, encrypt: bool, addrs: list[str], out: Any) -> Non
     from hivecli.averaging import DecentralizedAverager
 
     expected = _seeded(1234, numel)
+    model = torch.zeros(numel)  # the newcomer's own model: it exists, and the state lands in it
     started = time.perf_counter()
     dht = DHT(initial_peers=addrs, start=True, net_settings=_net_settings(encrypt))
-    averager = DecentralizedAverager(
-        [torch.zeros(numel)], dht, prefix="bench-state", allow_state_sharing=False, start=True
-    )
+    averager = DecentralizedAverager([model], dht, prefix="bench-state", allow_state_sharing=False, start=True)
     joined = time.perf_counter()
-    loaded = averager.load_state_from_peers(timeout=60)
+    loaded = averager.load_state_from_peers(timeout=60, into=[model])
     first = time.perf_counter() - joined
-    identical = loaded is not None and torch.equal(loaded[1][0], expected)
-    del loaded
+    identical = loaded is not None and torch.equal(model, expected)
+    model.zero_()
     again_start = time.perf_counter()
-    averager.load_state_from_peers(timeout=60)
+    averager.load_state_from_peers(timeout=60, into=[model])
     again = time.perf_counter() - again_start
+    identical = identical and torch.equal(model, expected)
     out.put((joined - started, first, again, identical, _peak_rss_mib(), _uss_mib()))
     averager.shutdown()
     dht.shutdown()
@@ -425,7 +429,7 @@ def _avg_row(world: int, name: str, mode: str, ours: dict[str, Any], gloo: dict[
     gloo_ms = {k: v * 1e3 for k, v in gloo.items()}
     gloo_cells = f"{gloo_ms['t']:.1f} ({gloo_ms['min']:.1f}-{gloo_ms['max']:.1f}) | {nbytes / gloo['t'] / 1e6:.0f}"
     if "error" in ours:
-        return f"| {world} | {name} | {mode} | FAILED: {ours['error']} | | | | | {gloo_cells} | | | |"
+        return f"| {world} | {name} | {mode} | FAILED: {ours['error']} | | | | | {gloo_cells} | | | | |"
     ms = {k: v * 1e3 for k, v in ours.items() if isinstance(v, float)}
     check = f"{ours['max_error']:.1e}"
     if ours["max_error"] > MAX_ERROR:
@@ -435,7 +439,8 @@ def _avg_row(world: int, name: str, mode: str, ours: dict[str, Any], gloo: dict[
     return (
         f"| {world} | {name} | {mode} | {ms['step']:.1f} ({ms['step_min']:.1f}-{ms['step_max']:.1f}) "
         f"| {ms['allreduce']:.1f} | {ms['matchmaking']:.1f} | {ms['first']:.0f} "
-        f"| {nbytes / ours['step'] / 1e6:.0f} | {gloo_cells} | {ours['step'] / gloo['t']:.2f}x | {check} "
+        f"| {nbytes / ours['step'] / 1e6:.0f} | {gloo_cells} | {ours['step'] / gloo['t']:.2f}x "
+        f"| {ours['cpu'] * 1e3:.0f} ({gloo['cpu'] * 1e3:.0f}) | {check} "
         f"| {ours['rss']:.0f} / {ours['uss']:.0f} |"
     )
 
@@ -479,9 +484,9 @@ def main() -> None:
     rows = []
     print(
         "| peers | numel | encryption | step ms (min-max) | allreduce ms | matchmaking ms | 1st round ms | algbw MB/s "
-        "| gloo ms (min-max) | gloo algbw MB/s | step / gloo | max err | peak RSS / USS MiB |"
+        "| gloo ms (min-max) | gloo algbw MB/s | step / gloo | CPU ms/peer (gloo) | max err | peak RSS / USS MiB |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for world in args.peers:
         for name in args.sizes:
             numel = SIZES[name]

@@ -185,7 +185,11 @@ class AveragingSection(_Section):
     average_opt_statistics: list[str] = Field(default_factory=list, description='e.g. ["exp_avg_sq"] for Adam.')
     every_steps: int = Field(1, ge=1, description="Start a round every this many steps.")
     every_seconds: float = Field(0.0, ge=0, description="And at most once per this many seconds (0: no limit).")
-    compression: Literal["none", "fp16", "uniform8bit", "blockwise8bit"] = "none"
+    compression: Literal["auto", "none", "fp16", "uniform8bit", "blockwise8bit"] = Field(
+        "auto",
+        description="How tensors travel: auto picks fp16 for each round only when the measured link is slower "
+        "than this machine converts to fp16 and back (exact float32 on fast links).",
+    )
     min_matchmaking_time: float = Field(5.0, gt=0, description="How long an incomplete group waits for more peers.")
     request_timeout: float = Field(3.0, gt=0)
     allreduce_timeout: float = Field(120.0, gt=0)

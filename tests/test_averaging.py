@@ -16,8 +16,10 @@ import pytest
 import torch
 
 from hivecli import DHT, ConfigError
-from hivecli._exceptions import MatchmakingError
+from hivecli._exceptions import AllreduceError, MatchmakingError
 from hivecli.averaging import DecentralizedAverager, Stage, load_balance
+from hivecli.averaging.compression import AutoCompression
+from hivecli.averaging.group import GroupInfo, Member
 from hivecli.averaging.partition import Layout
 from hivecli.dht.records import owned_entries
 from hivecli.testing import local_swarm, wait_for
@@ -125,6 +127,37 @@ def test_weighted_average_with_uneven_bandwidths():
         finally:
             for av in avs:
                 av.shutdown()
+
+
+def test_auto_compression_uses_the_codec_its_leader_chose_from_the_link_rate():
+    torch.manual_seed(3)
+    with local_swarm(3, **DHT_FAST) as dhts:
+        inputs = [torch.randn(5000) for _ in dhts]
+        local = [[t.clone()] for t in inputs]
+        with averagers(dhts, local, prefix="auto", target_group_size=3, compression="auto", **FAST) as avs:
+            exact = torch.stack(inputs).mean(0)
+            codecs = [av.codec for av in avs]
+            assert all(isinstance(codec, AutoCompression) for codec in codecs)
+
+            def errors_after_a_round(link_rate: float | None) -> list[float]:
+                for av, peer in zip(avs, inputs, strict=True):
+                    with av.get_tensors() as (tensor,):
+                        tensor.copy_(peer)
+                    av.codec.link_rate = link_rate  # as if measured (a 5,000-float round is too small to)
+                run_round(avs)
+                return [(snapshot(av)[0] - exact).abs().max().item() for av in avs]
+
+            assert max(errors_after_a_round(None)) < 1e-6  # nothing measured yet: exact
+            bound = 2**-11 * exact.abs().max().item() * 2 + 1e-4  # fp16's bound on inputs and averages
+            assert all(1e-5 < error < bound for error in errors_after_a_round(1e6))  # 1 MB/s: fp16, everyone
+            assert max(errors_after_a_round(1e12)) < 1e-6  # a fast link: exact again
+            # a leader that picks a codec "auto" never picks is refused
+            group = GroupInfo(b"g" * 20, (), "uniform8bit")
+            with pytest.raises(AllreduceError, match="uniform8bit"):
+                avs[0]._round_codec(group)
+            members = (Member(dhts[0].peer_id, (), False, None),)
+            assert GroupInfo.from_wire(GroupInfo(b"g" * 20, members, "fp16").to_wire()).codec == "fp16"
+            assert GroupInfo.from_wire(GroupInfo(b"g" * 20, members).to_wire()).codec is None
 
 
 def test_zero_weight_peer_contributes_nothing_but_receives_the_average():
@@ -423,6 +456,17 @@ def test_state_download_is_bit_identical():
                 live[0].add_(1.0)
             _, again = newcomer.load_state_from_peers(timeout=30)
             assert torch.equal(again[0], donor_tensors[0])
+            # into existing tensors: written in place and returned, nothing new allocated
+            model = [torch.zeros(1_000_000), torch.zeros(3, 5, dtype=torch.float64), torch.empty(0)]
+            addresses = [t.data_ptr() for t in model]
+            got_metadata, placed = newcomer.load_state_from_peers(timeout=30, into=model)
+            assert got_metadata == metadata and [t.data_ptr() for t in placed] == addresses
+            for got, want in zip(model, donor_tensors, strict=True):
+                assert torch.equal(got, want)
+            with pytest.raises(ConfigError, match=r"into=.*this peer's state is"):
+                newcomer.load_state_from_peers(timeout=30, into=model[:2])
+            with pytest.raises(ConfigError, match="contiguous"):
+                newcomer.load_state_from_peers(timeout=30, into=[model[0], model[1].t().contiguous().t(), model[2]])
 
 
 def test_non_sharing_peers_are_never_used_and_no_donor_means_none():

@@ -15,7 +15,7 @@ from hivecli.averaging import (
     Uniform8BitQuantization,
     get_codec,
 )
-from hivecli.averaging.compression import CODECS
+from hivecli.averaging.compression import CODECS, AutoCompression
 
 SIZES = [1, 2, 1000, 4095, 4096, 4097, 10_000]
 
@@ -149,3 +149,47 @@ def test_unknown_codec_is_a_config_error_naming_it(name):
     message = str(info.value)
     assert repr(name) in message
     assert all(known in message for known in CODECS)
+
+
+# ---- compression = "auto" ---------------------------------------------------------------------
+
+
+def auto_with(pairs_per_second: float) -> AutoCompression:
+    auto = get_codec("auto")
+    assert isinstance(auto, AutoCompression) and get_codec(auto) is auto
+    auto._pairs_per_second = pairs_per_second  # as if measured: the rule, not this machine, is tested
+    return auto
+
+
+def test_auto_is_exact_until_it_has_measured_a_round_then_follows_the_link():
+    auto = auto_with(2e8)  # fp16 pays below 2 x 2e8 = 400 MB/s
+    assert auto.choose() == "none"
+    auto.observe("none", sent_bytes=40_000_000, converted=0, seconds=3.4)  # 100 Mbit/s: 11.8 MB/s
+    assert auto.choose() == "fp16"
+    for _ in range(10):  # the link got fast (or we moved to a LAN): the smoothed rate follows
+        auto.observe("fp16", sent_bytes=100_000_000, converted=0, seconds=0.05)
+    assert auto.link_rate > 400e6 and auto.choose() == "none"
+
+
+def test_auto_does_not_mistake_conversion_time_for_a_slow_link():
+    auto = auto_with(2e8)
+    # a loopback round in fp16: 100 MB sent in 0.4 s, of which 100M conversions took 0.25 s
+    auto.observe("fp16", sent_bytes=100_000_000, converted=100_000_000, seconds=0.4)
+    assert auto.link_rate == pytest.approx(100e6 / 0.15) and auto.choose() == "none"
+    # the same bytes and time without conversions would be a 250 MB/s link: compress
+    slow = auto_with(2e8)
+    slow.observe("none", sent_bytes=100_000_000, converted=0, seconds=0.4)
+    assert slow.choose() == "fp16"
+
+
+def test_auto_ignores_rounds_too_small_to_measure_a_link():
+    auto = auto_with(2e8)
+    auto.observe("none", sent_bytes=4096, converted=0, seconds=0.5)  # latency, not bandwidth
+    assert auto.link_rate is None and auto.choose() == "none"
+
+
+def test_auto_measures_this_machines_conversion_speed():
+    auto = get_codec("auto")
+    assert isinstance(auto, AutoCompression)
+    assert 1e6 < auto.pairs_per_second() < 1e12  # a real measurement, once
+    assert auto.pairs_per_second() == auto._pairs_per_second

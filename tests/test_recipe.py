@@ -164,7 +164,7 @@ def test_env_and_override_values_are_validated(tmp_path):
     assert "unknown key limits.max_step (did you mean 'max_steps'?)" in config_error(path, ["limits.max_step=3"])
     assert "unknown section [limit] (did you mean 'limits'?)" in config_error(path, ["limit.max_steps=3"])
     assert config_error(path, env={"HIVE_AVERAGING_COMPRESSION": "fp8"}).startswith(
-        "HIVE_AVERAGING_COMPRESSION=fp8 (environment variable): must be 'none', 'fp16'"
+        "HIVE_AVERAGING_COMPRESSION=fp8 (environment variable): must be 'auto', 'none', 'fp16'"
     )
 
 

@@ -148,6 +148,8 @@ class AllReduceRunner:
         self.chunk_elements = max(1, settings.chunk_bytes // 4)
         self.my_chunks = self.layout.chunks(*self.spans[self.index], self.chunk_elements)
         self.loop = asyncio.get_running_loop()
+        self.sent_bytes = 0  # encoded bytes we sent, and elements we encoded or decoded: what
+        self.converted = 0  # "auto" compression learns the link's rate from
         self.failed_peers: dict[int, str] = {}  # member index -> why it was dropped
         self.offenders: dict[PeerID, str] = {}  # members caught sending non-finite values -> why
         # reducer state; a sender is "alive" until it fails, and chunk c of our span is final once
@@ -278,6 +280,7 @@ class AllReduceRunner:
                     if weights[k] > 0:
                         weight += weights[k]
                         piece.lerp_(self._buffers[k].decode(c).to(piece.dtype), weights[k] / weight)
+                        self.converted += piece.numel()
             else:
                 self._robust_chunk(c, piece, weights)
             self._finalized += 1
@@ -341,8 +344,7 @@ class AllReduceRunner:
                         await receiving  # raises why it failed
                         return
                     await self._next_progress()
-                meta, data = self.codec.encode(self._piece(chunk))
-                await stream.send([c, meta], data)
+                await stream.send(*self._encode(c, chunk))
             await receiving
             await self._answer_audit_or_end(stream, sender)
             if not self._served[sender].done():
@@ -414,8 +416,7 @@ class AllReduceRunner:
 
             async def send_part() -> None:
                 for i, chunk in enumerate(chunks):
-                    meta, data = self.codec.encode(self._piece(chunk))
-                    await stream.send([i, meta], data)
+                    await stream.send(*self._encode(i, chunk))
 
             sending = self.loop.create_task(send_part())
             try:
@@ -423,6 +424,7 @@ class AllReduceRunner:
                     # the first averaged chunk can only come once every sender has delivered
                     timeout = None if i == 0 else self.settings.next_chunk_timeout
                     message = await stream.recv(timeout=timeout)
+                    self.converted += chunks[i].numel
                     if not all_finite(results.place(i, message.payload, message.body)):
                         raise HostilePeerError(f"it returned a non-finite average (NaN or inf) in chunk {i}")
                 await sending
@@ -448,6 +450,13 @@ class AllReduceRunner:
                     await stream.cancel()
         for i, chunk in enumerate(chunks):
             self._piece(chunk).copy_(results.decode(i))
+
+    def _encode(self, index: int, chunk: Chunk) -> tuple[list[Any], memoryview]:
+        """Chunk `index` of a span, as the message that carries it: ([index, meta], bytes)."""
+        meta, data = self.codec.encode(self._piece(chunk))
+        self.sent_bytes += data.nbytes
+        self.converted += chunk.numel
+        return [index, meta], data
 
     def _request(self) -> dict[str, Any]:
         return {"group_id": self.group.group_id, "sender": self.index, "weight": self.weight}

@@ -29,8 +29,8 @@ import torch
 
 from hivecli._exceptions import AllreduceError, ConfigError, HiveError
 from hivecli.averaging.allreduce import PART_METHOD, AllReduceRunner, BufferPool, RunnerRegistry
-from hivecli.averaging.compression import Codec, get_codec
-from hivecli.averaging.group import method_name
+from hivecli.averaging.compression import AutoCompression, Codec, get_codec
+from hivecli.averaging.group import GroupInfo, method_name
 from hivecli.averaging.matchmaking import JOIN_METHOD, Matchmaker
 from hivecli.averaging.robust import all_finite
 from hivecli.averaging.settings import AveragingSettings
@@ -40,6 +40,7 @@ from hivecli.averaging.state import (
     SharedState,
     StateServer,
     StateSnapshot,
+    describe,
     download_state,
     find_donors,
 )
@@ -215,8 +216,15 @@ class DecentralizedAverager:
     async def _start(self, node: DHTNode) -> None:
         single_threaded_here()  # our reductions and copies run on this thread: see its docstring
         self._step_lock = asyncio.Lock()
+        auto = self.codec if isinstance(self.codec, AutoCompression) else None
         self._matchmaker = Matchmaker(
-            node, self.prefix, self.schema_hash, self.settings, self.client_mode, is_banned=self._is_banned
+            node,
+            self.prefix,
+            self.schema_hash,
+            self.settings,
+            self.client_mode,
+            is_banned=self._is_banned,
+            choose_codec=auto.choose if auto is not None else lambda: None,
         )
         node.host.add_stream_handler(method_name(PART_METHOD, self.prefix), self._serve_part)
         self._state_server = StateServer(
@@ -384,31 +392,49 @@ class DecentralizedAverager:
         if not await wait_event(allowed, max(0.0, deadline - loop.time())):
             raise AllreduceError("the scheduled round was not allowed to start before its timeout")
 
-    async def _run_allreduce(self, node: DHTNode, group: Any, weight: float) -> None:
+    async def _run_allreduce(self, node: DHTNode, group: GroupInfo, weight: float) -> None:
         while not self.lock_averaged_tensors.acquire(blocking=False):
             await asyncio.sleep(0.001)  # polling, not a thread: a cancelled step must not take the lock later
         try:
+            codec = self._round_codec(group)
             runner = AllReduceRunner(
                 node.host,
                 group,
                 self._averaged_tensors,
                 weight,
-                self.codec,
+                codec,
                 self.settings,
                 self._pool,
                 self.banned_peers,
                 method_name(PART_METHOD, self.prefix),
             )
             self._registry.register(runner)
+            started = asyncio.get_running_loop().time()
             try:
                 await runner.run()
             finally:
                 self._registry.unregister(group.group_id)
                 for peer, why in runner.offenders.items():
                     self.ban(peer, why)
+            if isinstance(self.codec, AutoCompression):
+                seconds = asyncio.get_running_loop().time() - started
+                self.codec.observe(codec.name, runner.sent_bytes, runner.converted, seconds)
         finally:
             self.lock_averaged_tensors.release()
         logger.debug("Averaged with %d peers in group %s", len(group.members), group.group_id.hex()[:8])
+
+    def _round_codec(self, group: GroupInfo) -> Codec:
+        """Our codec; with "auto", the one the group's leader chose for every member.
+
+        Raises:
+            AllreduceError: the leader chose a codec that "auto" never picks.
+        """
+        if not isinstance(self.codec, AutoCompression):
+            return self.codec
+        name = group.codec or "none"
+        if name not in AutoCompression.choices:
+            raise AllreduceError(f'the group\'s leader chose compression {name!r}, which "auto" never picks')
+        return get_codec(name)  # type: ignore[return-value]  # a plain codec's name
 
     async def _serve_part(self, stream: Stream, payload: Any, body: bytes) -> None:
         group_id = payload.get("group_id") if isinstance(payload, dict) else None
@@ -477,6 +503,7 @@ class DecentralizedAverager:
         timeout: float | None = None,
         progress: Callable[[int, int], None] | None = None,
         validate: StateValidator | None = None,
+        into: Sequence[torch.Tensor] | None = None,
     ) -> tuple[Any, list[torch.Tensor]] | Any | None:
         """Download (metadata, tensors) from the best available donor; None if nobody shares.
 
@@ -487,10 +514,22 @@ class DecentralizedAverager:
         `validate(metadata, tensors)` is called on the DHT's thread (keep it quick) before a
         state is accepted; it raises HiveError with the reason to refuse that donor. A donor
         refused for an invalid state is banned for `ban_duration` and skipped meanwhile.
+
+        `into`: tensors shaped like our state (the model's own, say) that the download writes in
+        place and returns, instead of new ones: for a large model, allocating and filling fresh
+        memory costs more than the transfer itself. A donor that fails midway, or whose state is
+        refused, leaves them holding part of its state until the next donor overwrites it; if
+        none succeeds, the result is None and the tensors are not a usable state.
+
+        Raises:
+            ConfigError: `into` does not match our state's shapes and dtypes, or is not contiguous.
         """
         template = self._state_template()
+        if into is not None:
+            into = _check_destination(into, template)
         future = self.dht.run_coroutine(
-            lambda _dht, node: self._load_state(node, template, timeout, progress, validate), return_future=True
+            lambda _dht, node: self._load_state(node, template, timeout, progress, validate, into),
+            return_future=True,
         )
         return future.result() if wait else future
 
@@ -501,6 +540,7 @@ class DecentralizedAverager:
         timeout: float | None,
         progress: Callable[[int, int], None] | None = None,
         validate: StateValidator | None = None,
+        into: Sequence[torch.Tensor] | None = None,
     ) -> tuple[Any, list[torch.Tensor]] | None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (self.settings.allreduce_timeout if timeout is None else timeout)
@@ -521,7 +561,7 @@ class DecentralizedAverager:
             try:
                 async with _timeout(remaining):
                     result = await download_state(
-                        node, donor, template, self.settings.next_chunk_timeout, progress, self.prefix
+                        node, donor, template, self.settings.next_chunk_timeout, progress, self.prefix, into
                     )
                 if validate is not None:
                     _validate(validate, *result)
@@ -535,6 +575,22 @@ class DecentralizedAverager:
             logger.info("Downloaded the state of peer %s", donor)
             return result
         return None
+
+
+def _check_destination(into: Sequence[torch.Tensor], template: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Raises ConfigError: `into` cannot receive a state shaped like `template`."""
+    into = list(into)
+    if describe(into) != describe(template):
+        raise ConfigError(
+            f"load_state_from_peers(into=...) got tensors {str(describe(into))[:120]}, but this peer's state is "
+            f"{str(describe(template))[:120]}; pass the tensors of the shared state, in its order"
+        )
+    for index, tensor in enumerate(into):
+        if not tensor.is_contiguous() or tensor.device.type != "cpu":
+            raise ConfigError(
+                f"load_state_from_peers(into=...): tensor {index} must be a contiguous CPU tensor to receive in place"
+            )
+    return into
 
 
 def _validate(validate: StateValidator, metadata: Any, tensors: list[torch.Tensor]) -> None:

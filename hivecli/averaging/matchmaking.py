@@ -72,10 +72,12 @@ class Matchmaker:
         settings: AveragingSettings,
         client_mode: bool,
         is_banned: Callable[[PeerID], bool] = lambda peer: False,
+        choose_codec: Callable[[], str | None] = lambda: None,
     ):
         self.node, self.prefix, self.schema_hash = node, prefix, schema_hash
         self.settings, self.client_mode = settings, client_mode
         self.is_banned = is_banned  # peers caught hostile: never in our groups, never our leaders
+        self.choose_codec = choose_codec  # the codec of a group we lead ("auto" compression); None: fixed
         self.group_key = f"{prefix}.0b"
         self._search: _Search | None = None
         self._background: set[asyncio.Task[Any]] = set()
@@ -320,7 +322,7 @@ class _Search:
     def assemble(self) -> GroupInfo:
         members = [self.me, *(f.member for f in self.followers.values())]
         random.shuffle(members)  # the order decides who reduces which part
-        group = GroupInfo(os.urandom(20), tuple(members))
+        group = GroupInfo(os.urandom(20), tuple(members), self.mm.choose_codec())
         message = [BEGIN, group.to_wire()]
         for follower in self.followers.values():
             if not follower.outcome.done():

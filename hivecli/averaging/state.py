@@ -216,9 +216,13 @@ async def download_state(
     chunk_timeout: float,
     progress: Callable[[int, int], None] | None = None,
     prefix: str = "",
+    into: Sequence[torch.Tensor] | None = None,
 ) -> tuple[Any, list[torch.Tensor]]:
     """Download a donor's state, checking it against the shapes and dtypes of `expected`.
     `progress(received_bytes, total_bytes)` is called after every chunk, on the event loop.
+    The state lands in new tensors, or straight in `into` (contiguous tensors like `expected`,
+    say the model's own): no allocation, no page faults and no copy, but a download that fails
+    leaves them holding part of the donor's state.
 
     Raises:
         InvalidStateError: the donor sent a state of another shape, chunks out of order, or a
@@ -228,7 +232,10 @@ async def download_state(
     conn = await node.host.connect(donor)
     stream = await conn.open_stream(method_name(STATE_METHOD, prefix), {})
     try:
-        tensors = [torch.empty(t.shape, dtype=t.dtype) for t in expected]  # lazily backed: no cost yet
+        if into is None:
+            tensors = [torch.empty(t.shape, dtype=t.dtype) for t in expected]  # lazily backed: no cost yet
+        else:
+            tensors = [t.detach() for t in into]
         views = [tensor_bytes(t.view(-1)) if t.numel() else memoryview(b"") for t in tensors]
         position = [0, 0]  # the next (tensor, offset) we accept: chunks come strictly in order
 
