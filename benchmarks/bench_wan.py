@@ -63,7 +63,8 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from hivecli.netlab import NetLab, Node, netlab_unavailable  # noqa: E402  # after the sys.path line
 
-BYTES_PER_ELEMENT = {"none": 4, "float16": 2}
+# "auto" measures the link in its first (warm-up) round, exact, and picks float16 on these links after it
+BYTES_PER_ELEMENT = {"none": 4, "float16": 2, "auto": 2}
 STARTUP_TIMEOUT = 180.0  # a peer imports torch and joins the DHT; slow when 4 start at once on 2 cores
 
 
@@ -320,7 +321,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--peers", type=int, nargs="*", default=[2, 4], help="peer counts (none: partition only)")
     parser.add_argument("--rtt", type=float, nargs="+", default=[0, 50], help="added round-trip times, ms")
-    parser.add_argument("--compression", nargs="+", default=["none", "float16"], choices=list(BYTES_PER_ELEMENT))
+    parser.add_argument("--compression", nargs="+", default=["none", "float16", "auto"], choices=list(BYTES_PER_ELEMENT))
     parser.add_argument("--size", type=int, default=10_000_000, help="float32 elements averaged")
     parser.add_argument("--rate", type=float, default=100.0, help="every link's rate, Mbit/s each way")
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds after a warm-up (default 5; 2 --quick)")

@@ -20,6 +20,7 @@ from hivecli._exceptions import AllreduceError, MatchmakingError
 from hivecli.averaging import DecentralizedAverager, Stage, load_balance
 from hivecli.averaging.compression import AutoCompression
 from hivecli.averaging.group import GroupInfo, Member
+from hivecli.averaging.link import RoundPlan
 from hivecli.averaging.partition import Layout
 from hivecli.dht.records import owned_entries
 from hivecli.testing import local_swarm, wait_for
@@ -143,7 +144,7 @@ def test_auto_compression_uses_the_codec_its_leader_chose_from_the_link_rate():
                 for av, peer in zip(avs, inputs, strict=True):
                     with av.get_tensors() as (tensor,):
                         tensor.copy_(peer)
-                    av.codec.link_rate = link_rate  # as if measured (a 5,000-float round is too small to)
+                    av._link.rate = link_rate  # as if measured (a 5,000-float round is too small to)
                 run_round(avs)
                 return [(snapshot(av)[0] - exact).abs().max().item() for av in avs]
 
@@ -152,12 +153,32 @@ def test_auto_compression_uses_the_codec_its_leader_chose_from_the_link_rate():
             assert all(1e-5 < error < bound for error in errors_after_a_round(1e6))  # 1 MB/s: fp16, everyone
             assert max(errors_after_a_round(1e12)) < 1e-6  # a fast link: exact again
             # a leader that picks a codec "auto" never picks is refused
-            group = GroupInfo(b"g" * 20, (), "uniform8bit")
             with pytest.raises(AllreduceError, match="uniform8bit"):
-                avs[0]._round_codec(group)
-            members = (Member(dhts[0].peer_id, (), False, None),)
-            assert GroupInfo.from_wire(GroupInfo(b"g" * 20, members, "fp16").to_wire()).codec == "fp16"
-            assert GroupInfo.from_wire(GroupInfo(b"g" * 20, members).to_wire()).codec is None
+                avs[0]._round_codec(GroupInfo(b"g" * 20, (), RoundPlan("uniform8bit")))
+
+
+def test_the_leader_sizes_chunks_for_its_link_and_every_member_follows():
+    torch.manual_seed(4)
+    with local_swarm(2, **DHT_FAST) as dhts:
+        inputs = [torch.randn(300_000) for _ in dhts]
+        local = [[t.clone()] for t in inputs]
+        with averagers(dhts, local, prefix="chunks", target_group_size=2, **FAST) as avs:
+            assert avs[0]._plan_round() == RoundPlan(None, 8 * 2**20)  # nothing measured: the setting
+            for av in avs:
+                av._link.rate = 10e6  # 10 MB/s: chunks of 0.05 s = 500 kB
+                assert av._plan_round().chunk_bytes == 499712
+                av._link.rate = 1e3  # never below 256 KiB
+                assert av._plan_round().chunk_bytes == 256 * 1024
+            run_round(avs)  # 300,000 floats: 5 chunks per span of 150,000 elements
+            exact = torch.stack(inputs).mean(0)
+            for av in avs:
+                torch.testing.assert_close(snapshot(av)[0], exact, rtol=0, atol=1e-6)
+    members = (Member(dhts[0].peer_id, (), False, None),)
+    for plan in (RoundPlan("fp16", 1 << 20), RoundPlan()):
+        assert GroupInfo.from_wire(GroupInfo(b"g" * 20, members, plan).to_wire()).plan == plan
+    for bad in ({"chunk_bytes": 1}, {"chunk_bytes": 2**40}, {"codec": 5}, {"x": 1}, [1]):
+        with pytest.raises(ValueError, match="plan"):
+            GroupInfo.from_wire([b"g" * 20, [members[0].to_wire()], bad])
 
 
 def test_zero_weight_peer_contributes_nothing_but_receives_the_average():

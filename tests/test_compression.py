@@ -16,6 +16,7 @@ from hivecli.averaging import (
     get_codec,
 )
 from hivecli.averaging.compression import CODECS, AutoCompression
+from hivecli.averaging.link import LinkMeter
 
 SIZES = [1, 2, 1000, 4095, 4096, 4097, 10_000]
 
@@ -151,7 +152,7 @@ def test_unknown_codec_is_a_config_error_naming_it(name):
     assert all(known in message for known in CODECS)
 
 
-# ---- compression = "auto" ---------------------------------------------------------------------
+# ---- compression = "auto" and the link meter ---------------------------------------------------
 
 
 def auto_with(pairs_per_second: float) -> AutoCompression:
@@ -161,31 +162,32 @@ def auto_with(pairs_per_second: float) -> AutoCompression:
     return auto
 
 
-def test_auto_is_exact_until_it_has_measured_a_round_then_follows_the_link():
+def test_auto_is_exact_until_the_link_is_measured_then_compresses_only_slow_links():
     auto = auto_with(2e8)  # fp16 pays below 2 x 2e8 = 400 MB/s
-    assert auto.choose() == "none"
-    auto.observe("none", sent_bytes=40_000_000, converted=0, seconds=3.4)  # 100 Mbit/s: 11.8 MB/s
-    assert auto.choose() == "fp16"
-    for _ in range(10):  # the link got fast (or we moved to a LAN): the smoothed rate follows
-        auto.observe("fp16", sent_bytes=100_000_000, converted=0, seconds=0.05)
-    assert auto.link_rate > 400e6 and auto.choose() == "none"
+    assert auto.choose(None) == "none"
+    assert auto.choose(11.8e6) == "fp16"  # 100 Mbit/s
+    assert auto.choose(125e6) == "fp16"  # 1 Gbit/s
+    assert auto.choose(1.1e9) == "none"  # loopback on 2 cores
+    assert auto.conversion_seconds("none", 10**8) == 0.0
+    assert auto.conversion_seconds("fp16", 10**8) == pytest.approx(0.25)
 
 
-def test_auto_does_not_mistake_conversion_time_for_a_slow_link():
-    auto = auto_with(2e8)
-    # a loopback round in fp16: 100 MB sent in 0.4 s, of which 100M conversions took 0.25 s
-    auto.observe("fp16", sent_bytes=100_000_000, converted=100_000_000, seconds=0.4)
-    assert auto.link_rate == pytest.approx(100e6 / 0.15) and auto.choose() == "none"
-    # the same bytes and time without conversions would be a 250 MB/s link: compress
-    slow = auto_with(2e8)
-    slow.observe("none", sent_bytes=100_000_000, converted=0, seconds=0.4)
-    assert slow.choose() == "fp16"
-
-
-def test_auto_ignores_rounds_too_small_to_measure_a_link():
-    auto = auto_with(2e8)
-    auto.observe("none", sent_bytes=4096, converted=0, seconds=0.5)  # latency, not bandwidth
-    assert auto.link_rate is None and auto.choose() == "none"
+def test_link_meter_smooths_rounds_and_does_not_mistake_conversions_for_a_slow_link():
+    meter = LinkMeter()
+    assert meter.rate is None and meter.chunk_bytes(8 << 20) == 8 << 20  # nothing measured: the setting
+    meter.observe(4096, 0.5)  # too small to say anything of the link: latency, not bandwidth
+    assert meter.rate is None
+    # a loopback round in fp16: 100 MB sent in 0.4 s, 0.25 s of which were conversions
+    meter.observe(100_000_000, 0.4, busy_seconds=0.25)
+    assert meter.rate == pytest.approx(100e6 / 0.15)
+    slow = LinkMeter()
+    slow.observe(40_000_000, 3.4)  # 100 Mbit/s
+    assert slow.rate == pytest.approx(40e6 / 3.4)
+    assert slow.chunk_bytes(8 << 20) == int(40e6 / 3.4 * 0.05) // 4096 * 4096  # 50 ms of the link
+    for _ in range(10):  # the link got fast: the smoothed rate follows within a few rounds
+        slow.observe(100_000_000, 0.1)
+    assert slow.rate > 0.9e9 and slow.chunk_bytes(8 << 20) == 8 << 20
+    assert LinkMeter().chunk_bytes(100_000) == 100_000  # never above the setting
 
 
 def test_auto_measures_this_machines_conversion_speed():

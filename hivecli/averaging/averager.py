@@ -31,6 +31,7 @@ from hivecli._exceptions import AllreduceError, ConfigError, HiveError
 from hivecli.averaging.allreduce import PART_METHOD, AllReduceRunner, BufferPool, RunnerRegistry
 from hivecli.averaging.compression import AutoCompression, Codec, get_codec
 from hivecli.averaging.group import GroupInfo, method_name
+from hivecli.averaging.link import LinkMeter, RoundPlan
 from hivecli.averaging.matchmaking import JOIN_METHOD, Matchmaker
 from hivecli.averaging.robust import all_finite
 from hivecli.averaging.settings import AveragingSettings
@@ -186,6 +187,7 @@ class DecentralizedAverager:
             lambda: ({}, self._averaged_tensors), self.lock_averaged_tensors
         )
         self._pool = BufferPool()
+        self._link = LinkMeter()  # what our rounds measured of our link, for the rounds we lead
         self._registry = RunnerRegistry()
         self._matchmaker: Matchmaker | None = None
         self._state_server: StateServer | None = None
@@ -216,7 +218,6 @@ class DecentralizedAverager:
     async def _start(self, node: DHTNode) -> None:
         single_threaded_here()  # our reductions and copies run on this thread: see its docstring
         self._step_lock = asyncio.Lock()
-        auto = self.codec if isinstance(self.codec, AutoCompression) else None
         self._matchmaker = Matchmaker(
             node,
             self.prefix,
@@ -224,7 +225,7 @@ class DecentralizedAverager:
             self.settings,
             self.client_mode,
             is_banned=self._is_banned,
-            choose_codec=auto.choose if auto is not None else lambda: None,
+            plan_round=self._plan_round,
         )
         node.host.add_stream_handler(method_name(PART_METHOD, self.prefix), self._serve_part)
         self._state_server = StateServer(
@@ -397,13 +398,16 @@ class DecentralizedAverager:
             await asyncio.sleep(0.001)  # polling, not a thread: a cancelled step must not take the lock later
         try:
             codec = self._round_codec(group)
+            settings = self.settings
+            if group.plan.chunk_bytes is not None:
+                settings = dataclasses.replace(settings, chunk_bytes=group.plan.chunk_bytes)
             runner = AllReduceRunner(
                 node.host,
                 group,
                 self._averaged_tensors,
                 weight,
                 codec,
-                self.settings,
+                settings,
                 self._pool,
                 self.banned_peers,
                 method_name(PART_METHOD, self.prefix),
@@ -416,12 +420,21 @@ class DecentralizedAverager:
                 self._registry.unregister(group.group_id)
                 for peer, why in runner.offenders.items():
                     self.ban(peer, why)
-            if isinstance(self.codec, AutoCompression):
-                seconds = asyncio.get_running_loop().time() - started
-                self.codec.observe(codec.name, runner.sent_bytes, runner.converted, seconds)
+            seconds = asyncio.get_running_loop().time() - started
+            busy = self.codec.conversion_seconds(codec.name, runner.converted) if self._auto else 0.0
+            self._link.observe(runner.sent_bytes, seconds, busy)
         finally:
             self.lock_averaged_tensors.release()
         logger.debug("Averaged with %d peers in group %s", len(group.members), group.group_id.hex()[:8])
+
+    def _plan_round(self) -> RoundPlan:
+        """How a round we lead travels: chunks sized for our link, and with "auto" the codec."""
+        codec = self.codec.choose(self._link.rate) if isinstance(self.codec, AutoCompression) else None
+        return RoundPlan(codec, self._link.chunk_bytes(self.settings.chunk_bytes))
+
+    @property
+    def _auto(self) -> bool:
+        return isinstance(self.codec, AutoCompression)
 
     def _round_codec(self, group: GroupInfo) -> Codec:
         """Our codec; with "auto", the one the group's leader chose for every member.
@@ -431,7 +444,7 @@ class DecentralizedAverager:
         """
         if not isinstance(self.codec, AutoCompression):
             return self.codec
-        name = group.codec or "none"
+        name = group.plan.codec or "none"
         if name not in AutoCompression.choices:
             raise AllreduceError(f'the group\'s leader chose compression {name!r}, which "auto" never picks')
         return get_codec(name)  # type: ignore[return-value]  # a plain codec's name

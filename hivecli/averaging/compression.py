@@ -143,27 +143,22 @@ CODECS: dict[str, type[Codec]] = {
 
 
 class AutoCompression:
-    """`compression="auto"`: each round's leader picks fp16 or none from what it measured, so that
-    compression is used only where it saves more time on the wire than its conversions cost.
+    """`compression="auto"`: each round's leader picks fp16 or none from the link rate its peer
+    measured (link.LinkMeter), so that compression is used only where it saves more time on the
+    wire than its conversions cost.
 
     Converting one element to fp16 and back costs 1/P seconds (P measured once, on the thread
     that averages) and saves 2 bytes, which take 2/R seconds on a link that moves R bytes/s: fp16
-    pays iff R < 2P. R is what this peer measured in its recent rounds: the bytes it sent over the
-    round's seconds, less the round's conversion time (a round slowed by conversions on a fast link
-    is not a slow link), smoothed over rounds. Until a round has been measured: none. On a 2-core
-    machine 2P is 0.4-0.9 GB/s: loopback (about 1 GB/s) stays exact, 1 Gbit/s links compress.
+    pays iff R < 2P. Until a round has been measured: none. On a 2-core machine 2P is 0.4-0.9
+    GB/s: loopback (about 1 GB/s) stays exact, 100 Mbit/s and 1 Gbit/s links compress.
 
-    Not a codec itself: the averager asks `choose()` when it leads a group, and every member
-    uses the codec the leader chose (GroupInfo.codec).
+    Not a codec itself: every member uses the codec the leader chose (RoundPlan.codec).
     """
 
     name = "auto"
     choices = ("none", "fp16")
-    min_bytes = 1 << 20  # a round that sends less is all latency: it says nothing of the link
-    smoothing = 0.3  # weight of the newest round in the rate
 
     def __init__(self) -> None:
-        self.link_rate: float | None = None  # bytes/s, smoothed
         self._pairs_per_second: float | None = None
 
     def pairs_per_second(self) -> float:
@@ -179,20 +174,15 @@ class AutoCompression:
             self._pairs_per_second = sample.numel() / max(best, 1e-9)
         return self._pairs_per_second
 
-    def choose(self) -> str:
-        """The codec for a round we lead."""
-        if self.link_rate is None:
+    def choose(self, link_rate: float | None) -> str:
+        """The codec for a round we lead, on a link of `link_rate` bytes/s (None: not measured)."""
+        if link_rate is None:
             return "none"
-        return "fp16" if self.link_rate < 2 * self.pairs_per_second() else "none"
+        return "fp16" if link_rate < 2 * self.pairs_per_second() else "none"
 
-    def observe(self, codec: str, sent_bytes: int, converted: int, seconds: float) -> None:
-        """Learn from a finished round: `converted` elements were encoded or decoded by `codec`."""
-        if sent_bytes < self.min_bytes or seconds <= 0:
-            return
-        busy = converted / (2 * self.pairs_per_second()) if codec != "none" else 0.0
-        rate = sent_bytes / max(seconds - busy, 0.2 * seconds)
-        old = self.link_rate
-        self.link_rate = rate if old is None else old + self.smoothing * (rate - old)
+    def conversion_seconds(self, codec: str, converted: int) -> float:
+        """About how long a round spent encoding and decoding `converted` elements with `codec`."""
+        return 0.0 if codec == "none" else converted / (2 * self.pairs_per_second())
 
     def __repr__(self) -> str:
         return "AutoCompression()"

@@ -5,9 +5,10 @@ Both travel as plain msgpack lists; `from_wire` validates everything a peer sent
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from hivecli.averaging.link import RoundPlan
 from hivecli.net.identity import PeerID
 from hivecli.net.multiaddr import Multiaddr
 
@@ -65,12 +66,12 @@ class Member:
 
 @dataclass(frozen=True)
 class GroupInfo:
-    """An assembled group: every member sees the same id and the same member order, and the
-    codec its leader chose for the round when the averagers compress "auto" (None otherwise)."""
+    """An assembled group: every member sees the same id, the same member order, and the plan
+    its leader made for the round (chunk size, and codec with compression "auto"; link.py)."""
 
     group_id: bytes
     members: tuple[Member, ...]
-    codec: str | None = None
+    plan: RoundPlan = field(default_factory=RoundPlan)
 
     @property
     def peer_ids(self) -> list[PeerID]:
@@ -80,20 +81,17 @@ class GroupInfo:
         return self.peer_ids.index(peer_id)
 
     def to_wire(self) -> list[Any]:
-        wire = [self.group_id, [m.to_wire() for m in self.members]]
-        return wire if self.codec is None else [*wire, self.codec]
+        return [self.group_id, [m.to_wire() for m in self.members], self.plan.to_wire()]
 
     @classmethod
     def from_wire(cls, data: Any) -> GroupInfo:
         """Raises ValueError if `data` is not a group description."""
         if not (isinstance(data, list) and len(data) in (2, 3) and isinstance(data[0], bytes) and len(data[0]) == 20):
-            raise ValueError("group description must be [20-byte group id, members] or [id, members, codec]")
-        codec = data[2] if len(data) == 3 else None
-        if codec is not None and not (isinstance(codec, str) and len(codec) <= 32):
-            raise ValueError("a group's codec must be a short name")
+            raise ValueError("group description must be [20-byte group id, members, plan]")
+        plan = RoundPlan.from_wire(data[2]) if len(data) == 3 else RoundPlan()
         if not isinstance(data[1], list) or not 1 <= len(data[1]) <= 4096:
             raise ValueError("group members must be a non-empty list")
         members = tuple(Member.from_wire(m) for m in data[1])
         if len({m.peer_id for m in members}) != len(members):
             raise ValueError("a peer appears twice in the group")
-        return cls(data[0], members, codec)
+        return cls(data[0], members, plan)

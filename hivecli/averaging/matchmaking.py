@@ -27,6 +27,7 @@ from typing import Any
 
 from hivecli._exceptions import HiveError, MatchmakingError
 from hivecli.averaging.group import GroupInfo, Member, method_name
+from hivecli.averaging.link import RoundPlan
 from hivecli.averaging.settings import AveragingSettings
 from hivecli.dht.node import DHTNode
 from hivecli.dht.records import owned_entries, owned_subkey
@@ -72,12 +73,12 @@ class Matchmaker:
         settings: AveragingSettings,
         client_mode: bool,
         is_banned: Callable[[PeerID], bool] = lambda peer: False,
-        choose_codec: Callable[[], str | None] = lambda: None,
+        plan_round: Callable[[], RoundPlan] = RoundPlan,
     ):
         self.node, self.prefix, self.schema_hash = node, prefix, schema_hash
         self.settings, self.client_mode = settings, client_mode
         self.is_banned = is_banned  # peers caught hostile: never in our groups, never our leaders
-        self.choose_codec = choose_codec  # the codec of a group we lead ("auto" compression); None: fixed
+        self.plan_round = plan_round  # how a round we lead travels (link.py)
         self.group_key = f"{prefix}.0b"
         self._search: _Search | None = None
         self._background: set[asyncio.Task[Any]] = set()
@@ -322,7 +323,7 @@ class _Search:
     def assemble(self) -> GroupInfo:
         members = [self.me, *(f.member for f in self.followers.values())]
         random.shuffle(members)  # the order decides who reduces which part
-        group = GroupInfo(os.urandom(20), tuple(members), self.mm.choose_codec())
+        group = GroupInfo(os.urandom(20), tuple(members), self.mm.plan_round())
         message = [BEGIN, group.to_wire()]
         for follower in self.followers.values():
             if not follower.outcome.done():

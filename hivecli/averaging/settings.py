@@ -26,8 +26,10 @@ class AveragingSettings:
             all-reduce is dropped from the round (default 30 s).
         step_timeout: default for `step(timeout=None)`: give up looking for a group after this
             many seconds (default 60 s).
-        chunk_bytes: bytes per message on the wire (default 8 MiB): large enough that per-message
-            costs vanish, small enough to overlap receiving with reducing.
+        chunk_bytes: the largest message on the wire (default 8 MiB): large enough that
+            per-message costs vanish, small enough to overlap receiving with reducing. A round's
+            leader picks smaller chunks for a slow link, what it carries in 50 ms (link.py), so
+            that control messages do not wait behind a chunk.
         declare_state_period: a state donor re-announces itself this often (default 30 s).
         max_weight_ratio: a reducer caps every member's weight at this many times the lower
             median of the group's positive weights (default 10), so that one peer claiming a

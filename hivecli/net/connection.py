@@ -94,7 +94,7 @@ class NetSettings:
         max_queued_bytes: bytes queued for sending on one connection (default 32 MiB) beyond
             which a reply written by the read loop (which cannot wait for the peer to read)
             closes the connection instead. An allreduce legitimately queues ~2 tensor chunks
-            plus the 4 MiB write high-water mark.
+            plus the 1 MiB write high-water mark.
         max_requests_per_second: requests a peer may make per connection, sustained (default
             500); a request over the rate gets an ERROR "rate limit exceeded".
         request_burst: requests a peer may make at once above that rate (default 1000). A peer

@@ -1,7 +1,7 @@
 """An averaging peer for netlab scenarios and benchmarks/bench_wan.py: one DHT and one averager, round after round.
 
     python -m hivecli.netlab.peer --listen /ip4/0.0.0.0/tcp/0 [--initial-peers MADDR ...] --prefix NAME
-        [--size 1000] [--group-size G] [--rounds R] [--compression none|float16] [--barrier-dir DIR]
+        [--size 1000] [--group-size G] [--rounds R] [--compression none|float16|auto] [--barrier-dir DIR]
 
 Prints JSON lines on stdout, each flushed:
 
@@ -13,7 +13,7 @@ Prints JSON lines on stdout, each flushed:
 
 Round i fills the tensor with `seed + i` and shares that number as the step's gather, so after a
 successful round the peer knows its group's inputs: "valid" says its tensor is finite and within
-their range, "exact" that it is their mean (within float16 rounding with --compression float16);
+their range, "exact" that it is their mean (within float16 rounding with --compression float16 or auto);
 a member that drops out mid-round leaves a valid but inexact average. A failed round is reported and
 the next one starts: a failure is data, not a crash. SIGTERM (or SIGINT) cancels the round in
 flight, shuts the averager and the DHT down, prints "stopped" and exits with status 0.
@@ -58,7 +58,7 @@ def _check(tensor: Any, gathered: dict[Any, Any], compression: str) -> tuple[boo
     if len(fills) != len(gathered) or not fills:
         return False, False
     # float16 on the wire keeps 11 significant bits; float32 sums exactly at these magnitudes
-    tolerance = (1e-3 if compression == "float16" else 1e-5) * max(1.0, max(abs(f) for f in fills))
+    tolerance = (1e-5 if compression == "none" else 1e-3) * max(1.0, max(abs(f) for f in fills))  # auto: fp16
     low, high = float(tensor.min()), float(tensor.max())
     valid = (
         math.isfinite(low) and math.isfinite(high) and min(fills) - tolerance <= low <= high <= max(fills) + tolerance
@@ -93,7 +93,7 @@ def run(args: argparse.Namespace, stop: threading.Event) -> None:
             prefix=args.prefix,
             target_group_size=args.group_size,
             min_group_size=args.min_group_size or args.group_size,
-            compression="fp16" if args.compression == "float16" else "none",
+            compression={"float16": "fp16"}.get(args.compression, args.compression),
             client_mode=dht.client_mode,  # also True when the reachability check found no way in
             min_matchmaking_time=args.matchmaking_time,
             request_timeout=min(3.0, args.matchmaking_time / 2),  # must stay under min_matchmaking_time
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--group-size", type=int, default=2, help="target group size (and the minimum, by default)")
     parser.add_argument("--min-group-size", type=int, default=0, help="smallest group (default: --group-size)")
     parser.add_argument("--rounds", type=int, default=0, help="rounds to run (0: until SIGTERM)")
-    parser.add_argument("--compression", choices=["none", "float16"], default="none")
+    parser.add_argument("--compression", choices=["none", "float16", "auto"], default="none")
     parser.add_argument("--matchmaking-time", type=float, default=5.0, help="min_matchmaking_time, seconds")
     parser.add_argument("--averaging-timeout", type=float, default=60.0, help="seconds to find a group; and to average")
     parser.add_argument("--client-mode", action="store_true", help="never accept connections (DHT and averager)")

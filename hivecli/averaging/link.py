@@ -1,0 +1,81 @@
+"""What a peer's recent rounds say about its link, and the plan a group's leader makes from it.
+
+A round's leader decides, for every member, how the round travels (`RoundPlan`, sent with the
+group): the chunk size, and with compression "auto" the codec. Both depend on the link:
+
+- Chunks. A message is sent whole, so a control message (a reducer's "ready", an audit)
+  queued behind a chunk waits for all of it: 8 MiB chunks on a 100 Mbit/s link held the other
+  direction idle for most of a second per round (0.61-0.75 of the link rate; 1 MiB chunks:
+  0.84-0.94). On loopback small chunks cost per-message overhead instead (2 peers x 50M:
+  159 ms with 8 MiB, 194 ms with 1 MiB). So a chunk is what the link carries in `CHUNK_SECONDS`,
+  between `MIN_CHUNK_BYTES` and the averager's `chunk_bytes`.
+- The codec: see compression.AutoCompression.
+
+The rate is what this peer measured: bytes it sent over the round's seconds, less the time the
+round spent converting (a round slowed by conversions on a fast link is not a slow link),
+smoothed over rounds. Every member of a round shares the slowest member's pace, so the leader's
+own measurement speaks for the group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+CHUNK_SECONDS = 0.05
+MIN_CHUNK_BYTES = 256 * 1024
+MAX_PLANNED_CHUNK_BYTES = 64 * 1024 * 1024  # a leader's plan beyond this is refused (the frame limit)
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """How a round travels, chosen by its leader: `codec` (only with compression "auto"; None:
+    each member's own) and `chunk_bytes` (None: each member's own setting)."""
+
+    codec: str | None = None
+    chunk_bytes: int | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"codec": self.codec, "chunk_bytes": self.chunk_bytes}
+
+    @classmethod
+    def from_wire(cls, data: Any) -> RoundPlan:
+        """Raises ValueError if `data` is not a plan this peer can follow."""
+        if not isinstance(data, dict) or set(data) - {"codec", "chunk_bytes"}:
+            raise ValueError("a round plan must be {codec, chunk_bytes}")
+        codec, chunk_bytes = data.get("codec"), data.get("chunk_bytes")
+        if codec is not None and not (isinstance(codec, str) and len(codec) <= 32):
+            raise ValueError("a round plan's codec must be a short name")
+        if chunk_bytes is not None and not (
+            isinstance(chunk_bytes, int)
+            and not isinstance(chunk_bytes, bool)
+            and 4096 <= chunk_bytes <= MAX_PLANNED_CHUNK_BYTES
+        ):
+            raise ValueError(f"a round plan's chunk_bytes must be 4096..{MAX_PLANNED_CHUNK_BYTES} bytes")
+        return cls(codec, chunk_bytes)
+
+
+class LinkMeter:
+    """This peer's link rate as its recent rounds measured it (bytes per second)."""
+
+    min_bytes = 1 << 20  # a round that sends less is all latency: it says nothing of the link
+    smoothing = 0.3  # weight of the newest round
+
+    def __init__(self) -> None:
+        self.rate: float | None = None
+
+    def observe(self, sent_bytes: int, seconds: float, busy_seconds: float = 0.0) -> None:
+        """Learn from a finished round that sent `sent_bytes` in `seconds`, `busy_seconds` of
+        which went to converting tensors (compression)."""
+        if sent_bytes < self.min_bytes or seconds <= 0:
+            return
+        rate = sent_bytes / max(seconds - busy_seconds, 0.2 * seconds)
+        self.rate = rate if self.rate is None else self.rate + self.smoothing * (rate - self.rate)
+
+    def chunk_bytes(self, ceiling: int) -> int:
+        """The chunk size for our link: what it carries in CHUNK_SECONDS, within
+        [MIN_CHUNK_BYTES, ceiling], a multiple of 4096; `ceiling` until a round is measured."""
+        if self.rate is None:
+            return ceiling
+        size = int(self.rate * CHUNK_SECONDS) // 4096 * 4096
+        return max(min(MIN_CHUNK_BYTES, ceiling), min(size, ceiling))
