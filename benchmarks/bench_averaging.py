@@ -212,6 +212,7 @@ def _avg_worker_body(
         request_timeout=1.0,
         chunk_bytes=chunk_mib * 2**20,
         compression=os.environ.get("BENCH_COMPRESSION", "none"),
+        **json.loads(os.environ.get("BENCH_SETTINGS", "{}")),
         start=True,
     )
     records = []

@@ -33,10 +33,10 @@ from hivecli.averaging.compression import AutoCompression, Codec, get_codec
 from hivecli.averaging.group import GroupInfo, method_name
 from hivecli.averaging.link import LinkMeter, RoundPlan
 from hivecli.averaging.matchmaking import JOIN_METHOD, Matchmaker
-from hivecli.averaging.robust import all_finite
 from hivecli.averaging.settings import AveragingSettings
 from hivecli.averaging.state import (
     STATE_METHOD,
+    CopyState,
     InvalidStateError,
     SharedState,
     StateServer,
@@ -229,7 +229,11 @@ class DecentralizedAverager:
         )
         node.host.add_stream_handler(method_name(PART_METHOD, self.prefix), self._serve_part)
         self._state_server = StateServer(
-            node, self.prefix, self._snapshot_state, self.settings.chunk_bytes, self.settings.declare_state_period
+            node,
+            self.prefix,
+            self._snapshot_state,
+            self.settings.chunk_bytes,
+            self.settings.declare_state_period,
         )
         self._state_server.update(self._allow_state_sharing, self._state_sharing_priority)
 
@@ -493,15 +497,12 @@ class DecentralizedAverager:
         `get_tensors()` inside it."""
         return self.shared_state.get()
 
-    def _snapshot_state(self, copy: Callable[[Sequence[torch.Tensor]], list[torch.Tensor]]) -> StateSnapshot:
-        """Raises HiveError (the downloader moves on to the next donor) if the state must be finite
-        and is not: a diverged peer must not hand its state to anyone."""
+    def _snapshot_state(self, copy: CopyState) -> None:
+        """Call `copy(metadata, tensors, finite_only)` with our state, under its lock (in the
+        state server's worker thread). Raises what `copy` raises."""
         with self.shared_state.lock:
             metadata, tensors = self.get_current_state()
-            copied = copy(tensors)
-        if self.shared_state.finite_only and not all(all_finite(t) for t in copied if t.is_floating_point()):
-            raise HiveError("this peer's state is not finite (it diverged); it does not share it")
-        return metadata, copied
+            copy(metadata, tensors, self.shared_state.finite_only)
 
     def _state_template(self) -> list[torch.Tensor]:
         """Our own state's tensors, whose shapes and dtypes a download must match (only read).
