@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 import secrets
+import struct
 from bisect import bisect_right
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
@@ -261,9 +262,11 @@ def _decode_one(codec: Codec, meta: Any, data: memoryview, numel: int, offset: i
     Raises:
         ValueError: `meta` or `data` is malformed.
     """
-    if isinstance(codec, NoCompression | Float16Compression):
+    if isinstance(codec, NoCompression | Float16Compression):  # struct: exact, and no tensor per value
         size = 4 if isinstance(codec, NoCompression) else 2
-        return float(codec.decode(meta, data[size * offset : size * (offset + 1)], 1)[0])
+        if (offset + 1) * size > data.nbytes:
+            raise ValueError(f"position {offset} is outside a chunk of {data.nbytes} bytes")
+        return float(struct.unpack_from("=f" if size == 4 else "=e", data, size * offset)[0])
     if isinstance(codec, Uniform8BitQuantization):  # one grid for the chunk: the byte alone decodes
         return float(codec.decode(meta, data[offset : offset + 1], 1)[0])
     if isinstance(codec, Blockwise8BitQuantization):  # the byte and its block's scale
