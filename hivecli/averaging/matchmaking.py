@@ -180,8 +180,20 @@ class _Search:
 
     async def run(self) -> GroupInfo:
         poll_delay = _FIRST_POLL_DELAY
+        declaring = None
         if not self.me.client_mode:
-            await self.declare()
+            # Our declaration is stored while we look for candidates, not before: one round trip
+            # less per round (50 ms of a 3.8 s round on a 100 Mbit/s link with 50 ms RTT).
+            self.new_expiration()
+            declaring = asyncio.ensure_future(self.store_declaration())
+        try:
+            return await self._look(poll_delay, declaring)
+        finally:
+            if declaring is not None and not declaring.done():
+                declaring.cancel()
+                await asyncio.gather(declaring, return_exceptions=True)
+
+    async def _look(self, poll_delay: float, declaring: asyncio.Future[None] | None) -> GroupInfo:
         while True:
             if self.group_size() >= self.settings.target_group_size:
                 return self.assemble()
@@ -193,6 +205,9 @@ class _Search:
                 group = await self.try_join(candidate)
                 if group is not None:
                     return group
+            if declaring is not None:  # stored by now (or raising why not), before we wait for others
+                await declaring
+                declaring = None
             if self.group_size() >= self.settings.target_group_size:
                 return self.assemble()
             now = get_dht_time()
@@ -218,10 +233,17 @@ class _Search:
             poll_delay = min(2 * poll_delay, _MAX_POLL_DELAY)
 
     async def declare(self) -> None:
+        self.new_expiration()
+        await self.store_declaration()
+
+    def new_expiration(self) -> None:
+        """A new declaration's expiration, which orders us against the other candidates."""
         deadline_dht = get_dht_time() + max(0.0, self.deadline - self.loop.time())
         self.expiration = min(get_dht_time() + self.settings.min_matchmaking_time, deadline_dht)
         self.declared_expiration = self.expiration
         self.tried.clear()
+
+    async def store_declaration(self) -> None:
         await self.mm.node.store(self.group_key, list(self.me.addrs), self.expiration, owned_subkey(self.me.peer_id))
 
     async def after_rejoin(self) -> None:
