@@ -431,10 +431,10 @@ class DecentralizedAverager:
             self.lock_averaged_tensors.release()
         logger.debug("Averaged with %d peers in group %s", len(group.members), group.group_id.hex()[:8])
 
-    def _plan_round(self) -> RoundPlan:
+    def _plan_round(self, group_size: int = 2) -> RoundPlan:
         """How a round we lead travels: chunks sized for our link, and with "auto" the codec."""
         codec = self.codec.choose(self._link.rate) if isinstance(self.codec, AutoCompression) else None
-        return RoundPlan(codec, self._link.chunk_bytes(self.settings.chunk_bytes))
+        return RoundPlan(codec, self._link.chunk_bytes(self.settings.chunk_bytes, group_size - 1))
 
     @property
     def _auto(self) -> bool:

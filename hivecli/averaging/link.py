@@ -7,8 +7,9 @@ group): the chunk size, and with compression "auto" the codec. Both depend on th
   queued behind a chunk waits for all of it: 8 MiB chunks on a 100 Mbit/s link held the other
   direction idle for most of a second per round (0.61-0.75 of the link rate; 1 MiB chunks:
   0.84-0.94). On loopback small chunks cost per-message overhead instead (2 peers x 50M:
-  159 ms with 8 MiB, 194 ms with 1 MiB). So a chunk is what the link carries in `CHUNK_SECONDS`,
-  between `MIN_CHUNK_BYTES` and the averager's `chunk_bytes`.
+  159 ms with 8 MiB, 194 ms with 1 MiB). So a chunk is what one stream carries in
+  `CHUNK_SECONDS` (the link's rate shared by the streams to the group's other members), between
+  `MIN_CHUNK_BYTES` and the averager's `chunk_bytes`.
 - The codec: see compression.AutoCompression.
 
 The rate is what this peer measured: bytes it sent over the round's seconds, less the time the
@@ -72,10 +73,11 @@ class LinkMeter:
         rate = sent_bytes / max(seconds - busy_seconds, 0.2 * seconds)
         self.rate = rate if self.rate is None else self.rate + self.smoothing * (rate - self.rate)
 
-    def chunk_bytes(self, ceiling: int) -> int:
-        """The chunk size for our link: what it carries in CHUNK_SECONDS, within
+    def chunk_bytes(self, ceiling: int, streams: int = 1) -> int:
+        """The chunk size for our link shared by `streams` streams at once (a peer sends to every
+        other member of its group): what each carries in CHUNK_SECONDS, within
         [MIN_CHUNK_BYTES, ceiling], a multiple of 4096; `ceiling` until a round is measured."""
         if self.rate is None:
             return ceiling
-        size = int(self.rate * CHUNK_SECONDS) // 4096 * 4096
+        size = int(self.rate * CHUNK_SECONDS / max(1, streams)) // 4096 * 4096
         return max(min(MIN_CHUNK_BYTES, ceiling), min(size, ceiling))

@@ -73,12 +73,12 @@ class Matchmaker:
         settings: AveragingSettings,
         client_mode: bool,
         is_banned: Callable[[PeerID], bool] = lambda peer: False,
-        plan_round: Callable[[], RoundPlan] = RoundPlan,
+        plan_round: Callable[[int], RoundPlan] = lambda size: RoundPlan(),
     ):
         self.node, self.prefix, self.schema_hash = node, prefix, schema_hash
         self.settings, self.client_mode = settings, client_mode
         self.is_banned = is_banned  # peers caught hostile: never in our groups, never our leaders
-        self.plan_round = plan_round  # how a round we lead travels (link.py)
+        self.plan_round = plan_round  # how a round we lead travels, by group size (link.py)
         self.group_key = f"{prefix}.0b"
         self._search: _Search | None = None
         self._background: set[asyncio.Task[Any]] = set()
@@ -345,7 +345,7 @@ class _Search:
     def assemble(self) -> GroupInfo:
         members = [self.me, *(f.member for f in self.followers.values())]
         random.shuffle(members)  # the order decides who reduces which part
-        group = GroupInfo(os.urandom(20), tuple(members), self.mm.plan_round())
+        group = GroupInfo(os.urandom(20), tuple(members), self.mm.plan_round(len(members)))
         message = [BEGIN, group.to_wire()]
         for follower in self.followers.values():
             if not follower.outcome.done():
