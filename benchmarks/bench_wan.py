@@ -321,7 +321,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--peers", type=int, nargs="*", default=[2, 4], help="peer counts (none: partition only)")
     parser.add_argument("--rtt", type=float, nargs="+", default=[0, 50], help="added round-trip times, ms")
-    parser.add_argument("--compression", nargs="+", default=["none", "float16", "auto"], choices=list(BYTES_PER_ELEMENT))
+    parser.add_argument(
+        "--compression", nargs="+", default=["none", "float16", "auto"], choices=list(BYTES_PER_ELEMENT)
+    )
     parser.add_argument("--size", type=int, default=10_000_000, help="float32 elements averaged")
     parser.add_argument("--rate", type=float, default=100.0, help="every link's rate, Mbit/s each way")
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds after a warm-up (default 5; 2 --quick)")

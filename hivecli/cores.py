@@ -10,10 +10,7 @@ counted again at every progress report, so that peers that start or stop later a
 
 from __future__ import annotations
 
-import ctypes
 import os
-import re
-from collections.abc import Callable
 
 import psutil
 
@@ -53,57 +50,3 @@ def fair_share() -> tuple[int, int] | None:
         return None
     peers = training_peers_here()
     return peers, max(1, usable_cores() // peers)
-
-
-def single_threaded_here() -> bool:
-    """Make torch's CPU ops on the calling thread run on one OpenMP thread, leaving every other
-    thread (the training loop's) as it is; True if it could.
-
-    The averaging data plane (reductions, finiteness checks, copies) runs on the DHT's thread.
-    Those ops are memory-bound, so a second thread barely speeds them up, while it competes with
-    the training loop and the other peers for cores, and spins at OpenMP's barrier when they
-    hold them: on 2 cores, 2 peers x 50M averaged 15% faster with one thread (183 against 215
-    ms), 4 peers x 10M 20% faster (111 against 138 ms), benchmarks/bench_averaging.py.
-
-    Not torch.set_num_threads(1): it also changes the process-wide setting (thread pools and
-    every thread created later), which halved the training loop's speed. OpenMP's own
-    omp_set_num_threads sets only the calling thread's count. torch sets each thread's count
-    when that thread first asks for it (`get_num_threads`), so it is asked first, lest it
-    override ours later.
-    """
-    import torch
-
-    global _omp_setter
-    if torch.get_num_threads() == 1:
-        return True
-    # Other packages bring their own OpenMP runtime (scikit-learn vendors a libgomp); the right
-    # one is the one whose setting torch then reports.
-    candidates = [_omp_setter] if _omp_setter is not None else _omp_setters()
-    for setter in candidates:
-        setter(1)
-        if torch.get_num_threads() == 1:
-            _omp_setter = setter
-            return True
-    return False
-
-
-_omp_setter: Callable[[int], None] | None = None  # the one that worked
-
-
-def _omp_setters() -> list[Callable[[int], None]]:
-    """`omp_set_num_threads` of every OpenMP runtime loaded in this process (GNU, Intel, LLVM)."""
-    try:
-        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
-            paths = sorted({line.split()[-1] for line in maps if _OPENMP_LIBRARY.search(line)})
-    except OSError:  # not Linux: torch's own threads stay as they are
-        return []
-    setters = []
-    for path in paths:
-        try:
-            setters.append(ctypes.CDLL(path).omp_set_num_threads)  # already loaded: this only looks it up
-        except (OSError, AttributeError):
-            continue
-    return setters
-
-
-_OPENMP_LIBRARY = re.compile(r"/lib(?:g|i|)omp[0-9]*[.-][^/]*$")
