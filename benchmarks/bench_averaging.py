@@ -33,6 +33,7 @@ Run from the repository root:
     .venv/bin/python benchmarks/bench_averaging.py                    # everything (about 5 min)
     .venv/bin/python benchmarks/bench_averaging.py --sizes 1M 10M --peers 2 --rounds 4
     .venv/bin/python benchmarks/bench_averaging.py --encryption off   # the plaintext links only
+    .venv/bin/python benchmarks/bench_averaging.py --no-audit --compression fp16 --state-trials 0
 """
 
 from __future__ import annotations
@@ -174,9 +175,10 @@ def _avg_worker(
     addr_q: Any,
     barrier: Any,
     out: Any,
+    options: dict[str, Any],
 ) -> None:
     try:
-        _avg_worker_body(rank, world, numel, rounds, chunk_mib, encrypt, addr_q, barrier, out)
+        _avg_worker_body(rank, world, numel, rounds, chunk_mib, encrypt, addr_q, barrier, out, options)
     except BaseException:
         out.put(_error(f"peer {rank}"))
         barrier.abort()  # the other peers stop waiting for this one
@@ -193,6 +195,7 @@ def _avg_worker_body(
     addr_q: Any,
     barrier: Any,
     out: Any,
+    options: dict[str, Any],
 ) -> None:
     import torch
 
@@ -211,8 +214,7 @@ def _avg_worker_body(
         min_matchmaking_time=5.0,
         request_timeout=1.0,
         chunk_bytes=chunk_mib * 2**20,
-        compression=os.environ.get("BENCH_COMPRESSION", "none"),
-        **json.loads(os.environ.get("BENCH_SETTINGS", "{}")),
+        **options,
         start=True,
     )
     records = []
@@ -239,11 +241,16 @@ def _seeded(rank: int, numel: int) -> Any:
     return torch.randn(numel)
 
 
-def run_ours(world: int, numel: int, rounds: int, chunk_mib: int = 8, encrypt: bool = True) -> dict[str, Any]:
+def run_ours(
+    world: int, numel: int, rounds: int, chunk_mib: int = 8, encrypt: bool = True, options: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """One averaging configuration; `options`: more DecentralizedAverager arguments."""
     ctx = mp.get_context("spawn")
     out, addr_q, barrier = ctx.Queue(), ctx.Queue(), ctx.Barrier(world)
     procs = [
-        ctx.Process(target=_avg_worker, args=(r, world, numel, rounds, chunk_mib, encrypt, addr_q, barrier, out))
+        ctx.Process(
+            target=_avg_worker, args=(r, world, numel, rounds, chunk_mib, encrypt, addr_q, barrier, out, options or {})
+        )
         for r in range(world)
     ]
     for p in procs:
@@ -478,9 +485,12 @@ def main() -> None:
         default="both",
         help="links between hivecli peers: encrypted, plaintext, or each in turn (default)",
     )
+    parser.add_argument("--compression", default="none", help="the averagers' compression (none, fp16, auto, ...)")
+    parser.add_argument("--no-audit", action="store_true", help="verify_reducers = False: what the reducer audit costs")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     modes = list(MODES) if args.encryption == "both" else [args.encryption]
+    options: dict[str, Any] = {"compression": args.compression, "verify_reducers": not args.no_audit}
 
     rows = []
     print(
@@ -496,7 +506,7 @@ def main() -> None:
             # alternate which mode goes first, so that drift in the machine's load favours neither
             order = modes if len(rows) % 2 == 0 else modes[::-1]
             ours = {
-                mode: _attempt(run_ours, world, numel, args.rounds, args.chunk_mib, encrypt=MODES[mode])
+                mode: _attempt(run_ours, world, numel, args.rounds, args.chunk_mib, MODES[mode], options)
                 for mode in order
             }
             ratio = {mode: r["step"] / gloo["t"] for mode, r in ours.items() if "error" not in r}
