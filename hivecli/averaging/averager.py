@@ -428,7 +428,8 @@ class DecentralizedAverager:
                 for peer, why in runner.offenders.items():
                     self.ban(peer, why)
             seconds = asyncio.get_running_loop().time() - started
-            busy = self.codec.conversion_seconds(codec.name, runner.converted) if self._auto else 0.0
+            auto = self.codec if isinstance(self.codec, AutoCompression) else None
+            busy = auto.conversion_seconds(codec.name, runner.converted) if auto is not None else 0.0
             self._link.observe(runner.sent_bytes, seconds, busy)
         finally:
             self.lock_averaged_tensors.release()
@@ -438,10 +439,6 @@ class DecentralizedAverager:
         """How a round we lead travels: chunks sized for our link, and with "auto" the codec."""
         codec = self.codec.choose(self._link.rate) if isinstance(self.codec, AutoCompression) else None
         return RoundPlan(codec, self._link.chunk_bytes(self.settings.chunk_bytes, group_size - 1))
-
-    @property
-    def _auto(self) -> bool:
-        return isinstance(self.codec, AutoCompression)
 
     def _round_codec(self, group: GroupInfo) -> Codec:
         """Our codec; with "auto", the one the group's leader chose for every member.

@@ -89,7 +89,7 @@ CopyState = Callable[[Any, Sequence[torch.Tensor], bool], None]  # (metadata, te
 class _Snapshot:
     """One copy of the state, made in a worker thread while downloads stream what is copied:
     the first chunk goes out after one chunk's copy, not after the whole state's (for 200 MB,
-    20 ms earlier). Fields are written on the event loop only (`_publish`)."""
+    20 ms earlier). Its fields change on the event loop only (`publish`, `finish`)."""
 
     def __init__(self) -> None:
         self.head: tuple[Any, list[torch.Tensor]] | None = None  # (metadata, buffers), once known
