@@ -93,7 +93,7 @@ def run(args: argparse.Namespace, stop: threading.Event) -> None:
             prefix=args.prefix,
             target_group_size=args.group_size,
             min_group_size=args.min_group_size or args.group_size,
-            compression={"float16": "fp16"}.get(args.compression, args.compression),
+            compression=args.compression,  # get_codec knows "float16" as fp16
             client_mode=dht.client_mode,  # also True when the reachability check found no way in
             min_matchmaking_time=args.matchmaking_time,
             request_timeout=min(3.0, args.matchmaking_time / 2),  # must stay under min_matchmaking_time
