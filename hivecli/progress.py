@@ -219,3 +219,40 @@ class ProgressReporter:
                 publish_progress(self.dht, self.prefix, {**self._progress(), "left": True}, ttl=self._ttl)
             except Exception as e:  # leaving must not fail on a DHT hiccup
                 logger.debug("Could not publish the goodbye record: %s", e)
+
+
+CURVE_POINTS = 128  # points of a peer's whole-run curve in its progress record (a few KB packed)
+
+
+class Curve:
+    """A peer's whole-run training curve in at most `capacity` points, for its progress record:
+    `hive monitor` joins a run at any time and still draws it from the start.
+
+    Points are kept at a stride that doubles whenever the curve is full (every other point is
+    dropped), so the curve always spans the whole run, evenly, however long it lasts. Thread-
+    safe: the training thread adds, the reporter's thread reads.
+    """
+
+    def __init__(self, capacity: int = CURVE_POINTS):
+        if capacity < 2:
+            raise ValueError(f"a curve needs a capacity of at least 2 points, not {capacity}")
+        self.capacity = capacity
+        self._lock = threading.Lock()
+        self._points: list[list[Any]] = []
+        self._stride = 1  # keep one point in `_stride` offered
+        self._offered = 0
+
+    def add(self, time: float, step: int, loss: float | None, accuracy: float | None, samples_per_s: float) -> None:
+        with self._lock:
+            self._offered += 1
+            if (self._offered - 1) % self._stride:
+                return
+            self._points.append([round(time, 2), step, loss, accuracy, samples_per_s])
+            if len(self._points) >= self.capacity:
+                self._points = self._points[::2]
+                self._stride *= 2
+
+    def points(self) -> list[list[Any]]:
+        """[[time, step, loss, accuracy, samples/s], ...], oldest first (loss and accuracy may be None)."""
+        with self._lock:
+            return [list(p) for p in self._points]

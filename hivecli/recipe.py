@@ -124,9 +124,24 @@ class DataSection(_Section):
     name: DatasetName = Field(
         "digits", description="digits (offline), mnist, cifar10, imagefolder, or module:function."
     )
-    root: str = Field("./data", description="Where downloaded datasets live (imagefolder: the folder of classes).")
-    image_size: int | None = Field(None, ge=8, description="Resize images to this size (default: the dataset's).")
+    root: str = Field(
+        "./data",
+        description="Where the dataset's files are: cifar10 in ROOT/cifar-10-batches-py, mnist in ROOT/MNIST/raw "
+        "(downloaded there when missing, where there is internet); imagefolder: ROOT/train/CLASS/*.png|jpg and "
+        "ROOT/val or ROOT/test alike, or ROOT/CLASS/* split 80/20.",
+    )
+    image_size: int | None = Field(
+        None,
+        ge=8,
+        description="Resize images to this size (default: the dataset's; imagefolder: 32, so that images of any "
+        "size stack into batches).",
+    )
     channels: Literal[1, 3] | None = Field(None, description="Convert images to 1 or 3 channels (default: as is).")
+    normalize: Literal["symmetric", "imagenet", "none"] = Field(
+        "symmetric",
+        description="mnist, cifar10, imagefolder: symmetric scales pixels to [-1, 1] (mean 0.5, std 0.5), imagenet "
+        "uses ImageNet's channel means and stds (3 channels), none leaves them in [0, 1].",
+    )
     batch_size: int = Field(64, ge=1, description="Samples per step on each peer.")
     workers: int = Field(0, ge=0, description="DataLoader worker processes.")
 
@@ -243,6 +258,10 @@ class OutputSection(_Section):
     )
     eval_every_steps: int = Field(50, ge=1, description="Test accuracy every this many steps (and at the end).")
     report_every_seconds: float = Field(2.0, gt=0, description="Progress line, metrics row and DHT report period.")
+    tensorboard: bool = Field(
+        False,
+        description="Also write TensorBoard event files into RUN_DIR/tensorboard/ (needs the tensorboard package).",
+    )
 
 
 class NetworkSection(_Section):

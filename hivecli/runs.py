@@ -20,6 +20,7 @@ periods after a peer stops. No torch here: `hive peers` stays light.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -220,3 +221,45 @@ def fetch_progress(dht: DHT, prefix: str) -> dict[str, dict[str, Any]]:
     """{peer id: progress} of the peers of a run that reported recently, each written by that peer."""
     found = dht.get(f"{prefix}.progress", latest=True)
     return {str(owner): value for owner, value, _ in owned_entries(found) if isinstance(value, dict)}
+
+
+def run_views(dht: DHT, only: str | None = None) -> dict[str, dict[str, Any]]:
+    """What `hive peers --run` and `hive monitor` show of the runs announced in the DHT (of run
+    `only`, PREFIX or PREFIX@OWNER, if given): {prefix: {"summary": its announcement, "peers":
+    {peer id: its latest progress record, plus "last_report_s"}, "epoch": run_epoch(peers)}}.
+    Records are as their peers wrote them: a reader checks every field's type before use."""
+    announced = list_runs(dht)
+    only = only.rpartition("@")[0] or only if only else None  # PREFIX@OWNER, as `hive start` prints it
+    prefixes = [only] if only else sorted(announced)
+    now = get_dht_time()
+    result = {}
+    for prefix in prefixes:
+        # a peer that stopped leaves a last record saying so: it is no longer one of the run's peers
+        progress = {peer: entry for peer, entry in fetch_progress(dht, prefix).items() if not entry.get("left")}
+        for entry in progress.values():
+            seen = entry.get("time")
+            entry["last_report_s"] = round(now - seen, 1) if isinstance(seen, (int, float)) else None
+        result[prefix] = {"summary": announced.get(prefix, {}), "peers": progress, "epoch": run_epoch(progress)}
+    return result
+
+
+def run_epoch(progress: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """A collaborative or DiLoCo run's global epoch (outer step), with the progress toward the
+    next one and its ETA, from the freshest report of a peer at that epoch; None for other runs."""
+    reports = [
+        entry for entry in progress.values()
+        if all(type(entry.get(k)) is int and entry[k] >= 0 for k in ("global_epoch", "epoch_progress", "epoch_target"))
+    ]  # fmt: skip
+    if not reports:
+        return None
+    epoch = max(entry["global_epoch"] for entry in reports)
+    fresh = min(
+        (entry for entry in reports if entry["global_epoch"] == epoch),
+        key=lambda entry: entry["last_report_s"] if isinstance(entry.get("last_report_s"), float) else math.inf,
+    )
+    eta = fresh.get("epoch_eta")
+    return {
+        "mode": fresh.get("mode") if fresh.get("mode") in ("collaborative", "diloco") else "collaborative",
+        "epoch": epoch, "progress": fresh["epoch_progress"], "target": fresh["epoch_target"],
+        "eta_s": eta if isinstance(eta, (int, float)) and math.isfinite(eta) and eta >= 0 else None,
+    }  # fmt: skip

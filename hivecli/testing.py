@@ -177,6 +177,14 @@ class HiveProcess:
             f"stderr line with {fragment!r}",
         )
 
+    def wait_stdout(self, fragment: str, timeout: float = 90.0) -> str:
+        """The first stdout line (not a JSON event) that contains `fragment`."""
+        return self._wait(
+            lambda: next((line for line in self.stdout_lines if fragment in line), None),
+            timeout,
+            f"stdout line with {fragment!r}",
+        )
+
     def wait(self, timeout: float = 90.0) -> int:
         """The exit code, once the process has exited and its output is read."""
         code = self.proc.wait(timeout=timeout)

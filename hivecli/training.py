@@ -35,12 +35,13 @@ from hivecli.dht.dht import DHT
 from hivecli.guard import DivergenceGuard
 from hivecli.optim import DecentralizedOptimizer, DiLoCoOptimizer, Optimizer
 from hivecli.optim.training_averager import all_finite
-from hivecli.progress import ProgressReporter, RunCounter, is_live, merge_records, others_records, plausible_step
+from hivecli.progress import Curve, ProgressReporter, RunCounter, is_live, merge_records, others_records, plausible_step
 from hivecli.recipe import Recipe
 from hivecli.registry import build_model, load_dataset
 from hivecli.runcard import RunCard
 from hivecli.runs import new_card, publish_run
 from hivecli.schedule import Schedule
+from hivecli.tblogs import ScalarLog
 from hivecli.utils.timing import get_dht_time
 
 logger = logging.getLogger(__name__)
@@ -181,6 +182,8 @@ class Trainer:
                 f"data.batch_size = {recipe.data.batch_size} is larger than the {len(data.train)} training samples "
                 f"of dataset {recipe.data.name!r}; lower data.batch_size"
             )
+        # output.tensorboard without the tensorboard package: a ConfigError here, before the optimizer starts
+        self._tensorboard = ScalarLog(run_dir / "tensorboard") if recipe.output.tensorboard else None
         # no peer shares its state before prepare() settles it (a checkpoint, the run's): before,
         # it would hand out the seed model
         # with a card, averaging and state sharing are keyed by the run's address, PREFIX@OWNER: the
@@ -196,6 +199,7 @@ class Trainer:
         ]
         self.goal = goal_samples(recipe, len(data.train))
         self.counter = RunCounter()
+        self.curve = Curve()  # this peer's whole-run curve, published with its progress
         self.guard = DivergenceGuard()
         self.checkpoints = CheckpointStore(run_dir / "checkpoints", recipe.output.keep_checkpoints)
         (run_dir / "recipe.toml").write_text(recipe.to_toml())
@@ -561,6 +565,8 @@ class Trainer:
         }
         self.on_event("progress", fields)
         self._write_metrics({"event": "progress", **fields})
+        if self._tensorboard is not None:
+            self._tensorboard.add(self.step, fields)
 
     def _live_peers(self) -> int:
         """The run's live peers as the last report saw them; a round that finished since with more
@@ -571,17 +577,38 @@ class Trainer:
     def progress(self) -> dict[str, Any]:
         """This peer's progress record in the DHT (called on the reporter's thread)."""
         self.opt.training_state.run_metadata = {"samples": self.counter.counts()}  # what a newcomer gets with the state
+        now, loss = get_dht_time(), None if self.loss_ema is None else round(self.loss_ema, 4)
+        speed = round(self.samples_per_s, 1)
+        self.curve.add(now, self.step, loss, self.last_accuracy, speed)
         return {
             **self._epoch_progress(),
+            **self._averaging_progress(),
             "step": self.step,
-            "loss": None if self.loss_ema is None else round(self.loss_ema, 4),
-            "samples_per_s": round(self.samples_per_s, 1),
+            "loss": loss,
+            "samples_per_s": speed,
             "accuracy": self.last_accuracy,
             "maddrs": [str(m) for m in self.dht.get_visible_maddrs()],
-            "time": get_dht_time(),
+            "time": now,
             "run_id": self.run_id,
             "samples": self.counter.of(self.me),
             "run_samples": self.run_samples,
+            "goal_samples": self.goal,
+            "curve": self.curve.points(),  # the whole run, coarsely: `hive monitor` draws it from the start
+        }
+
+    def _averaging_progress(self) -> dict[str, Any]:
+        """What `hive monitor` shows of this peer's averaging and network: rounds, traffic, the latest
+        rounds (unix time, group size, seconds, ok) and how others reach it."""
+        averager = self.opt.averager
+        relayed = "relayed" if self.dht.relayed else self.dht.reachability.status
+        reach = "client" if self.dht.client_mode else relayed
+        return {
+            "rounds": self.opt.rounds_finished,
+            "group_size": self.opt.last_group_size,
+            "bytes_sent": averager.bytes_sent,
+            "bytes_received": averager.bytes_received,
+            "recent_rounds": [[round(t, 2), size, round(s, 3), ok] for t, size, s, ok in list(averager.recent_rounds)],
+            "reach": reach,
         }
 
     def _epoch_progress(self) -> dict[str, Any]:
@@ -653,3 +680,5 @@ class Trainer:
         self.reporter.stop()
         self.opt.shutdown()
         self._metrics.close()
+        if self._tensorboard is not None:
+            self._tensorboard.close()

@@ -150,6 +150,7 @@ class AllReduceRunner:
         self.loop = asyncio.get_running_loop()
         self.sent_bytes = 0  # encoded bytes we sent, and elements we encoded or decoded: what
         self.converted = 0  # "auto" compression learns the link's rate from
+        self.received_bytes = 0  # encoded bytes of the parts and averages we received
         self.failed_peers: dict[int, str] = {}  # member index -> why it was dropped
         self.offenders: dict[PeerID, str] = {}  # members caught sending non-finite values -> why
         # reducer state; a sender is "alive" until it fails, and chunk c of our span is final once
@@ -388,6 +389,7 @@ class AllReduceRunner:
         try:
             for c in range(len(self.my_chunks)):
                 message = await stream.recv(timeout=self.settings.next_chunk_timeout)
+                self.received_bytes += len(message.body)
                 if not all_finite(received.place(c, message.payload, message.body)):
                     reason = f"it sent a non-finite value (NaN or inf) in chunk {c} of its part"
                     self._offend(sender, reason)
@@ -425,6 +427,7 @@ class AllReduceRunner:
                     timeout = None if i == 0 else self.settings.next_chunk_timeout
                     message = await stream.recv(timeout=timeout)
                     self.converted += chunks[i].numel
+                    self.received_bytes += len(message.body)
                     if not all_finite(results.place(i, message.payload, message.body)):
                         raise HostilePeerError(f"it returned a non-finite average (NaN or inf) in chunk {i}")
                 await sending

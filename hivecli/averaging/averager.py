@@ -21,6 +21,7 @@ import logging
 import math
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from enum import Enum
 from typing import Any
@@ -187,6 +188,10 @@ class DecentralizedAverager:
         )
         self._pool = BufferPool()
         self._link = LinkMeter()  # what our rounds measured of our link, for the rounds we lead
+        # what `hive monitor` shows of our averaging: totals, and the latest rounds as
+        # (unix time, group size, seconds, ok); written by the DHT thread, read by anyone
+        self.bytes_sent = self.bytes_received = 0
+        self.recent_rounds: deque[tuple[float, int, float, bool]] = deque(maxlen=16)
         self._registry = RunnerRegistry()
         self._matchmaker: Matchmaker | None = None
         self._state_server: StateServer | None = None
@@ -421,13 +426,18 @@ class DecentralizedAverager:
             )
             self._registry.register(runner)
             started = asyncio.get_running_loop().time()
+            ok = False
             try:
                 await runner.run()
+                ok = True
             finally:
                 self._registry.unregister(group.group_id)
                 for peer, why in runner.offenders.items():
                     self.ban(peer, why)
-            seconds = asyncio.get_running_loop().time() - started
+                seconds = asyncio.get_running_loop().time() - started
+                self.bytes_sent += runner.sent_bytes
+                self.bytes_received += runner.received_bytes
+                self.recent_rounds.append((time.time(), len(group.members), seconds, ok))
             auto = self.codec if isinstance(self.codec, AutoCompression) else None
             busy = auto.conversion_seconds(codec.name, runner.converted) if auto is not None else 0.0
             self._link.observe(runner.sent_bytes, seconds, busy)

@@ -9,8 +9,10 @@ import typer
 
 from hivecli.cli import _errors, _output
 from hivecli.cli.dht_cmd import dht
+from hivecli.cli.doctor_cmd import doctor
 from hivecli.cli.keygen_cmd import keygen
 from hivecli.cli.local_cmd import local
+from hivecli.cli.monitor_cmd import monitor
 from hivecli.cli.peers_cmd import peers
 from hivecli.cli.recipe_cmd import recipe_app
 from hivecli.cli.state_cmd import pull_state
@@ -50,7 +52,9 @@ app.command("pull-state", rich_help_panel="Training")(pull_state)
 app.add_typer(recipe_app, rich_help_panel="Training")
 app.command(rich_help_panel="Network")(dht)
 app.command(rich_help_panel="Network")(peers)
+app.command(rich_help_panel="Network")(monitor)
 app.command(rich_help_panel="Network")(keygen)
+app.command(rich_help_panel="Network")(doctor)
 
 
 def _version(value: bool) -> None:

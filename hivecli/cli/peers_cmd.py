@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Annotated, Any
 
@@ -38,13 +37,14 @@ def peers(
     from hivecli.dht.crawl import crawl
     from hivecli.dht.dht import DHT
     from hivecli.net.multiaddr import parse_peer_maddr
+    from hivecli.runs import run_views
 
     start = parse_peer_maddr(address)
     with DHT(client_mode=True, wait_timeout=min(3.0, timeout), net_settings=net_settings(swarm_key)) as client:
         found = client.run_coroutine(lambda _dht, node: crawl(node, start, max_peers=max_peers, timeout=timeout))
         client.run_coroutine(lambda _dht, node: node.bootstrap([start]))  # reads of run records need a routing table
         while True:
-            runs = _runs(client, run)
+            runs = run_views(client, run)
             if json_output:
                 print(_to_json([] if run else found, runs), flush=True)
             else:
@@ -57,48 +57,6 @@ def peers(
                 found = client.run_coroutine(
                     lambda _dht, node: crawl(node, start, max_peers=max_peers, timeout=timeout)
                 )
-
-
-def _runs(client: Any, only: str | None) -> dict[str, dict[str, Any]]:
-    """{prefix: {"summary": ..., "peers": {peer id: progress}}} of the runs announced in the DHT."""
-    from hivecli.runs import fetch_progress, list_runs
-    from hivecli.utils.timing import get_dht_time
-
-    announced = list_runs(client)
-    only = only.rpartition("@")[0] or only if only else None  # PREFIX@OWNER, as `hive start` prints it
-    prefixes = [only] if only else sorted(announced)
-    now = get_dht_time()
-    result = {}
-    for prefix in prefixes:
-        # a peer that stopped leaves a last record saying so: it is no longer one of the run's peers
-        progress = {peer: entry for peer, entry in fetch_progress(client, prefix).items() if not entry.get("left")}
-        for entry in progress.values():
-            seen = entry.get("time")
-            entry["last_report_s"] = round(now - seen, 1) if isinstance(seen, (int, float)) else None
-        result[prefix] = {"summary": announced.get(prefix, {}), "peers": progress, "epoch": _epoch_of(progress)}
-    return result
-
-
-def _epoch_of(progress: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
-    """A collaborative or DiLoCo run's global epoch (outer step), with the progress toward the
-    next one and its ETA, from the freshest report of a peer at that epoch; None for other runs."""
-    reports = [
-        entry for entry in progress.values()
-        if all(type(entry.get(k)) is int and entry[k] >= 0 for k in ("global_epoch", "epoch_progress", "epoch_target"))
-    ]  # fmt: skip
-    if not reports:
-        return None
-    epoch = max(entry["global_epoch"] for entry in reports)
-    fresh = min(
-        (entry for entry in reports if entry["global_epoch"] == epoch),
-        key=lambda entry: entry["last_report_s"] if isinstance(entry.get("last_report_s"), float) else math.inf,
-    )
-    eta = fresh.get("epoch_eta")
-    return {
-        "mode": fresh.get("mode") if fresh.get("mode") in ("collaborative", "diloco") else "collaborative",
-        "epoch": epoch, "progress": fresh["epoch_progress"], "target": fresh["epoch_target"],
-        "eta_s": eta if isinstance(eta, (int, float)) and math.isfinite(eta) and eta >= 0 else None,
-    }  # fmt: skip
 
 
 def _describe_epoch(epoch: dict[str, Any]) -> str:

@@ -81,6 +81,19 @@ TrustRecipeFlag = Annotated[
 JsonFlag = Annotated[
     bool, typer.Option("--json", help="Print events as JSON lines on stdout; human output stays on stderr.")
 ]
+DashboardFlag = Annotated[
+    int | None,
+    typer.Option(
+        "--dashboard",
+        min=0,
+        max=65535,
+        help="Serve the run's live dashboard (as `hive monitor` does) from this peer on this port; 0: any free one.",
+    ),
+]
+DashboardHostFlag = Annotated[
+    str,
+    typer.Option("--dashboard-host", help="Address the dashboard listens on (default 127.0.0.1: this machine only)."),
+]
 
 
 def start(
@@ -97,6 +110,8 @@ def start(
     max_seconds: MaxSecondsFlag = None,
     fresh: FreshFlag = False,
     json_output: JsonFlag = False,
+    dashboard: DashboardFlag = None,
+    dashboard_host: DashboardHostFlag = "127.0.0.1",
 ) -> None:
     """Start a training run (or a peer of one, with --initial-peers) from a recipe.
 
@@ -105,7 +120,10 @@ def start(
     overrides = _overrides(set_values, host, port, max_steps, max_seconds, client_mode)
     loaded = load_recipe(recipe, overrides)
     peers = split_peer_list(initial_peers) or list(loaded.network.initial_peers)
-    _run_peer(loaded, overrides, peers, announce, identity, swarm_key, json_output, join=False, fresh=fresh)
+    _run_peer(
+        loaded, overrides, peers, announce, identity, swarm_key, json_output, join=False, fresh=fresh,
+        dashboard=(dashboard_host, dashboard) if dashboard is not None else None,
+    )  # fmt: skip
 
 
 def join(
@@ -127,6 +145,8 @@ def join(
     max_seconds: MaxSecondsFlag = None,
     fresh: FreshFlag = False,
     json_output: JsonFlag = False,
+    dashboard: DashboardFlag = None,
+    dashboard_host: DashboardHostFlag = "127.0.0.1",
 ) -> None:
     """Join a running training run: fetch its recipe, download its current state, train with it.
 
@@ -142,7 +162,7 @@ def join(
         check_run_prefix(parse_run_ref(run)[0] if run else None, local, recipe)
     _run_peer(
         local, overrides, peers, announce, identity, swarm_key, json_output, join=True, run=run,
-        trust_recipe=trust_recipe, fresh=fresh,
+        trust_recipe=trust_recipe, fresh=fresh, dashboard=(dashboard_host, dashboard) if dashboard is not None else None,
     )  # fmt: skip
 
 
@@ -184,6 +204,7 @@ def _run_peer(
     run: str | None = None,
     trust_recipe: bool = False,
     fresh: bool = False,
+    dashboard: tuple[str, int] | None = None,
 ) -> None:
     from hivecli.cli._display import Display
     from hivecli.cli._signals import stop_on_signals
@@ -208,6 +229,7 @@ def _run_peer(
         start=True,
     )
     display = Display(json_output, goal=None)
+    served: list[Any] = []  # the dashboard's collector and server, if asked for
     try:
         reachability, maddrs, join_maddrs = describe_reachability(dht)
         _announce(dht, maddrs, join_maddrs, reachability, json_output, time.monotonic() - began)
@@ -215,12 +237,38 @@ def _run_peer(
             recipe, card, joining = _find_run(dht, recipe, overrides, display, stop, join, run, trust_recipe, fresh)
             _announce_run(card, join_maddrs, json_output)
             display.goal = _describe_goal(recipe)
+            if dashboard is not None and not stop.is_set():
+                served = _serve_dashboard(dht, recipe.run.prefix, *dashboard, json_output)
             if not stop.is_set():
                 _train(recipe, dht, display, stop, card=card, joining=joining, fresh=fresh)
     finally:
+        for part in reversed(served):
+            part.stop()
         display.close()
         dht.shutdown()
     raise typer.Exit(stop.exit_code)
+
+
+def _serve_dashboard(dht: Any, prefix: str, host: str, port: int, json_output: bool) -> list[Any]:
+    """Start the run's dashboard on this peer (--dashboard); returns what to stop, in start order.
+
+    Raises:
+        ConfigError: the port cannot be bound, or aiohttp is missing.
+    """
+    from hivecli.monitor.collector import Collector
+    from hivecli.monitor.server import DashboardServer
+
+    collector = Collector(dht, prefix).start()
+    try:
+        server = DashboardServer(collector, host, port).start()
+    except BaseException:
+        collector.stop()
+        raise
+    if json_output:
+        _output.emit_json("dashboard", url=server.url)
+    else:
+        _output.stderr.print(f"Dashboard of run {prefix} at {server.url}", markup=False)
+    return [collector, server]
 
 
 def _find_run(
