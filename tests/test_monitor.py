@@ -191,3 +191,56 @@ def test_a_browser_sees_three_peers_and_the_loss_curve_grow(tmp_path):
                 assert browser.save_screenshot(str(ARTIFACTS / "monitor.png"))
             finally:
                 browser.quit()
+
+
+# ---- the command ------------------------------------------------------------------------------------
+
+
+def _hive(*args, cwd):
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "hivecli.cli.main", *args], capture_output=True, text=True, timeout=120, cwd=cwd
+    )
+
+
+def test_export_writes_every_peers_whole_run_curve_as_tensorboard_runs(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from hivecli.dht.records import owned_subkey
+    from hivecli.runs import RUNS_KEY, publish_progress
+    from hivecli.testing import local_swarm
+    from hivecli.utils.timing import get_dht_time
+
+    with local_swarm(2) as dhts:
+        now = get_dht_time()
+        summary = {"prefix": "demo", "owner": str(dhts[0].peer_id), "run_id": "r1", "model": "mlp"}
+        dhts[0].store(RUNS_KEY, summary, now + 600, subkey=owned_subkey(dhts[0].peer_id, "demo"))
+        for k, dht in enumerate(dhts):
+            curve = [[now - 100 + i, 10 * i, 2.0 - 0.1 * i - k, None, 5.0] for i in range(8)]
+            publish_progress(dht, "demo", {**_record(now, 80, loss=1.0 - k), "curve": curve, "run_id": "r1"}, 600)
+        address = str(dhts[0].get_visible_maddrs()[0])
+        done = _hive("monitor", address, "--run", "demo", "--export", str(tmp_path / "tb"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "run demo: 2 peers, 18 points" in done.stdout
+    runs = sorted((tmp_path / "tb" / "demo").iterdir())
+    assert len(runs) == 2
+    for run in runs:
+        accumulator = EventAccumulator(str(run))
+        accumulator.Reload()
+        losses = accumulator.Scalars("train/loss")
+        assert [e.step for e in losses] == [0, 10, 20, 30, 40, 50, 60, 70, 80]  # the curve, then the latest report
+        assert losses[-1].value in (pytest.approx(1.0), pytest.approx(0.0))
+
+
+def test_monitor_of_an_address_nobody_listens_on_exits_3_with_one_line(tmp_path):
+    from hivecli.net import Identity
+
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    address = f"/ip4/127.0.0.1/tcp/{port}/p2p/{Identity.generate().peer_id}"
+    done = _hive("monitor", address, "--timeout", "5", cwd=tmp_path)
+    assert done.returncode == 3
+    assert done.stderr.count("\n") == 1 and "hive: error:" in done.stderr and str(port) in done.stderr

@@ -146,7 +146,11 @@ function drawChart(name, seriesList) {
   const node = document.getElementById(name + "-chart");
   const usable = seriesList.filter((s) => s.points.length);
   const key = usable.map((s) => s.label).join("|");
-  if (!usable.length) return;
+  if (!usable.length) {
+    if (!node.childElementCount) node.append(el("p", "no data yet", "muted empty"));
+    return;
+  }
+  node.querySelector(".empty")?.remove();
   const data = uPlot.join(usable.map((s) => [s.points.map((p) => p[0]), s.points.map((p) => p[1])]));
   let chart = charts[name];
   if (!chart || chart.key !== key) {
