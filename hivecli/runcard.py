@@ -28,7 +28,12 @@ _TAG = b"hive-run-card-v1"
 MAX_RECIPE_BYTES = 64 * 1024
 
 # section -> keys that only the local machine decides (None: the whole section)
-LOCAL_KEYS: dict[str, set[str] | None] = {"network": None, "output": {"dir"}, "data": {"root", "workers"}}
+# output.tensorboard too: whether this machine writes event files (and has the package) is its own choice
+LOCAL_KEYS: dict[str, set[str] | None] = {
+    "network": None,
+    "output": {"dir", "tensorboard"},
+    "data": {"root", "workers"},
+}
 
 
 def without_local_keys(recipe: dict[str, Any]) -> dict[str, Any]:

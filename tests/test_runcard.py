@@ -70,15 +70,18 @@ def test_malformed_cards_are_refused(raw: object) -> None:
 def test_keys_that_act_on_the_joiners_machine_never_come_from_a_card() -> None:
     recipe = _recipe()
     recipe["output"]["dir"] = "/tmp/attacker"
+    recipe["output"]["tensorboard"] = True  # would make every joiner need the package
     recipe["data"]["root"] = "/etc"
     recipe["network"]["initial_peers"] = ["/ip4/6.6.6.6/tcp/1/p2p/x"]
     card = _card(Identity.generate(), recipe)
     assert "network" not in card.recipe
     assert "dir" not in card.recipe["output"] and "root" not in card.recipe["data"]
+    assert "tensorboard" not in card.recipe["output"]
     # even a card whose bytes carry them (signed by a hostile owner by hand) loses them on reading
     assert without_local_keys(recipe)["output"].keys().isdisjoint(LOCAL_KEYS["output"] or set())
     loaded = trusted_recipe(card, None, trusted=False, instead="x")
     assert loaded.output.dir == Recipe().output.dir and loaded.data.root == Recipe().data.root
+    assert loaded.output.tensorboard is False
 
 
 def test_run_references() -> None:
