@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from hivecli._exceptions import ConfigError
-from hivecli.datasets import load_digits, load_torchvision_dataset
+from hivecli.datasets import load_digits, load_image_dataset
 from hivecli.recipe import DataSection, ModelSection, is_user_code
 
 
@@ -113,19 +113,6 @@ def build_model(section: ModelSection, input_shape: tuple[int, ...], num_classes
 # ---- datasets ----------------------------------------------------------------------------------
 
 
-def _torchvision_transform(section: DataSection, channels: int) -> Any:
-    from torchvision import transforms
-
-    steps: list[Any] = []
-    if section.image_size:
-        steps.append(transforms.Resize((section.image_size, section.image_size)))
-    target = section.channels or channels
-    if target != channels or target == 1:
-        steps.append(transforms.Grayscale(num_output_channels=target))
-    steps += [transforms.ToTensor(), transforms.Normalize((0.5,) * target, (0.5,) * target)]
-    return transforms.Compose(steps)
-
-
 def load_dataset(section: DataSection) -> DatasetInfo:
     """The recipe's dataset. Raises ConfigError for an unknown name, a failed download or a bad folder."""
     if is_user_code(section.name):
@@ -136,45 +123,13 @@ def load_dataset(section: DataSection) -> DatasetInfo:
     if section.name == "digits":
         train, test = load_digits(image_size=section.image_size or 8, channels=section.channels or 1)
         return DatasetInfo(train, test, tuple(train.tensors[0].shape[1:]), 10)
-    if section.name in ("cifar10", "mnist"):
-        base_channels = 3 if section.name == "cifar10" else 1
-        base_size = 32 if section.name == "cifar10" else 28
-        if section.image_size or section.channels:
-            transform = _torchvision_transform(section, base_channels)
-            train = load_torchvision_dataset(section.name, section.root, True, transform)
-            test = load_torchvision_dataset(section.name, section.root, False, transform)
-        else:
-            train = load_torchvision_dataset(section.name, section.root, True)
-            test = load_torchvision_dataset(section.name, section.root, False)
-        size = section.image_size or base_size
-        return DatasetInfo(train, test, (section.channels or base_channels, size, size), 10)
-    if section.name == "imagefolder":
-        return _image_folder(section)
+    if section.name in ("cifar10", "mnist", "imagefolder"):  # through torchvision, from section.root
+        images = load_image_dataset(section.name, section.root, section.image_size, section.channels, section.normalize)
+        return DatasetInfo(images.train, images.test, images.input_shape, images.num_classes)
     raise ConfigError(
         f"data.name = {section.name!r} is not a known dataset; choose one of digits, mnist, cifar10, "
         f"imagefolder, or write module:function"
     )
-
-
-def _image_folder(section: DataSection) -> DatasetInfo:
-    from pathlib import Path
-
-    from hivecli.datasets import import_torchvision
-
-    torchvision = import_torchvision()
-    root = Path(section.root)
-    train_dir = root / "train" if (root / "train").is_dir() else root
-    if not train_dir.is_dir():
-        raise ConfigError(
-            f"data.root = {section.root!r} is not a folder; point it at a folder with one subfolder per class"
-        )
-    size = section.image_size or 32
-    transform = _torchvision_transform(section.model_copy(update={"image_size": size}), 3)
-    train = torchvision.datasets.ImageFolder(str(train_dir), transform=transform)
-    test = (
-        torchvision.datasets.ImageFolder(str(root / "test"), transform=transform) if (root / "test").is_dir() else None
-    )
-    return DatasetInfo(train, test, (section.channels or 3, size, size), len(train.classes))
 
 
 def load_user_function(reference: str, key: str) -> Callable[..., Any]:
