@@ -147,6 +147,21 @@ def test_a_port_in_use_is_a_clear_usage_error():
             DashboardServer(Collector(dht=None), "127.0.0.1", port).start()
 
 
+def test_a_training_peer_serves_its_runs_dashboard(tmp_path):
+    args = ["--json", "--host", "127.0.0.1", "--port", "0", "--max-seconds", "60", "--dashboard", "0"]
+    with HiveProcess("start", DEFAULT, *args, cwd=tmp_path) as peer:
+        url = peer.wait_event("dashboard", timeout=90)["url"]
+        assert url.startswith("http://127.0.0.1:")
+        me = peer.wait_event("listening")["peer_id"]
+
+        def my_record():
+            runs = json.loads(_get(url + "api/state")[2])["runs"]
+            return runs.get("digits-demo", {}).get("peers", {}).get(me)
+
+        record = wait_for(my_record, timeout=60, what="the peer's own record on its dashboard")
+        assert record["live"] and record["reach"] in ("public", "unknown", "relayed", "client")
+
+
 # ---- a browser on a live run ----------------------------------------------------------------------
 
 
