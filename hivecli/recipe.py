@@ -100,6 +100,11 @@ class RunSection(_Section):
     min_peers_timeout: float = Field(
         300.0, ge=0, description="Seconds to wait for min_peers before training with fewer."
     )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto",
+        description="Where this peer trains: cpu; cuda (a GPU per process of the peer, see --nproc-per-node: "
+        "an error on a machine without one); auto: cuda if this machine has a GPU, else cpu.",
+    )
 
     @field_validator("prefix")
     @classmethod

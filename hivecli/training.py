@@ -10,6 +10,11 @@ checkpoint) instead of training on, or sharing, a broken model.
 It reports through a callback (`on_event(name, fields)`): the CLI turns events into a live
 display or JSON lines. Its files are described in hivecli.rundir and hivecli.checkpoints; its
 DHT reports are made by a `ProgressReporter` thread, never by the training loop.
+
+A peer of several processes (`--nproc-per-node`) runs its Trainer on rank 0 with a
+`hivecli.distributed.Leader`: the Trainer then trains through DDP on its shard of the data, and
+tells the other ranks at every step whether to stop, the learning rate, and whether its state
+changed (see hivecli.distributed).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from torch.utils.data import DataLoader
 from hivecli._exceptions import ConfigError, HiveError
 from hivecli.checkpoints import CheckpointStore
 from hivecli.dht.dht import DHT
+from hivecli.distributed import Leader, Setup, peer_device, shard_loader
 from hivecli.guard import DivergenceGuard
 from hivecli.optim import DecentralizedOptimizer, DiLoCoOptimizer, Optimizer
 from hivecli.optim.training_averager import all_finite
@@ -140,9 +146,10 @@ class Trainer:
         fresh: do not resume from a checkpoint in `run_dir`.
         card: the run's card (hivecli.runcard), republished as its owner signed it; None for a
             run of this peer's own, whose card it signs when it first announces the run.
+        ranks: this peer's other processes (--nproc-per-node), led from here; None: one process.
 
     Raises (from the constructor):
-        ConfigError: the recipe's model, dataset or optimizer settings do not fit together.
+        ConfigError: the recipe's model, dataset, optimizer or device settings do not fit together.
     """
 
     def __init__(
@@ -156,31 +163,40 @@ class Trainer:
         joining: bool = False,
         fresh: bool = False,
         card: RunCard | None = None,
+        ranks: Leader | None = None,
     ):
         self.recipe, self.dht, self.run_dir, self.on_event = recipe, dht, run_dir, on_event
         self.run_id, self.joining, self.fresh = run_id, joining, fresh
         self._card = card
         self.me = str(dht.peer_id)
+        self.ranks, self.processes = ranks, 1 if ranks is None else ranks.world
+        self.device = peer_device(recipe, self.processes, 0 if ranks is None else ranks.local_rank)
         data = load_dataset(recipe.data)
         self.data = data
         self.model, base_opt = build_model_and_optimizer(recipe, data.input_shape, data.num_classes)
+        self.model.to(self.device)
+        self.train_model: torch.nn.Module = self.model  # with other ranks, DDP around it once they start
         # each peer its own order of the data: same model seed, different batches
-        shuffle = torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(dht.peer_id.to_bytes()).digest()[:8]))
-        self.loader = DataLoader(
-            data.train,
-            batch_size=recipe.data.batch_size,
-            shuffle=True,
-            drop_last=True,
-            num_workers=recipe.data.workers,
-            generator=shuffle,
-        )
+        self._shuffle_seed = int.from_bytes(hashlib.sha256(dht.peer_id.to_bytes()).digest()[:8])
+        if ranks is not None:  # this rank's shard, drawn from the peer's order
+            self.loader = shard_loader(data.train, recipe.data, self._shuffle_seed, 0, ranks.world)
+        else:
+            self.loader = DataLoader(
+                data.train,
+                batch_size=recipe.data.batch_size,
+                shuffle=True,
+                drop_last=True,
+                num_workers=recipe.data.workers,
+                generator=torch.Generator().manual_seed(self._shuffle_seed),
+            )
         self.test_loader = (
             DataLoader(data.test, batch_size=512, num_workers=recipe.data.workers) if data.test is not None else None
         )
         if len(self.loader) == 0:
+            shard = "" if ranks is None else f" shared by {ranks.world} processes (--nproc-per-node)"
             raise ConfigError(
                 f"data.batch_size = {recipe.data.batch_size} is larger than the {len(data.train)} training samples "
-                f"of dataset {recipe.data.name!r}; lower data.batch_size"
+                f"of dataset {recipe.data.name!r}{shard}; lower data.batch_size"
             )
         # output.tensorboard without the tensorboard package: a ConfigError here, before the optimizer starts
         self._tensorboard = ScalarLog(run_dir / "tensorboard") if recipe.output.tensorboard else None
@@ -218,6 +234,7 @@ class Trainer:
         self.loss_ema: float | None = None
         self.samples_per_s = 0.0
         self.rollbacks = 0
+        self.state_loads = 0  # checkpoints and run states loaded: with other ranks, they take the state then
         self._rollback_streak, self._healthy_steps = 0, 0
         self._checkpointed = -1  # the step of the last checkpoint written
 
@@ -314,6 +331,7 @@ class Trainer:
                 logger.warning("Could not load the run's state: %s; retrying", e)
                 loaded = False
             if loaded:
+                self.state_loads += 1
                 run = self.opt.training_state.loaded_run
                 if isinstance(run, dict):
                     self.counter.merge(run.get("samples"))
@@ -355,6 +373,9 @@ class Trainer:
         """Train until the run's goal, a limit of this peer, or `stop`; returns why it stopped."""
         self.prepare(stop)
         self.wait_for_peers(stop)
+        if self.ranks is not None and not stop.is_set():  # the other ranks train from here on, through DDP
+            setup = Setup(self.recipe, str(self.run_dir), self._shuffle_seed)
+            self.train_model = self.ranks.start(setup, self.model, self.opt.opt, self.device)
         limits, output = self.recipe.limits, self.recipe.output
         started = time.monotonic()
         max_samples = math.ceil(limits.max_epochs * len(self.data.train)) if limits.max_epochs else None
@@ -366,13 +387,16 @@ class Trainer:
         while not reason:
             for x, y in self.loader:
                 reason = self._stop_reason(stop, started, my_samples, max_samples)
+                factor = self.schedule.factor(*self._schedule_position())
+                if self.ranks is not None and self._rank_boundary(bool(reason), factor):
+                    reason = reason or "stopped"  # a signal reached another rank
                 if reason:
                     break
                 before = self.step
-                if not self._train_step(x, y, stop):
+                if not self._train_step(x, y, stop, factor):
                     continue
-                my_samples += len(y)
-                window_samples += len(y)
+                my_samples += len(y) * self.processes  # every rank trained on a batch as large
+                window_samples += len(y) * self.processes
                 # in the collaborative and DiLoCo modes the step moves once per epoch (outer step), not
                 # per batch: evaluate and save when it reaches a multiple, not at every batch while it is one
                 if self.step != before and self.step % output.eval_every_steps == 0:
@@ -386,6 +410,8 @@ class Trainer:
                     next_report = now + output.report_every_seconds
                     self._report()
         averaged_at_end = reason != "stopped" and self._finish_last_round()  # on Ctrl+C: no waiting
+        if self.ranks is not None:  # the other ranks leave with the model this one leaves with
+            self.ranks.finish(version=self.state_loads, rounds=self.opt.rounds_finished, step=self.step)
         if averaged_at_end or self.step % output.eval_every_steps != 0 or self.last_accuracy is None:
             self.evaluate(final=averaged_at_end)  # the model the peer leaves with
         if window_samples:
@@ -431,22 +457,32 @@ class Trainer:
             logger.info("The last averaging round did not finish in time; keeping local parameters")
         return False
 
-    def _train_step(self, x: torch.Tensor, y: torch.Tensor, stop: threading.Event) -> bool:
-        """One step; False if the guard found the model broken and rolled it back instead."""
-        factor = self.schedule.factor(*self._schedule_position())
+    def _rank_boundary(self, stop: bool, factor: float) -> bool:
+        """Before every step, with the other ranks: True if the peer stops here (hivecli.distributed)."""
+        assert self.ranks is not None
+        return self.ranks.boundary(
+            stop, factor, version=self.state_loads, rounds=self.opt.rounds_finished, step=self.step
+        )
+
+    def _train_step(self, x: torch.Tensor, y: torch.Tensor, stop: threading.Event, factor: float) -> bool:
+        """One step at `factor` times the base learning rates; False if the guard found the model
+        broken and rolled it back instead."""
         for group, base in zip(self.opt.param_groups, self.base_lrs, strict=True):
             group["lr"] = base * factor
         self.opt.zero_grad()
-        loss = F.cross_entropy(self.model(x), y)
+        x, y = x.to(self.device), y.to(self.device)
+        loss = F.cross_entropy(self.train_model(x), y)
         problem = self.guard.check(loss.item())
         if problem is not None:
+            if self.ranks is not None:  # the other ranks wait for this step's gradients (the rollback's state
+                loss.backward()  # then replaces what they made of them)
             self.rollback(problem, stop)
             return False
         loss.backward()
         if self.recipe.optimizer.clip_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.recipe.optimizer.clip_grad_norm)
         self.opt.step()
-        self.counter.add(self.me, len(y))
+        self.counter.add(self.me, len(y) * self.processes)
         self.loss_ema = self.guard.smoothed
         self._healthy_steps += 1
         return True
@@ -511,7 +547,7 @@ class Trainer:
         correct = total = 0
         with torch.no_grad():
             for x, y in self.test_loader:
-                correct += (self.model(x).argmax(1) == y).sum().item()
+                correct += (self.model(x.to(self.device)).argmax(1).cpu() == y).sum().item()
                 total += len(y)
         self.model.train()
         self.last_accuracy = correct / max(1, total)
@@ -672,6 +708,7 @@ class Trainer:
             self.opt.training_state.step = state["step"]
         self.counter.merge(state.get("samples"))
         self._checkpointed = state["step"]
+        self.state_loads += 1
 
     def _checkpoint_path(self) -> Path:
         return self.run_dir / "checkpoints" / f"step-{self.step}.pt"

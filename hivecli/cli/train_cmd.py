@@ -7,6 +7,9 @@ saves a checkpoint and exits 130; SIGTERM does the same and exits 0.
 
 A peer restarted with the same --identity resumes from its latest checkpoint in the same run
 (unless --fresh), and still takes the run's newer state from its peers if the run moved on.
+
+With --nproc-per-node N > 1 the command runs itself again as the N processes of one peer
+(torchrun's launcher, hivecli.distributed): rank 0 is the peer, the others train with it.
 """
 
 from __future__ import annotations
@@ -90,6 +93,16 @@ DashboardFlag = Annotated[
         help="Serve the run's live dashboard (as `hive monitor` does) from this peer on this port; 0: any free one.",
     ),
 ]
+NprocFlag = Annotated[
+    int,
+    typer.Option(
+        "--nproc-per-node",
+        help="Run this peer as N processes on this machine, as torchrun does (DDP: one per GPU, or CPU processes); "
+        "it still counts as one peer of the run.",
+    ),
+]
+# set by --nproc-per-node's launcher in each process it starts: "this process is one rank of a peer"
+PEER_PROCESSES_ENV = "HIVECLI_PEER_PROCESSES"
 DashboardHostFlag = Annotated[
     str,
     typer.Option("--dashboard-host", help="Address the dashboard listens on (default 127.0.0.1: this machine only)."),
@@ -112,13 +125,16 @@ def start(
     json_output: JsonFlag = False,
     dashboard: DashboardFlag = None,
     dashboard_host: DashboardHostFlag = "127.0.0.1",
+    nproc_per_node: NprocFlag = 1,
 ) -> None:
     """Start a training run (or a peer of one, with --initial-peers) from a recipe.
 
     Prints every address this peer can be reached at and the `hive join ...` line to run elsewhere, publishes the recipe in the DHT under the run's prefix, then trains with a live status line until the run's goal (run.total_samples or run.total_epochs, over all peers), a limit of this peer, or Ctrl+C. Writes runs/PREFIX/RUN_ID/PEER/: recipe.toml, metrics.jsonl, checkpoints/. Started again with the same --identity, the peer resumes from its latest checkpoint unless --fresh.
     """
+    _check_nproc(nproc_per_node)
     overrides = _overrides(set_values, host, port, max_steps, max_seconds, client_mode)
     loaded = load_recipe(recipe, overrides)
+    _launch_processes(nproc_per_node, loaded)
     peers = split_peer_list(initial_peers) or list(loaded.network.initial_peers)
     _run_peer(
         loaded, overrides, peers, announce, identity, swarm_key, json_output, join=False, fresh=fresh,
@@ -147,11 +163,13 @@ def join(
     json_output: JsonFlag = False,
     dashboard: DashboardFlag = None,
     dashboard_host: DashboardHostFlag = "127.0.0.1",
+    nproc_per_node: NprocFlag = 1,
 ) -> None:
     """Join a running training run: fetch its recipe, download its current state, train with it.
 
     Waits (with a spinner) up to a minute for the run to be announced. A fetched recipe is data, never code: if it names user code (module:function), join refuses unless you pass --trust-recipe or give a local RECIPE file. Joined again with the same --identity, the peer resumes from its checkpoint, or from the run's state if the run has moved further.
     """
+    _check_nproc(nproc_per_node)
     overrides = _overrides(set_values, host, port, max_steps, max_seconds, client_mode)
     peers = split_peer_list([address, *(initial_peers or [])])
     local = load_recipe(recipe, overrides) if recipe is not None else None
@@ -160,6 +178,7 @@ def join(
         from hivecli.runs import check_run_prefix
 
         check_run_prefix(parse_run_ref(run)[0] if run else None, local, recipe)
+    _launch_processes(nproc_per_node, local)
     _run_peer(
         local, overrides, peers, announce, identity, swarm_key, json_output, join=True, run=run,
         trust_recipe=trust_recipe, fresh=fresh, dashboard=(dashboard_host, dashboard) if dashboard is not None else None,
@@ -188,6 +207,40 @@ def _overrides(
     return overrides
 
 
+def _check_nproc(nproc: int) -> None:
+    if nproc < 1:
+        raise ConfigError(f"--nproc-per-node {nproc}: a peer runs at least 1 process; give 1 (the default) or more")
+
+
+def _launch_processes(nproc: int, recipe: Recipe | None) -> None:
+    """--nproc-per-node N > 1: run this very command again as the N processes of one peer, and exit
+    with the peer's exit code (hivecli.distributed.launch). The processes run without the flag.
+
+    Raises:
+        ConfigError: the recipe (if known here; a fetched one is checked by rank 0) cannot run as N processes.
+    """
+    if nproc == 1:
+        return
+    from hivecli.distributed import launch, peer_device
+
+    if recipe is not None:
+        peer_device(recipe, nproc)  # a recipe that cannot run this way fails here, once, before any process starts
+    os.environ[PEER_PROCESSES_ENV] = str(nproc)
+    raise typer.Exit(launch(nproc, _without_nproc(sys.argv[1:])))
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc-per-node":
+            skip = True
+        elif not arg.startswith("--nproc-per-node="):
+            kept.append(arg)
+    return kept
+
+
 JOIN_WAIT_S = 60.0  # how long `hive join` waits for the run to be announced
 
 
@@ -210,6 +263,15 @@ def _run_peer(
     from hivecli.cli._signals import stop_on_signals
     from hivecli.dht.dht import DHT
 
+    leader = None
+    if os.environ.get(PEER_PROCESSES_ENV):  # one process of a --nproc-per-node peer: rank 0 is the peer
+        from hivecli.distributed import Leader, PeerProcesses, follow
+
+        processes = PeerProcesses.from_env()
+        if processes.rank > 0:  # no DHT, nothing published: train along with rank 0
+            with stop_on_signals() as stop:
+                raise typer.Exit(follow(processes, stop))
+        leader = Leader(processes)  # closed with the DHT, below: the other ranks are released then
     # network settings come from the local recipe, or (joining without one) from env and flags only:
     # the rest of the environment applies to the fetched recipe later
     if recipe is None:
@@ -240,8 +302,10 @@ def _run_peer(
             if dashboard is not None and not stop.is_set():
                 served = _serve_dashboard(dht, recipe.run.prefix, *dashboard, json_output)
             if not stop.is_set():
-                _train(recipe, dht, display, stop, card=card, joining=joining, fresh=fresh)
+                _train(recipe, dht, display, stop, card=card, joining=joining, fresh=fresh, leader=leader)
     finally:
+        if leader is not None:  # the other processes are released, whatever happened here
+            leader.close()
         for part in reversed(served):
             part.stop()
         display.close()
@@ -367,7 +431,9 @@ def _announce_run(card: Any, join_maddrs: list[str], json_output: bool) -> None:
     sys.stdout.flush()
 
 
-def _train(recipe: Recipe, dht: Any, display: Any, stop: Any, *, card: Any, joining: bool, fresh: bool) -> None:
+def _train(
+    recipe: Recipe, dht: Any, display: Any, stop: Any, *, card: Any, joining: bool, fresh: bool, leader: Any = None
+) -> None:
     from hivecli.rundir import claim, peer_dir
     from hivecli.training import Trainer
 
@@ -376,7 +442,9 @@ def _train(recipe: Recipe, dht: Any, display: Any, stop: Any, *, card: Any, join
     run_dir = peer_dir(recipe.output.dir, recipe.run.prefix, run_id, str(dht.peer_id))
     try:
         claim(run_dir, recipe.run.prefix, run_id, str(dht.peer_id))
-        trainer = Trainer(recipe, dht, run_dir, display.event, run_id=run_id, joining=joining, fresh=fresh, card=card)
+        trainer = Trainer(
+            recipe, dht, run_dir, display.event, run_id=run_id, joining=joining, fresh=fresh, card=card, ranks=leader
+        )
     except OSError as e:
         raise ConfigError(
             f"output.dir = {recipe.output.dir!r}: cannot write {e.filename or run_dir} ({e.strerror or e}); "
