@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import ipaddress
-import math
 import os
 import platform
 import socket
@@ -18,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from hivecli.utils.values import finite
 
 if TYPE_CHECKING:
     from hivecli.dht.node import DHTNode
@@ -207,14 +208,7 @@ def kernel_advice(settings: dict[str, Any]) -> list[str]:
 def peer_time(response: Any) -> float | None:
     """The `time` field of a peer's dht.ping reply as a finite float, or None if absent or bogus
     (any peer may send anything: a bool, NaN, a string, an integer too large for a float)."""
-    value = response.get("time") if isinstance(response, dict) else None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    try:
-        value = float(value)
-    except OverflowError:
-        return None
-    return value if math.isfinite(value) else None
+    return finite(response.get("time")) if isinstance(response, dict) else None
 
 
 def clock_offset(sent_at: float, rtt: float, their_time: float) -> float:

@@ -26,8 +26,6 @@ writer is made, so importing it stays cheap.
 
 from __future__ import annotations
 
-import math
-import numbers
 import re
 import time
 from pathlib import Path
@@ -35,6 +33,7 @@ from types import TracebackType
 from typing import Any
 
 from hivecli._exceptions import ConfigError
+from hivecli.utils.values import finite
 
 __all__ = ["NOT_SCALARS", "TAGS", "ScalarLog", "export_curves", "require_tensorboard", "run_name", "scalar", "tag"]
 
@@ -74,14 +73,9 @@ def tag(name: str) -> str:
 
 
 def scalar(value: Any) -> float | None:
-    """`value` as the float to write, or None if it is no finite number (bools are no numbers here)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        return None
-    try:
-        number = float(value)
-    except (OverflowError, ValueError):  # an int too large for a float
-        return None
-    return number if math.isfinite(number) and abs(number) <= _FLOAT32_MAX else None
+    """`value` as the float to write, or None if it is no finite number (bools are no numbers here)
+    or too large for the file's float32."""
+    return finite(value, -_FLOAT32_MAX, _FLOAT32_MAX)
 
 
 def require_tensorboard(needed_by: str = _SETTING, otherwise: str = _SETTING_OFF) -> type:

@@ -18,18 +18,12 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from hivecli.utils.values import finite
+
 MAX_PEERS = 256  # per run; beyond, the peers silent the longest are forgotten
 MAX_POINTS = 4000  # per curve: a point every 2 s for over two hours, then the oldest go
 MAX_ROUNDS = 200  # averaging rounds kept per run (the latest)
 LIVE_SECONDS = 30.0  # a peer whose last report is older is shown as gone
-
-
-def number(value: Any, low: float = -math.inf, high: float = math.inf) -> float | None:
-    """`value` if it is a finite int or float (not a bool) within [low, high], else None."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    value = float(value)
-    return value if math.isfinite(value) and low <= value <= high else None
 
 
 def count(value: Any) -> int | None:
@@ -59,20 +53,19 @@ def check_record(record: dict[str, Any]) -> dict[str, Any]:
     rounds = record.get("recent_rounds")
     return {
         "step": count(record.get("step")),
-        "loss": number(record.get("loss")),
-        "accuracy": number(record.get("accuracy"), 0.0, 1.0),
-        "samples_per_s": number(record.get("samples_per_s"), 0.0, 1e9),
+        "loss": finite(record.get("loss")),
+        "accuracy": finite(record.get("accuracy"), 0.0, 1.0),
+        "samples_per_s": finite(record.get("samples_per_s"), 0.0, 1e9),
         "samples": count(record.get("samples")),
         "run_samples": count(record.get("run_samples")),
         "goal_samples": count(record.get("goal_samples")),
-        "eta_s": number(record.get("eta_s"), 0.0),
+        "eta_s": finite(record.get("eta_s"), 0.0),
         "rounds": count(record.get("rounds")),
         "group_size": count(record.get("group_size")),
         "bytes_sent": count(record.get("bytes_sent")),
         "bytes_received": count(record.get("bytes_received")),
         "reach": text(record.get("reach"), 16),
-        "time": number(record.get("time"), 0.0),
-        "last_report_s": number(record.get("last_report_s")),
+        "time": finite(record.get("time"), 0.0),
         "recent_rounds": _check_rounds(rounds) if isinstance(rounds, list) else [],
     }
 
@@ -81,7 +74,7 @@ def _check_rounds(rounds: list[Any]) -> list[tuple[float, int, float, bool]]:
     checked = []
     for entry in rounds[-32:]:
         if isinstance(entry, (list, tuple)) and len(entry) == 4 and isinstance(entry[3], bool):
-            when, size, seconds = number(entry[0], 0.0), count(entry[1]), number(entry[2], 0.0, 86400.0)
+            when, size, seconds = finite(entry[0], 0.0), count(entry[1]), finite(entry[2], 0.0, 86400.0)
             if when is not None and size is not None and size <= 4096 and seconds is not None:
                 checked.append((when, size, seconds, entry[3]))
     return checked
@@ -93,9 +86,9 @@ def _check_curve(points: Any) -> list[tuple[float, int, float | None, float | No
     checked = []
     for p in points[-1024:]:
         if isinstance(p, (list, tuple)) and len(p) == 5:
-            when, step = number(p[0], 0.0), count(p[1])
+            when, step = finite(p[0], 0.0), count(p[1])
             if when is not None and step is not None:
-                checked.append((when, step, number(p[2]), number(p[3], 0.0, 1.0), number(p[4], 0.0, 1e9)))
+                checked.append((when, step, finite(p[2]), finite(p[3], 0.0, 1.0), finite(p[4], 0.0, 1e9)))
     return sorted(checked)
 
 
