@@ -636,8 +636,9 @@ class Trainer:
         """What `hive monitor` shows of this peer's averaging and network: rounds, traffic, the latest
         rounds (unix time, group size, seconds, ok) and how others reach it."""
         averager = self.opt.averager
-        relayed = "relayed" if self.dht.relayed else self.dht.reachability.status
-        reach = "client" if self.dht.client_mode else relayed
+        # "public", "unreachable" or "unknown" from the dial-back, unless a relay carries us
+        dialed = "relayed" if self.dht.relayed else self.dht.reachability.status
+        reach = "client" if self.dht.client_mode else dialed
         return {
             "rounds": self.opt.rounds_finished,
             "group_size": self.opt.last_group_size,

@@ -52,8 +52,14 @@ def monitor(
     from hivecli.net.multiaddr import parse_peer_maddr
 
     start = parse_peer_maddr(address)
-    with DHT(client_mode=True, wait_timeout=min(3.0, timeout), net_settings=net_settings(swarm_key)) as client:
-        client.run_coroutine(lambda _dht, node: _join(node, start, timeout))
+    with DHT(
+        initial_peers=[start],  # joining raises BootstrapError (exit 3), saying why, if it does not answer
+        client_mode=True,
+        wait_timeout=min(3.0, timeout),
+        bootstrap_timeout=timeout,
+        startup_timeout=2 * timeout + 5,  # past the bootstrap's own deadline
+        net_settings=net_settings(swarm_key),
+    ) as client:
         collector = Collector(client, run, interval)
         if export is not None:
             _export(collector, export)
@@ -63,18 +69,6 @@ def monitor(
             with stop_on_signals() as stop:
                 stop.wait()
     raise typer.Exit(stop.exit_code)
-
-
-async def _join(node: Any, start: Any, timeout: float) -> None:
-    """Bootstrap through the peer at `start`; raises BootstrapError (exit 3) if it does not answer."""
-    import asyncio
-
-    from hivecli._exceptions import BootstrapError
-
-    try:
-        await asyncio.wait_for(node.bootstrap([start]), timeout)
-    except asyncio.TimeoutError:
-        raise BootstrapError(f"peer {start} did not answer within --timeout {timeout:g} s") from None
 
 
 def _export(collector: Any, directory: Path) -> None:

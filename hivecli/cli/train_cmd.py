@@ -101,12 +101,13 @@ NprocFlag = Annotated[
         "it still counts as one peer of the run.",
     ),
 ]
-# set by --nproc-per-node's launcher in each process it starts: "this process is one rank of a peer"
-PEER_PROCESSES_ENV = "HIVECLI_PEER_PROCESSES"
 DashboardHostFlag = Annotated[
     str,
     typer.Option("--dashboard-host", help="Address the dashboard listens on (default 127.0.0.1: this machine only)."),
 ]
+
+# set by --nproc-per-node's launcher in each process it starts: "this process is one rank of a peer"
+PEER_PROCESSES_ENV = "HIVECLI_PEER_PROCESSES"
 
 
 def start(
