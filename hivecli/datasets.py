@@ -63,10 +63,16 @@ def load_digits(image_size: int = 8, channels: int = 1) -> tuple[TensorDataset, 
         images = torch.nn.functional.interpolate(images, size=(image_size, image_size), mode="bilinear")
     images = images.repeat(1, channels, 1, 1)
     labels = torch.tensor(bunch.target, dtype=torch.long)
-    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(_SPLIT_SEED))
-    n_test = int(len(labels) * _TEST_FRACTION)
-    test, train = order[:n_test], order[n_test:]
+    train, test = fixed_split(len(labels))
     return TensorDataset(images[train], labels[train]), TensorDataset(images[test], labels[test])
+
+
+def fixed_split(size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, test) indices of a dataset of `size` samples, 80/20: the same on every peer (a fixed
+    seed), so that test accuracy is comparable across peers."""
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(_SPLIT_SEED))
+    n_test = int(size * _TEST_FRACTION)
+    return order[n_test:], order[:n_test]
 
 
 # ---- torchvision ----------------------------------------------------------------------------------
@@ -342,10 +348,9 @@ def load_image_folder(
         test = _image_folder(torchvision, test_dir, transform, train.classes) if test_dir else None
     else:
         everything = _image_folder(torchvision, root_path, transform)
-        order = torch.randperm(len(everything), generator=torch.Generator().manual_seed(_SPLIT_SEED)).tolist()
-        n_test = int(len(everything) * _TEST_FRACTION)
-        train = Subset(everything, order[n_test:])
-        test = Subset(everything, order[:n_test]) if n_test else None
+        train_indices, test_indices = fixed_split(len(everything))
+        train = Subset(everything, train_indices.tolist())
+        test = Subset(everything, test_indices.tolist()) if len(test_indices) else None
         train.classes = everything.classes  # type: ignore[attr-defined]
     return ImageData(train, test, tuple(train[0][0].shape), len(train.classes))  # type: ignore[attr-defined]
 
