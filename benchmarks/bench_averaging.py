@@ -225,6 +225,9 @@ def _avg_worker_body(
             control = averager.step(wait=False, timeout=60)
             control.result(timeout=120)
             end, cpu = time.perf_counter(), _cpu_s() - cpu_start
+            # the check (a subtraction and a max over the whole tensor) waits for every peer's round
+            # to end: on 2 cores a peer done first would otherwise take CPU from one still finishing
+            barrier.wait(timeout=120)
             with averager.get_tensors() as (averaged,):
                 error = (averaged - mean).abs().max().item()
             records.append((start, control.timings["running_allreduce"], end, error, control.group_size, cpu))
@@ -305,15 +308,15 @@ def _donor(numel: int, encrypt: bool, addr_q: Any, stop: Any) -> None:
     dht.shutdown()
 
 
-def _newcomer(numel: int, encrypt: bool, addrs: list[str], out: Any) -> None:
+def _newcomer(numel: int, encrypt: bool, addrs: list[str], out: Any, bulk: bool) -> None:
     try:
-        _newcomer_body(numel, encrypt, addrs, out)
+        _newcomer_body(numel, encrypt, addrs, out, bulk)
     except BaseException:
         out.put(_error("newcomer"))
         raise
 
 
-def _newcomer_body(numel: int, encrypt: bool, addrs: list[str], out: Any) -> None:
+def _newcomer_body(numel: int, encrypt: bool, addrs: list[str], out: Any, bulk: bool) -> None:
     import torch
 
     from hivecli import DHT
@@ -323,7 +326,9 @@ def _newcomer_body(numel: int, encrypt: bool, addrs: list[str], out: Any) -> Non
     model = torch.zeros(numel)  # the newcomer's own model: it exists, and the state lands in it
     started = time.perf_counter()
     dht = DHT(initial_peers=addrs, start=True, net_settings=_net_settings(encrypt))
-    averager = DecentralizedAverager([model], dht, prefix="bench-state", allow_state_sharing=False, start=True)
+    averager = DecentralizedAverager(
+        [model], dht, prefix="bench-state", allow_state_sharing=False, bulk_links=bulk, start=True
+    )
     joined = time.perf_counter()
     loaded = averager.load_state_from_peers(timeout=60, into=[model])
     first = time.perf_counter() - joined
@@ -338,7 +343,7 @@ def _newcomer_body(numel: int, encrypt: bool, addrs: list[str], out: Any) -> Non
     dht.shutdown()
 
 
-def run_state(numel: int, trials: int, encrypt: bool = True) -> dict[str, Any]:
+def run_state(numel: int, trials: int, encrypt: bool = True, bulk: bool = True) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     addr_q, out, stop = ctx.Queue(), ctx.Queue(), ctx.Event()
     donor = ctx.Process(target=_donor, args=(numel, encrypt, addr_q, stop))
@@ -347,7 +352,7 @@ def run_state(numel: int, trials: int, encrypt: bool = True) -> dict[str, Any]:
         addrs = addr_q.get(timeout=120)
         results = []
         for _ in range(trials):
-            proc = ctx.Process(target=_newcomer, args=(numel, encrypt, addrs, out))
+            proc = ctx.Process(target=_newcomer, args=(numel, encrypt, addrs, out, bulk))
             proc.start()
             try:
                 results.extend(_collect(out, [proc], 1, timeout=300))
@@ -487,10 +492,19 @@ def main() -> None:
     )
     parser.add_argument("--compression", default="none", help="the averagers' compression (none, fp16, auto, ...)")
     parser.add_argument("--no-audit", action="store_true", help="verify_reducers = False: what the reducer audit costs")
+    parser.add_argument(
+        "--no-bulk",
+        action="store_true",
+        help="bulk_links = False: every byte on the peers' multiplexed connection, state downloads too",
+    )
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     modes = list(MODES) if args.encryption == "both" else [args.encryption]
-    options: dict[str, Any] = {"compression": args.compression, "verify_reducers": not args.no_audit}
+    options: dict[str, Any] = {
+        "compression": args.compression,
+        "verify_reducers": not args.no_audit,
+        "bulk_links": not args.no_bulk,
+    }
 
     rows = []
     print(
@@ -546,7 +560,7 @@ def main() -> None:
         numel = SIZES[args.state_size]
         raw = run_raw_tcp(4 * numel, 5)
         for mode in modes:
-            states[mode] = _attempt(run_state, numel, args.state_trials, encrypt=MODES[mode])
+            states[mode] = _attempt(run_state, numel, args.state_trials, encrypt=MODES[mode], bulk=not args.no_bulk)
             states[mode]["raw_tcp_gbps"] = raw
         print()
         print(

@@ -23,6 +23,7 @@ from hivecli.averaging.group import GroupInfo, Member
 from hivecli.averaging.link import RoundPlan
 from hivecli.averaging.partition import Layout
 from hivecli.dht.records import owned_entries
+from hivecli.net.bulk import BulkLinks
 from hivecli.testing import local_swarm, wait_for
 
 DHT_FAST = {"wait_timeout": 1.0}
@@ -447,7 +448,10 @@ class StatefulAverager(DecentralizedAverager):
         return self.metadata, tensors
 
 
-def test_state_download_is_bit_identical():
+def test_state_download_is_bit_identical(monkeypatch):
+    redeemed = []  # bulk links the donor accepted: downloads take one (channel.py)
+    accept = BulkLinks.accept
+    monkeypatch.setattr(BulkLinks, "accept", lambda self, *args: redeemed.append(accept(self, *args)) or redeemed[-1])
     torch.manual_seed(7)
     metadata = {"step": 42, "name": "donor", "lr": [0.1, 0.01], "blob": b"\x00\x01"}
     shapes = [(1_000_000,), (3, 5), (0,)]
@@ -472,6 +476,7 @@ def test_state_download_is_bit_identical():
             for got, want in zip(tensors, donor_tensors, strict=True):
                 assert got.dtype == want.dtype and torch.equal(got, want)
             assert torch.count_nonzero(snapshot(newcomer)[0]) == 0  # returned, not applied
+            assert redeemed == [True]
             # a second download sees later changes of the donor
             with donor.get_tensors() as live:
                 live[0].add_(1.0)

@@ -31,6 +31,7 @@ from hivecli.averaging.robust import (
     trimmed_mean,
 )
 from hivecli.dht.records import owned_entries
+from hivecli.net.bulk import BulkLinks
 from hivecli.optim.training_averager import TrainingAverager
 from hivecli.testing import local_swarm, wait_for
 
@@ -128,6 +129,23 @@ def test_bad_defence_settings_are_config_errors(kwargs, fragment):
 # ---- one hostile member of a round, through the wire ----------------------------------------
 
 
+@pytest.fixture(params=["stream", "bulk"])
+def link(request, monkeypatch):
+    """Which way the spans travel: on the part streams, or (every span, however small) on bulk
+    links (channel.py). Returns a check, for after a round, that they went that way."""
+    redeemed = []
+    accept = BulkLinks.accept
+
+    def counting(self, stream, hello):
+        redeemed.append(accept(self, stream, hello))
+        return redeemed[-1]
+
+    monkeypatch.setattr(BulkLinks, "accept", counting)
+    if request.param == "bulk":
+        monkeypatch.setattr("hivecli.averaging.allreduce.BULK_MIN_BYTES", 0)
+    return lambda: any(redeemed) == (request.param == "bulk")
+
+
 @contextlib.contextmanager
 def group_of_three(prefix, inputs, **kwargs):
     with local_swarm(3, **DHT_FAST) as dhts:
@@ -196,7 +214,7 @@ def honest_inputs(seed):
 
 
 @pytest.mark.parametrize("poison", [math.nan, math.inf], ids=["nan", "inf"])
-def test_a_member_sending_non_finite_values_is_dropped_and_banned(caplog, poison):
+def test_a_member_sending_non_finite_values_is_dropped_and_banned(caplog, poison, link):
     caplog.set_level(logging.INFO, logger="hivecli.averaging")
     inputs = honest_inputs(11)
     inputs[2] = [t.clone() for t in inputs[2]]
@@ -216,6 +234,7 @@ def test_a_member_sending_non_finite_values_is_dropped_and_banned(caplog, poison
             torch.testing.assert_close(got[keep], honest_mean[keep], rtol=0, atol=1e-6)
             assert attacker in av.banned_peers
         assert named(caplog, attacker, "non-finite", "dropped")
+        assert link()
 
         # the next round: the attacker (now finite, but banned) is kept out of the honest pair's
         # group by matchmaking, and the pair averages everything, the attacker's old span included
@@ -261,7 +280,7 @@ def test_robust_aggregation_keeps_an_outlier_from_moving_the_average(aggregation
                 assert (got - honest.mean(0)).abs().max() < 5.0, "the outlier dragged the average away"
 
 
-def test_a_reducer_returning_non_finite_averages_is_ignored_and_banned(caplog, monkeypatch):
+def test_a_reducer_returning_non_finite_averages_is_ignored_and_banned(caplog, monkeypatch, link):
     caplog.set_level(logging.INFO, logger="hivecli.averaging")
     inputs = honest_inputs(14)
     with group_of_three("bad-reducer", inputs) as avs:
@@ -288,6 +307,7 @@ def test_a_reducer_returning_non_finite_averages_is_ignored_and_banned(caplog, m
             torch.testing.assert_close(got[keep], mean3[keep], rtol=0, atol=1e-6)  # it sent honestly
             assert attacker in av.banned_peers
         assert named(caplog, attacker, "non-finite average")
+        assert link()
 
 
 # ---- reducers returning finite but wrong averages: the audit ---------------------------------
@@ -324,18 +344,19 @@ def warnings_naming(caplog, peer_id):
 
 
 @pytest.mark.parametrize(
-    ("aggregation", "compression", "claim_666", "mismatch"),
-    [
-        ("mean", "none", False, "the inputs it claims give"),
-        ("trimmed_mean", "none", False, "the inputs it claims give"),
-        ("mean", "blockwise8bit", False, "the inputs it claims give"),
-        ("mean", "none", True, "claims our input was 666.0"),
-        ("centered_clip", "none", True, "claims our input was 666.0"),
+    ("aggregation", "compression", "claim_666", "mismatch", "link"),
+    [  # each case costs the liar's 30 s step timeout: the bulk links get the two that differ most
+        ("mean", "none", False, "the inputs it claims give", "stream"),
+        ("trimmed_mean", "none", False, "the inputs it claims give", "stream"),
+        ("mean", "blockwise8bit", False, "the inputs it claims give", "bulk"),
+        ("mean", "none", True, "claims our input was 666.0", "bulk"),
+        ("centered_clip", "none", True, "claims our input was 666.0", "stream"),
     ],
-    ids=["mean", "trimmed-mean", "blockwise8bit", "consistent-liar", "consistent-liar-centered-clip"],
+    ids=["mean", "trimmed-mean", "blockwise8bit-bulk", "consistent-liar-bulk", "consistent-liar-centered-clip"],
+    indirect=["link"],
 )
 def test_a_reducer_returning_wrong_finite_averages_fails_the_audit_and_is_banned(
-    caplog, monkeypatch, aggregation, compression, claim_666, mismatch
+    caplog, monkeypatch, aggregation, compression, claim_666, mismatch, link
 ):
     caplog.set_level(logging.INFO, logger="hivecli.averaging")
     inputs = honest_inputs(15)
@@ -370,6 +391,7 @@ def test_a_reducer_returning_wrong_finite_averages_fails_the_audit_and_is_banned
         for av in avs[:2]:
             assert (values(av) - 666).abs().min() > 100
         assert not named(caplog, attacker, "failed the audit")  # nobody sent to it, so nobody audited it
+        assert link()
 
 
 def test_without_verify_reducers_the_wrong_averages_go_through(caplog, monkeypatch):

@@ -42,7 +42,9 @@ from typing import Any
 import torch
 
 from hivecli._exceptions import AllreduceError, HiveError
+from hivecli.averaging import channel as channels
 from hivecli.averaging.audit import AuditFailed, AuditUnanswered, ReducerAudit
+from hivecli.averaging.channel import BULK_MIN_BYTES, Channel
 from hivecli.averaging.compression import Codec, tensor_bytes
 from hivecli.averaging.group import GroupInfo
 from hivecli.averaging.partition import Chunk, Layout, load_balance
@@ -56,7 +58,6 @@ from hivecli.utils.loops import timeout as _timeout
 logger = logging.getLogger(__name__)
 
 PART_METHOD = "avg.part"
-READY = "ready"
 
 
 class HostilePeerError(HiveError):
@@ -91,13 +92,17 @@ class _ChunkedBuffer:
         self.raw = pool.get(key, self.offsets[-1])
         self.view = tensor_bytes(self.raw) if self.offsets[-1] else memoryview(b"")
         self.metas: list[Any] = [None] * len(chunks)
+        self.sunk: list[memoryview | None] = [None] * len(chunks)  # the views `sink` handed out
 
     def region(self, index: int) -> memoryview:
         return self.view[self.offsets[index] : self.offsets[index + 1]]
 
     def sink(self, payload: Any, nbytes: int) -> memoryview | None:
         valid = isinstance(payload, list) and len(payload) == 2 and isinstance(payload[0], int)
-        return self.region(payload[0]) if valid and 0 <= payload[0] < len(self.chunks) else None
+        if not (valid and 0 <= payload[0] < len(self.chunks)):
+            return None
+        view = self.sunk[payload[0]] = self.region(payload[0])
+        return view
 
     def place(self, expected: int, payload: Any, body: bytes | memoryview) -> torch.Tensor:
         """Check one received message, copy its body in place if the sink did not, and decode it.
@@ -108,7 +113,7 @@ class _ChunkedBuffer:
         if not (isinstance(payload, list) and len(payload) == 2 and payload[0] == expected):
             raise ValueError(f"expected chunk {expected}, got {str(payload)[:60]!r}")
         region = self.region(expected)
-        if body is not region:
+        if body is not self.sunk[expected]:  # a new view of the same bytes each time: compare identity
             if len(body) != region.nbytes:
                 raise ValueError(f"chunk {expected} has {len(body)} bytes, expected {region.nbytes}")
             region[:] = body
@@ -335,17 +340,21 @@ class AllReduceRunner:
         self._arrived.add(sender)
         self._weights[sender] = weight
         received = self._buffers[sender] = _ChunkedBuffer(self.pool, ("recv", sender), self.my_chunks, self.codec)
-        stream.body_sink = received.sink
-        receiving = self.loop.create_task(self._receive_part(stream, sender, received))
+        channel: Channel | None = None
+        receiving: asyncio.Task[None] | None = None
         try:
-            await stream.send(READY)  # the sender waits for this: no chunk arrives before its buffer exists
+            # the sender waits for our "ready": no chunk arrives before its buffer exists
+            channel = await channels.as_reducer(
+                self.host, stream, payload, received.sink, self.settings.request_timeout
+            )
+            receiving = self.loop.create_task(self._receive_part(channel, sender, received))
             for c, chunk in enumerate(self.my_chunks):
                 while self._finalized <= c:
                     if sender not in self._alive:
                         await receiving  # raises why it failed
                         return
                     await self._next_progress()
-                await stream.send(*self._encode(c, chunk))
+                await channel.send(*self._encode(c, chunk))
             await receiving
             await self._answer_audit_or_end(stream, sender)
             if not self._served[sender].done():
@@ -353,11 +362,14 @@ class AllReduceRunner:
         except asyncio.CancelledError:
             self._fail_sender(sender, "its stream was cancelled")
             raise
-        except (HiveError, ValueError) as e:
+        except (HiveError, ValueError, EndOfStream) as e:
             self._fail_sender(sender, str(e) or type(e).__name__)
             raise
         finally:
-            receiving.cancel()
+            if receiving is not None:
+                receiving.cancel()
+            if channel is not None:
+                channel.close()
 
     async def _answer_audit_or_end(self, stream: Stream, sender: int) -> None:
         """After the last average: the sender either ends its stream (it has everything) or
@@ -385,12 +397,15 @@ class AllReduceRunner:
             raw = {k: self.weight if k == self.index else self._weights[k] for k in self._capped}
         return self.audit.answer(request, raw, self._buffers)
 
-    async def _receive_part(self, stream: Stream, sender: int, received: _ChunkedBuffer) -> None:
+    async def _receive_part(self, channel: Channel, sender: int, received: _ChunkedBuffer) -> None:
         try:
             for c in range(len(self.my_chunks)):
-                message = await stream.recv(timeout=self.settings.next_chunk_timeout)
+                message, finite = await channel.recv(
+                    self.settings.next_chunk_timeout,
+                    lambda payload, body, c=c: all_finite(received.place(c, payload, body)),
+                )
                 self.received_bytes += len(message.body)
-                if not all_finite(received.place(c, message.payload, message.body)):
+                if not finite:
                     reason = f"it sent a non-finite value (NaN or inf) in chunk {c} of its part"
                     self._offend(sender, reason)
                     raise HostilePeerError(reason)
@@ -407,28 +422,31 @@ class AllReduceRunner:
         chunks = self.layout.chunks(*self.spans[j], self.chunk_elements)
         results = _ChunkedBuffer(self.pool, ("result", j), chunks, self.codec)
         stream: Stream | None = None
+        channel: Channel | None = None
         try:
             self.host.add_addrs(member.peer_id, member.multiaddrs())
             conn = await asyncio.wait_for(self.host.connect(member.peer_id), self.settings.request_timeout)
-            stream = await conn.open_stream(self.part_method, self._request(), b"")
-            stream.body_sink = results.sink
-            ready = await stream.recv(timeout=2 * self.settings.request_timeout)
-            if ready.payload != READY:
-                raise ValueError(f"expected {READY!r} from the reducer, got {str(ready.payload)[:40]!r}")
+            stream = await conn.open_stream(self.part_method, self._request(results.offsets[-1]), b"")
+            channel = await channels.as_sender(
+                self.host, stream, member.peer_id, member.multiaddrs(), results.sink, self.settings.request_timeout
+            )
 
             async def send_part() -> None:
+                assert channel is not None
                 for i, chunk in enumerate(chunks):
-                    await stream.send(*self._encode(i, chunk))
+                    await channel.send(*self._encode(i, chunk))
 
             sending = self.loop.create_task(send_part())
             try:
                 for i in range(len(chunks)):
                     # the first averaged chunk can only come once every sender has delivered
                     timeout = None if i == 0 else self.settings.next_chunk_timeout
-                    message = await stream.recv(timeout=timeout)
+                    message, finite = await channel.recv(
+                        timeout, lambda payload, body, i=i: all_finite(results.place(i, payload, body))
+                    )
                     self.converted += chunks[i].numel
                     self.received_bytes += len(message.body)
-                    if not all_finite(results.place(i, message.payload, message.body)):
+                    if not finite:
                         raise HostilePeerError(f"it returned a non-finite average (NaN or inf) in chunk {i}")
                 await sending
                 if self.settings.verify_reducers:
@@ -448,6 +466,8 @@ class AllReduceRunner:
             self._drop(j, f"did not return its averaged part: {e or type(e).__name__}; kept local values there")
             return
         finally:
+            if channel is not None:
+                channel.close()
             if stream is not None:
                 with contextlib.suppress(HiveError):
                     await stream.cancel()
@@ -461,8 +481,11 @@ class AllReduceRunner:
         self.converted += chunk.numel
         return [index, meta], data
 
-    def _request(self) -> dict[str, Any]:
-        return {"group_id": self.group.group_id, "sender": self.index, "weight": self.weight}
+    def _request(self, span_bytes: int) -> dict[str, Any]:
+        request = {"group_id": self.group.group_id, "sender": self.index, "weight": self.weight}
+        if self.settings.bulk_links and span_bytes >= BULK_MIN_BYTES:
+            request["bulk"] = True  # a link of our own for the chunks (channel.py), if the reducer can
+        return request
 
 
 class RunnerRegistry:

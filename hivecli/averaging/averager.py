@@ -585,7 +585,14 @@ class DecentralizedAverager:
             try:
                 async with _timeout(remaining):
                     result = await download_state(
-                        node, donor, template, self.settings.next_chunk_timeout, progress, self.prefix, into
+                        node,
+                        donor,
+                        template,
+                        self.settings.next_chunk_timeout,
+                        progress,
+                        self.prefix,
+                        into,
+                        self.settings.bulk_links,
                     )
                 if validate is not None:
                     _validate(validate, *result)

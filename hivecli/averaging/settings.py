@@ -57,6 +57,9 @@ class AveragingSettings:
             True). Every peer of a run should use the same: a reducer with it off refuses audits.
         audit_positions: positions of a span each sender audits per round (default 8), between
             1 and 1024; every peer of a run must use the same, since a reducer refuses any other count.
+        bulk_links: move a span's bytes on a TCP connection of its own, driven by worker threads
+            (hivecli.net.bulk), when the span is at least `BULK_MIN_BYTES` and the reducer can be
+            dialed directly; otherwise, and with False, on the peers' connection (default True).
     """
 
     target_group_size: int = 4
@@ -76,6 +79,7 @@ class AveragingSettings:
     ban_duration: float = 600.0
     verify_reducers: bool = True
     audit_positions: int = 8
+    bulk_links: bool = True
 
     def __post_init__(self) -> None:
         if self.min_group_size < 1:
@@ -127,8 +131,9 @@ class AveragingSettings:
             self.ban_duration < 0
         ):
             raise ConfigError(f"ban_duration = {self.ban_duration!r} must be a finite number of seconds >= 0")
-        if not isinstance(self.verify_reducers, bool):
-            raise ConfigError(f"verify_reducers = {self.verify_reducers!r} must be True or False")
+        for name in ("verify_reducers", "bulk_links"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} = {getattr(self, name)!r} must be True or False")
         if (
             not isinstance(self.audit_positions, int)
             or isinstance(self.audit_positions, bool)

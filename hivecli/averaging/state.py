@@ -28,6 +28,8 @@ from typing import Any
 import torch
 
 from hivecli._exceptions import HiveError
+from hivecli.averaging import channel as channels
+from hivecli.averaging.channel import Channel
 from hivecli.averaging.compression import tensor_bytes
 from hivecli.averaging.group import method_name
 from hivecli.averaging.robust import all_finite
@@ -56,6 +58,7 @@ class SharedState:
 
 
 STATE_METHOD = "avg.state"
+LINK_TIMEOUT = 5.0  # seconds to set up a bulk link for a download, and for its end after the last chunk
 DTYPES = {
     str(dtype): dtype
     for dtype in (
@@ -221,7 +224,10 @@ class StateServer:
         if snapshot is None or (snapshot.finished and self._active == 0):
             snapshot = self._snapshot = self._start_snapshot()
         self._active += 1
+        channel = None
         try:
+            # a downloader that asks gets the chunks on a bulk link (channel.py); the head, on the stream
+            channel = await channels.as_reducer(self.node.host, stream, payload, lambda *_: None, LINK_TIMEOUT)
             metadata, tensors = await snapshot.wait(0)
             await stream.send({"metadata": metadata, "tensors": describe(tensors)})
             before = 0  # bytes of the tensors before this one
@@ -230,10 +236,15 @@ class StateServer:
                 for offset in range(0, len(data), self.chunk_bytes):
                     end = min(offset + self.chunk_bytes, len(data))
                     await snapshot.wait(before + end)
-                    await stream.send([index, offset], data[offset:end])
+                    await channel.send([index, offset], data[offset:end])
                 before += len(data)
+            if channel.bulk:  # the downloader ends the stream once it has every chunk
+                with contextlib.suppress(EndOfStream):
+                    await stream.recv(timeout=LINK_TIMEOUT)
         finally:
             self._active -= 1
+            if channel is not None:
+                channel.close()
 
     async def aclose(self) -> None:
         self._task.cancel()
@@ -282,12 +293,14 @@ async def download_state(
     progress: Callable[[int, int], None] | None = None,
     prefix: str = "",
     into: Sequence[torch.Tensor] | None = None,
+    bulk: bool = True,
 ) -> tuple[Any, list[torch.Tensor]]:
     """Download a donor's state, checking it against the shapes and dtypes of `expected`.
     `progress(received_bytes, total_bytes)` is called after every chunk, on the event loop.
     The state lands in new tensors, or straight in `into` (contiguous tensors like `expected`,
     say the model's own): no allocation, no page faults and no copy, but a download that fails
-    leaves them holding part of the donor's state.
+    leaves them holding part of the donor's state. With `bulk`, the chunks come on a bulk link
+    of their own where the donor offers one (channel.py).
 
     Raises:
         InvalidStateError: the donor sent a state of another shape, chunks out of order, or a
@@ -295,7 +308,8 @@ async def download_state(
         HiveError: the donor is unreachable, refuses, goes quiet or ends the stream early.
     """
     conn = await node.host.connect(donor)
-    stream = await conn.open_stream(method_name(STATE_METHOD, prefix), {})
+    stream = await conn.open_stream(method_name(STATE_METHOD, prefix), {"bulk": True} if bulk else {})
+    channel = None
     try:
         if into is None:
             tensors = [torch.empty(t.shape, dtype=t.dtype) for t in expected]  # lazily backed: no cost yet
@@ -315,6 +329,13 @@ async def download_state(
 
         stream.body_sink = sink  # before the first message, so that no chunk misses it
         head = (await stream.recv(timeout=chunk_timeout)).payload
+        if channels.is_ready(head):  # the donor offers a bulk link (an older one sends its head at once)
+            timeout = min(chunk_timeout, LINK_TIMEOUT)
+            maddrs = node.host.address_book.get(donor, [])
+            channel = await channels.as_sender(node.host, stream, donor, maddrs, sink, timeout, head)
+            head = (await stream.recv(timeout=chunk_timeout)).payload
+        else:
+            channel = Channel(stream, None, sink)
         if not isinstance(head, dict) or head.get("tensors") != describe(expected):
             declared = head.get("tensors") if isinstance(head, dict) else head
             raise InvalidStateError(
@@ -324,7 +345,7 @@ async def download_state(
         skip_empty()
         total, received = sum(len(v) for v in views), 0
         while position[0] < len(views):
-            message = await stream.recv(timeout=chunk_timeout)
+            message, _ = await channel.recv(chunk_timeout, lambda *_: None)
             index, offset = position
             view = views[index]
             if message.payload != position or offset + len(message.body) > len(view) or not len(message.body):
@@ -343,4 +364,6 @@ async def download_state(
     except EndOfStream:
         raise HiveError(f"donor {donor} ended the download early") from None
     finally:
+        if channel is not None:
+            channel.close()
         await stream.cancel()

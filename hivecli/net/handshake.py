@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -161,6 +162,11 @@ async def _read(stream: ByteStream, where: str, what: str) -> dict[str, Any]:
     return message
 
 
+class Diverted(Exception):
+    """The other side's first frame asked for something other than a connection, and the
+    `divert` callback of `perform_handshake` took the stream."""
+
+
 def _parse_hello(message: dict[str, Any], where: str) -> _Hello:
     """Check a HELLO field by field. Raises HandshakeError naming the first bad field."""
     if message.get("protocol") != PROTOCOL_NAME:
@@ -247,6 +253,7 @@ async def perform_handshake(
     expected_peer: PeerID | None,
     where: str,
     security: SecuritySettings | None = None,
+    divert: Callable[[dict[str, Any]], bool] | None = None,
 ) -> HandshakeResult:
     """Authenticate both ends of a fresh stream and set up its encryption; the caller bounds it
     with a timeout and closes the stream if it fails.
@@ -255,11 +262,15 @@ async def perform_handshake(
         expected_peer: the peer ID we dialed, or None when accepting.
         where: how to name the other end in errors, e.g. "127.0.0.1:4001".
         security: encryption and swarm key; None means the defaults (encrypted, public swarm).
+        divert: called with the other side's first frame, after ours went out; True means it
+            asked for something other than a connection (a bulk link, bulk.py) and `divert`
+            took the stream: the handshake stops with `Diverted`.
 
     Returns:
         The remote peer ID, the addresses it listens on and the stream to use from now on.
 
     Raises:
+        Diverted: `divert` took the stream.
         HandshakeError: not a hive peer, wrong version, wrong peer ID, a bad signature, a swarm
             key or encryption setting that does not match ours, or a malformed field.
         asyncio.IncompleteReadError, ConnectionError: the stream ended during the handshake.
@@ -275,7 +286,10 @@ async def perform_handshake(
     )
     await _send(stream, ours.message())
 
-    theirs = _parse_hello(await _read(stream, where, "HELLO"), where)
+    first = await _read(stream, where, "HELLO")
+    if divert is not None and divert(first):
+        raise Diverted()
+    theirs = _parse_hello(first, where)
     remote_peer = theirs.peer_id
     if expected_peer is not None and remote_peer != expected_peer:
         raise HandshakeError(

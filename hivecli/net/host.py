@@ -29,6 +29,7 @@ from hivecli._exceptions import (
     PeerUnreachableError,
     ResourceExhaustedError,
 )
+from hivecli.net.bulk import BulkLinks
 from hivecli.net.connection import (
     Connection,
     EndOfStream,
@@ -41,7 +42,7 @@ from hivecli.net.connection import (
     UnaryHandler,
 )
 from hivecli.net.framing import encode_frame
-from hivecli.net.handshake import perform_handshake
+from hivecli.net.handshake import Diverted, perform_handshake
 from hivecli.net.identity import Identity, PeerID
 from hivecli.net.interfaces import expand_unspecified, local_networks, select_addresses
 from hivecli.net.limits import LimitLog
@@ -125,6 +126,8 @@ class Host:
         self.handlers.streaming["relay.incoming"] = self._accept_relayed
         self.handlers.unary["net.dialback"] = DialbackService(self).handle
         self.handlers.inline["net.info"] = self._net_info
+        # transfers of tensor bytes on connections of their own, which peers redeem with a token
+        self.bulk = BulkLinks(self.transport, settings.limits, settings.security.encrypt)
 
     # ---- serving ---------------------------------------------------------------------------
 
@@ -264,10 +267,18 @@ class Host:
         try:
             async with _timeout(self.settings.handshake_timeout):  # from here on, the handshake's (sealed) stream
                 remote, maddrs, stream = await perform_handshake(
-                    stream, self.identity, self.visible_maddrs(stream.remote_host), None, where, self.settings.security
+                    stream,
+                    self.identity,
+                    self.visible_maddrs(stream.remote_host),
+                    None,
+                    where,
+                    self.settings.security,
+                    self.bulk.divert(stream),  # a transfer we offered a peer, not a connection
                 )
             if expected is not None and remote != expected:
                 raise HandshakeError(f"the relay announced peer {expected} but peer {remote} answered")
+        except Diverted:
+            return None
         except Exception as e:  # whatever a stranger sends, drop the connection and keep serving
             logger.debug("Rejected inbound connection from %s: %s", where, e or type(e).__name__)
             stream.close()
@@ -585,6 +596,7 @@ class Host:
         if self._janitor is not None:
             self._janitor.cancel()
         await self.relay_client.aclose()
+        self.bulk.close()
         for listener in self._listeners:
             with contextlib.suppress(Exception):
                 await listener.aclose()

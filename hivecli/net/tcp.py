@@ -198,6 +198,18 @@ class _TCPStream(asyncio.BufferedProtocol, ByteStream):
     def is_closing(self) -> bool:
         return self._transport is None or self._transport.is_closing()
 
+    def detach(self) -> socket.socket | None:
+        transport = self._transport
+        if transport is None or transport.is_closing() or self._start != self._end:
+            return None  # gone, or bytes were read ahead that the new owner would never see
+        inner = transport.get_extra_info("socket")
+        if inner is None:
+            return None
+        sock = socket.socket(fileno=os.dup(inner.fileno()))  # the loop closes its own descriptor
+        transport.abort()  # unregisters the descriptor from the loop's poller and closes it
+        sock.setblocking(True)
+        return sock
+
     # ---- internals -------------------------------------------------------------------------
 
     def _consumed(self, n: int) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import socket
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -53,6 +54,13 @@ class ByteStream(ABC):
 
     @abstractmethod
     def is_closing(self) -> bool: ...
+
+    def detach(self) -> socket.socket | None:
+        """Take the stream out of the event loop: its socket, in blocking mode, for use on other
+        threads (the stream is closed without closing the socket), or None where there is no
+        socket to give (in-memory streams, relayed circuits). Only between whole messages: bytes
+        already read ahead are lost, so the caller's protocol must leave none in flight."""
+        return None
 
 
 StreamHandler = Callable[[ByteStream], Awaitable[None]]

@@ -1,0 +1,141 @@
+"""Where one sender's span travels to its reducer and back: on a bulk link of their own
+(hivecli.net.bulk: blocking sockets on worker threads), or on the part stream itself.
+
+The part stream always carries the round's control messages (the reducer's "ready", audits,
+the sender's end). The chunks take a bulk link when the sender asks for one (its span is at
+least `BULK_MIN_BYTES` and `bulk_links` is on), the reducer offers one in its "ready", and the
+sender can dial the reducer directly; the sender then says on the stream which way its chunks
+come. A reducer or sender of an older version neither asks nor offers, so both use the stream.
+
+    sender                                   reducer
+    request {..., "bulk": true}      ->
+                                     <-      ["ready", offer]   (or "ready": no bulk link)
+    dial the offer's token to the reducer's port; then
+    {"bulk": true | false}           ->
+    chunks and averages on the link, or on the stream
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from hivecli._exceptions import HiveError
+from hivecli.net.bulk import BulkLink, BulkOffer
+from hivecli.net.connection import BodySink, Message, Stream
+from hivecli.net.framing import describe
+from hivecli.net.host import Host
+from hivecli.net.identity import PeerID
+from hivecli.net.multiaddr import Multiaddr
+
+READY = "ready"
+# Below this a span's chunks take the stream: a link costs a TCP connect and two threads, about
+# a millisecond, which small rounds would feel and which buys them nothing.
+BULK_MIN_BYTES = 1024 * 1024
+
+Check = Callable[[Any, "bytes | memoryview"], Any]
+
+
+class Channel:
+    """Chunk messages between a sender and a reducer, on a bulk link or on their stream."""
+
+    def __init__(self, stream: Stream, link: BulkLink | None, sink: BodySink):
+        self.stream, self.link, self.sink = stream, link, sink
+        if link is None:
+            stream.body_sink = sink
+
+    @property
+    def bulk(self) -> bool:
+        return self.link is not None
+
+    async def send(self, payload: Any, body: bytes | bytearray | memoryview) -> None:
+        """Raises HiveError (ConnectionClosedError) if the link or stream broke."""
+        if self.link is not None:
+            await self.link.send(payload, body)
+        else:
+            await self.stream.send(payload, body)
+
+    async def recv(self, timeout: float | None, check: Check) -> tuple[Message, Any]:
+        """The next chunk, and what `check(payload, body)` says of it; on a bulk link the check
+        runs on the receiving thread, while the bytes are still in the cache.
+
+        Raises:
+            EndOfStream: the other side ended the stream instead.
+            HiveError: the link or stream broke or timed out; ValueError: what `check` raises.
+        """
+        if self.link is not None:
+            return await self.link.recv(self.sink, timeout, check)
+        message = await self.stream.recv(timeout=timeout)
+        return message, check(message.payload, message.body)
+
+    def close(self) -> None:
+        if self.link is not None:
+            self.link.close()
+
+
+def is_ready(payload: Any) -> bool:
+    """Whether a message is the other side's "ready", with or without an offer."""
+    return payload == READY or (isinstance(payload, list) and len(payload) == 2 and payload[0] == READY)
+
+
+async def as_sender(
+    host: Host, stream: Stream, peer: PeerID, maddrs: list[Multiaddr], sink: BodySink, timeout: float, ready: Any = None
+) -> Channel:
+    """The asking side, right after its request: read the other side's "ready" (unless the
+    caller already did: `ready`), and dial its offer if it made one.
+
+    Raises:
+        ValueError: the other side answered something other than "ready".
+        HiveError, EndOfStream: the stream broke or the other side did not answer in time.
+    """
+    if ready is None:
+        ready = (await stream.recv(timeout=2 * timeout)).payload
+    if ready == READY:
+        return Channel(stream, None, sink)
+    if not is_ready(ready):
+        raise ValueError(f"expected {READY!r} from the reducer, got {describe(ready, 40)}")
+    offer = BulkOffer.from_wire(ready[1])
+    link = await host.bulk.dial(str(peer), _direct_addresses(maddrs, stream), offer, timeout)
+    try:
+        await stream.send({"bulk": link is not None})
+    except BaseException:
+        if link is not None:
+            link.close()
+        raise
+    return Channel(stream, link, sink)
+
+
+async def as_reducer(host: Host, stream: Stream, request: Any, sink: BodySink, timeout: float) -> Channel:
+    """The reducer's side of a sender's request: send "ready" (with an offer if the sender asked
+    for a bulk link), then learn which way the chunks come.
+
+    Raises:
+        HiveError, EndOfStream: the stream broke, or the sender did not answer in time.
+    """
+    if not (isinstance(request, dict) and request.get("bulk") is True):
+        await stream.send(READY)
+        return Channel(stream, None, sink)
+    offer, future = host.bulk.offer(str(stream.remote_peer))
+    try:
+        await stream.send([READY, offer.to_wire()])
+        choice = await stream.recv(timeout=timeout)
+        if choice.payload == {"bulk": True}:
+            # the sender says so only once we acknowledged its connection, which resolved the future
+            link = await asyncio.wait_for(asyncio.shield(future), timeout)
+            return Channel(stream, link, sink)
+        if choice.payload != {"bulk": False}:
+            raise HiveError(f"expected the sender's choice of link, got {describe(choice.payload, 40)}")
+        return Channel(stream, None, sink)
+    except asyncio.TimeoutError:
+        raise HiveError(f"the sender's bulk link did not arrive within {timeout:g} s") from None
+    finally:
+        host.bulk.withdraw(offer.token)
+
+
+def _direct_addresses(maddrs: list[Multiaddr], stream: Stream) -> list[tuple[str, int]]:
+    """The other side's own addresses (no relays), the one our connection reaches first."""
+    seen = stream.connection.remote_host
+    addresses = [(m.host, m.port) for m in maddrs if m.relay is None and not m.is_unspecified]
+    addresses.sort(key=lambda a: a[0] != seen)
+    return list(dict.fromkeys(addresses))[:4]
