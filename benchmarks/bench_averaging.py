@@ -308,7 +308,7 @@ def _donor(numel: int, encrypt: bool, addr_q: Any, stop: Any) -> None:
     dht.shutdown()
 
 
-def _newcomer(numel: int, encrypt: bool, addrs: list[str], out: Any, bulk: bool) -> None:
+def _newcomer(numel: int, encrypt: bool, addrs: list[str], out: Any, bulk: str) -> None:
     try:
         _newcomer_body(numel, encrypt, addrs, out, bulk)
     except BaseException:
@@ -316,7 +316,7 @@ def _newcomer(numel: int, encrypt: bool, addrs: list[str], out: Any, bulk: bool)
         raise
 
 
-def _newcomer_body(numel: int, encrypt: bool, addrs: list[str], out: Any, bulk: bool) -> None:
+def _newcomer_body(numel: int, encrypt: bool, addrs: list[str], out: Any, bulk: str) -> None:
     import torch
 
     from hivecli import DHT
@@ -343,7 +343,7 @@ def _newcomer_body(numel: int, encrypt: bool, addrs: list[str], out: Any, bulk: 
     dht.shutdown()
 
 
-def run_state(numel: int, trials: int, encrypt: bool = True, bulk: bool = True) -> dict[str, Any]:
+def run_state(numel: int, trials: int, encrypt: bool = True, bulk: str = "state") -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     addr_q, out, stop = ctx.Queue(), ctx.Queue(), ctx.Event()
     donor = ctx.Process(target=_donor, args=(numel, encrypt, addr_q, stop))
@@ -493,9 +493,10 @@ def main() -> None:
     parser.add_argument("--compression", default="none", help="the averagers' compression (none, fp16, auto, ...)")
     parser.add_argument("--no-audit", action="store_true", help="verify_reducers = False: what the reducer audit costs")
     parser.add_argument(
-        "--no-bulk",
-        action="store_true",
-        help="bulk_links = False: every byte on the peers' multiplexed connection, state downloads too",
+        "--bulk-links",
+        choices=["state", "all", "none"],
+        default="state",
+        help="AveragingSettings.bulk_links: which transfers get a TCP connection of their own (default state)",
     )
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
@@ -503,7 +504,7 @@ def main() -> None:
     options: dict[str, Any] = {
         "compression": args.compression,
         "verify_reducers": not args.no_audit,
-        "bulk_links": not args.no_bulk,
+        "bulk_links": args.bulk_links,
     }
 
     rows = []
@@ -560,7 +561,7 @@ def main() -> None:
         numel = SIZES[args.state_size]
         raw = run_raw_tcp(4 * numel, 5)
         for mode in modes:
-            states[mode] = _attempt(run_state, numel, args.state_trials, encrypt=MODES[mode], bulk=not args.no_bulk)
+            states[mode] = _attempt(run_state, numel, args.state_trials, encrypt=MODES[mode], bulk=args.bulk_links)
             states[mode]["raw_tcp_gbps"] = raw
         print()
         print(

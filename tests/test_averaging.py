@@ -17,7 +17,7 @@ import torch
 
 from hivecli import DHT, ConfigError
 from hivecli._exceptions import AllreduceError, MatchmakingError
-from hivecli.averaging import DecentralizedAverager, Stage, load_balance
+from hivecli.averaging import DecentralizedAverager, Stage, channel, load_balance
 from hivecli.averaging.compression import AutoCompression
 from hivecli.averaging.group import GroupInfo, Member
 from hivecli.averaging.link import RoundPlan
@@ -493,6 +493,45 @@ def test_state_download_is_bit_identical(monkeypatch):
                 newcomer.load_state_from_peers(timeout=30, into=model[:2])
             with pytest.raises(ConfigError, match="contiguous"):
                 newcomer.load_state_from_peers(timeout=30, into=[model[0], model[1].t().contiguous().t(), model[2]])
+
+
+@pytest.mark.parametrize("way", ["undialable-donor", "older-donor", "bulk-links-none"])
+def test_state_download_without_a_bulk_link_reads_the_stream(monkeypatch, way):
+    """A donor we cannot dial, one of step 9 or before (it answers with its head at once, no
+    offer), and a newcomer with bulk_links = "none" all download over the stream."""
+    redeemed = []
+    accept = BulkLinks.accept
+    monkeypatch.setattr(BulkLinks, "accept", lambda self, *args: redeemed.append(accept(self, *args)) or redeemed[-1])
+    if way == "undialable-donor":
+
+        async def no_link(self, *args):
+            return None
+
+        monkeypatch.setattr(BulkLinks, "dial", no_link)
+    elif way == "older-donor":
+
+        async def no_offer(host, stream, request, sink, timeout):
+            return channel.Channel(stream, None, sink)
+
+        monkeypatch.setattr("hivecli.averaging.state.channels.as_reducer", no_offer)
+    torch.manual_seed(8)
+    state = [torch.randn(2_000_000), torch.randn(7, dtype=torch.float64)]
+    with local_swarm(2, **DHT_FAST) as dhts, contextlib.ExitStack() as stack:
+        donor = stack.enter_context(StatefulAverager([t.clone() for t in state], dhts[0], prefix="plain"))
+        newcomer = stack.enter_context(
+            DecentralizedAverager(
+                [torch.zeros(2_000_000), torch.zeros(7, dtype=torch.float64)],
+                dhts[1],
+                prefix="plain",
+                allow_state_sharing=False,
+                bulk_links="none" if way == "bulk-links-none" else "state",
+            )
+        )
+        wait_for(lambda: str(donor.peer_id) in declared_donors(dhts[1], "plain"), 10, "the donor's declaration")
+        _, tensors = newcomer.load_state_from_peers(timeout=30)
+        for got, want in zip(tensors, state, strict=True):
+            assert torch.equal(got, want)
+        assert not any(redeemed)
 
 
 def test_non_sharing_peers_are_never_used_and_no_donor_means_none():

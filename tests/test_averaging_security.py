@@ -119,6 +119,7 @@ def test_all_finite():
         ({"audit_positions": 0}, "audit_positions = 0 must be an integer between 1 and 1024"),
         ({"audit_positions": 2.5}, "audit_positions"),
         ({"verify_reducers": 1}, "verify_reducers = 1 must be True or False"),
+        ({"bulk_links": True}, "bulk_links = True must be one of 'state', 'all', 'none'"),
     ],
 )
 def test_bad_defence_settings_are_config_errors(kwargs, fragment):
@@ -141,8 +142,8 @@ def link(request, monkeypatch):
         return redeemed[-1]
 
     monkeypatch.setattr(BulkLinks, "accept", counting)
-    if request.param == "bulk":
-        monkeypatch.setattr("hivecli.averaging.allreduce.BULK_MIN_BYTES", 0)
+    if request.param == "bulk":  # as bulk_links = "all" does for spans of 1 MiB or more
+        monkeypatch.setattr("hivecli.averaging.allreduce.wants_bulk_link", lambda settings, span_bytes: True)
     return lambda: any(redeemed) == (request.param == "bulk")
 
 

@@ -60,6 +60,11 @@ logger = logging.getLogger(__name__)
 PART_METHOD = "avg.part"
 
 
+def wants_bulk_link(settings: AveragingSettings, span_bytes: int) -> bool:
+    """Whether a sender asks its reducer for a bulk link for a span of `span_bytes`."""
+    return settings.bulk_links == "all" and span_bytes >= BULK_MIN_BYTES
+
+
 class HostilePeerError(HiveError):
     """A peer sent values no honest peer sends (NaN or infinity); it is dropped and banned."""
 
@@ -483,7 +488,7 @@ class AllReduceRunner:
 
     def _request(self, span_bytes: int) -> dict[str, Any]:
         request = {"group_id": self.group.group_id, "sender": self.index, "weight": self.weight}
-        if self.settings.bulk_links and span_bytes >= BULK_MIN_BYTES:
+        if wants_bulk_link(self.settings, span_bytes):
             request["bulk"] = True  # a link of our own for the chunks (channel.py), if the reducer can
         return request
 

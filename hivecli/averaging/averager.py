@@ -592,7 +592,7 @@ class DecentralizedAverager:
                         progress,
                         self.prefix,
                         into,
-                        self.settings.bulk_links,
+                        self.settings.bulk_links != "none",
                     )
                 if validate is not None:
                     _validate(validate, *result)

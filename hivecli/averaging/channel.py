@@ -3,9 +3,10 @@
 
 The part stream always carries the round's control messages (the reducer's "ready", audits,
 the sender's end). The chunks take a bulk link when the sender asks for one (its span is at
-least `BULK_MIN_BYTES` and `bulk_links` is on), the reducer offers one in its "ready", and the
-sender can dial the reducer directly; the sender then says on the stream which way its chunks
-come. A reducer or sender of an older version neither asks nor offers, so both use the stream.
+least `BULK_MIN_BYTES` and `bulk_links = "all"`), the reducer offers one in its "ready", and
+the sender can dial the reducer directly; the sender then says on the stream which way its
+chunks come. A reducer or sender of an older version neither asks nor offers, so both use the
+stream. State downloads use the same exchange (state.py), the donor in the reducer's part.
 
     sender                                   reducer
     request {..., "bulk": true}      ->
