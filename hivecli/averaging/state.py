@@ -344,12 +344,31 @@ async def download_state(
             )
         skip_empty()
         total, received = sum(len(v) for v in views), 0
+
+        def finite_chunk(payload: Any, body: bytes | memoryview) -> bool | None:
+            """Whether a chunk that landed in place holds only finite values, checked while it is
+            in the cache (on a bulk link's thread); None when not known here: it did not land in
+            place, is not whole elements, or is not floating point."""
+            tensor = tensors[position[0]] if position[0] < len(tensors) else None
+            if payload != position or tensor is None or not isinstance(body, memoryview):
+                return None
+            size = tensor.element_size()
+            if not tensor.is_floating_point() or position[1] % size or len(body) % size:
+                return None
+            start = position[1] // size
+            return all_finite(tensor.view(-1)[start : start + len(body) // size])
+
+        unchecked = set()  # floating-point tensors with a chunk finite_chunk could not check
         while position[0] < len(views):
-            message, _ = await channel.recv(chunk_timeout, lambda *_: None)
+            message, finite = await channel.recv(chunk_timeout, finite_chunk)
             index, offset = position
             view = views[index]
             if message.payload != position or offset + len(message.body) > len(view) or not len(message.body):
                 raise InvalidStateError(f"donor {donor} sent chunk {str(message.payload)[:40]}, expected {position}")
+            if finite is False:
+                raise InvalidStateError(f"donor {donor} served a state with NaN or inf in tensor {index}")
+            if finite is None and tensors[index].is_floating_point():
+                unchecked.add(index)
             if not isinstance(message.body, memoryview) or message.body.obj is not view.obj:
                 view[offset : offset + len(message.body)] = message.body
             position[1] += len(message.body)
@@ -357,8 +376,8 @@ async def download_state(
             if progress is not None:
                 progress(received, total)
             skip_empty()
-        for index, tensor in enumerate(tensors):
-            if tensor.is_floating_point() and tensor.numel() and not all_finite(tensor):
+        for index in sorted(unchecked):
+            if not all_finite(tensors[index]):
                 raise InvalidStateError(f"donor {donor} served a state with NaN or inf in tensor {index}")
         return head.get("metadata"), tensors
     except EndOfStream:
