@@ -183,7 +183,14 @@ class Swarm:
 
 
 def run_averaging(
-    peers: int, rtt_ms: float, compression: str, size: int, rounds: int, rate: float, timeout: float
+    peers: int,
+    rtt_ms: float,
+    compression: str,
+    size: int,
+    rounds: int,
+    rate: float,
+    timeout: float,
+    bulk_links: str = "state",
 ) -> dict[str, Any]:
     """One configuration; its row of the table.
 
@@ -200,7 +207,7 @@ def run_averaging(
         swarm = Swarm(lab, Path(tmp))
         args = ["--prefix", f"wan{peers}", "--size", str(size), "--group-size", str(peers)]
         args += ["--rounds", str(rounds + 1), "--compression", compression, "--barrier-dir", str(barrier)]
-        args += ["--matchmaking-time", "5", "--averaging-timeout", str(timeout)]
+        args += ["--matchmaking-time", "5", "--averaging-timeout", str(timeout), "--bulk-links", bulk_links]
         try:
             swarm.start(nodes, args)
             budget = (rounds + 1) * (timeout + 10)
@@ -330,6 +337,12 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds a round may take before it fails")
     parser.add_argument("--isolate", type=float, default=None, help="seconds of partition (default 40; 20 --quick)")
     parser.add_argument("--partition-size", type=int, default=100_000)
+    parser.add_argument(
+        "--bulk-links",
+        choices=["state", "all", "none"],
+        default="state",
+        help="AveragingSettings.bulk_links of every peer (default state)",
+    )
     parser.add_argument("--no-partition", action="store_true", help="skip the partition scenario")
     parser.add_argument("--quick", action="store_true", help="fewer rounds and a shorter partition (about 3 min)")
     parser.add_argument("--json", help="also write the results here")
@@ -345,7 +358,9 @@ def main() -> None:
     for peers in args.peers:
         for rtt in args.rtt:
             for compression in args.compression:
-                r = _attempt(run_averaging, peers, rtt, compression, args.size, rounds, args.rate, args.timeout)
+                r = _attempt(
+                    run_averaging, peers, rtt, compression, args.size, rounds, args.rate, args.timeout, args.bulk_links
+                )
                 results.append({"peers": peers, "rtt_ms": rtt, "compression": compression, **r})
                 print(_averaging_row(peers, rtt, compression, r), flush=True)  # progress; the table follows
     partition = None if args.no_partition else _attempt(run_partition, args.partition_size, isolate, args.rate)

@@ -98,6 +98,7 @@ def run(args: argparse.Namespace, stop: threading.Event) -> None:
             min_matchmaking_time=args.matchmaking_time,
             request_timeout=min(3.0, args.matchmaking_time / 2),  # must stay under min_matchmaking_time
             allreduce_timeout=args.averaging_timeout,
+            bulk_links=args.bulk_links,
             start=True,
         )
         name = str(dht.peer_id)
@@ -178,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-group-size", type=int, default=0, help="smallest group (default: --group-size)")
     parser.add_argument("--rounds", type=int, default=0, help="rounds to run (0: until SIGTERM)")
     parser.add_argument("--compression", choices=["none", "float16", "auto"], default="none")
+    parser.add_argument("--bulk-links", choices=["state", "all", "none"], default="state")
     parser.add_argument("--matchmaking-time", type=float, default=5.0, help="min_matchmaking_time, seconds")
     parser.add_argument("--averaging-timeout", type=float, default=60.0, help="seconds to find a group; and to average")
     parser.add_argument("--client-mode", action="store_true", help="never accept connections (DHT and averager)")
