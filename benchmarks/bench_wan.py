@@ -40,6 +40,8 @@ Needs root (network namespaces; see `hivecli.netlab.netlab_unavailable`). From t
     .venv/bin/python benchmarks/bench_wan.py            # about 6 minutes on 2 cores
     .venv/bin/python benchmarks/bench_wan.py --quick    # about 2-3 minutes: 2 timed rounds, 20 s partition
     .venv/bin/python benchmarks/bench_wan.py --peers 2 --rtt 50 --compression float16 --no-partition
+    .venv/bin/python benchmarks/bench_wan.py --quick --no-partition --no-slow-start-after-idle  # doctor's advice
+    .venv/bin/python benchmarks/bench_wan.py --quick --no-partition --bulk-links all  # spans on links of their own
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+SLOW_START_SYSCTL = "/proc/sys/net/ipv4/tcp_slow_start_after_idle"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
@@ -191,6 +194,7 @@ def run_averaging(
     rate: float,
     timeout: float,
     bulk_links: str = "state",
+    slow_start_after_idle: bool = True,
 ) -> dict[str, Any]:
     """One configuration; its row of the table.
 
@@ -202,6 +206,8 @@ def run_averaging(
         for node in nodes:
             if rtt_ms:
                 lab.set_delay(node, rtt_ms)
+            if not slow_start_after_idle:  # what `hive doctor` advises; a namespace has its own setting
+                node.run([sys.executable, "-c", f"open('{SLOW_START_SYSCTL}', 'w').write('0')"])
         barrier = Path(tmp) / "barrier"
         barrier.mkdir()
         swarm = Swarm(lab, Path(tmp))
@@ -343,6 +349,11 @@ def main() -> None:
         default="state",
         help="AveragingSettings.bulk_links of every peer (default state)",
     )
+    parser.add_argument(
+        "--no-slow-start-after-idle",
+        action="store_true",
+        help="net.ipv4.tcp_slow_start_after_idle = 0 in every peer's namespace, as `hive doctor` advises",
+    )
     parser.add_argument("--no-partition", action="store_true", help="skip the partition scenario")
     parser.add_argument("--quick", action="store_true", help="fewer rounds and a shorter partition (about 3 min)")
     parser.add_argument("--json", help="also write the results here")
@@ -359,7 +370,16 @@ def main() -> None:
         for rtt in args.rtt:
             for compression in args.compression:
                 r = _attempt(
-                    run_averaging, peers, rtt, compression, args.size, rounds, args.rate, args.timeout, args.bulk_links
+                    run_averaging,
+                    peers,
+                    rtt,
+                    compression,
+                    args.size,
+                    rounds,
+                    args.rate,
+                    args.timeout,
+                    args.bulk_links,
+                    not args.no_slow_start_after_idle,
                 )
                 results.append({"peers": peers, "rtt_ms": rtt, "compression": compression, **r})
                 print(_averaging_row(peers, rtt, compression, r), flush=True)  # progress; the table follows

@@ -31,8 +31,8 @@ from hivecli.net.identity import PeerID
 from hivecli.net.multiaddr import Multiaddr
 
 READY = "ready"
-# Below this a span's chunks take the stream: a link costs a TCP connect and two threads, about
-# a millisecond, which small rounds would feel and which buys them nothing.
+# Below this a span's chunks take the stream: setting a round's links up cost 5-7 ms per step
+# with 2 peers (docs/benchmarks.md), which small rounds would feel and which buys them nothing.
 BULK_MIN_BYTES = 1024 * 1024
 
 Check = Callable[[Any, "bytes | memoryview"], Any]
@@ -90,6 +90,7 @@ async def as_sender(
         ValueError: the other side answered something other than "ready".
         HiveError, EndOfStream: the stream broke or the other side did not answer in time.
     """
+    stream.body_sink = sink  # from the start: no chunk that comes on the stream may miss it
     if ready is None:
         ready = (await stream.recv(timeout=2 * timeout)).payload
     if ready == READY:
@@ -114,6 +115,7 @@ async def as_reducer(host: Host, stream: Stream, request: Any, sink: BodySink, t
     Raises:
         HiveError, EndOfStream: the stream broke, or the sender did not answer in time.
     """
+    stream.body_sink = sink  # from the start: no chunk that comes on the stream may miss it
     if not (isinstance(request, dict) and request.get("bulk") is True):
         await stream.send(READY)
         return Channel(stream, None, sink)
