@@ -153,7 +153,7 @@ def run_gloo(world: int, numel: int, reps: int) -> dict[str, Any]:
     for p in procs:
         p.start()
     try:
-        results = [out.get(timeout=300) for _ in procs]
+        results = _collect(out, procs, world, timeout=300)  # a worker that dies fails the run at once
     finally:
         _stop(procs)
     per_rep = [max(r[1][i] for r in results) for i in range(reps)]
