@@ -42,9 +42,17 @@ from cryptography.exceptions import InvalidTag
 from hivecli._exceptions import ConnectionClosedError, HiveError, PeerUnreachableError, ProtocolError, RPCTimeoutError
 from hivecli.net.connection import BodySink, Message
 from hivecli.net.framing import PREFIX, FrameLimits, describe, encode_frame, read_frame, unpack
-from hivecli.net.handshake import _HANDSHAKE_LIMITS as _HELLO_LIMITS
-from hivecli.net.handshake import PROTOCOL_NAME
-from hivecli.net.secure import _CIPHER, _LENGTH, _NONCE, KEY_BYTES, MAX_RECORD_BYTES, TAG_BYTES, RecordIntegrityError
+from hivecli.net.handshake import HANDSHAKE_LIMITS, PROTOCOL_NAME
+from hivecli.net.secure import (
+    KEY_BYTES,
+    MAX_RECORD_BYTES,
+    RECORD_LENGTH,
+    TAG_BYTES,
+    RecordIntegrityError,
+    open_record,
+    record_cipher,
+    seal_record,
+)
 from hivecli.net.transport import ByteStream, Transport
 from hivecli.utils.loops import timeout as _timeout
 
@@ -202,7 +210,7 @@ async def dial(
             for part in encode_frame({"protocol": PROTOCOL_NAME, "bulk": offer.token}):
                 stream.write(part)
             await stream.drain()
-            await read_frame(stream, _HELLO_LIMITS)  # the acceptor's HELLO: it greets every dialer
+            await read_frame(stream, HANDSHAKE_LIMITS)  # the acceptor's HELLO: it greets every dialer
             ack = await stream.read_exactly(len(_ACK))
         if not hmac.compare_digest(ack, _ACK):
             raise PeerUnreachableError(f"{where} answered a bulk link with {describe(ack, 40)}")
@@ -231,8 +239,8 @@ class BulkLink:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.where, self.limits = where, limits
         self._sock = sock
-        self._sealer = _CIPHER(keys[0]) if keys else None
-        self._opener = _CIPHER(keys[1]) if keys else None
+        self._sealer = record_cipher(keys[0]) if keys else None
+        self._opener = record_cipher(keys[1]) if keys else None
         self._sent = self._received = 0  # record counters: the nonces
         self._scratch = bytearray()
         self._closed = False
@@ -317,19 +325,15 @@ class BulkLink:
             self._sendall(head, deadline)
             if len(view):
                 self._sendall(view, deadline)
-            self.bytes_sent += len(head) + len(view)
-            return
-        self._sendall(self._seal(head), deadline)
-        for start in range(0, len(view), MAX_RECORD_BYTES):
-            self._sendall(self._seal(view[start : start + MAX_RECORD_BYTES]), deadline)
+        else:
+            self._sendall(self._seal(head), deadline)
+            for start in range(0, len(view), MAX_RECORD_BYTES):
+                self._sendall(self._seal(view[start : start + MAX_RECORD_BYTES]), deadline)
         self.bytes_sent += len(head) + len(view)
 
     def _seal(self, plain: bytes | memoryview) -> bytearray:
         assert self._sealer is not None
-        length = _LENGTH.pack(len(plain))
-        record = bytearray(_LENGTH.size + len(plain) + TAG_BYTES)
-        record[: _LENGTH.size] = length
-        self._sealer.encrypt_into(_NONCE.pack(self._sent), plain, length, memoryview(record)[_LENGTH.size :])
+        record = seal_record(self._sealer, self._sent, plain)
         self._sent += 1
         return record
 
@@ -384,10 +388,10 @@ class BulkLink:
         return header_len, body_len
 
     def _open_record(self, deadline: float | None, into: memoryview | None) -> memoryview:
-        """The next sealed record, opened into the front of `into` (when it fits) or into scratch."""
+        """The next sealed record, opened into the front of `into` or, without one, into new bytes."""
         assert self._opener is not None
-        header = self._recv_bytes(_LENGTH.size, deadline)
-        (length,) = _LENGTH.unpack(header)
+        header = self._recv_bytes(RECORD_LENGTH.size, deadline)
+        (length,) = RECORD_LENGTH.unpack(header)
         if length > MAX_RECORD_BYTES or (into is not None and length > len(into)):
             raise ProtocolError(
                 f"{self.where} sent a bulk record of {length} bytes where at most {MAX_RECORD_BYTES} fit"
@@ -398,7 +402,7 @@ class BulkLink:
         self._recv_into(sealed, deadline)
         out = into[:length] if into is not None else memoryview(bytearray(length))
         try:
-            self._opener.decrypt_into(_NONCE.pack(self._received), sealed, header, out)
+            open_record(self._opener, self._received, header, sealed, out)
         except InvalidTag:
             raise RecordIntegrityError(
                 f"integrity check failed on bulk record {self._received} from {self.where}: it was modified, "

@@ -46,7 +46,7 @@ _TRANSCRIPT_TAG = b"hive-handshake-v2/transcript"
 _AUTH_TAG = b"hive-handshake-v2/auth"
 _PROOF_TAG = b"hive-handshake-v2/swarm-proof"
 _KEYS_TAG = b"hive-handshake-v2/session-keys"
-_HANDSHAKE_LIMITS = FrameLimits(max_header_bytes=64 * 1024, max_body_bytes=0)
+HANDSHAKE_LIMITS = FrameLimits(max_header_bytes=64 * 1024, max_body_bytes=0)
 _MAX_LISTEN_ADDRS = 32
 _NONCE_BYTES = 32
 _EPHEMERAL_BYTES = 32
@@ -150,7 +150,7 @@ async def _read(stream: ByteStream, where: str, what: str) -> dict[str, Any]:
         asyncio.IncompleteReadError, ConnectionError: the stream ended.
     """
     try:
-        message, _ = await read_frame(stream, _HANDSHAKE_LIMITS)
+        message, _ = await read_frame(stream, HANDSHAKE_LIMITS)
     except ProtocolError as e:
         if what == "HELLO":
             raise HandshakeError(

@@ -48,7 +48,7 @@ MAX_RECORD_BYTES = 1024 * 1024
 # ChaCha20-Poly1305 at 1.8 GB/s; over loopback TCP AES-GCM also won at every record size.
 # Both sides must use the same cipher: changing it means a new handshake protocol version.
 _CIPHER = AESGCM
-_LENGTH = struct.Struct(">I")
+RECORD_LENGTH = struct.Struct(">I")
 _NONCE = struct.Struct(">4xQ")  # 32 zero bits, then the record counter
 # A direction's records are numbered 0 .. 2**64 - 1: the stream refuses to go on rather than
 # reuse a nonce under the same key (at 10 GB/s of 1-byte records that is still 58,000 years away).
@@ -56,6 +56,38 @@ _MAX_RECORDS = 2**64
 # The receive buffer grows as ciphertext arrives, in steps of at most doubling from here, so a
 # peer that declares a full-size record and then stalls costs us only what it actually sent.
 _FIRST_SCRATCH_BYTES = 16 * 1024
+
+
+def record_cipher(key: bytes) -> AESGCM:
+    """The cipher that seals (or opens) one direction's records under `key`."""
+    return _CIPHER(key)
+
+
+def seal_record(cipher: AESGCM, number: int, plain: bytes | memoryview) -> bytearray:
+    """Record `number` of a direction, holding `plain` (at most MAX_RECORD_BYTES): its length,
+    then the ciphertext sealed straight into the record buffer (the plaintext is read once,
+    never copied), then the tag."""
+    length = RECORD_LENGTH.pack(len(plain))
+    record = bytearray(RECORD_LENGTH.size + len(plain) + TAG_BYTES)
+    record[: RECORD_LENGTH.size] = length
+    cipher.encrypt_into(_NONCE.pack(number), plain, length, memoryview(record)[RECORD_LENGTH.size :])
+    return record
+
+
+def open_record(
+    cipher: AESGCM, number: int, header: bytes, sealed: bytes | memoryview, into: memoryview | None = None
+) -> bytes:
+    """Verify and decrypt record `number` (its length `header`, then ciphertext + tag) into
+    `into` (exactly its length; returns b"") or as new bytes.
+
+    Raises:
+        InvalidTag: it was modified, replayed, reordered or forged.
+    """
+    nonce = _NONCE.pack(number)
+    if into is not None:
+        cipher.decrypt_into(nonce, sealed, header, into)
+        return b""
+    return cipher.decrypt(nonce, sealed, header)
 
 
 class RecordIntegrityError(ProtocolError):
@@ -189,8 +221,8 @@ class SecureStream(ByteStream):
             raise ValueError("SecureStream needs a different key for each direction")
         self._inner = inner
         self.remote_host = inner.remote_host
-        self._sealer = _CIPHER(send_key)
-        self._opener = _CIPHER(receive_key)
+        self._sealer = record_cipher(send_key)
+        self._opener = record_cipher(receive_key)
         self._sent = 0  # records sealed so far: the next send nonce
         self._received = 0  # records opened so far: the next receive nonce
         self._plain: bytes = b""  # decrypted bytes of the current record not yet read ...
@@ -218,11 +250,7 @@ class SecureStream(ByteStream):
                 raise ConnectionResetError(
                     "this connection sealed 2**64 records and cannot go on without reusing a nonce; reconnect"
                 )
-            length = _LENGTH.pack(len(chunk))
-            record = bytearray(_LENGTH.size + len(chunk) + TAG_BYTES)
-            record[: _LENGTH.size] = length
-            # sealing straight into the record buffer: the plaintext is read once, never copied
-            self._sealer.encrypt_into(_NONCE.pack(self._sent), chunk, length, memoryview(record)[_LENGTH.size :])
+            record = seal_record(self._sealer, self._sent, chunk)
             self._sent += 1
             self._inner.write(record)
 
@@ -320,8 +348,8 @@ class SecureStream(ByteStream):
             asyncio.IncompleteReadError: the stream ended, possibly mid-record.
             FrameTooLargeError: the declared length is over MAX_RECORD_BYTES (the stream is closed).
         """
-        header = await self._inner.read_exactly(_LENGTH.size)
-        (length,) = _LENGTH.unpack(header)
+        header = await self._inner.read_exactly(RECORD_LENGTH.size)
+        (length,) = RECORD_LENGTH.unpack(header)
         if length > MAX_RECORD_BYTES:  # checked before reading on: a liar costs us 4 bytes
             raise self._fail(
                 FrameTooLargeError(
@@ -340,13 +368,10 @@ class SecureStream(ByteStream):
         """
         if self._received >= _MAX_RECORDS:
             raise self._fail(RecordIntegrityError(f"peer at {self.remote_host} sent more than 2**64 records"))
-        nonce = _NONCE.pack(self._received)
+        number = self._received
         self._received += 1
         try:
-            if into is not None:
-                self._opener.decrypt_into(nonce, sealed, header, into)
-                return b""
-            return self._opener.decrypt(nonce, sealed, header)
+            return open_record(self._opener, number, header, sealed, into)
         except InvalidTag:
             raise self._fail(
                 RecordIntegrityError(
