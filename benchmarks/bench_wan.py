@@ -61,6 +61,7 @@ from pathlib import Path
 from typing import Any
 
 SLOW_START_SYSCTL = "/proc/sys/net/ipv4/tcp_slow_start_after_idle"
+CONGESTION_SYSCTL = "/proc/sys/net/ipv4/tcp_congestion_control"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
@@ -195,6 +196,7 @@ def run_averaging(
     timeout: float,
     bulk_links: str = "state",
     slow_start_after_idle: bool = True,
+    congestion: str | None = None,
 ) -> dict[str, Any]:
     """One configuration; its row of the table.
 
@@ -207,7 +209,9 @@ def run_averaging(
             if rtt_ms:
                 lab.set_delay(node, rtt_ms)
             if not slow_start_after_idle:  # what `hive doctor` advises; a namespace has its own setting
-                node.run([sys.executable, "-c", f"open('{SLOW_START_SYSCTL}', 'w').write('0')"])
+                _sysctl(node, SLOW_START_SYSCTL, "0")
+            if congestion:  # the namespace's default, for sockets that do not choose their own
+                _sysctl(node, CONGESTION_SYSCTL, congestion)
         barrier = Path(tmp) / "barrier"
         barrier.mkdir()
         swarm = Swarm(lab, Path(tmp))
@@ -246,6 +250,10 @@ def run_averaging(
         "exact": f"{exact}/{len(steps)}",
         "failed": failed,
     }
+
+
+def _sysctl(node: Node, path: str, value: str) -> None:
+    node.run([sys.executable, "-c", f"open({path!r}, 'w').write({value!r})"])
 
 
 def _sent_bytes(node: Node) -> int:
@@ -354,6 +362,10 @@ def main() -> None:
         action="store_true",
         help="net.ipv4.tcp_slow_start_after_idle = 0 in every peer's namespace, as `hive doctor` advises",
     )
+    parser.add_argument(
+        "--congestion",
+        help="net.ipv4.tcp_congestion_control in every peer's namespace (cubic, bbr; default: the system's)",
+    )
     parser.add_argument("--no-partition", action="store_true", help="skip the partition scenario")
     parser.add_argument("--quick", action="store_true", help="fewer rounds and a shorter partition (about 3 min)")
     parser.add_argument("--json", help="also write the results here")
@@ -380,6 +392,7 @@ def main() -> None:
                     args.timeout,
                     args.bulk_links,
                     not args.no_slow_start_after_idle,
+                    args.congestion,
                 )
                 results.append({"peers": peers, "rtt_ms": rtt, "compression": compression, **r})
                 print(_averaging_row(peers, rtt, compression, r), flush=True)  # progress; the table follows

@@ -1,11 +1,12 @@
 """Butterfly all-reduce: every member reduces one span of the flattened tensors.
 
-Each sender opens one stream to each reducer, waits for its "ready" (sent once the reducer
-has a buffer for it, so that no chunk is ever parked in memory on the way), and sends it that
-reducer's span of its own tensors, chunk by chunk, as raw codec bytes that land straight in
-that buffer. As soon as every sender has delivered chunk c, the reducer averages it and sends
-it back on the same streams, while later chunks are still arriving: sending, receiving,
-reducing and returning all overlap, and every stream runs at once.
+Each sender opens one stream to each reducer and sends it that reducer's span of its own
+tensors, chunk by chunk, as raw codec bytes that land straight in the reducer's buffer for it.
+Only the first EAGER_BYTES go before the reducer's "ready" (sent once that buffer exists), so
+that a reducer never holds more than that per sender in memory on the way, and the link is
+busy during the round trip "ready" takes. As soon as every sender has delivered chunk c, the
+reducer averages it and sends it back on the same streams, while later chunks are still
+arriving: sending, receiving, reducing and returning all overlap, and every stream runs at once.
 
 Faults: a sender that does not open its stream within `request_timeout`, or goes quiet for
 `next_chunk_timeout`, is dropped; the chunks not yet final are averaged over those still
@@ -58,11 +59,29 @@ from hivecli.utils.loops import timeout as _timeout
 logger = logging.getLogger(__name__)
 
 PART_METHOD = "avg.part"
+# A sender sends up to this many bytes of its part before the reducer's "ready", which covers
+# that round trip on a WAN link (100 Mbit/s x 50 ms is 625 KB); a reducer whose runner does not
+# exist yet holds them in the stream's queue, so it is what a reducer may hold per sender; and
+# at most EAGER_CHUNKS messages, far below any stream's queue (NetSettings.stream_queue_size).
+EAGER_BYTES = 1024 * 1024
+EAGER_CHUNKS = 4
 
 
 def wants_bulk_link(settings: AveragingSettings, span_bytes: int) -> bool:
     """Whether a sender asks its reducer for a bulk link for a span of `span_bytes`."""
     return settings.bulk_links == "all" and span_bytes >= BULK_MIN_BYTES
+
+
+def _eager_count(codec: Codec, chunks: Sequence[Chunk]) -> int:
+    """How many of a span's first chunks a sender sends before the reducer's "ready": as many
+    as fit in EAGER_BYTES (none if the first chunk alone is larger), EAGER_CHUNKS at most."""
+    count = total = 0
+    for chunk in chunks[:EAGER_CHUNKS]:
+        total += codec.encoded_nbytes(chunk.numel)
+        if total > EAGER_BYTES:
+            break
+        count += 1
+    return count
 
 
 class HostilePeerError(HiveError):
@@ -377,8 +396,9 @@ class AllReduceRunner:
                 channel.close()
 
     async def _answer_audit_or_end(self, stream: Stream, sender: int) -> None:
-        """After the last average: the sender either ends its stream (it has everything) or
-        first asks for an audit, which we answer before waiting for its end.
+        """After the last average: the sender either ends its stream or asks for an audit.
+        Either says it has every average; once we answered the audit, it needs nothing more
+        from us (its end, which follows, is not waited for: half a round trip per round).
 
         Raises:
             HiveError: an invalid audit request, or the sender went quiet for next_chunk_timeout.
@@ -388,8 +408,6 @@ class AllReduceRunner:
         except EndOfStream:
             return  # no audit: verify_reducers is off on the sender's side
         await stream.send(self._audit_answer(message.payload))
-        with contextlib.suppress(EndOfStream):  # its end of stream says it has checked every average
-            await stream.recv(timeout=self.settings.next_chunk_timeout)
 
     def _audit_answer(self, request: Any) -> dict[str, Any]:
         """Our answer to a sender's audit request (ReducerAudit.answer).
@@ -431,15 +449,21 @@ class AllReduceRunner:
         try:
             self.host.add_addrs(member.peer_id, member.multiaddrs())
             conn = await asyncio.wait_for(self.host.connect(member.peer_id), self.settings.request_timeout)
-            stream = await conn.open_stream(self.part_method, self._request(results.offsets[-1]), b"")
+            request = self._request(results.offsets[-1])
+            stream = await conn.open_stream(self.part_method, request, b"")
+            # the first chunks go before the reducer's "ready" (at most EAGER_BYTES: what it may
+            # have to hold before its buffer exists), so the link is busy during that round trip
+            eager = 0 if request.get("bulk") else _eager_count(self.codec, chunks)
+            for i in range(eager):
+                await stream.send(*self._encode(i, chunks[i]))
             channel = await channels.as_sender(
                 self.host, stream, member.peer_id, member.multiaddrs(), results.sink, self.settings.request_timeout
             )
 
             async def send_part() -> None:
                 assert channel is not None
-                for i, chunk in enumerate(chunks):
-                    await channel.send(*self._encode(i, chunk))
+                for i in range(eager, len(chunks)):
+                    await channel.send(*self._encode(i, chunks[i]))
 
             sending = self.loop.create_task(send_part())
             try:

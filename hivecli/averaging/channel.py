@@ -10,6 +10,7 @@ stream. State downloads use the same exchange (state.py), the donor in the reduc
 
     sender                                   reducer
     request {..., "bulk": true}      ->
+    (without "bulk": the first chunks, allreduce.EAGER_BYTES at most, go at once)
                                      <-      ["ready", offer]   (or "ready": no bulk link)
     dial the offer's token to the reducer's port; then
     {"bulk": true | false}           ->

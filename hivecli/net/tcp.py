@@ -26,11 +26,12 @@ _INITIAL_BUFFER_BYTES = 16 * 1024
 # Writes are handed to the kernel without copying. Everything queued, here and in the kernel,
 # is ahead of the next message: a control message (an all-reduce's "ready", an audit) written
 # behind megabytes of tensor chunks waits for them, which on a 100 Mbit/s link left the other
-# direction idle for most of a second per round. So `drain` waits above 1 MiB queued here, and
-# the kernel holds at most _NOTSENT_LOWAT unsent bytes (TCP_NOTSENT_LOWAT; what is in flight is
-# not limited, so the link stays full). On loopback this was also faster (2 x 50M: 159 against
-# 178 ms with 4 MiB and no limit).
-_WRITE_HIGH_WATER = 1024 * 1024
+# direction idle for most of a second per round. So `drain` waits above 64 KiB queued here (the
+# connection queues a chunk only once it has drained: connection.py), and the kernel holds at
+# most _NOTSENT_LOWAT unsent bytes (TCP_NOTSENT_LOWAT; what is in flight is not limited, so the
+# link stays full). Loopback speed is the same with 64 KiB as with 1 MiB (2 x 50M: 141-177
+# against 146-178 ms, docs/benchmarks.md), and 1 MiB beat 4 MiB without the kernel limit.
+_WRITE_HIGH_WATER = 64 * 1024
 _NOTSENT_LOWAT = 128 * 1024
 # A closed transport keeps its unsent bytes until the peer reads them; one that never reads
 # would keep them (and the socket) forever. So `close` drops them at once above the high-water
