@@ -894,3 +894,51 @@ def test_connect_does_not_hang_when_the_host_closes_before_the_dial_starts():
             await b.aclose()
 
     asyncio.run(main())
+
+
+# ---- send order: control messages ahead of tensor chunks ------------------------------------
+
+
+def test_a_control_message_overtakes_chunks_that_wait_to_be_sent() -> None:
+    """Sixteen 4 MiB chunks are queued on one stream of a connection whose reader is stalled; a
+    request without a body on another stream must go out behind at most what the kernel's
+    buffers, the reader and one chunk hold, not behind all sixteen (each sender writing its
+    chunk and then waiting, as before, queued them all ahead of it)."""
+    chunk, count = 4 * 1024 * 1024, 16
+
+    async def main(net: Net) -> None:
+        seen: list[Any] = []
+        go = asyncio.Event()
+
+        async def slow_sink(stream: Stream, payload: Any, body: bytes) -> None:
+            await go.wait()
+            async for message in stream:
+                seen.append(message.payload)
+
+        async def control(stream: Stream, payload: Any, body: bytes) -> None:
+            seen.append("control")
+
+        server = await net.server(NetSettings(stream_queue_size=1))  # its read loop stalls at once
+        server.add_stream_handler("sink", slow_sink)
+        server.add_stream_handler("control", control)
+        client = await net.host()
+        conn = await client.connect(address_of(server))
+        stream = await conn.open_stream("sink", None)
+        body = bytes(chunk)
+        sends = [asyncio.create_task(stream.send(i, body)) for i in range(count)]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + DEADLINE
+        while conn._stream.write_buffer_size() == 0:  # the kernel's buffers are full: the rest wait here
+            assert loop.time() < deadline, "the chunks never filled the kernel's buffers"
+            await asyncio.sleep(0.01)
+        await conn.open_stream("control", None)  # returns once its REQUEST frame is queued
+        go.set()
+        await asyncio.wait_for(asyncio.gather(*sends), DEADLINE)
+        await stream.end()
+        while len(seen) < count + 1:
+            assert loop.time() < deadline, f"only {seen} arrived"
+            await asyncio.sleep(0.01)
+        ahead = seen.index("control")
+        assert ahead <= count // 2, f"the control message arrived after {ahead} of {count} chunks"
+
+    run("tcp", main)
