@@ -43,6 +43,7 @@ from hivecli.net.connection import EndOfStream
 from hivecli.net.framing import FrameLimits, encode_frame, read_frame
 from hivecli.net.handshake import PROTOCOL_VERSION, perform_handshake
 from hivecli.net.transport import Listener, Transport
+from hivecli.testing import wait_until
 
 LOOPBACK = Multiaddr.parse("/ip4/127.0.0.1/tcp/0")
 DEADLINE = 3.0  # how long a peer may take to react to something; far below handshake_timeout below
@@ -926,18 +927,13 @@ def test_a_control_message_overtakes_chunks_that_wait_to_be_sent() -> None:
         stream = await conn.open_stream("sink", None)
         body = bytes(chunk)
         sends = [asyncio.create_task(stream.send(i, body)) for i in range(count)]
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + DEADLINE
-        while conn._stream.write_buffer_size() == 0:  # the kernel's buffers are full: the rest wait here
-            assert loop.time() < deadline, "the chunks never filled the kernel's buffers"
-            await asyncio.sleep(0.01)
+        full = "the chunks to fill the kernel's buffers"  # from then on, the rest wait here
+        await wait_until(lambda: conn._stream.write_buffer_size() > 0, DEADLINE, full)
         await conn.open_stream("control", None)  # returns once its REQUEST frame is queued
         go.set()
         await asyncio.wait_for(asyncio.gather(*sends), DEADLINE)
         await stream.end()
-        while len(seen) < count + 1:
-            assert loop.time() < deadline, f"only {seen} arrived"
-            await asyncio.sleep(0.01)
+        await wait_until(lambda: len(seen) == count + 1, DEADLINE, "every chunk and the control message to arrive")
         ahead = seen.index("control")
         assert ahead <= count // 2, f"the control message arrived after {ahead} of {count} chunks"
 

@@ -37,6 +37,7 @@ import asyncio
 import contextlib
 import logging
 import math
+from bisect import bisect_right
 from collections.abc import Collection, Sequence
 from typing import Any
 
@@ -70,18 +71,6 @@ EAGER_CHUNKS = 4
 def wants_bulk_link(settings: AveragingSettings, span_bytes: int) -> bool:
     """Whether a sender asks its reducer for a bulk link for a span of `span_bytes`."""
     return settings.bulk_links == "all" and span_bytes >= BULK_MIN_BYTES
-
-
-def _eager_count(codec: Codec, chunks: Sequence[Chunk]) -> int:
-    """How many of a span's first chunks a sender sends before the reducer's "ready": as many
-    as fit in EAGER_BYTES (none if the first chunk alone is larger), EAGER_CHUNKS at most."""
-    count = total = 0
-    for chunk in chunks[:EAGER_CHUNKS]:
-        total += codec.encoded_nbytes(chunk.numel)
-        if total > EAGER_BYTES:
-            break
-        count += 1
-    return count
 
 
 class HostilePeerError(HiveError):
@@ -453,7 +442,8 @@ class AllReduceRunner:
             stream = await conn.open_stream(self.part_method, request, b"")
             # the first chunks go before the reducer's "ready" (at most EAGER_BYTES: what it may
             # have to hold before its buffer exists), so the link is busy during that round trip
-            eager = 0 if request.get("bulk") else _eager_count(self.codec, chunks)
+            # (parts encode to the same sizes as the averages coming back: `results.offsets`)
+            eager = 0 if request.get("bulk") else bisect_right(results.offsets[1 : EAGER_CHUNKS + 1], EAGER_BYTES)
             for i in range(eager):
                 await stream.send(*self._encode(i, chunks[i]))
             channel = await channels.as_sender(
