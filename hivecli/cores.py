@@ -6,11 +6,16 @@ default recipe on 2 cores trained 20x slower than with one thread each (56 again
 samples/s per peer). So, unless the user chose (OMP_NUM_THREADS is set, as `hive local` and
 torchrun do), each peer uses its share of the cores: cores // (hive peers on this machine),
 counted again at every progress report, so that peers that start or stop later are seen too.
+The threads of hive's own data plane run torch's ops on one OpenMP thread each
+(`single_threaded_here`).
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
+import re
+from collections.abc import Callable
 
 import psutil
 
@@ -50,3 +55,62 @@ def fair_share() -> tuple[int, int] | None:
         return None
     peers = training_peers_here()
     return peers, max(1, usable_cores() // peers)
+
+
+def single_threaded_here() -> bool:
+    """Make torch's CPU ops on the calling thread run on one OpenMP thread, leaving every other
+    thread (the training loop's) as it is; True if it could. Cheap once done: call it freely.
+
+    The averaging data plane (reductions, finiteness checks, copies) runs on the DHT's thread
+    and on bulk links' threads. Those ops are memory-bound, so more threads barely speed them
+    up. What they do cost: a thread that is the first in its process to run a parallel torch op
+    gets a team of one OpenMP thread per core, whose threads busy-wait after every op while
+    they do not outnumber the cores. With 4 peers on 2 cores, each peer's spinning threads took
+    the cores from the others' data plane: 4 peers x 50M averaged in 4.0 s instead of 0.40-0.47
+    s, 4 x 1M in 550-600 ms instead of 30-37 ms (half of all CPU time in libgomp). A process whose
+    main thread ran a parallel op first (a training step) escaped by luck (OpenMP then throttles
+    the spinning), which is what the benchmarks measured: there, one thread changes nothing
+    beyond noise (benchmarks/bench_averaging.py, docs/benchmarks.md).
+
+    Not torch.set_num_threads(1): it also changes the process-wide setting (thread pools and
+    every thread created later), which halved the training loop's speed. OpenMP's own
+    omp_set_num_threads sets only the calling thread's count. torch sets each thread's count
+    when that thread first asks for it (`get_num_threads`), so it is asked first, lest it
+    override ours later.
+    """
+    import torch
+
+    global _omp_setter
+    if torch.get_num_threads() == 1:
+        return True
+    # Other packages bring their own OpenMP runtime (scikit-learn vendors a libgomp); the right
+    # one is the one whose setting torch then reports.
+    candidates = [_omp_setter] if _omp_setter is not None else _omp_setters()
+    for setter in candidates:
+        setter(1)
+        if torch.get_num_threads() == 1:
+            _omp_setter = setter
+            return True
+    return False
+
+
+_omp_setter: Callable[[int], None] | None = None  # the one that worked
+
+
+def _omp_setters() -> list[Callable[[int], None]]:
+    """`omp_set_num_threads` of every OpenMP runtime loaded in this process (GNU, Intel, LLVM)."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            paths = sorted({line.split()[-1] for line in maps if _OPENMP_LIBRARY.search(line)})
+    except OSError:  # not Linux: torch's own threads stay as they are
+        return []
+    setters = []
+    for path in paths:
+        try:
+            setters.append(ctypes.CDLL(path).omp_set_num_threads)  # already loaded: this only looks it up
+        except (OSError, AttributeError):
+            continue
+    return setters
+
+
+_OPENMP_LIBRARY = re.compile(r"/lib(?:g|i|)omp[0-9]*[.-][^/]*$")

@@ -9,6 +9,7 @@ import gc
 import itertools
 import random
 import sys
+import threading
 import time
 from concurrent.futures import CancelledError
 
@@ -129,6 +130,33 @@ def test_weighted_average_with_uneven_bandwidths():
         finally:
             for av in avs:
                 av.shutdown()
+
+
+@pytest.mark.parametrize("bulk_links", ["none", "all"])
+def test_the_data_plane_runs_torch_ops_on_one_openmp_thread(monkeypatch, bulk_links):
+    """Checks and reductions run on the DHT's thread and on bulk links' receiving threads, each
+    on one OpenMP thread (hivecli.cores: a team per thread spins and starves other peers), while
+    the calling thread keeps its own count."""
+    from hivecli.averaging import allreduce
+
+    torch.set_num_threads(2)  # what the training thread uses; OpenMP honours it even on one core
+    seen = set()
+    check = allreduce.all_finite
+
+    def recording(tensor):
+        seen.add((threading.current_thread().name.split("_")[0], torch.get_num_threads()))
+        return check(tensor)
+
+    monkeypatch.setattr(allreduce, "all_finite", recording)
+    with local_swarm(2, **DHT_FAST) as dhts:
+        inputs = [torch.randn(600_000) for _ in dhts]
+        with averagers(dhts, [[t.clone()] for t in inputs], prefix="threads", bulk_links=bulk_links, **FAST) as avs:
+            run_round(avs)
+            torch.testing.assert_close(snapshot(avs[0])[0], (inputs[0] + inputs[1]) / 2)
+    threads = {name.rsplit("-", 1)[0] if name.startswith("hive-dht") else name for name, _ in seen}
+    assert threads == ({"hive-bulk-recv"} if bulk_links == "all" else {"hive-dht"})
+    assert {count for _, count in seen} == {1}
+    assert torch.get_num_threads() == 2
 
 
 def test_auto_compression_uses_the_codec_its_leader_chose_from_the_link_rate():

@@ -250,3 +250,26 @@ def test_each_peer_gets_its_share_of_the_cores_unless_the_user_chose(monkeypatch
     assert cores.fair_share() == (12, 1)
     monkeypatch.setenv("OMP_NUM_THREADS", "4")
     assert cores.fair_share() is None
+
+
+def test_one_thread_for_the_averaging_thread_leaves_the_others_as_they_were():
+    from hivecli import cores
+
+    torch.set_num_threads(2)  # the machine may have one core; OpenMP honours the request anyway
+    seen: dict[str, object] = {}
+
+    def averaging_thread() -> None:
+        seen["limited"] = cores.single_threaded_here()
+        seen["threads"] = torch.get_num_threads()
+        seen["sum"] = torch.arange(100_000, dtype=torch.float64).sum().item()  # ops still run
+
+    worker = threading.Thread(target=averaging_thread)
+    worker.start()
+    worker.join(timeout=30)
+    assert seen == {"limited": True, "threads": 1, "sum": 4999950000.0}
+    assert torch.get_num_threads() == 2  # the calling (training) thread keeps its threads
+    later: list[int] = []
+    other = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+    other.start()
+    other.join(timeout=30)
+    assert later == [2]  # and so do threads started afterwards

@@ -46,6 +46,7 @@ from hivecli.averaging.state import (
     download_state,
     find_donors,
 )
+from hivecli.cores import single_threaded_here
 from hivecli.dht.dht import DHT
 from hivecli.dht.node import DHTNode
 from hivecli.net.connection import Stream
@@ -220,11 +221,7 @@ class DecentralizedAverager:
         self._running = True
 
     async def _start(self, node: DHTNode) -> None:
-        # No torch.set_num_threads(1) here, though reductions run on this thread: called from
-        # this thread it halved the training loop's speed too (the quick-start CNN, 32 -> 17
-        # steps/s, benchmarks/bench_optimizer.py). OpenMP's own per-thread omp_set_num_threads(1)
-        # on this thread alone (step 9) left the training loop alone, but made 2-peer rounds of
-        # 1M floats 40% slower (11-13 against 7-9 ms) and large ones no faster beyond noise.
+        single_threaded_here()  # our reductions and copies run on this thread: see its docstring
         self._step_lock = asyncio.Lock()
         self._matchmaker = Matchmaker(
             node,

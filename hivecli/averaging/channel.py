@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from hivecli._exceptions import HiveError
+from hivecli.cores import single_threaded_here
 from hivecli.net.bulk import BulkLink, BulkOffer
 from hivecli.net.connection import BodySink, Message, Stream
 from hivecli.net.framing import describe
@@ -67,13 +68,24 @@ class Channel:
             HiveError: the link or stream broke or timed out; ValueError: what `check` raises.
         """
         if self.link is not None:
-            return await self.link.recv(self.sink, timeout, check)
+            return await self.link.recv(self.sink, timeout, _single_threaded(check))
         message = await self.stream.recv(timeout=timeout)
         return message, check(message.payload, message.body)
 
     def close(self) -> None:
         if self.link is not None:
             self.link.close()
+
+
+def _single_threaded(check: Check) -> Check:
+    """`check` for a bulk link's receiving thread: its torch ops on one OpenMP thread, as on
+    the DHT's thread (hivecli.cores.single_threaded_here)."""
+
+    def run(payload: Any, body: bytes | memoryview) -> Any:
+        single_threaded_here()
+        return check(payload, body)
+
+    return run
 
 
 def is_ready(payload: Any) -> bool:

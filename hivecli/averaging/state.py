@@ -33,6 +33,7 @@ from hivecli.averaging.channel import Channel
 from hivecli.averaging.compression import tensor_bytes
 from hivecli.averaging.group import method_name
 from hivecli.averaging.robust import all_finite
+from hivecli.cores import single_threaded_here
 from hivecli.dht.node import DHTNode
 from hivecli.dht.records import owned_entries, owned_subkey
 from hivecli.net.connection import EndOfStream, Stream
@@ -184,6 +185,7 @@ class StateServer:
                 diverged peer must not hand it to anyone; downloads streaming from this snapshot
                 fail, and move on to another donor.
         """
+        single_threaded_here()  # a memory-bound copy: more threads would only slow down training
 
         def publish(head: tuple[Any, list[torch.Tensor]] | None, copied: int) -> None:
             with contextlib.suppress(RuntimeError):  # the loop closed: nobody is left to serve
