@@ -159,6 +159,31 @@ def test_the_data_plane_runs_torch_ops_on_one_openmp_thread(monkeypatch, bulk_li
     assert torch.get_num_threads() == 2
 
 
+def test_pooled_buffers_follow_the_member_order_and_hold_the_model_once_and_a_half(monkeypatch):
+    """Member indices change from round to round; each peer keeps one receive and one result
+    buffer per other member (and a copy of its own span for audits), not one per index seen."""
+    from hivecli.averaging import matchmaking
+
+    turns = itertools.count()
+    monkeypatch.setattr(  # whoever leads, the order of the members flips from one round to the next
+        matchmaking.random,
+        "shuffle",
+        lambda members: members.sort(key=lambda m: str(m.peer_id), reverse=next(turns) % 2),
+    )
+    with local_swarm(2, **DHT_FAST) as dhts:
+        inputs = [torch.randn(100_000) for _ in dhts]
+        with averagers(dhts, [[t.clone()] for t in inputs], prefix="pool", chunk_bytes=65536, **FAST) as avs:
+            orders = set()
+            for _ in range(4):
+                gathered = run_round(avs)[0]  # {peer id: gather}, in member order
+                orders.add(tuple(gathered))
+            assert len(orders) == 2  # each peer was member 0 in one round and member 1 in another
+            for av in avs:
+                torch.testing.assert_close(snapshot(av)[0], (inputs[0] + inputs[1]) / 2)
+                assert set(av._pool._buffers) == {("own",), ("recv", 1), ("result", 1)}
+                assert sum(b.numel() for b in av._pool._buffers.values()) == 3 * 50_000 * 4
+
+
 def test_auto_compression_uses_the_codec_its_leader_chose_from_the_link_rate():
     torch.manual_seed(3)
     with local_swarm(3, **DHT_FAST) as dhts:

@@ -189,6 +189,12 @@ class AllReduceRunner:
     def _piece(self, chunk: Chunk) -> torch.Tensor:
         return self.flat[chunk.tensor][chunk.offset_in_tensor : chunk.offset_in_tensor + chunk.numel]
 
+    def _slot(self, member: int) -> int:
+        """Where `member` is counted from us (1 to group size - 1): what our pooled buffers for it
+        are keyed by. Member indices change from round to round, and buffers keyed by them would
+        pile up to one per index ever seen (twice the model with 2 peers, instead of once)."""
+        return (member - self.index) % len(self.group.members)
+
     def _expected_senders(self) -> list[int]:
         if not self.my_chunks:
             return []
@@ -352,7 +358,8 @@ class AllReduceRunner:
             raise HiveError(f"weight {weight} must be a finite number >= 0")
         self._arrived.add(sender)
         self._weights[sender] = weight
-        received = self._buffers[sender] = _ChunkedBuffer(self.pool, ("recv", sender), self.my_chunks, self.codec)
+        received = _ChunkedBuffer(self.pool, ("recv", self._slot(sender)), self.my_chunks, self.codec)
+        self._buffers[sender] = received
         channel: Channel | None = None
         receiving: asyncio.Task[None] | None = None
         try:
@@ -432,7 +439,7 @@ class AllReduceRunner:
     async def _exchange_with(self, j: int) -> None:
         member = self.group.members[j]
         chunks = self.layout.chunks(*self.spans[j], self.chunk_elements)
-        results = _ChunkedBuffer(self.pool, ("result", j), chunks, self.codec)
+        results = _ChunkedBuffer(self.pool, ("result", self._slot(j)), chunks, self.codec)
         stream: Stream | None = None
         channel: Channel | None = None
         try:
