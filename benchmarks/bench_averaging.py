@@ -34,6 +34,7 @@ Run from the repository root:
     .venv/bin/python benchmarks/bench_averaging.py --sizes 1M 10M --peers 2 --rounds 4
     .venv/bin/python benchmarks/bench_averaging.py --encryption off   # the plaintext links only
     .venv/bin/python benchmarks/bench_averaging.py --no-audit --compression fp16 --state-trials 0
+    .venv/bin/python benchmarks/bench_averaging.py --cold-openmp      # averaging before any training op
 """
 
 from __future__ import annotations
@@ -201,6 +202,14 @@ def _avg_worker_body(
 
     from hivecli.averaging import DecentralizedAverager
 
+    options = dict(options)
+    if options.pop("cold_openmp", False):
+        # this thread's ops (the inputs, the error check) start no OpenMP team: the averaging
+        # thread is then its process's first OpenMP user, as in a process that averages before it
+        # trains (the case hivecli.cores.single_threaded_here is for)
+        from hivecli.cores import single_threaded_here
+
+        single_threaded_here()
     torch.manual_seed(rank)
     tensor = torch.randn(numel)
     mean = sum(_seeded(r, numel) for r in range(world)) / world
@@ -498,6 +507,11 @@ def main() -> None:
         default="state",
         help="AveragingSettings.bulk_links: which transfers get a TCP connection of their own (default state)",
     )
+    parser.add_argument(
+        "--cold-openmp",
+        action="store_true",
+        help="the peers' main threads start no OpenMP team, so the averaging thread is the first to use it",
+    )
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     modes = list(MODES) if args.encryption == "both" else [args.encryption]
@@ -505,6 +519,7 @@ def main() -> None:
         "compression": args.compression,
         "verify_reducers": not args.no_audit,
         "bulk_links": args.bulk_links,
+        "cold_openmp": args.cold_openmp,  # not an averager argument: the worker takes it out
     }
 
     rows = []
