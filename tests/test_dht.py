@@ -259,6 +259,54 @@ def test_get_caches_the_value_on_the_lookup_path():
     asyncio.run(scenario())
 
 
+def test_stores_of_a_key_reuse_its_nearest_nodes_until_one_of_them_fails():
+    """Matchmaking stores its declaration every round: a lookup's nearest nodes serve later
+    stores of the same key without a new lookup (a round trip less), until one of them leaves
+    the routing table, as a node that failed does."""
+
+    async def scenario():
+        network = MemoryTransport.Network()
+        loopback = [hivemind.Multiaddr.parse("/ip4/127.0.0.1/tcp/0")]
+
+        async def node(*initial):
+            host = Host(transport=MemoryTransport(network))
+            return await DHTNode.create(
+                host, initial_peers=list(initial), host_maddrs=loopback, settings=DHTSettings(wait_timeout=1.0)
+            )
+
+        a = await node()
+        b = await node(a.host.visible_maddrs()[0])
+        writer = await node(a.host.visible_maddrs()[0])
+        finds = []
+        call_find = writer.protocol.call_find
+
+        async def counted(peer, key_ids):
+            finds.append(peer)
+            return await call_find(peer, key_ids)
+
+        writer.protocol.call_find = counted
+        try:
+            now = hivemind.get_dht_time()
+            assert await writer.store("declared", 1, now + 60)
+            looked_up = len(finds)
+            assert looked_up > 0
+            key_id = DHTID.from_key("declared")
+            found_at, nearest = writer._recent_nearest[key_id]
+            writer._recent_nearest[key_id] = (found_at - 10, nearest)  # a round later
+            assert await writer.store("declared", 2, now + 61)
+            assert len(finds) == looked_up  # the same nearest nodes, no lookup
+            for other in (a, b):
+                assert other.protocol.storage.get(key_id).expiration_time == now + 61
+            writer.protocol.routing_table.remove(a.node_id)  # as when a stops answering
+            assert await writer.store("declared", 3, now + 62)
+            assert len(finds) > looked_up
+        finally:
+            for n in (writer, b, a):
+                await n.shutdown()
+
+    asyncio.run(scenario())
+
+
 async def _until(condition):
     while not condition():
         await asyncio.sleep(0.01)
