@@ -4,6 +4,7 @@ Every peer runs its own event loop thread, so steps really run concurrently. Tes
 conditions with deadlines (`wait_for`, `result(timeout=...)`) and never sleep and hope.
 """
 
+import asyncio
 import contextlib
 import gc
 import itertools
@@ -301,6 +302,55 @@ def test_client_mode_peer_sends_but_reduces_nothing(client_dht):
             finally:
                 for av in avs:
                     av.shutdown()
+
+
+def test_a_full_group_begins_without_waiting_for_the_leaders_own_lookup(monkeypatch):
+    """The leader's DHT lookups after its first one hang; the others join it meanwhile, and it
+    must begin the round as soon as its group is full, not when the lookup returns."""
+    from hivecli.averaging import matchmaking
+
+    fetch = matchmaking._Search.fetch_candidates
+    lookups: dict[object, int] = {}
+    leader = None
+
+    async def hanging_for_the_leader(self):
+        lookups[self.mm.peer_id] = lookups.get(self.mm.peer_id, 0) + 1
+        if self.mm.peer_id == leader and lookups[self.mm.peer_id] > 1:
+            await asyncio.sleep(60)
+        return await fetch(self)
+
+    monkeypatch.setattr(matchmaking._Search, "fetch_candidates", hanging_for_the_leader)
+    with (
+        local_swarm(3, **DHT_FAST) as dhts,
+        averagers(
+            dhts, [[torch.full((8,), float(i))] for i in range(3)], prefix="begin", target_group_size=3, **FAST
+        ) as avs,
+    ):
+        leader = avs[0].peer_id
+        first = avs[0].step(wait=False, timeout=30)
+        wait_for(lambda: lookups.get(leader, 0) >= 2, 10, "the leader's second lookup")  # declared, and hanging
+        others = [av.step(wait=False, timeout=30) for av in avs[1:]]
+        for control in [first, *others]:
+            assert len(control.result(timeout=20)) == 3
+        for av in avs:
+            assert torch.equal(snapshot(av)[0], torch.full((8,), 1.0))
+
+
+def test_declarations_are_withdrawn_once_the_group_formed():
+    """Otherwise the next round's first lookup, run while the new declarations are being stored,
+    finds them still live and asks those peers first: a round trip lost per peer on a WAN."""
+    with local_swarm(2, **DHT_FAST) as dhts:
+        settings = {"target_group_size": 2, "min_matchmaking_time": 60.0, "request_timeout": 1.0}
+        with averagers(dhts, [[torch.zeros(4)] for _ in dhts], prefix="withdrawn", **settings) as avs:
+            run_round(avs)
+
+            def live_declarations():
+                found = dhts[0].get("withdrawn.0b", latest=True)
+                return [owner for owner, value, _ in owned_entries(found) if value is not None]
+
+            wait_for(lambda: not live_declarations(), 10, "both declarations withdrawn")
+            run_round(avs)  # and the next round declares anew
+            wait_for(lambda: not live_declarations(), 10, "both declarations withdrawn again")
 
 
 def test_pairs_out_of_eight_converge_and_keep_the_mean():
