@@ -225,20 +225,26 @@ def test_blacklist_backs_off_exponentially_and_forgives_on_success(monkeypatch):
     assert not blacklist.is_banned(peer)
 
 
+def _memory_nodes():
+    """A factory of DHT nodes on one in-memory network: `await node(*initial_peers)`."""
+    network = MemoryTransport.Network()
+    loopback = [hivemind.Multiaddr.parse("/ip4/127.0.0.1/tcp/0")]
+
+    async def node(*initial):
+        host = Host(transport=MemoryTransport(network))
+        return await DHTNode.create(
+            host, initial_peers=list(initial), host_maddrs=loopback, settings=DHTSettings(wait_timeout=1.0)
+        )
+
+    return node
+
+
 def test_get_caches_the_value_on_the_lookup_path():
     """Reader R knows only B; B lacks the key but points to holder A. After R's get, both R and
     B hold a cached copy (B is the nearest node on the path that lacked it)."""
 
     async def scenario():
-        network = MemoryTransport.Network()
-        loopback = [hivemind.Multiaddr.parse("/ip4/127.0.0.1/tcp/0")]
-
-        async def node(*initial):
-            host = Host(transport=MemoryTransport(network))
-            return await DHTNode.create(
-                host, initial_peers=list(initial), host_maddrs=loopback, settings=DHTSettings(wait_timeout=1.0)
-            )
-
+        node = _memory_nodes()
         a = await node()
         b = await node(a.host.visible_maddrs()[0])
         reader = await node()
@@ -265,15 +271,7 @@ def test_stores_of_a_key_reuse_its_nearest_nodes_until_one_of_them_fails():
     the routing table, as a node that failed does."""
 
     async def scenario():
-        network = MemoryTransport.Network()
-        loopback = [hivemind.Multiaddr.parse("/ip4/127.0.0.1/tcp/0")]
-
-        async def node(*initial):
-            host = Host(transport=MemoryTransport(network))
-            return await DHTNode.create(
-                host, initial_peers=list(initial), host_maddrs=loopback, settings=DHTSettings(wait_timeout=1.0)
-            )
-
+        node = _memory_nodes()
         a = await node()
         b = await node(a.host.visible_maddrs()[0])
         writer = await node(a.host.visible_maddrs()[0])
