@@ -228,8 +228,11 @@ class DHTNode:
 
     async def _nearest_for_store(self, key_id: DHTID) -> list[tuple[DHTID, PeerID]]:
         recent = self._recent_nearest.get(key_id)
-        fresh = recent is not None and time.monotonic() - recent[0] < _RECENT_NEAREST_S
-        if fresh and all(node_id in self.protocol.routing_table for node_id, _ in recent[1]):
+        if (
+            recent is not None
+            and time.monotonic() - recent[0] < _RECENT_NEAREST_S
+            and all(node_id in self.protocol.routing_table for node_id, _ in recent[1])
+        ):
             return recent[1]
         # a store must hear from the whole beam anyway, so ask all of it at once
         lookup = await self._lookup(key_id, remember=True, parallel=self.settings.effective_beam_size)
