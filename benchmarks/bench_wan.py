@@ -67,6 +67,9 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from hivecli.netlab import NetLab, Node, netlab_unavailable  # noqa: E402  # after the sys.path line
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _linkuse  # noqa: E402
+
 # "auto" measures the link in its first (warm-up) round, exact, and picks float16 on these links after it
 BYTES_PER_ELEMENT = {"none": 4, "float16": 2, "auto": 2}
 STARTUP_TIMEOUT = 180.0  # a peer imports torch and joins the DHT; slow when 4 start at once on 2 cores
@@ -197,8 +200,11 @@ def run_averaging(
     bulk_links: str = "state",
     slow_start_after_idle: bool = True,
     congestion: str | None = None,
+    audit: bool = True,
+    trace: bool = False,
 ) -> dict[str, Any]:
-    """One configuration; its row of the table.
+    """One configuration; its row of the table. `trace`: also split each round's time by link use
+    (_linkuse.py).
 
     Raises:
         RuntimeError: a peer died or the rounds did not finish in time.
@@ -218,22 +224,37 @@ def run_averaging(
         args = ["--prefix", f"wan{peers}", "--size", str(size), "--group-size", str(peers)]
         args += ["--rounds", str(rounds + 1), "--compression", compression, "--barrier-dir", str(barrier)]
         args += ["--matchmaking-time", "5", "--averaging-timeout", str(timeout), "--bulk-links", bulk_links]
+        args += [] if audit else ["--no-audit"]
+        samplers = []
+        if trace:
+            script = Path(_linkuse.__file__)
+            for i, node in enumerate(nodes):
+                samplers.append(node.popen([sys.executable, script, node.link, Path(tmp) / f"link{i}"]))
         try:
             swarm.start(nodes, args)
             budget = (rounds + 1) * (timeout + 10)
             swarm.wait(lambda: all(p.stopped() for p in swarm.peers), budget, f"{rounds + 1} rounds")
             sent = [_sent_bytes(node) for node in nodes]
+            drops = [_drops(node) for node in nodes]
         finally:
+            for sampler in samplers:
+                lab.stop(sampler)
             swarm.stop()
-    steps, allreduces, failed, exact = [], [], 0, 0
+        links = [_linkuse.load(str(Path(tmp) / f"link{i}")) for i in range(len(nodes))] if trace else []
+    steps, allreduces, splits, failed, exact = [], [], [], 0, 0
     for i in range(1, rounds + 1):  # round 0 warms up (connections, buffers)
         records = [next(r for r in p.rounds() if r["round"] == i) for p in swarm.peers]
         if not all(r["ok"] and r["group_size"] == peers for r in records):
             failed += 1
             continue
-        steps.append(max(r["time"] for r in records) - min(r["start"] for r in records))
+        start, end = min(r["start"] for r in records), max(r["time"] for r in records)
+        steps.append(end - start)
         allreduces.append(max(r["allreduce_seconds"] for r in records))
         exact += all(r["exact"] for r in records)
+        # each peer's uplink over the whole step, averaged over the peers
+        parts = [_linkuse.split_round(link, start, end, rate * 1e6) for link in links]
+        if parts:
+            splits.append({k: statistics.mean(p[k] for p in parts) for k in parts[0]})
     if not steps:
         errors = {r["error"] for p in swarm.peers for r in p.rounds() if r["error"]}
         raise RuntimeError(f"no round succeeded: {sorted(errors)[:2]}")
@@ -249,6 +270,10 @@ def run_averaging(
         "tc_mb": statistics.mean(sent) / (rounds + 1) / 1e6,
         "exact": f"{exact}/{len(steps)}",
         "failed": failed,
+        # packets the links' tbf dropped per round (warm-up and DHT traffic included), mean over the peers
+        "drops_up": statistics.mean(up for up, _ in drops) / (rounds + 1),
+        "drops_down": statistics.mean(down for _, down in drops) / (rounds + 1),
+        "split": {k: statistics.median(s[k] for s in splits) for k in splits[0]} if splits else None,
     }
 
 
@@ -267,6 +292,16 @@ def _sent_bytes(node: Node) -> int:
     if match is None:
         raise RuntimeError(f"no byte counter in `tc -s qdisc show dev {node.link}`: {out!r}")
     return int(match.group(1))
+
+
+def _drops(node: Node) -> tuple[int, int]:
+    """Packets the tbf of `node`'s link dropped so far: (its uplink, its downlink)."""
+    up = node.run(["tc", "-s", "qdisc", "show", "dev", node.link]).stdout
+    down = subprocess.run(
+        ["tc", "-n", node.peer_ns, "-s", "qdisc", "show", "dev", node.peer_link], capture_output=True, text=True
+    ).stdout
+    counts = [re.search(r"dropped (\d+)", out) for out in (up, down)]
+    return (int(counts[0].group(1)) if counts[0] else 0, int(counts[1].group(1)) if counts[1] else 0)
 
 
 # ---- partition -----------------------------------------------------------------------------------
@@ -330,11 +365,22 @@ def _attempt(fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
 def _averaging_row(peers: int, rtt: float, compression: str, r: dict[str, Any]) -> str:
     head = f"| {peers} | {rtt:g} | {compression} |"
     if "error" in r:
-        return f"{head} FAILED: {r['error']} | | | | | | |"
+        return f"{head} FAILED: {r['error']} | | | | | | | |"
     failed = f" ({r['failed']} failed)" if r["failed"] else ""
     return (
         f"{head} {r['step']:.2f} ({r['min']:.2f}-{r['max']:.2f}){failed} | {r['allreduce']:.2f} | {r['mb']:.1f} "
-        f"| {r['tc_mb']:.1f} | {r['mb'] * 8 / r['step']:.1f} | {r['ratio']:.2f} | {r['exact']} |"
+        f"| {r['tc_mb']:.1f} | {r['mb'] * 8 / r['step']:.1f} | {r['ratio']:.2f} | {r['exact']} "
+        f"| {r['drops_up']:.0f} / {r['drops_down']:.0f} |"
+    )
+
+
+def _split_row(peers: int, rtt: float, compression: str, r: dict[str, Any]) -> str:
+    split = r.get("split")
+    if split is None:
+        return f"| {peers} | {rtt:g} | {compression} | no trace | | | |"
+    return (
+        f"| {peers} | {rtt:g} | {compression} | {r['step']:.2f} | {split['start']:.2f} "
+        f"| {split['middle']:.2f} ({split['use']:.2f}) | {split['tail']:.2f} |"
     )
 
 
@@ -366,6 +412,10 @@ def main() -> None:
         "--congestion",
         help="net.ipv4.tcp_congestion_control in every peer's namespace (cubic, bbr; default: the system's)",
     )
+    parser.add_argument("--no-audit", action="store_true", help="verify_reducers = False: what the audit costs")
+    parser.add_argument(
+        "--trace", action="store_true", help="also split each round by each peer's link use (benchmarks/_linkuse.py)"
+    )
     parser.add_argument("--no-partition", action="store_true", help="skip the partition scenario")
     parser.add_argument("--quick", action="store_true", help="fewer rounds and a shorter partition (about 3 min)")
     parser.add_argument("--json", help="also write the results here")
@@ -393,6 +443,8 @@ def main() -> None:
                     args.bulk_links,
                     not args.no_slow_start_after_idle,
                     args.congestion,
+                    not args.no_audit,
+                    args.trace,
                 )
                 results.append({"peers": peers, "rtt_ms": rtt, "compression": compression, **r})
                 print(_averaging_row(peers, rtt, compression, r), flush=True)  # progress; the table follows
@@ -406,11 +458,23 @@ def main() -> None:
     )
     print(
         "| peers | added RTT ms | compression | step s (min-max) | allreduce s | MB each way per peer "
-        "| MB out (tc) | Mbit/s | ratio | exact |"
+        "| MB out (tc) | Mbit/s | ratio | exact | drops per round up / down |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
         print(_averaging_row(r["peers"], r["rtt_ms"], r["compression"], r))
+    if args.trace:
+        print()
+        print(
+            "Where the step goes (--trace; medians over rounds of the mean over peers of each peer's uplink): "
+            "start = until its link first carried half its rate over 50 ms, middle (its share of the link "
+            "rate), tail = after it last did:"
+        )
+        print("| peers | added RTT ms | compression | step s | start s | middle s (use) | tail s |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        for r in results:
+            if "error" not in r:
+                print(_split_row(r["peers"], r["rtt_ms"], r["compression"], r))
     if partition is not None:
         print()
         print(

@@ -99,6 +99,7 @@ def run(args: argparse.Namespace, stop: threading.Event) -> None:
             request_timeout=min(3.0, args.matchmaking_time / 2),  # must stay under min_matchmaking_time
             allreduce_timeout=args.averaging_timeout,
             bulk_links=args.bulk_links,
+            verify_reducers=not args.no_audit,
             start=True,
         )
         name = str(dht.peer_id)
@@ -181,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compression", choices=["none", "float16", "auto"], default="none")
     parser.add_argument("--bulk-links", choices=["state", "all", "none"], default="state")
     parser.add_argument("--matchmaking-time", type=float, default=5.0, help="min_matchmaking_time, seconds")
+    parser.add_argument("--no-audit", action="store_true", help="verify_reducers = False (what the audit costs)")
     parser.add_argument("--averaging-timeout", type=float, default=60.0, help="seconds to find a group; and to average")
     parser.add_argument("--client-mode", action="store_true", help="never accept connections (DHT and averager)")
     parser.add_argument(
