@@ -26,6 +26,9 @@ headers take about 4 % of a 1500-byte frame, so about 0.96 is the ceiling. (Coun
 first half, size * b * (N-1)/N, would give half these ratios.) "MB out (tc)" checks the formula
 with the bytes tc counted on each peer's link: its mean per round over the whole run, warm-up
 and DHT traffic included. "allreduce s" is the median time from group assembly to the end.
+"drops" are the packets the tbf of each peer's uplink and downlink dropped, per round (warm-up
+included). --trace splits each round by each peer's uplink use (start, middle and the share of
+the rate it carried, tail: benchmarks/_linkuse.py); --no-audit turns the reducer audit off.
 
 Partition: 3 peers (target group 3, minimum 2) average --partition-size elements back to back
 with no barrier; once every peer has averaged in a full group, the last one is isolated
@@ -296,9 +299,12 @@ def _sent_bytes(node: Node) -> int:
 
 def _drops(node: Node) -> tuple[int, int]:
     """Packets the tbf of `node`'s link dropped so far: (its uplink, its downlink)."""
-    up = node.run(["tc", "-s", "qdisc", "show", "dev", node.link]).stdout
+    up = node.run(["tc", "-s", "qdisc", "show", "dev", node.link], timeout=30).stdout
     down = subprocess.run(
-        ["tc", "-n", node.peer_ns, "-s", "qdisc", "show", "dev", node.peer_link], capture_output=True, text=True
+        ["tc", "-n", node.peer_ns, "-s", "qdisc", "show", "dev", node.peer_link],
+        capture_output=True,
+        text=True,
+        timeout=30,
     ).stdout
     counts = [re.search(r"dropped (\d+)", out) for out in (up, down)]
     return (int(counts[0].group(1)) if counts[0] else 0, int(counts[1].group(1)) if counts[1] else 0)
