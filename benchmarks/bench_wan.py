@@ -28,7 +28,9 @@ with the bytes tc counted on each peer's link: its mean per round over the whole
 and DHT traffic included. "allreduce s" is the median time from group assembly to the end.
 "drops" are the packets the tbf of each peer's uplink and downlink dropped, per round (warm-up
 included). --trace splits each round by each peer's uplink use (start, middle and the share of
-the rate it carried, tail: benchmarks/_linkuse.py); --no-audit turns the reducer audit off.
+the rate it carried, tail: benchmarks/_linkuse.py); --no-audit turns the reducer audit off;
+--pace tells every peer its link's rate (AveragingSettings.uplink_mbps), so that rounds pace
+each connection to its share of it.
 
 Partition: 3 peers (target group 3, minimum 2) average --partition-size elements back to back
 with no barrier; once every peer has averaged in a full group, the last one is isolated
@@ -205,6 +207,7 @@ def run_averaging(
     congestion: str | None = None,
     audit: bool = True,
     trace: bool = False,
+    pace: bool = False,
 ) -> dict[str, Any]:
     """One configuration; its row of the table. `trace`: also split each round's time by link use
     (_linkuse.py).
@@ -228,6 +231,7 @@ def run_averaging(
         args += ["--rounds", str(rounds + 1), "--compression", compression, "--barrier-dir", str(barrier)]
         args += ["--matchmaking-time", "5", "--averaging-timeout", str(timeout), "--bulk-links", bulk_links]
         args += [] if audit else ["--no-audit"]
+        args += ["--uplink-mbps", str(rate)] if pace else []  # the peers are told their link's rate
         samplers = []
         if trace:
             script = Path(_linkuse.__file__)
@@ -245,10 +249,12 @@ def run_averaging(
             swarm.stop()
         links = [_linkuse.load(str(Path(tmp) / f"link{i}")) for i in range(len(nodes))] if trace else []
     steps, allreduces, splits, failed, exact = [], [], [], 0, 0
+    errors: set[str] = set()  # why the failed rounds failed
     for i in range(1, rounds + 1):  # round 0 warms up (connections, buffers)
         records = [next(r for r in p.rounds() if r["round"] == i) for p in swarm.peers]
         if not all(r["ok"] and r["group_size"] == peers for r in records):
             failed += 1
+            errors.update(r["error"] or f"a group of {r['group_size']}" for r in records if r["error"] or not r["ok"])
             continue
         start, end = min(r["start"] for r in records), max(r["time"] for r in records)
         steps.append(end - start)
@@ -273,6 +279,7 @@ def run_averaging(
         "tc_mb": statistics.mean(sent) / (rounds + 1) / 1e6,
         "exact": f"{exact}/{len(steps)}",
         "failed": failed,
+        "errors": sorted(errors),
         # packets the links' tbf dropped per round (warm-up and DHT traffic included), mean over the peers
         "drops_up": statistics.mean(up for up, _ in drops) / (rounds + 1),
         "drops_down": statistics.mean(down for _, down in drops) / (rounds + 1),
@@ -420,6 +427,9 @@ def main() -> None:
     )
     parser.add_argument("--no-audit", action="store_true", help="verify_reducers = False: what the audit costs")
     parser.add_argument(
+        "--pace", action="store_true", help="tell the peers their link's rate (uplink_mbps = --rate): paced rounds"
+    )
+    parser.add_argument(
         "--trace", action="store_true", help="also split each round by each peer's link use (benchmarks/_linkuse.py)"
     )
     parser.add_argument("--no-partition", action="store_true", help="skip the partition scenario")
@@ -451,6 +461,7 @@ def main() -> None:
                     args.congestion,
                     not args.no_audit,
                     args.trace,
+                    args.pace,
                 )
                 results.append({"peers": peers, "rtt_ms": rtt, "compression": compression, **r})
                 print(_averaging_row(peers, rtt, compression, r), flush=True)  # progress; the table follows
@@ -460,7 +471,7 @@ def main() -> None:
     print(
         f"Averaging {args.size / 1e6:g}M float32 over {args.rate:g} Mbit/s links (each way), median of {rounds} "
         f"rounds after a warm-up; ratio = (MB each way x 8 / step) / link rate, MB each way = 2 x size x bytes "
-        "x (N-1)/N:"
+        "x (N-1)/N" + ("; every peer paced to its link's rate (--pace):" if args.pace else ":")
     )
     print(
         "| peers | added RTT ms | compression | step s (min-max) | allreduce s | MB each way per peer "

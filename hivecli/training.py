@@ -89,6 +89,7 @@ def averager_kwargs(recipe: Recipe) -> dict[str, Any]:
         "aggregation": a.aggregation,
         "trim_fraction": a.trim_fraction,
         "max_weight_ratio": a.max_weight_ratio,
+        "uplink_mbps": a.uplink_mbps,
     }
 
 
@@ -103,7 +104,7 @@ def build_run_optimizer(
     opts = {
         "target_group_size": a.target_group_size, "min_group_size": a.min_group_size,
         "request_timeout": a.request_timeout, "aggregation": a.aggregation, "trim_fraction": a.trim_fraction,
-        "max_weight_ratio": a.max_weight_ratio,
+        "max_weight_ratio": a.max_weight_ratio, "uplink_mbps": a.uplink_mbps,
     }  # fmt: skip
     common = {
         "dht": dht, "run_id": prefix, "matchmaking_time": a.min_matchmaking_time,

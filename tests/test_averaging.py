@@ -24,8 +24,10 @@ from hivecli.averaging.compression import AutoCompression
 from hivecli.averaging.group import GroupInfo, Member
 from hivecli.averaging.link import RoundPlan
 from hivecli.averaging.partition import Layout
+from hivecli.averaging.settings import PACING_SHARE
 from hivecli.dht.records import owned_entries
 from hivecli.net.bulk import BulkLinks
+from hivecli.net.connection import Connection
 from hivecli.testing import local_swarm, wait_for
 
 DHT_FAST = {"wait_timeout": 1.0}
@@ -234,6 +236,35 @@ def test_the_leader_sizes_chunks_for_its_link_and_every_member_follows():
     for bad in ({"chunk_bytes": 1}, {"chunk_bytes": 2**40}, {"codec": 5}, {"x": 1}, [1]):
         with pytest.raises(ValueError, match="plan"):
             GroupInfo.from_wire([b"g" * 20, [members[0].to_wire()], bad])
+
+
+def test_a_round_paces_each_members_connection_to_its_share_of_the_uplink_and_then_lifts_it(monkeypatch):
+    calls = []  # (connection, bytes per second or None), from every peer's thread
+    original = Connection.set_max_rate
+
+    def recording(self, rate):
+        calls.append((self, rate))
+        return original(self, rate)
+
+    monkeypatch.setattr(Connection, "set_max_rate", recording)
+    torch.manual_seed(5)
+    with local_swarm(3, **DHT_FAST) as dhts:
+        inputs = [torch.randn(100_000) for _ in dhts]
+        local = [[t.clone()] for t in inputs]
+        with averagers(dhts, local, prefix="paced", target_group_size=3, uplink_mbps=80, **FAST) as avs:
+            assert not calls  # nothing is paced outside a round
+            run_round(avs)
+            exact = torch.stack(inputs).mean(0)
+            for av in avs:
+                torch.testing.assert_close(snapshot(av)[0], exact, rtol=0, atol=1e-6)
+    paced = {id(c): c for c, rate in calls if rate is not None}
+    # 80 Mbit/s is 10 MB/s; PACING_SHARE of it, shared by the connections to the 2 other members
+    assert {rate for _, rate in calls if rate is not None} == {10e6 * PACING_SHARE / 2}
+    # every peer paced its connections to both others: 3 x 2 connection ends, each lifted once the round ended
+    assert len(paced) == 6
+    assert sorted(str(c.remote_peer) for c in paced.values()) == sorted(2 * [str(d.peer_id) for d in dhts])
+    last = {id(c): rate for c, rate in calls}
+    assert all(last[key] is None for key in paced)
 
 
 def test_zero_weight_peer_contributes_nothing_but_receives_the_average():
@@ -931,6 +962,9 @@ def test_bad_prefix_is_a_config_error(one_dht, prefix):
         ({"compression": "nope"}, "compression = 'nope'"),
         ({"bandwidth": -1.0}, "bandwidth = -1.0"),
         ({"bandwidth": float("nan")}, "bandwidth = nan"),
+        ({"uplink_mbps": 0}, "uplink_mbps = 0 must be a positive number of Mbit/s"),
+        ({"uplink_mbps": float("inf")}, "uplink_mbps = inf"),
+        ({"uplink_mbps": "100"}, "uplink_mbps = '100'"),
     ],
 )
 def test_bad_settings_are_config_errors(one_dht, kwargs, fragment):

@@ -132,6 +132,7 @@ def test_data_dict_is_used_when_there_is_no_path():
         ("run = 3\n", "run must be a table ([run]), not 3"),
         ("[optimizer]\nlr = 0\n", "optimizer.lr = 0: must be > 0"),
         ("[network]\nport = 70000\n", "network.port = 70000: must be <= 65535"),
+        ("[averaging]\nuplink_mbps = 0\n", "averaging.uplink_mbps = 0: must be > 0"),
         ("[run\nprefix = 1\n", "not valid TOML: "),
     ],
 )

@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import socket
 import stat
 import struct
+import sys
 import tracemalloc
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
@@ -38,6 +40,7 @@ from hivecli.net.secure import (
     load_swarm_key,
     swarm_key_fingerprint,
 )
+from hivecli.net.tcp import _SO_MAX_PACING_RATE as SO_MAX_PACING_RATE
 from hivecli.net.transport import MemoryTransport
 
 DEADLINE = 10.0
@@ -255,6 +258,26 @@ def test_64_mib_payload_arrives_intact_through_read_into() -> None:
         assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
         client.close()
         server.close()
+
+    run(main)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="SO_MAX_PACING_RATE is Linux's")
+def test_an_encrypted_tcp_link_paces_its_socket_and_a_memory_one_cannot() -> None:
+    async def main() -> None:
+        client, _ = await secure_pair()
+        sock = client._inner._transport.get_extra_info("socket")  # type: ignore[attr-defined]
+        assert client.set_max_rate(4.7e6) is True
+        assert sock.getsockopt(socket.SOL_SOCKET, SO_MAX_PACING_RATE) == 4_700_000
+        assert client.set_max_rate(None) is True  # no limit again: the kernel's ~0
+        assert sock.getsockopt(socket.SOL_SOCKET, SO_MAX_PACING_RATE) in (-1, 2**32 - 1)
+        network = MemoryTransport.Network()
+        a, b = MemoryTransport(network), MemoryTransport(network)
+        listener = await a.listen("10.0.0.1", 1, lambda stream: asyncio.sleep(0))
+        memory = await b.dial("10.0.0.1", 1, DEADLINE)
+        _OPEN.append(memory)
+        assert memory.set_max_rate(1e6) is False
+        await listener.aclose()
 
     run(main)
 

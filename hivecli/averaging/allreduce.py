@@ -51,8 +51,8 @@ from hivecli.averaging.compression import Codec, tensor_bytes
 from hivecli.averaging.group import GroupInfo
 from hivecli.averaging.partition import Chunk, Layout, load_balance
 from hivecli.averaging.robust import aggregate, all_finite, cap_weights
-from hivecli.averaging.settings import AveragingSettings
-from hivecli.net.connection import EndOfStream, Stream
+from hivecli.averaging.settings import PACING_SHARE, AveragingSettings
+from hivecli.net.connection import Connection, EndOfStream, Stream
 from hivecli.net.host import Host
 from hivecli.net.identity import PeerID
 from hivecli.utils.loops import timeout as _timeout
@@ -185,6 +185,12 @@ class AllReduceRunner:
         self.audit = ReducerAudit(
             self.index, weight, len(group.members), self.flat, self.spans, self.my_chunks, codec, settings, pool
         )
+        # we send on one connection per other member (parts, averages or both): each gets its
+        # share of the uplink, if the user told us its rate (AveragingSettings.uplink_mbps)
+        others = len(group.members) - 1
+        uplink = settings.uplink_mbps
+        self._pace_rate = uplink * 1e6 / 8 * PACING_SHARE / others if uplink and others else None
+        self._paced: dict[int, Connection] = {}  # id -> connection we paced, unpaced when the round ends
 
     def _piece(self, chunk: Chunk) -> torch.Tensor:
         return self.flat[chunk.tensor][chunk.offset_in_tensor : chunk.offset_in_tensor + chunk.numel]
@@ -209,6 +215,15 @@ class AllReduceRunner:
                 self.group.members[index].peer_id,
                 reason,
             )
+
+    def _pace(self, connection: Connection) -> None:
+        """Pace our sends on `connection` to its share of the uplink for this round (uplink_mbps).
+        Its queue at the bottleneck is shared with one flow per member: unpaced, they overflow it
+        and the flows that lose packets fall behind the others."""
+        if self._pace_rate is None or id(connection) in self._paced:
+            return
+        if connection.set_max_rate(self._pace_rate):
+            self._paced[id(connection)] = connection
 
     def _offend(self, index: int, reason: str) -> None:
         self.offenders.setdefault(self.group.members[index].peer_id, reason)
@@ -238,6 +253,8 @@ class AllReduceRunner:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            for connection in self._paced.values():  # other traffic (a state download) is not ours to pace
+                connection.set_max_rate(None)
         others = len(self.group.members) - 1
         if others and len(self.failed_peers) == others:
             raise AllreduceError(
@@ -358,6 +375,7 @@ class AllReduceRunner:
             raise HiveError(f"weight {weight} must be a finite number >= 0")
         self._arrived.add(sender)
         self._weights[sender] = weight
+        self._pace(stream.connection)  # our averages go back on it
         received = _ChunkedBuffer(self.pool, ("recv", self._slot(sender)), self.my_chunks, self.codec)
         self._buffers[sender] = received
         channel: Channel | None = None
@@ -445,6 +463,7 @@ class AllReduceRunner:
         try:
             self.host.add_addrs(member.peer_id, member.multiaddrs())
             conn = await asyncio.wait_for(self.host.connect(member.peer_id), self.settings.request_timeout)
+            self._pace(conn)
             request = self._request(results.offsets[-1])
             stream = await conn.open_stream(self.part_method, request, b"")
             # the first chunks go before the reducer's "ready" (at most EAGER_BYTES: what it may

@@ -298,6 +298,11 @@ class Connection:
         slow peer on a busy machine."""
         return self.last_received <= moment
 
+    def set_max_rate(self, bytes_per_second: float | None) -> bool:
+        """Send at most `bytes_per_second` on this connection from now on (None: no limit), where
+        its transport can pace itself (ByteStream.set_max_rate); True if it can."""
+        return self._stream.set_max_rate(bytes_per_second)
+
     @property
     def busy(self) -> bool:
         """Whether a call, stream or handler is in progress on this connection; a host that

@@ -262,6 +262,9 @@ class SecureStream(ByteStream):
         """Sealed bytes queued for sending (each record is 20 bytes more than its plaintext)."""
         return self._inner.write_buffer_size()
 
+    def set_max_rate(self, bytes_per_second: float | None) -> bool:
+        return self._inner.set_max_rate(bytes_per_second)
+
     def close(self) -> None:
         self._inner.close()
 

@@ -13,6 +13,7 @@ import asyncio
 import errno
 import os
 import socket
+import sys
 from collections.abc import Callable
 
 from hivecli._exceptions import PeerUnreachableError, ResourceExhaustedError
@@ -38,6 +39,8 @@ _NOTSENT_LOWAT = 128 * 1024
 # mark (the peer is not keeping up, and the connection is going away anyway), and gives up on
 # what is left below it after a grace period.
 _CLOSE_FLUSH_SECONDS = 5.0
+# Linux's SO_MAX_PACING_RATE (Python's socket module names it only from 3.13 on, and not everywhere)
+_SO_MAX_PACING_RATE = getattr(socket, "SO_MAX_PACING_RATE", 47)
 
 
 class _TCPStream(asyncio.BufferedProtocol, ByteStream):
@@ -198,6 +201,19 @@ class _TCPStream(asyncio.BufferedProtocol, ByteStream):
 
     def is_closing(self) -> bool:
         return self._transport is None or self._transport.is_closing()
+
+    def set_max_rate(self, bytes_per_second: float | None) -> bool:
+        transport = self._transport
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        if sock is None or sys.platform != "linux":
+            return False
+        # the kernel reads an unsigned 32-bit rate (bytes/s) where ~0 means no limit
+        rate = -1 if bytes_per_second is None else max(1, min(int(bytes_per_second), 2**31 - 1))
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, _SO_MAX_PACING_RATE, rate)
+        except OSError:
+            return False
+        return True
 
     def detach(self) -> socket.socket | None:
         transport = self._transport

@@ -55,6 +55,12 @@ class ByteStream(ABC):
     @abstractmethod
     def is_closing(self) -> bool: ...
 
+    def set_max_rate(self, bytes_per_second: float | None) -> bool:
+        """Send at most `bytes_per_second` from now on (None: as fast as the network takes);
+        True if the stream can pace itself (TCP, where the kernel allows it: SO_MAX_PACING_RATE).
+        Streams with nothing to pace (in memory, relayed circuits) ignore it."""
+        return False
+
     def detach(self) -> socket.socket | None:
         """Take the stream out of the event loop: its socket, in blocking mode, for use on other
         threads (the stream is closed without closing the socket), or None where there is no

@@ -100,6 +100,7 @@ def run(args: argparse.Namespace, stop: threading.Event) -> None:
             allreduce_timeout=args.averaging_timeout,
             bulk_links=args.bulk_links,
             verify_reducers=not args.no_audit,
+            uplink_mbps=args.uplink_mbps,
             start=True,
         )
         name = str(dht.peer_id)
@@ -183,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bulk-links", choices=["state", "all", "none"], default="state")
     parser.add_argument("--matchmaking-time", type=float, default=5.0, help="min_matchmaking_time, seconds")
     parser.add_argument("--no-audit", action="store_true", help="verify_reducers = False (what the audit costs)")
+    parser.add_argument("--uplink-mbps", type=float, default=None, help="AveragingSettings.uplink_mbps (pacing)")
     parser.add_argument("--averaging-timeout", type=float, default=60.0, help="seconds to find a group; and to average")
     parser.add_argument("--client-mode", action="store_true", help="never accept connections (DHT and averager)")
     parser.add_argument(
