@@ -229,8 +229,8 @@ class AveragingSection(_Section):
         None,
         gt=0,
         description="This peer's upload rate in Mbit/s, if known: each round then paces its connections to their "
-        "share of it, so that they do not overflow the link's queue (4 peers on 100 Mbit/s: 0.90-0.93 of the link "
-        "rate against 0.83-0.86). Unset: TCP alone.",
+        "share of it, so that they do not overflow the link's queue (4 peers on 100 Mbit/s: 0.91-0.93 of the link "
+        "rate against 0.85-0.86). Unset: TCP alone.",
     )
 
     @model_validator(mode="after")

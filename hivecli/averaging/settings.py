@@ -67,9 +67,10 @@ class AveragingSettings:
             During a round, each connection to a member of the group then sends at most its
             share of PACING_SHARE of it (the kernel paces the socket), so that the bottleneck's
             queue, shared by one TCP flow per member, never overflows: on a shaped 100 Mbit/s
-            link, 4 peers dropped 56-168 packets per round without it, and the flows that
-            lost them fell behind; paced, none (0.83-0.86 of the link rate -> 0.90-0.93,
-            docs/benchmarks.md). Set too high, it changes nothing; too low, it caps averaging.
+            link, 4 peers dropped 90-204 packets per round without it, and the flows that
+            lost them fell behind; paced, none (0.85-0.86 of the link rate -> 0.91-0.93, and
+            0.80-0.82 -> 0.86-0.90 with 50 ms RTT: docs/benchmarks.md). Set too high, it
+            changes nothing; too low, it caps averaging.
             Bulk links (`bulk_links = "all"`) are not paced.
     """
 
@@ -170,7 +171,8 @@ class AveragingSettings:
 AGGREGATIONS = ("mean", "trimmed_mean", "centered_clip")
 # The share of `uplink_mbps` a round's connections may use together: what is left carries the
 # TCP/IP headers the pacing does not count (about 2%) and our acknowledgements of what the group
-# sends us (about 2%). 0.94 dropped no packet on a 100 Mbit/s tbf link with 2 and 4 peers.
+# sends us (about 2% on a symmetric link; more where the downlink is much faster). 0.94 dropped
+# no packet on a 100 Mbit/s tbf link with 2 and 4 peers.
 PACING_SHARE = 0.94
 BULK_LINKS = ("state", "all", "none")
 MAX_AUDIT_POSITIONS = 1024  # an audit reply (positions x members x 2 numbers) stays well under a 4 MiB header
