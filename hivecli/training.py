@@ -42,7 +42,7 @@ from hivecli.guard import DivergenceGuard
 from hivecli.optim import DecentralizedOptimizer, DiLoCoOptimizer, Optimizer
 from hivecli.optim.training_averager import all_finite
 from hivecli.progress import Curve, ProgressReporter, RunCounter, is_live, merge_records, others_records, plausible_step
-from hivecli.recipe import Recipe
+from hivecli.recipe import AveragingSection, Recipe
 from hivecli.registry import build_model, load_dataset
 from hivecli.runcard import RunCard
 from hivecli.runs import new_card, publish_run
@@ -70,12 +70,20 @@ def build_model_and_optimizer(recipe: Recipe, input_shape: tuple[int, ...], num_
     return model, build_optimizer(recipe, model)
 
 
+def _group_settings(a: AveragingSection) -> dict[str, Any]:
+    """The averager settings every averaging mode takes from the recipe as they are."""
+    return {
+        "target_group_size": a.target_group_size, "min_group_size": a.min_group_size,
+        "request_timeout": a.request_timeout, "aggregation": a.aggregation, "trim_fraction": a.trim_fraction,
+        "max_weight_ratio": a.max_weight_ratio, "uplink_mbps": a.uplink_mbps,
+    }  # fmt: skip
+
+
 def averager_kwargs(recipe: Recipe) -> dict[str, Any]:
     a = recipe.averaging
     return {
         "prefix": recipe.run.prefix,
-        "target_group_size": a.target_group_size,
-        "min_group_size": a.min_group_size,
+        **_group_settings(a),
         "average_parameters": a.average_parameters,
         "average_gradients": a.average_gradients,
         "average_opt_statistics": tuple(a.average_opt_statistics),
@@ -83,13 +91,8 @@ def averager_kwargs(recipe: Recipe) -> dict[str, Any]:
         "averaging_time_period": a.every_seconds,
         "compression": a.compression,
         "min_matchmaking_time": a.min_matchmaking_time,
-        "request_timeout": a.request_timeout,
         "allreduce_timeout": a.allreduce_timeout,
         "timeout": a.round_timeout,
-        "aggregation": a.aggregation,
-        "trim_fraction": a.trim_fraction,
-        "max_weight_ratio": a.max_weight_ratio,
-        "uplink_mbps": a.uplink_mbps,
     }
 
 
@@ -101,11 +104,7 @@ def build_run_optimizer(
     if a.mode == "parameters":
         kwargs = {**averager_kwargs(recipe), "prefix": prefix}
         return DecentralizedOptimizer(base_opt, dht, extra_tensors=buffers, **kwargs)
-    opts = {
-        "target_group_size": a.target_group_size, "min_group_size": a.min_group_size,
-        "request_timeout": a.request_timeout, "aggregation": a.aggregation, "trim_fraction": a.trim_fraction,
-        "max_weight_ratio": a.max_weight_ratio, "uplink_mbps": a.uplink_mbps,
-    }  # fmt: skip
+    opts = _group_settings(a)
     common = {
         "dht": dht, "run_id": prefix, "matchmaking_time": a.min_matchmaking_time,
         "averaging_timeout": a.allreduce_timeout, "extra_tensors": buffers, "averager_opts": opts,

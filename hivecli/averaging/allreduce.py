@@ -190,7 +190,7 @@ class AllReduceRunner:
         others = len(group.members) - 1
         uplink = settings.uplink_mbps
         self._pace_rate = uplink * 1e6 / 8 * PACING_SHARE / others if uplink and others else None
-        self._paced: dict[int, Connection] = {}  # id -> connection we paced, unpaced when the round ends
+        self._paced: set[Connection] = set()  # the connections we paced, unpaced when the round ends
 
     def _piece(self, chunk: Chunk) -> torch.Tensor:
         return self.flat[chunk.tensor][chunk.offset_in_tensor : chunk.offset_in_tensor + chunk.numel]
@@ -220,10 +220,10 @@ class AllReduceRunner:
         """Pace our sends on `connection` to its share of the uplink for this round (uplink_mbps).
         Its queue at the bottleneck is shared with one flow per member: unpaced, they overflow it
         and the flows that lose packets fall behind the others."""
-        if self._pace_rate is None or id(connection) in self._paced:
+        if self._pace_rate is None or connection in self._paced:
             return
         if connection.set_max_rate(self._pace_rate):
-            self._paced[id(connection)] = connection
+            self._paced.add(connection)
 
     def _offend(self, index: int, reason: str) -> None:
         self.offenders.setdefault(self.group.members[index].peer_id, reason)
@@ -253,7 +253,7 @@ class AllReduceRunner:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            for connection in self._paced.values():  # other traffic (a state download) is not ours to pace
+            for connection in self._paced:  # other traffic (a state download) is not ours to pace
                 connection.set_max_rate(None)
         others = len(self.group.members) - 1
         if others and len(self.failed_peers) == others:

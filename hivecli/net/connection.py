@@ -302,7 +302,7 @@ class Connection:
         """Send at most `bytes_per_second` on this connection from now on (None: no limit), where
         its transport can pace itself (ByteStream.set_max_rate); True if it can. Never raises:
         a connection that closed meanwhile has nothing left to pace."""
-        return not self.is_closed and self._stream.set_max_rate(bytes_per_second)
+        return self._stream.set_max_rate(bytes_per_second)
 
     @property
     def busy(self) -> bool:

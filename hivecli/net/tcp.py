@@ -207,11 +207,13 @@ class _TCPStream(asyncio.BufferedProtocol, ByteStream):
         if transport is None or transport.is_closing() or sys.platform != "linux":
             return False
         sock = transport.get_extra_info("socket")
+        if sock is None:
+            return False
         # the kernel reads an unsigned 32-bit rate (bytes/s) where ~0 means no limit
         rate = -1 if bytes_per_second is None else max(1, min(int(bytes_per_second), 2**31 - 1))
         try:
             sock.setsockopt(socket.SOL_SOCKET, _SO_MAX_PACING_RATE, rate)
-        except (OSError, ValueError, AttributeError):  # closed under us (uvloop: "negative file descriptor")
+        except (OSError, ValueError):  # closed under us (uvloop's socket: "negative file descriptor")
             return False
         return True
 
