@@ -241,8 +241,7 @@ def run_averaging(
             swarm.start(nodes, args)
             budget = (rounds + 1) * (timeout + 10)
             swarm.wait(lambda: all(p.stopped() for p in swarm.peers), budget, f"{rounds + 1} rounds")
-            sent = [_sent_bytes(node) for node in nodes]
-            drops = [_drops(node) for node in nodes]
+            counters = [_tc_counters(node) for node in nodes]
         finally:
             for sampler in samplers:
                 lab.stop(sampler)
@@ -276,13 +275,13 @@ def run_averaging(
         "allreduce": statistics.median(allreduces),
         "ratio": moved * 8 / step / (rate * 1e6),
         "mb": moved / 1e6,
-        "tc_mb": statistics.mean(sent) / (rounds + 1) / 1e6,
+        "tc_mb": statistics.mean(sent for sent, _, _ in counters) / (rounds + 1) / 1e6,
         "exact": f"{exact}/{len(steps)}",
         "failed": failed,
         "errors": sorted(errors),
         # packets the links' tbf dropped per round (warm-up and DHT traffic included), mean over the peers
-        "drops_up": statistics.mean(up for up, _ in drops) / (rounds + 1),
-        "drops_down": statistics.mean(down for _, down in drops) / (rounds + 1),
+        "drops_up": statistics.mean(up for _, up, _ in counters) / (rounds + 1),
+        "drops_down": statistics.mean(down for _, _, down in counters) / (rounds + 1),
         "split": {k: statistics.median(s[k] for s in splits) for k in splits[0]} if splits else None,
     }
 
@@ -291,21 +290,13 @@ def _sysctl(node: Node, path: str, value: str) -> None:
     node.run([sys.executable, "-c", f"open({path!r}, 'w').write({value!r})"])
 
 
-def _sent_bytes(node: Node) -> int:
-    """Bytes the tbf on `node`'s uplink has sent (everything it put on the wire).
+def _tc_counters(node: Node) -> tuple[int, int, int]:
+    """What the tbf of `node`'s link counted so far: (bytes its uplink sent, everything it put on
+    the wire; packets its uplink dropped; packets its downlink dropped).
 
     Raises:
-        RuntimeError: tc printed no counter.
+        RuntimeError: tc printed no byte counter.
     """
-    out = node.run(["tc", "-s", "qdisc", "show", "dev", node.link]).stdout
-    match = re.search(r"Sent (\d+) bytes", out)
-    if match is None:
-        raise RuntimeError(f"no byte counter in `tc -s qdisc show dev {node.link}`: {out!r}")
-    return int(match.group(1))
-
-
-def _drops(node: Node) -> tuple[int, int]:
-    """Packets the tbf of `node`'s link dropped so far: (its uplink, its downlink)."""
     up = node.run(["tc", "-s", "qdisc", "show", "dev", node.link], timeout=30).stdout
     down = subprocess.run(
         ["tc", "-n", node.peer_ns, "-s", "qdisc", "show", "dev", node.peer_link],
@@ -313,8 +304,11 @@ def _drops(node: Node) -> tuple[int, int]:
         text=True,
         timeout=30,
     ).stdout
-    counts = [re.search(r"dropped (\d+)", out) for out in (up, down)]
-    return (int(counts[0].group(1)) if counts[0] else 0, int(counts[1].group(1)) if counts[1] else 0)
+    sent = re.search(r"Sent (\d+) bytes", up)
+    if sent is None:
+        raise RuntimeError(f"no byte counter in `tc -s qdisc show dev {node.link}`: {up!r}")
+    up_drops, down_drops = (int(m.group(1)) if (m := re.search(r"dropped (\d+)", out)) else 0 for out in (up, down))
+    return int(sent.group(1)), up_drops, down_drops
 
 
 # ---- partition -----------------------------------------------------------------------------------
