@@ -367,6 +367,49 @@ def test_a_full_group_begins_without_waiting_for_the_leaders_own_lookup(monkeypa
             assert torch.equal(snapshot(av)[0], torch.full((8,), 1.0))
 
 
+def test_lockstep_rounds_ask_the_last_leader_at_once_and_need_no_lookup(monkeypatch):
+    """In a swarm the size of a group, a follower asks its last leader alongside the DHT lookup:
+    with every lookup of the second round hanging, the group must still form, led by the same
+    peer, and average exactly."""
+    from hivecli.averaging import matchmaking
+
+    fetch = matchmaking._Search.fetch_candidates
+    hang = threading.Event()
+    hung: set[object] = set()
+
+    async def hanging_in_round_two(self):
+        if hang.is_set():
+            hung.add(self.mm.peer_id)
+            await asyncio.sleep(60)
+        return await fetch(self)
+
+    monkeypatch.setattr(matchmaking._Search, "fetch_candidates", hanging_in_round_two)
+    with (
+        local_swarm(3, **DHT_FAST) as dhts,
+        averagers(
+            dhts, [[torch.full((8,), float(i))] for i in range(3)], prefix="lockstep", target_group_size=3, **FAST
+        ) as avs,
+    ):
+        run_round(avs)
+        leaders = [av for av in avs if av._matchmaker._last.joined is None]
+        assert len(leaders) == 1
+        leader = leaders[0]
+        guesses = {av.peer_id: getattr(av._matchmaker.likely_leader(), "peer_id", None) for av in avs}
+        assert guesses == {av.peer_id: None if av is leader else leader.peer_id for av in avs}
+        assert leader._matchmaker.head_start() == pytest.approx(matchmaking.HEAD_START * FAST["min_matchmaking_time"])
+
+        hang.set()
+        first = leader.step(wait=False, timeout=30)
+        wait_for(lambda: leader._matchmaker._search is not None, 10, "the leader to look for a group")
+        others = [av.step(wait=False, timeout=30) for av in avs if av is not leader]
+        for control in [first, *others]:
+            assert len(control.result(timeout=20)) == 3
+        assert hung == {av.peer_id for av in avs}  # every lookup hung: the group formed without them
+        assert leader._matchmaker._last.joined is None  # it led again
+        for av in avs:
+            assert torch.equal(snapshot(av)[0], torch.full((8,), 1.0))
+
+
 def test_declarations_are_withdrawn_once_the_group_formed():
     """Otherwise the next round's first lookup, run while the new declarations are being stored,
     finds them still live and asks those peers first: a round trip lost per peer on a WAN."""
