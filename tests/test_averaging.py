@@ -410,6 +410,28 @@ def test_lockstep_rounds_ask_the_last_leader_at_once_and_need_no_lookup(monkeypa
             assert torch.equal(snapshot(av)[0], torch.full((8,), 1.0))
 
 
+def test_a_guessed_leaders_claimed_expiration_is_checked_and_bounded_by_ours():
+    """A leader asked before any lookup says its expiration in ACCEPTED, which we wait on and
+    pass to our own followers: it must be a finite number, and at most ours (only a peer before
+    us may take us). Without it (older peers), ours bounds it."""
+    from types import SimpleNamespace
+
+    from hivecli.averaging import matchmaking
+    from hivecli.averaging.settings import AveragingSettings
+    from hivecli.net.identity import Identity
+
+    async def check():
+        mm = SimpleNamespace(settings=AveragingSettings(), node=SimpleNamespace(rejoins=0))
+        me = Member(Identity.generate().peer_id, (), False, None)
+        search = matchmaking._Search(mm, me, asyncio.get_running_loop().time() + 30, "key")
+        search.expiration = 100.0
+        claims = [{"expiration": 50.0}, {"expiration": 1e12}, {"expiration": float("nan")}]
+        claims += [{"expiration": True}, {"expiration": "50"}, {}]
+        return [search.accepted_expiration(claim) for claim in claims]
+
+    assert asyncio.run(check()) == [50.0, 100.0, 100.0, 100.0, 100.0, 100.0]
+
+
 def test_declarations_are_withdrawn_once_the_group_formed():
     """Otherwise the next round's first lookup, run while the new declarations are being stored,
     finds them still live and asks those peers first: a round trip lost per peer on a WAN."""

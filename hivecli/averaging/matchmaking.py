@@ -402,14 +402,16 @@ class _Search:
                     stream.connection.close(f"no reply to a join request within {self.settings.request_timeout:g} s")
 
     def accepted_expiration(self, reply: dict[str, Any]) -> float:
-        """The expiration a leader that took us declared, as its ACCEPTED says; else a bound on it
-        (it is before us, so it declared before ours; a client waits up to its deadline)."""
+        """The expiration a leader that took us declared, as its ACCEPTED says, at most ours (only
+        a peer before us may take us); ours without it (peers of step 9 and earlier). A client,
+        which declares nothing, bounds it by its deadline."""
+        bound = self.expiration
+        if not math.isfinite(bound):
+            bound = get_dht_time() + max(0.0, self.deadline - self.loop.time())
         declared = reply.get("expiration")
         if isinstance(declared, (int, float)) and not isinstance(declared, bool) and math.isfinite(declared):
-            return float(declared)
-        if math.isfinite(self.expiration):
-            return self.expiration
-        return get_dht_time() + max(0.0, self.deadline - self.loop.time())
+            return min(float(declared), bound)
+        return bound
 
     async def follow_suggestion(self, suggestion: Any) -> GroupInfo | None:
         try:
