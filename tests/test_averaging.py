@@ -409,6 +409,19 @@ def test_lockstep_rounds_ask_the_last_leader_at_once_and_need_no_lookup(monkeypa
         for av in avs:
             assert torch.equal(snapshot(av)[0], torch.full((8,), 1.0))
 
+        # The followers start first, and ask until the leader looks (its head start keeps it first).
+        others = [av.step(wait=False, timeout=30) for av in avs if av is not leader]
+
+        def refused_as_not_looking():
+            searches = [av._matchmaker._search for av in avs if av is not leader]
+            return all(search is not None and search.refusal == matchmaking.NOT_LOOKING for search in searches)
+
+        wait_for(refused_as_not_looking, 10, "the followers' first requests, before the leader looks")
+        first = leader.step(wait=False, timeout=30)
+        for control in [first, *others]:
+            assert len(control.result(timeout=20)) == 3
+        assert leader._matchmaker._last.joined is None
+
 
 def test_a_guessed_leaders_claimed_expiration_is_checked_and_bounded_by_ours():
     """A leader asked before any lookup says its expiration in ACCEPTED, which we wait on and

@@ -16,8 +16,9 @@ code.
 Lockstep rounds: when our last group held every peer we saw looking (a swarm the size of a
 group), the next round asks its leader at once, alongside the DHT lookup, which saves that
 lookup's round trip; that leader declares a little earlier than the others (`HEAD_START`), so it
-stays first when everyone starts at about the same time. In a swarm larger than a group, nobody
-does either: joining the same leader every round would keep apart groups that should mix.
+stays first when everyone starts at about the same time, and a follower that starts before it
+asks again until it looks (within that margin). In a swarm larger than a group, nobody does
+either: joining the same leader every round would keep apart groups that should mix.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ NOT_LOOKING, NOT_A_LEADER, GROUP_IS_FULL = "not_looking", "not_a_leader", "group
 BAD_GROUP_KEY, BAD_SCHEMA_HASH, BAD_REQUEST = "bad_group_key", "bad_schema_hash", "bad_request"
 
 _FIRST_POLL_DELAY, _MAX_POLL_DELAY = 0.002, 0.25
+_MAX_GUESS_DELAY = 0.02  # between requests to a likely leader that is not looking yet
 
 # The leader of a lockstep round declares this share of min_matchmaking_time earlier than the
 # others (it waits that much less for an incomplete group), so that it leads the next round too
@@ -158,7 +160,10 @@ class Matchmaker:
     def head_start(self) -> float:
         """Seconds to declare early: the leader of the last lockstep round keeps its lead."""
         led = self._last is not None and self._last.joined is None and self.lockstep()
-        return HEAD_START * self.settings.min_matchmaking_time if led else 0.0
+        return self.head_start_margin() if led else 0.0
+
+    def head_start_margin(self) -> float:
+        return HEAD_START * self.settings.min_matchmaking_time
 
     def _spawn(self, work: Any) -> None:
         task = asyncio.ensure_future(work)
@@ -210,6 +215,7 @@ class _Search:
         self.seen: set[PeerID] = set()  # every other peer we saw looking: declared, or asking us
         self.joined: Candidate | None = None  # the leader whose group we averaged in
         self.group_ids: frozenset[PeerID] = frozenset()  # the group's members, once it formed
+        self.refusal: str | None = None  # why the last peer we asked did not take us
 
     @property
     def order(self) -> tuple[float, PeerID]:
@@ -232,18 +238,35 @@ class _Search:
             if guess is not None:
                 # Lockstep: ask the last round's leader while the lookup runs, not after it.
                 lookup = asyncio.ensure_future(self.fetch_unless_full())
-                group = await self.try_join(guess)
+                group = await self.join_likely_leader(guess)
                 if group is not None:
                     # The lookup still tells the next round whether others are looking (`seen`).
                     lookup.add_done_callback(lambda done: done.cancelled() or done.exception())
                     self.mm._spawn(lookup)
+                    lookup = None
                     return group
             return await self._look(poll_delay, declaring, lookup)
         finally:
             for pending in (declaring, lookup):
-                if pending is not None and not pending.done() and pending not in self.mm._background:
+                if pending is not None and not pending.done():
                     pending.cancel()
                     await asyncio.gather(pending, return_exceptions=True)
+
+    async def join_likely_leader(self, guess: Candidate) -> GroupInfo | None:
+        """Ask the last round's leader to take us. While it is not looking yet, ask again, for as
+        long as its head start keeps it before us (it may start up to that much after us); and
+        stop once a peer asked to join us instead (so we lead, or it points us on)."""
+        until = self.loop.time() + self.mm.head_start_margin()
+        delay = _FIRST_POLL_DELAY
+        while True:
+            group = await self.try_join(guess)
+            if group is not None or self.refusal != NOT_LOOKING or self.loop.time() + delay > until:
+                return group
+            self.changed.clear()
+            await wait_event(self.changed, delay)
+            if self.followers:
+                return None
+            delay = min(2 * delay, _MAX_GUESS_DELAY)
 
     async def _look(
         self,
@@ -382,6 +405,7 @@ class _Search:
             if code == NOT_A_LEADER and reply.get("leader"):
                 await stream.cancel()
                 return await self.follow_suggestion(reply["leader"])
+            self.refusal = None if code == ACCEPTED else code
             if code != ACCEPTED:
                 logger.debug("Peer %s did not take us: %s", candidate.peer_id, code)
                 return None
