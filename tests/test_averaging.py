@@ -335,22 +335,30 @@ def test_client_mode_peer_sends_but_reduces_nothing(client_dht):
                     av.shutdown()
 
 
-def test_a_full_group_begins_without_waiting_for_the_leaders_own_lookup(monkeypatch):
-    """The leader's DHT lookups after its first one hang; the others join it meanwhile, and it
-    must begin the round as soon as its group is full, not when the lookup returns."""
+def hang_lookups(monkeypatch, hangs):
+    """Every peer's DHT lookup for candidates counts itself, then hangs (until cancelled) where
+    `hangs(peer id, lookups it made so far)` is true. Returns {peer id: lookups made}."""
     from hivecli.averaging import matchmaking
 
     fetch = matchmaking._Search.fetch_candidates
     lookups: dict[object, int] = {}
-    leader = None
 
-    async def hanging_for_the_leader(self):
-        lookups[self.mm.peer_id] = lookups.get(self.mm.peer_id, 0) + 1
-        if self.mm.peer_id == leader and lookups[self.mm.peer_id] > 1:
+    async def counted(self):
+        peer = self.mm.peer_id
+        lookups[peer] = lookups.get(peer, 0) + 1
+        if hangs(peer, lookups[peer]):
             await asyncio.sleep(60)
         return await fetch(self)
 
-    monkeypatch.setattr(matchmaking._Search, "fetch_candidates", hanging_for_the_leader)
+    monkeypatch.setattr(matchmaking._Search, "fetch_candidates", counted)
+    return lookups
+
+
+def test_a_full_group_begins_without_waiting_for_the_leaders_own_lookup(monkeypatch):
+    """The leader's DHT lookups after its first one hang; the others join it meanwhile, and it
+    must begin the round as soon as its group is full, not when the lookup returns."""
+    leader = None
+    lookups = hang_lookups(monkeypatch, lambda peer, made: peer == leader and made > 1)
     with (
         local_swarm(3, **DHT_FAST) as dhts,
         averagers(
@@ -373,17 +381,8 @@ def test_lockstep_rounds_ask_the_last_leader_at_once_and_need_no_lookup(monkeypa
     peer, and average exactly."""
     from hivecli.averaging import matchmaking
 
-    fetch = matchmaking._Search.fetch_candidates
     hang = threading.Event()
-    hung: set[object] = set()
-
-    async def hanging_in_round_two(self):
-        if hang.is_set():
-            hung.add(self.mm.peer_id)
-            await asyncio.sleep(60)
-        return await fetch(self)
-
-    monkeypatch.setattr(matchmaking._Search, "fetch_candidates", hanging_in_round_two)
+    lookups = hang_lookups(monkeypatch, lambda peer, made: hang.is_set())
     with (
         local_swarm(3, **DHT_FAST) as dhts,
         averagers(
@@ -399,12 +398,13 @@ def test_lockstep_rounds_ask_the_last_leader_at_once_and_need_no_lookup(monkeypa
         assert leader._matchmaker.head_start() == pytest.approx(matchmaking.HEAD_START * FAST["min_matchmaking_time"])
 
         hang.set()
+        made = {av.peer_id: lookups.get(av.peer_id, 0) for av in avs}
         first = leader.step(wait=False, timeout=30)
         wait_for(lambda: leader._matchmaker._search is not None, 10, "the leader to look for a group")
         others = [av.step(wait=False, timeout=30) for av in avs if av is not leader]
         for control in [first, *others]:
             assert len(control.result(timeout=20)) == 3
-        assert hung == {av.peer_id for av in avs}  # every lookup hung: the group formed without them
+        assert all(lookups[peer] > made[peer] for peer in made)  # each looked up, and hung: no lookup formed it
         assert leader._matchmaker._last.joined is None  # it led again
         for av in avs:
             assert torch.equal(snapshot(av)[0], torch.full((8,), 1.0))

@@ -393,6 +393,7 @@ class _Search:
             "schema_hash": self.mm.schema_hash,
         }
         stream: Stream | None = None
+        self.refusal = None
         unanswered = False  # the request went out, and no reply came in time
         asked = asyncio.get_running_loop().time()
         try:
@@ -402,10 +403,10 @@ class _Search:
                 stream = await conn.open_stream(method_name(JOIN_METHOD, self.mm.prefix), request)
                 reply = (await stream.recv()).payload
             code = reply.get("code") if isinstance(reply, dict) else None
+            self.refusal = None if code == ACCEPTED else code
             if code == NOT_A_LEADER and reply.get("leader"):
                 await stream.cancel()
                 return await self.follow_suggestion(reply["leader"])
-            self.refusal = None if code == ACCEPTED else code
             if code != ACCEPTED:
                 logger.debug("Peer %s did not take us: %s", candidate.peer_id, code)
                 return None
