@@ -19,10 +19,12 @@ and the hand-over), check it bit for bit, and time a second load. Raw TCP
 loopback (one stream, 8 MiB sendall / recv_into) is measured in the same run as the ceiling.
 
 Encryption (`--encryption`, default `both`): links are encrypted by default (AES-256-GCM after
-an X25519 handshake, hivecli/net/secure.py). Every DHT the worker processes start gets
-`NetSettings(security=SecuritySettings(encrypt=...))`; with `both`, each averaging configuration
-and the state download are measured with encryption on and with it off (in alternating order,
-against the same gloo and raw TCP references), and two more tables give the on/off ratios.
+an X25519 handshake, hivecli/net/secure.py), except between two processes on one host, as all
+of these are. Every DHT the worker processes start gets `NetSettings(security=...)` for its
+mode: `on` (the defaults: these same-host links unsealed), `sealed` (`encrypt_same_host=True`:
+sealed as links between hosts are), `off` (`encrypt=False`). `both` measures `sealed` and
+`on`, `all` every mode, each averaging configuration and the state download in alternating
+order against the same gloo and raw TCP references; two more tables compare the first two.
 A run that fails in one mode is reported in its row ("FAILED: ...") and the others go on.
 
 Peak memory per peer is the peak RSS of each averaging process (includes the torch import)
@@ -54,7 +56,9 @@ from typing import Any
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 SIZES = {"1M": 1_000_000, "10M": 10_000_000, "50M": 50_000_000}
-MODES = {"on": True, "off": False}  # --encryption: SecuritySettings.encrypt
+# --encryption: the SecuritySettings fields of each mode
+MODES: dict[str, dict[str, bool]] = {"on": {}, "sealed": {"encrypt_same_host": True}, "off": {"encrypt": False}}
+GROUPS = {"both": ["sealed", "on"], "all": ["sealed", "on", "off"]}
 MAX_ERROR = 1e-5  # an averaged tensor further than this from the exact mean is a mismatch
 
 
@@ -74,23 +78,23 @@ def _uss_mib() -> float:
     return psutil.Process().memory_full_info().uss / 2**20
 
 
-def _net_settings(encrypt: bool) -> Any:
+def _net_settings(encryption: str) -> Any:
     from hivecli.net.connection import NetSettings
     from hivecli.net.secure import SecuritySettings
 
-    return NetSettings(security=SecuritySettings(encrypt=encrypt))
+    return NetSettings(security=SecuritySettings(**MODES[encryption]))
 
 
-def _join_swarm(rank: int, world: int, addr_q: Any, encrypt: bool) -> Any:
-    """As benchmarks/_swarm.py's join_swarm, with every DHT's links set to `encrypt`."""
+def _join_swarm(rank: int, world: int, addr_q: Any, encryption: str) -> Any:
+    """As benchmarks/_swarm.py's join_swarm, with every DHT's links in mode `encryption`."""
     from hivecli import DHT
 
     if rank == 0:
-        dht = DHT(start=True, net_settings=_net_settings(encrypt))
+        dht = DHT(start=True, net_settings=_net_settings(encryption))
         for _ in range(world - 1):
             addr_q.put([str(a) for a in dht.get_visible_maddrs()])
         return dht
-    return DHT(initial_peers=addr_q.get(timeout=60), start=True, net_settings=_net_settings(encrypt))
+    return DHT(initial_peers=addr_q.get(timeout=60), start=True, net_settings=_net_settings(encryption))
 
 
 def _error(where: str) -> tuple[str, str, str]:
@@ -172,14 +176,14 @@ def _avg_worker(
     numel: int,
     rounds: int,
     chunk_mib: int,
-    encrypt: bool,
+    encryption: str,
     addr_q: Any,
     barrier: Any,
     out: Any,
     options: dict[str, Any],
 ) -> None:
     try:
-        _avg_worker_body(rank, world, numel, rounds, chunk_mib, encrypt, addr_q, barrier, out, options)
+        _avg_worker_body(rank, world, numel, rounds, chunk_mib, encryption, addr_q, barrier, out, options)
     except BaseException:
         out.put(_error(f"peer {rank}"))
         barrier.abort()  # the other peers stop waiting for this one
@@ -192,7 +196,7 @@ def _avg_worker_body(
     numel: int,
     rounds: int,
     chunk_mib: int,
-    encrypt: bool,
+    encryption: str,
     addr_q: Any,
     barrier: Any,
     out: Any,
@@ -213,7 +217,7 @@ def _avg_worker_body(
     torch.manual_seed(rank)
     tensor = torch.randn(numel)
     mean = sum(_seeded(r, numel) for r in range(world)) / world
-    dht = _join_swarm(rank, world, addr_q, encrypt)
+    dht = _join_swarm(rank, world, addr_q, encryption)
     averager = DecentralizedAverager(
         [tensor],
         dht,
@@ -254,14 +258,20 @@ def _seeded(rank: int, numel: int) -> Any:
 
 
 def run_ours(
-    world: int, numel: int, rounds: int, chunk_mib: int = 8, encrypt: bool = True, options: dict[str, Any] | None = None
+    world: int,
+    numel: int,
+    rounds: int,
+    chunk_mib: int = 8,
+    encryption: str = "on",
+    options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One averaging configuration; `options`: more DecentralizedAverager arguments."""
     ctx = mp.get_context("spawn")
     out, addr_q, barrier = ctx.Queue(), ctx.Queue(), ctx.Barrier(world)
     procs = [
         ctx.Process(
-            target=_avg_worker, args=(r, world, numel, rounds, chunk_mib, encrypt, addr_q, barrier, out, options or {})
+            target=_avg_worker,
+            args=(r, world, numel, rounds, chunk_mib, encryption, addr_q, barrier, out, options or {}),
         )
         for r in range(world)
     ]
@@ -302,14 +312,14 @@ def run_ours(
 # ---- state download --------------------------------------------------------------------------
 
 
-def _donor(numel: int, encrypt: bool, addr_q: Any, stop: Any) -> None:
+def _donor(numel: int, encryption: str, addr_q: Any, stop: Any) -> None:
     import torch
 
     from hivecli import DHT
     from hivecli.averaging import DecentralizedAverager
 
     torch.manual_seed(1234)
-    dht = DHT(start=True, net_settings=_net_settings(encrypt))
+    dht = DHT(start=True, net_settings=_net_settings(encryption))
     averager = DecentralizedAverager([torch.randn(numel)], dht, prefix="bench-state", start=True)
     addr_q.put([str(a) for a in dht.get_visible_maddrs()])
     stop.wait(timeout=600)
@@ -317,15 +327,15 @@ def _donor(numel: int, encrypt: bool, addr_q: Any, stop: Any) -> None:
     dht.shutdown()
 
 
-def _newcomer(numel: int, encrypt: bool, addrs: list[str], out: Any, bulk: str) -> None:
+def _newcomer(numel: int, encryption: str, addrs: list[str], out: Any, bulk: str) -> None:
     try:
-        _newcomer_body(numel, encrypt, addrs, out, bulk)
+        _newcomer_body(numel, encryption, addrs, out, bulk)
     except BaseException:
         out.put(_error("newcomer"))
         raise
 
 
-def _newcomer_body(numel: int, encrypt: bool, addrs: list[str], out: Any, bulk: str) -> None:
+def _newcomer_body(numel: int, encryption: str, addrs: list[str], out: Any, bulk: str) -> None:
     import torch
 
     from hivecli import DHT
@@ -334,7 +344,7 @@ def _newcomer_body(numel: int, encrypt: bool, addrs: list[str], out: Any, bulk: 
     expected = _seeded(1234, numel)
     model = torch.zeros(numel)  # the newcomer's own model: it exists, and the state lands in it
     started = time.perf_counter()
-    dht = DHT(initial_peers=addrs, start=True, net_settings=_net_settings(encrypt))
+    dht = DHT(initial_peers=addrs, start=True, net_settings=_net_settings(encryption))
     averager = DecentralizedAverager(
         [model], dht, prefix="bench-state", allow_state_sharing=False, bulk_links=bulk, start=True
     )
@@ -352,16 +362,16 @@ def _newcomer_body(numel: int, encrypt: bool, addrs: list[str], out: Any, bulk: 
     dht.shutdown()
 
 
-def run_state(numel: int, trials: int, encrypt: bool = True, bulk: str = "state") -> dict[str, Any]:
+def run_state(numel: int, trials: int, encryption: str = "on", bulk: str = "state") -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     addr_q, out, stop = ctx.Queue(), ctx.Queue(), ctx.Event()
-    donor = ctx.Process(target=_donor, args=(numel, encrypt, addr_q, stop))
+    donor = ctx.Process(target=_donor, args=(numel, encryption, addr_q, stop))
     donor.start()
     try:
         addrs = addr_q.get(timeout=120)
         results = []
         for _ in range(trials):
-            proc = ctx.Process(target=_newcomer, args=(numel, encrypt, addrs, out, bulk))
+            proc = ctx.Process(target=_newcomer, args=(numel, encryption, addrs, out, bulk))
             proc.start()
             try:
                 results.extend(_collect(out, [proc], 1, timeout=300))
@@ -495,9 +505,10 @@ def main() -> None:
     parser.add_argument("--state-size", default="50M", choices=list(SIZES))
     parser.add_argument(
         "--encryption",
-        choices=["on", "off", "both"],
+        choices=[*MODES, *GROUPS],
         default="both",
-        help="links between hivecli peers: encrypted, plaintext, or each in turn (default)",
+        help="links between hivecli peers: the defaults (on), sealed on this host too, plaintext, "
+        "sealed and on in turn (both, the default), or all three",
     )
     parser.add_argument("--compression", default="none", help="the averagers' compression (none, fp16, auto, ...)")
     parser.add_argument("--no-audit", action="store_true", help="verify_reducers = False: what the reducer audit costs")
@@ -514,7 +525,8 @@ def main() -> None:
     )
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
-    modes = list(MODES) if args.encryption == "both" else [args.encryption]
+    modes = GROUPS.get(args.encryption, [args.encryption])
+    first, second = (modes + modes)[:2]  # what the comparison tables compare
     options: dict[str, Any] = {
         "compression": args.compression,
         "verify_reducers": not args.no_audit,
@@ -536,25 +548,25 @@ def main() -> None:
             # alternate which mode goes first, so that drift in the machine's load favours neither
             order = modes if len(rows) % 2 == 0 else modes[::-1]
             ours = {
-                mode: _attempt(run_ours, world, numel, args.rounds, args.chunk_mib, MODES[mode], options)
-                for mode in order
+                mode: _attempt(run_ours, world, numel, args.rounds, args.chunk_mib, mode, options) for mode in order
             }
             ratio = {mode: r["step"] / gloo["t"] for mode, r in ours.items() if "error" not in r}
             rows.append({"peers": world, "numel": name, "ours": ours, "gloo": gloo, "ratio": ratio})
             for mode in modes:
                 print(_avg_row(world, name, mode, ours[mode], gloo, nbytes), flush=True)
 
-    if len(modes) == 2:
+    a, b = first, second
+    if len(modes) >= 2:
         print()
-        print("Encryption on vs off, same run (medians; CPU per peer and step; gloo as above):")
+        print(f"Encryption {a} vs {b}, same run (medians; CPU per peer and step; gloo as above):")
         print(
-            "| peers | numel | step ms on | step ms off | step on / off | allreduce ms on | allreduce ms off "
-            "| allreduce on / off | CPU ms/peer on | CPU ms/peer off | CPU on / off "
-            "| gloo ms | on / gloo | off / gloo |"
+            f"| peers | numel | step ms {a} | step ms {b} | step {a} / {b} | allreduce ms {a} | allreduce ms {b} "
+            f"| allreduce {a} / {b} | CPU ms/peer {a} | CPU ms/peer {b} | CPU {a} / {b} "
+            f"| gloo ms | {a} / gloo | {b} / gloo |"
         )
         print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         for row in rows:
-            on, off = (row["ours"][m] if "error" not in row["ours"][m] else {} for m in ("on", "off"))
+            on, off = (row["ours"][m] if "error" not in row["ours"][m] else {} for m in (a, b))
             cells = [
                 f"{on['step'] * 1e3:.1f}" if on else "FAILED",
                 f"{off['step'] * 1e3:.1f}" if off else "FAILED",
@@ -576,7 +588,7 @@ def main() -> None:
         numel = SIZES[args.state_size]
         raw = run_raw_tcp(4 * numel, 5)
         for mode in modes:
-            states[mode] = _attempt(run_state, numel, args.state_trials, encrypt=MODES[mode], bulk=args.bulk_links)
+            states[mode] = _attempt(run_state, numel, args.state_trials, encryption=mode, bulk=args.bulk_links)
             states[mode]["raw_tcp_gbps"] = raw
         print()
         print(
@@ -590,12 +602,12 @@ def main() -> None:
         print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         for mode in modes:
             print(_state_row(mode, states[mode], raw))
-        if len(modes) == 2:
-            on, off = (states[m] if "error" not in states[m] else {} for m in ("on", "off"))
+        if len(modes) >= 2:
+            on, off = (states[m] if "error" not in states[m] else {} for m in (a, b))
             print()
             print(
-                "| first GB/s on | first GB/s off | first on / off "
-                "| repeat GB/s on | repeat GB/s off | repeat on / off |"
+                f"| first GB/s {a} | first GB/s {b} | first {a} / {b} "
+                f"| repeat GB/s {a} | repeat GB/s {b} | repeat {a} / {b} |"
             )
             print("| --- | --- | --- | --- | --- | --- |")
             cells = [

@@ -188,3 +188,52 @@ def test_offer_wire_form_is_checked():
         with pytest.raises(ValueError):
             BulkOffer.from_wire(bad)
     assert dataclasses.replace(offer, keys=None).to_wire()[1] is None
+
+
+def test_an_unsealed_offer_makes_a_link_only_between_two_ends_on_this_host(monkeypatch):
+    """Where the swarm encrypts, an offer without keys (its connection runs unsealed, both peers
+    on one host) is redeemed only by a connection whose two ends are on this host."""
+
+    async def main():
+        async with two_hosts() as (a, b):
+            offer, redeemed = a.bulk.offer("b", sealed=False)
+            assert offer.keys is None
+            where = a.listen_maddrs[0]
+            b_end = await b.bulk.dial("a", [(where.host, where.port)], offer, 5.0)
+            a_end = await asyncio.wait_for(redeemed, 5.0)
+            assert a_end.same_host and b_end.same_host
+            await b_end.send("plain", b"bytes")
+            assert (await a_end.recv(timeout=5))[0] == ("plain", b"bytes")
+            a_end.close()
+            b_end.close()
+
+            # the same offer, were the link's ends on two hosts: the acceptor closes it unanswered
+            monkeypatch.setattr("hivecli.net.bulk.same_host_socket", lambda sock: False)
+            offer, redeemed = a.bulk.offer("b", sealed=False)
+            with pytest.raises(PeerUnreachableError):
+                await dial(b.transport, where.host, where.port, offer, 2.0, b.settings.limits, "a")
+            with pytest.raises(asyncio.CancelledError):
+                await asyncio.wait_for(redeemed, 5.0)
+
+    asyncio.run(main())
+
+
+def test_a_dialer_that_encrypts_refuses_an_unsealed_link_off_this_host(monkeypatch):
+    async def main():
+        settings = NetSettings(security=SecuritySettings(encrypt=False))
+        a, b = Host(settings=settings), Host(settings=NetSettings())
+        try:
+            await a.listen([Multiaddr.parse("/ip4/127.0.0.1/tcp/0")])
+            offer, redeemed = a.bulk.offer("b")  # a does not encrypt: no keys
+            assert offer.keys is None
+            monkeypatch.setattr("hivecli.net.bulk.same_host_socket", lambda sock: False)
+            where = a.listen_maddrs[0]
+            assert await b.bulk.dial("a", [(where.host, where.port)], offer, 5.0) is None
+            a_end = await asyncio.wait_for(redeemed, 5.0)  # a took it; b closed its end at once
+            with pytest.raises(ConnectionClosedError):
+                await a_end.recv(timeout=5)
+        finally:
+            await a.aclose()
+            await b.aclose()
+
+    asyncio.run(main())

@@ -180,13 +180,20 @@ async def closing_on_error(stream: ByteStream, handshake: Coroutine[Any, Any, Ha
         raise
 
 
+SEALED = SecuritySettings(encrypt_same_host=True)
+
+
 async def handshake_both(
     client_security: SecuritySettings | None = None,
     server_security: SecuritySettings | None = None,
     relay: Relay | None = None,
 ) -> tuple[HandshakeResult | BaseException, HandshakeResult | BaseException, Identity, Identity]:
-    """Handshake over TCP; returns each side's result or exception and the two identities."""
+    """Handshake over TCP; returns each side's result or exception and the two identities.
+    Both ends are on this host: without settings, each side seals even so (SEALED), as links
+    between hosts are."""
     client_id, server_id = Identity.generate(), Identity.generate()
+    client_security = SEALED if client_security is None else client_security
+    server_security = SEALED if server_security is None else server_security
     client, server = await tcp_pair(relay)
     dialer = perform_handshake(client, client_id, [LISTEN], server_id.peer_id, "server", client_security)
     acceptor = perform_handshake(server, server_id, [], None, "client", server_security)
@@ -297,6 +304,89 @@ def test_links_are_plain_only_when_both_ends_turn_encryption_off() -> None:
     run(main)
 
 
+@pytest.mark.parametrize(
+    ("client_security", "server_security", "sealed"),
+    [
+        (SecuritySettings(), SecuritySettings(), False),
+        (SecuritySettings(), SEALED, True),
+        (SEALED, SecuritySettings(), True),
+        (SecuritySettings(swarm_key=SWARM_A), SecuritySettings(swarm_key=SWARM_A), False),
+    ],
+    ids=["both-allow", "server-seals", "client-seals", "private-swarm"],
+)
+def test_a_same_host_link_goes_unsealed_only_when_both_ends_allow_it(
+    client_security: SecuritySettings, server_security: SecuritySettings, sealed: bool
+) -> None:
+    async def main() -> None:
+        client, server, client_id, server_id = await handshake_both(client_security, server_security)
+        assert isinstance(client, HandshakeResult) and isinstance(server, HandshakeResult), (client, server)
+        assert client.remote_peer == server_id.peer_id and server.remote_peer == client_id.peer_id  # authenticated
+        assert client.stream.same_host and server.stream.same_host
+        assert client.stream.sealed is server.stream.sealed is sealed
+        await send_frame(client.stream, ["hello", sealed])
+        assert await read_header(server.stream) == ["hello", sealed]
+        client.stream.close()
+        await assert_closed(server.stream)
+
+    run(main)
+
+
+def test_a_peer_that_predates_the_same_host_flag_gets_a_sealed_link() -> None:
+    """An older peer sends no same_host field and hashes its transcript without the flags."""
+
+    async def main() -> None:
+        client_id, server_id = Identity.generate(), Identity.generate()
+        client, server = await tcp_pair()
+        client.same_host = None  # type: ignore[assignment]  # makes our HELLO leave the field out
+        dialer = perform_handshake(client, client_id, [], server_id.peer_id, "server", SecuritySettings())
+        acceptor = perform_handshake(server, server_id, [], None, "client", SecuritySettings())
+        results = await asyncio.wait_for(asyncio.gather(dialer, acceptor), DEADLINE)
+        assert all(result.stream.sealed for result in results)
+        await send_frame(results[0].stream, ["sealed"])
+        assert await read_header(results[1].stream) == ["sealed"]
+
+    run(main)
+
+
+def test_a_flipped_same_host_flag_fails_the_signature() -> None:
+    """No one on the path can make a sealing side think the other lets the link go unsealed."""
+
+    async def main() -> None:
+        def flip(direction: str, header: dict[str, Any]) -> dict[str, Any]:
+            return {**header, "same_host": True} if direction == "s2c" and "same_host" in header else header
+
+        relay = Relay(handshake_frames=2, on_frame=flip)
+        client, server, _, _ = await handshake_both(SecuritySettings(), SEALED, relay=relay)
+        assert relay.frames["s2c"][0]["same_host"] is False  # the server seals: it said so
+        assert isinstance(client, HandshakeError) and isinstance(server, HandshakeError)
+        assert "cannot prove it holds that peer's key" in str(client)
+
+    run(main)
+
+
+def test_a_memory_link_is_never_same_host() -> None:
+    async def main() -> None:
+        network = MemoryTransport.Network()
+        a, b = MemoryTransport(network), MemoryTransport(network)
+        accepted: asyncio.Future[ByteStream] = asyncio.get_running_loop().create_future()
+        listener = await a.listen("10.0.0.1", 1, lambda stream: accepted.set_result(stream) or asyncio.sleep(0))
+        client = await b.dial("10.0.0.1", 1, DEADLINE)
+        server = await asyncio.wait_for(accepted, DEADLINE)
+        _OPEN.extend((client, server))
+        client_id, server_id = Identity.generate(), Identity.generate()
+        results = await asyncio.wait_for(
+            asyncio.gather(
+                perform_handshake(client, client_id, [], server_id.peer_id, "server"),
+                perform_handshake(server, server_id, [], None, "client"),
+            ),
+            DEADLINE,
+        )
+        assert not client.same_host and all(result.stream.sealed for result in results)
+        await listener.aclose()
+
+    run(main)
+
+
 def test_encryption_off_on_one_side_only_fails_clearly_on_both() -> None:
     async def main() -> None:
         client, server, _, _ = await handshake_both(SecuritySettings(encrypt=False), SecuritySettings())
@@ -309,7 +399,7 @@ def test_encryption_off_on_one_side_only_fails_clearly_on_both() -> None:
 
 def test_swarm_members_with_the_same_key_connect() -> None:
     async def main() -> None:
-        member = SecuritySettings(swarm_key=SWARM_A)
+        member = SecuritySettings(swarm_key=SWARM_A, encrypt_same_host=True)
         client, server, _, _ = await handshake_both(member, member, relay=Relay(handshake_frames=3))
         assert isinstance(client, HandshakeResult) and isinstance(server, HandshakeResult)
         await send_frame(client.stream, ["private", "hello"])
@@ -334,7 +424,7 @@ def test_wrong_swarm_key_fails_and_the_outsider_learns_nothing_more() -> None:
         )
         for frames in relay.frames.values():  # HELLO and PROOF only: no signature, no addresses
             assert [sorted(frame) for frame in frames] == [
-                ["encrypt", "ephemeral", "nonce", "peer_id", "private", "protocol", "version"],
+                ["encrypt", "ephemeral", "nonce", "peer_id", "private", "protocol", "same_host", "version"],
                 ["swarm_proof"],
             ]
 
@@ -475,8 +565,8 @@ def test_an_oversized_record_length_is_refused_before_reading_on(declared: int) 
         client_raw, server_raw = await tcp_pair()
         client_id, server_id = Identity.generate(), Identity.generate()
         _, server = await asyncio.gather(
-            perform_handshake(client_raw, client_id, [], server_id.peer_id, "server"),
-            perform_handshake(server_raw, server_id, [], None, "client"),
+            perform_handshake(client_raw, client_id, [], server_id.peer_id, "server", SEALED),
+            perform_handshake(server_raw, server_id, [], None, "client", SEALED),
         )
         client_raw.write(struct.pack(">I", declared))  # a record header, and nothing after it
         await client_raw.drain()
@@ -501,8 +591,8 @@ def test_a_stalled_full_size_record_costs_only_what_arrived() -> None:
         client_raw, server_raw = await tcp_pair()
         client_id, server_id = Identity.generate(), Identity.generate()
         _, server = await asyncio.gather(
-            perform_handshake(client_raw, client_id, [], server_id.peer_id, "server"),
-            perform_handshake(server_raw, server_id, [], None, "client"),
+            perform_handshake(client_raw, client_id, [], server_id.peer_id, "server", SEALED),
+            perform_handshake(server_raw, server_id, [], None, "client", SEALED),
         )
         client_raw.write(struct.pack(">I", MAX_RECORD_BYTES) + b"\x00" * 100)
         await client_raw.drain()

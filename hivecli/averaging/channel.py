@@ -132,7 +132,7 @@ async def as_reducer(host: Host, stream: Stream, request: Any, sink: BodySink, t
     if not (isinstance(request, dict) and request.get("bulk") is True):
         await stream.send(READY)
         return Channel(stream, None, sink)
-    offer, future = host.bulk.offer(str(stream.remote_peer))
+    offer, future = host.bulk.offer(str(stream.remote_peer), stream.connection.sealed)
     try:
         await stream.send([READY, offer.to_wire()])
         choice = await stream.recv(timeout=timeout)

@@ -8,14 +8,17 @@ gloo's CPU per byte. A blocking `sendall` or `recv_into(MSG_WAITALL)` moves an 8
 one system call; socket calls, the cipher and torch's ops release the GIL, so two peers' worth of
 bytes move on two cores while the loop stays free for control messages.
 
-How a link is made. The side that will accept calls `BulkAcceptor.offer()`, which makes a
-one-time 32-byte token (and, where the swarm encrypts, a fresh AES-256-GCM key per direction)
-and sends it to the other side over their existing authenticated, encrypted connection. The
+How a link is made. The side that will accept calls `BulkLinks.offer()`, which makes a
+one-time 32-byte token (and, where their connection is sealed, a fresh AES-256-GCM key per
+direction) and sends it to the other side over their existing authenticated connection. The
 other side dials the acceptor's listening port (`dial`) and sends the token as its first frame,
 where a handshake HELLO would be. The host passes such a connection to `BulkAcceptor.accept`
 instead of running the handshake; an unknown or expired token closes it. Both ends then take
 the socket out of the event loop (`ByteStream.detach`). Streams that cannot be detached (relayed
 circuits, the in-memory transport) make `dial` fail; callers then use their connection's streams.
+An offer without keys in a swarm that encrypts (their connection runs unsealed between two
+processes of one host, handshake.py) is good only for a link whose two ends are on this host:
+either end closes any other.
 
 What flows: the framing of framing.py (prefix, msgpack header, raw body), with the same limits,
 sealed into AES-256-GCM records of at most `MAX_RECORD_BYTES` as in secure.py when the link has
@@ -53,7 +56,7 @@ from hivecli.net.secure import (
     record_cipher,
     seal_record,
 )
-from hivecli.net.transport import ByteStream, Transport
+from hivecli.net.transport import ByteStream, Transport, same_host_socket
 from hivecli.utils.loops import timeout as _timeout
 
 logger = logging.getLogger(__name__)
@@ -109,15 +112,19 @@ class BulkLinks:
         # token -> (offer, the future its link resolves, its expiry timer, who it was offered to)
         self._offers: dict[bytes, tuple[BulkOffer, asyncio.Future[BulkLink], asyncio.TimerHandle, str]] = {}
 
-    def offer(self, where: str, ttl: float = OFFER_TTL) -> tuple[BulkOffer, asyncio.Future[BulkLink]]:
+    def offer(
+        self, where: str, sealed: bool = True, ttl: float = OFFER_TTL
+    ) -> tuple[BulkOffer, asyncio.Future[BulkLink]]:
         """A new offer, and the future its link will resolve (cancelled after `ttl` seconds).
+        `sealed`: whether the connection the offer goes out on is (Connection.sealed); the link
+        is sealed if that connection is.
 
         Raises:
             ConnectionClosedError: MAX_OFFERS offers are outstanding already.
         """
         if len(self._offers) >= MAX_OFFERS:
             raise ConnectionClosedError(f"{MAX_OFFERS} bulk links are pending already")
-        keys = (os.urandom(KEY_BYTES), os.urandom(KEY_BYTES)) if self.encrypt else None
+        keys = (os.urandom(KEY_BYTES), os.urandom(KEY_BYTES)) if self.encrypt and sealed else None
         offer = BulkOffer(os.urandom(TOKEN_BYTES), keys)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[BulkLink] = loop.create_future()
@@ -158,6 +165,11 @@ class BulkLinks:
             stream.close()
             future.cancel()
             return False
+        if self.encrypt and offer.keys is None and not same_host_socket(sock):
+            logger.warning("Refused an unsealed bulk link for %s from %s: not on this host", where, stream.remote_host)
+            sock.close()
+            future.cancel()
+            return False
         try:
             sock.sendall(_ACK)  # a few bytes into an empty socket buffer: never blocks
         except OSError:
@@ -186,7 +198,11 @@ class BulkLinks:
             return None
         for host, port in addresses:
             try:
-                return await dial(self.transport, host, port, offer, timeout, self.limits, f"peer {peer}")
+                link = await dial(self.transport, host, port, offer, timeout, self.limits, f"peer {peer}")
+                if self.encrypt and offer.keys is None and not link.same_host:
+                    link.close()  # unsealed bytes only where they never leave this host
+                    raise PeerUnreachableError(f"peer {peer} offered an unsealed bulk link to {host}, not on this host")
+                return link
             except HiveError as e:  # unreachable, or out of file descriptors
                 logger.debug("%s", e)
         if len(self._failed) > 4096:
@@ -239,6 +255,7 @@ class BulkLink:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.where, self.limits = where, limits
         self._sock = sock
+        self.same_host = same_host_socket(sock)
         self._sealer = record_cipher(keys[0]) if keys else None
         self._opener = record_cipher(keys[1]) if keys else None
         self._sent = self._received = 0  # record counters: the nonces

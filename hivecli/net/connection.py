@@ -291,6 +291,12 @@ class Connection:
     def is_closed(self) -> bool:
         return self._close_reason is not None
 
+    @property
+    def sealed(self) -> bool:
+        """Whether this link's bytes are encrypted: not when both ends turned encryption off, nor
+        between two processes on one host (SecuritySettings.encrypt_same_host)."""
+        return self._stream.sealed
+
     def silent_since(self, moment: float) -> bool:
         """Whether nothing at all has arrived from the peer since loop time `moment`: a request
         that timed out on a link that also carried nothing else points to a dead link (say, a

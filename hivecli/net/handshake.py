@@ -1,12 +1,16 @@
 """The connection handshake (wire protocol v2): both sides prove who they are and agree on keys.
 
 1. Each side sends HELLO {protocol, version, peer_id, nonce (32 random bytes), ephemeral (a fresh
-   X25519 public key), encrypt (bool), private (bool: it holds a swarm key)}.
+   X25519 public key), encrypt (bool), private (bool: it holds a swarm key), same_host (bool: it
+   sees both ends of this TCP connection on its own host and lets such a link go unsealed,
+   SecuritySettings.encrypt_same_host; older peers leave the field out)}.
 2. Each side checks the protocol name and version, the types of every field, that the peer ID
    is the one it dialed (`/p2p/X` reaching someone else fails here), and that the two settings
    agree: encryption is off only when both turned it off, and both or neither hold a swarm key.
 3. Both compute the transcript hash: SHA-256 over both HELLOs' nonces, peer IDs, ephemeral keys
-   and flags, in nonce order so both sides get the same bytes.
+   and flags, in nonce order so both sides get the same bytes. The two same_host flags count
+   only when both HELLOs carry one (a peer that predates them hashes without them); the AUTH
+   signatures then cover them, so no one on the path can flip one.
 4. Private swarms only: each side sends PROOF {swarm_proof: HMAC-SHA256(swarm key, transcript,
    own peer ID)} and checks the other's before sending anything more. A peer without the key
    learns no more than the HELLO told it.
@@ -16,7 +20,8 @@
    keys mean a recorded AUTH cannot be replayed.
 6. Session keys: HKDF-SHA256 over the X25519 shared secret, salt = the swarm key (32 zero bytes
    in the public swarm), info = the transcript; one key per direction. All later traffic goes
-   through `SecureStream` (unless both sides turned encryption off).
+   through `SecureStream`, unless both sides turned encryption off, or both HELLOs said
+   same_host: then the link's bytes never leave the kernel of the one host both ends run on.
 """
 
 from __future__ import annotations
@@ -60,7 +65,8 @@ class HandshakeResult(NamedTuple):
         remote_peer: the peer ID the other side proved it holds the key of.
         listen: the addresses it says it listens on (signed by it, each with /p2p/remote_peer).
         stream: the stream to use from now on: a `SecureStream` over the handshake's stream, or
-            that stream itself when both sides turned encryption off.
+            that stream itself when both sides turned encryption off or both ends are on one
+            host (its `sealed` says which).
     """
 
     remote_peer: PeerID
@@ -77,9 +83,10 @@ class _Hello:
     ephemeral: bytes
     encrypt: bool
     private: bool
+    same_host: bool | None  # None: the peer predates the field
 
     def message(self) -> dict[str, Any]:
-        return {
+        message = {
             "protocol": PROTOCOL_NAME,
             "version": PROTOCOL_VERSION,
             "peer_id": self.peer_id.to_bytes(),
@@ -88,6 +95,9 @@ class _Hello:
             "encrypt": self.encrypt,
             "private": self.private,
         }
+        if self.same_host is not None:
+            message["same_host"] = self.same_host
+        return message
 
     def transcript_part(self) -> bytes:
         # every field has a fixed length, so plain concatenation is unambiguous
@@ -102,7 +112,10 @@ def _short(value: Any) -> str:
 
 def _transcript(ours: _Hello, theirs: _Hello) -> bytes:
     first, second = sorted((ours, theirs), key=lambda hello: hello.nonce)
-    return hashlib.sha256(_TRANSCRIPT_TAG + first.transcript_part() + second.transcript_part()).digest()
+    flags = b""
+    if first.same_host is not None and second.same_host is not None:
+        flags = bytes([first.same_host, second.same_host])
+    return hashlib.sha256(_TRANSCRIPT_TAG + first.transcript_part() + second.transcript_part() + flags).digest()
 
 
 def _listen_digest(listen: list[str]) -> bytes:
@@ -186,8 +199,13 @@ def _parse_hello(message: dict[str, Any], where: str) -> _Hello:
     if not isinstance(ephemeral, bytes) or len(ephemeral) != _EPHEMERAL_BYTES:
         raise HandshakeError(f"{where} sent a handshake without a {_EPHEMERAL_BYTES}-byte ephemeral key")
     encrypt, private = message.get("encrypt"), message.get("private")
-    if type(encrypt) is not bool or type(private) is not bool:
-        raise HandshakeError(f"{where} sent a handshake whose encrypt or private field is not a boolean")
+    same_host = message.get("same_host")
+    if (
+        type(encrypt) is not bool
+        or type(private) is not bool
+        or (same_host is not None and type(same_host) is not bool)
+    ):
+        raise HandshakeError(f"{where} sent a handshake whose encrypt, private or same_host field is not a boolean")
     raw_peer_id = message.get("peer_id")
     if not isinstance(raw_peer_id, bytes):
         raise HandshakeError(f"{where} sent a handshake with a non-bytes peer_id")
@@ -195,7 +213,7 @@ def _parse_hello(message: dict[str, Any], where: str) -> _Hello:
         peer_id = PeerID(raw_peer_id)
     except ValueError as e:
         raise HandshakeError(f"{where} sent an invalid peer ID: {e}") from None
-    return _Hello(peer_id, nonce, ephemeral, encrypt, private)
+    return _Hello(peer_id, nonce, ephemeral, encrypt, private, same_host)
 
 
 def _check_settings(ours: _Hello, theirs: _Hello, security: SecuritySettings, where: str) -> None:
@@ -283,6 +301,7 @@ async def perform_handshake(
         ephemeral.public_key().public_bytes_raw(),
         security.encrypt,
         security.swarm_key is not None,
+        security.encrypt and not security.encrypt_same_host and stream.same_host,
     )
     await _send(stream, ours.message())
 
@@ -334,7 +353,7 @@ async def perform_handshake(
     except HandshakeError:
         raise HandshakeError(f"{where} claims to be {remote_peer} but cannot prove it holds that peer's key") from None
 
-    if not ours.encrypt:  # _check_settings made sure both sides turned it off
+    if not ours.encrypt or (ours.same_host and theirs.same_host):  # _check_settings: both turned it off
         return HandshakeResult(remote_peer, listen, stream)
     send_key, receive_key = _session_keys(shared, security.swarm_key, transcript, ours.nonce < theirs.nonce)
     return HandshakeResult(remote_peer, listen, SecureStream(stream, send_key, receive_key))

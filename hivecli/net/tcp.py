@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable
 
 from hivecli._exceptions import PeerUnreachableError, ResourceExhaustedError
-from hivecli.net.transport import ByteStream, Listener, StreamHandler, Transport
+from hivecli.net.transport import ByteStream, Listener, StreamHandler, Transport, same_host_socket
 
 # Every connection starts with a small receive buffer: a node holds thousands of mostly idle
 # connections (and strangers that never finish the handshake), so an idle one must cost little.
@@ -70,6 +70,7 @@ class _TCPStream(asyncio.BufferedProtocol, ByteStream):
         self.remote_host = peer[0] if peer else "?"
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            self.same_host = same_host_socket(sock)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if hasattr(socket, "TCP_NOTSENT_LOWAT"):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, _NOTSENT_LOWAT)

@@ -8,6 +8,7 @@ logic with no sockets, for tests and for simulating thousands of nodes in one pr
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import itertools
 import socket
 import threading
@@ -18,10 +19,26 @@ from collections.abc import Awaitable, Callable, Iterable
 from hivecli._exceptions import PeerUnreachableError
 
 
+def same_host_socket(sock: socket.socket) -> bool:
+    """Whether a connected TCP socket's two ends are both on this host, so that its bytes never
+    leave the kernel: both addresses are loopback, or they are the same address (traffic to one
+    of our own addresses is delivered locally, whichever interface holds it)."""
+    try:
+        local, remote = sock.getsockname()[0], sock.getpeername()[0]
+        local_ip, remote_ip = ipaddress.ip_address(local), ipaddress.ip_address(remote)
+    except (OSError, ValueError, TypeError, IndexError):  # closed, not IP, or an odd address
+        return False
+    return (local_ip.is_loopback and remote_ip.is_loopback) or local_ip == remote_ip
+
+
 class ByteStream(ABC):
     """A reliable, ordered, bidirectional byte stream."""
 
     remote_host: str  # the address we see the other end connect from (or to)
+    # True only for a direct TCP connection between two of this host's addresses
+    # (`same_host_socket`); relayed circuits and in-memory streams are never same-host
+    same_host: bool = False
+    sealed: bool = False  # its bytes are encrypted and authenticated (secure.SecureStream)
 
     @abstractmethod
     async def read_exactly(self, n: int) -> bytes:
