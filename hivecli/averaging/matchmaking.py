@@ -227,16 +227,20 @@ class _Search:
     async def run(self) -> GroupInfo:
         poll_delay = _FIRST_POLL_DELAY
         declaring = None
+        guess = self.mm.likely_leader()
         if not self.me.client_mode:
-            # Our declaration is stored while we look for candidates, not before: one round trip
-            # less per round (50 ms of a 3.8 s round on a 100 Mbit/s link with 50 ms RTT).
             self.new_expiration()
-            declaring = asyncio.ensure_future(self.store_declaration())
+            if guess is None:
+                # Our declaration is stored while we look for candidates, not before: one round
+                # trip less per round (50 ms of a 3.8 s round on a 100 Mbit/s link with 50 ms RTT).
+                declaring = asyncio.ensure_future(self.store_declaration())
         lookup: asyncio.Future[list[Candidate] | None] | None = None
         try:
-            guess = self.mm.likely_leader()
             if guess is not None:
-                # Lockstep: ask the last round's leader while the lookup runs, not after it.
+                # Lockstep: ask the last round's leader while the lookup runs, not after it, and
+                # declare only if it does not take us: a newcomer finds the leader's declaration,
+                # and two DHT stores per follower and round (the declaration and its withdrawal,
+                # each checked by every node that keeps it) are saved.
                 lookup = asyncio.ensure_future(self.fetch_unless_full())
                 group = await self.join_likely_leader(guess)
                 if group is not None:
@@ -245,6 +249,8 @@ class _Search:
                     self.mm._spawn(lookup)
                     lookup = None
                     return group
+                if not self.me.client_mode:
+                    declaring = asyncio.ensure_future(self.store_declaration())
             return await self._look(poll_delay, declaring, lookup)
         finally:
             for pending in (declaring, lookup):
@@ -350,10 +356,10 @@ class _Search:
         deadline_dht = get_dht_time() + max(0.0, self.deadline - self.loop.time())
         wait = self.settings.min_matchmaking_time - self.mm.head_start()
         self.expiration = min(get_dht_time() + wait, deadline_dht)
-        self.declared_expiration = self.expiration
         self.tried.clear()
 
     async def store_declaration(self) -> None:
+        self.declared_expiration = self.expiration  # withdrawn when the search ends
         await self.mm.node.store(self.group_key, list(self.me.addrs), self.expiration, owned_subkey(self.me.peer_id))
 
     async def after_rejoin(self) -> None:
