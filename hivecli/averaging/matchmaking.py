@@ -17,8 +17,9 @@ Lockstep rounds: when our last group held every peer we saw looking (a swarm the
 group), the next round asks its leader at once, alongside the DHT lookup, which saves that
 lookup's round trip; that leader declares a little earlier than the others (`HEAD_START`), so it
 stays first when everyone starts at about the same time, and a follower that starts before it
-asks again until it looks (within that margin). In a swarm larger than a group, nobody does
-either: joining the same leader every round would keep apart groups that should mix.
+asks again until it looks (within that margin). A follower it takes never declares itself (a
+newcomer finds the leader's declaration). In a swarm larger than a group, nobody does any of
+this: joining the same leader every round would keep apart groups that should mix.
 """
 
 from __future__ import annotations

@@ -353,7 +353,9 @@ async def perform_handshake(
     except HandshakeError:
         raise HandshakeError(f"{where} claims to be {remote_peer} but cannot prove it holds that peer's key") from None
 
-    if not ours.encrypt or (ours.same_host and theirs.same_host):  # _check_settings: both turned it off
+    # In clear when both turned encryption off (_check_settings made sure it is both), or when
+    # both ends are on this host and neither asked to seal such links.
+    if not ours.encrypt or (ours.same_host and theirs.same_host):
         return HandshakeResult(remote_peer, listen, stream)
     send_key, receive_key = _session_keys(shared, security.swarm_key, transcript, ours.nonce < theirs.nonce)
     return HandshakeResult(remote_peer, listen, SecureStream(stream, send_key, receive_key))

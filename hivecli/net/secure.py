@@ -107,7 +107,7 @@ class SecuritySettings:
         encrypt_same_host: also seal a link whose two ends are on this host (a TCP connection
             between loopback addresses, or from one of our addresses to itself). Off by default:
             such bytes never leave the kernel, so no one off this host can read or change them,
-            and sealing them cost a third of a same-host all-reduce's time. Turn it on where
+            and sealing them made a same-host all-reduce 1.6-1.8x slower. Turn it on where
             other tenants of this host's network namespace may capture its loopback traffic
             (containers sharing the host's network with CAP_NET_RAW). A link goes unsealed only
             when both ends see it as same-host and neither turned this on; the handshake
