@@ -116,6 +116,24 @@ def test_initial_peers_from_the_environment_are_validated():
     assert result.returncode == 2 and "/ip4/127.0.0.1/tcp/0/p2p/nope" in result.stderr
 
 
+def test_sealing_same_host_links_is_a_yes_or_no_from_the_environment(monkeypatch):
+    from hivecli._exceptions import ConfigError
+    from hivecli.cli._network import net_settings
+
+    for value, sealed in [(None, False), ("0", False), ("1", True), (" Yes ", True), ("off", False)]:
+        if value is None:
+            monkeypatch.delenv("HIVE_ENCRYPT_SAME_HOST", raising=False)
+        else:
+            monkeypatch.setenv("HIVE_ENCRYPT_SAME_HOST", value)
+        assert net_settings(None).security.encrypt_same_host is sealed, value
+        assert net_settings(None).security.encrypt  # links between hosts are sealed either way
+    monkeypatch.setenv("HIVE_ENCRYPT_SAME_HOST", "maybe")
+    with pytest.raises(ConfigError, match="HIVE_ENCRYPT_SAME_HOST='maybe' is neither yes nor no"):
+        net_settings(None)
+    result = run("dht", env={**os.environ, "HIVE_ENCRYPT_SAME_HOST": "maybe"})
+    assert result.returncode == 2 and "neither yes nor no" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_version():
     result = run("--version")
     assert result.returncode == 0 and result.stdout.startswith("hive ")

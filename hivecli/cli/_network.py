@@ -103,12 +103,32 @@ def split_peer_list(values: list[str] | None) -> list[str]:
     return peers
 
 
-def net_settings(swarm_key: str | None, relay: bool = True) -> NetSettings:
-    """Network settings for a node started from the command line: encrypted links, the private
-    swarm of `swarm_key` (a file path) if given, and relaying for NATed peers unless `relay` is off.
+_YES, _NO = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
+
+
+def _encrypt_same_host() -> bool:
+    """HIVE_ENCRYPT_SAME_HOST: whether to seal links to peers on this host too (security.md).
 
     Raises:
-        ConfigError: the swarm key file is missing or malformed (the message names it and the fix).
+        ConfigError: a value that is neither yes nor no.
+    """
+    value = os.environ.get("HIVE_ENCRYPT_SAME_HOST", "").strip().lower()
+    if value not in _YES + _NO:
+        raise ConfigError(
+            f"HIVE_ENCRYPT_SAME_HOST={value!r} is neither yes nor no; set it to 1 to seal links between "
+            f"peers on this host too, or unset it"
+        )
+    return value in _YES
+
+
+def net_settings(swarm_key: str | None, relay: bool = True) -> NetSettings:
+    """Network settings for a node started from the command line: encrypted links (also to peers
+    on this host with HIVE_ENCRYPT_SAME_HOST=1), the private swarm of `swarm_key` (a file path)
+    if given, and relaying for NATed peers unless `relay` is off.
+
+    Raises:
+        ConfigError: the swarm key file is missing or malformed, or HIVE_ENCRYPT_SAME_HOST is not
+            yes or no (the message names the value and the fix).
     """
     if swarm_key == "" or (swarm_key is None and os.environ.get("HIVE_SWARM_KEY", "x").strip() == ""):
         raise ConfigError(
@@ -116,9 +136,9 @@ def net_settings(swarm_key: str | None, relay: bool = True) -> NetSettings:
             "name the key file (`hive keygen` creates one), or unset it for a public swarm"
         )
     relays = RelaySettings(serve=None if relay else False)
-    if swarm_key is None:
-        return NetSettings(relay=relays)
-    return NetSettings(security=SecuritySettings(swarm_key=load_swarm_key(swarm_key)), relay=relays)
+    key = None if swarm_key is None else load_swarm_key(swarm_key)
+    security = SecuritySettings(swarm_key=key, encrypt_same_host=_encrypt_same_host())
+    return NetSettings(security=security, relay=relays)
 
 
 def describe_reachability(dht: Any) -> tuple[str, list[str], list[str]]:
