@@ -364,6 +364,36 @@ def test_a_flipped_same_host_flag_fails_the_signature() -> None:
     run(main)
 
 
+@pytest.mark.parametrize(
+    ("local", "remote", "same"),
+    [
+        ("127.0.0.1", "127.0.0.1", True),
+        ("127.0.0.1", "127.0.0.2", True),
+        ("::1", "::1", True),
+        ("::ffff:127.0.0.1", "::ffff:127.0.0.2", True),  # a dual-stack socket's view of IPv4 loopback
+        ("10.0.0.5", "10.0.0.5", True),  # one of our addresses to itself: delivered locally
+        ("10.0.0.5", "10.0.0.6", False),
+        ("127.0.0.1", "10.0.0.5", False),
+        ("::ffff:10.0.0.5", "::ffff:10.0.0.6", False),
+        ("not an address", "127.0.0.1", False),
+    ],
+)
+def test_same_host_means_both_ends_loopback_or_one_address(local: str, remote: str, same: bool) -> None:
+    from types import SimpleNamespace
+
+    from hivecli.net.transport import same_host_socket
+
+    sock = SimpleNamespace(getsockname=lambda: (local, 1), getpeername=lambda: (remote, 2))
+    assert same_host_socket(sock) is same  # type: ignore[arg-type]
+
+
+def test_a_closed_socket_is_not_same_host() -> None:
+    from hivecli.net.transport import same_host_socket
+
+    with socket.socket() as sock:
+        assert same_host_socket(sock) is False  # not connected: getpeername raises
+
+
 def test_a_memory_link_is_never_same_host() -> None:
     async def main() -> None:
         network = MemoryTransport.Network()

@@ -24,11 +24,18 @@ def same_host_socket(sock: socket.socket) -> bool:
     leave the kernel: both addresses are loopback, or they are the same address (traffic to one
     of our own addresses is delivered locally, whichever interface holds it)."""
     try:
-        local, remote = sock.getsockname()[0], sock.getpeername()[0]
-        local_ip, remote_ip = ipaddress.ip_address(local), ipaddress.ip_address(remote)
+        local_ip, remote_ip = (
+            _unmapped(ipaddress.ip_address(end()[0])) for end in (sock.getsockname, sock.getpeername)
+        )
     except (OSError, ValueError, TypeError, IndexError):  # closed, not IP, or an odd address
         return False
     return (local_ip.is_loopback and remote_ip.is_loopback) or local_ip == remote_ip
+
+
+def _unmapped(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """An IPv4 address as a dual-stack socket shows it (::ffff:a.b.c.d) is that IPv4 address."""
+    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+    return mapped if mapped is not None else ip
 
 
 class ByteStream(ABC):
