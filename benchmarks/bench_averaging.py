@@ -526,7 +526,7 @@ def main() -> None:
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     modes = GROUPS.get(args.encryption, [args.encryption])
-    first, second = (modes + modes)[:2]  # what the comparison tables compare
+    a, b = (modes + modes)[:2]  # the modes the comparison tables compare
     options: dict[str, Any] = {
         "compression": args.compression,
         "verify_reducers": not args.no_audit,
@@ -555,7 +555,6 @@ def main() -> None:
             for mode in modes:
                 print(_avg_row(world, name, mode, ours[mode], gloo, nbytes), flush=True)
 
-    a, b = first, second
     if len(modes) >= 2:
         print()
         print(f"Encryption {a} vs {b}, same run (medians; CPU per peer and step; gloo as above):")
@@ -566,20 +565,20 @@ def main() -> None:
         )
         print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         for row in rows:
-            on, off = (row["ours"][m] if "error" not in row["ours"][m] else {} for m in (a, b))
+            ra, rb = (row["ours"][m] if "error" not in row["ours"][m] else {} for m in (a, b))
             cells = [
-                f"{on['step'] * 1e3:.1f}" if on else "FAILED",
-                f"{off['step'] * 1e3:.1f}" if off else "FAILED",
-                _ratio(on.get("step"), off.get("step")),
-                f"{on['allreduce'] * 1e3:.1f}" if on else "-",
-                f"{off['allreduce'] * 1e3:.1f}" if off else "-",
-                _ratio(on.get("allreduce"), off.get("allreduce")),
-                f"{on['cpu'] * 1e3:.0f}" if on else "-",
-                f"{off['cpu'] * 1e3:.0f}" if off else "-",
-                _ratio(on.get("cpu"), off.get("cpu")),
+                f"{ra['step'] * 1e3:.1f}" if ra else "FAILED",
+                f"{rb['step'] * 1e3:.1f}" if rb else "FAILED",
+                _ratio(ra.get("step"), rb.get("step")),
+                f"{ra['allreduce'] * 1e3:.1f}" if ra else "-",
+                f"{rb['allreduce'] * 1e3:.1f}" if rb else "-",
+                _ratio(ra.get("allreduce"), rb.get("allreduce")),
+                f"{ra['cpu'] * 1e3:.0f}" if ra else "-",
+                f"{rb['cpu'] * 1e3:.0f}" if rb else "-",
+                _ratio(ra.get("cpu"), rb.get("cpu")),
                 f"{row['gloo']['t'] * 1e3:.1f}",
-                _ratio(on.get("step"), row["gloo"]["t"]),
-                _ratio(off.get("step"), row["gloo"]["t"]),
+                _ratio(ra.get("step"), row["gloo"]["t"]),
+                _ratio(rb.get("step"), row["gloo"]["t"]),
             ]
             print(f"| {row['peers']} | {row['numel']} | " + " | ".join(cells) + " |", flush=True)
 
@@ -603,7 +602,7 @@ def main() -> None:
         for mode in modes:
             print(_state_row(mode, states[mode], raw))
         if len(modes) >= 2:
-            on, off = (states[m] if "error" not in states[m] else {} for m in (a, b))
+            ra, rb = (states[m] if "error" not in states[m] else {} for m in (a, b))
             print()
             print(
                 f"| first GB/s {a} | first GB/s {b} | first {a} / {b} "
@@ -611,12 +610,12 @@ def main() -> None:
             )
             print("| --- | --- | --- | --- | --- | --- |")
             cells = [
-                f"{on['first_gbps']:.2f}" if on else "FAILED",
-                f"{off['first_gbps']:.2f}" if off else "FAILED",
-                _ratio(on.get("first_gbps"), off.get("first_gbps")),
-                f"{on['again_gbps']:.2f}" if on else "FAILED",
-                f"{off['again_gbps']:.2f}" if off else "FAILED",
-                _ratio(on.get("again_gbps"), off.get("again_gbps")),
+                f"{ra['first_gbps']:.2f}" if ra else "FAILED",
+                f"{rb['first_gbps']:.2f}" if rb else "FAILED",
+                _ratio(ra.get("first_gbps"), rb.get("first_gbps")),
+                f"{ra['again_gbps']:.2f}" if ra else "FAILED",
+                f"{rb['again_gbps']:.2f}" if rb else "FAILED",
+                _ratio(ra.get("again_gbps"), rb.get("again_gbps")),
             ]
             print("| " + " | ".join(cells) + " |")
     if args.json:

@@ -132,6 +132,11 @@ class BulkLinks:
         self._offers[offer.token] = (offer, future, timer, where)
         return offer, future
 
+    def _stays_on_host(self, offer: BulkOffer) -> bool:
+        """Whether the link of `offer` must join two ends on this host: it has no keys, and our
+        swarm encrypts (its connection ran unsealed, handshake.py's same-host case)."""
+        return self.encrypt and offer.keys is None
+
     def withdraw(self, token: bytes) -> None:
         """Forget an offer; its future is cancelled if nobody redeemed it."""
         entry = self._offers.pop(token, None)
@@ -165,7 +170,7 @@ class BulkLinks:
             stream.close()
             future.cancel()
             return False
-        if self.encrypt and offer.keys is None and not same_host_socket(sock):
+        if self._stays_on_host(offer) and not same_host_socket(sock):
             logger.warning("Refused an unsealed bulk link for %s from %s: not on this host", where, stream.remote_host)
             sock.close()
             future.cancel()
@@ -199,7 +204,7 @@ class BulkLinks:
         for host, port in addresses:
             try:
                 link = await dial(self.transport, host, port, offer, timeout, self.limits, f"peer {peer}")
-                if self.encrypt and offer.keys is None and not link.same_host:
+                if self._stays_on_host(offer) and not link.same_host:
                     link.close()  # unsealed bytes only where they never leave this host
                     raise PeerUnreachableError(f"peer {peer} offered an unsealed bulk link to {host}, not on this host")
                 return link
