@@ -651,6 +651,81 @@ def test_peer_dying_mid_round_does_not_hang_survivors_who_agree():
                     assert only4.max() < only3.min(), f"span {index}: mean of four after the survivors' mean"
 
 
+# ---- scheduled rounds whose owners let them go at different times ----------------------------
+
+LATE = {"target_group_size": 3, "min_matchmaking_time": 2.0, "request_timeout": 0.5, "chunk_bytes": 4096}
+
+
+@contextlib.contextmanager
+def held_round(prefix, allreduce_timeout):
+    """Three averagers whose scheduled steps form one group; the first two are let go at once,
+    the third is held (AWAITING_TRIGGER) until the test lets it go, or kills it.
+    Yields (dhts, avs, inputs, controls)."""
+    torch.manual_seed(9)
+    with local_swarm(3, **DHT_FAST) as dhts:
+        inputs = [[torch.randn(5000), torch.randn(3)] for _ in dhts]
+        with averagers(
+            dhts, [[t.clone() for t in p] for p in inputs], prefix=prefix, allreduce_timeout=allreduce_timeout, **LATE
+        ) as avs:
+            controls = [av.step(scheduled=True, gather=i, timeout=60, allow_retries=False) for i, av in enumerate(avs)]
+            wait_for(lambda: all(c.stage is Stage.AWAITING_TRIGGER for c in controls), timeout=30, what="the group")
+            controls[0].allow_allreduce(weight=1.0)
+            controls[1].allow_allreduce(weight=2.0)
+            yield dhts, avs, inputs, controls
+
+
+def assert_the_two_averaged_without_the_third(dhts, avs, inputs, results):
+    """The first two averaged everything but the third member's span (weights 1 and 2), which
+    nobody reduced: there each kept its own values."""
+    order = list(results[0])
+    assert list(results[1]) == order and len(order) == 3
+    numels = [t.numel() for t in inputs[0]]
+    spans = Layout(numels).spans(load_balance(sum(numels), [None] * 3))
+    lo, hi = spans[order.index(dhts[2].peer_id)]
+    survivors = flat([(1.0 * inputs[0][k] + 2.0 * inputs[1][k]) / 3 for k in range(2)])
+    for av, original in zip(avs[:2], inputs[:2], strict=True):
+        got, mine = flat(snapshot(av)), flat(original)
+        assert torch.equal(got[lo:hi], mine[lo:hi])
+        keep = torch.ones(sum(numels), dtype=torch.bool)
+        keep[lo:hi] = False
+        torch.testing.assert_close(got[keep], survivors[keep], rtol=0, atol=1e-5)
+
+
+def test_a_member_let_go_late_is_waited_for():
+    with held_round("late", allreduce_timeout=30.0) as (_, avs, inputs, controls):
+        # held for 4x request_timeout: without "pending", its peers would drop it after 0.5 s
+        time.sleep(4 * LATE["request_timeout"])
+        assert not controls[0].done() and not controls[1].done(), "the others did not wait for the held member"
+        controls[2].allow_allreduce(weight=3.0)
+        results = [c.result(timeout=30) for c in controls]
+        assert all(len(r) == 3 for r in results)
+        weighted = [sum(w * p[k] for w, p in zip((1.0, 2.0, 3.0), inputs, strict=True)) / 6 for k in range(2)]
+        for av in avs:
+            torch.testing.assert_close(flat(snapshot(av)), flat(weighted), rtol=0, atol=1e-5)
+        assert all(av.banned_peers == {} for av in avs)
+
+
+def test_a_held_member_that_dies_is_dropped_when_its_connection_breaks():
+    # late_timeout is 30 s: ending well before it shows that the broken connection ended the wait
+    with held_round("late-dies", allreduce_timeout=60.0) as (dhts, avs, inputs, controls):
+        began = time.perf_counter()
+        kill(avs[2], dhts[2])
+        results = [c.result(timeout=60) for c in controls[:2]]
+        assert time.perf_counter() - began < 20
+        assert_the_two_averaged_without_the_third(dhts, avs, inputs, results)
+
+
+def test_a_member_held_past_late_timeout_is_dropped_and_the_others_average():
+    with held_round("too-late", allreduce_timeout=3.0) as (dhts, avs, inputs, controls):  # late_timeout 1.5 s
+        results = [c.result(timeout=30) for c in controls[:2]]
+        assert all(len(r) == 3 for r in results)
+        controls[2].allow_allreduce()  # after the others gave up on it: nobody takes its part
+        with pytest.raises(AllreduceError):
+            controls[2].result(timeout=30)
+        assert_the_two_averaged_without_the_third(dhts, avs, inputs, results)
+        assert torch.equal(flat(snapshot(avs[2])), flat(inputs[2]))  # it kept its own values
+
+
 # ---- state sharing ----------------------------------------------------------------------------
 
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from hivecli import ConfigError
+from hivecli.averaging import Stage
 from hivecli.optim.collaborative import Optimizer
 from hivecli.testing import local_swarm, wait_for
 
@@ -191,6 +192,54 @@ def test_four_peers_average_gradients_and_stay_bitwise_identical():
         for epoch in range(1, epochs + 1):
             assert_identical([snaps[i][epoch] for i in range(n)], f"parameters at epoch {epoch}")
         assert max_spread([snaps[0][epochs], params_of(init)]) > 1e-3  # they did train
+
+
+def test_a_trainer_whose_last_batch_outlasts_request_timeout_still_averages():
+    """One trainer's last batch of each epoch ends 2.5 s after its group formed and the others
+    started the all-reduce: 2.5x request_timeout (1 s here), after which they used to drop it
+    as a no-show. It says "pending" while it finishes, and they wait for it."""
+    n, epochs, slow_batch = 3, 3, 2.5
+    models = [linear(seed=0) for _ in range(n)]
+    snaps: list[dict[int, list[torch.Tensor]]] = [{} for _ in range(n)]
+    rounds: list[dict[int, tuple[int, int]]] = [{} for _ in range(n)]
+    slow_epochs: list[int] = []
+
+    def recorder(i: int, model: torch.nn.Module) -> Callable[[Optimizer], None]:
+        def on_epoch(opt: Optimizer) -> None:
+            snaps[i][opt.local_epoch] = params_of(model)
+            rounds[i][opt.local_epoch] = (opt.rounds_failed, opt.last_group_size)
+
+        return on_epoch
+
+    def slow_last_batch(opt: Optimizer) -> None:
+        """Once this epoch's round has its group and the others have closed the epoch, the
+        batch in progress takes `slow_batch` seconds more."""
+        grad_round = opt._grad_round
+        if grad_round is None or opt.local_epoch in slow_epochs or grad_round.done():
+            return
+        wait_for(
+            lambda: grad_round.stage is Stage.AWAITING_TRIGGER and opt.tracker.ready_to_update_epoch,
+            timeout=30,
+            what="the epoch's group and the others' end of the epoch",
+        )
+        slow_epochs.append(opt.local_epoch)
+        time.sleep(slow_batch)  # the compute of the batch that ends after the others' (the lateness under test)
+
+    with local_swarm(n, **DHT_FAST) as dhts, shut_down_at_exit() as opts:
+        target = n * STEPS_PER_EPOCH * BATCH
+        opts += [collaborative(dht, model, target) for dht, model in zip(dhts, models, strict=True)]
+        threads = Threads()
+        for i, (opt, model) in enumerate(zip(opts, models, strict=True)):
+            on_step = slow_last_batch if i == n - 1 else None
+            threads.start(f"peer-{i}", train, opt, model, 100 + i, lambda: epochs, recorder(i, model), on_step)
+        threads.join()
+
+        for epoch in range(1, epochs + 1):
+            for i in range(n):
+                assert rounds[i].get(epoch) == (0, n), f"peer {i}'s round of epoch {epoch}: (failed, group size)"
+            assert_identical([snaps[i][epoch] for i in range(n)], f"parameters at epoch {epoch}")
+        # in epoch 0 nobody knows the run's rate yet, and its round may start only at the epoch's end
+        assert set(slow_epochs) >= {1, 2}, f"the slow trainer's last batch ran late in epochs {slow_epochs} only"
 
 
 def test_late_joiner_loads_the_run_state_then_steps_in_sync():

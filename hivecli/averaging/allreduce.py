@@ -9,11 +9,13 @@ reducer averages it and sends it back on the same streams, while later chunks ar
 arriving: sending, receiving, reducing and returning all overlap, and every stream runs at once.
 
 Faults: a sender that does not open its stream within `request_timeout`, or goes quiet for
-`next_chunk_timeout`, is dropped; the chunks not yet final are averaged over those still
-alive (each chunk is the weighted mean of the peers that delivered it, and every survivor
-gets the same values). A reducer that fails leaves its span at the sender's local values.
-Averages are applied to the tensors only once a whole span has arrived, so a half-received
-part is never used.
+`next_chunk_timeout`, is dropped. A member whose owner holds its scheduled round (StepControl)
+says "pending" to the part streams it gets (channel.py), and is waited for up to
+`late_timeout` (half the round's allreduce_timeout), or until its connection breaks. The chunks
+not yet final are averaged over those still alive (each chunk is the weighted mean of the peers
+that delivered it, and every survivor gets the same values). A reducer that fails leaves its
+span at the sender's local values. Averages are applied to the tensors only once a whole span
+has arrived, so a half-received part is never used.
 
 Hostile members: a reducer drops a sender whose chunk holds a NaN or an infinity, and caps
 every weight at `max_weight_ratio` times the median (robust.py); `aggregation` can replace
@@ -38,7 +40,7 @@ import contextlib
 import logging
 import math
 from bisect import bisect_right
-from collections.abc import Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Any
 
 import torch
@@ -182,6 +184,11 @@ class AllReduceRunner:
         self._served = {i: self.loop.create_future() for i in self._alive}  # its averages were received
         self._finalized = 0
         self._progress = asyncio.Event()  # pulsed whenever _finalized grows
+        # members that said "pending" (their owner holds the round): waited for as senders up to
+        # late_timeout after we start, which leaves the round half its time to finish
+        self._pending: set[int] = set()
+        self.late_timeout = settings.allreduce_timeout / 2
+        self._started = self.loop.time()
         self.audit = ReducerAudit(
             self.index, weight, len(group.members), self.flat, self.spans, self.my_chunks, codec, settings, pool
         )
@@ -268,12 +275,19 @@ class AllReduceRunner:
         if not self.my_chunks:
             return
 
-        def no_show() -> None:
-            reason = f"did not start sending within request_timeout = {self.settings.request_timeout:g} s"
+        def no_show(late: bool) -> None:
+            if late:
+                reason = f"its owner did not let the round go within late_timeout = {self.late_timeout:g} s"
+            else:
+                reason = f"did not start sending within request_timeout = {self.settings.request_timeout:g} s"
             for i in list(self._alive - self._arrived):
-                self._fail_sender(i, reason)
+                if late or i not in self._pending:
+                    self._fail_sender(i, reason)
 
-        timer = self.loop.call_later(self.settings.request_timeout, no_show)
+        timers = [
+            self.loop.call_later(self.settings.request_timeout, no_show, False),
+            self.loop.call_later(self.late_timeout, no_show, True),
+        ]
         for i in list(self._alive):  # refused at once rather than waited for
             if self.group.members[i].peer_id in self.banned:
                 self._fail_sender(i, "it is banned for earlier hostile values; its part is refused")
@@ -282,7 +296,8 @@ class AllReduceRunner:
             while self._finalized < len(self.my_chunks):
                 await self._next_progress()
         finally:
-            timer.cancel()
+            for timer in timers:
+                timer.cancel()
         # averages go out from our tensors without a copy: the step ends only once every sender has them
         await asyncio.gather(*self._served.values())
 
@@ -473,7 +488,13 @@ class AllReduceRunner:
             for i in range(eager):
                 await stream.send(*self._encode(i, chunks[i]))
             channel = await channels.as_sender(
-                self.host, stream, member.peer_id, member.multiaddrs(), results.sink, self.settings.request_timeout
+                self.host,
+                stream,
+                member.peer_id,
+                member.multiaddrs(),
+                results.sink,
+                self.settings.request_timeout,
+                on_pending=lambda: self._on_pending(j),
             )
 
             async def send_part() -> None:
@@ -509,6 +530,8 @@ class AllReduceRunner:
             return
         except (HiveError, EndOfStream, ValueError, OSError, asyncio.TimeoutError) as e:
             self._drop(j, f"did not return its averaged part: {e or type(e).__name__}; kept local values there")
+            if j in self._pending and j not in self._arrived:  # its part will not come either
+                self._fail_sender(j, f"it said its owner held the round, then failed: {e or type(e).__name__}")
             return
         finally:
             if channel is not None:
@@ -519,6 +542,12 @@ class AllReduceRunner:
         for i, chunk in enumerate(chunks):
             self._piece(chunk).copy_(results.decode(i))
 
+    def _on_pending(self, j: int) -> float:
+        """Member j said "pending": its owner holds the round. Wait for it as a sender too, and
+        for its "ready" as long as we would wait for its part (channel.as_sender)."""
+        self._pending.add(j)
+        return max(0.0, self._started + self.late_timeout - self.loop.time()) + self.settings.request_timeout
+
     def _encode(self, index: int, chunk: Chunk) -> tuple[list[Any], memoryview]:
         """Chunk `index` of a span, as the message that carries it: ([index, meta], bytes)."""
         meta, data = self.codec.encode(self._piece(chunk))
@@ -527,36 +556,69 @@ class AllReduceRunner:
         return [index, meta], data
 
     def _request(self, span_bytes: int) -> dict[str, Any]:
-        request = {"group_id": self.group.group_id, "sender": self.index, "weight": self.weight}
+        # "wait": we understand "pending" (older reducers ignore the field)
+        request = {"group_id": self.group.group_id, "sender": self.index, "weight": self.weight, "wait": True}
         if wants_bulk_link(self.settings, span_bytes):
             request["bulk"] = True  # a link of our own for the chunks (channel.py), if the reducer can
         return request
 
 
+class _Entry:
+    """One group in the registry: its runner once set up (None: the round is over or will not
+    run), and whether our owner holds its scheduled round (True once expected)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.runner: asyncio.Future[AllReduceRunner | None] = loop.create_future()
+        self.expected: asyncio.Future[bool] = loop.create_future()
+
+
 class RunnerRegistry:
-    """Finds the runner of a group for part streams that arrive before we set it up."""
+    """Finds the runner of a group for part streams that arrive before we set it up.
+
+    A group we are in, whose scheduled round our owner has not let go yet, is `expect`ed: a
+    sender that can wait hears "pending" and waits for the runner, however long our owner
+    takes (the sender's own bound: AllReduceRunner.late_timeout), or until our step gives up."""
 
     def __init__(self) -> None:
-        self._runners: dict[bytes, asyncio.Future[AllReduceRunner]] = {}
+        self._groups: dict[bytes, _Entry] = {}
 
-    def _slot(self, group_id: bytes) -> asyncio.Future[AllReduceRunner]:
-        if group_id not in self._runners:
-            self._runners[group_id] = asyncio.get_running_loop().create_future()
-        return self._runners[group_id]
+    def _entry(self, group_id: bytes) -> _Entry:
+        if group_id not in self._groups:
+            self._groups[group_id] = _Entry(asyncio.get_running_loop())
+        return self._groups[group_id]
+
+    def expect(self, group_id: bytes) -> None:
+        expected = self._entry(group_id).expected
+        if not expected.done():
+            expected.set_result(True)
 
     def register(self, runner: AllReduceRunner) -> None:
-        self._slot(runner.group.group_id).set_result(runner)
+        self._entry(runner.group.group_id).runner.set_result(runner)
 
     def unregister(self, group_id: bytes) -> None:
-        self._runners.pop(group_id, None)
+        """The round is over, or will not run: streams still waiting for it hear so at once."""
+        entry = self._groups.pop(group_id, None)
+        if entry is not None and not entry.runner.done():
+            entry.runner.set_result(None)
 
-    async def find(self, group_id: bytes, timeout: float) -> AllReduceRunner | None:
-        if len(self._runners) > 64 and group_id not in self._runners:
+    async def find(
+        self, group_id: bytes, timeout: float, pending: Callable[[], Awaitable[None]] | None = None
+    ) -> AllReduceRunner | None:
+        """The group's runner, or None if it is not set up within `timeout`. If the group is
+        expected within `timeout` and the sender can wait (`pending` tells it so), until our
+        step registers or unregisters it instead."""
+        if len(self._groups) > 64 and group_id not in self._groups:
             return None  # someone is making up group ids
-        slot = self._slot(group_id)
-        try:
-            return await asyncio.wait_for(asyncio.shield(slot), timeout)
-        except asyncio.TimeoutError:
-            if not slot.done():
-                self._runners.pop(group_id, None)
-            return None
+        entry = self._entry(group_id)
+        waits: set[asyncio.Future[Any]] = {entry.runner}
+        if pending is not None:
+            waits.add(entry.expected)
+        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if not entry.runner.done() and pending is not None and entry.expected.done():
+            await pending()
+            await asyncio.wait({entry.runner})  # bounded by our step: it registers or unregisters
+        if entry.runner.done():
+            return entry.runner.result()
+        if self._groups.get(group_id) is entry:
+            del self._groups[group_id]
+        return None

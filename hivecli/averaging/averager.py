@@ -30,6 +30,7 @@ import torch
 
 from hivecli._exceptions import AllreduceError, ConfigError, HiveError
 from hivecli.averaging.allreduce import PART_METHOD, AllReduceRunner, BufferPool, RunnerRegistry
+from hivecli.averaging.channel import PENDING
 from hivecli.averaging.compression import AutoCompression, Codec, get_codec
 from hivecli.averaging.group import GroupInfo, method_name
 from hivecli.averaging.link import LinkMeter, RoundPlan
@@ -62,6 +63,7 @@ _SETTING_NAMES = [f.name for f in dataclasses.fields(AveragingSettings)]
 class Stage(Enum):
     IDLE = "idle"
     LOOKING_FOR_GROUP = "looking_for_group"
+    AWAITING_TRIGGER = "awaiting_trigger"  # a scheduled step's group formed; allow_allreduce() not yet called
     RUNNING_ALLREDUCE = "running_allreduce"
     FINISHED = "finished"
 
@@ -72,6 +74,10 @@ class StepControl:
     A step started with `scheduled=True` finds its group at once but starts the all-reduce
     only after `allow_allreduce()`: a training peer looks for its group while it finishes
     the epoch's last batches, fills the tensors, sets `weight`, then lets the round go.
+    Meanwhile (stage AWAITING_TRIGGER) the members that already run wait for it: it tells
+    them it is alive, and they give up on it after half their allreduce_timeout, or as soon
+    as its connection breaks (allreduce.py). A client-mode member cannot tell them: it is
+    waited for only request_timeout.
     `timings` records when each stage began (time.perf_counter), for benchmarks and logs.
     """
 
@@ -374,16 +380,21 @@ class DecentralizedAverager:
         while True:
             control._enter(Stage.LOOKING_FOR_GROUP)
             group = await self._matchmaker.look_for_group(gather, self.bandwidth, deadline, scope)
-            await self._wait_until_allowed(control, deadline)
-            control._enter(Stage.RUNNING_ALLREDUCE)
-            control.group_size = len(group.members)
             try:
+                if not control.allreduce_allowed:  # the others' part streams hear "pending"
+                    control._enter(Stage.AWAITING_TRIGGER)
+                    self._registry.expect(group.group_id)
+                await self._wait_until_allowed(control, deadline)
+                control._enter(Stage.RUNNING_ALLREDUCE)
+                control.group_size = len(group.members)
                 await self._run_allreduce(node, group, control.weight)
             except AllreduceError as e:
                 if not allow_retries or loop.time() >= deadline:
                     raise
                 logger.warning("%s; looking for another group", e)
                 continue
+            finally:
+                self._registry.unregister(group.group_id)
             control._enter(Stage.FINISHED)
             return {member.peer_id: member.gathered for member in group.members}
 
@@ -428,7 +439,6 @@ class DecentralizedAverager:
                 await runner.run()
                 ok = True
             finally:
-                self._registry.unregister(group.group_id)
                 for peer, why in runner.offenders.items():
                     self.ban(peer, why)
                 seconds = asyncio.get_running_loop().time() - started
@@ -464,7 +474,12 @@ class DecentralizedAverager:
         group_id = payload.get("group_id") if isinstance(payload, dict) else None
         if not isinstance(group_id, bytes):
             raise HiveError("a part request must name its group_id")
-        runner = await self._registry.find(group_id, self.settings.request_timeout)
+
+        async def pending() -> None:  # our owner holds the round: the sender waits, knowing we are alive
+            await stream.send(PENDING)
+
+        wait = payload.get("wait") is True  # the sender understands "pending"
+        runner = await self._registry.find(group_id, self.settings.request_timeout, pending if wait else None)
         if runner is None:
             raise HiveError(f"this peer is not averaging in group {group_id.hex()[:8]}")
         await runner.serve_sender(stream, payload)

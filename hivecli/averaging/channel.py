@@ -11,6 +11,8 @@ stream. State downloads use the same exchange (state.py), the donor in the reduc
     sender                                   reducer
     request {..., "bulk": true}      ->
     (without "bulk": the first chunks, allreduce.EAGER_BYTES at most, go at once)
+                                     <-      "pending"   (only to a sender that says "wait": true,
+                                                          while the reducer's owner holds the round)
                                      <-      ["ready", offer]   (or "ready": no bulk link)
     dial the offer's token to the reducer's port; then
     {"bulk": true | false}           ->
@@ -33,6 +35,9 @@ from hivecli.net.identity import PeerID
 from hivecli.net.multiaddr import Multiaddr
 
 READY = "ready"
+# A member of the group whose owner has not let its scheduled round go yet (StepControl) says so
+# instead of "ready", to a sender that can hear it: the sender then knows it is alive and waits.
+PENDING = "pending"
 # Below this a span's chunks take the stream: setting a round's links up cost 5-7 ms per step
 # with 2 peers (docs/benchmarks.md), which small rounds would feel and which buys them nothing.
 BULK_MIN_BYTES = 1024 * 1024
@@ -94,10 +99,19 @@ def is_ready(payload: Any) -> bool:
 
 
 async def as_sender(
-    host: Host, stream: Stream, peer: PeerID, maddrs: list[Multiaddr], sink: BodySink, timeout: float, ready: Any = None
+    host: Host,
+    stream: Stream,
+    peer: PeerID,
+    maddrs: list[Multiaddr],
+    sink: BodySink,
+    timeout: float,
+    ready: Any = None,
+    on_pending: Callable[[], float] | None = None,
 ) -> Channel:
     """The asking side, right after its request: read the other side's "ready" (unless the
-    caller already did: `ready`), and dial its offer if it made one.
+    caller already did: `ready`), and dial its offer if it made one. A request that said
+    "wait" passes `on_pending`: if the other side answers "pending" first, it is called and
+    says how many more seconds to wait for the "ready".
 
     Raises:
         ValueError: the other side answered something other than "ready".
@@ -106,6 +120,8 @@ async def as_sender(
     stream.body_sink = sink  # from the start: no chunk that comes on the stream may miss it
     if ready is None:
         ready = (await stream.recv(timeout=2 * timeout)).payload
+        if ready == PENDING and on_pending is not None:
+            ready = (await stream.recv(timeout=on_pending())).payload
     if ready == READY:
         return Channel(stream, None, sink)
     if not is_ready(ready):

@@ -23,7 +23,8 @@ class AveragingSettings:
             shorter than min_matchmaking_time, so that a peer that does not answer costs less
             than the time the group waits anyway.
         allreduce_timeout: upper bound on one all-reduce, from group assembly to the last
-            averaged part (default 300 s).
+            averaged part (default 300 s). A member whose owner holds its scheduled round
+            (and says so) is waited for up to half of it (allreduce.py).
         next_chunk_timeout: a peer that sends nothing for this long in the middle of an
             all-reduce is dropped from the round (default 30 s).
         step_timeout: default for `step(timeout=None)`: give up looking for a group after this
