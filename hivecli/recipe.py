@@ -57,7 +57,14 @@ _USER_CODE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")  # module.path:functi
 MODEL_NAMES = ("quickstart-cnn", "mlp", "resnet-small")  # hivecli.registry builds these
 DATASET_NAMES = ("digits", "mnist", "cifar10", "imagefolder")
 # HIVE_* variables that hive reads but that are not recipe settings; any other HIVE_* variable is an error
-NON_RECIPE_ENV_VARS = ("HIVE_DEBUG", "HIVE_LOGLEVEL", "HIVE_INITIAL_PEERS", "HIVE_EVENT_LOOP", "HIVE_SWARM_KEY")
+NON_RECIPE_ENV_VARS = (
+    "HIVE_DEBUG",
+    "HIVE_LOGLEVEL",
+    "HIVE_INITIAL_PEERS",
+    "HIVE_EVENT_LOOP",
+    "HIVE_SWARM_KEY",
+    "HIVE_ENCRYPT_SAME_HOST",  # cli/_network.py
+)
 
 
 def _registered_or_user_code(value: str, known: tuple[str, ...]) -> str:

@@ -1,6 +1,7 @@
 """Unit tests of hivecli.recipe: the shipped recipes, layering, error messages, TOML round trips, the schema."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -438,9 +439,18 @@ def test_an_unknown_env_var_is_an_error_even_without_a_suggestion():
 
 def test_hives_own_env_vars_are_not_recipe_settings():
     env = dict.fromkeys(NON_RECIPE_ENV_VARS, "1")
-    assert set(NON_RECIPE_ENV_VARS) >= {"HIVE_DEBUG", "HIVE_LOGLEVEL", "HIVE_INITIAL_PEERS"}
+    assert set(NON_RECIPE_ENV_VARS) >= {"HIVE_DEBUG", "HIVE_LOGLEVEL", "HIVE_INITIAL_PEERS", "HIVE_ENCRYPT_SAME_HOST"}
     assert load_recipe(None, env=env) == Recipe()
     assert not set(NON_RECIPE_ENV_VARS) & set(ENV_NAMES)
+
+
+def test_every_hive_env_var_that_hive_reads_is_known_to_the_recipe_loader():
+    """A HIVE_* variable read anywhere in hivecli must not be refused as an unknown recipe setting."""
+    package = Path(__file__).resolve().parent.parent / "hivecli"
+    pattern = re.compile(r"""(?:environ\.get\(|environ\[|getenv\()["'](HIVE_[A-Z0-9_]+)["']""")
+    read = {name for path in package.rglob("*.py") for name in pattern.findall(path.read_text())}
+    assert read >= {"HIVE_DEBUG", "HIVE_ENCRYPT_SAME_HOST"}  # the scan finds them
+    assert read <= set(NON_RECIPE_ENV_VARS) | set(ENV_NAMES), read - set(NON_RECIPE_ENV_VARS) - set(ENV_NAMES)
 
 
 def test_every_recipe_key_has_an_env_var():
