@@ -457,6 +457,15 @@ def _ratio(a: float | None, b: float | None, fmt: str = "{:.2f}x") -> str:
     return "-" if a is None or b is None else fmt.format(a / b)
 
 
+def _side_by_side(
+    ra: dict[str, Any], rb: dict[str, Any], key: str, scale: float, digits: int, missing: str
+) -> list[str]:
+    """Three cells comparing one measure of two modes: a's value, b's value, and a / b
+    (`missing` for a mode that failed, whose row is empty)."""
+    values = [f"{r[key] * scale:.{digits}f}" if r else missing for r in (ra, rb)]
+    return [*values, _ratio(ra.get(key), rb.get(key))]
+
+
 def _avg_row(world: int, name: str, mode: str, ours: dict[str, Any], gloo: dict[str, Any], nbytes: int) -> str:
     gloo_ms = {k: v * 1e3 for k, v in gloo.items()}
     gloo_cells = f"{gloo_ms['t']:.1f} ({gloo_ms['min']:.1f}-{gloo_ms['max']:.1f}) | {nbytes / gloo['t'] / 1e6:.0f}"
@@ -567,15 +576,9 @@ def main() -> None:
         for row in rows:
             ra, rb = (row["ours"][m] if "error" not in row["ours"][m] else {} for m in (a, b))
             cells = [
-                f"{ra['step'] * 1e3:.1f}" if ra else "FAILED",
-                f"{rb['step'] * 1e3:.1f}" if rb else "FAILED",
-                _ratio(ra.get("step"), rb.get("step")),
-                f"{ra['allreduce'] * 1e3:.1f}" if ra else "-",
-                f"{rb['allreduce'] * 1e3:.1f}" if rb else "-",
-                _ratio(ra.get("allreduce"), rb.get("allreduce")),
-                f"{ra['cpu'] * 1e3:.0f}" if ra else "-",
-                f"{rb['cpu'] * 1e3:.0f}" if rb else "-",
-                _ratio(ra.get("cpu"), rb.get("cpu")),
+                *_side_by_side(ra, rb, "step", 1e3, 1, "FAILED"),
+                *_side_by_side(ra, rb, "allreduce", 1e3, 1, "-"),
+                *_side_by_side(ra, rb, "cpu", 1e3, 0, "-"),
                 f"{row['gloo']['t'] * 1e3:.1f}",
                 _ratio(ra.get("step"), row["gloo"]["t"]),
                 _ratio(rb.get("step"), row["gloo"]["t"]),
@@ -610,12 +613,8 @@ def main() -> None:
             )
             print("| --- | --- | --- | --- | --- | --- |")
             cells = [
-                f"{ra['first_gbps']:.2f}" if ra else "FAILED",
-                f"{rb['first_gbps']:.2f}" if rb else "FAILED",
-                _ratio(ra.get("first_gbps"), rb.get("first_gbps")),
-                f"{ra['again_gbps']:.2f}" if ra else "FAILED",
-                f"{rb['again_gbps']:.2f}" if rb else "FAILED",
-                _ratio(ra.get("again_gbps"), rb.get("again_gbps")),
+                *_side_by_side(ra, rb, "first_gbps", 1.0, 2, "FAILED"),
+                *_side_by_side(ra, rb, "again_gbps", 1.0, 2, "FAILED"),
             ]
             print("| " + " | ".join(cells) + " |")
     if args.json:
