@@ -188,7 +188,7 @@ class AllReduceRunner:
         # late_timeout after we start, which leaves the round half its time to finish
         self._pending: set[int] = set()
         self.late_timeout = settings.allreduce_timeout / 2
-        self._started = self.loop.time()
+        self._late_deadline = self.loop.time() + self.late_timeout  # loop time
         self.audit = ReducerAudit(
             self.index, weight, len(group.members), self.flat, self.spans, self.my_chunks, codec, settings, pool
         )
@@ -286,7 +286,7 @@ class AllReduceRunner:
 
         timers = [
             self.loop.call_later(self.settings.request_timeout, no_show, False),
-            self.loop.call_later(self.late_timeout, no_show, True),
+            self.loop.call_at(self._late_deadline, no_show, True),
         ]
         for i in list(self._alive):  # refused at once rather than waited for
             if self.group.members[i].peer_id in self.banned:
@@ -546,7 +546,7 @@ class AllReduceRunner:
         """Member j said "pending": its owner holds the round. Wait for it as a sender too, and
         for its "ready" as long as we would wait for its part (channel.as_sender)."""
         self._pending.add(j)
-        return max(0.0, self._started + self.late_timeout - self.loop.time()) + self.settings.request_timeout
+        return max(0.0, self._late_deadline - self.loop.time()) + self.settings.request_timeout
 
     def _encode(self, index: int, chunk: Chunk) -> tuple[list[Any], memoryview]:
         """Chunk `index` of a span, as the message that carries it: ([index, meta], bytes)."""
