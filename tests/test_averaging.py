@@ -561,6 +561,27 @@ def test_shutting_down_the_dht_ends_a_step_in_flight():
     assert not destroyed, "tasks left pending on the closed loop:\n" + "\n".join(destroyed)
 
 
+def assert_survivors_averaged(dhts, avs, inputs, results, weights, atol):
+    """The first len(weights) members (the survivors) agree on the group, which held every
+    peer. The last member left: nobody reduced its span, where each survivor kept its own
+    values; everywhere else they hold their mean, weighted by `weights`."""
+    order = list(results[0])
+    assert all(list(r) == order for r in results) and set(order) == {d.peer_id for d in dhts}
+    numels = [t.numel() for t in inputs[0]]
+    spans = Layout(numels).spans(load_balance(sum(numels), [None] * len(dhts)))
+    lo, hi = spans[order.index(dhts[-1].peer_id)]
+    survivors = inputs[: len(weights)]
+    mean = flat(
+        [sum(w * p[k] for w, p in zip(weights, survivors, strict=True)) / sum(weights) for k in range(len(numels))]
+    )
+    for av, original in zip(avs[: len(weights)], survivors, strict=True):
+        got, mine = flat(snapshot(av)), flat(original)
+        assert torch.equal(got[lo:hi], mine[lo:hi])  # nobody reduced it: local values stay
+        keep = torch.ones(sum(numels), dtype=torch.bool)
+        keep[lo:hi] = False
+        torch.testing.assert_close(got[keep], mean[keep], rtol=0, atol=atol)
+
+
 def test_peer_dying_before_it_sends_leaves_its_span_local_and_the_rest_averaged():
     torch.manual_seed(5)
     numels = [3000, 7]
@@ -586,18 +607,7 @@ def test_peer_dying_before_it_sends_leaves_its_span_local_and_the_rest_averaged(
             began = time.perf_counter()
             results = [c.result(timeout=30) for c in controls[:3]]
             assert time.perf_counter() - began < 20
-            order = list(results[0])
-            assert all(list(r) == order for r in results) and set(order) == {d.peer_id for d in dhts}
-            spans = Layout(numels).spans(load_balance(sum(numels), [None] * 4))
-            dead_span = spans[order.index(dhts[3].peer_id)]
-            survivors_mean = flat([torch.stack([p[k] for p in inputs[:3]]).mean(0) for k in range(2)])
-            for av, original in zip(avs[:3], inputs[:3], strict=True):
-                got, mine = flat(snapshot(av)), flat(original)
-                lo, hi = dead_span
-                assert torch.equal(got[lo:hi], mine[lo:hi])  # nobody reduced it: local values stay
-                keep = torch.ones(sum(numels), dtype=torch.bool)
-                keep[lo:hi] = False
-                torch.testing.assert_close(got[keep], survivors_mean[keep], rtol=0, atol=1e-6)
+            assert_survivors_averaged(dhts, avs, inputs, results, weights=[1.0] * 3, atol=1e-6)
 
 
 def test_peer_dying_mid_round_does_not_hang_survivors_who_agree():
@@ -674,23 +684,6 @@ def held_round(prefix, allreduce_timeout):
             yield dhts, avs, inputs, controls
 
 
-def assert_the_two_averaged_without_the_third(dhts, avs, inputs, results):
-    """The first two averaged everything but the third member's span (weights 1 and 2), which
-    nobody reduced: there each kept its own values."""
-    order = list(results[0])
-    assert list(results[1]) == order and len(order) == 3
-    numels = [t.numel() for t in inputs[0]]
-    spans = Layout(numels).spans(load_balance(sum(numels), [None] * 3))
-    lo, hi = spans[order.index(dhts[2].peer_id)]
-    survivors = flat([(1.0 * inputs[0][k] + 2.0 * inputs[1][k]) / 3 for k in range(2)])
-    for av, original in zip(avs[:2], inputs[:2], strict=True):
-        got, mine = flat(snapshot(av)), flat(original)
-        assert torch.equal(got[lo:hi], mine[lo:hi])
-        keep = torch.ones(sum(numels), dtype=torch.bool)
-        keep[lo:hi] = False
-        torch.testing.assert_close(got[keep], survivors[keep], rtol=0, atol=1e-5)
-
-
 def test_a_member_let_go_late_is_waited_for():
     with held_round("late", allreduce_timeout=30.0) as (_, avs, inputs, controls):
         # held for 4x request_timeout: without "pending", its peers would drop it after 0.5 s
@@ -712,7 +705,7 @@ def test_a_held_member_that_dies_is_dropped_when_its_connection_breaks():
         kill(avs[2], dhts[2])
         results = [c.result(timeout=60) for c in controls[:2]]
         assert time.perf_counter() - began < 20
-        assert_the_two_averaged_without_the_third(dhts, avs, inputs, results)
+        assert_survivors_averaged(dhts, avs, inputs, results, weights=[1.0, 2.0], atol=1e-5)
 
 
 def test_a_member_held_past_late_timeout_is_dropped_and_the_others_average():
@@ -722,7 +715,7 @@ def test_a_member_held_past_late_timeout_is_dropped_and_the_others_average():
         controls[2].allow_allreduce()  # after the others gave up on it: nobody takes its part
         with pytest.raises(AllreduceError):
             controls[2].result(timeout=30)
-        assert_the_two_averaged_without_the_third(dhts, avs, inputs, results)
+        assert_survivors_averaged(dhts, avs, inputs, results, weights=[1.0, 2.0], atol=1e-5)
         assert torch.equal(flat(snapshot(avs[2])), flat(inputs[2]))  # it kept its own values
 
 
