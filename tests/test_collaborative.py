@@ -34,9 +34,12 @@ STEPS_PER_EPOCH = 4  # steps each peer takes per epoch: target_batch_size = peer
 STEP_TIME = 0.02
 TRAIN_DEADLINE = 60.0  # a training loop gives up after this long (a bug must not hang the test run)
 JOIN_TIMEOUT = 75.0
+# where the models of the tests parametrized by `device` train: a GPU too, on a machine that has one
+# (the optimizer averages CPU copies of what lives on the device)
+DEVICES = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
 
 
-def linear(seed: int) -> torch.nn.Linear:
+def linear(seed: int, device: str = "cpu") -> torch.nn.Linear:
     """A small model whose parameters depend on `seed` only (not on the global RNG, which
     threads would race on)."""
     gen = torch.Generator().manual_seed(seed)
@@ -44,17 +47,18 @@ def linear(seed: int) -> torch.nn.Linear:
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=gen))
-    return model
+    return model.to(device)
 
 
 def params_of(model: torch.nn.Module) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()]
 
 
-def batches(seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def batches(seed: int, device: torch.device | str = "cpu") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     gen = torch.Generator().manual_seed(seed)
     while True:
-        yield torch.randn(BATCH, IN, generator=gen), torch.randint(0, OUT, (BATCH,), generator=gen)
+        x, y = torch.randn(BATCH, IN, generator=gen), torch.randint(0, OUT, (BATCH,), generator=gen)
+        yield x.to(device), y.to(device)
 
 
 def collaborative(dht, model, target_batch_size, lr=0.1, **kwargs) -> Optimizer:
@@ -84,7 +88,7 @@ def train(
 ) -> int:
     """Train on the peer's own data until its epoch reaches `until()`; call `on_epoch` after
     each step that changed the epoch. Returns the number of step() calls."""
-    data, calls = batches(seed), 0
+    data, calls = batches(seed, next(model.parameters()).device), 0
     deadline = time.monotonic() + TRAIN_DEADLINE
     while opt.local_epoch < until():
         if time.monotonic() > deadline:
@@ -155,10 +159,11 @@ def max_spread(snapshots: list[list[torch.Tensor]]) -> float:
 # ---- gradient averaging -----------------------------------------------------------------------------------
 
 
-def test_four_peers_average_gradients_and_stay_bitwise_identical():
+@pytest.mark.parametrize("device", DEVICES)
+def test_four_peers_average_gradients_and_stay_bitwise_identical(device):
     n, epochs = 4, 3
-    init = linear(seed=0)
-    models = [linear(seed=0) for _ in range(n)]
+    init = linear(seed=0, device=device)
+    models = [linear(seed=0, device=device) for _ in range(n)]
     snaps: list[dict[int, list[torch.Tensor]]] = [{} for _ in range(n)]
     rounds: list[dict[int, tuple[int, int, int]]] = [{} for _ in range(n)]
 
@@ -192,6 +197,7 @@ def test_four_peers_average_gradients_and_stay_bitwise_identical():
         for epoch in range(1, epochs + 1):
             assert_identical([snaps[i][epoch] for i in range(n)], f"parameters at epoch {epoch}")
         assert max_spread([snaps[0][epochs], params_of(init)]) > 1e-3  # they did train
+        assert all(p.device.type == device for model in models for p in model.parameters())
 
 
 def test_a_trainer_whose_last_batch_outlasts_request_timeout_still_averages():
@@ -242,10 +248,11 @@ def test_a_trainer_whose_last_batch_outlasts_request_timeout_still_averages():
         assert set(slow_epochs) >= {1, 2}, f"the slow trainer's last batch ran late in epochs {slow_epochs} only"
 
 
-def test_late_joiner_loads_the_run_state_then_steps_in_sync():
+@pytest.mark.parametrize("device", DEVICES)
+def test_late_joiner_loads_the_run_state_then_steps_in_sync(device):
     n_trainers = 3
-    models = [linear(seed=0) for _ in range(n_trainers)]
-    newcomer_model = linear(seed=1)  # another init: only a download can make it equal the trainers'
+    models = [linear(seed=0, device=device) for _ in range(n_trainers)]
+    newcomer_model = linear(seed=1, device=device)  # another init: only a download can make it equal the trainers'
     target = n_trainers * STEPS_PER_EPOCH * BATCH
     snaps: list[dict[int, list[torch.Tensor]]] = [{} for _ in range(n_trainers + 1)]
     final = {"epoch": 10**6}  # set once the newcomer has joined
@@ -265,7 +272,9 @@ def test_late_joiner_loads_the_run_state_then_steps_in_sync():
             opts.append(newcomer)
             wait_for(lambda: newcomer.tracker.global_epoch >= 2, 20, "the newcomer to see the run's epoch")
             seen = newcomer.tracker.global_epoch
-            train_step(newcomer, newcomer_model, batches(seed=200))  # behind the run: loads its state instead
+            train_step(
+                newcomer, newcomer_model, batches(seed=200, device=device)
+            )  # behind the run: loads its state instead
             joined = newcomer.local_epoch
             assert seen <= joined <= seen + 1, f"the newcomer saw epoch {seen} and is at {joined}"
             loaded = params_of(newcomer_model)
@@ -293,15 +302,16 @@ def test_late_joiner_loads_the_run_state_then_steps_in_sync():
         assert newcomer.rounds_finished >= 2 and newcomer.last_group_size == n_trainers + 1
 
 
-def test_explicit_load_state_from_peers_takes_epoch_parameters_and_momentum():
-    veteran_model, newcomer_model = linear(seed=0), linear(seed=1)
+@pytest.mark.parametrize("device", DEVICES)
+def test_explicit_load_state_from_peers_takes_epoch_parameters_and_momentum(device):
+    veteran_model, newcomer_model = linear(seed=0, device=device), linear(seed=1, device=device)
     with local_swarm(2, **DHT_FAST) as (dht_a, dht_b), shut_down_at_exit() as opts:
         veteran = Optimizer(
             dht=dht_a, run_id="load", target_batch_size=64, batch_size_per_step=BATCH,
             optimizer=torch.optim.SGD(veteran_model.parameters(), lr=0.1, momentum=0.9), **FAST,
         )  # fmt: skip
         opts.append(veteran)
-        veteran_model(torch.randn(BATCH, IN)).sum().backward()
+        veteran_model(torch.randn(BATCH, IN, device=device)).sum().backward()
         veteran.opt.step()  # a momentum buffer that is not zero, outside any epoch
         veteran.load_state_dict({**veteran.state_dict(), "local_epoch": 5})  # as if it had trained 5 epochs
         newcomer = Optimizer(
@@ -324,15 +334,16 @@ def test_explicit_load_state_from_peers_takes_epoch_parameters_and_momentum():
 # ---- local updates, auxiliary peers, schedulers -----------------------------------------------------------
 
 
-def test_local_updates_step_every_call_and_average_parameters_each_epoch():
+@pytest.mark.parametrize("device", DEVICES)
+def test_local_updates_step_every_call_and_average_parameters_each_epoch(device):
     n, epochs = 3, 2
-    models = [linear(seed=0) for _ in range(n)]
+    models = [linear(seed=0, device=device) for _ in range(n)]
     before: list[dict[int, list[torch.Tensor]]] = [{} for _ in range(n)]
     after: list[dict[int, list[torch.Tensor]]] = [{} for _ in range(n)]
     finished: list[dict[int, int]] = [{} for _ in range(n)]
 
     def peer(i: int, opt: Optimizer, model: torch.nn.Module) -> None:
-        data, deadline = batches(seed=100 + i), time.monotonic() + TRAIN_DEADLINE
+        data, deadline = batches(seed=100 + i, device=device), time.monotonic() + TRAIN_DEADLINE
         for epoch in range(1, epochs + 1):
             while opt.local_epoch < epoch:
                 assert time.monotonic() < deadline, f"peer {i} did not reach epoch {epoch}"

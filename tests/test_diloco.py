@@ -29,16 +29,19 @@ LONE = {**FAST, "matchmaking_time": 1.0, "averaging_timeout": 2.0}  # a lone pee
 IN, OUT = 4, 1
 H, INNER_LR, OUTER_LR, MOMENTUM = 5, 0.1, 0.7, 0.9
 JOIN_TIMEOUT = 60.0
+# where the models of the tests parametrized by `device` train: a GPU too, on a machine that has one
+# (the outer parameters and their momentum stay on the CPU)
+DEVICES = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
 
 
-def linear(seed: int) -> torch.nn.Linear:
+def linear(seed: int, device: str = "cpu") -> torch.nn.Linear:
     """A small model whose parameters depend on `seed` only (not on the global RNG)."""
     gen = torch.Generator().manual_seed(seed)
     model = torch.nn.Linear(IN, OUT)
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=gen))
-    return model
+    return model.to(device)
 
 
 def params_of(model: torch.nn.Module) -> list[torch.Tensor]:
@@ -64,9 +67,10 @@ def diloco(dht, model, **kwargs) -> DiLoCoOptimizer:
 
 
 def inner_steps(opt: DiLoCoOptimizer, model: torch.nn.Module, data, batch_size: int | None = None) -> None:
+    device = next(model.parameters()).device
     for x, y in data:
         opt.zero_grad()
-        F.mse_loss(model(x), y).backward()
+        F.mse_loss(model(x.to(device)), y.to(device)).backward()
         opt.step(batch_size=batch_size)
 
 
@@ -119,15 +123,18 @@ def shut_down_at_exit() -> Iterator[list[DiLoCoOptimizer]]:
 
 
 def assert_close(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> None:
+    """Compares on the CPU, where the expected values are computed (`actual` may be on a GPU)."""
     for a, e in zip(actual, expected, strict=True):
-        torch.testing.assert_close(a.detach(), e, atol=1e-6, rtol=0)
+        torch.testing.assert_close(a.detach().cpu(), e, atol=1e-6, rtol=0)
 
 
-def two_peers_take_an_outer_step(dhts, opts, batch_sizes: tuple[int, int], pass_to_step: bool = False):
+def two_peers_take_an_outer_step(
+    dhts, opts, batch_sizes: tuple[int, int], pass_to_step: bool = False, device: str = "cpu"
+):
     """Two peers from the same init, H inner steps each on their own data, one averaged outer step.
-    Returns (init, models, the weighted mean pseudo-gradient computed by hand)."""
+    Returns (init, models on `device`, the weighted mean pseudo-gradient computed by hand on the CPU)."""
     init = linear(seed=0)
-    models = [linear(seed=0) for _ in range(2)]
+    models = [linear(seed=0, device=device) for _ in range(2)]
     data = [peer_data(i, batch_sizes[i]) for i in range(2)]
     for dht, model, batch_size in zip(dhts, models, batch_sizes, strict=True):
         opts.append(diloco(dht, model, **({} if pass_to_step else {"batch_size_per_step": batch_size})))
@@ -143,9 +150,10 @@ def two_peers_take_an_outer_step(dhts, opts, batch_sizes: tuple[int, int], pass_
     return init, models, mean
 
 
-def test_two_peers_take_the_outer_step_computed_by_hand():
+@pytest.mark.parametrize("device", DEVICES)
+def test_two_peers_take_the_outer_step_computed_by_hand(device):
     with local_swarm(2, **DHT_FAST) as dhts, shut_down_at_exit() as opts:
-        init, models, mean_pseudo_grad = two_peers_take_an_outer_step(dhts, opts, (8, 8))
+        init, models, mean_pseudo_grad = two_peers_take_an_outer_step(dhts, opts, (8, 8), device=device)
         expected = outer_step_by_hand(init, mean_pseudo_grad)
         for opt, model in zip(opts, models, strict=True):
             assert opt.local_epoch == 1 and opt.inner_steps == 0
@@ -155,13 +163,15 @@ def test_two_peers_take_the_outer_step_computed_by_hand():
             assert_close([opt.outer_opt.state[p]["momentum_buffer"] for p in opt.outer_params], mean_pseudo_grad)
         for mine, theirs in zip(models[0].parameters(), models[1].parameters(), strict=True):
             assert torch.equal(mine, theirs)  # the same averaged pseudo-gradient, the same outer step
+            assert mine.device.type == device
 
 
-def test_newcomer_downloads_outer_parameters_and_momentum():
+@pytest.mark.parametrize("device", DEVICES)
+def test_newcomer_downloads_outer_parameters_and_momentum(device):
     with local_swarm(3, **DHT_FAST) as dhts, shut_down_at_exit() as opts:
-        _, models, _ = two_peers_take_an_outer_step(dhts[:2], opts, (8, 8))
+        _, models, _ = two_peers_take_an_outer_step(dhts[:2], opts, (8, 8), device=device)
         donor = opts[0]
-        newcomer_model = linear(seed=1)  # another init: only the download can make it equal
+        newcomer_model = linear(seed=1, device=device)  # another init: only the download can make it equal
         newcomer = diloco(dhts[2], newcomer_model)
         opts.append(newcomer)
         assert newcomer.local_epoch == 0

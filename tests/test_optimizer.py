@@ -16,6 +16,8 @@ from hivecli.optim import DecentralizedOptimizer
 from hivecli.testing import local_swarm, wait_for
 
 DHT_FAST = {"wait_timeout": 1.0}
+# where the parameters of the tests parametrized by `device` live: a GPU too, on a machine that has one
+DEVICES = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
 FAST = {"min_matchmaking_time": 2.0, "request_timeout": 1.0}
 ROUND_TIMEOUT = 30.0
 
@@ -43,8 +45,10 @@ def set_grad(param, value):
     param.grad = torch.full_like(param, value)
 
 
-def test_two_sgd_peers_average_to_the_exact_value_every_round():
-    a, b = torch.nn.Parameter(torch.zeros(32, 32)), torch.nn.Parameter(torch.ones(32, 32))
+@pytest.mark.parametrize("device", DEVICES)
+def test_two_sgd_peers_average_to_the_exact_value_every_round(device):
+    a = torch.nn.Parameter(torch.zeros(32, 32, device=device))
+    b = torch.nn.Parameter(torch.ones(32, 32, device=device))
     expected_a, expected_b, lr = 0.0, 1.0, 0.1
     with local_swarm(2, **DHT_FAST) as dhts, optimizers(dhts, [a, b], sgd(lr)) as (opt_a, opt_b):
         for round_number in range(1, 4):
@@ -53,8 +57,8 @@ def test_two_sgd_peers_average_to_the_exact_value_every_round():
             opt_b.step()
             assert opt_a.wait_for_averaging(ROUND_TIMEOUT) and opt_b.wait_for_averaging(ROUND_TIMEOUT)
             expected_a = expected_b = ((expected_a - lr * 1.0) + (expected_b - lr * 2.0)) / 2
-            torch.testing.assert_close(a.detach(), torch.full((32, 32), expected_a), atol=1e-6, rtol=0)
-            torch.testing.assert_close(b.detach(), torch.full((32, 32), expected_b), atol=1e-6, rtol=0)
+            torch.testing.assert_close(a.detach(), torch.full((32, 32), expected_a, device=device), atol=1e-6, rtol=0)
+            torch.testing.assert_close(b.detach(), torch.full((32, 32), expected_b, device=device), atol=1e-6, rtol=0)
             assert opt_a.rounds_finished == opt_b.rounds_finished == round_number
             assert opt_a.last_group_size == 2
         assert opt_a.local_step == opt_b.local_step == 3
@@ -107,9 +111,10 @@ def test_adam_statistics_are_averaged_and_the_others_stay_local():
         torch.testing.assert_close(a.detach(), b.detach(), atol=1e-7, rtol=0)
 
 
-def test_late_joiner_loads_parameters_optimizer_state_and_step_from_the_run():
+@pytest.mark.parametrize("device", DEVICES)
+def test_late_joiner_loads_parameters_optimizer_state_and_step_from_the_run(device):
     torch.manual_seed(0)
-    veteran_model, newcomer_model = torch.nn.Linear(6, 3), torch.nn.Linear(6, 3)
+    veteran_model, newcomer_model = torch.nn.Linear(6, 3).to(device), torch.nn.Linear(6, 3).to(device)
     with local_swarm(2, **DHT_FAST) as (dht_a, dht_b):
         veteran = DecentralizedOptimizer(
             torch.optim.SGD(veteran_model.parameters(), lr=0.1, momentum=0.9),
@@ -130,7 +135,7 @@ def test_late_joiner_loads_parameters_optimizer_state_and_step_from_the_run():
         try:
             for _ in range(7):
                 veteran.zero_grad()
-                veteran_model(torch.randn(4, 6)).pow(2).sum().backward()
+                veteran_model(torch.randn(4, 6, device=device)).pow(2).sum().backward()
                 veteran.step()
             assert newcomer.local_step == 0
             wait_for(lambda: newcomer.averager.load_state_from_peers(timeout=5), 20, "a donor to share its state")
