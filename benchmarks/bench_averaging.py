@@ -362,7 +362,7 @@ def _newcomer_body(numel: int, encryption: str, addrs: list[str], out: Any, bulk
     dht.shutdown()
 
 
-def run_state(numel: int, trials: int, encryption: str = "on", bulk: str = "state") -> dict[str, Any]:
+def run_state(numel: int, trials: int, encryption: str = "on", bulk: str = "auto") -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     addr_q, out, stop = ctx.Queue(), ctx.Queue(), ctx.Event()
     donor = ctx.Process(target=_donor, args=(numel, encryption, addr_q, stop))
@@ -523,9 +523,9 @@ def main() -> None:
     parser.add_argument("--no-audit", action="store_true", help="verify_reducers = False: what the reducer audit costs")
     parser.add_argument(
         "--bulk-links",
-        choices=["state", "all", "none"],
-        default="state",
-        help="AveragingSettings.bulk_links: which transfers get a TCP connection of their own (default state)",
+        choices=["auto", "state", "all", "none"],
+        default="auto",
+        help="AveragingSettings.bulk_links: which transfers get a TCP connection of their own (default auto)",
     )
     parser.add_argument(
         "--cold-openmp",

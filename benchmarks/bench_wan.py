@@ -202,7 +202,7 @@ def run_averaging(
     rounds: int,
     rate: float,
     timeout: float,
-    bulk_links: str = "state",
+    bulk_links: str = "auto",
     slow_start_after_idle: bool = True,
     congestion: str | None = None,
     audit: bool = True,
@@ -406,9 +406,9 @@ def main() -> None:
     parser.add_argument("--partition-size", type=int, default=100_000)
     parser.add_argument(
         "--bulk-links",
-        choices=["state", "all", "none"],
-        default="state",
-        help="AveragingSettings.bulk_links of every peer (default state)",
+        choices=["auto", "state", "all", "none"],
+        default="auto",
+        help="AveragingSettings.bulk_links of every peer (default auto, as the averager's)",
     )
     parser.add_argument(
         "--no-slow-start-after-idle",

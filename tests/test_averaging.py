@@ -22,7 +22,7 @@ from hivecli._exceptions import AllreduceError, MatchmakingError
 from hivecli.averaging import DecentralizedAverager, Stage, channel, load_balance
 from hivecli.averaging.compression import AutoCompression
 from hivecli.averaging.group import GroupInfo, Member
-from hivecli.averaging.link import RoundPlan
+from hivecli.averaging.link import AUTO_BULK_MIN_RATE, RoundPlan, spans_take_bulk_links
 from hivecli.averaging.partition import Layout
 from hivecli.averaging.settings import PACING_SHARE
 from hivecli.dht.records import owned_entries
@@ -160,6 +160,39 @@ def test_the_data_plane_runs_torch_ops_on_one_openmp_thread(monkeypatch, bulk_li
     assert threads == ({"hive-bulk-recv"} if bulk_links == "all" else {"hive-dht"})
     assert {count for _, count in seen} == {1}
     assert torch.get_num_threads() == 2
+
+
+def test_auto_bulk_links_need_the_cores_a_fast_link_and_no_pacing():
+    fast, slow = AUTO_BULK_MIN_RATE * 2, 12.5e6  # loopback at 0.6 GB/s; 100 Mbit/s
+    assert spans_take_bulk_links(None, cores=16, paced=False)  # no round measured yet
+    assert spans_take_bulk_links(fast, cores=4, paced=False)
+    assert not spans_take_bulk_links(slow, cores=16, paced=False)
+    assert not spans_take_bulk_links(fast, cores=2, paced=False)
+    assert not spans_take_bulk_links(None, cores=16, paced=True)
+
+
+@pytest.mark.parametrize(("cores", "uplink_mbps", "bulk"), [(16, None, True), (2, None, False), (16, 1000.0, False)])
+def test_auto_bulk_links_follow_the_machine(monkeypatch, cores, uplink_mbps, bulk):
+    """bulk_links = "auto" (the default): spans of 1 MiB or more take bulk links on a machine
+    with the cores to drive them, and stay on the part streams on a small machine or where the
+    uplink is paced; the round averages either way."""
+    redeemed = []
+    accept = BulkLinks.accept
+
+    def counting(self, stream, hello):
+        redeemed.append(accept(self, stream, hello))
+        return redeemed[-1]
+
+    monkeypatch.setattr(BulkLinks, "accept", counting)
+    monkeypatch.setattr("hivecli.averaging.averager.usable_cores", lambda: cores)
+    with local_swarm(2, **DHT_FAST) as dhts:
+        inputs = [torch.randn(600_000) for _ in dhts]  # spans of 1.2 MB
+        with averagers(dhts, [[t.clone()] for t in inputs], prefix="auto", uplink_mbps=uplink_mbps, **FAST) as avs:
+            assert all(av.settings.bulk_links == "auto" for av in avs)
+            run_round(avs)
+            for av in avs:
+                torch.testing.assert_close(snapshot(av)[0], (inputs[0] + inputs[1]) / 2)
+    assert (sum(redeemed) == 2) if bulk else not redeemed  # one link per sender, or none
 
 
 def test_pooled_buffers_follow_the_member_order_and_hold_the_model_once_and_a_half(monkeypatch):

@@ -119,7 +119,7 @@ def test_all_finite():
         ({"audit_positions": 0}, "audit_positions = 0 must be an integer between 1 and 1024"),
         ({"audit_positions": 2.5}, "audit_positions"),
         ({"verify_reducers": 1}, "verify_reducers = 1 must be True or False"),
-        ({"bulk_links": True}, "bulk_links = True must be one of 'state', 'all', 'none'"),
+        ({"bulk_links": True}, "bulk_links = True must be one of 'auto', 'state', 'all', 'none'"),
     ],
 )
 def test_bad_defence_settings_are_config_errors(kwargs, fragment):

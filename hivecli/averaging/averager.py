@@ -33,7 +33,7 @@ from hivecli.averaging.allreduce import PART_METHOD, AllReduceRunner, BufferPool
 from hivecli.averaging.channel import PENDING
 from hivecli.averaging.compression import AutoCompression, Codec, get_codec
 from hivecli.averaging.group import GroupInfo, method_name
-from hivecli.averaging.link import LinkMeter, RoundPlan
+from hivecli.averaging.link import LinkMeter, RoundPlan, spans_take_bulk_links
 from hivecli.averaging.matchmaking import JOIN_METHOD, Matchmaker
 from hivecli.averaging.settings import AveragingSettings
 from hivecli.averaging.state import (
@@ -47,7 +47,7 @@ from hivecli.averaging.state import (
     download_state,
     find_donors,
 )
-from hivecli.cores import single_threaded_here
+from hivecli.cores import single_threaded_here, usable_cores
 from hivecli.dht.dht import DHT
 from hivecli.dht.node import DHTNode
 from hivecli.net.connection import Stream
@@ -421,6 +421,9 @@ class DecentralizedAverager:
             settings = self.settings
             if group.plan.chunk_bytes is not None:
                 settings = dataclasses.replace(settings, chunk_bytes=group.plan.chunk_bytes)
+            if settings.bulk_links == "auto":  # the runner sees what "auto" chose for this round
+                bulk = spans_take_bulk_links(self._link.rate, usable_cores(), settings.uplink_mbps is not None)
+                settings = dataclasses.replace(settings, bulk_links="all" if bulk else "state")
             runner = AllReduceRunner(
                 node.host,
                 group,

@@ -12,6 +12,10 @@ group): the chunk size, and with compression "auto" the codec. Both depend on th
   `MIN_CHUNK_BYTES` and the averager's `chunk_bytes`.
 - The codec: see compression.AutoCompression.
 
+Each member also decides for itself whether its spans take bulk links (`bulk_links = "auto"`,
+`spans_take_bulk_links`): where the link is faster than one event loop moves bytes and the
+machine has the cores to drive it from worker threads.
+
 The rate is what this peer measured: bytes it sent over the round's seconds, less the time the
 round spent converting (a round slowed by conversions on a fast link is not a slow link),
 smoothed over rounds. Every member of a round shares the slowest member's pace, so the leader's
@@ -26,6 +30,14 @@ from typing import Any
 CHUNK_SECONDS = 0.05
 MIN_CHUNK_BYTES = 256 * 1024
 MAX_PLANNED_CHUNK_BYTES = 64 * 1024 * 1024  # a leader's plan beyond this is refused (the frame limit)
+# bulk_links = "auto": all-reduce spans take bulk links on a machine with at least this many cores
+# and a link measured at least this fast (or not measured yet). Measured (docs/benchmarks.md): on
+# 16 cores they made 4 x 50M fp32 on loopback 1.9x faster (276 -> 147 ms) and 2 x 50M 1.5x (217 -> 140 ms); on 2
+# cores they were slower than the stream (each side's threads and the event loop then share one
+# core); over 100 Mbit/s they were slower too (a fresh connection per round restarts TCP's slow
+# start, and bulk links are not paced), and a link that slow is not limited by the event loop.
+AUTO_BULK_MIN_CORES = 4
+AUTO_BULK_MIN_RATE = 300e6  # bytes/s: 2.4 Gbit/s, well above what a WAN link carries
 
 
 @dataclass(frozen=True)
@@ -54,6 +66,15 @@ class RoundPlan:
         ):
             raise ValueError(f"a round plan's chunk_bytes must be 4096..{MAX_PLANNED_CHUNK_BYTES} bytes")
         return cls(codec, chunk_bytes)
+
+
+def spans_take_bulk_links(rate: float | None, cores: int, paced: bool) -> bool:
+    """What `bulk_links = "auto"` does with a round's all-reduce spans: True (as "all") with at
+    least AUTO_BULK_MIN_CORES `cores`, a link `rate` (bytes/s, LinkMeter.rate) of at least
+    AUTO_BULK_MIN_RATE or not yet measured, and no pacing (`paced`: the user gave its uplink
+    rate, which only the stream's sockets obey); else False (as "state")."""
+    fast = rate is None or rate >= AUTO_BULK_MIN_RATE
+    return cores >= AUTO_BULK_MIN_CORES and fast and not paced
 
 
 class LinkMeter:

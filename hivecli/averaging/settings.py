@@ -62,10 +62,13 @@ class AveragingSettings:
             1 and 1024; every peer of a run must use the same, since a reducer refuses any other count.
         bulk_links: which transfers move their bytes on a TCP connection of their own, driven by
             blocking calls on worker threads (hivecli.net.bulk), where the other peer can be
-            dialed directly: "state" (default: state downloads, measured 1.5-2x faster), "all"
-            (all-reduce spans of 1 MiB or more as well: on 2 cores no faster than the peers'
-            connection, and each round pays a few milliseconds to set the links up; it may pay
-            off where one event loop's core limits a fast link) or "none".
+            dialed directly: "auto" (default: state downloads, measured 1.5-2x faster, and
+            all-reduce spans of 1 MiB or more where this machine has 4 cores or more, the link
+            measured at least 300 MB/s or not yet measured, and no `uplink_mbps`: on 16 cores
+            1.5-1.9x faster at 50M floats, slower on 2 cores and on a 100 Mbit/s link;
+            link.spans_take_bulk_links), "state" (state downloads only), "all" (state downloads
+            and every all-reduce span of 1 MiB or more; each round pays a few milliseconds to
+            set the links up) or "none".
         uplink_mbps: this peer's upload rate in Mbit/s, where known (default None: unknown).
             During a round, each connection to a member of the group then sends at most its
             share of PACING_SHARE of it (the kernel paces the socket), so that the bottleneck's
@@ -74,7 +77,7 @@ class AveragingSettings:
             lost them fell behind; paced, none (0.85-0.86 of the link rate -> 0.91-0.93, and
             0.80-0.82 -> 0.86-0.90 with 50 ms RTT: docs/benchmarks.md). Set too high, it
             changes nothing; too low, it caps averaging.
-            Bulk links (`bulk_links = "all"`) are not paced.
+            Bulk links are not paced ("auto" keeps all-reduce spans on the stream when this is set).
     """
 
     target_group_size: int = 4
@@ -94,7 +97,7 @@ class AveragingSettings:
     ban_duration: float = 600.0
     verify_reducers: bool = True
     audit_positions: int = 8
-    bulk_links: str = "state"
+    bulk_links: str = "auto"
     uplink_mbps: float | None = None
 
     def __post_init__(self) -> None:
@@ -177,5 +180,5 @@ AGGREGATIONS = ("mean", "trimmed_mean", "centered_clip")
 # sends us (about 2% on a symmetric link; more where the downlink is much faster). 0.94 dropped
 # no packet on a 100 Mbit/s tbf link with 2 and 4 peers.
 PACING_SHARE = 0.94
-BULK_LINKS = ("state", "all", "none")
+BULK_LINKS = ("auto", "state", "all", "none")
 MAX_AUDIT_POSITIONS = 1024  # an audit reply (positions x members x 2 numbers) stays well under a 4 MiB header

@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-group-size", type=int, default=0, help="smallest group (default: --group-size)")
     parser.add_argument("--rounds", type=int, default=0, help="rounds to run (0: until SIGTERM)")
     parser.add_argument("--compression", choices=["none", "float16", "auto"], default="none")
-    parser.add_argument("--bulk-links", choices=["state", "all", "none"], default="state")
+    parser.add_argument("--bulk-links", choices=["auto", "state", "all", "none"], default="auto")
     parser.add_argument("--matchmaking-time", type=float, default=5.0, help="min_matchmaking_time, seconds")
     parser.add_argument("--no-audit", action="store_true", help="verify_reducers = False (what the audit costs)")
     parser.add_argument("--uplink-mbps", type=float, default=None, help="AveragingSettings.uplink_mbps (pacing)")
