@@ -164,18 +164,24 @@ def test_the_data_plane_runs_torch_ops_on_one_openmp_thread(monkeypatch, bulk_li
 
 def test_auto_bulk_links_need_the_cores_a_fast_link_and_no_pacing():
     fast, slow = AUTO_BULK_MIN_RATE * 2, 12.5e6  # loopback at 0.6 GB/s; 100 Mbit/s
-    assert spans_take_bulk_links(None, cores=16, paced=False)  # no round measured yet
     assert spans_take_bulk_links(fast, cores=4, paced=False)
+    assert not spans_take_bulk_links(None, cores=16, paced=False)  # no round measured the link yet
     assert not spans_take_bulk_links(slow, cores=16, paced=False)
     assert not spans_take_bulk_links(fast, cores=2, paced=False)
-    assert not spans_take_bulk_links(None, cores=16, paced=True)
+    assert not spans_take_bulk_links(fast, cores=16, paced=True)
 
 
-@pytest.mark.parametrize(("cores", "uplink_mbps", "bulk"), [(16, None, True), (2, None, False), (16, 1000.0, False)])
-def test_auto_bulk_links_follow_the_machine(monkeypatch, cores, uplink_mbps, bulk):
-    """bulk_links = "auto" (the default): spans of 1 MiB or more take bulk links on a machine
-    with the cores to drive them, and stay on the part streams on a small machine or where the
-    uplink is paced; the round averages either way."""
+@pytest.mark.parametrize(
+    ("cores", "min_rate", "uplink_mbps", "bulk"),
+    [(16, 1.0, None, True), (2, 1.0, None, False), (16, 1e15, None, False), (16, 1.0, 1000.0, False)],
+    ids=["many-cores", "two-cores", "slow-link", "paced"],
+)
+def test_auto_bulk_links_follow_the_machine_and_the_measured_link(monkeypatch, cores, min_rate, uplink_mbps, bulk):
+    """bulk_links = "auto" (the default): the first round's spans take the part streams; once a
+    round measured the link, spans of 1 MiB or more take bulk links on a machine with the cores
+    to drive them and a link at least AUTO_BULK_MIN_RATE fast (`min_rate` here, so that the
+    test does not depend on this machine's speed), and never where the uplink is paced. The
+    rounds average either way."""
     redeemed = []
     accept = BulkLinks.accept
 
@@ -185,10 +191,13 @@ def test_auto_bulk_links_follow_the_machine(monkeypatch, cores, uplink_mbps, bul
 
     monkeypatch.setattr(BulkLinks, "accept", counting)
     monkeypatch.setattr("hivecli.averaging.averager.usable_cores", lambda: cores)
+    monkeypatch.setattr("hivecli.averaging.link.AUTO_BULK_MIN_RATE", min_rate)
     with local_swarm(2, **DHT_FAST) as dhts:
         inputs = [torch.randn(600_000) for _ in dhts]  # spans of 1.2 MB
         with averagers(dhts, [[t.clone()] for t in inputs], prefix="auto", uplink_mbps=uplink_mbps, **FAST) as avs:
             assert all(av.settings.bulk_links == "auto" for av in avs)
+            run_round(avs)
+            assert not redeemed, "the first round took bulk links before the link was measured"
             run_round(avs)
             for av in avs:
                 torch.testing.assert_close(snapshot(av)[0], (inputs[0] + inputs[1]) / 2)
