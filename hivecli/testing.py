@@ -83,6 +83,27 @@ def local_swarm(n: int, **kwargs: Any) -> Iterator[list[DHT]]:
         shutdown_all(dhts)
 
 
+@contextlib.contextmanager
+def redeemed_bulk_links() -> Iterator[list[bool]]:
+    """While open, records every bulk link (hivecli.net.bulk) that a host of this process was
+    dialed for: True where its token was redeemed, False where it was refused. For checking
+    which way a round's or a download's bytes went."""
+    from hivecli.net.bulk import BulkLinks
+
+    accept = BulkLinks.accept
+    redeemed: list[bool] = []
+
+    def recording(self: BulkLinks, stream: ByteStream, hello: dict[str, Any]) -> bool:
+        redeemed.append(accept(self, stream, hello))
+        return redeemed[-1]
+
+    setattr(BulkLinks, "accept", recording)  # noqa: B010 (mypy refuses assigning to a method)
+    try:
+        yield redeemed
+    finally:
+        setattr(BulkLinks, "accept", accept)  # noqa: B010
+
+
 class HiveProcess:
     """A real `hive ARGS...` command in a subprocess (`python -m hivecli.cli.main`). Its stdout
     JSON lines (the events of `--json`) and its stderr lines are read as they come, so a test
@@ -376,4 +397,13 @@ class HostilePeer:
         await asyncio.sleep(0)  # let the transports run their close callbacks
 
 
-__all__ = ["HiveProcess", "HostilePeer", "launch_swarm", "local_swarm", "shutdown_all", "wait_for", "wait_until"]
+__all__ = [
+    "HiveProcess",
+    "HostilePeer",
+    "launch_swarm",
+    "local_swarm",
+    "redeemed_bulk_links",
+    "shutdown_all",
+    "wait_for",
+    "wait_until",
+]

@@ -28,7 +28,7 @@ from hivecli.averaging.settings import PACING_SHARE
 from hivecli.dht.records import owned_entries
 from hivecli.net.bulk import BulkLinks
 from hivecli.net.connection import Connection
-from hivecli.testing import local_swarm, wait_for
+from hivecli.testing import local_swarm, redeemed_bulk_links, wait_for
 
 DHT_FAST = {"wait_timeout": 1.0}
 FAST = {"min_matchmaking_time": 2.0, "request_timeout": 1.0}
@@ -162,6 +162,13 @@ def test_the_data_plane_runs_torch_ops_on_one_openmp_thread(monkeypatch, bulk_li
     assert torch.get_num_threads() == 2
 
 
+@pytest.fixture
+def redeemed():
+    """The bulk links this process's hosts accepted during the test (hivecli.testing)."""
+    with redeemed_bulk_links() as links:
+        yield links
+
+
 def test_auto_bulk_links_need_the_cores_a_fast_link_and_no_pacing():
     fast, slow = AUTO_BULK_MIN_RATE * 2, 12.5e6  # loopback at 0.6 GB/s; 100 Mbit/s
     assert spans_take_bulk_links(fast, cores=4, paced=False)
@@ -176,20 +183,14 @@ def test_auto_bulk_links_need_the_cores_a_fast_link_and_no_pacing():
     [(16, 1.0, None, True), (2, 1.0, None, False), (16, 1e15, None, False), (16, 1.0, 1000.0, False)],
     ids=["many-cores", "two-cores", "slow-link", "paced"],
 )
-def test_auto_bulk_links_follow_the_machine_and_the_measured_link(monkeypatch, cores, min_rate, uplink_mbps, bulk):
+def test_auto_bulk_links_follow_the_machine_and_the_measured_link(
+    monkeypatch, redeemed, cores, min_rate, uplink_mbps, bulk
+):
     """bulk_links = "auto" (the default): the first round's spans take the part streams; once a
     round measured the link, spans of 1 MiB or more take bulk links on a machine with the cores
     to drive them and a link at least AUTO_BULK_MIN_RATE fast (`min_rate` here, so that the
     test does not depend on this machine's speed), and never where the uplink is paced. The
     rounds average either way."""
-    redeemed = []
-    accept = BulkLinks.accept
-
-    def counting(self, stream, hello):
-        redeemed.append(accept(self, stream, hello))
-        return redeemed[-1]
-
-    monkeypatch.setattr(BulkLinks, "accept", counting)
     monkeypatch.setattr("hivecli.averaging.averager.usable_cores", lambda: cores)
     monkeypatch.setattr("hivecli.averaging.link.AUTO_BULK_MIN_RATE", min_rate)
     with local_swarm(2, **DHT_FAST) as dhts:
@@ -774,10 +775,7 @@ class StatefulAverager(DecentralizedAverager):
         return self.metadata, tensors
 
 
-def test_state_download_is_bit_identical(monkeypatch):
-    redeemed = []  # bulk links the donor accepted: downloads take one (channel.py)
-    accept = BulkLinks.accept
-    monkeypatch.setattr(BulkLinks, "accept", lambda self, *args: redeemed.append(accept(self, *args)) or redeemed[-1])
+def test_state_download_is_bit_identical(redeemed):
     torch.manual_seed(7)
     metadata = {"step": 42, "name": "donor", "lr": [0.1, 0.01], "blob": b"\x00\x01"}
     shapes = [(1_000_000,), (3, 5), (0,)]
@@ -802,7 +800,7 @@ def test_state_download_is_bit_identical(monkeypatch):
             for got, want in zip(tensors, donor_tensors, strict=True):
                 assert got.dtype == want.dtype and torch.equal(got, want)
             assert torch.count_nonzero(snapshot(newcomer)[0]) == 0  # returned, not applied
-            assert redeemed == [True]
+            assert redeemed == [True]  # downloads take a bulk link (channel.py)
             # a second download sees later changes of the donor
             with donor.get_tensors() as live:
                 live[0].add_(1.0)
@@ -822,12 +820,9 @@ def test_state_download_is_bit_identical(monkeypatch):
 
 
 @pytest.mark.parametrize("way", ["undialable-donor", "older-donor", "bulk-links-none"])
-def test_state_download_without_a_bulk_link_reads_the_stream(monkeypatch, way):
+def test_state_download_without_a_bulk_link_reads_the_stream(monkeypatch, redeemed, way):
     """A donor we cannot dial, one of step 9 or before (it answers with its head at once, no
     offer), and a newcomer with bulk_links = "none" all download over the stream."""
-    redeemed = []
-    accept = BulkLinks.accept
-    monkeypatch.setattr(BulkLinks, "accept", lambda self, *args: redeemed.append(accept(self, *args)) or redeemed[-1])
     if way == "undialable-donor":
 
         async def no_link(self, *args):

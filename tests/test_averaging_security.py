@@ -31,9 +31,8 @@ from hivecli.averaging.robust import (
     trimmed_mean,
 )
 from hivecli.dht.records import owned_entries
-from hivecli.net.bulk import BulkLinks
 from hivecli.optim.training_averager import TrainingAverager
-from hivecli.testing import local_swarm, wait_for
+from hivecli.testing import local_swarm, redeemed_bulk_links, wait_for
 
 DHT_FAST = {"wait_timeout": 1.0}
 FAST = {"min_matchmaking_time": 2.0, "request_timeout": 1.0}
@@ -134,17 +133,10 @@ def test_bad_defence_settings_are_config_errors(kwargs, fragment):
 def link(request, monkeypatch):
     """Which way the spans travel: on the part streams, or (every span, however small) on bulk
     links (channel.py). Returns a check, for after a round, that they went that way."""
-    redeemed = []
-    accept = BulkLinks.accept
-
-    def counting(self, stream, hello):
-        redeemed.append(accept(self, stream, hello))
-        return redeemed[-1]
-
-    monkeypatch.setattr(BulkLinks, "accept", counting)
     if request.param == "bulk":  # as bulk_links = "all" does for spans of 1 MiB or more
         monkeypatch.setattr("hivecli.averaging.allreduce.wants_bulk_link", lambda settings, span_bytes: True)
-    return lambda: any(redeemed) == (request.param == "bulk")
+    with redeemed_bulk_links() as redeemed:
+        yield lambda: any(redeemed) == (request.param == "bulk")
 
 
 @contextlib.contextmanager
