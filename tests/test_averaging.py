@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import gc
 import itertools
+import logging
 import random
 import sys
 import threading
@@ -184,13 +185,14 @@ def test_auto_bulk_links_need_the_cores_a_fast_link_and_no_pacing():
     ids=["many-cores", "two-cores", "slow-link", "paced"],
 )
 def test_auto_bulk_links_follow_the_machine_and_the_measured_link(
-    monkeypatch, redeemed, cores, min_rate, uplink_mbps, bulk
+    caplog, monkeypatch, redeemed, cores, min_rate, uplink_mbps, bulk
 ):
     """bulk_links = "auto" (the default): the first round's spans take the part streams; once a
     round measured the link, spans of 1 MiB or more take bulk links on a machine with the cores
     to drive them and a link at least AUTO_BULK_MIN_RATE fast (`min_rate` here, so that the
     test does not depend on this machine's speed), and never where the uplink is paced. The
-    rounds average either way."""
+    rounds average either way. Each peer says once that its rounds moved to bulk links."""
+    caplog.set_level(logging.INFO, logger="hivecli.averaging")
     monkeypatch.setattr("hivecli.averaging.averager.usable_cores", lambda: cores)
     monkeypatch.setattr("hivecli.averaging.link.AUTO_BULK_MIN_RATE", min_rate)
     with local_swarm(2, **DHT_FAST) as dhts:
@@ -203,6 +205,8 @@ def test_auto_bulk_links_follow_the_machine_and_the_measured_link(
             for av in avs:
                 torch.testing.assert_close(snapshot(av)[0], (inputs[0] + inputs[1]) / 2)
     assert (sum(redeemed) == 2) if bulk else not redeemed  # one link per sender, or none
+    said = [r for r in caplog.records if "now send their spans on bulk links" in r.getMessage()]
+    assert len(said) == (2 if bulk else 0)
 
 
 def test_pooled_buffers_follow_the_member_order_and_hold_the_model_once_and_a_half(monkeypatch):

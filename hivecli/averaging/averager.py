@@ -195,6 +195,7 @@ class DecentralizedAverager:
         )
         self._pool = BufferPool()
         self._link = LinkMeter()  # what our rounds measured of our link, for the rounds we lead
+        self._bulk_spans = False  # what bulk_links = "auto" chose for our last round (logged when it changes)
         # what `hive monitor` shows of our averaging: totals, and the latest rounds as
         # (unix time, group size, seconds, ok); written by the DHT thread, read by anyone
         self.bytes_sent = self.bytes_received = 0
@@ -422,8 +423,7 @@ class DecentralizedAverager:
             if group.plan.chunk_bytes is not None:
                 settings = dataclasses.replace(settings, chunk_bytes=group.plan.chunk_bytes)
             if settings.bulk_links == "auto":  # the runner sees what "auto" chose for this round
-                bulk = spans_take_bulk_links(self._link.rate, usable_cores(), settings.uplink_mbps is not None)
-                settings = dataclasses.replace(settings, bulk_links="all" if bulk else "state")
+                settings = dataclasses.replace(settings, bulk_links="all" if self._auto_bulk_spans() else "state")
             runner = AllReduceRunner(
                 node.host,
                 group,
@@ -454,6 +454,21 @@ class DecentralizedAverager:
         finally:
             self.lock_averaged_tensors.release()
         logger.debug("Averaged with %d peers in group %s", len(group.members), group.group_id.hex()[:8])
+
+    def _auto_bulk_spans(self) -> bool:
+        """Whether this round's spans take bulk links under bulk_links = "auto"; says so once
+        whenever that changes, since it changes how a round uses the machine (worker threads)."""
+        cores, rate = usable_cores(), self._link.rate
+        bulk = spans_take_bulk_links(rate, cores, self.settings.uplink_mbps is not None)
+        if bulk != self._bulk_spans:
+            self._bulk_spans = bulk
+            logger.info(
+                "Averaging rounds now send their spans on %s (bulk_links = 'auto': %d cores, link measured at %s)",
+                "bulk links, a connection of their own each" if bulk else "the peers' connections",
+                cores,
+                "?" if rate is None else f"{rate / 1e6:.0f} MB/s",
+            )
+        return bulk
 
     def _plan_round(self, group_size: int = 2) -> RoundPlan:
         """How a round we lead travels: chunks sized for our link, and with "auto" the codec."""
