@@ -9,7 +9,7 @@ result: "valid" (finite and within the range of its group's inputs) must hold fo
 that succeeded; "exact" (their mean) holds unless a member dropped out mid-round.
 
 `--bulk-links all` (the default here) sends every span of 1 MiB or more on a bulk link, which
-is what `bulk_links = "auto"` picks on a machine of 4 cores or more: this soak runs that path on
+is what `bulk_links = "auto"` picks where a peer has 4 cores or more: this soak runs that path on
 any machine. Printed: one row per peer process (incarnation) with its rounds, failures, exact
 and invalid rounds and how it ended; then the verdict: no invalid round, no traceback on any
 peer's stderr, and every incarnation that lived 20 s or more averaged at least once.

@@ -57,6 +57,13 @@ def fair_share() -> tuple[int, int] | None:
     return peers, max(1, usable_cores() // peers)
 
 
+def cores_per_peer() -> int:
+    """This machine's cores shared among the hive training peers on it (at least 1), whatever
+    OMP_NUM_THREADS says: what one peer's data plane can count on. Scans the process table
+    (milliseconds): callers cache it."""
+    return max(1, usable_cores() // training_peers_here())
+
+
 def single_threaded_here() -> bool:
     """Make torch's CPU ops on the calling thread run on one OpenMP thread, leaving every other
     thread (the training loop's) as it is; True if it could. Cheap once done: call it freely.

@@ -193,7 +193,7 @@ def test_auto_bulk_links_follow_the_machine_and_the_measured_link(
     test does not depend on this machine's speed), and never where the uplink is paced. The
     rounds average either way. Each peer says once that its rounds moved to bulk links."""
     caplog.set_level(logging.INFO, logger="hivecli.averaging")
-    monkeypatch.setattr("hivecli.averaging.averager.usable_cores", lambda: cores)
+    monkeypatch.setattr("hivecli.averaging.averager.cores_per_peer", lambda: cores)
     monkeypatch.setattr("hivecli.averaging.link.AUTO_BULK_MIN_RATE", min_rate)
     with local_swarm(2, **DHT_FAST) as dhts:
         inputs = [torch.randn(600_000) for _ in dhts]  # spans of 1.2 MB

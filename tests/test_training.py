@@ -250,6 +250,9 @@ def test_each_peer_gets_its_share_of_the_cores_unless_the_user_chose(monkeypatch
     assert cores.fair_share() == (12, 1)
     monkeypatch.setenv("OMP_NUM_THREADS", "4")
     assert cores.fair_share() is None
+    assert cores.cores_per_peer() == 1  # what a peer's data plane counts on, whatever the threads
+    monkeypatch.setattr(cores, "training_peers_here", lambda: 3)
+    assert cores.cores_per_peer() == 2
 
 
 def test_one_thread_for_the_averaging_thread_leaves_the_others_as_they_were():

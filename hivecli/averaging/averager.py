@@ -47,7 +47,7 @@ from hivecli.averaging.state import (
     download_state,
     find_donors,
 )
-from hivecli.cores import single_threaded_here, usable_cores
+from hivecli.cores import cores_per_peer, single_threaded_here
 from hivecli.dht.dht import DHT
 from hivecli.dht.node import DHTNode
 from hivecli.net.connection import Stream
@@ -58,6 +58,7 @@ from hivecli.utils.loops import wait_event
 logger = logging.getLogger(__name__)
 StateValidator = Callable[[Any, list[torch.Tensor]], None]
 _SETTING_NAMES = [f.name for f in dataclasses.fields(AveragingSettings)]
+CORES_RECOUNT_S = 60.0  # how often bulk_links = "auto" counts this peer's cores again (peers come and go)
 
 
 class Stage(Enum):
@@ -196,6 +197,7 @@ class DecentralizedAverager:
         self._pool = BufferPool()
         self._link = LinkMeter()  # what our rounds measured of our link, for the rounds we lead
         self._bulk_spans = False  # what bulk_links = "auto" chose for our last round (logged when it changes)
+        self._cores: tuple[float, int] | None = None  # (monotonic time, cores_per_peer()), redone each minute
         # what `hive monitor` shows of our averaging: totals, and the latest rounds as
         # (unix time, group size, seconds, ok); written by the DHT thread, read by anyone
         self.bytes_sent = self.bytes_received = 0
@@ -423,7 +425,8 @@ class DecentralizedAverager:
             if group.plan.chunk_bytes is not None:
                 settings = dataclasses.replace(settings, chunk_bytes=group.plan.chunk_bytes)
             if settings.bulk_links == "auto":  # the runner sees what "auto" chose for this round
-                settings = dataclasses.replace(settings, bulk_links="all" if self._auto_bulk_spans() else "state")
+                bulk = await self._auto_bulk_spans()
+                settings = dataclasses.replace(settings, bulk_links="all" if bulk else "state")
             runner = AllReduceRunner(
                 node.host,
                 group,
@@ -455,15 +458,20 @@ class DecentralizedAverager:
             self.lock_averaged_tensors.release()
         logger.debug("Averaged with %d peers in group %s", len(group.members), group.group_id.hex()[:8])
 
-    def _auto_bulk_spans(self) -> bool:
+    async def _auto_bulk_spans(self) -> bool:
         """Whether this round's spans take bulk links under bulk_links = "auto"; says so once
-        whenever that changes, since it changes how a round uses the machine (worker threads)."""
-        cores, rate = usable_cores(), self._link.rate
+        whenever that changes, since it changes how a round uses the machine (worker threads).
+        The cores are this peer's share of the machine (`hive local 4` on 4 cores: 1 each),
+        counted again each minute, on a worker thread (it scans the process table)."""
+        if self._cores is None or time.monotonic() - self._cores[0] > CORES_RECOUNT_S:
+            self._cores = (time.monotonic(), await asyncio.to_thread(cores_per_peer))
+        cores, rate = self._cores[1], self._link.rate
         bulk = spans_take_bulk_links(rate, cores, self.settings.uplink_mbps is not None)
         if bulk != self._bulk_spans:
             self._bulk_spans = bulk
             logger.info(
-                "Averaging rounds now send their spans on %s (bulk_links = 'auto': %d cores, link measured at %s)",
+                "Averaging rounds now send their spans on %s (bulk_links = 'auto': %d cores for this peer, link "
+                "measured at %s)",
                 "bulk links, a connection of their own each" if bulk else "the peers' connections",
                 cores,
                 "?" if rate is None else f"{rate / 1e6:.0f} MB/s",

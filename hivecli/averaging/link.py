@@ -30,15 +30,16 @@ from typing import Any
 CHUNK_SECONDS = 0.05
 MIN_CHUNK_BYTES = 256 * 1024
 MAX_PLANNED_CHUNK_BYTES = 64 * 1024 * 1024  # a leader's plan beyond this is refused (the frame limit)
-# bulk_links = "auto": all-reduce spans take bulk links on a machine with at least this many cores,
-# once our rounds measured our link at least this fast. Measured (docs/benchmarks.md): on 16 cores
-# they made 4 x 50M fp32 on loopback 1.9x faster (276 -> 147 ms) and 2 x 50M 1.5x (217 -> 140
-# ms); on 2 cores they were slower than the stream (each side's threads and the event loop then
-# share one core); over 100 Mbit/s they were slower too (a fresh connection per round restarts
-# TCP's slow start, and bulk links are not paced), and a link that slow is not limited by the
-# event loop. Not before a round measured the link: dialing a peer that cannot be reached
-# directly (behind NAT, a firewall that drops the attempt) would cost that round the dial's
-# timeout, where the stream was fine.
+# bulk_links = "auto": all-reduce spans take bulk links where a peer has at least this many cores
+# (its share of the machine), once our rounds measured our link at least this fast. Measured
+# (docs/benchmarks.md): on 16 cores they made 4 x 50M fp32 on loopback 1.9x faster (276 -> 147
+# ms) and 2 x 50M 1.5x (217 -> 140 ms); with one core per peer they were slower than the stream
+# (2 peers on 2 cores; 4 peers on 4 cores, 4 x 50M: 320 against 261 ms), as each side's threads
+# and the event loop then share that core; over 100 Mbit/s they were slower too (a fresh
+# connection per round restarts TCP's slow start, and bulk links are not paced), and a link that
+# slow is not limited by the event loop. Not before a round measured the link: dialing a peer
+# that cannot be reached directly (behind NAT, a firewall that drops the attempt) would cost
+# that round the dial's timeout, where the stream was fine.
 AUTO_BULK_MIN_CORES = 4
 AUTO_BULK_MIN_RATE = 300e6  # bytes/s: 2.4 Gbit/s, well above what a WAN link carries
 
@@ -73,9 +74,10 @@ class RoundPlan:
 
 def spans_take_bulk_links(rate: float | None, cores: int, paced: bool) -> bool:
     """What `bulk_links = "auto"` does with a round's all-reduce spans: True (as "all") with at
-    least AUTO_BULK_MIN_CORES `cores`, a link `rate` (bytes/s, LinkMeter.rate; None: not yet
-    measured) of at least AUTO_BULK_MIN_RATE, and no pacing (`paced`: the user gave its uplink
-    rate, which only the stream's sockets obey); else False (as "state")."""
+    least AUTO_BULK_MIN_CORES `cores` for this peer (its share of the machine), a link `rate`
+    (bytes/s, LinkMeter.rate; None: not yet measured) of at least AUTO_BULK_MIN_RATE, and no
+    pacing (`paced`: the user gave its uplink rate, which only the stream's sockets obey); else
+    False (as "state")."""
     fast = rate is not None and rate >= AUTO_BULK_MIN_RATE
     return cores >= AUTO_BULK_MIN_CORES and fast and not paced
 

@@ -63,9 +63,10 @@ class AveragingSettings:
         bulk_links: which transfers move their bytes on a TCP connection of their own, driven by
             blocking calls on worker threads (hivecli.net.bulk), where the other peer can be
             dialed directly: "auto" (default: state downloads, measured 1.5-2x faster, and
-            all-reduce spans of 1 MiB or more where this machine has 4 cores or more, our last
-            rounds measured the link at 300 MB/s or more, and no `uplink_mbps` paces it: on 16 cores
-            1.5-1.9x faster at 50M floats, slower on 2 cores and on a 100 Mbit/s link;
+            all-reduce spans of 1 MiB or more where this peer has 4 cores or more (its share of
+            the machine among the hive peers on it), our last rounds measured the link at 300
+            MB/s or more, and no `uplink_mbps` paces it: on 16 cores 1.5-1.9x faster at 50M
+            floats, slower with one core per peer and on a 100 Mbit/s link;
             link.spans_take_bulk_links), "state" (state downloads only), "all" (state downloads
             and every all-reduce span of 1 MiB or more; each round pays a few milliseconds to
             set the links up) or "none".
