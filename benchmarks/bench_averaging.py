@@ -505,6 +505,8 @@ def _attempt(fn: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
 
 
 def main() -> None:
+    from hivecli.averaging.settings import BULK_LINKS  # not at the top: spawned workers import this module
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--peers", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--sizes", nargs="+", default=["1M", "10M", "50M"], choices=list(SIZES))
@@ -523,7 +525,7 @@ def main() -> None:
     parser.add_argument("--no-audit", action="store_true", help="verify_reducers = False: what the reducer audit costs")
     parser.add_argument(
         "--bulk-links",
-        choices=["auto", "state", "all", "none"],
+        choices=BULK_LINKS,
         default="auto",
         help="AveragingSettings.bulk_links: which transfers get a TCP connection of their own (default auto)",
     )

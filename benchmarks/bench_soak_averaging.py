@@ -34,6 +34,9 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+from hivecli.averaging.settings import BULK_LINKS  # noqa: E402  # after the sys.path line
+
 LIVED_ENOUGH = 20.0  # an incarnation that lived this long must have averaged at least once
 
 
@@ -109,7 +112,7 @@ def main() -> int:
     parser.add_argument("--churn-every", type=float, default=45.0, help="seconds between departures")
     parser.add_argument("--down", type=float, default=5.0, help="seconds before a departed peer is replaced")
     parser.add_argument("--matchmaking-time", type=float, default=1.0, help="min_matchmaking_time, seconds")
-    parser.add_argument("--bulk-links", choices=["auto", "state", "all", "none"], default="all")
+    parser.add_argument("--bulk-links", choices=BULK_LINKS, default="all")
     args = parser.parse_args()
     logs = Path(tempfile.mkdtemp(prefix="hive-soak-"))
     seeds = iter(range(0, 10**6, 1000))  # far apart: rounds of different peers never average the same number

@@ -70,7 +70,8 @@ CONGESTION_SYSCTL = "/proc/sys/net/ipv4/tcp_congestion_control"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from hivecli.netlab import NetLab, Node, netlab_unavailable  # noqa: E402  # after the sys.path line
+from hivecli.averaging.settings import BULK_LINKS  # noqa: E402  # after the sys.path line
+from hivecli.netlab import NetLab, Node, netlab_unavailable  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _linkuse  # noqa: E402
@@ -406,7 +407,7 @@ def main() -> None:
     parser.add_argument("--partition-size", type=int, default=100_000)
     parser.add_argument(
         "--bulk-links",
-        choices=["auto", "state", "all", "none"],
+        choices=BULK_LINKS,
         default="auto",
         help="AveragingSettings.bulk_links of every peer (default auto, as the averager's)",
     )

@@ -172,6 +172,8 @@ def _record(
 
 
 def main(argv: list[str] | None = None) -> int:
+    from hivecli.averaging.settings import BULK_LINKS  # as `run` imports hivecli: only when run
+
     parser = argparse.ArgumentParser(description="An averaging peer that reports each round as a JSON line.")
     parser.add_argument("--listen", default="/ip4/0.0.0.0/tcp/0")
     parser.add_argument("--initial-peers", nargs="*", default=[])
@@ -181,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-group-size", type=int, default=0, help="smallest group (default: --group-size)")
     parser.add_argument("--rounds", type=int, default=0, help="rounds to run (0: until SIGTERM)")
     parser.add_argument("--compression", choices=["none", "float16", "auto"], default="none")
-    parser.add_argument("--bulk-links", choices=["auto", "state", "all", "none"], default="auto")
+    parser.add_argument("--bulk-links", choices=BULK_LINKS, default="auto")
     parser.add_argument("--matchmaking-time", type=float, default=5.0, help="min_matchmaking_time, seconds")
     parser.add_argument("--no-audit", action="store_true", help="verify_reducers = False (what the audit costs)")
     parser.add_argument("--uplink-mbps", type=float, default=None, help="AveragingSettings.uplink_mbps (pacing)")
