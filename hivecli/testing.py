@@ -83,6 +83,14 @@ def local_swarm(n: int, **kwargs: Any) -> Iterator[list[DHT]]:
         shutdown_all(dhts)
 
 
+def torch_devices() -> list[str]:
+    """The devices a test of training code can put its models on here: "cpu", and "cuda" where
+    torch sees a GPU (for `pytest.mark.parametrize("device", torch_devices())`)."""
+    import torch
+
+    return ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+
+
 @contextlib.contextmanager
 def redeemed_bulk_links() -> Iterator[list[bool]]:
     """While open, records every bulk link (hivecli.net.bulk) that a host of this process was
@@ -404,6 +412,7 @@ __all__ = [
     "local_swarm",
     "redeemed_bulk_links",
     "shutdown_all",
+    "torch_devices",
     "wait_for",
     "wait_until",
 ]

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from hivecli import ConfigError
 from hivecli.averaging import Stage
 from hivecli.optim.collaborative import Optimizer
-from hivecli.testing import local_swarm, wait_for
+from hivecli.testing import local_swarm, torch_devices, wait_for
 
 DHT_FAST = {"wait_timeout": 1.0}
 TRACKER_FAST = {"min_refresh_period": 0.1, "default_refresh_period": 0.5}
@@ -36,7 +36,7 @@ TRAIN_DEADLINE = 60.0  # a training loop gives up after this long (a bug must no
 JOIN_TIMEOUT = 75.0
 # where the models of the tests parametrized by `device` train: a GPU too, on a machine that has one
 # (the optimizer averages CPU copies of what lives on the device)
-DEVICES = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+DEVICES = torch_devices()
 
 
 def linear(seed: int, device: str = "cpu") -> torch.nn.Linear:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from hivecli import ConfigError
 from hivecli.optim import DiLoCoOptimizer
-from hivecli.testing import local_swarm
+from hivecli.testing import local_swarm, torch_devices
 
 DHT_FAST = {"wait_timeout": 1.0}
 FAST = {"matchmaking_time": 2.0, "averaging_timeout": 10.0, "load_state_timeout": 20.0}
@@ -31,7 +31,7 @@ H, INNER_LR, OUTER_LR, MOMENTUM = 5, 0.1, 0.7, 0.9
 JOIN_TIMEOUT = 60.0
 # where the models of the tests parametrized by `device` train: a GPU too, on a machine that has one
 # (the outer parameters and their momentum stay on the CPU)
-DEVICES = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+DEVICES = torch_devices()
 
 
 def linear(seed: int, device: str = "cpu") -> torch.nn.Linear:

@@ -13,11 +13,11 @@ import torch
 
 from hivecli import ConfigError
 from hivecli.optim import DecentralizedOptimizer
-from hivecli.testing import local_swarm, wait_for
+from hivecli.testing import local_swarm, torch_devices, wait_for
 
 DHT_FAST = {"wait_timeout": 1.0}
 # where the parameters of the tests parametrized by `device` live: a GPU too, on a machine that has one
-DEVICES = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+DEVICES = torch_devices()
 FAST = {"min_matchmaking_time": 2.0, "request_timeout": 1.0}
 ROUND_TIMEOUT = 30.0
 
