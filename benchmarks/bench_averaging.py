@@ -3,7 +3,9 @@
 For each world size (2, 4) and size (1M, 10M, 50M fp32), in the same run:
 
 * gloo: `all_reduce` (SUM) across N spawned processes over tcp://127.0.0.1, GLOO_SOCKET_IFNAME=lo;
-  all ranks pass a barrier before each rep; rep time = max over ranks.
+  all ranks pass a barrier before each rep; rep time = max over ranks. Between reps each rank
+  does what a hivecli peer does between rounds (a barrier, then a check of its result against
+  the mean, on its main thread) and restores its input.
 * hivecli: N processes, each with its own DHT (peers > 0 join peer 0) and an averager with
   target_group_size = min_group_size = N. All peers pass a barrier, then call step().
   step = max end - min start (matchmaking included); allreduce = max end - min(moment a peer's
@@ -130,15 +132,19 @@ def _collect(out: Any, procs: list[Any], count: int, timeout: float) -> list[Any
 # ---- gloo ------------------------------------------------------------------------------------
 
 
-def _gloo_worker(rank: int, world: int, port: int, numel: int, reps: int, out: Any) -> None:
+def _gloo_worker(rank: int, world: int, port: int, numel: int, reps: int, cold_openmp: bool, out: Any) -> None:
     import torch
     import torch.distributed as dist
 
+    if cold_openmp:
+        _cold_openmp()
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     torch.manual_seed(rank)
     tensor = torch.randn(numel)
-    times, cpus = [], []
+    initial = tensor.clone()
+    mean = sum(_seeded(r, numel) for r in range(world)) / world
+    times, cpus, errors = [], [], []
     for rep in range(reps + 1):
         dist.barrier()
         cpu_start, start = _cpu_s(), time.perf_counter()
@@ -146,15 +152,22 @@ def _gloo_worker(rank: int, world: int, port: int, numel: int, reps: int, out: A
         if rep:
             times.append(time.perf_counter() - start)
             cpus.append(_cpu_s() - cpu_start)
-    out.put((rank, times, _peak_rss_mib(), cpus))
+        # the same work between reps as a hivecli peer's (_avg_worker_body): a barrier, then the
+        # check on this thread, whose OpenMP team (if it has one) then spins into the next rep;
+        # without it, gloo's processes ran nothing but the all-reduce and ours also the check
+        dist.barrier()
+        errors.append((tensor / world - mean).abs().max().item())
+        tensor.copy_(initial)  # each rep sums the same inputs (in place, the sum would grow N-fold)
+    out.put((rank, times, _peak_rss_mib(), cpus, max(errors)))
     dist.destroy_process_group()
 
 
-def run_gloo(world: int, numel: int, reps: int) -> dict[str, Any]:
+def run_gloo(world: int, numel: int, reps: int, cold_openmp: bool = False) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_gloo_worker, args=(r, world, port, numel, reps, out)) for r in range(world)]
+    args = [(r, world, port, numel, reps, cold_openmp, out) for r in range(world)]
+    procs = [ctx.Process(target=_gloo_worker, args=a) for a in args]
     for p in procs:
         p.start()
     try:
@@ -164,7 +177,9 @@ def run_gloo(world: int, numel: int, reps: int) -> dict[str, Any]:
     per_rep = [max(r[1][i] for r in results) for i in range(reps)]
     rss = max(r[2] for r in results)
     cpu = statistics.median(statistics.mean(r[3][i] for r in results) for i in range(reps))
-    return {"t": statistics.median(per_rep), "min": min(per_rep), "max": max(per_rep), "rss": rss, "cpu": cpu}
+    error = max(r[4] for r in results)
+    times = {"t": statistics.median(per_rep), "min": min(per_rep), "max": max(per_rep)}
+    return {**times, "rss": rss, "cpu": cpu, "max_error": error}
 
 
 # ---- hivecli averaging ---------------------------------------------------------------------------
@@ -208,12 +223,7 @@ def _avg_worker_body(
 
     options = dict(options)
     if options.pop("cold_openmp", False):
-        # this thread's ops (the inputs, the error check) start no OpenMP team: the averaging
-        # thread is then its process's first OpenMP user, as in a process that averages before it
-        # trains (the case hivecli.cores.single_threaded_here is for)
-        from hivecli.cores import single_threaded_here
-
-        single_threaded_here()
+        _cold_openmp()
     torch.manual_seed(rank)
     tensor = torch.randn(numel)
     mean = sum(_seeded(r, numel) for r in range(world)) / world
@@ -248,6 +258,15 @@ def _avg_worker_body(
     finally:
         averager.shutdown()
         dht.shutdown()
+
+
+def _cold_openmp() -> None:
+    """This thread's ops (the inputs, the error check) start no OpenMP team: the averaging
+    thread is then its process's first OpenMP user, as in a process that averages before it
+    trains (the case hivecli.cores.single_threaded_here is for)."""
+    from hivecli.cores import single_threaded_here
+
+    single_threaded_here()
 
 
 def _seeded(rank: int, numel: int) -> Any:
@@ -475,6 +494,8 @@ def _avg_row(world: int, name: str, mode: str, ours: dict[str, Any], gloo: dict[
     check = f"{ours['max_error']:.1e}"
     if ours["max_error"] > MAX_ERROR:
         check += " MISMATCH"
+    if gloo["max_error"] > MAX_ERROR:
+        check += f" (gloo MISMATCH {gloo['max_error']:.1e})"
     if ours["group_sizes"] != [world]:
         check += f" (groups of {ours['group_sizes']})"
     return (
@@ -555,7 +576,7 @@ def main() -> None:
         for name in args.sizes:
             numel = SIZES[name]
             nbytes = 4 * numel
-            gloo = run_gloo(world, numel, args.rounds)
+            gloo = run_gloo(world, numel, args.rounds, args.cold_openmp)
             # alternate which mode goes first, so that drift in the machine's load favours neither
             order = modes if len(rows) % 2 == 0 else modes[::-1]
             ours = {
