@@ -26,6 +26,7 @@ from hivecli.averaging.group import GroupInfo, Member
 from hivecli.averaging.link import AUTO_BULK_MIN_RATE, RoundPlan, spans_take_bulk_links
 from hivecli.averaging.partition import Layout
 from hivecli.averaging.settings import PACING_SHARE
+from hivecli.averaging.slices import SliceWorkers
 from hivecli.dht.records import owned_entries
 from hivecli.net.bulk import BulkLinks
 from hivecli.net.connection import Connection
@@ -207,6 +208,32 @@ def test_auto_bulk_links_follow_the_machine_and_the_measured_link(
     assert (sum(redeemed) == 2) if bulk else not redeemed  # one link per sender, or none
     said = [r for r in caplog.records if "now send their spans on bulk links" in r.getMessage()]
     assert len(said) == (2 if bulk else 0)
+
+
+@pytest.mark.parametrize(("cores", "threads"), [(2, 1), (16, 4)])
+def test_big_copies_and_reductions_split_across_threads_where_the_peer_has_cores_to_spare(monkeypatch, cores, threads):
+    """A round's reductions and copies of spans of a million floats or more run in slices on a
+    few threads where the peer has cores to spare (slices.threads_for), and average exactly as
+    on one; the threads stop with the averager."""
+    monkeypatch.setattr("hivecli.averaging.averager.cores_per_peer", lambda: cores)
+    split: list[int] = []
+    real_apply = SliceWorkers.apply
+
+    def apply(self: SliceWorkers, op, *tensors):
+        split.append(self.count)
+        return real_apply(self, op, *tensors)
+
+    monkeypatch.setattr(SliceWorkers, "apply", apply)
+    with local_swarm(2, **DHT_FAST) as dhts:
+        inputs = [torch.randn(2_500_000) for _ in dhts]  # spans of 1.25M floats
+        with averagers(dhts, [[t.clone()] for t in inputs], prefix="slices", **FAST) as avs:
+            run_round(avs)
+            for av in avs:
+                torch.testing.assert_close(snapshot(av)[0], (inputs[0] + inputs[1]) / 2)
+                assert av._slices.count == threads
+            # each peer: its audit's copy, one reduction and the copy of its averages back, per chunk
+            assert split and set(split) == {threads}
+    assert not [t for t in threading.enumerate() if t.name.startswith("hive-slices")]
 
 
 def test_pooled_buffers_follow_the_member_order_and_hold_the_model_once_and_a_half(monkeypatch):

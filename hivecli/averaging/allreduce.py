@@ -54,6 +54,7 @@ from hivecli.averaging.group import GroupInfo
 from hivecli.averaging.partition import Chunk, Layout, load_balance
 from hivecli.averaging.robust import aggregate, all_finite, cap_weights
 from hivecli.averaging.settings import PACING_SHARE, AveragingSettings
+from hivecli.averaging.slices import SliceWorkers
 from hivecli.net.connection import Connection, EndOfStream, Stream
 from hivecli.net.host import Host
 from hivecli.net.identity import PeerID
@@ -153,11 +154,13 @@ class AllReduceRunner:
         pool: BufferPool,
         banned: Collection[PeerID] = (),
         part_method: str = PART_METHOD,
+        slices: SliceWorkers | None = None,
     ):
         self.host, self.group, self.tensors = host, group, list(tensors)
         self.part_method = part_method
         self.banned = set(banned)
         self.weight, self.codec, self.settings, self.pool = weight, codec, settings, pool
+        self.slices = slices if slices is not None else SliceWorkers()  # big copies and reductions, split
         self.index = group.index_of(host.peer_id)
         self.flat = [t.view(-1) for t in self.tensors]
         self.layout = Layout([t.numel() for t in self.tensors])
@@ -190,7 +193,16 @@ class AllReduceRunner:
         self.late_timeout = settings.allreduce_timeout / 2
         self._late_deadline = self.loop.time() + self.late_timeout  # loop time
         self.audit = ReducerAudit(
-            self.index, weight, len(group.members), self.flat, self.spans, self.my_chunks, codec, settings, pool
+            self.index,
+            weight,
+            len(group.members),
+            self.flat,
+            self.spans,
+            self.my_chunks,
+            codec,
+            settings,
+            pool,
+            self.slices,
         )
         # we send on one connection per other member (parts, averages or both): each gets its
         # share of the uplink, if the user told us its rate (AveragingSettings.uplink_mbps)
@@ -336,7 +348,10 @@ class AllReduceRunner:
                 for k in sorted(self._alive):
                     if weights[k] > 0:
                         weight += weights[k]
-                        piece.lerp_(self._buffers[k].decode(c).to(piece.dtype), weights[k] / weight)
+                        share = weights[k] / weight
+                        self.slices.apply(
+                            lambda p, d, share=share: p.lerp_(d.to(p.dtype), share), piece, self._buffers[k].decode(c)
+                        )
                         self.converted += piece.numel()
             else:
                 self._robust_chunk(c, piece, weights)
@@ -540,7 +555,7 @@ class AllReduceRunner:
                 with contextlib.suppress(HiveError):
                     await stream.cancel()
         for i, chunk in enumerate(chunks):
-            self._piece(chunk).copy_(results.decode(i))
+            self.slices.copy(self._piece(chunk), results.decode(i))
 
     def _on_pending(self, j: int) -> float:
         """Member j said "pending": its owner holds the round. Wait for it as a sender too, and

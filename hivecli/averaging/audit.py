@@ -54,6 +54,7 @@ from hivecli.averaging.compression import (
 from hivecli.averaging.partition import Chunk
 from hivecli.averaging.robust import cap_weights, trimmed_mean
 from hivecli.averaging.settings import AveragingSettings
+from hivecli.averaging.slices import SliceWorkers
 from hivecli.net.connection import EndOfStream, Stream
 
 if TYPE_CHECKING:
@@ -92,9 +93,11 @@ class ReducerAudit:
         codec: Codec,
         settings: AveragingSettings,
         pool: BufferPool,
+        slices: SliceWorkers | None = None,
     ):
         self.index, self.weight, self.members, self.flat = index, weight, members, flat
         self.spans, self.my_chunks, self.codec, self.settings = spans, my_chunks, codec, settings
+        self.slices = slices if slices is not None else SliceWorkers()
         # as a reducer: for each final chunk, the senders aggregated into it; and a copy of our own
         # input for our span (our tensors get the averages in place), kept until the round ends
         self._included: list[list[int]] = []
@@ -125,7 +128,7 @@ class ReducerAudit:
         """Keep our input for chunk c of our span (`piece`, about to be replaced by the average)
         and the senders aggregated into it (someone may fail later); only with verify_reducers."""
         if self._own is not None:
-            self._own_input(c).copy_(piece)
+            self.slices.copy(self._own_input(c), piece)
             self._included.append(list(included))
 
     def answer(

@@ -36,6 +36,7 @@ from hivecli.averaging.group import GroupInfo, method_name
 from hivecli.averaging.link import LinkMeter, RoundPlan, spans_take_bulk_links
 from hivecli.averaging.matchmaking import JOIN_METHOD, Matchmaker
 from hivecli.averaging.settings import AveragingSettings
+from hivecli.averaging.slices import SliceWorkers, threads_for
 from hivecli.averaging.state import (
     STATE_METHOD,
     CopyState,
@@ -197,7 +198,8 @@ class DecentralizedAverager:
         self._pool = BufferPool()
         self._link = LinkMeter()  # what our rounds measured of our link, for the rounds we lead
         self._bulk_spans = False  # what bulk_links = "auto" chose for our last round (logged when it changes)
-        self._cores: tuple[float, int] | None = None  # (monotonic time, cores_per_peer()), redone each minute
+        self._cores: tuple[float, int] | None = None  # (monotonic time, cores_per_peer()): _cores_here
+        self._slices = SliceWorkers()  # threads for a round's big copies and reductions, by our cores
         # what `hive monitor` shows of our averaging: totals, and the latest rounds as
         # (unix time, group size, seconds, ok); written by the DHT thread, read by anyone
         self.bytes_sent = self.bytes_received = 0
@@ -274,6 +276,7 @@ class DecentralizedAverager:
         if self._state_server is not None:
             await self._state_server.aclose()
         self._pool.clear()
+        self._slices.close()
 
     def __enter__(self) -> DecentralizedAverager:
         self.run_in_background()
@@ -424,8 +427,10 @@ class DecentralizedAverager:
             settings = self.settings
             if group.plan.chunk_bytes is not None:
                 settings = dataclasses.replace(settings, chunk_bytes=group.plan.chunk_bytes)
+            cores = await self._cores_here()
+            self._slices.resize(threads_for(cores))
             if settings.bulk_links == "auto":  # the runner sees what "auto" chose for this round
-                bulk = await self._auto_bulk_spans()
+                bulk = self._auto_bulk_spans(cores)
                 settings = dataclasses.replace(settings, bulk_links="all" if bulk else "state")
             runner = AllReduceRunner(
                 node.host,
@@ -437,6 +442,7 @@ class DecentralizedAverager:
                 self._pool,
                 self.banned_peers,
                 method_name(PART_METHOD, self.prefix),
+                self._slices,
             )
             self._registry.register(runner)
             started = asyncio.get_running_loop().time()
@@ -458,14 +464,18 @@ class DecentralizedAverager:
             self.lock_averaged_tensors.release()
         logger.debug("Averaged with %d peers in group %s", len(group.members), group.group_id.hex()[:8])
 
-    async def _auto_bulk_spans(self) -> bool:
-        """Whether this round's spans take bulk links under bulk_links = "auto"; says so once
-        whenever that changes, since it changes how a round uses the machine (worker threads).
-        The cores are this peer's share of the machine (`hive local 4` on 4 cores: 1 each),
-        counted again each minute, on a worker thread (it scans the process table)."""
+    async def _cores_here(self) -> int:
+        """This peer's share of the machine's cores (`hive local 4` on 4 cores: 1 each), counted
+        again each minute, on a worker thread (it scans the process table)."""
         if self._cores is None or time.monotonic() - self._cores[0] > CORES_RECOUNT_S:
             self._cores = (time.monotonic(), await asyncio.to_thread(cores_per_peer))
-        cores, rate = self._cores[1], self._link.rate
+        return self._cores[1]
+
+    def _auto_bulk_spans(self, cores: int) -> bool:
+        """Whether this round's spans take bulk links under bulk_links = "auto", for a peer with
+        `cores` cores (_cores_here); says so once whenever that changes, since it changes how a
+        round uses the machine (worker threads)."""
+        rate = self._link.rate
         bulk = spans_take_bulk_links(rate, cores, self.settings.uplink_mbps is not None)
         if bulk != self._bulk_spans:
             self._bulk_spans = bulk
