@@ -7,6 +7,8 @@ that a reducer never holds more than that per sender in memory on the way, and t
 busy during the round trip "ready" takes. As soon as every sender has delivered chunk c, the
 reducer averages it and sends it back on the same streams, while later chunks are still
 arriving: sending, receiving, reducing and returning all overlap, and every stream runs at once.
+Where a peer has cores to spare, the reductions and copies of big chunks run in slices on a few
+threads at once (slices.py).
 
 Faults: a sender that does not open its stream within `request_timeout`, or goes quiet for
 `next_chunk_timeout`, is dropped. A member whose owner holds its scheduled round (StepControl)
