@@ -11,7 +11,7 @@ hivecli.cores.single_threaded_here leaves each data-plane thread): its idle thre
 after every op. Four OpenMP threads per data-plane thread made 2 x 50M fp32 on 16 cores 1.3x
 faster in processes whose main thread had run a parallel op first (libgomp then throttles the
 spinning), but 4 x 10M 2.6x slower in processes where the averager was the first to use OpenMP,
-as in a process that trains on a GPU (413 against 83 ms of CPU per peer). These workers wait on
+as in a process that trains on a GPU (412 against 83 ms of CPU per peer). These workers wait on
 a queue instead, and run each slice on one OpenMP thread.
 """
 
