@@ -52,6 +52,14 @@ def test_small_ops_run_whole_on_the_caller_and_one_thread_starts_none():
     assert names == [threading.current_thread().name] * 2
 
 
+def test_only_1d_tensors_of_one_length_are_split():
+    workers = SliceWorkers()
+    with pytest.raises(ValueError, match="1-D tensors of one length"):
+        workers.apply(lambda a, b: a.copy_(b), torch.zeros(10), torch.zeros(11))
+    with pytest.raises(ValueError, match="1-D tensors of one length"):
+        workers.copy(torch.zeros(2, 5), torch.zeros(2, 5))
+
+
 def test_an_error_in_a_slice_is_raised_once_every_slice_is_done_and_close_stops_the_threads():
     workers = SliceWorkers()
     workers.resize(2)

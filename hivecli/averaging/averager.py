@@ -264,6 +264,7 @@ class DecentralizedAverager:
         if self.dht.is_alive():
             with contextlib.suppress(RuntimeError):
                 self.dht.run_coroutine(lambda _dht, node: self._stop(node))
+        self._slices.close()  # also when the DHT stopped first, and _stop never ran
 
     async def _stop(self, node: DHTNode) -> None:
         for task in list(self._steps):

@@ -67,9 +67,13 @@ class SliceWorkers:
         cover them; blocks until every slice is done. `op` must touch only its slices.
 
         Raises:
+            ValueError: the tensors are not 1-D, or not of one length.
             Whatever `op` raised, once every slice has finished.
         """
         numel = tensors[0].numel()
+        if any(t.dim() != 1 or t.numel() != numel for t in tensors):
+            shapes = [tuple(t.shape) for t in tensors]
+            raise ValueError(f"split ops take 1-D tensors of one length, got shapes {shapes}")
         pool = self._pool
         if pool is None or numel < MIN_SPLIT_ELEMENTS:
             op(*tensors)
