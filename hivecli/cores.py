@@ -4,8 +4,9 @@ torch gives each process one thread per core. Two peers on one machine then run 
 threads as there are cores, and torch's threads spin waiting for each other: two peers of the
 default recipe on 2 cores trained 20x slower than with one thread each (56 against about 1,250
 samples/s per peer). So, unless the user chose (OMP_NUM_THREADS is set, as `hive local` and
-torchrun do), each peer uses its share of the cores: cores // (hive peers on this machine),
-counted again at every progress report, so that peers that start or stop later are seen too.
+torchrun do), each peer uses its share of the cores: usable_cores() (its affinity, at most its
+container's CPU quota) // (hive peers on this machine), counted again at every progress report,
+so that peers that start or stop later are seen too.
 The threads of hive's own data plane run torch's ops on one OpenMP thread each
 (`single_threaded_here`).
 """
@@ -13,6 +14,7 @@ The threads of hive's own data plane run torch's ops on one OpenMP thread each
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import re
 from collections.abc import Callable
@@ -22,9 +24,40 @@ import psutil
 TRAINING_COMMANDS = ("start", "join")
 
 
+# Where a container's CPU quota is (`docker --cpus`, a Kubernetes CPU limit): cgroup v2's
+# "QUOTA PERIOD" (or "max PERIOD": none), then cgroup v1's two files (quota -1: none).
+CGROUP_V2_CPU_MAX = "/sys/fs/cgroup/cpu.max"
+CGROUP_V1_CPU_QUOTA = ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us")
+
+
 def usable_cores() -> int:
-    """Cores this process may run on (its affinity: containers and taskset limit it)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    """Cores this process may run on: its affinity (taskset, cpusets), and at most its
+    container's CPU quota rounded up (a 2-CPU quota on a 64-core host is 2: threads beyond it
+    only wait for the quota, and spin while they wait)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = cgroup_cpu_quota()
+    return max(1, min(cores, math.ceil(quota))) if quota is not None else cores
+
+
+def cgroup_cpu_quota() -> float | None:
+    """CPUs this process's cgroup may use per unit of time (quota / period), or None without a
+    quota (or no cgroup file to read: not Linux, or not in a container)."""
+    try:
+        with open(CGROUP_V2_CPU_MAX, encoding="ascii") as f:
+            fields = f.read().split()
+    except (OSError, ValueError):
+        fields = []
+        try:
+            for path in CGROUP_V1_CPU_QUOTA:
+                with open(path, encoding="ascii") as f:
+                    fields.append(f.read().strip())
+        except (OSError, ValueError):
+            return None
+    try:
+        quota, period = (int(field) for field in fields)
+    except ValueError:  # "max", or not two numbers
+        return None
+    return quota / period if quota > 0 and period > 0 else None
 
 
 def is_training_peer(cmdline: list[str]) -> bool:

@@ -255,6 +255,27 @@ def test_each_peer_gets_its_share_of_the_cores_unless_the_user_chose(monkeypatch
     assert cores.cores_per_peer() == 2
 
 
+def test_usable_cores_are_at_most_a_containers_cpu_quota(tmp_path, monkeypatch):
+    from hivecli import cores
+
+    v2, quota, period = tmp_path / "cpu.max", tmp_path / "cfs_quota_us", tmp_path / "cfs_period_us"
+    monkeypatch.setattr(cores, "CGROUP_V2_CPU_MAX", str(v2))
+    monkeypatch.setattr(cores, "CGROUP_V1_CPU_QUOTA", (str(quota), str(period)))
+    monkeypatch.setattr(cores.os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert (cores.cgroup_cpu_quota(), cores.usable_cores()) == (None, 64)  # no cgroup files: no quota
+    seen = []
+    for text in ("150000 100000\n", "800000 100000", "max 100000\n", "9000000 100000", "0 100000", "abc"):
+        v2.write_text(text)
+        seen.append((cores.cgroup_cpu_quota(), cores.usable_cores()))
+    assert seen == [(1.5, 2), (8.0, 8), (None, 64), (90.0, 64), (None, 64), (None, 64)]
+    v2.unlink()  # cgroup v1
+    period.write_text("100000\n")
+    quota.write_text("-1\n")
+    assert (cores.cgroup_cpu_quota(), cores.usable_cores()) == (None, 64)
+    quota.write_text("300000\n")
+    assert (cores.cgroup_cpu_quota(), cores.usable_cores()) == (3.0, 3)
+
+
 def test_one_thread_for_the_averaging_thread_leaves_the_others_as_they_were():
     from hivecli import cores
 
