@@ -236,6 +236,38 @@ def test_big_copies_and_reductions_split_across_threads_where_the_peer_has_cores
     assert not [t for t in threading.enumerate() if t.name.startswith("hive-slices")]
 
 
+def test_cores_are_counted_again_in_the_background_while_rounds_use_the_last_count(monkeypatch):
+    """A peer counts its cores (a scan of the process table) before its first round, and again
+    every CORES_RECOUNT_S in the background: a round does not wait for the scan (its group would),
+    and uses the last count until the new one lands."""
+    machine = {"cores": 16}
+    scanning = threading.Event()  # a slow scan: held until set
+
+    def cores_per_peer() -> int:
+        if machine["cores"] == 2:
+            scanning.wait(30)
+        return machine["cores"]
+
+    monkeypatch.setattr("hivecli.averaging.averager.cores_per_peer", cores_per_peer)
+    with local_swarm(2, **DHT_FAST) as dhts:
+        inputs = [torch.randn(1000) for _ in dhts]
+        with averagers(dhts, [[t.clone()] for t in inputs], prefix="recount", **FAST) as avs:
+            run_round(avs)
+            assert [av._slices.count for av in avs] == [4, 4]  # 16 cores: counted before the first round
+            machine["cores"] = 2
+            for av in avs:
+                av._cores = (av._cores[0] - 3600, av._cores[1])  # an hour old: due again
+            run_round(avs)  # while both scans hang
+            assert [av._slices.count for av in avs] == [4, 4]
+            assert all(av._counting is not None and not av._counting.done() for av in avs)
+            scanning.set()
+            wait_for(lambda: all(av._cores[1] == 2 for av in avs), 10, "the new counts")
+            run_round(avs)
+            assert [av._slices.count for av in avs] == [1, 1]
+            for av in avs:
+                torch.testing.assert_close(snapshot(av)[0], (inputs[0] + inputs[1]) / 2)
+
+
 def test_pooled_buffers_follow_the_member_order_and_hold_the_model_once_and_a_half(monkeypatch):
     """Member indices change from round to round; each peer keeps one receive and one result
     buffer per other member (and a copy of its own span for audits), not one per index seen."""

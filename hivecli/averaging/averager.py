@@ -59,7 +59,7 @@ from hivecli.utils.loops import wait_event
 logger = logging.getLogger(__name__)
 StateValidator = Callable[[Any, list[torch.Tensor]], None]
 _SETTING_NAMES = [f.name for f in dataclasses.fields(AveragingSettings)]
-CORES_RECOUNT_S = 60.0  # how often bulk_links = "auto" counts this peer's cores again (peers come and go)
+CORES_RECOUNT_S = 60.0  # how often a peer counts its cores again (peers come and go): _cores_here
 
 
 class Stage(Enum):
@@ -199,6 +199,7 @@ class DecentralizedAverager:
         self._link = LinkMeter()  # what our rounds measured of our link, for the rounds we lead
         self._bulk_spans = False  # what bulk_links = "auto" chose for our last round (logged when it changes)
         self._cores: tuple[float, int] | None = None  # (monotonic time, cores_per_peer()): _cores_here
+        self._counting: asyncio.Future[int] | None = None  # a count of our cores under way
         self._slices = SliceWorkers()  # threads for a round's big copies and reductions, by our cores
         # what `hive monitor` shows of our averaging: totals, and the latest rounds as
         # (unix time, group size, seconds, ok); written by the DHT thread, read by anyone
@@ -278,6 +279,9 @@ class DecentralizedAverager:
             await self._state_server.aclose()
         self._pool.clear()
         self._slices.close()
+        if self._counting is not None:
+            self._counting.cancel()
+            await asyncio.gather(self._counting, return_exceptions=True)
 
     def __enter__(self) -> DecentralizedAverager:
         self.run_in_background()
@@ -467,10 +471,27 @@ class DecentralizedAverager:
 
     async def _cores_here(self) -> int:
         """This peer's share of the machine's cores (`hive local 4` on 4 cores: 1 each), counted
-        again each minute, on a worker thread (it scans the process table)."""
-        if self._cores is None or time.monotonic() - self._cores[0] > CORES_RECOUNT_S:
-            self._cores = (time.monotonic(), await asyncio.to_thread(cores_per_peer))
+        on a worker thread (it scans the process table: milliseconds, more on a host with
+        thousands of processes). The first round waits for the count; every CORES_RECOUNT_S
+        after that it is counted again in the background, while rounds use the last count (the
+        group would wait for the scan)."""
+        if self._cores is None:
+            return await asyncio.shield(self._count_cores())
+        if time.monotonic() - self._cores[0] > CORES_RECOUNT_S:
+            self._count_cores()
         return self._cores[1]
+
+    def _count_cores(self) -> asyncio.Future[int]:
+        """The count under way, or a new one; its result lands in self._cores."""
+        if self._counting is None:
+            self._counting = asyncio.ensure_future(asyncio.to_thread(cores_per_peer))
+            self._counting.add_done_callback(self._counted)
+        return self._counting
+
+    def _counted(self, counting: asyncio.Future[int]) -> None:
+        self._counting = None
+        if not counting.cancelled() and counting.exception() is None:
+            self._cores = (time.monotonic(), counting.result())
 
     def _auto_bulk_spans(self, cores: int) -> bool:
         """Whether this round's spans take bulk links under bulk_links = "auto", for a peer with
