@@ -26,7 +26,13 @@ Delay without netem: `set_delay` runs `python -m hivecli.netlab.proxy` in the no
 redirects the node's outgoing TCP connections through it (see proxy.py). It applies to TCP only,
 and to connections the node opens: with the same delay on every node, every connection has that
 round-trip time whichever side dialled. While a delay is set, connecting to an unreachable address
-succeeds locally and then the proxy resets the connection when its own dial fails.
+succeeds locally and then the proxy resets the connection when its own dial fails. The proxy of a
+shaped node holds what its link carries in the added round trip (at least 256 KiB; at the rate
+the node had when the delay was set) per direction, in its queue and in each socket's kernel
+buffer, as a real path would: one that holds far more acknowledges a sender's bytes long before
+they cross the link, and its TCP never sees the link's pace. TCP still ends at the proxy: the
+sender's socket sees neither the added round trip nor the losses on the link (the proxy's
+upstream socket does), so what TCP_INFO says there is about the proxy, not the path.
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ __all__ = ["NetLab", "NetLabError", "Node", "netlab_unavailable"]
 COMMAND_TIMEOUT = 30.0  # seconds for one ip/tc/iptables command; they take milliseconds
 STOP_GRACE = 5.0  # seconds a process gets between SIGTERM and SIGKILL at close
 PROXY_MARK = 0x4E4C  # SO_MARK of the delay proxy's own connections ("NL"), exempt from the redirect
+PROXY_MIN_BUFFER = 256 * 1024  # bytes the proxy of a shaped node holds per direction, at least
 SWITCH = "switch"  # the internet segment's namespace is <prefix>-switch, so no node may be called that
 # iptables chains netlab owns in every node namespace; each is rewritten whole with iptables-restore
 PART_CHAIN, LOSS_CHAIN, DELAY_CHAIN = "NETLAB-PART", "NETLAB-LOSS", "NETLAB-DELAY"
@@ -438,6 +445,8 @@ class NetLab:
         """
         argv = [sys.executable, "-m", "hivecli.netlab.proxy", "--port", "0", "--delay-ms", f"{rtt_ms:g}"]
         argv += ["--mark", f"{PROXY_MARK:#x}"]
+        if node.rate_mbit:  # hold what the shaped link carries in the added round trip, as a real path would
+            argv += ["--buffer", str(max(PROXY_MIN_BUFFER, int(node.rate_mbit * 1e6 / 8 * rtt_ms / 1000)))]
         # importable from this source tree even where hivecli is not installed
         path = os.pathsep.join(p for p in (_SOURCE_ROOT, os.environ.get("PYTHONPATH")) if p)
         proc = self._popen(node, argv, stdout=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=path))

@@ -118,10 +118,17 @@ def _reset(writer: asyncio.StreamWriter) -> None:
 class DelayProxy:
     """Accepts redirected connections on (host, port) and relays them to their original destinations."""
 
-    def __init__(self, rtt_ms: float, mark: int, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self, rtt_ms: float, mark: int, host: str = "127.0.0.1", port: int = 0, buffer: int | None = None
+    ) -> None:
         if rtt_ms < 0:
             raise ValueError(f"rtt_ms = {rtt_ms}: must be >= 0")
         self.one_way = rtt_ms / 2000
+        # bytes held per direction, in the delay line and in each socket's kernel buffer (None:
+        # QUEUE_LIMIT and the kernel's own sizes): what a real path holds is its rate x its delay,
+        # and a proxy that holds far more acknowledges a sender's bytes long before they cross
+        # the link, so that its TCP never sees the link's pace
+        self.buffer = buffer
         self.mark, self.host, self.port = mark, host, port
         self._server: asyncio.AbstractServer | None = None
         self._handlers: set[asyncio.Task[None]] = set()
@@ -167,8 +174,14 @@ class DelayProxy:
         except BaseException:
             sock.close()
             raise
-        writer.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        self._bound(sock, socket.SO_SNDBUF)
+        writer.transport.set_write_buffer_limits(high=min(WRITE_HIGH_WATER, self.buffer or WRITE_HIGH_WATER))
         return reader, writer
+
+    def _bound(self, sock: socket.socket, option: int) -> None:
+        """Cap the kernel's send or receive buffer (`option`) of `sock` at `self.buffer`, if set."""
+        if self.buffer is not None:
+            sock.setsockopt(socket.SOL_SOCKET, option, self.buffer)
 
     async def _handle(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
         self._handlers.add(asyncio.current_task())  # type: ignore[arg-type]  # always inside a task here
@@ -184,8 +197,10 @@ class DelayProxy:
             if (host, port) == tuple(sock.getsockname()[:2]):
                 return  # dialled to the proxy itself, not redirected: relaying would loop
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            client_writer.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
-            to_server, to_client = _DelayLine(self.one_way), _DelayLine(self.one_way)
+            self._bound(sock, socket.SO_RCVBUF)
+            client_writer.transport.set_write_buffer_limits(high=min(WRITE_HIGH_WATER, self.buffer or WRITE_HIGH_WATER))
+            limit = self.buffer or QUEUE_LIMIT
+            to_server, to_client = _DelayLine(self.one_way, limit), _DelayLine(self.one_way, limit)
 
             async def server_side() -> None:
                 nonlocal upstream
@@ -232,13 +247,13 @@ async def _run_all(coroutines: list[Coroutine[Any, Any, None]]) -> None:
             raise result
 
 
-async def serve(rtt_ms: float, mark: int, host: str, port: int) -> None:
+async def serve(rtt_ms: float, mark: int, host: str, port: int, buffer: int | None = None) -> None:
     """Run a DelayProxy until SIGTERM or SIGINT.
 
     Raises:
         OSError: the listening address could not be bound.
     """
-    proxy = DelayProxy(rtt_ms, mark, host, port)
+    proxy = DelayProxy(rtt_ms, mark, host, port, buffer)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -257,14 +272,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--delay-ms", type=float, required=True, help="round-trip time added to each connection")
     parser.add_argument("--mark", type=lambda s: int(s, 0), required=True, help="SO_MARK of outgoing connections")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument(
+        "--buffer", type=int, default=None, help="bytes held per direction and socket (default: 4 MiB, the kernel's)"
+    )
     args = parser.parse_args(argv)
     if args.delay_ms < 0:
         parser.error(f"--delay-ms {args.delay_ms}: must be >= 0")
+    if args.buffer is not None and args.buffer < 65536:
+        parser.error(f"--buffer {args.buffer}: must be at least 65536 bytes")
     from hivecli.utils.loops import new_event_loop  # uvloop where installed: half the per-chunk cost
 
     loop = new_event_loop()
     try:
-        loop.run_until_complete(serve(args.delay_ms, args.mark, args.host, args.port))
+        loop.run_until_complete(serve(args.delay_ms, args.mark, args.host, args.port, args.buffer))
     except OSError as e:
         print(f"netlab proxy: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
         return 1
