@@ -47,7 +47,9 @@ def _stop_within_deadline(launcher: HiveProcess, sig: int, ranks: list[psutil.Pr
     code = launcher.stop(sig, timeout=KILL_AFTER_S)
     wait_for(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in ranks), timeout=5,
              what="every rank to be gone")  # fmt: skip
-    assert time.monotonic() - began < STOP_DEADLINE_S
+    took = time.monotonic() - began
+    # rare in CI (30.9 s once: torchrun's launcher killed the ranks after its 30 s): say what they printed
+    assert took < STOP_DEADLINE_S, f"stopped in {took:.1f} s; the peer's stderr ended with:\n{launcher.stderr[-4000:]}"
     return code
 
 

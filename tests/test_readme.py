@@ -10,14 +10,16 @@ import pytest
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
-# section heading -> what its snippet prints when it works
+# section heading -> what its snippet prints when it works (regular expressions)
 SECTIONS = {
     "Quick start in Python: hivemind's code runs as written": [
-        "To join the training, use initial_peers = ['/ip4/127.0.0.1/tcp/",
-        "20 steps, loss ",
+        re.escape("To join the training, use initial_peers = ['/ip4/127.0.0.1/tcp/"),
+        re.escape("20 steps, loss "),
     ],
-    "hivemind 1.x's Optimizer and DiLoCo": ["epoch 2"],
-    "The DHT on its own": ["ValueWithExpiration(value={'any': 'msgpack value'}"],
+    # 256 samples for a target of 128: 2 epochs, or more where a step slow enough to pass the
+    # run's ETA ended one early (as hivemind's tracker does: a straggler must not hold the run)
+    "hivemind 1.x's Optimizer and DiLoCo": [r"^epoch [2-8]$"],
+    "The DHT on its own": [re.escape("ValueWithExpiration(value={'any': 'msgpack value'}")],
 }
 
 
@@ -39,4 +41,4 @@ def test_readme_python_snippets_run_as_written(section, tmp_path):
         )
         assert result.returncode == 0, f"{block}\nstdout: {result.stdout}\nstderr: {result.stderr[-3000:]}"
         for expected in SECTIONS[section]:
-            assert expected in result.stdout, f"{expected!r} not in {result.stdout!r}"
+            assert re.search(expected, result.stdout, flags=re.M), f"{expected!r} not in {result.stdout!r}"
