@@ -129,6 +129,8 @@ class DelayProxy:
         # and a proxy that holds far more acknowledges a sender's bytes long before they cross
         # the link, so that its TCP never sees the link's pace
         self.buffer = buffer
+        self.queue_limit = buffer or QUEUE_LIMIT
+        self.write_high_water = min(WRITE_HIGH_WATER, buffer or WRITE_HIGH_WATER)
         self.mark, self.host, self.port = mark, host, port
         self._server: asyncio.AbstractServer | None = None
         self._handlers: set[asyncio.Task[None]] = set()
@@ -175,7 +177,7 @@ class DelayProxy:
             sock.close()
             raise
         self._bound(sock, socket.SO_SNDBUF)
-        writer.transport.set_write_buffer_limits(high=min(WRITE_HIGH_WATER, self.buffer or WRITE_HIGH_WATER))
+        writer.transport.set_write_buffer_limits(high=self.write_high_water)
         return reader, writer
 
     def _bound(self, sock: socket.socket, option: int) -> None:
@@ -198,9 +200,8 @@ class DelayProxy:
                 return  # dialled to the proxy itself, not redirected: relaying would loop
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._bound(sock, socket.SO_RCVBUF)
-            client_writer.transport.set_write_buffer_limits(high=min(WRITE_HIGH_WATER, self.buffer or WRITE_HIGH_WATER))
-            limit = self.buffer or QUEUE_LIMIT
-            to_server, to_client = _DelayLine(self.one_way, limit), _DelayLine(self.one_way, limit)
+            client_writer.transport.set_write_buffer_limits(high=self.write_high_water)
+            to_server, to_client = (_DelayLine(self.one_way, self.queue_limit) for _ in range(2))
 
             async def server_side() -> None:
                 nonlocal upstream
@@ -273,7 +274,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mark", type=lambda s: int(s, 0), required=True, help="SO_MARK of outgoing connections")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument(
-        "--buffer", type=int, default=None, help="bytes held per direction and socket (default: 4 MiB, the kernel's)"
+        "--buffer",
+        type=int,
+        default=None,
+        help="bytes held per direction in the queue, the writer and each socket (default: a 4 MiB queue, "
+        "a 1 MiB writer, the kernel's socket buffers)",
     )
     args = parser.parse_args(argv)
     if args.delay_ms < 0:
