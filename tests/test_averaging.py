@@ -529,6 +529,69 @@ def test_lockstep_rounds_ask_the_last_leader_at_once_and_need_no_lookup(monkeypa
         assert leader._matchmaker._last.joined is None
 
 
+def count_declarations(monkeypatch):
+    """{peer id: declarations it stored} for every peer's group searches from now on."""
+    from hivecli.averaging import matchmaking
+
+    store = matchmaking._Search.store_declaration
+    stored: dict[object, int] = {}
+
+    async def counted(self):
+        stored[self.mm.peer_id] = stored.get(self.mm.peer_id, 0) + 1
+        return await store(self)
+
+    monkeypatch.setattr(matchmaking._Search, "store_declaration", counted)
+    return stored
+
+
+def test_lockstep_followers_declare_nothing_yet_a_newcomer_finds_the_group(monkeypatch):
+    """A follower that its last leader takes at once stores no declaration (two DHT stores per
+    round saved): only the leader declares. A newcomer must still find the group through the
+    leader's declaration and average in it."""
+    torch.manual_seed(5)
+    with local_swarm(4, **DHT_FAST) as dhts:
+        inputs = [torch.randn(16) for _ in dhts]
+        settings = {"target_group_size": 4, "min_matchmaking_time": 1.0, "request_timeout": 0.5}
+        with averagers(dhts, [[t.clone()] for t in inputs], prefix="quiet", **settings) as avs:
+            first_three = avs[:3]
+            run_round(first_three)  # nobody else looks: the group is the swarm, lockstep from now on
+            leader = next(av for av in first_three if av._matchmaker._last.joined is None)
+            assert all(av._matchmaker.likely_leader() is not None for av in first_three if av is not leader)
+
+            stored = count_declarations(monkeypatch)
+            run_round(first_three)
+            assert stored == {leader.peer_id: 1}
+            assert leader._matchmaker._last.joined is None  # it led again
+
+            results = run_round(avs)  # the newcomer, whom no follower declared for, joins the group
+            assert all(len(result) == 4 for result in results)
+            expected = torch.stack(inputs).mean(0)
+            for av in avs:
+                torch.testing.assert_close(snapshot(av)[0], expected, rtol=0, atol=1e-6)
+
+
+def test_a_lockstep_follower_whose_leader_left_declares_and_finds_a_group():
+    """The last leader is gone: its followers' requests fail, so they declare after all and form
+    a group of their own."""
+    with local_swarm(3, **DHT_FAST) as dhts:
+        settings = {"target_group_size": 3, "min_group_size": 2, **FAST}
+        with averagers(dhts, [[torch.full((8,), float(i))] for i in range(3)], prefix="gone", **settings) as avs:
+            run_round(avs)
+            leader = next(av for av in avs if av._matchmaker._last.joined is None)
+            followers = [av for av in avs if av is not leader]
+            assert all(av._matchmaker.likely_leader() is not None for av in followers)
+            leader.shutdown()  # its DHT stays up: the connection lives, the join requests fail
+
+            for av, value in zip(followers, [5.0, 9.0], strict=True):
+                with av.get_tensors() as (tensor,):
+                    tensor.fill_(value)
+            results = run_round(followers)
+            assert all(len(result) == 2 for result in results)
+            for av in followers:
+                assert av._matchmaker._last.declared_expiration is not None  # it declared this time
+                assert torch.equal(snapshot(av)[0], torch.full((8,), 7.0))
+
+
 def test_a_guessed_leaders_claimed_expiration_is_checked_and_bounded_by_ours():
     """A leader asked before any lookup says its expiration in ACCEPTED, which we wait on and
     pass to our own followers: it must be a finite number, and at most ours (only a peer before
