@@ -24,6 +24,7 @@ from hivecli.net.transport import ByteStream, Listener, StreamHandler, Transport
 # The buffer grows only while a read waits for more bytes than it holds, and only as those bytes
 # arrive; it is dropped back to this size once everything in it has been read.
 _INITIAL_BUFFER_BYTES = 16 * 1024
+_PIECE_BYTES = 256 * 1024  # a large read_exactly receives its bytes in pieces of this size (_read_in_pieces)
 # Writes are handed to the kernel without copying. Everything queued, here and in the kernel,
 # is ahead of the next message: a control message (an all-reduce's "ready", an audit) written
 # behind megabytes of tensor chunks waits for them, which on a 100 Mbit/s link left the other
@@ -135,6 +136,8 @@ class _TCPStream(asyncio.BufferedProtocol, ByteStream):
         A frame's declared length is the peer's word, not bytes on the wire: the buffer grows
         (in `_make_room`) only as bytes arrive, so asking for 64 MiB costs nothing until they do.
         """
+        if n - (self._end - self._start) > _PIECE_BYTES:
+            return await self._read_in_pieces(n)
         try:
             while self._end - self._start < n:
                 if self._eof:
@@ -148,14 +151,33 @@ class _TCPStream(asyncio.BufferedProtocol, ByteStream):
                 await self._wait()
         finally:
             self._wanted = 0
-        data = bytes(self._buffer[self._start : self._start + n])
+        data = bytes(memoryview(self._buffer)[self._start : self._start + n])  # one copy, not two via a slice
         self._consumed(n)
         return data
+
+    async def _read_in_pieces(self, n: int) -> bytes:
+        """read_exactly of a large read, most of which has not arrived: what the buffer holds, then
+        pieces the kernel fills directly, joined (one copy). Growing the buffer instead copied
+        what it held at each doubling from 16 KiB, then twice more on the way out. Each piece is
+        allocated once the one before it is full, so memory still follows the bytes that arrived."""
+        have = self._end - self._start
+        pieces: list[bytes | bytearray] = [bytes(memoryview(self._buffer)[self._start : self._end])]
+        self._consumed(have)
+        remaining = n - have
+        while remaining:
+            piece = bytearray(min(remaining, _PIECE_BYTES))
+            try:
+                await self.read_into(memoryview(piece))
+            except asyncio.IncompleteReadError as e:
+                raise asyncio.IncompleteReadError(b"".join(pieces) + e.partial, n) from None
+            pieces.append(piece)
+            remaining -= len(piece)
+        return b"".join(pieces)
 
     async def read_into(self, view: memoryview) -> None:
         view = view.cast("B") if view.format != "B" or view.ndim != 1 else view
         have = min(self._end - self._start, len(view))
-        view[:have] = self._buffer[self._start : self._start + have]
+        view[:have] = memoryview(self._buffer)[self._start : self._start + have]
         self._consumed(have)
         if have == len(view):
             return
@@ -254,12 +276,14 @@ class _TCPStream(asyncio.BufferedProtocol, ByteStream):
             size = min(max(2 * size, _INITIAL_BUFFER_BYTES), self._wanted)
         elif self._start == 0:  # reading should be paused; room for one more recv, just in case
             size += _INITIAL_BUFFER_BYTES
+        unread_bytes = memoryview(self._buffer)[self._start : self._end]  # a view: one copy, not two
         if size == len(self._buffer):
-            self._buffer[:unread] = self._buffer[self._start : self._end]
+            self._buffer[:unread] = unread_bytes  # same size, so allowed while views exist (memmove)
         else:  # a new buffer, never a resize (see `_consumed`)
             grown = bytearray(size)
-            grown[:unread] = self._buffer[self._start : self._end]
+            grown[:unread] = unread_bytes
             self._buffer = grown
+        unread_bytes.release()
         self._start, self._end = 0, unread
 
     async def _wait(self) -> None:
