@@ -141,6 +141,10 @@ def test_unfinished_handshakes_are_capped_and_cost_little_memory(caplog: pytest.
 
 
 def test_receive_buffer_grows_only_as_bytes_arrive_and_shrinks_when_read() -> None:
+    """A read of 8 MiB holds memory for the bytes that arrived, not for the 8 MiB it asks for:
+    about one buffer before the first byte, a few times 100 kB after 100 kB (tracemalloc counts
+    every buffer: the stream's, and the pieces a large read receives into)."""
+
     async def main() -> None:
         received: list[bytes] = []
         server_streams: list[_TCPStream] = []
@@ -152,27 +156,66 @@ def test_receive_buffer_grows_only_as_bytes_arrive_and_shrinks_when_read() -> No
 
         from hivecli.net.tcp import TCPTransport
 
+        first, rest = b"x" * 100_000, b"y" * (8 * 1024 * 1024 - 100_000)
+        listener = await TCPTransport().listen("127.0.0.1", 0, handler)
+        host, port = listener.bound[0]
+        tracemalloc.start()
+        client = None
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            client = await TCPTransport().dial(host, port, DEADLINE)
+
+            def held() -> int:
+                return tracemalloc.get_traced_memory()[0] - before
+
+            def waiting() -> bool:  # the server's read waits for bytes
+                return bool(server_streams) and server_streams[0]._waiter is not None
+
+            await wait_until(waiting, DEADLINE, "the server's read to wait")
+            # both ends' buffers and the first piece, 16 KiB each, and the connection's objects
+            assert held() <= 4 * _INITIAL_BUFFER_BYTES + 64 * 1024
+            client.write(first)
+            await client.drain()
+
+            await wait_until(lambda: server_streams[0].bytes_received >= 100_000, DEADLINE, "100 kB")
+            assert held() <= 4 * 100_000 + 64 * 1024  # not the 8 MiB it was asked for
+            client.write(rest)
+            await client.drain()
+            await wait_until(lambda: received, DEADLINE, "the whole read")
+            assert received[0] == first + rest
+            assert len(server_streams[0]._buffer) == _INITIAL_BUFFER_BYTES  # given back once read
+        finally:
+            tracemalloc.stop()
+            if client is not None:
+                client.close()
+            await listener.aclose()
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_a_large_read_cut_short_reports_every_byte_that_arrived() -> None:
+    async def main() -> None:
+        errors: list[asyncio.IncompleteReadError] = []
+
+        async def handler(stream: ByteStream) -> None:
+            try:
+                await stream.read_exactly(8 * 1024 * 1024)
+            except asyncio.IncompleteReadError as e:
+                errors.append(e)
+
+        from hivecli.net.tcp import TCPTransport
+
         listener = await TCPTransport().listen("127.0.0.1", 0, handler)
         host, port = listener.bound[0]
         client = await TCPTransport().dial(host, port, DEADLINE)
         try:
-            client.write(b"x" * 100_000)
+            sent = bytes(range(256)) * 1000  # 256,000 bytes: the buffer, then pieces
+            client.write(sent)
             await client.drain()
-
-            # what arrived so far: in the stream's buffer, or in the piece the kernel fills (tcp.py)
-            def arrived(stream: _TCPStream) -> int:
-                return stream._end - stream._start + (stream._target_pos if stream._target is not None else 0)
-
-            def held(stream: _TCPStream) -> int:
-                return len(stream._buffer) + (len(stream._target) if stream._target is not None else 0)
-
-            await wait_until(lambda: server_streams and arrived(server_streams[0]) >= 100_000, DEADLINE, "100 kB")
-            assert held(server_streams[0]) <= 4 * 100_000  # not the 8 MiB it was asked for
-            client.write(b"y" * (8 * 1024 * 1024 - 100_000))
-            await client.drain()
-            await wait_until(lambda: received, DEADLINE, "the whole read")
-            assert len(received[0]) == 8 * 1024 * 1024
-            assert len(server_streams[0]._buffer) == _INITIAL_BUFFER_BYTES  # given back once read
+            client.close()
+            await wait_until(lambda: errors, DEADLINE, "the read to end early")
+            assert errors[0].partial == sent
+            assert errors[0].expected == 8 * 1024 * 1024
         finally:
             client.close()
             await listener.aclose()

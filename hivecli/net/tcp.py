@@ -24,7 +24,7 @@ from hivecli.net.transport import ByteStream, Listener, StreamHandler, Transport
 # The buffer grows only while a read waits for more bytes than it holds, and only as those bytes
 # arrive; it is dropped back to this size once everything in it has been read.
 _INITIAL_BUFFER_BYTES = 16 * 1024
-_PIECE_BYTES = 256 * 1024  # a large read_exactly receives its bytes in pieces of this size (_read_in_pieces)
+_PIECE_BYTES = 256 * 1024  # a large read_exactly receives its bytes in pieces of at most this size
 # Writes are handed to the kernel without copying. Everything queued, here and in the kernel,
 # is ahead of the next message: a control message (an all-reduce's "ready", an audit) written
 # behind megabytes of tensor chunks waits for them, which on a 100 Mbit/s link left the other
@@ -60,6 +60,7 @@ class _TCPStream(asyncio.BufferedProtocol, ByteStream):
         self._paused_reading = self._paused_writing = False
         self._eof = False
         self._lost: Exception | None = None
+        self.bytes_received = 0  # every byte that arrived, read or not
 
     # ---- protocol callbacks (the event loop calls these) -----------------------------------
 
@@ -86,6 +87,7 @@ class _TCPStream(asyncio.BufferedProtocol, ByteStream):
         return memoryview(self._buffer)[self._end :]
 
     def buffer_updated(self, nbytes: int) -> None:
+        self.bytes_received += nbytes
         if self._target is not None:
             self._target_pos += nbytes
             if self._target_pos == len(self._target):
@@ -158,14 +160,15 @@ class _TCPStream(asyncio.BufferedProtocol, ByteStream):
     async def _read_in_pieces(self, n: int) -> bytes:
         """read_exactly of a large read, most of which has not arrived: what the buffer holds, then
         pieces the kernel fills directly, joined (one copy). Growing the buffer instead copied
-        what it held at each doubling from 16 KiB, then twice more on the way out. Each piece is
-        allocated once the one before it is full, so memory still follows the bytes that arrived."""
+        what it held at each doubling from 16 KiB, then twice more on the way out. A piece is
+        allocated once the one before it is full, and at most as large as what arrived so far
+        (at least 16 KiB): memory stays within twice the bytes that arrived, as the buffer's."""
         have = self._end - self._start
         pieces: list[bytes | bytearray] = [bytes(memoryview(self._buffer)[self._start : self._end])]
         self._consumed(have)
         remaining = n - have
         while remaining:
-            piece = bytearray(min(remaining, _PIECE_BYTES))
+            piece = bytearray(min(remaining, _PIECE_BYTES, max(_INITIAL_BUFFER_BYTES, n - remaining)))
             try:
                 await self.read_into(memoryview(piece))
             except asyncio.IncompleteReadError as e:
@@ -187,7 +190,7 @@ class _TCPStream(asyncio.BufferedProtocol, ByteStream):
         try:
             while self._target is not None:
                 if self._eof:
-                    raise asyncio.IncompleteReadError(b"", len(view))
+                    raise asyncio.IncompleteReadError(bytes(view[: self._target_pos]), len(view))
                 await self._wait()
         finally:
             self._target = None
@@ -276,13 +279,12 @@ class _TCPStream(asyncio.BufferedProtocol, ByteStream):
             size = min(max(2 * size, _INITIAL_BUFFER_BYTES), self._wanted)
         elif self._start == 0:  # reading should be paused; room for one more recv, just in case
             size += _INITIAL_BUFFER_BYTES
-        unread_bytes = memoryview(self._buffer)[self._start : self._end]  # a view: one copy, not two
-        if size == len(self._buffer):
-            self._buffer[:unread] = unread_bytes  # same size, so allowed while views exist (memmove)
-        else:  # a new buffer, never a resize (see `_consumed`)
-            grown = bytearray(size)
-            grown[:unread] = unread_bytes
-            self._buffer = grown
+        # view to view: one memmove (safe where they overlap); a bytearray's slice assignment
+        # would copy its source to a temporary first
+        unread_bytes = memoryview(self._buffer)[self._start : self._end]
+        if size != len(self._buffer):
+            self._buffer = bytearray(size)  # a new buffer, never a resize (see `_consumed`)
+        memoryview(self._buffer)[:unread] = unread_bytes
         unread_bytes.release()
         self._start, self._end = 0, unread
 
