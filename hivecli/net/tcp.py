@@ -136,7 +136,8 @@ class _TCPStream(asyncio.BufferedProtocol, ByteStream):
         """Read exactly n bytes. Raises asyncio.IncompleteReadError at end of stream.
 
         A frame's declared length is the peer's word, not bytes on the wire: the buffer grows
-        (in `_make_room`) only as bytes arrive, so asking for 64 MiB costs nothing until they do.
+        (in `_make_room`), or a large read's pieces are allocated (`_read_in_pieces`), only as
+        bytes arrive, so asking for 64 MiB costs nothing until they do.
         """
         if n - (self._end - self._start) > _PIECE_BYTES:
             return await self._read_in_pieces(n)
