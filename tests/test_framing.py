@@ -214,6 +214,8 @@ MALFORMED_HEADERS = {
     "ext-type-in-list": msgpack.packb([0, 1, "m", msgpack.ExtType(42, b"")]),
     "ext-type-timestamp": msgpack.packb(msgpack.Timestamp(1_700_000_000, 0)),
     "ext-type-timestamp-nested": msgpack.packb({"when": msgpack.Timestamp(1, 0)}),
+    "ext-type-timestamp-deep-in-lists": msgpack.packb([1.5, [2, "x", [3, msgpack.Timestamp(1, 0)]]]),
+    "ext-type-timestamp-as-map-key": msgpack.packb({"k": {msgpack.Timestamp(1, 0): 1}}),
 }
 
 

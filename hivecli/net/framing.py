@@ -73,7 +73,9 @@ def unpack(data: bytes, max_nesting: int = MAX_NESTING) -> Any:
 
 def _check_structure(value: Any, max_nesting: int) -> None:
     """Walk a decoded value without recursion (a hostile depth cannot overflow our stack) and
-    reject timestamps, which msgpack decodes itself without calling ext_hook.
+    reject timestamps, which msgpack decodes itself without calling ext_hook. Each container's
+    elements are classified by type in one C-level pass (`set(map(type, ...))`), and only the
+    containers among them are walked: a list of a million numbers costs no Python loop.
 
     Raises:
         MalformedFrameError: nesting deeper than `max_nesting`, or a msgpack Timestamp.
@@ -81,14 +83,20 @@ def _check_structure(value: Any, max_nesting: int) -> None:
     pending: list[tuple[Any, int]] = [(value, 0)]
     while pending:
         item, depth = pending.pop()
-        kind = type(item)
-        if kind is list or kind is dict:
-            if depth >= max_nesting:
-                raise MalformedFrameError(f"msgpack nested more than {max_nesting} levels deep")
-            children = item if kind is list else itertools.chain.from_iterable(item.items())
-            pending.extend((child, depth + 1) for child in children)
-        elif kind is msgpack.Timestamp:
+        if type(item) is msgpack.Timestamp:
             raise MalformedFrameError("msgpack extension type -1 (timestamp) is not allowed on the hive wire")
+        if type(item) is not list and type(item) is not dict:
+            continue
+        if depth >= max_nesting:
+            raise MalformedFrameError(f"msgpack nested more than {max_nesting} levels deep")
+        children = item if type(item) is list else itertools.chain(item.keys(), item.values())
+        kinds = set(map(type, children))
+        if msgpack.Timestamp in kinds or list in kinds or dict in kinds:
+            children = item if type(item) is list else itertools.chain(item.keys(), item.values())
+            pending.extend((child, depth + 1) for child in children if type(child) in _WALKED)
+
+
+_WALKED = frozenset({list, dict, msgpack.Timestamp})  # what `_check_structure` looks into or rejects
 
 
 class _ShortRepr(reprlib.Repr):

@@ -67,7 +67,7 @@ class PeerID:
     def from_base58(cls, text: str) -> PeerID:
         """Parse a printed peer ID. Raises ValueError with the reason if it is not one."""
         try:
-            return cls(b58decode(text))
+            return _parse_base58(text)
         except ValueError as e:
             raise ValueError(f"{text!r} is not a peer ID: {e}") from None
 
@@ -155,3 +155,12 @@ class Identity:
 
     def sign(self, message: bytes) -> bytes:
         return self._private_key.sign(message)
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse_base58(text: str) -> PeerID:
+    """PeerID.from_base58 without the error's context, cached: every DHT record and group
+    member names peers in text, the same few peers round after round, and decoding base58 is a
+    Python loop over 46 characters. Bounded, so strangers' made-up IDs only evict (errors are
+    not cached)."""
+    return PeerID(b58decode(text))
