@@ -106,6 +106,46 @@ def test_group_of_four_gets_the_exact_mean_and_everyone_gathers(shapes, chunk_by
                     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
 
+def test_a_senders_first_chunks_land_in_the_reducers_buffer_when_its_runner_is_set_up(monkeypatch):
+    """The first chunks follow a part request at once, before the stream's handler runs: where
+    the reducer's runner is registered by then, they land in its buffer
+    (AllReduceRunner.prepare_sender) instead of in fresh bytes that are copied there later.
+    Here every sender waits until its reducer's runner is registered, so all of them land."""
+    from hivecli.averaging import allreduce
+
+    landed, copied = [], []
+    place, exchange = allreduce._ChunkedBuffer.place, allreduce.AllReduceRunner._exchange_with
+    by_peer = {}
+
+    def spy(self, expected, payload, body):
+        if expected == 0:
+            (landed if self.sunk[0] is not None and body is self.sunk[0] else copied).append(self.offsets[-1])
+        return place(self, expected, payload, body)
+
+    async def after_the_reducer_registers(self, j):
+        reducer = by_peer[self.group.members[j].peer_id]
+        deadline = asyncio.get_running_loop().time() + 10
+        while reducer._registry.registered(self.group.group_id) is None:
+            assert asyncio.get_running_loop().time() < deadline, "the reducer never registered its runner"
+            await asyncio.sleep(0.001)
+        await exchange(self, j)
+
+    monkeypatch.setattr(allreduce._ChunkedBuffer, "place", spy)
+    monkeypatch.setattr(allreduce.AllReduceRunner, "_exchange_with", after_the_reducer_registers)
+    torch.manual_seed(1)
+    with local_swarm(2, **DHT_FAST) as dhts:
+        inputs = [[torch.randn(3000)] for _ in dhts]
+        with averagers(dhts, [[t.clone() for t in peer] for peer in inputs], prefix="landed", **FAST) as avs:
+            by_peer.update({av.dht.peer_id: av for av in avs})
+            for _ in range(3):
+                expected = torch.stack([snapshot(av)[0] for av in avs]).mean(0)
+                run_round(avs)
+                for av in avs:
+                    torch.testing.assert_close(snapshot(av)[0], expected, rtol=0, atol=1e-6)
+    # per round, two parts and two averages, each of one chunk (the parts sent before "ready")
+    assert (len(landed), copied) == (3 * 4, [])
+
+
 def test_weighted_average_with_uneven_bandwidths():
     torch.manual_seed(1)
     weights = [1.0, 2.0, 0.5, 3.0]

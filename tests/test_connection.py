@@ -517,6 +517,42 @@ def test_stream_cancel_cancels_the_remote_handler(kind: str) -> None:
     run(kind, main)
 
 
+def test_a_sink_setup_lands_data_sent_right_behind_a_request_in_its_buffer(
+    kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The read loop reads on before a stream handler's task runs: the data a peer sends
+    right behind its request reaches a sink only if one was set before the task (Handlers.sinks)."""
+
+    async def main(net: Net) -> None:
+        server = await net.server()
+        buffers: dict[int, bytearray] = {}
+
+        def setup(stream: Stream, payload: Any) -> None:
+            if payload == "broken":
+                raise RuntimeError("a bug in the setup")
+            buffer = buffers[stream.stream_id] = bytearray(4096)
+            stream.body_sink = lambda chunk, nbytes: memoryview(buffer)[:nbytes] if chunk == "chunk" else None
+
+        async def handler(stream: Stream, payload: Any, body: bytes) -> None:
+            message = await stream.recv(timeout=DEADLINE)
+            landed = isinstance(message.body, memoryview) and message.body.obj is buffers.get(stream.stream_id)
+            await stream.send({"landed": landed, "first": bytes(message.body[:4])})
+
+        server.add_stream_handler("sunk", handler, setup)
+        client = await net.host(listen=False)
+        conn = await client.connect(address_of(server))
+        for request, data, landed in (("ok", b"\x01\x02\x03\x04" * 1000, True), ("broken", b"abcd" * 10, False)):
+            stream = await conn.open_stream("sunk", request)
+            await stream.send("chunk", data)  # right behind the request: the handler has not run yet
+            reply = await stream.recv(timeout=DEADLINE)
+            assert reply.payload == {"landed": landed, "first": data[:4]}
+        assert len([r for r in caplog.records if "Sink setup of sunk failed" in r.getMessage()]) == 1
+        server.remove_stream_handler("sunk")
+        assert "sunk" not in server.handlers.streaming and "sunk" not in server.handlers.sinks
+
+    run(kind, main)
+
+
 def test_closing_the_server_fails_open_streams_and_later_calls(kind: str) -> None:
     async def main(net: Net) -> None:
         server = await net.server()

@@ -185,6 +185,7 @@ class AllReduceRunner:
         self._weights: dict[int, float] = {}
         self._capped: dict[int, float] | None = None  # member -> weight after the cap, set at the first chunk
         self._buffers: dict[int, _ChunkedBuffer] = {}
+        self._prepared: dict[Stream, _ChunkedBuffer] = {}  # part streams whose sink was set before they were served
         self._delivered: dict[int, int] = {}  # sender -> chunks received from it
         self._served = {i: self.loop.create_future() for i in self._alive}  # its averages were received
         self._finalized = 0
@@ -392,6 +393,22 @@ class AllReduceRunner:
             s = self.settings
             piece.copy_(aggregate(torch.stack(values), s.aggregation, s.trim_fraction, s.clip_iterations, s.clip_tau))
 
+    def prepare_sender(self, stream: Stream, payload: Any) -> None:
+        """Give a member's new part stream the buffer for its part as its body sink, before
+        `serve_sender` runs (DecentralizedAverager._part_sink): its first chunks follow the
+        request at once. Does nothing for a request `serve_sender` would refuse; that one checks
+        everything again."""
+        sender = payload.get("sender") if isinstance(payload, dict) else None
+        if type(sender) is not int or sender not in self._served or payload.get("bulk") is True:
+            return
+        if self.group.members[sender].peer_id != stream.remote_peer or sender in self._arrived:
+            return
+        if any(other.remote_peer == stream.remote_peer for other in self._prepared):
+            return  # one prepared stream per member: serve_sender refuses a second one anyway
+        received = _ChunkedBuffer(self.pool, ("recv", self._slot(sender)), self.my_chunks, self.codec)
+        self._prepared[stream] = received
+        stream.body_sink = received.sink
+
     async def serve_sender(self, stream: Stream, payload: Any) -> None:
         """Receive one sender's part and stream the averages back as chunks become final.
         Runs as the handler of the sender's stream."""
@@ -408,7 +425,9 @@ class AllReduceRunner:
         self._arrived.add(sender)
         self._weights[sender] = weight
         self._pace(stream.connection)  # our averages go back on it
-        received = _ChunkedBuffer(self.pool, ("recv", self._slot(sender)), self.my_chunks, self.codec)
+        received = self._prepared.pop(stream, None)
+        if received is None:
+            received = _ChunkedBuffer(self.pool, ("recv", self._slot(sender)), self.my_chunks, self.codec)
         self._buffers[sender] = received
         channel: Channel | None = None
         receiving: asyncio.Task[None] | None = None
@@ -608,6 +627,11 @@ class RunnerRegistry:
         expected = self._entry(group_id).expected
         if not expected.done():
             expected.set_result(True)
+
+    def registered(self, group_id: bytes) -> AllReduceRunner | None:
+        """The group's runner if it is set up already (no waiting, and no entry made)."""
+        entry = self._groups.get(group_id)
+        return entry.runner.result() if entry is not None and entry.runner.done() else None
 
     def register(self, runner: AllReduceRunner) -> None:
         self._entry(runner.group.group_id).runner.set_result(runner)

@@ -244,7 +244,7 @@ class DecentralizedAverager:
             is_banned=self._is_banned,
             plan_round=self._plan_round,
         )
-        node.host.add_stream_handler(method_name(PART_METHOD, self.prefix), self._serve_part)
+        node.host.add_stream_handler(method_name(PART_METHOD, self.prefix), self._serve_part, self._part_sink)
         self._state_server = StateServer(
             node,
             self.prefix,
@@ -272,7 +272,7 @@ class DecentralizedAverager:
             task.cancel()
         await asyncio.gather(*self._steps, return_exceptions=True)
         for method in (JOIN_METHOD, PART_METHOD, STATE_METHOD):
-            node.host.handlers.streaming.pop(method_name(method, self.prefix), None)
+            node.host.remove_stream_handler(method_name(method, self.prefix))
         if self._matchmaker is not None:
             await self._matchmaker.aclose()
         if self._state_server is not None:
@@ -527,6 +527,15 @@ class DecentralizedAverager:
         if name not in AutoCompression.choices:
             raise AllreduceError(f'the group\'s leader chose compression {name!r}, which "auto" never picks')
         return get_codec(name)  # type: ignore[return-value]  # a plain codec's name
+
+    def _part_sink(self, stream: Stream, payload: Any) -> None:
+        """A part stream's body sink, set before _serve_part runs, when our runner for its group
+        is set up already: the sender's first chunks follow its request at once (allreduce.py's
+        EAGER_BYTES), and then land in their buffer instead of fresh bytes copied there later."""
+        group_id = payload.get("group_id") if isinstance(payload, dict) else None
+        runner = self._registry.registered(group_id) if isinstance(group_id, bytes) else None
+        if runner is not None:
+            runner.prepare_sender(stream, payload)
 
     async def _serve_part(self, stream: Stream, payload: Any, body: bytes) -> None:
         group_id = payload.get("group_id") if isinstance(payload, dict) else None

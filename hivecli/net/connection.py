@@ -233,6 +233,7 @@ class Stream:
 UnaryHandler = Callable[["Connection", Any, bytes], Awaitable[Any]]
 InlineHandler = Callable[["Connection", Any, bytes], Any]
 StreamHandlerFn = Callable[[Stream, Any, bytes], Awaitable[None]]
+SinkSetup = Callable[[Stream, Any], None]
 
 
 class Reply(NamedTuple):
@@ -245,11 +246,16 @@ class Reply(NamedTuple):
 @dataclass
 class Handlers:
     """Methods a host serves: unary ones return a reply; stream ones talk on a `Stream`;
-    inline ones are plain functions that return at once and run without a task."""
+    inline ones are plain functions that return at once and run without a task. A stream
+    method may have a sink setup too: called with the new stream and the request's payload
+    before the handler's task starts, it may set `Stream.body_sink`, so that data the peer sends
+    right behind its request lands where it belongs instead of in fresh bytes (the read loop
+    reads on before the task runs)."""
 
     unary: dict[str, UnaryHandler] = field(default_factory=dict)
     inline: dict[str, InlineHandler] = field(default_factory=dict)
     streaming: dict[str, StreamHandlerFn] = field(default_factory=dict)
+    sinks: dict[str, SinkSetup] = field(default_factory=dict)
 
 
 class Connection:
@@ -571,6 +577,12 @@ class Connection:
         streaming = self._handlers.streaming.get(method)
         stream = Stream(self, stream_id, method)
         self._streams[stream_id] = stream
+        sink_setup = self._handlers.sinks.get(method) if streaming is not None else None
+        if sink_setup is not None:
+            try:
+                sink_setup(stream, payload)
+            except Exception:  # a setup must not fail; if it does, the body comes as bytes, as without one
+                logger.exception("Sink setup of %s failed for peer %s", method, self.remote_peer)
 
         async def run() -> None:
             try:

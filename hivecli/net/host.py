@@ -38,6 +38,7 @@ from hivecli.net.connection import (
     Kind,
     Message,
     NetSettings,
+    SinkSetup,
     StreamHandlerFn,
     UnaryHandler,
 )
@@ -138,8 +139,19 @@ class Host:
         """Serve `method` with a plain function that must return at once (it runs in the read loop)."""
         self.handlers.inline[method] = handler
 
-    def add_stream_handler(self, method: str, handler: StreamHandlerFn) -> None:
+    def add_stream_handler(self, method: str, handler: StreamHandlerFn, sink_setup: SinkSetup | None = None) -> None:
+        """Serve `method` with `handler` on a stream; `sink_setup` (see `Handlers`) may give the
+        stream a body sink before the handler runs."""
         self.handlers.streaming[method] = handler
+        if sink_setup is not None:
+            self.handlers.sinks[method] = sink_setup
+        else:
+            self.handlers.sinks.pop(method, None)
+
+    def remove_stream_handler(self, method: str) -> None:
+        """Stop serving `method` (streams already open keep their handler)."""
+        self.handlers.streaming.pop(method, None)
+        self.handlers.sinks.pop(method, None)
 
     async def listen(self, maddrs: list[Multiaddr]) -> None:
         """Start accepting connections on each listen address (port 0 picks a free port).
