@@ -57,6 +57,9 @@ from typing import Any
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
+
+from _swarm import WorkerProcess  # noqa: E402  (benchmarks/, the script's own folder)
+
 SIZES = {"1M": 1_000_000, "10M": 10_000_000, "50M": 50_000_000}
 # --encryption: the SecuritySettings fields of each mode
 MODES: dict[str, dict[str, bool]] = {"on": {}, "sealed": {"encrypt_same_host": True}, "off": {"encrypt": False}}
@@ -167,7 +170,7 @@ def run_gloo(world: int, numel: int, reps: int, cold_openmp: bool = False) -> di
     out = ctx.Queue()
     port = _free_port()
     args = [(r, world, port, numel, reps, cold_openmp, out) for r in range(world)]
-    procs = [ctx.Process(target=_gloo_worker, args=a) for a in args]
+    procs = [WorkerProcess(target=_gloo_worker, args=a) for a in args]
     for p in procs:
         p.start()
     try:
@@ -288,7 +291,7 @@ def run_ours(
     ctx = mp.get_context("spawn")
     out, addr_q, barrier = ctx.Queue(), ctx.Queue(), ctx.Barrier(world)
     procs = [
-        ctx.Process(
+        WorkerProcess(
             target=_avg_worker,
             args=(r, world, numel, rounds, chunk_mib, encryption, addr_q, barrier, out, options or {}),
         )
@@ -384,13 +387,13 @@ def _newcomer_body(numel: int, encryption: str, addrs: list[str], out: Any, bulk
 def run_state(numel: int, trials: int, encryption: str = "on", bulk: str = "auto") -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     addr_q, out, stop = ctx.Queue(), ctx.Queue(), ctx.Event()
-    donor = ctx.Process(target=_donor, args=(numel, encryption, addr_q, stop))
+    donor = WorkerProcess(target=_donor, args=(numel, encryption, addr_q, stop))
     donor.start()
     try:
         addrs = addr_q.get(timeout=120)
         results = []
         for _ in range(trials):
-            proc = ctx.Process(target=_newcomer, args=(numel, encryption, addrs, out, bulk))
+            proc = WorkerProcess(target=_newcomer, args=(numel, encryption, addrs, out, bulk))
             proc.start()
             try:
                 results.extend(_collect(out, [proc], 1, timeout=300))
@@ -438,7 +441,7 @@ def run_raw_tcp(nbytes: int, reps: int) -> float:
 
     ctx = mp.get_context("spawn")
     port_q, out = ctx.Queue(), ctx.Queue()
-    proc = ctx.Process(target=_raw_receiver, args=(port_q, nbytes, reps, out))
+    proc = WorkerProcess(target=_raw_receiver, args=(port_q, nbytes, reps, out))
     proc.start()
     try:
         sock = socket.create_connection(("127.0.0.1", port_q.get(timeout=60)))

@@ -57,6 +57,9 @@ from typing import Any
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
+
+from _swarm import WorkerProcess  # noqa: E402  (benchmarks/, the script's own folder)
+
 PEERS = 4
 CHECKPOINTS = 5
 MODES = ("ddp", "decentralized", "optimizer", "diloco")
@@ -220,7 +223,7 @@ def run_modes(modes: list[str], cfg: dict[str, Any]) -> dict[str, dict[str, Any]
     out = ctx.Queue()
     links = {mode: (ctx.Queue(), ctx.Barrier(PEERS)) for mode in modes}  # per mode: a failure stays in it
     cfg = {**cfg, "port": _free_port(), "prefix": f"bench-modes-{os.getpid()}"}
-    procs = [ctx.Process(target=_worker, args=(r, cfg, links, out)) for r in range(PEERS)]
+    procs = [WorkerProcess(target=_worker, args=(r, cfg, links, out)) for r in range(PEERS)]
     began = time.monotonic()
     for p in procs:
         p.start()

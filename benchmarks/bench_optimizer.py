@@ -35,6 +35,9 @@ from typing import Any
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
+
+from _swarm import WorkerProcess  # noqa: E402  (benchmarks/, the script's own folder)
+
 BATCH = 256
 
 
@@ -138,7 +141,7 @@ def _converge_worker(rank: int, world: int, steps: int, every: int, addr_q, barr
 def _run(target: Any, n: int, *args: Any) -> list[Any]:
     ctx = mp.get_context("spawn")
     out, addr_q, barrier = ctx.Queue(), ctx.Queue(), ctx.Barrier(n)
-    procs = [ctx.Process(target=target, args=(r, n, *args, addr_q, barrier, out)) for r in range(n)]
+    procs = [WorkerProcess(target=target, args=(r, n, *args, addr_q, barrier, out)) for r in range(n)]
     for p in procs:
         p.start()
     try:
