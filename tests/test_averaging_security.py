@@ -571,3 +571,43 @@ def test_max_step_must_be_a_non_negative_int():
                 av.load_state_from_peers(max_step=-1)
         finally:
             av.shutdown()
+
+
+def test_a_chunk_sent_again_never_overwrites_the_checked_one():
+    """The sink hands out each chunk's region once: a second body for chunk 0 (sent again, or
+    after the last chunk) comes as bytes and fails the order check, and the checked chunk, which
+    may still wait to be averaged or copied, keeps its values."""
+    from hivecli.averaging.allreduce import BufferPool, _ChunkedBuffer
+
+    codec = CODECS["none"]()
+    chunks = Layout([8]).chunks(0, 8, 4)
+    received = _ChunkedBuffer(BufferPool(), ("recv", 1), chunks, codec)
+    meta, data = codec.encode(torch.ones(4))
+    region = received.sink([0, meta], data.nbytes)
+    assert region is not None
+    region[:] = data  # what the read loop does with the body
+    assert torch.equal(received.place(0, [0, meta], region), torch.ones(4))
+    assert received.sink([0, meta], data.nbytes) is None  # again: not into the region
+    _, poison = codec.encode(torch.full((4,), math.nan))
+    with pytest.raises(ValueError, match="expected chunk 1"):
+        received.place(1, [0, meta], bytes(poison))
+    assert torch.equal(received.decode(0), torch.ones(4))
+
+
+def test_finished_part_streams_are_forgotten_round_after_round():
+    """A sender that has every average ends its stream and never reads the reducer's end; the
+    stream must still be forgotten once that end arrives (one per reducer and round otherwise,
+    each able to write into the pooled buffers of later rounds)."""
+    inputs = honest_inputs(12)
+    with group_of_three("forgotten", inputs) as avs:
+        for _ in range(3):
+            run_round(avs)
+
+        def streams_left():
+            left = 0
+            for av in avs:
+                host = av.dht._node.host  # a peek across threads: counts only
+                left += sum(len(conn._streams) for conn in list(host._connections.values()))
+            return left
+
+        wait_for(lambda: streams_left() == 0, timeout=10, what="every part stream to be forgotten")

@@ -553,6 +553,40 @@ def test_a_sink_setup_lands_data_sent_right_behind_a_request_in_its_buffer(
     run(kind, main)
 
 
+def test_a_stream_cancelled_before_its_handler_starts_is_forgotten_with_its_sink(kind: str) -> None:
+    """A CANCEL read right behind its REQUEST cancels the handler's task before its first step,
+    so the task's own cleanup never runs: the stream, and the body sink its setup gave it, must
+    still go, or the peer could write through that sink for the connection's life."""
+
+    async def main(net: Net) -> None:
+        server = await net.server(PATIENT)
+        buffer, started, prepared = bytearray(64), [], []
+
+        def setup(stream: Stream, payload: Any) -> None:
+            prepared.append(stream.stream_id)
+            stream.body_sink = lambda chunk, nbytes: memoryview(buffer)[:nbytes]
+
+        async def handler(stream: Stream, payload: Any, body: bytes) -> None:
+            started.append(stream.stream_id)
+
+        server.add_stream_handler("sunk", handler, setup)
+        raw, me = await authenticated_raw_client(net, server)
+        await send(raw, raw_frame([0, 0, "sunk", None]) + raw_frame([4, 0]))  # one write: one read there
+        await wait_until(lambda: server.connection_to(me.peer_id) is not None, DEADLINE, "the connection")
+        conn = server.connection_to(me.peer_id)
+        assert conn is not None
+        await wait_until(
+            lambda: prepared == [0] and 0 not in conn._streams and not conn._handler_tasks, DEADLINE, "the stream to go"
+        )
+        await send(raw, raw_frame([1, 0, "chunk"], b"\xff" * 64))  # for the cancelled stream: dropped
+        await send(raw, raw_frame([0, 2, "echo", "after"]))
+        header, _ = await asyncio.wait_for(read_frame(raw, RAW_LIMITS), DEADLINE)
+        assert header[:2] == [5, 2] and header[2]["payload"] == "after"  # served after the dropped data
+        assert buffer == bytearray(64) and started == []
+
+    run(kind, main)
+
+
 def test_closing_the_server_fails_open_streams_and_later_calls(kind: str) -> None:
     async def main(net: Net) -> None:
         server = await net.server()

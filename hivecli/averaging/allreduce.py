@@ -116,8 +116,12 @@ class _ChunkedBuffer:
         return self.view[self.offsets[index] : self.offsets[index + 1]]
 
     def sink(self, payload: Any, nbytes: int) -> memoryview | None:
+        """Where the body of the chunk `payload` names goes: its region, once. A second body for
+        the same chunk (a peer that sends it again, or more after the last) comes as bytes and
+        fails `place`'s order check, without overwriting the checked chunk that may still be
+        waiting to be averaged or copied."""
         valid = isinstance(payload, list) and len(payload) == 2 and isinstance(payload[0], int)
-        if not (valid and 0 <= payload[0] < len(self.chunks)):
+        if not (valid and 0 <= payload[0] < len(self.chunks)) or self.sunk[payload[0]] is not None:
             return None
         view = self.sunk[payload[0]] = self.region(payload[0])
         return view
@@ -277,6 +281,9 @@ class AllReduceRunner:
             await asyncio.gather(*tasks, return_exceptions=True)
             for connection in self._paced:  # other traffic (a state download) is not ours to pace
                 connection.set_max_rate(None)
+            for stream in self._prepared:  # never served: they must not write into the next round's pool
+                stream.body_sink = None
+            self._prepared.clear()
         others = len(self.group.members) - 1
         if others and len(self.failed_peers) == others:
             raise AllreduceError(
@@ -399,7 +406,7 @@ class AllReduceRunner:
         request at once. Does nothing for a request `serve_sender` would refuse; that one checks
         everything again."""
         sender = payload.get("sender") if isinstance(payload, dict) else None
-        if type(sender) is not int or sender not in self._served or payload.get("bulk") is True:
+        if type(sender) is not int or sender not in self._alive or payload.get("bulk") is True:
             return
         if self.group.members[sender].peer_id != stream.remote_peer or sender in self._arrived:
             return
@@ -412,20 +419,15 @@ class AllReduceRunner:
     async def serve_sender(self, stream: Stream, payload: Any) -> None:
         """Receive one sender's part and stream the averages back as chunks become final.
         Runs as the handler of the sender's stream."""
+        received = self._prepared.pop(stream, None)
         try:
-            sender, weight = int(payload["sender"]), float(payload["weight"])
-        except (KeyError, TypeError, ValueError):
-            raise HiveError("a part request must carry the sender's index and weight") from None
-        if sender not in self._served or self.group.members[sender].peer_id != stream.remote_peer:
-            raise HiveError(f"peer {stream.remote_peer} is not member {sender} of this group or sends to no reducer")
-        if sender not in self._alive or sender in self._arrived:
-            raise HiveError("this part arrived after the reducer stopped waiting for it, or twice")
-        if not math.isfinite(weight) or weight < 0:
-            raise HiveError(f"weight {weight} must be a finite number >= 0")
+            sender, weight = self._admit(stream, payload)
+        except HiveError:
+            stream.body_sink = None  # a prepared stream we refuse writes nothing more into the pool
+            raise
         self._arrived.add(sender)
         self._weights[sender] = weight
         self._pace(stream.connection)  # our averages go back on it
-        received = self._prepared.pop(stream, None)
         if received is None:
             received = _ChunkedBuffer(self.pool, ("recv", self._slot(sender)), self.my_chunks, self.codec)
         self._buffers[sender] = received
@@ -459,6 +461,25 @@ class AllReduceRunner:
                 receiving.cancel()
             if channel is not None:
                 channel.close()
+
+    def _admit(self, stream: Stream, payload: Any) -> tuple[int, float]:
+        """The (sender, weight) of a part request we serve.
+
+        Raises:
+            HiveError: the request is malformed, not from that member, late, twice, or its
+                weight is not a finite number >= 0.
+        """
+        try:
+            sender, weight = int(payload["sender"]), float(payload["weight"])
+        except (KeyError, TypeError, ValueError):
+            raise HiveError("a part request must carry the sender's index and weight") from None
+        if sender not in self._served or self.group.members[sender].peer_id != stream.remote_peer:
+            raise HiveError(f"peer {stream.remote_peer} is not member {sender} of this group or sends to no reducer")
+        if sender not in self._alive or sender in self._arrived:
+            raise HiveError("this part arrived after the reducer stopped waiting for it, or twice")
+        if not math.isfinite(weight) or weight < 0:
+            raise HiveError(f"weight {weight} must be a finite number >= 0")
+        return sender, weight
 
     async def _answer_audit_or_end(self, stream: Stream, sender: int) -> None:
         """After the last average: the sender either ends its stream or asks for an audit.
@@ -551,6 +572,7 @@ class AllReduceRunner:
                     if not finite:
                         raise HostilePeerError(f"it returned a non-finite average (NaN or inf) in chunk {i}")
                 await sending
+                stream.body_sink = None  # more bodies on the stream are bytes now, never in `results`
                 if self.settings.verify_reducers:
                     await self.audit.check(stream, j, chunks, results)  # before our input is overwritten
                 await stream.end()  # tells the reducer we have everything: it may reuse its buffers

@@ -224,6 +224,9 @@ class Stream:
 
     async def _deliver(self, kind: Kind, payload: Any, body: bytes | memoryview) -> None:
         await self._inbox.put((kind, payload, body))
+        if kind != Kind.DATA:  # the other side is done (recv still hands out what is queued first):
+            self._remote_done = True  # a stream we ended is forgotten now, even if nobody reads
+            self._maybe_forget()  # that end (a sender that has what it needs would leak one per round)
 
     def _maybe_forget(self) -> None:
         if self._local_done and self._remote_done:
@@ -606,11 +609,20 @@ class Connection:
                     await self._send_frame([Kind.ERROR, stream_id, message])
                 except ConnectionClosedError:
                     pass
-            finally:
-                self._handler_tasks.pop(stream_id, None)
-                self._streams.pop(stream_id, None)
 
-        self._handler_tasks[stream_id] = asyncio.get_running_loop().create_task(run())
+        def forget(task: asyncio.Task[None]) -> None:
+            # a callback, not a `finally`: a task cancelled before its first step (a CANCEL read
+            # right behind its REQUEST) never runs its body, and its stream, which may have a
+            # body sink, would stay registered for the connection's life
+            if self._handler_tasks.get(stream_id) is task:
+                del self._handler_tasks[stream_id]
+            if self._streams.get(stream_id) is stream:
+                del self._streams[stream_id]
+            stream.body_sink = None
+
+        task = asyncio.get_running_loop().create_task(run())
+        task.add_done_callback(forget)
+        self._handler_tasks[stream_id] = task
 
     def close(self, reason: str = "closed by this node") -> None:
         """Close the connection; open streams fail with ConnectionClosedError. Idempotent."""
