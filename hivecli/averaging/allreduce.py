@@ -403,17 +403,17 @@ class AllReduceRunner:
     def prepare_sender(self, stream: Stream, payload: Any) -> None:
         """Give a member's new part stream the buffer for its part as its body sink, before
         `serve_sender` runs (DecentralizedAverager._part_sink): its first chunks follow the
-        request at once. Does nothing for a request `serve_sender` would refuse; that one checks
-        everything again."""
-        sender = payload.get("sender") if isinstance(payload, dict) else None
-        if type(sender) is not int or sender not in self._alive or payload.get("bulk") is True:
-            return
-        if self.group.members[sender].peer_id != stream.remote_peer or sender in self._arrived:
+        request at once. Does nothing for a request `serve_sender` would refuse (`_admit`);
+        that one checks everything again."""
+        if isinstance(payload, dict) and payload.get("bulk") is True:
+            return  # its chunks come on a link of their own
+        try:
+            sender, _ = self._admit(stream, payload)
+        except HiveError:
             return
         if any(other.remote_peer == stream.remote_peer for other in self._prepared):
             return  # one prepared stream per member: serve_sender refuses a second one anyway
-        received = _ChunkedBuffer(self.pool, ("recv", self._slot(sender)), self.my_chunks, self.codec)
-        self._prepared[stream] = received
+        received = self._prepared[stream] = self._part_buffer(sender)
         stream.body_sink = received.sink
 
     async def serve_sender(self, stream: Stream, payload: Any) -> None:
@@ -429,7 +429,7 @@ class AllReduceRunner:
         self._weights[sender] = weight
         self._pace(stream.connection)  # our averages go back on it
         if received is None:
-            received = _ChunkedBuffer(self.pool, ("recv", self._slot(sender)), self.my_chunks, self.codec)
+            received = self._part_buffer(sender)
         self._buffers[sender] = received
         channel: Channel | None = None
         receiving: asyncio.Task[None] | None = None
@@ -461,6 +461,10 @@ class AllReduceRunner:
                 receiving.cancel()
             if channel is not None:
                 channel.close()
+
+    def _part_buffer(self, sender: int) -> _ChunkedBuffer:
+        """Where `sender`'s part of our span is received, pooled by its place from us."""
+        return _ChunkedBuffer(self.pool, ("recv", self._slot(sender)), self.my_chunks, self.codec)
 
     def _admit(self, stream: Stream, payload: Any) -> tuple[int, float]:
         """The (sender, weight) of a part request we serve.

@@ -12,7 +12,6 @@ decoded with msgpack only: never pickle, no extension types.
 
 from __future__ import annotations
 
-import itertools
 import reprlib
 import struct
 from dataclasses import dataclass
@@ -74,8 +73,9 @@ def unpack(data: bytes, max_nesting: int = MAX_NESTING) -> Any:
 def _check_structure(value: Any, max_nesting: int) -> None:
     """Walk a decoded value without recursion (a hostile depth cannot overflow our stack) and
     reject timestamps, which msgpack decodes itself without calling ext_hook. Each container's
-    elements are classified by type in one C-level pass (`set(map(type, ...))`), and only the
-    containers among them are walked: a list of a million numbers costs no Python loop.
+    elements are classified by type in one C-level pass (`_WALKED.isdisjoint(map(type, ...))`),
+    and only the containers among them are walked: a list of a million numbers costs no Python
+    loop.
 
     Raises:
         MalformedFrameError: nesting deeper than `max_nesting`, or a msgpack Timestamp.
@@ -89,10 +89,8 @@ def _check_structure(value: Any, max_nesting: int) -> None:
             continue
         if depth >= max_nesting:
             raise MalformedFrameError(f"msgpack nested more than {max_nesting} levels deep")
-        children = item if type(item) is list else itertools.chain(item.keys(), item.values())
-        kinds = set(map(type, children))
-        if msgpack.Timestamp in kinds or list in kinds or dict in kinds:
-            children = item if type(item) is list else itertools.chain(item.keys(), item.values())
+        children = item if type(item) is list else (*item.keys(), *item.values())
+        if not _WALKED.isdisjoint(map(type, children)):
             pending.extend((child, depth + 1) for child in children if type(child) in _WALKED)
 
 
