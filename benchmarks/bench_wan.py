@@ -2,8 +2,11 @@
 
 Every peer is a `python -m hivecli.netlab.peer` process in a namespace of its own on netlab's
 emulated internet segment; its link is limited to --rate Mbit/s in each direction (tc tbf on both
-ends of its veth), and in the "50 ms" rows every node gets `set_delay(node, 50)`, so that every
-TCP connection has 50 ms more round-trip time, whichever side dialled.
+ends of its veth), and in the "50 ms" rows every node gets `set_latency(node, 25)`: every packet
+it receives waits 25 ms, so that a round trip between two peers takes 50 ms more, and TCP stays
+end to end (`--delay proxy`: `set_delay(node, 50)` instead, a delaying proxy that every TCP
+connection a peer opens goes through; TCP then ends at the proxy, which hides the link's drops
+from the sender).
 
 Averaging, per (peers N, RTT, compression): N peers average --size float32 elements in groups
 of exactly N (target_group_size = min_group_size = N), one warm-up round and --rounds timed
@@ -71,7 +74,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from hivecli.averaging.settings import BULK_LINKS  # noqa: E402  # after the sys.path line
-from hivecli.netlab import NetLab, Node, netlab_unavailable  # noqa: E402
+from hivecli.netlab import NetLab, Node, latency_unavailable, netlab_unavailable  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _linkuse  # noqa: E402
@@ -209,6 +212,7 @@ def run_averaging(
     audit: bool = True,
     trace: bool = False,
     pace: bool = False,
+    delay: str = "latency",
 ) -> dict[str, Any]:
     """One configuration; its row of the table. `trace`: also split each round's time by link use
     (_linkuse.py).
@@ -219,7 +223,9 @@ def run_averaging(
     with NetLab() as lab, tempfile.TemporaryDirectory(prefix="bench-wan-") as tmp:
         nodes = [lab.host(f"p{i}", rate_mbit=rate) for i in range(peers)]
         for node in nodes:
-            if rtt_ms:
+            if rtt_ms and delay == "latency":  # every packet a peer receives waits half the round trip
+                lab.set_latency(node, rtt_ms / 2)
+            elif rtt_ms:  # every connection a peer opens goes through its delaying proxy
                 lab.set_delay(node, rtt_ms)
             if not slow_start_after_idle:  # what `hive doctor` advises; a namespace has its own setting
                 _sysctl(node, SLOW_START_SYSCTL, "0")
@@ -427,6 +433,13 @@ def main() -> None:
     parser.add_argument(
         "--trace", action="store_true", help="also split each round by each peer's link use (benchmarks/_linkuse.py)"
     )
+    parser.add_argument(
+        "--delay",
+        choices=("latency", "proxy"),
+        default="latency",
+        help="how --rtt is added: every packet a peer receives held rtt/2 (NetLab.set_latency, TCP end to end; "
+        "the default) or every connection a peer opens through a delaying proxy (NetLab.set_delay)",
+    )
     parser.add_argument("--no-partition", action="store_true", help="skip the partition scenario")
     parser.add_argument("--quick", action="store_true", help="fewer rounds and a shorter partition (about 3 min)")
     parser.add_argument("--json", help="also write the results here")
@@ -434,6 +447,8 @@ def main() -> None:
     reason = netlab_unavailable()
     if reason is not None:
         sys.exit(f"bench_wan needs hivecli.netlab: {reason}")
+    if args.delay == "latency" and any(args.rtt) and (reason := latency_unavailable()) is not None:
+        sys.exit(f"bench_wan --delay latency (the default) cannot run here: {reason}; use --delay proxy")
     rounds = args.rounds if args.rounds is not None else (2 if args.quick else 5)
     isolate = args.isolate if args.isolate is not None else (20.0 if args.quick else 40.0)
     began = time.monotonic()
@@ -457,6 +472,7 @@ def main() -> None:
                     not args.no_audit,
                     args.trace,
                     args.pace,
+                    args.delay,
                 )
                 results.append({"peers": peers, "rtt_ms": rtt, "compression": compression, **r})
                 print(_averaging_row(peers, rtt, compression, r), flush=True)  # progress; the table follows

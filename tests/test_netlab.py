@@ -1,4 +1,4 @@
-"""hivecli.netlab: namespaces, NAT, partitions, loss, rate limits and the delaying proxy (needs root)."""
+"""hivecli.netlab: namespaces, NAT, partitions, loss, rate limits, latency and the delaying proxy (needs root)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from hivecli.netlab import PROXY_MIN_BUFFER, NetLab, Node, netlab_unavailable
+from hivecli.netlab import PROXY_MIN_BUFFER, NetLab, Node, latency_unavailable, netlab_unavailable
 
 PORT = 7000
 # A threaded TCP server; the first line a client sends picks what it does:
@@ -52,7 +52,7 @@ while True:
 """
 # One client exchange; prints a JSON object: "error" if connecting or talking failed, else the results.
 CLIENT = r"""
-import json, socket, sys, time
+import json, socket, struct, sys, time
 host, port, cmd, arg, timeout = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), float(sys.argv[5])
 out = {}
 try:
@@ -72,6 +72,7 @@ try:
             s.sendall(b"x\n")
             assert f.readline() == b"x\n"
             out["rtts"].append(time.perf_counter() - t)
+        out["tcp_rtt_us"] = struct.unpack_from("I", s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104), 68)[0]
     elif cmd == "send":
         t, left, block = time.perf_counter(), arg, bytes(1 << 20)
         s.sendall(f"sink {arg}\n".encode())
@@ -190,6 +191,39 @@ def test_delay_adds_round_trip_time_and_keeps_throughput(lab: NetLab) -> None:
     assert min(_client(a, b.ip, "ping", 3)["rtts"]) < 0.02  # removed
 
 
+def test_latency_holds_every_packet_a_node_receives_and_tcp_sees_the_whole_round_trip(lab: NetLab) -> None:
+    """Unlike the proxy, the latency is on the path: both directions and both dialling sides
+    wait, and the sender's own TCP measures the round trip (tcpi_rtt), as it would on a real one."""
+    if (reason := latency_unavailable()) is not None:
+        pytest.skip(reason)
+    a, b = lab.host("a", rate_mbit=50), lab.host("b")
+    _serve(a), _serve(b)
+    lab.set_latency(a, 30)
+    lab.set_latency(b, 20)
+    assert "latency=30ms" in repr(a)
+    for client, server in ((a, b), (b, a)):
+        out = _client(client, server.ip, "ping", 3)
+        assert min(out["rtts"]) >= 0.05, out  # a lower bound by construction: 30 + 20 ms held
+        assert out["tcp_rtt_us"] >= 40_000, out  # smoothed over the handshake and 3 round trips
+    size = 8 * 2**20  # through a 50 Mbit/s link: every byte arrives, in order (the server counts them)
+    sent, received = _client(a, b.ip, "send", size, timeout=60), _client(a, b.ip, "recv", size, timeout=60)
+    assert "error" not in sent and "error" not in received, (sent, received)
+    old = a.latency
+    lab.set_latency(a, 5)  # a new delay line on the other queue; the old one is stopped
+    assert old is not None and old.poll() is not None and a.latency is not None and a.latency.poll() is None
+    assert min(_client(b, a.ip, "ping", 3)["rtts"]) >= 0.025
+    lab.set_latency(a, 0)
+    lab.set_latency(b, 0)
+    assert a.latency is None and b.latency is None and "latency" not in repr(a)
+    assert "NFQUEUE" not in a.run(["iptables", "-t", "mangle", "-S", "NETLAB-LATENCY"]).stdout
+    rtts = _client(a, b.ip, "ping", 3)["rtts"]
+    print(
+        f"\nlatency: {size / sent['seconds'] / 1e6:.1f} MB/s out and {size / received['seconds'] / 1e6:.1f} MB/s "
+        f"in through 50 Mbit/s with 50 ms; after removal, RTT {min(rtts) * 1e3:.2f} ms"
+    )
+    assert min(rtts) < 0.025  # removed: the 25 ms of the last setting are gone
+
+
 def test_a_shaped_nodes_proxy_holds_about_what_its_link_carries_in_the_delay(lab: NetLab) -> None:
     """A real path holds its rate x its delay; a proxy that held megabytes per connection would
     take a sender's bytes (and acknowledge them) seconds before they cross the link."""
@@ -262,12 +296,15 @@ def test_close_stops_processes_and_deletes_namespaces() -> None:
     )
     child = int(_read_line(stubborn, timeout=20))
     lab.set_delay(a, 10)
-    proxy = a.proxy
+    if latency_unavailable() is None:
+        lab.set_latency(a, 10)
+    proxy, latency = a.proxy, a.latency
     assert proxy is not None
     lab.close()
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
     assert lab.prefix not in listed
     assert proxy.returncode == 0  # it exits cleanly on SIGTERM
+    assert latency is None or latency.returncode == 0  # and so does the delay line
     assert stubborn.returncode == -9
     deadline = time.monotonic() + 10  # the orphaned child is killed at once, but reaped by init
     while not _gone(child):

@@ -1,7 +1,7 @@
 """A network lab for tests and benchmarks: hosts in network namespaces, NAT routers, rate limits, loss,
 latency and partitions, built with iproute2 and iptables (Linux, as root).
 
-    from hivecli.netlab import NetLab, netlab_unavailable
+    from hivecli.netlab import NetLab, latency_unavailable, netlab_unavailable
 
     if (reason := netlab_unavailable()) is not None:
         pytest.skip(reason)
@@ -11,6 +11,7 @@ latency and partitions, built with iproute2 and iptables (Linux, as root).
         r = lab.nat_router("r")                   # internet leg + a private LAN 10.N.K.0/24 behind MASQUERADE
         c = lab.host("c", behind=r)               # reaches a and b through r; nobody can dial it
         server = b.popen([sys.executable, "-m", "http.server", "8000"])
+        lab.set_latency(a, 25)                    # every packet a receives arrives 25 ms later
         lab.set_delay(a, 50)                      # every TCP connection a opens gets 50 ms more round trip
         lab.set_loss(b, 1)                        # 1 % of the packets on b's link dropped, each way
         lab.partition([a], [b, c]); lab.heal()    # and lab.isolate(a)
@@ -22,7 +23,15 @@ namespaces it joins. Every name starts with the lab's prefix ("hl" and 4 random 
 labs running in parallel never collide, and closing the lab (also on error, and at interpreter
 exit as a last resort) stops the processes it started and deletes its namespaces.
 
-Delay without netem: `set_delay` runs `python -m hivecli.netlab.proxy` in the node's namespace and
+Latency without netem: `set_latency(node, ms)` runs `python -m hivecli.netlab.latency` in the
+node's namespace and hands it every packet that arrives on the node's link (iptables NFQUEUE); it
+lets each one go `ms` later (see latency.py). TCP stays end to end: a sender sees the whole round
+trip, the link's drops and its own retransmissions, as on a real path. With the same latency on
+two nodes, a round trip between them takes twice it more. It delays packets after they crossed
+the link's rate limit, where the veth has already detached them from the sending socket: held
+before it, they would count against the sender's TCP small queues and throttle it to a trickle.
+
+Delay through a proxy: `set_delay` runs `python -m hivecli.netlab.proxy` in the node's namespace and
 redirects the node's outgoing TCP connections through it (see proxy.py). It applies to TCP only,
 and to connections the node opens: with the same delay on every node, every connection has that
 round-trip time whichever side dialled. While a delay is set, connecting to an unreachable address
@@ -54,7 +63,7 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-__all__ = ["NetLab", "NetLabError", "Node", "netlab_unavailable"]
+__all__ = ["NetLab", "NetLabError", "Node", "latency_unavailable", "netlab_unavailable"]
 
 COMMAND_TIMEOUT = 30.0  # seconds for one ip/tc/iptables command; they take milliseconds
 STOP_GRACE = 5.0  # seconds a process gets between SIGTERM and SIGKILL at close
@@ -63,6 +72,7 @@ PROXY_MIN_BUFFER = 256 * 1024  # bytes the proxy of a shaped node holds per dire
 SWITCH = "switch"  # the internet segment's namespace is <prefix>-switch, so no node may be called that
 # iptables chains netlab owns in every node namespace; each is rewritten whole with iptables-restore
 PART_CHAIN, LOSS_CHAIN, DELAY_CHAIN = "NETLAB-PART", "NETLAB-LOSS", "NETLAB-DELAY"
+LATENCY_CHAIN = "NETLAB-LATENCY"  # mangle PREROUTING on the link: to the latency process's queue
 _NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,19}")
 _SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -155,6 +165,40 @@ def netlab_unavailable() -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=1)
+def latency_unavailable() -> str | None:
+    """None when `NetLab.set_latency` works here, else one sentence saying why not.
+
+    Tries it in a scratch namespace: an NFQUEUE rule, and a delay line binding its queue
+    (nfnetlink_queue). The answer is cached for the life of the process.
+    """
+    reason = netlab_unavailable()
+    if reason is not None:
+        return reason
+    ns = f"hlprobe{os.getpid()}y{random.getrandbits(16):04x}"
+    try:
+        _run(["ip", "netns", "add", ns])
+        _run(["ip", "netns", "exec", ns, "iptables-restore"], stdin="*mangle\n-A PREROUTING -j NFQUEUE\nCOMMIT\n")
+        argv = [sys.executable, "-m", "hivecli.netlab.latency", "--delay-ms", "1"]
+        path = os.pathsep.join(p for p in (_SOURCE_ROOT, os.environ.get("PYTHONPATH")) if p)
+        env = dict(os.environ, PYTHONPATH=path)
+        pipe = subprocess.PIPE
+        proc = subprocess.Popen(["ip", "netns", "exec", ns, *argv], stdout=pipe, stderr=pipe, env=env)
+        try:
+            _read_line(proc.stdout, time.monotonic() + COMMAND_TIMEOUT, "a delay line to bind its queue")
+        except NetLabError:
+            proc.kill()
+            stderr = proc.communicate()[1].decode(errors="replace").strip()
+            return f"netlab's delay line cannot bind a netfilter queue here: {stderr or 'no output'}"
+        _stop_process(proc, STOP_GRACE)
+    except NetLabError as e:
+        return f"netlab's latency needs the NFQUEUE target and nfnetlink_queue: {e}"
+    finally:
+        with contextlib.suppress(NetLabError):
+            _run(["ip", "netns", "del", ns])
+    return None
+
+
 class Node:
     """A host or NAT router of a NetLab: one network namespace, `ns`, with its uplink `link` ("eth0").
 
@@ -177,6 +221,9 @@ class Node:
         self.rate_mbit: float | None = None
         self.loss_percent = 0.0
         self.delay_ms = 0.0
+        self.latency_ms = 0.0
+        self.latency: subprocess.Popen[bytes] | None = None  # the delay line, while a latency is set
+        self.latency_queue = 0
         self.blocked: set[str] = set()  # addresses partitioned away from this node
         self.proxy: subprocess.Popen[bytes] | None = None  # the delay proxy, while a delay is set
         self.proxy_port = 0
@@ -222,6 +269,7 @@ class Node:
         extras += [f"rate={self.rate_mbit:g}mbit"] if self.rate_mbit else []
         extras += [f"loss={self.loss_percent:g}%"] if self.loss_percent else []
         extras += [f"delay={self.delay_ms:g}ms"] if self.delay_ms else []
+        extras += [f"latency={self.latency_ms:g}ms"] if self.latency_ms else []
         extras += [f"blocked={sorted(self.blocked)}"] if self.blocked else []
         return f"Node({self.name!r}, {self.kind}, ns={self.ns!r}, ip={self.ip!r}{''.join(', ' + e for e in extras)})"
 
@@ -338,7 +386,8 @@ class NetLab:
                 node,
                 f"*filter\n:{PART_CHAIN} - [0:0]\n"
                 + "".join(f"-A {hook} -j {PART_CHAIN}\n" for hook in ("INPUT", "FORWARD", "OUTPUT"))
-                + f"COMMIT\n*mangle\n:{LOSS_CHAIN} - [0:0]\n-A PREROUTING -i {node.link} -j {LOSS_CHAIN}\n"
+                + f"COMMIT\n*mangle\n:{LOSS_CHAIN} - [0:0]\n:{LATENCY_CHAIN} - [0:0]\n"
+                f"-A PREROUTING -i {node.link} -j {LOSS_CHAIN}\n-A PREROUTING -i {node.link} -j {LATENCY_CHAIN}\n"
                 f"-A POSTROUTING -o {node.link} -j {LOSS_CHAIN}\nCOMMIT\n"
                 f"*nat\n:{DELAY_CHAIN} - [0:0]\n-A OUTPUT -j {DELAY_CHAIN}\n{nat}COMMIT\n",
             )
@@ -436,6 +485,56 @@ class NetLab:
         node.delay_ms = float(rtt_ms)
         if old is not None:
             self.stop(old)  # after the rule points elsewhere, so that no new connection reaches it
+
+    def set_latency(self, node: Node, ms: float, *, timeout: float = 30.0) -> None:
+        """Hold every packet that arrives on `node`'s link `ms` milliseconds; 0 removes it.
+
+        Applies to every protocol and every connection, whichever side opened it; a round trip
+        between two nodes takes the sum of their latencies more. Changing it keeps connections up
+        (the packets held so far go at once).
+
+        Raises:
+            ValueError: a negative latency.
+            NetLabError: the delay line did not bind its queue within `timeout` seconds (the
+                kernel lacks nfnetlink_queue or the NFQUEUE target), or iptables failed.
+        """
+        self._check_node(node)
+        if ms < 0:
+            raise ValueError(f"ms = {ms}: must be >= 0")
+        old, rule = node.latency, ""
+        if ms > 0:
+            queue = 1 - node.latency_queue if old is not None else 0  # the old line keeps its queue until the switch
+            node.latency = self._start_latency(node, ms, queue, timeout)
+            node.latency_queue = queue
+            rule = f"-A {LATENCY_CHAIN} -j NFQUEUE --queue-num {queue}\n"
+        else:
+            node.latency = None
+        try:
+            self._iptables(node, f"*mangle\n:{LATENCY_CHAIN} - [0:0]\n{rule}COMMIT\n")
+        except BaseException:
+            if node.latency is not None:
+                self.stop(node.latency)
+            node.latency = old
+            raise
+        node.latency_ms = float(ms)
+        if old is not None:
+            self.stop(old)  # after the rule points elsewhere; it lets what it holds go when stopped
+
+    def _start_latency(self, node: Node, ms: float, queue: int, timeout: float) -> subprocess.Popen[bytes]:
+        """A delay line in `node`'s namespace, bound to netfilter queue `queue`.
+
+        Raises:
+            NetLabError: it did not report its queue bound within `timeout` seconds.
+        """
+        argv = [sys.executable, "-m", "hivecli.netlab.latency", "--queue", str(queue), "--delay-ms", f"{ms:g}"]
+        path = os.pathsep.join(p for p in (_SOURCE_ROOT, os.environ.get("PYTHONPATH")) if p)
+        proc = self._popen(node, argv, stdout=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=path))
+        try:
+            _read_line(proc.stdout, time.monotonic() + timeout, f"the delay line in {node.ns} to bind its queue")
+        except BaseException:
+            self.stop(proc)
+            raise
+        return proc
 
     def _start_proxy(self, node: Node, rtt_ms: float, timeout: float) -> subprocess.Popen[bytes]:
         """A delay proxy in `node`'s namespace, listening (its port in `node.proxy_port`).
@@ -554,7 +653,7 @@ class NetLab:
             except OSError as e:  # e.g. reaped behind our back; the namespaces must go regardless
                 failures.append(f"stopping {proc.args!r}: {e}")
         for node in self.nodes.values():
-            node.proxy = None
+            node.proxy = node.latency = None
         for ns in reversed(list(self._namespaces)):
             try:
                 self._delete_namespace(ns)
