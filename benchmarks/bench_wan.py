@@ -33,7 +33,10 @@ and DHT traffic included. "allreduce s" is the median time from group assembly t
 included). --trace splits each round by each peer's uplink use (start, middle and the share of
 the rate it carried, tail: benchmarks/_linkuse.py); --no-audit turns the reducer audit off;
 --pace tells every peer its link's rate (AveragingSettings.uplink_mbps), so that rounds pace
-each connection to its share of it.
+each connection to its share of it; otherwise every peer learns the rate (--pacing auto, the
+averager's default: hivecli/averaging/pacing.py) or leaves it to TCP (--pacing off). "paced at"
+is the rate a peer's next round paces its connections to, all together (median over the peers;
+"-": unpaced).
 
 Partition: 3 peers (target group 3, minimum 2) average --partition-size elements back to back
 with no barrier; once every peer has averaged in a full group, the last one is isolated
@@ -213,6 +216,7 @@ def run_averaging(
     trace: bool = False,
     pace: bool = False,
     delay: str = "latency",
+    pacing: str = "auto",
 ) -> dict[str, Any]:
     """One configuration; its row of the table. `trace`: also split each round's time by link use
     (_linkuse.py).
@@ -238,6 +242,7 @@ def run_averaging(
         args += ["--rounds", str(rounds + 1), "--compression", compression, "--barrier-dir", str(barrier)]
         args += ["--matchmaking-time", "5", "--averaging-timeout", str(timeout), "--bulk-links", bulk_links]
         args += [] if audit else ["--no-audit"]
+        args += ["--pacing", pacing]
         args += ["--uplink-mbps", str(rate)] if pace else []  # the peers are told their link's rate
         samplers = []
         if trace:
@@ -290,7 +295,15 @@ def run_averaging(
         "drops_up": statistics.mean(up for _, up, _ in counters) / (rounds + 1),
         "drops_down": statistics.mean(down for _, _, down in counters) / (rounds + 1),
         "split": {k: statistics.median(s[k] for s in splits) for k in splits[0]} if splits else None,
+        # the rate a peer's next round paces all its connections together to (PACING_SHARE of --rate
+        # with --pace; what pacing = "auto" learned otherwise), median over the peers; None: unpaced
+        "paced": _median_or_none([r.get("pace_mbps") for r in records]),
     }
+
+
+def _median_or_none(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
 
 
 def _sysctl(node: Node, path: str, value: str) -> None:
@@ -379,12 +392,13 @@ def _attempt(fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
 def _averaging_row(peers: int, rtt: float, compression: str, r: dict[str, Any]) -> str:
     head = f"| {peers} | {rtt:g} | {compression} |"
     if "error" in r:
-        return f"{head} FAILED: {r['error']} | | | | | | | |"
+        return f"{head} FAILED: {r['error']} | | | | | | | | |"
     failed = f" ({r['failed']} failed)" if r["failed"] else ""
+    paced = "-" if r.get("paced") is None else f"{r['paced']:.1f}"
     return (
         f"{head} {r['step']:.2f} ({r['min']:.2f}-{r['max']:.2f}){failed} | {r['allreduce']:.2f} | {r['mb']:.1f} "
         f"| {r['tc_mb']:.1f} | {r['mb'] * 8 / r['step']:.1f} | {r['ratio']:.2f} | {r['exact']} "
-        f"| {r['drops_up']:.0f} / {r['drops_down']:.0f} |"
+        f"| {r['drops_up']:.0f} / {r['drops_down']:.0f} | {paced} |"
     )
 
 
@@ -425,6 +439,13 @@ def main() -> None:
     parser.add_argument(
         "--congestion",
         help="net.ipv4.tcp_congestion_control in every peer's namespace (cubic, bbr; default: the system's)",
+    )
+    parser.add_argument(
+        "--pacing",
+        choices=["auto", "off"],
+        default="auto",
+        help="every peer's AveragingSettings.pacing, where --pace does not tell it the rate (default auto, as the "
+        "averager's: it learns the rate; off: TCP alone)",
     )
     parser.add_argument("--no-audit", action="store_true", help="verify_reducers = False: what the audit costs")
     parser.add_argument(
@@ -473,6 +494,7 @@ def main() -> None:
                     args.trace,
                     args.pace,
                     args.delay,
+                    args.pacing,
                 )
                 results.append({"peers": peers, "rtt_ms": rtt, "compression": compression, **r})
                 print(_averaging_row(peers, rtt, compression, r), flush=True)  # progress; the table follows
@@ -486,9 +508,9 @@ def main() -> None:
     )
     print(
         "| peers | added RTT ms | compression | step s (min-max) | allreduce s | MB each way per peer "
-        "| MB out (tc) | Mbit/s | ratio | exact | drops per round up / down |"
+        "| MB out (tc) | Mbit/s | ratio | exact | drops per round up / down | paced at Mbit/s |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
         print(_averaging_row(r["peers"], r["rtt_ms"], r["compression"], r))
     if args.trace:

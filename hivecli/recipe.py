@@ -237,7 +237,14 @@ class AveragingSection(_Section):
         gt=0,
         description="This peer's upload rate in Mbit/s, if known: each round then paces its connections to their "
         "share of it, so that they do not overflow the link's queue (4 peers on 100 Mbit/s: 0.91-0.93 of the link "
-        "rate against 0.85-0.86). Unset: TCP alone.",
+        "rate against 0.85-0.86). Unset: see `pacing`.",
+    )
+    pacing: Literal["auto", "off"] = Field(
+        "auto",
+        description="Where uplink_mbps is unset: 'auto' learns the uplink's rate from the rounds once one of them "
+        "lost packets on the way (a queue on the path overflowed), and paces the rounds after it a little below that "
+        "rate; a link that loses nothing is never paced (4 peers on 100 Mbit/s: 0.89-0.91 of the link rate against "
+        "0.85-0.86). 'off': TCP alone.",
     )
 
     @model_validator(mode="after")

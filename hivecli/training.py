@@ -75,7 +75,7 @@ def _group_settings(a: AveragingSection) -> dict[str, Any]:
     return {
         "target_group_size": a.target_group_size, "min_group_size": a.min_group_size,
         "request_timeout": a.request_timeout, "aggregation": a.aggregation, "trim_fraction": a.trim_fraction,
-        "max_weight_ratio": a.max_weight_ratio, "uplink_mbps": a.uplink_mbps,
+        "max_weight_ratio": a.max_weight_ratio, "uplink_mbps": a.uplink_mbps, "pacing": a.pacing,
     }  # fmt: skip
 
 
@@ -644,6 +644,7 @@ class Trainer:
             "group_size": self.opt.last_group_size,
             "bytes_sent": averager.bytes_sent,
             "bytes_received": averager.bytes_received,
+            "pace_mbps": averager.uplink_pace_mbps,  # what rounds pace this peer's uplink to (None: unpaced)
             "recent_rounds": [[round(t, 2), size, round(s, 3), ok] for t, size, s, ok in list(averager.recent_rounds)],
             "reach": reach,
         }

@@ -20,7 +20,7 @@ import torch
 
 from hivecli import DHT, ConfigError
 from hivecli._exceptions import AllreduceError, MatchmakingError
-from hivecli.averaging import DecentralizedAverager, Stage, channel, load_balance
+from hivecli.averaging import DecentralizedAverager, Stage, channel, load_balance, pacing
 from hivecli.averaging.compression import AutoCompression
 from hivecli.averaging.group import GroupInfo, Member
 from hivecli.averaging.link import AUTO_BULK_MIN_RATE, RoundPlan, spans_take_bulk_links
@@ -30,6 +30,7 @@ from hivecli.averaging.slices import SliceWorkers
 from hivecli.dht.records import owned_entries
 from hivecli.net.bulk import BulkLinks
 from hivecli.net.connection import Connection
+from hivecli.net.transport import SendStats
 from hivecli.testing import local_swarm, redeemed_bulk_links, wait_for
 
 DHT_FAST = {"wait_timeout": 1.0}
@@ -411,6 +412,55 @@ def test_a_round_paces_each_members_connection_to_its_share_of_the_uplink_and_th
     assert sorted(str(c.remote_peer) for c in paced.values()) == sorted(2 * [str(d.peer_id) for d in dhts])
     last = {id(c): rate for c, rate in calls}
     assert all(last[key] is None for key in paced)
+
+
+@pytest.mark.parametrize("mode", ["auto", "off"])
+def test_auto_pacing_paces_the_rounds_after_one_that_lost_bytes_to_the_rate_it_measured(monkeypatch, mode):
+    # loopback loses nothing and its rounds last milliseconds: the connections report TCP counters
+    # of a link that acknowledges RATE bytes/s on each connection and retransmits 1% of them, and
+    # the sampler's windows shrink to fit a round
+    rate, start = 50e6, time.monotonic()
+
+    def lossy_link(self):
+        acked = int(rate * (time.monotonic() - start))
+        return SendStats(acked, acked // 100, 1)  # never done sending: the link sets the pace
+
+    calls = []  # (connection, bytes per second or None)
+    original = Connection.set_max_rate
+
+    def recording(self, value):
+        calls.append((self, value))
+        return original(self, value)
+
+    monkeypatch.setattr(Connection, "send_stats", lossy_link)
+    monkeypatch.setattr(Connection, "set_max_rate", recording)
+    monkeypatch.setattr(pacing, "SAMPLE_S", 0.002)
+    monkeypatch.setattr(pacing, "WINDOW_S", 0.01)
+    monkeypatch.setattr(pacing, "MIN_WINDOWS", 3)
+    torch.manual_seed(6)
+    with local_swarm(3, **DHT_FAST) as dhts:
+        inputs = [torch.randn(2_000_000) for _ in dhts]
+        with averagers(
+            dhts, [[t.clone()] for t in inputs], prefix="autopace", target_group_size=3, pacing=mode, **FAST
+        ) as avs:
+            assert [av.uplink_pace_mbps for av in avs] == [None] * 3  # nothing measured yet
+            run_round(avs)
+            assert not [value for _, value in calls if value is not None]  # the first round is not paced
+            learned = [av.uplink_pace_mbps for av in avs]
+            run_round(avs)
+            exact = torch.stack(inputs).mean(0)
+            for av in avs:
+                torch.testing.assert_close(snapshot(av)[0], exact, rtol=0, atol=1e-6)
+    paced = [value for _, value in calls if value is not None]
+    if mode == "off":
+        assert learned == [None] * 3 and not paced
+        return
+    # each peer measured its 2 connections together: 2 x RATE (windows that began before its second
+    # connection was counted measure less); the next round paced them to a little less, each to its half
+    top = 2 * rate * pacing.PACE_GAIN * 8 / 1e6
+    assert all(value is not None and top / 2 < value <= top * 1.01 for value in learned), (learned, top)
+    assert len(paced) == 6  # 3 peers x 2 connections
+    assert all(rate * pacing.PACE_GAIN / 2 < value <= rate * pacing.PACE_GAIN * 1.01 for value in paced), paced
 
 
 def test_zero_weight_peer_contributes_nothing_but_receives_the_average():

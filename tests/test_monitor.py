@@ -72,8 +72,10 @@ def test_history_checks_every_field_a_stranger_wrote():
     hostile = {
         "time": 50.0, "step": -3, "loss": math.nan, "accuracy": 7.0, "samples_per_s": True, "reach": "x" * 500,
         "bytes_sent": "lots", "recent_rounds": [[1.0, 2, 0.5, True], ["x", 2, 0.5, True], [1.0, 10**9, 1.0, False]],
+        "pace_mbps": -5.0,
     }  # fmt: skip
     checked = check_record(hostile)
+    assert checked["pace_mbps"] is None and check_record({"pace_mbps": 93.5})["pace_mbps"] == 93.5
     assert checked["step"] is None and checked["loss"] is None and checked["accuracy"] is None
     assert checked["samples_per_s"] is None and checked["reach"] is None and checked["bytes_sent"] is None
     assert checked["recent_rounds"] == [(1.0, 2, 0.5, True)]

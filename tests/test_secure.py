@@ -291,6 +291,37 @@ def test_an_encrypted_tcp_link_paces_its_socket_and_a_memory_one_cannot() -> Non
     run(main)
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="TCP_INFO's byte counts are Linux's")
+def test_an_encrypted_tcp_link_counts_what_the_other_end_acknowledged_and_a_memory_one_cannot() -> None:
+    async def main() -> None:
+        client, server = await secure_pair()
+        before = client.send_stats()
+        assert before is not None and before.retransmitted == 0
+        payload = os.urandom(3_000_000)
+        reading = asyncio.ensure_future(asyncio.wait_for(server.read_exactly(len(payload)), DEADLINE))
+        client.write(payload)
+        await client.drain()
+        assert await reading == payload
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + DEADLINE
+        while (stats := client.send_stats()) is not None and stats.acked - before.acked < len(payload):
+            assert loop.time() < deadline, f"only {stats.acked - before.acked} of {len(payload)} bytes acknowledged"
+            await asyncio.sleep(0.01)  # the last acknowledgements are on their way back
+        assert stats is not None and stats.retransmitted == 0  # loopback loses nothing
+        assert stats.unsent == 0  # all on its way, and acknowledged
+        client.close()
+        assert client.send_stats() is None  # closed: nothing to read
+        network = MemoryTransport.Network()
+        a, b = MemoryTransport(network), MemoryTransport(network)
+        listener = await a.listen("10.0.0.1", 1, lambda stream: asyncio.sleep(0))
+        memory = await b.dial("10.0.0.1", 1, DEADLINE)
+        _OPEN.append(memory)
+        assert memory.send_stats() is None
+        await listener.aclose()
+
+    run(main)
+
+
 def test_links_are_plain_only_when_both_ends_turn_encryption_off() -> None:
     async def main() -> None:
         off = SecuritySettings(encrypt=False)

@@ -53,9 +53,10 @@ from hivecli.averaging.audit import AuditFailed, AuditUnanswered, ReducerAudit
 from hivecli.averaging.channel import BULK_MIN_BYTES, Channel
 from hivecli.averaging.compression import Codec, tensor_bytes
 from hivecli.averaging.group import GroupInfo
+from hivecli.averaging.pacing import RoundSampler
 from hivecli.averaging.partition import Chunk, Layout, load_balance
 from hivecli.averaging.robust import aggregate, all_finite, cap_weights
-from hivecli.averaging.settings import PACING_SHARE, AveragingSettings
+from hivecli.averaging.settings import AveragingSettings
 from hivecli.averaging.slices import SliceWorkers
 from hivecli.net.connection import Connection, EndOfStream, Stream
 from hivecli.net.host import Host
@@ -161,6 +162,8 @@ class AllReduceRunner:
         banned: Collection[PeerID] = (),
         part_method: str = PART_METHOD,
         slices: SliceWorkers | None = None,
+        pace: float | None = None,
+        sampler: RoundSampler | None = None,
     ):
         self.host, self.group, self.tensors = host, group, list(tensors)
         self.part_method = part_method
@@ -212,11 +215,11 @@ class AllReduceRunner:
             self.slices,
         )
         # we send on one connection per other member (parts, averages or both): each gets its
-        # share of the uplink, if the user told us its rate (AveragingSettings.uplink_mbps)
+        # share of `pace` (bytes/s for all of them: uplink_mbps, or what pacing.py learned)
         others = len(group.members) - 1
-        uplink = settings.uplink_mbps
-        self._pace_rate = uplink * 1e6 / 8 * PACING_SHARE / others if uplink and others else None
+        self._pace_rate = pace / others if pace and others else None
         self._paced: set[Connection] = set()  # the connections we paced, unpaced when the round ends
+        self.sampler = sampler  # TCP's counts of what our connections sent (pacing = "auto")
 
     def _piece(self, chunk: Chunk) -> torch.Tensor:
         return self.flat[chunk.tensor][chunk.offset_in_tensor : chunk.offset_in_tensor + chunk.numel]
@@ -243,9 +246,11 @@ class AllReduceRunner:
             )
 
     def _pace(self, connection: Connection) -> None:
-        """Pace our sends on `connection` to its share of the uplink for this round (uplink_mbps).
-        Its queue at the bottleneck is shared with one flow per member: unpaced, they overflow it
-        and the flows that lose packets fall behind the others."""
+        """Pace our sends on `connection` to its share of the uplink for this round, and count
+        what TCP does with them (`sampler`). Its queue at the bottleneck is shared with one flow
+        per member: unpaced, they overflow it and the flows that lose packets fall behind."""
+        if self.sampler is not None:
+            self.sampler.add(connection)
         if self._pace_rate is None or connection in self._paced:
             return
         if connection.set_max_rate(self._pace_rate):
@@ -260,6 +265,7 @@ class AllReduceRunner:
         Raises:
             AllreduceError: the round timed out, or every other member failed.
         """
+        sampling = self.loop.create_task(self.sampler.run()) if self.sampler is not None else None
         tasks = [self.loop.create_task(self._reduce())]
         for j in range(len(self.group.members)):
             if j != self.index and self.spans[j][1] > self.spans[j][0]:
@@ -284,6 +290,10 @@ class AllReduceRunner:
             for stream in self._prepared:  # never served: they must not write into the next round's pool
                 stream.body_sink = None
             self._prepared.clear()
+            if sampling is not None and self.sampler is not None:
+                sampling.cancel()
+                await asyncio.gather(sampling, return_exceptions=True)
+                self.sampler.sample()  # the round's last bytes
         others = len(self.group.members) - 1
         if others and len(self.failed_peers) == others:
             raise AllreduceError(

@@ -35,6 +35,7 @@ from hivecli.averaging.compression import AutoCompression, Codec, get_codec
 from hivecli.averaging.group import GroupInfo, method_name
 from hivecli.averaging.link import LinkMeter, RoundPlan, spans_take_bulk_links
 from hivecli.averaging.matchmaking import JOIN_METHOD, Matchmaker
+from hivecli.averaging.pacing import Pacer
 from hivecli.averaging.settings import AveragingSettings
 from hivecli.averaging.slices import SliceWorkers, threads_for
 from hivecli.averaging.state import (
@@ -197,6 +198,7 @@ class DecentralizedAverager:
         )
         self._pool = BufferPool()
         self._link = LinkMeter()  # what our rounds measured of our link, for the rounds we lead
+        self._pacer = Pacer(self.settings.uplink_mbps, self.settings.pacing)  # how fast our rounds may send
         self._bulk_spans = False  # what bulk_links = "auto" chose for our last round (logged when it changes)
         self._cores: tuple[float, int] | None = None  # (monotonic time, cores_per_peer()): _cores_here
         self._counting: asyncio.Future[int] | None = None  # a count of our cores under way
@@ -437,6 +439,7 @@ class DecentralizedAverager:
             if settings.bulk_links == "auto":  # the runner sees what "auto" chose for this round
                 bulk = self._auto_bulk_spans(cores)
                 settings = dataclasses.replace(settings, bulk_links="all" if bulk else "state")
+            pace, sampler = self._pacer.start_round()
             runner = AllReduceRunner(
                 node.host,
                 group,
@@ -448,6 +451,8 @@ class DecentralizedAverager:
                 self.banned_peers,
                 method_name(PART_METHOD, self.prefix),
                 self._slices,
+                pace,
+                sampler,
             )
             self._registry.register(runner)
             started = asyncio.get_running_loop().time()
@@ -462,6 +467,7 @@ class DecentralizedAverager:
                 self.bytes_sent += runner.sent_bytes
                 self.bytes_received += runner.received_bytes
                 self.recent_rounds.append((time.time(), len(group.members), seconds, ok))
+                self._pacer.end_round(sampler)
             auto = self.codec if isinstance(self.codec, AutoCompression) else None
             busy = auto.conversion_seconds(codec.name, runner.converted) if auto is not None else 0.0
             self._link.observe(runner.sent_bytes, seconds, busy)
@@ -498,7 +504,7 @@ class DecentralizedAverager:
         `cores` cores (_cores_here); says so once whenever that changes, since it changes how a
         round uses the machine (worker threads)."""
         rate = self._link.rate
-        bulk = spans_take_bulk_links(rate, cores, self.settings.uplink_mbps is not None)
+        bulk = spans_take_bulk_links(rate, cores, self._pacer.rate is not None)
         if bulk != self._bulk_spans:
             self._bulk_spans = bulk
             logger.info(
@@ -552,6 +558,13 @@ class DecentralizedAverager:
         await runner.serve_sender(stream, payload)
 
     # ---- state sharing ----------------------------------------------------------------------------
+
+    @property
+    def uplink_pace_mbps(self) -> float | None:
+        """The rate (Mbit/s) that this peer's next averaging round may send at, all its
+        connections together: from `uplink_mbps`, or what pacing = "auto" learned; None: unpaced."""
+        rate = self._pacer.rate
+        return None if rate is None else rate * 8 / 1e6
 
     @property
     def allow_state_sharing(self) -> bool:

@@ -76,8 +76,8 @@ def spans_take_bulk_links(rate: float | None, cores: int, paced: bool) -> bool:
     """What `bulk_links = "auto"` does with a round's all-reduce spans: True (as "all") with at
     least AUTO_BULK_MIN_CORES `cores` for this peer (its share of the machine), a link `rate`
     (bytes/s, LinkMeter.rate; None: not yet measured) of at least AUTO_BULK_MIN_RATE, and no
-    pacing (`paced`: the user gave its uplink rate, which only the stream's sockets obey); else
-    False (as "state")."""
+    pacing (`paced`: `uplink_mbps`, or what pacing = "auto" learned, which only the stream's
+    sockets obey); else False (as "state")."""
     fast = rate is not None and rate >= AUTO_BULK_MIN_RATE
     return cores >= AUTO_BULK_MIN_CORES and fast and not paced
 

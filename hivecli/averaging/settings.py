@@ -65,7 +65,7 @@ class AveragingSettings:
             dialed directly: "auto" (default: state downloads, measured 1.5-2x faster, and
             all-reduce spans of 1 MiB or more where this peer has 4 cores or more (its share of
             the machine among the hive peers on it), our last rounds measured the link at 300
-            MB/s or more, and no `uplink_mbps` paces it: on 16 cores 1.5-1.9x faster at 50M
+            MB/s or more, and nothing paces it (uplink_mbps, pacing): on 16 cores 1.5-1.9x faster at 50M
             floats, slower with one core per peer and on a 100 Mbit/s link;
             link.spans_take_bulk_links), "state" (state downloads only), "all" (state downloads
             and every all-reduce span of 1 MiB or more; each round pays a few milliseconds to
@@ -79,6 +79,17 @@ class AveragingSettings:
             0.80-0.82 -> 0.86-0.90 with 50 ms RTT: docs/benchmarks.md). Set too high, it
             changes nothing; too low, it caps averaging.
             Bulk links are not paced ("auto" keeps all-reduce spans on the stream when this is set).
+        pacing: where `uplink_mbps` is not set, "auto" (default) learns the uplink's rate from
+            the rounds (pacing.py): once a round lost packets on the way (its connections
+            retransmitted more than 0.1% of their bytes: a queue on the path overflowed), the
+            following rounds pace every connection to its share of a little less than the rate
+            the network acknowledged our bytes at. A link that loses nothing (loopback, one with
+            room to spare) is never paced. "off": TCP alone. 4 peers on 100 Mbit/s links with
+            the latency on the path (netlab.set_latency), four pairs of runs: 0.89-0.91 of the
+            link against 0.85-0.86 (fp32), 0.91 against 0.85-0.86 (fp16), and with 50 ms RTT
+            0.82-0.87 against 0.82-0.84 (fp32), 0.85-0.87 against 0.77-0.80 (fp16); 2 peers the
+            same within 0.04 either way (docs/benchmarks.md). A TCP proxy on the way misleads its
+            measurements: it acknowledges our bytes before they cross the link.
     """
 
     target_group_size: int = 4
@@ -100,6 +111,7 @@ class AveragingSettings:
     audit_positions: int = 8
     bulk_links: str = "auto"
     uplink_mbps: float | None = None
+    pacing: str = "auto"
 
     def __post_init__(self) -> None:
         if self.min_group_size < 1:
@@ -129,6 +141,8 @@ class AveragingSettings:
                 f"uplink_mbps = {self.uplink_mbps!r} must be a positive number of Mbit/s (this peer's upload "
                 "rate), or None where it is not known"
             )
+        if self.pacing not in PACINGS:
+            raise ConfigError(f"pacing = {self.pacing!r} must be one of {', '.join(map(repr, PACINGS))}")
         self._check_defences()
 
     def _check_defences(self) -> None:
@@ -182,4 +196,5 @@ AGGREGATIONS = ("mean", "trimmed_mean", "centered_clip")
 # no packet on a 100 Mbit/s tbf link with 2 and 4 peers.
 PACING_SHARE = 0.94
 BULK_LINKS = ("auto", "state", "all", "none")
+PACINGS = ("auto", "off")
 MAX_AUDIT_POSITIONS = 1024  # an audit reply (positions x members x 2 numbers) stays well under a 4 MiB header

@@ -64,6 +64,7 @@ def check_record(record: dict[str, Any]) -> dict[str, Any]:
         "group_size": count(record.get("group_size")),
         "bytes_sent": count(record.get("bytes_sent")),
         "bytes_received": count(record.get("bytes_received")),
+        "pace_mbps": finite(record.get("pace_mbps"), 0.0, 1e6),
         "reach": text(record.get("reach"), 16),
         "time": finite(record.get("time"), 0.0),
         "recent_rounds": _check_rounds(rounds) if isinstance(rounds, list) else [],

@@ -45,7 +45,7 @@ from hivecli.net.limits import Disconnect, LimitLog, RequestBudget
 from hivecli.net.multiaddr import Multiaddr
 from hivecli.net.relay import RelaySettings
 from hivecli.net.secure import SecuritySettings
-from hivecli.net.transport import ByteStream
+from hivecli.net.transport import ByteStream, SendStats
 from hivecli.utils.loops import timeout as _timeout
 
 logger = logging.getLogger(__name__)
@@ -318,6 +318,11 @@ class Connection:
         its transport can pace itself (ByteStream.set_max_rate); True if it can. Never raises:
         a connection that closed meanwhile has nothing left to pace."""
         return self._stream.set_max_rate(bytes_per_second)
+
+    def send_stats(self) -> SendStats | None:
+        """What TCP did with this connection's bytes so far (ByteStream.send_stats), or None
+        where it cannot say. Never raises."""
+        return self._stream.send_stats()
 
     @property
     def busy(self) -> bool:

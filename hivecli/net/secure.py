@@ -32,7 +32,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from hivecli._exceptions import ConfigError, FrameTooLargeError, ProtocolError
-from hivecli.net.transport import ByteStream
+from hivecli.net.transport import ByteStream, SendStats
 
 SWARM_KEY_BYTES = 32
 SWARM_KEY_HEADER = "hive-swarm-key/v1"
@@ -277,6 +277,9 @@ class SecureStream(ByteStream):
 
     def set_max_rate(self, bytes_per_second: float | None) -> bool:
         return self._inner.set_max_rate(bytes_per_second)
+
+    def send_stats(self) -> SendStats | None:
+        return self._inner.send_stats()
 
     def close(self) -> None:
         self._inner.close()

@@ -13,11 +13,12 @@ import asyncio
 import errno
 import os
 import socket
+import struct
 import sys
 from collections.abc import Callable
 
 from hivecli._exceptions import PeerUnreachableError, ResourceExhaustedError
-from hivecli.net.transport import ByteStream, Listener, StreamHandler, Transport, same_host_socket
+from hivecli.net.transport import ByteStream, Listener, SendStats, StreamHandler, Transport, same_host_socket
 
 # Every connection starts with a small receive buffer: a node holds thousands of mostly idle
 # connections (and strangers that never finish the handshake), so an idle one must cost little.
@@ -42,6 +43,11 @@ _NOTSENT_LOWAT = 128 * 1024
 _CLOSE_FLUSH_SECONDS = 5.0
 # Linux's SO_MAX_PACING_RATE (Python's socket module names it only from 3.13 on, and not everywhere)
 _SO_MAX_PACING_RATE = getattr(socket, "SO_MAX_PACING_RATE", 47)
+# struct tcp_info (linux/tcp.h, append-only): tcpi_bytes_acked is the u64 at offset 120 (Linux
+# 4.1), tcpi_notsent_bytes the u32 at 144 (4.6), tcpi_bytes_retrans the u64 at 208 (4.19); an
+# older kernel returns fewer bytes
+_TCP_INFO_BYTES = 232
+_BYTES_ACKED_AT, _NOTSENT_AT, _BYTES_RETRANS_AT = 120, 144, 208
 
 
 class _TCPStream(asyncio.BufferedProtocol, ByteStream):
@@ -243,6 +249,22 @@ class _TCPStream(asyncio.BufferedProtocol, ByteStream):
         except (OSError, ValueError):  # closed under us (uvloop's socket: "negative file descriptor")
             return False
         return True
+
+    def send_stats(self) -> SendStats | None:
+        transport = self._transport
+        sock = None if transport is None or transport.is_closing() else transport.get_extra_info("socket")
+        if sock is None or sys.platform != "linux":
+            return None
+        try:
+            info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_BYTES)
+        except (OSError, ValueError):  # closed under us
+            return None
+        if len(info) < _BYTES_RETRANS_AT + 8:
+            return None  # a kernel older than 4.19
+        (acked,) = struct.unpack_from("=Q", info, _BYTES_ACKED_AT)
+        (notsent,) = struct.unpack_from("=I", info, _NOTSENT_AT)
+        (retransmitted,) = struct.unpack_from("=Q", info, _BYTES_RETRANS_AT)
+        return SendStats(acked, retransmitted, notsent + transport.get_write_buffer_size())
 
     def detach(self) -> socket.socket | None:
         transport = self._transport

@@ -15,6 +15,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 
 from hivecli._exceptions import PeerUnreachableError
 
@@ -36,6 +37,19 @@ def _unmapped(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.IP
     """An IPv4 address as a dual-stack socket shows it (::ffff:a.b.c.d) is that IPv4 address."""
     mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
     return mapped if mapped is not None else ip
+
+
+@dataclass(frozen=True)
+class SendStats:
+    """What the network did with a stream's bytes so far, as its TCP socket counts them:
+    `acked`, bytes the other end acknowledged; `retransmitted`, bytes sent again because they
+    were lost on the way (a queue on the path overflowed, or the link dropped them); and, now,
+    `unsent`, bytes written to the stream that are not on the wire yet (the socket's and the
+    event loop's send buffers): while there are some, the network sets the pace, not the writer."""
+
+    acked: int
+    retransmitted: int
+    unsent: int
 
 
 class ByteStream(ABC):
@@ -84,6 +98,11 @@ class ByteStream(ABC):
         True if the stream can pace itself (TCP, where the kernel allows it: SO_MAX_PACING_RATE).
         Streams with nothing to pace (in memory, relayed circuits) ignore it."""
         return False
+
+    def send_stats(self) -> SendStats | None:
+        """The socket's counts of acknowledged, retransmitted and unsent bytes (TCP on Linux
+        4.19 or later: TCP_INFO), or None where there are none to read. Never raises."""
+        return None
 
     def detach(self) -> socket.socket | None:
         """Take the stream out of the event loop: its socket, in blocking mode, for use on other

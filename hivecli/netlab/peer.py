@@ -101,6 +101,7 @@ def run(args: argparse.Namespace, stop: threading.Event) -> None:
             bulk_links=args.bulk_links,
             verify_reducers=not args.no_audit,
             uplink_mbps=args.uplink_mbps,
+            pacing=args.pacing,
             start=True,
         )
         name = str(dht.peer_id)
@@ -143,7 +144,8 @@ def _round(args: argparse.Namespace, averager: Any, name: str, round_no: int, st
         return
     with averager.get_tensors() as (tensor,):
         valid, exact = _check(tensor, gathered, args.compression)
-    emit(**_record(round_no, start, end, control.group_size or len(gathered), allreduce, valid, exact))
+    record = _record(round_no, start, end, control.group_size or len(gathered), allreduce, valid, exact)
+    emit(**record, pace_mbps=averager.uplink_pace_mbps)  # what the next round paces to (pacing = "auto" learns it)
 
 
 def _record(
@@ -172,7 +174,7 @@ def _record(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hivecli.averaging.settings import BULK_LINKS  # as `run` imports hivecli: only when run
+    from hivecli.averaging.settings import BULK_LINKS, PACINGS  # as `run` imports hivecli: only when run
 
     parser = argparse.ArgumentParser(description="An averaging peer that reports each round as a JSON line.")
     parser.add_argument("--listen", default="/ip4/0.0.0.0/tcp/0")
@@ -187,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--matchmaking-time", type=float, default=5.0, help="min_matchmaking_time, seconds")
     parser.add_argument("--no-audit", action="store_true", help="verify_reducers = False (what the audit costs)")
     parser.add_argument("--uplink-mbps", type=float, default=None, help="AveragingSettings.uplink_mbps (pacing)")
+    parser.add_argument("--pacing", choices=PACINGS, default="auto", help="AveragingSettings.pacing")
     parser.add_argument("--averaging-timeout", type=float, default=60.0, help="seconds to find a group; and to average")
     parser.add_argument("--client-mode", action="store_true", help="never accept connections (DHT and averager)")
     parser.add_argument(

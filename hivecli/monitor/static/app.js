@@ -121,7 +121,8 @@ function renderPeers(run) {
       tr.append(
         cell, el("td", p.step ?? "–"), el("td", fmt(p.loss, 3)), el("td", fmt(p.samples_per_s, 0)),
         el("td", fmt(p.accuracy, 3)), el("td", p.reach || "–"), el("td", p.rounds ?? "–"),
-        el("td", p.group_size ?? "–"), el("td", bytes(p.bytes_sent)), el("td", bytes(p.bytes_received)),
+        el("td", p.group_size ?? "–"), el("td", bytes(p.bytes_sent) + (p.pace_mbps ? " (paced to " + fmt(p.pace_mbps, 0) + " Mbit/s)" : "")),
+        el("td", bytes(p.bytes_received)),
         el("td", p.live ? duration(p.last_report_s) + " ago" : "left"),
       );
       return tr;
