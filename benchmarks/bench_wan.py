@@ -217,6 +217,7 @@ def run_averaging(
     pace: bool = False,
     delay: str = "latency",
     pacing: str = "auto",
+    loss: float = 0.0,
 ) -> dict[str, Any]:
     """One configuration; its row of the table. `trace`: also split each round's time by link use
     (_linkuse.py).
@@ -231,6 +232,8 @@ def run_averaging(
                 lab.set_latency(node, rtt_ms / 2)
             elif rtt_ms:  # every connection a peer opens goes through its delaying proxy
                 lab.set_delay(node, rtt_ms)
+            if loss:  # random loss on the link, each way, besides what its queue drops
+                lab.set_loss(node, loss)
             if not slow_start_after_idle:  # what `hive doctor` advises; a namespace has its own setting
                 _sysctl(node, SLOW_START_SYSCTL, "0")
             if congestion:  # the namespace's default, for sockets that do not choose their own
@@ -447,6 +450,9 @@ def main() -> None:
         help="every peer's AveragingSettings.pacing, where --pace does not tell it the rate (default auto, as the "
         "averager's: it learns the rate; off: TCP alone)",
     )
+    parser.add_argument(
+        "--loss", type=float, default=0.0, help="percent of packets dropped at random on every link, each way"
+    )
     parser.add_argument("--no-audit", action="store_true", help="verify_reducers = False: what the audit costs")
     parser.add_argument(
         "--pace", action="store_true", help="tell the peers their link's rate (uplink_mbps = --rate): paced rounds"
@@ -495,6 +501,7 @@ def main() -> None:
                     args.pace,
                     args.delay,
                     args.pacing,
+                    args.loss,
                 )
                 results.append({"peers": peers, "rtt_ms": rtt, "compression": compression, **r})
                 print(_averaging_row(peers, rtt, compression, r), flush=True)  # progress; the table follows

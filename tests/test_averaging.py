@@ -434,8 +434,8 @@ def test_auto_pacing_paces_the_rounds_after_one_that_lost_bytes_to_the_rate_it_m
 
     monkeypatch.setattr(Connection, "send_stats", lossy_link)
     monkeypatch.setattr(Connection, "set_max_rate", recording)
-    monkeypatch.setattr(pacing, "SAMPLE_S", 0.002)
-    monkeypatch.setattr(pacing, "WINDOW_S", 0.01)
+    monkeypatch.setattr(pacing, "SAMPLE_S", 0.001)  # a round needs only 7 ms of samples (even on a fast machine)
+    monkeypatch.setattr(pacing, "WINDOW_S", 0.004)
     monkeypatch.setattr(pacing, "MIN_WINDOWS", 3)
     torch.manual_seed(6)
     with local_swarm(3, **DHT_FAST) as dhts:

@@ -282,18 +282,20 @@ class AllReduceRunner:
                 f"allreduce_timeout = {self.settings.allreduce_timeout:g} s"
             ) from None
         finally:
+            if sampling is not None:
+                sampling.cancel()  # before any await: cancelled again there, we would leave it sampling
             for task in tasks:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            for connection in self._paced:  # other traffic (a state download) is not ours to pace
-                connection.set_max_rate(None)
-            for stream in self._prepared:  # never served: they must not write into the next round's pool
-                stream.body_sink = None
-            self._prepared.clear()
-            if sampling is not None and self.sampler is not None:
-                sampling.cancel()
-                await asyncio.gather(sampling, return_exceptions=True)
-                self.sampler.sample()  # the round's last bytes
+            try:
+                await asyncio.gather(*tasks, return_exceptions=True)
+            finally:
+                for connection in self._paced:  # other traffic (a state download) is not ours to pace
+                    connection.set_max_rate(None)
+                for stream in self._prepared:  # never served: they must not write into the next round's pool
+                    stream.body_sink = None
+                self._prepared.clear()
+                if self.sampler is not None:
+                    self.sampler.sample()  # the round's last bytes
         others = len(self.group.members) - 1
         if others and len(self.failed_peers) == others:
             raise AllreduceError(

@@ -467,7 +467,8 @@ class DecentralizedAverager:
                 self.bytes_sent += runner.sent_bytes
                 self.bytes_received += runner.received_bytes
                 self.recent_rounds.append((time.time(), len(group.members), seconds, ok))
-                self._pacer.end_round(sampler)
+                # a failed round's retransmissions (to a member that vanished) say nothing of the link
+                self._pacer.end_round(sampler if ok else None)
             auto = self.codec if isinstance(self.codec, AutoCompression) else None
             busy = auto.conversion_seconds(codec.name, runner.converted) if auto is not None else 0.0
             self._link.observe(runner.sent_bytes, seconds, busy)

@@ -502,10 +502,9 @@ class NetLab:
         if ms < 0:
             raise ValueError(f"ms = {ms}: must be >= 0")
         old, rule = node.latency, ""
+        queue = 1 - node.latency_queue if old is not None else 0  # the old line keeps its queue until the switch
         if ms > 0:
-            queue = 1 - node.latency_queue if old is not None else 0  # the old line keeps its queue until the switch
             node.latency = self._start_latency(node, ms, queue, timeout)
-            node.latency_queue = queue
             rule = f"-A {LATENCY_CHAIN} -j NFQUEUE --queue-num {queue}\n"
         else:
             node.latency = None
@@ -517,6 +516,8 @@ class NetLab:
             node.latency = old
             raise
         node.latency_ms = float(ms)
+        if rule:
+            node.latency_queue = queue  # only now: had the rule failed, the old line would still hold its queue
         if old is not None:
             self.stop(old)  # after the rule points elsewhere; it lets what it holds go when stopped
 

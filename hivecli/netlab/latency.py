@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import os
 import select
@@ -48,6 +49,7 @@ NFQNL_COPY_META = 1  # metadata only: the packet's bytes never cross into this p
 NFQA_CFG_F_GSO = 4  # GSO packets whole, not segmented for us
 NF_ACCEPT = 1
 
+CONFIG_TIMEOUT = 2.0  # seconds the kernel gets to acknowledge a config message
 QUEUE_MAXLEN = 65536  # packets the kernel holds for us: 1 Gbit/s for 500 ms in full-size frames
 RECV_BUFFER = 8 * 1024 * 1024  # netlink receive buffer: notices of a burst are not dropped
 _HEADER = struct.Struct("=IHHII")  # nlmsghdr: length, type, flags, sequence, port id
@@ -89,6 +91,7 @@ class DelayLine:
         self.queue, self.delay = queue, delay
         self.held: collections.deque[tuple[float, int]] = collections.deque()  # (due, packet id)
         self.packets = 0
+        self._last_id = 0  # the newest packet id seen (ids count up from 1, per queue)
         self._seq = 0
         self._buffer = bytearray(65536)  # one notice is a hundred bytes; the kernel sends each alone
         self._view = memoryview(self._buffer)
@@ -97,12 +100,12 @@ class DelayLine:
             self.sock.setsockopt(socket.SOL_SOCKET, 33, RECV_BUFFER)  # SO_RCVBUFFORCE (root)
             self.sock.setsockopt(SOL_NETLINK, NETLINK_NO_ENOBUFS, 1)
             self.sock.bind((0, 0))
+            self.sock.setblocking(False)
             self._configure(_attr(NFQA_CFG_CMD, struct.pack("!BxH", NFQNL_CFG_CMD_BIND, socket.AF_INET)))
             self._configure(_attr(NFQA_CFG_PARAMS, struct.pack("!IB", 0, NFQNL_COPY_META)))
             self._configure(_attr(NFQA_CFG_QUEUE_MAXLEN, struct.pack("!I", QUEUE_MAXLEN)))
             flags = struct.pack("!I", NFQA_CFG_F_GSO)
             self._configure(_attr(NFQA_CFG_FLAGS, flags) + _attr(NFQA_CFG_MASK, flags))
-            self.sock.setblocking(False)
         except BaseException:
             self.sock.close()
             raise
@@ -111,12 +114,20 @@ class DelayLine:
         """Send one config message and wait for the kernel's acknowledgement.
 
         Raises:
-            OSError: the kernel refused it (its errno).
+            OSError: the kernel refused it (its errno), or did not answer within CONFIG_TIMEOUT
+                (TimeoutError): packet notices that arrive meanwhile are read and ignored.
         """
         self._seq += 1
         self.sock.send(_message(NFQNL_MSG_CONFIG, self.queue, attrs, NLM_F_REQUEST | NLM_F_ACK, self._seq))
+        deadline = time.monotonic() + CONFIG_TIMEOUT
         while True:
-            data = self.sock.recv(65536)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([self.sock], [], [], remaining)[0]:
+                raise TimeoutError(f"nfnetlink_queue did not acknowledge a config message in {CONFIG_TIMEOUT:g} s")
+            try:
+                data = self.sock.recv(65536)
+            except BlockingIOError:
+                continue
             _, kind, _, seq, _ = _HEADER.unpack_from(data)
             if kind == NLMSG_ERROR and seq == self._seq:
                 error = struct.unpack_from("=i", data, _HEADER.size)[0]
@@ -142,6 +153,7 @@ class DelayLine:
                     if packet is not None:
                         self.held.append((due, packet))
                         self.packets += 1
+                        self._last_id = packet
                 offset += (length + 3) & ~3
 
     def release(self, now: float) -> float | None:
@@ -163,33 +175,38 @@ class DelayLine:
                 select.select([], [self.sock], [], 0.01)
 
     def close(self) -> None:
-        """Let every held packet go at once, unbind the queue and close the socket."""
-        with_held = self.held[-1][1] if self.held else None
+        """Let every packet the kernel holds for us go at once, unbind the queue and close the socket.
+
+        The verdict covers ids up to 2**30 past the newest we saw, so that packets whose notice
+        we never read go too (the kernel compares ids modulo 2**32): an unbound queue drops what
+        it holds."""
         self.held.clear()
         try:
-            if with_held is not None:
-                self._accept_up_to(with_held)
-            self.sock.setblocking(True)
-            self.sock.settimeout(1.0)
+            self.receive(time.monotonic())
+            self._accept_up_to((self._last_id + (1 << 30)) & 0xFFFFFFFF)
             self._configure(_attr(NFQA_CFG_CMD, struct.pack("!BxH", NFQNL_CFG_CMD_UNBIND, socket.AF_INET)))
         except OSError:
-            pass  # closing the socket unbinds the queue and drops what it holds anyway
+            pass  # closing the socket unbinds the queue anyway
         finally:
             self.sock.close()
 
 
-def serve(queue: int, delay_ms: float) -> None:
-    """Run a DelayLine until SIGTERM or SIGINT.
+def serve(line: DelayLine) -> None:
+    """Run `line` until SIGTERM or SIGINT, then close it.
 
     Raises:
-        OSError: the queue could not be bound.
+        OSError: reading notices or sending verdicts failed.
     """
-    line = DelayLine(queue, delay_ms / 1000)
     stop_r, stop_w = os.pipe()
     os.set_blocking(stop_w, False)
+
+    def stop(*_: object) -> None:
+        with contextlib.suppress(BlockingIOError):  # a second signal: the first one's byte still waits
+            os.write(stop_w, b"x")
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: os.write(stop_w, b"x"))
-    print(json.dumps({"event": "bound", "queue": queue}), flush=True)
+        signal.signal(signum, stop)
+    print(json.dumps({"event": "bound", "queue": line.queue}), flush=True)
     try:
         wait: float | None = None
         while True:
@@ -216,9 +233,14 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= args.queue <= 65535:
         parser.error(f"--queue {args.queue}: must be within 0..65535")
     try:
-        serve(args.queue, args.delay_ms)
+        line = DelayLine(args.queue, args.delay_ms / 1000)
     except OSError as e:
         print(f"netlab latency: cannot bind netfilter queue {args.queue}: {e}", file=sys.stderr)
+        return 1
+    try:
+        serve(line)
+    except OSError as e:  # the node's incoming packets now wait in a queue nobody reads: say so
+        print(f"netlab latency: the delay line of queue {args.queue} stopped: {e}", file=sys.stderr)
         return 1
     return 0
 
