@@ -60,7 +60,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 __all__ = ["NetLab", "NetLabError", "Node", "latency_unavailable", "netlab_unavailable"]
@@ -138,11 +138,31 @@ def netlab_unavailable() -> str | None:
     for tool in ("ip", "tc", "iptables", "iptables-restore"):
         if shutil.which(tool) is None:
             return f"netlab needs `{tool}`, which is not on PATH"
-    ns = f"hlprobe{os.getpid()}x{random.getrandbits(16):04x}"
     try:
-        _run(["ip", "netns", "add", ns])
+        with _scratch_namespace() as ns:
+            return _probe_tools(ns)
     except NetLabError as e:
         return f"`ip netns add` is not permitted here: {e}"
+
+
+@contextlib.contextmanager
+def _scratch_namespace() -> Iterator[str]:
+    """A namespace of its own for a probe, deleted after.
+
+    Raises:
+        NetLabError: `ip netns add` failed.
+    """
+    ns = f"hlprobe{os.getpid()}x{random.getrandbits(16):04x}"
+    _run(["ip", "netns", "add", ns])
+    try:
+        yield ns
+    finally:
+        with contextlib.suppress(NetLabError):
+            _run(["ip", "netns", "del", ns])
+
+
+def _probe_tools(ns: str) -> str | None:
+    """None if what a lab does works in namespace `ns`, else why not."""
     try:
         _run(["ip", "-n", ns, "link", "add", "br0", "type", "bridge"])
         _run(["ip", "-n", ns, "link", "add", "v0", "type", "veth", "peer", "name", "v1"])
@@ -159,10 +179,14 @@ def netlab_unavailable() -> str | None:
         _run(["ip", "netns", "exec", ns, "iptables-restore"], stdin=rules)
     except NetLabError as e:
         return f"netlab's tools do not work here: {e}"
-    finally:
-        with contextlib.suppress(NetLabError):
-            _run(["ip", "netns", "del", ns])
     return None
+
+
+def _helper_env() -> dict[str, str]:
+    """The environment of netlab's own helper processes (`python -m hivecli.netlab.X`): importable
+    from this source tree even where hivecli is not installed."""
+    path = os.pathsep.join(p for p in (_SOURCE_ROOT, os.environ.get("PYTHONPATH")) if p)
+    return dict(os.environ, PYTHONPATH=path)
 
 
 @functools.lru_cache(maxsize=1)
@@ -175,27 +199,21 @@ def latency_unavailable() -> str | None:
     reason = netlab_unavailable()
     if reason is not None:
         return reason
-    ns = f"hlprobe{os.getpid()}y{random.getrandbits(16):04x}"
     try:
-        _run(["ip", "netns", "add", ns])
-        _run(["ip", "netns", "exec", ns, "iptables-restore"], stdin="*mangle\n-A PREROUTING -j NFQUEUE\nCOMMIT\n")
-        argv = [sys.executable, "-m", "hivecli.netlab.latency", "--delay-ms", "1"]
-        path = os.pathsep.join(p for p in (_SOURCE_ROOT, os.environ.get("PYTHONPATH")) if p)
-        env = dict(os.environ, PYTHONPATH=path)
-        pipe = subprocess.PIPE
-        proc = subprocess.Popen(["ip", "netns", "exec", ns, *argv], stdout=pipe, stderr=pipe, env=env)
-        try:
-            _read_line(proc.stdout, time.monotonic() + COMMAND_TIMEOUT, "a delay line to bind its queue")
-        except NetLabError:
-            proc.kill()
-            stderr = proc.communicate()[1].decode(errors="replace").strip()
-            return f"netlab's delay line cannot bind a netfilter queue here: {stderr or 'no output'}"
-        _stop_process(proc, STOP_GRACE)
+        with _scratch_namespace() as ns:
+            _run(["ip", "netns", "exec", ns, "iptables-restore"], stdin="*mangle\n-A PREROUTING -j NFQUEUE\nCOMMIT\n")
+            argv = ["ip", "netns", "exec", ns, sys.executable, "-m", "hivecli.netlab.latency", "--delay-ms", "1"]
+            pipe = subprocess.PIPE
+            proc = subprocess.Popen(argv, stdout=pipe, stderr=pipe, env=_helper_env())
+            try:
+                _read_line(proc.stdout, time.monotonic() + COMMAND_TIMEOUT, "a delay line to bind its queue")
+            except NetLabError:
+                proc.kill()
+                stderr = proc.communicate()[1].decode(errors="replace").strip()
+                return f"netlab's delay line cannot bind a netfilter queue here: {stderr or 'no output'}"
+            _stop_process(proc, STOP_GRACE)
     except NetLabError as e:
         return f"netlab's latency needs the NFQUEUE target and nfnetlink_queue: {e}"
-    finally:
-        with contextlib.suppress(NetLabError):
-            _run(["ip", "netns", "del", ns])
     return None
 
 
@@ -464,27 +482,17 @@ class NetLab:
         self._check_node(node)
         if rtt_ms < 0:
             raise ValueError(f"rtt_ms = {rtt_ms}: must be >= 0")
-        old, rule = node.proxy, ""
+        new, rule = None, ""
         if rtt_ms > 0:
-            node.proxy = self._start_proxy(node, rtt_ms, timeout)
+            new = self._start_proxy(node, rtt_ms, timeout)
             # every TCP connection the node opens, except to its own addresses and except the proxy's
             # own (marked) ones, goes to the proxy; the port was printed by the proxy
             rule = (
                 f"-A {DELAY_CHAIN} -p tcp -m addrtype ! --dst-type LOCAL -m mark ! --mark {PROXY_MARK:#x} "
                 f"-j REDIRECT --to-ports {node.proxy_port}\n"
             )
-        else:
-            node.proxy = None
-        try:
-            self._iptables(node, f"*nat\n:{DELAY_CHAIN} - [0:0]\n{rule}COMMIT\n")
-        except BaseException:
-            if node.proxy is not None:
-                self.stop(node.proxy)
-            node.proxy = old
-            raise
+        node.proxy = self._swap(node, node.proxy, new, f"*nat\n:{DELAY_CHAIN} - [0:0]\n{rule}COMMIT\n")
         node.delay_ms = float(rtt_ms)
-        if old is not None:
-            self.stop(old)  # after the rule points elsewhere, so that no new connection reaches it
 
     def set_latency(self, node: Node, ms: float, *, timeout: float = 30.0) -> None:
         """Hold every packet that arrives on `node`'s link `ms` milliseconds; 0 removes it.
@@ -501,25 +509,34 @@ class NetLab:
         self._check_node(node)
         if ms < 0:
             raise ValueError(f"ms = {ms}: must be >= 0")
-        old, rule = node.latency, ""
-        queue = 1 - node.latency_queue if old is not None else 0  # the old line keeps its queue until the switch
+        new, rule = None, ""
+        queue = 1 - node.latency_queue if node.latency is not None else 0  # the old line keeps its own till the switch
         if ms > 0:
-            node.latency = self._start_latency(node, ms, queue, timeout)
+            new = self._start_latency(node, ms, queue, timeout)
             rule = f"-A {LATENCY_CHAIN} -j NFQUEUE --queue-num {queue}\n"
-        else:
-            node.latency = None
-        try:
-            self._iptables(node, f"*mangle\n:{LATENCY_CHAIN} - [0:0]\n{rule}COMMIT\n")
-        except BaseException:
-            if node.latency is not None:
-                self.stop(node.latency)
-            node.latency = old
-            raise
+        node.latency = self._swap(node, node.latency, new, f"*mangle\n:{LATENCY_CHAIN} - [0:0]\n{rule}COMMIT\n")
         node.latency_ms = float(ms)
-        if rule:
-            node.latency_queue = queue  # only now: had the rule failed, the old line would still hold its queue
+        node.latency_queue = queue  # only now: had the rule failed, the old line would still hold its queue
+
+    def _swap(
+        self, node: Node, old: subprocess.Popen[bytes] | None, new: subprocess.Popen[bytes] | None, rules: str
+    ) -> subprocess.Popen[bytes] | None:
+        """Write `rules` (iptables-restore) that point `node`'s traffic at helper `new` instead of
+        `old`, then stop `old` (the delay proxy, which new connections no longer reach; the delay
+        line, which lets what it holds go). Returns the helper now in use: `new`.
+
+        Raises:
+            NetLabError: iptables failed; `new` is stopped and `old` stays in use.
+        """
+        try:
+            self._iptables(node, rules)
+        except BaseException:
+            if new is not None:
+                self.stop(new)
+            raise
         if old is not None:
-            self.stop(old)  # after the rule points elsewhere; it lets what it holds go when stopped
+            self.stop(old)
+        return new
 
     def _start_latency(self, node: Node, ms: float, queue: int, timeout: float) -> subprocess.Popen[bytes]:
         """A delay line in `node`'s namespace, bound to netfilter queue `queue`.
@@ -527,15 +544,8 @@ class NetLab:
         Raises:
             NetLabError: it did not report its queue bound within `timeout` seconds.
         """
-        argv = [sys.executable, "-m", "hivecli.netlab.latency", "--queue", str(queue), "--delay-ms", f"{ms:g}"]
-        path = os.pathsep.join(p for p in (_SOURCE_ROOT, os.environ.get("PYTHONPATH")) if p)
-        proc = self._popen(node, argv, stdout=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=path))
-        try:
-            _read_line(proc.stdout, time.monotonic() + timeout, f"the delay line in {node.ns} to bind its queue")
-        except BaseException:
-            self.stop(proc)
-            raise
-        return proc
+        args = ["--queue", str(queue), "--delay-ms", f"{ms:g}"]
+        return self._start_helper(node, "latency", args, "the delay line", "to bind its queue", timeout)[0]
 
     def _start_proxy(self, node: Node, rtt_ms: float, timeout: float) -> subprocess.Popen[bytes]:
         """A delay proxy in `node`'s namespace, listening (its port in `node.proxy_port`).
@@ -543,20 +553,34 @@ class NetLab:
         Raises:
             NetLabError: it did not report listening within `timeout` seconds.
         """
-        argv = [sys.executable, "-m", "hivecli.netlab.proxy", "--port", "0", "--delay-ms", f"{rtt_ms:g}"]
-        argv += ["--mark", f"{PROXY_MARK:#x}"]
+        args = ["--port", "0", "--delay-ms", f"{rtt_ms:g}", "--mark", f"{PROXY_MARK:#x}"]
         if node.rate_mbit:  # hold what the shaped link carries in the added round trip, as a real path would
-            argv += ["--buffer", str(max(PROXY_MIN_BUFFER, int(node.rate_mbit * 1e6 / 8 * rtt_ms / 1000)))]
-        # importable from this source tree even where hivecli is not installed
-        path = os.pathsep.join(p for p in (_SOURCE_ROOT, os.environ.get("PYTHONPATH")) if p)
-        proc = self._popen(node, argv, stdout=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=path))
+            args += ["--buffer", str(max(PROXY_MIN_BUFFER, int(node.rate_mbit * 1e6 / 8 * rtt_ms / 1000)))]
+        proc, line = self._start_helper(node, "proxy", args, "the delay proxy", "to listen", timeout)
         try:
-            line = _read_line(proc.stdout, time.monotonic() + timeout, f"the delay proxy in {node.ns} to listen")
             node.proxy_port = int(json.loads(line)["port"])
         except BaseException:
             self.stop(proc)
             raise
         return proc
+
+    def _start_helper(
+        self, node: Node, module: str, args: list[str], what: str, until: str, timeout: float
+    ) -> tuple[subprocess.Popen[bytes], str]:
+        """`python -m hivecli.netlab.<module> <args>` in `node`'s namespace, and the first line it
+        printed (it prints one once it is ready).
+
+        Raises:
+            NetLabError: no line within `timeout` seconds (the process is stopped).
+        """
+        argv = [sys.executable, "-m", f"hivecli.netlab.{module}", *args]
+        proc = self._popen(node, argv, stdout=subprocess.PIPE, env=_helper_env())
+        try:
+            line = _read_line(proc.stdout, time.monotonic() + timeout, f"{what} in {node.ns} {until}")
+        except BaseException:
+            self.stop(proc)
+            raise
+        return proc, line
 
     # ---- failures ------------------------------------------------------------------------------
 
