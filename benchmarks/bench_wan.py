@@ -76,7 +76,7 @@ CONGESTION_SYSCTL = "/proc/sys/net/ipv4/tcp_congestion_control"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from hivecli.averaging.settings import BULK_LINKS  # noqa: E402  # after the sys.path line
+from hivecli.averaging.settings import BULK_LINKS, PACINGS  # noqa: E402  # after the sys.path line
 from hivecli.netlab import NetLab, Node, latency_unavailable, netlab_unavailable  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -445,7 +445,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--pacing",
-        choices=["auto", "off"],
+        choices=PACINGS,
         default="auto",
         help="every peer's AveragingSettings.pacing, where --pace does not tell it the rate (default auto, as the "
         "averager's: it learns the rate; off: TCP alone)",

@@ -90,7 +90,6 @@ class DelayLine:
     def __init__(self, queue: int, delay: float) -> None:
         self.queue, self.delay = queue, delay
         self.held: collections.deque[tuple[float, int]] = collections.deque()  # (due, packet id)
-        self.packets = 0
         self._last_id = 0  # the newest packet id seen (ids count up from 1, per queue)
         self._seq = 0
         self._buffer = bytearray(65536)  # one notice is a hundred bytes; the kernel sends each alone
@@ -152,7 +151,6 @@ class DelayLine:
                     packet = _packet_id(view[offset : offset + length])
                     if packet is not None:
                         self.held.append((due, packet))
-                        self.packets += 1
                         self._last_id = packet
                 offset += (length + 3) & ~3
 
