@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import struct
+import types
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -341,6 +342,47 @@ def test_concurrent_connects_and_calls_share_one_connection(kind: str) -> None:
         assert len(server.open_connections()) == 1
 
     run(kind, main)
+
+
+def test_two_peers_that_dial_each_other_choose_the_same_connection(kind: str) -> None:
+    """Both ends open new streams on the one dialed by the smaller peer ID (else each side's
+    streams took its own, and a round paced per connection sent twice its share to that peer);
+    when it closes, the other connection takes over on both sides, without a new dial."""
+
+    async def main(net: Net) -> None:
+        a, b = sorted([await net.server(), await net.server()], key=lambda host: host.peer_id, reverse=True)
+        await a.connect(address_of(b))  # the larger ID dials first: the first connection is not the one to keep
+        await b._dial(a.peer_id, [address_of(a)])  # what a simultaneous dial leaves: two connections
+        assert len(a.open_connections()) == len(b.open_connections()) == 2
+        chosen_a, chosen_b = a.connection_to(b.peer_id), b.connection_to(a.peer_id)
+        assert chosen_a is not None and chosen_b is not None
+        assert chosen_a.outbound == (a.peer_id < b.peer_id)
+        assert chosen_b.outbound == (b.peer_id < a.peer_id)  # the same TCP connection, seen from b
+
+        chosen_a.close("test: the chosen one goes")
+        await wait_until(lambda: a.connection_to(b.peer_id) not in (None, chosen_a), DEADLINE)
+        await wait_until(lambda: b.connection_to(a.peer_id) not in (None, chosen_b), DEADLINE)
+        reply = await b.call(a.peer_id, "echo", "still there")
+        assert reply.payload["payload"] == "still there"
+        assert len(a.open_connections()) == len(b.open_connections()) == 1
+
+    run(kind, main)
+
+
+def test_a_direct_connection_is_preferred_to_a_relayed_one() -> None:
+    me, other = Identity.generate().peer_id, Identity.generate().peer_id
+    host = Host.__new__(Host)  # only _preferred's rule: no listener, no loop
+    host.peer_id = me
+    smaller_dials = me < other
+
+    def conn(relayed: bool, outbound: bool) -> Any:
+        return types.SimpleNamespace(relayed=relayed, outbound=outbound, remote_peer=other)
+
+    assert host._preferred(conn(False, True), conn(True, smaller_dials))
+    assert not host._preferred(conn(True, smaller_dials), conn(False, not smaller_dials))
+    assert host._preferred(conn(False, smaller_dials), conn(False, not smaller_dials))
+    assert not host._preferred(conn(False, not smaller_dials), conn(False, smaller_dials))
+    assert not host._preferred(conn(False, True), conn(False, True))  # the same side dialed both: the older stays
 
 
 def test_handler_exception_becomes_remote_error(kind: str) -> None:

@@ -277,6 +277,7 @@ class Connection:
         self.remote_peer = remote_peer
         self.remote_maddrs = remote_maddrs
         self.remote_host = stream.remote_host
+        self.relayed = stream.relayed
         self.settings = settings
         self.outbound = outbound
         self._stream = stream

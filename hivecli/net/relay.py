@@ -79,6 +79,8 @@ class RelayedStream(ByteStream):
     messages, in order; `drain` waits until the queue is below a high-water mark.
     """
 
+    relayed = True
+
     def __init__(self, stream: Stream, remote_host: str):
         self._stream = stream
         self.remote_host = remote_host

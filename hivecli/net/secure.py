@@ -233,7 +233,7 @@ class SecureStream(ByteStream):
         if send_key == receive_key:  # would let a reflected record verify; the handshake never does this
             raise ValueError("SecureStream needs a different key for each direction")
         self._inner = inner
-        self.remote_host, self.same_host = inner.remote_host, inner.same_host
+        self.remote_host, self.same_host, self.relayed = inner.remote_host, inner.same_host, inner.relayed
         self._sealer = record_cipher(send_key)
         self._opener = record_cipher(receive_key)
         self._sent = 0  # records sealed so far: the next send nonce

@@ -60,6 +60,7 @@ class ByteStream(ABC):
     # (`same_host_socket`); relayed circuits and in-memory streams are never same-host
     same_host: bool = False
     sealed: bool = False  # its bytes are encrypted and authenticated (secure.SecureStream)
+    relayed: bool = False  # carried through a relay's circuit (relay.RelayedStream), not a direct link
 
     @abstractmethod
     async def read_exactly(self, n: int) -> bytes:
