@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import random
 
 import pytest
 
@@ -10,6 +11,9 @@ from hivecli.averaging import pacing
 from hivecli.averaging.pacing import Pacer, RoundSampler, UplinkEstimate
 from hivecli.averaging.settings import PACING_SHARE
 from hivecli.net.transport import SendStats
+
+GROUP = bytes([0, 0, 0, 1]) + bytes(16)  # a round that does not probe (pacing.probes)
+PROBING_GROUP = bytes(20)  # one that does
 
 
 class Clock:
@@ -120,15 +124,28 @@ def test_a_connection_added_mid_round_counts_from_then_and_one_without_counters_
     assert sampler.acked == pytest.approx(6e6, rel=1e-6)
 
 
-def test_rounds_are_paced_only_after_one_lost_bytes_a_little_below_the_link_and_probe_it_every_few():
+def test_rounds_are_paced_only_after_one_lost_bytes_a_little_below_the_link_and_probe_it_when_told():
     estimate = UplinkEstimate()
     estimate.observe(10e6, acked=50_000_000, retransmitted=0, pace=None, probing=False)
-    assert estimate.rate is None and estimate.next_round() == (None, False)  # nothing lost: TCP alone is fine
+    assert estimate.rate is None and estimate.next_round(probe=True) == (None, False)  # nothing lost: TCP alone
     estimate.observe(11e6, acked=50_000_000, retransmitted=500_000, pace=None, probing=False)  # 1% lost
     assert estimate.capacity == 11e6 and estimate.rate == pytest.approx(11e6 * pacing.PACE_GAIN)
-    rounds = [estimate.next_round() for _ in range(2 * pacing.PROBE_EVERY)]
-    paced, probe = (pytest.approx(11e6 * pacing.PACE_GAIN), False), (pytest.approx(11e6 * pacing.PROBE_GAIN), True)
-    assert rounds == 2 * ([paced] * (pacing.PROBE_EVERY - 1) + [probe])
+    assert estimate.next_round(probe=False) == (pytest.approx(11e6 * pacing.PACE_GAIN), False)
+    assert estimate.next_round(probe=True) == (pytest.approx(11e6 * pacing.PROBE_GAIN), True)
+
+
+def test_every_member_of_a_group_probes_in_the_same_rounds_about_one_in_probe_every():
+    rng = random.Random(7)
+    group_ids = [rng.randbytes(20) for _ in range(8000)]  # as leaders draw them (os.urandom)
+    share = sum(map(pacing.probes, group_ids)) / len(group_ids)
+    assert share == pytest.approx(1 / pacing.PROBE_EVERY, rel=0.15)
+    members = [Pacer(None, "auto") for _ in range(4)]
+    for i, member in enumerate(members):  # each learned a slightly different link, and paces it
+        member.estimate.observe(10e6 + i, acked=50_000_000, retransmitted=500_000, pace=None, probing=False)
+    for group_id in group_ids[:200]:
+        rates = [member.start_round(group_id)[0] for member in members]
+        gain = pacing.PROBE_GAIN if pacing.probes(group_id) else pacing.PACE_GAIN
+        assert rates == [pytest.approx((10e6 + i) * gain) for i in range(len(members))]
 
 
 def test_only_rounds_the_network_held_back_measure_the_link():
@@ -154,7 +171,7 @@ def test_rounds_are_unpaced_again_once_none_lost_bytes_for_a_while():
         estimate.observe(None, acked=50_000_000, retransmitted=0, pace=estimate.rate, probing=False)
     assert estimate.rate is not None  # LOSS_MEMORY rounds since the loss
     estimate.observe(None, acked=50_000_000, retransmitted=0, pace=estimate.rate, probing=False)
-    assert estimate.rate is None and estimate.next_round() == (None, False)
+    assert estimate.rate is None and estimate.next_round(probe=False) == (None, False)
 
 
 def test_a_small_round_or_a_trickle_of_retransmissions_is_not_a_loss():
@@ -166,17 +183,17 @@ def test_a_small_round_or_a_trickle_of_retransmissions_is_not_a_loss():
 
 def test_a_pacer_uses_the_users_uplink_else_learns_it_unless_off(caplog: pytest.LogCaptureFixture):
     fixed = Pacer(80.0, "auto")
-    assert fixed.start_round() == (pytest.approx(10e6 * PACING_SHARE), None)
-    assert Pacer(None, "off").start_round() == (None, None)
+    assert fixed.start_round(PROBING_GROUP) == (pytest.approx(10e6 * PACING_SHARE), None)
+    assert Pacer(None, "off").start_round(PROBING_GROUP) == (None, None)
     auto = Pacer(None, "auto")
-    rate, sampler = auto.start_round()
+    rate, sampler = auto.start_round(PROBING_GROUP)
     assert rate is None and isinstance(sampler, RoundSampler)
     sampler.rates = [12.5e6] * 10
     sampler.acked, sampler.retransmitted = 40_000_000, 400_000
     auto.end_round(sampler)
     with caplog.at_level(logging.INFO, logger="hivecli.averaging.pacing"):
         for _ in range(2):
-            rate, _ = auto.start_round()
+            rate, _ = auto.start_round(GROUP)
             assert rate == pytest.approx(12.5e6 * pacing.PACE_GAIN)
     said = [r.getMessage() for r in caplog.records]
     assert len(said) == 1 and "pace this peer's uplink to about 98.0 Mbit/s" in said[0]

@@ -439,7 +439,7 @@ class DecentralizedAverager:
             if settings.bulk_links == "auto":  # the runner sees what "auto" chose for this round
                 bulk = self._auto_bulk_spans(cores)
                 settings = dataclasses.replace(settings, bulk_links="all" if bulk else "state")
-            pace, sampler = self._pacer.start_round()
+            pace, sampler = self._pacer.start_round(group.group_id)
             runner = AllReduceRunner(
                 node.host,
                 group,
