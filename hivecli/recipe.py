@@ -243,7 +243,7 @@ class AveragingSection(_Section):
         "auto",
         description="Where uplink_mbps is unset: 'auto' learns the uplink's rate from the rounds once one of them "
         "lost packets on the way (a queue on the path overflowed), and paces the rounds after it a little below that "
-        "rate; a link that loses nothing is never paced (4 peers on 100 Mbit/s: 0.86-0.91 of the link rate against "
+        "rate; a link that loses nothing is never paced (4 peers on 100 Mbit/s: 0.91-0.93 of the link rate against "
         "0.83-0.87). 'off': TCP alone.",
     )
 
