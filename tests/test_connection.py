@@ -369,20 +369,44 @@ def test_two_peers_that_dial_each_other_choose_the_same_connection(kind: str) ->
     run(kind, main)
 
 
-def test_a_direct_connection_is_preferred_to_a_relayed_one() -> None:
-    me, other = Identity.generate().peer_id, Identity.generate().peer_id
-    host = Host.__new__(Host)  # only _preferred's rule: no listener, no loop
+def test_a_dial_that_loses_the_choice_returns_the_pairs_connection(kind: str) -> None:
+    """The caller of a dial that lost to the peer's own (it dialed us first, and has the smaller
+    ID) gets the connection both sides use, not the one it dialed."""
+
+    async def main(net: Net) -> None:
+        smaller, larger = sorted([await net.server(), await net.server()], key=lambda host: host.peer_id)
+        await smaller.connect(address_of(larger))
+        dialed = await larger._dial(smaller.peer_id, [address_of(smaller)])
+        assert dialed is larger.connection_to(smaller.peer_id) and not dialed.outbound
+
+    run(kind, main)
+
+
+class _StandIn(types.SimpleNamespace):
+    __hash__ = object.__hash__  # a connection is hashed by identity
+
+
+def test_the_choice_ranks_a_direct_link_first_then_the_smaller_ids_dial_then_the_first_registered() -> None:
+    """Host._choose's order, on stand-in connections (no sockets, no loop)."""
+    me, other = sorted([Identity.generate().peer_id, Identity.generate().peer_id])
+    host = Host.__new__(Host)
     host.peer_id = me
-    smaller_dials = me < other
+    host._connections, host._all_connections, host._registered = {}, set(), {}
 
-    def conn(relayed: bool, outbound: bool) -> Any:
-        return types.SimpleNamespace(relayed=relayed, outbound=outbound, remote_peer=other)
+    def choose(*specs: tuple[bool, bool]) -> int:
+        """Register connections (relayed, dialed by us) in this order; the index of the chosen one."""
+        host._all_connections.clear()
+        conns = [_StandIn(relayed=r, outbound=o, remote_peer=other, is_closed=False) for r, o in specs]
+        for i, conn in enumerate(conns):
+            host._all_connections.add(conn)
+            host._registered[conn] = i
+        host._choose(other)
+        return conns.index(host._connections[other])
 
-    assert host._preferred(conn(False, True), conn(True, smaller_dials))
-    assert not host._preferred(conn(True, smaller_dials), conn(False, not smaller_dials))
-    assert host._preferred(conn(False, smaller_dials), conn(False, not smaller_dials))
-    assert not host._preferred(conn(False, not smaller_dials), conn(False, smaller_dials))
-    assert not host._preferred(conn(False, True), conn(False, True))  # the same side dialed both: the older stays
+    assert choose((True, True), (False, False)) == 1  # direct, though the larger ID dialed it
+    assert choose((False, False), (False, True)) == 1  # we have the smaller ID: ours
+    assert choose((False, True), (False, True)) == 0  # both ours: the first registered
+    assert choose((False, False), (True, True)) == 0
 
 
 def test_handler_exception_becomes_remote_error(kind: str) -> None:

@@ -142,10 +142,19 @@ def test_every_member_of_a_group_probes_in_the_same_rounds_about_one_in_probe_ev
     members = [Pacer(None, "auto") for _ in range(4)]
     for i, member in enumerate(members):  # each learned a slightly different link, and paces it
         member.estimate.observe(10e6 + i, acked=50_000_000, retransmitted=500_000, pace=None, probing=False)
+        for _ in range(i):  # and joined the swarm at a different time: a different number of paced rounds
+            member.start_round(GROUP)
     for group_id in group_ids[:200]:
         rates = [member.start_round(group_id)[0] for member in members]
         gain = pacing.PROBE_GAIN if pacing.probes(group_id) else pacing.PACE_GAIN
         assert rates == [pytest.approx((10e6 + i) * gain) for i in range(len(members))]
+
+
+def test_a_leader_that_never_lets_a_round_probe_cannot_keep_an_estimate_low_for_good():
+    estimate = UplinkEstimate()
+    estimate.observe(10e6, acked=50_000_000, retransmitted=500_000, pace=None, probing=False)
+    rounds = [estimate.next_round(probe=False)[1] for _ in range(3 * pacing.MAX_ROUNDS_WITHOUT_PROBE + 3)]
+    assert rounds == 3 * ([False] * pacing.MAX_ROUNDS_WITHOUT_PROBE + [True])
 
 
 def test_only_rounds_the_network_held_back_measure_the_link():

@@ -75,6 +75,9 @@ LOSS_MEMORY = 50  # rounds
 PACE_GAIN = 0.98
 PROBE_GAIN = 1.1
 PROBE_EVERY = 8
+# A leader draws its group's id, so one that keeps drawing ids that never probe could keep a
+# member's too-low estimate for good: a member probes anyway after this many paced rounds without.
+MAX_ROUNDS_WITHOUT_PROBE = 4 * PROBE_EVERY
 SLOWER = 0.9
 
 
@@ -154,6 +157,7 @@ class UplinkEstimate:
     def __init__(self) -> None:
         self.capacity: float | None = None
         self._since_loss: int | None = None  # rounds since the last that lost bytes; None: none did
+        self._since_probe = 0  # paced rounds since the last that probed
 
     @property
     def pacing(self) -> bool:
@@ -167,9 +171,14 @@ class UplinkEstimate:
 
     def next_round(self, probe: bool) -> tuple[float | None, bool]:
         """The next round's pace (bytes/s, None: unpaced) and whether it probes the link: if it
-        is paced and `probe` (`probes` of its group)."""
+        is paced and `probe` (`probes` of its group), or MAX_ROUNDS_WITHOUT_PROBE paced rounds
+        went by without a probe."""
         if not self.pacing or self.capacity is None:
             return None, False
+        self._since_probe += 1
+        probe = probe or self._since_probe > MAX_ROUNDS_WITHOUT_PROBE
+        if probe:
+            self._since_probe = 0
         return self.capacity * (PROBE_GAIN if probe else PACE_GAIN), probe
 
     def observe(self, peak: float | None, acked: int, retransmitted: int, pace: float | None, probing: bool) -> None:

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import dataclasses
 import ipaddress
+import itertools
 import logging
 import time
 from typing import Any
@@ -107,6 +108,8 @@ class Host:
         self._listeners: list[Listener] = []
         self._connections: dict[PeerID, Connection] = {}
         self._all_connections: set[Connection] = set()
+        self._registered: dict[Connection, int] = {}  # the order connections joined the pool (_rank)
+        self._registrations = itertools.count()
         self._dials: dict[PeerID, _Dial] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._janitor: asyncio.Task[None] | None = None
@@ -475,7 +478,7 @@ class Host:
                 if candidates is not None:
                     self.add_addrs(peer_id, candidates)
                 self._register(winner)
-                return winner
+                return self.connection_to(peer_id) or winner  # the pair's chosen one, if the peer dialed us too
         finally:
             for attempt in attempts:
                 attempt.cancel()
@@ -549,22 +552,28 @@ class Host:
             raise PeerUnreachableError(f"relay {relay} sent an unexpected answer to relay.connect")
         return RelayedStream(rpc, f"via relay {relay}")
 
-    def _preferred(self, new: Connection, current: Connection) -> bool:
-        """Whether `new` should carry our new streams to its peer instead of `current`.
+    def _choose(self, peer_id: PeerID) -> None:
+        """Point `connection_to(peer_id)` at the best of our open connections to it.
 
         Two peers that dial each other at once end up with two connections, and each side would
         open its streams on the one it dialed: then both connections carry a round's data between
         them, and each is paced to one member's share of the uplink, so together they send twice
         that share into the other's downlink (measured: 4 peers on 100 Mbit/s links, the two
         downlinks of such a pair dropped 20-240 packets in every round, and the round's rate fell
-        from 0.86-0.87 of the link to 0.78-0.81). Both sides choose the same one, whoever asks: a
-        direct link over a relay's circuit, then the one dialed by the smaller peer ID."""
-        if new.relayed != current.relayed:
-            return current.relayed
-        dialer = self.peer_id if new.outbound else new.remote_peer
-        if (self.peer_id if current.outbound else current.remote_peer) == dialer:
-            return False  # the same side dialed both: the older one stays
-        return dialer == min(self.peer_id, new.remote_peer)
+        from 0.86-0.87 of the link to 0.78-0.81). So both sides rank them alike (`_rank`): a
+        direct link before a relay's circuit, then the one dialed by the smaller peer ID. Where
+        the same side dialed both (rare: a host shares one dial per peer), the one registered
+        first, which the two sides may see in a different order."""
+        candidates = [c for c in self._all_connections if c.remote_peer == peer_id and not c.is_closed]
+        if candidates:
+            self._connections[peer_id] = min(candidates, key=self._rank)
+        else:
+            self._connections.pop(peer_id, None)
+
+    def _rank(self, conn: Connection) -> tuple[bool, bool, int]:
+        """`_choose`'s order of a peer's connections, lowest first."""
+        dialer = self.peer_id if conn.outbound else conn.remote_peer
+        return conn.relayed, dialer != min(self.peer_id, conn.remote_peer), self._registered.get(conn, 0)
 
     async def probe(self, maddr: Multiaddr) -> None:
         """Dial `maddr` on a fresh connection, complete the handshake with its /p2p peer, hang up
@@ -578,20 +587,15 @@ class Host:
         conn.close("dial-back check done")
 
     def _register(self, conn: Connection) -> None:
+        """Add an authenticated connection to the pool; forget it once it closes."""
         self._all_connections.add(conn)
-        current = self.connection_to(conn.remote_peer)
-        if current is None or self._preferred(conn, current):
-            self._connections[conn.remote_peer] = conn
+        self._registered[conn] = next(self._registrations)
+        self._choose(conn.remote_peer)
 
         def forget(_: Any) -> None:
             self._all_connections.discard(conn)
-            if self._connections.get(conn.remote_peer) is conn:
-                del self._connections[conn.remote_peer]
-                for other in self._all_connections:  # a duplicate that lost the choice takes over
-                    if other.remote_peer == conn.remote_peer and not other.is_closed:
-                        current = self.connection_to(other.remote_peer)
-                        if current is None or self._preferred(other, current):
-                            self._connections[other.remote_peer] = other
+            self._registered.pop(conn, None)
+            self._choose(conn.remote_peer)  # a duplicate that lost the choice takes over
             if conn.broke_limit is not None:
                 self._offences.setdefault(conn.remote_host, []).append(time.monotonic())
 
