@@ -86,7 +86,7 @@ class AveragingSettings:
             the network acknowledged our bytes at. A link that loses nothing (loopback, one with
             room to spare) is never paced. "off": TCP alone. 4 peers on 100 Mbit/s links with
             the latency on the path (netlab.set_latency): 0.91-0.93 of the link (0.83-0.87
-            unpaced), and with 50 ms RTT 0.87-0.90 in fp32 and 0.83-0.89 in fp16 (0.81-0.84
+            unpaced), and with 50 ms RTT 0.87-0.90 in fp32 and 0.81-0.89 in fp16 (0.81-0.84
             and 0.77-0.84 unpaced); 2 peers the same within 0.04 either way
             (docs/benchmarks.md). A TCP proxy on the way misleads its
             measurements: it acknowledges our bytes before they cross the link.
