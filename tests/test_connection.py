@@ -391,15 +391,12 @@ def test_the_choice_ranks_a_direct_link_first_then_the_smaller_ids_dial_then_the
     me, other = sorted([Identity.generate().peer_id, Identity.generate().peer_id])
     host = Host.__new__(Host)
     host.peer_id = me
-    host._connections, host._all_connections, host._registered = {}, set(), {}
+    host._connections, host._all_connections = {}, {}
 
     def choose(*specs: tuple[bool, bool]) -> int:
         """Register connections (relayed, dialed by us) in this order; the index of the chosen one."""
-        host._all_connections.clear()
         conns = [_StandIn(relayed=r, outbound=o, remote_peer=other, is_closed=False) for r, o in specs]
-        for i, conn in enumerate(conns):
-            host._all_connections.add(conn)
-            host._registered[conn] = i
+        host._all_connections = dict.fromkeys(conns)
         host._choose(other)
         return conns.index(host._connections[other])
 

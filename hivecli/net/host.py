@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import dataclasses
 import ipaddress
-import itertools
 import logging
 import time
 from typing import Any
@@ -107,9 +106,9 @@ class Host:
         self.announce_maddrs: list[Multiaddr] = []
         self._listeners: list[Listener] = []
         self._connections: dict[PeerID, Connection] = {}
-        self._all_connections: set[Connection] = set()
-        self._registered: dict[Connection, int] = {}  # the order connections joined the pool (_rank)
-        self._registrations = itertools.count()
+        # every authenticated connection, in the order it joined the pool (a dict as an ordered
+        # set: `_choose` breaks its last tie by that order)
+        self._all_connections: dict[Connection, None] = {}
         self._dials: dict[PeerID, _Dial] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._janitor: asyncio.Task[None] | None = None
@@ -563,17 +562,18 @@ class Host:
         from 0.86-0.87 of the link to 0.78-0.81). So both sides rank them alike (`_rank`): a
         direct link before a relay's circuit, then the one dialed by the smaller peer ID. Where
         the same side dialed both (rare: a host shares one dial per peer), the one registered
-        first, which the two sides may see in a different order."""
+        first (`min` keeps the first of equals, and the pool keeps its order), which the two
+        sides may see in a different order."""
         candidates = [c for c in self._all_connections if c.remote_peer == peer_id and not c.is_closed]
         if candidates:
             self._connections[peer_id] = min(candidates, key=self._rank)
         else:
             self._connections.pop(peer_id, None)
 
-    def _rank(self, conn: Connection) -> tuple[bool, bool, int]:
+    def _rank(self, conn: Connection) -> tuple[bool, bool]:
         """`_choose`'s order of a peer's connections, lowest first."""
         dialer = self.peer_id if conn.outbound else conn.remote_peer
-        return conn.relayed, dialer != min(self.peer_id, conn.remote_peer), self._registered.get(conn, 0)
+        return conn.relayed, dialer != min(self.peer_id, conn.remote_peer)
 
     async def probe(self, maddr: Multiaddr) -> None:
         """Dial `maddr` on a fresh connection, complete the handshake with its /p2p peer, hang up
@@ -588,13 +588,11 @@ class Host:
 
     def _register(self, conn: Connection) -> None:
         """Add an authenticated connection to the pool; forget it once it closes."""
-        self._all_connections.add(conn)
-        self._registered[conn] = next(self._registrations)
+        self._all_connections[conn] = None
         self._choose(conn.remote_peer)
 
         def forget(_: Any) -> None:
-            self._all_connections.discard(conn)
-            self._registered.pop(conn, None)
+            self._all_connections.pop(conn, None)
             self._choose(conn.remote_peer)  # a duplicate that lost the choice takes over
             if conn.broke_limit is not None:
                 self._offences.setdefault(conn.remote_host, []).append(time.monotonic())
