@@ -31,7 +31,8 @@ with the bytes tc counted on each peer's link: its mean per round over the whole
 and DHT traffic included. "allreduce s" is the median time from group assembly to the end.
 "drops" are the packets the tbf of each peer's uplink and downlink dropped, per round (warm-up
 included). --trace splits each round by each peer's uplink use (start, middle and the share of
-the rate it carried, tail: benchmarks/_linkuse.py); --no-audit turns the reducer audit off;
+the rate it carried, tail: benchmarks/_linkuse.py), and counts the rounds in which a connection's
+congestion window collapsed without a loss (benchmarks/_tcptrace.py); --no-audit turns the reducer audit off;
 --pace tells every peer its link's rate (AveragingSettings.uplink_mbps), so that rounds pace
 each connection to its share of it; otherwise every peer learns the rate (--pacing auto, the
 averager's default: hivecli/averaging/pacing.py) or leaves it to TCP (--pacing off). "paced at"
@@ -81,6 +82,7 @@ from hivecli.netlab import NetLab, Node, latency_unavailable, netlab_unavailable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _linkuse  # noqa: E402
+from _tcptrace import Collapse, CwndTrace  # noqa: E402
 
 # "auto" measures the link in its first (warm-up) round, exact, and picks float16 on these links after it
 BYTES_PER_ELEMENT = {"none": 4, "float16": 2, "auto": 2}
@@ -248,21 +250,29 @@ def run_averaging(
         args += ["--pacing", pacing]
         args += ["--uplink-mbps", str(rate)] if pace else []  # the peers are told their link's rate
         samplers = []
+        cwnd_trace = None
         if trace:
             script = Path(_linkuse.__file__)
             for i, node in enumerate(nodes):
                 samplers.append(node.popen([sys.executable, script, node.link, Path(tmp) / f"link{i}"]))
+            if CwndTrace.unavailable() is None:
+                cwnd_trace = CwndTrace(nodes[0].ip.rsplit(".", 1)[0] + ".")
+                cwnd_trace.start()
+        collapses: list[Collapse] = []
         try:
             swarm.start(nodes, args)
             budget = (rounds + 1) * (timeout + 10)
             swarm.wait(lambda: all(p.stopped() for p in swarm.peers), budget, f"{rounds + 1} rounds")
             counters = [_tc_counters(node) for node in nodes]
         finally:
+            if cwnd_trace is not None:
+                collapses = cwnd_trace.stop()
             for sampler in samplers:
                 lab.stop(sampler)
             swarm.stop()
         links = [_linkuse.load(str(Path(tmp) / f"link{i}")) for i in range(len(nodes))] if trace else []
     steps, allreduces, splits, failed, exact = [], [], [], 0, 0
+    collapsed: list[bool] = []  # per round that succeeded: whether a connection's window collapsed quietly in it
     errors: set[str] = set()  # why the failed rounds failed
     for i in range(1, rounds + 1):  # round 0 warms up (connections, buffers)
         records = [next(r for r in p.rounds() if r["round"] == i) for p in swarm.peers]
@@ -272,6 +282,7 @@ def run_averaging(
             continue
         start, end = min(r["start"] for r in records), max(r["time"] for r in records)
         steps.append(end - start)
+        collapsed.append(any(c.quiet and start <= c.time <= end for c in collapses))
         allreduces.append(max(r["allreduce_seconds"] for r in records))
         exact += all(r["exact"] for r in records)
         # each peer's uplink over the whole step, averaged over the peers
@@ -298,6 +309,11 @@ def run_averaging(
         "drops_up": statistics.mean(up for _, up, _ in counters) / (rounds + 1),
         "drops_down": statistics.mean(down for _, _, down in counters) / (rounds + 1),
         "split": {k: statistics.median(s[k] for s in splits) for k in splits[0]} if splits else None,
+        # --trace as root: rounds in which a connection's congestion window collapsed without a
+        # retransmission (_tcptrace.py), and the median step of those and of the others
+        "collapsed": f"{sum(collapsed)}/{len(steps)}" if cwnd_trace is not None else None,
+        "step_collapsed": _median_or_none([s for s, c in zip(steps, collapsed, strict=True) if c]),
+        "step_clean": _median_or_none([s for s, c in zip(steps, collapsed, strict=True) if not c]),
         # the rate a peer's next round paces all its connections together to (PACING_SHARE of --rate
         # with --pace; what pacing = "auto" learned otherwise), median over the peers; None: unpaced
         "paced": _median_or_none([r.get("pace_mbps") for r in records]),
@@ -408,10 +424,16 @@ def _averaging_row(peers: int, rtt: float, compression: str, r: dict[str, Any]) 
 def _split_row(peers: int, rtt: float, compression: str, r: dict[str, Any]) -> str:
     split = r.get("split")
     if split is None:
-        return f"| {peers} | {rtt:g} | {compression} | no trace | | | |"
+        return f"| {peers} | {rtt:g} | {compression} | no trace | | | | | |"
+
+    def seconds(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f}"
+
+    collapsed = r.get("collapsed") or "no tracefs"
     return (
         f"| {peers} | {rtt:g} | {compression} | {r['step']:.2f} | {split['start']:.2f} "
-        f"| {split['middle']:.2f} ({split['use']:.2f}) | {split['tail']:.2f} |"
+        f"| {split['middle']:.2f} ({split['use']:.2f}) | {split['tail']:.2f} | {collapsed} "
+        f"| {seconds(r.get('step_collapsed'))} / {seconds(r.get('step_clean'))} |"
     )
 
 
@@ -525,10 +547,14 @@ def main() -> None:
         print(
             "Where the step goes (--trace; medians over rounds of the mean over peers of each peer's uplink): "
             "start = until its link first carried half its rate over 50 ms, middle (its share of the link "
-            "rate), tail = after it last did:"
+            "rate), tail = after it last did; rounds in which a connection's congestion window collapsed "
+            "without a retransmission (_tcptrace.py), and the median step of those rounds and of the others:"
         )
-        print("| peers | added RTT ms | compression | step s | start s | middle s (use) | tail s |")
-        print("| --- | --- | --- | --- | --- | --- | --- |")
+        print(
+            "| peers | added RTT ms | compression | step s | start s | middle s (use) | tail s | rounds with a "
+            "collapse | step s, those / the others |"
+        )
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         for r in results:
             if "error" not in r:
                 print(_split_row(r["peers"], r["rtt_ms"], r["compression"], r))
