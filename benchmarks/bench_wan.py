@@ -74,6 +74,7 @@ from typing import Any
 
 SLOW_START_SYSCTL = "/proc/sys/net/ipv4/tcp_slow_start_after_idle"
 CONGESTION_SYSCTL = "/proc/sys/net/ipv4/tcp_congestion_control"
+ALLOWED_CONGESTION = "/proc/sys/net/ipv4/tcp_allowed_congestion_control"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
@@ -326,7 +327,17 @@ def _median_or_none(values: list[float | None]) -> float | None:
 
 
 def _sysctl(node: Node, path: str, value: str) -> None:
-    node.run([sys.executable, "-c", f"open({path!r}, 'w').write({value!r})"])
+    """Write `value` to `path` in `node`'s namespace and read it back.
+
+    Raises:
+        RuntimeError: the kernel refused it, or kept another value (a namespace may only choose
+            a congestion control the root namespace allows: net.ipv4.tcp_allowed_congestion_control).
+    """
+    script = f"with open({path!r}, 'w') as f: f.write({value!r})\nprint(open({path!r}).read().strip())"
+    result = node.run([sys.executable, "-c", script], check=False)
+    if result.returncode != 0 or result.stdout.strip() != value:
+        error = result.stderr.strip().splitlines()[-1:] or [f"it reads {result.stdout.strip()!r}"]
+        raise RuntimeError(f"could not set {path} = {value!r} in {node.name}'s namespace: {error[0]}")
 
 
 def _tc_counters(node: Node) -> tuple[int, int, int]:
@@ -463,7 +474,8 @@ def main() -> None:
     )
     parser.add_argument(
         "--congestion",
-        help="net.ipv4.tcp_congestion_control in every peer's namespace (cubic, bbr; default: the system's)",
+        help="net.ipv4.tcp_congestion_control in every peer's namespace (one the root namespace allows: "
+        "net.ipv4.tcp_allowed_congestion_control; default: the system's)",
     )
     parser.add_argument(
         "--pacing",
@@ -498,6 +510,15 @@ def main() -> None:
         sys.exit(f"bench_wan needs hivecli.netlab: {reason}")
     if args.delay == "latency" and any(args.rtt) and (reason := latency_unavailable()) is not None:
         sys.exit(f"bench_wan --delay latency (the default) cannot run here: {reason}; use --delay proxy")
+    allowed = Path(ALLOWED_CONGESTION).read_text().split()
+    if args.congestion and args.congestion not in allowed:
+        sys.exit(
+            f"bench_wan --congestion {args.congestion}: a network namespace may only choose a congestion control "
+            f"that the root namespace allows ({ALLOWED_CONGESTION} = {' '.join(allowed)}); allow it first "
+            f"(sysctl -w net.ipv4.tcp_allowed_congestion_control='{' '.join([*allowed, args.congestion])}') or "
+            "choose one of those"
+        )
+    congestion = args.congestion or Path(CONGESTION_SYSCTL).read_text().strip()
     rounds = args.rounds if args.rounds is not None else (2 if args.quick else 5)
     isolate = args.isolate if args.isolate is not None else (20.0 if args.quick else 40.0)
     began = time.monotonic()
@@ -533,7 +554,8 @@ def main() -> None:
     print(
         f"Averaging {args.size / 1e6:g}M float32 over {args.rate:g} Mbit/s links (each way), median of {rounds} "
         f"rounds after a warm-up; ratio = (MB each way x 8 / step) / link rate, MB each way = 2 x size x bytes "
-        "x (N-1)/N" + ("; every peer paced to its link's rate (--pace):" if args.pace else ":")
+        f"x (N-1)/N; TCP congestion control {congestion}"
+        + ("; every peer paced to its link's rate (--pace):" if args.pace else ":")
     )
     print(
         "| peers | added RTT ms | compression | step s (min-max) | allreduce s | MB each way per peer "
