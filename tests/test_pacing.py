@@ -206,3 +206,56 @@ def test_a_pacer_uses_the_users_uplink_else_learns_it_unless_off(caplog: pytest.
             assert rate == pytest.approx(12.5e6 * pacing.PACE_GAIN)
     said = [r.getMessage() for r in caplog.records]
     assert len(said) == 1 and "pace this peer's uplink to about 98.0 Mbit/s" in said[0]
+
+
+def lag_round(sent_s: list[float], inputs_s: float | None, seconds: float = 3.0) -> RoundSampler:
+    """A round in which each connection is done sending after its `sent_s` seconds (at a steady
+    rate until then) and the last part of our span arrives after `inputs_s` (None: never)."""
+    clock = Clock()
+    sampler = RoundSampler(clock)
+    connections = [FakeConnection() for _ in sent_s]
+    for connection in connections:
+        sampler.add(connection)  # type: ignore[arg-type]
+    sampler.sample()
+    for step in range(1, round(seconds / pacing.SAMPLE_S) + 1):
+        clock.now += pacing.SAMPLE_S
+        t = step * pacing.SAMPLE_S
+        for connection, done in zip(connections, sent_s, strict=True):
+            sending = t <= done + 1e-9
+            connection.send(1_000_000 if sending else 0, unsent=65536 if sending else 0)
+        sampler.sample()
+        if inputs_s is not None and t >= inputs_s - 1e-9:
+            sampler.inputs_arrived()
+    return sampler
+
+
+def test_a_round_lags_when_every_connection_still_sends_long_after_the_others_parts_arrived():
+    assert lag_round([2.9, 2.9, 2.9], inputs_s=2.5).lagging  # our pace held the round up
+    assert not lag_round([2.6, 2.6, 2.6], inputs_s=2.5).lagging  # our averages follow the last parts
+    assert not lag_round([2.9, 2.9, 2.9], inputs_s=2.85).lagging  # a slow sender's part held us up
+    assert not lag_round([2.5, 2.9, 2.5], inputs_s=2.5).lagging  # one connection fell behind alone
+    assert not lag_round([2.9, 2.9, 2.9], inputs_s=None).lagging  # no span of ours (or a failed round)
+
+
+def test_a_round_that_lags_makes_the_next_probe_until_a_probe_finds_no_more():
+    estimate = UplinkEstimate()
+    estimate.observe(8e6, acked=50_000_000, retransmitted=500_000, pace=None, probing=False)  # measured low
+    pace, probe = estimate.next_round(probe=False)
+    assert not probe
+    estimate.observe(None, acked=50_000_000, retransmitted=0, pace=pace, probing=False, lagging=True)
+    pace, probe = estimate.next_round(probe=False)  # the round waited for us: measure again at once
+    assert probe and pace == pytest.approx(8e6 * pacing.PROBE_GAIN)
+    estimate.observe(8.8e6, acked=50_000_000, retransmitted=0, pace=pace, probing=True, lagging=True)
+    assert estimate.capacity == 8.8e6
+    pace, probe = estimate.next_round(probe=False)  # it found more and still lags: again
+    assert probe
+    estimate.observe(8.9e6, acked=50_000_000, retransmitted=0, pace=pace, probing=True, lagging=True)
+    rounds = []
+    for _ in range(pacing.LAG_BACKOFF + 1):  # found no more: our uplink is the slow one; lag or not
+        pace, probe = estimate.next_round(probe=False)
+        rounds.append(probe)
+        estimate.observe(None, acked=50_000_000, retransmitted=500_000, pace=pace, probing=probe, lagging=True)
+    assert rounds == [False] * pacing.LAG_BACKOFF + [True]
+    unpaced = UplinkEstimate()
+    unpaced.observe(8e6, acked=50_000_000, retransmitted=0, pace=None, probing=False, lagging=True)
+    assert unpaced.next_round(probe=False) == (None, False)  # not paced: our pace held nothing up

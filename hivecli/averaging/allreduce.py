@@ -379,6 +379,8 @@ class AllReduceRunner:
                 self._robust_chunk(c, piece, weights)
             self._finalized += 1
         if self._finalized > before:
+            if self._finalized == len(self.my_chunks) and self.sampler is not None:
+                self.sampler.inputs_arrived()  # every part of our span is here: the rest is ours to send
             self._pulse()
 
     def _capped_weights(self) -> dict[int, float]:

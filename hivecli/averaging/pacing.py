@@ -27,7 +27,11 @@ rate to 10% above it (docs/benchmarks.md). Few users know their uplink's rate
   which rounds probe (`probes`), so that every member probes in the same ones: a probe
   overflows the downlinks it sends to a little, and a round waits for its slowest member, so
   members that probed in rounds of their own disturbed one round in PROBE_EVERY each, most
-  rounds together in a group of 4. Only windows where the
+  rounds together in a group of 4. A round that our sends held up (`RoundSampler.lagging`:
+  every one of our connections was still sending well after the others' parts had all arrived)
+  makes the next one probe: a first measurement that came out low (4 peers under cubic: 81
+  Mbit/s where the others measured 92-94) would otherwise hold every round up until the
+  group's probes raised it, PROBE_GAIN at a time. Only windows where the
   network set the pace count, so that a round slowed by something else (a slower peer, whose
   own pace may be what slowed it) cannot pull the estimate down, round after round.
 
@@ -79,6 +83,17 @@ PROBE_EVERY = 8
 # member's too-low estimate for good: a member probes anyway after this many paced rounds without.
 MAX_ROUNDS_WITHOUT_PROBE = 4 * PROBE_EVERY
 SLOWER = 0.9
+# A round whose every connection was still sending LAG_S, and LAG_SHARE of the round, after the
+# last part of our span arrived was held up by our pace (RoundSampler.lagging):
+# the next round probes, and the one after if that probe found LAG_FOUND more, else rounds that
+# lag do not probe for LAG_BACKOFF rounds (an uplink that is slower than the others' for real).
+# 4 peers on 100 Mbit/s links, 50 ms: a peer whose unpaced first round measured 81 Mbit/s where
+# the others measured 92-94 kept it, and every round waited for it (0.76 of the link rate).
+DONE_SHARE = 0.99
+LAG_S = 0.15
+LAG_SHARE = 0.05
+LAG_FOUND = 1.03
+LAG_BACKOFF = 2 * PROBE_EVERY
 
 
 class RoundSampler:
@@ -88,8 +103,9 @@ class RoundSampler:
     `sample` yourself). Then `rates` are the rates (bytes/s) at which the connections together
     had bytes acknowledged over the WINDOW_S before each sample, for the windows in which every
     connection had bytes waiting to be sent at every sample (the others say how fast we wrote,
-    not how fast the network took it), `peak` their PEAK_QUANTILE, and `acked` and
-    `retransmitted` the bytes acknowledged and retransmitted on them since each was added."""
+    not how fast the network took it), `peak` their PEAK_QUANTILE, `acked` and `retransmitted`
+    the bytes acknowledged and retransmitted on them since each was added, and `lagging` whether
+    our sends held the round up."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
@@ -100,6 +116,8 @@ class RoundSampler:
         self.rates: list[float] = []  # over the last WINDOW_S, at every sample after the first WINDOW_S
         self.acked = 0
         self.retransmitted = 0
+        self._timeline: list[tuple[float, list[int]]] = []  # at every sample: bytes acknowledged on each connection
+        self.inputs_done: float | None = None  # when the last part of our span arrived (`inputs_arrived`)
 
     def add(self, connection: Connection) -> None:
         """Count `connection` from now on; a connection without counters is left out."""
@@ -113,14 +131,17 @@ class RoundSampler:
         """Read every connection's counters now."""
         now = self._clock()
         acked = retransmitted = 0
+        each: list[int] = []
         backlogged = bool(self._first)
         for connection, first in self._first.items():
             stats = connection.send_stats() or self._last[connection]
             self._last[connection] = stats
+            each.append(stats.acked - first.acked)
             acked += stats.acked - first.acked
             retransmitted += stats.retransmitted - first.retransmitted
             backlogged = backlogged and stats.unsent > 0
         self.acked, self.retransmitted = acked, retransmitted
+        self._timeline.append((now, each))
         self._history.append((now, acked, backlogged))
         while len(self._history) > 2 and self._history[1][0] <= now - WINDOW_S:
             self._history.popleft()  # keep the last sample at least WINDOW_S old
@@ -136,6 +157,32 @@ class RoundSampler:
             return None
         rates = sorted(self.rates)
         return rates[int(PEAK_QUANTILE * (len(rates) - 1))]
+
+    def inputs_arrived(self) -> None:
+        """The round's last part of our span arrived (the reducer's side): what is left to do is
+        ours to send. Only the first call counts."""
+        if self.inputs_done is None:
+            self.inputs_done = self._clock()
+
+    @property
+    def lagging(self) -> bool:
+        """Whether our sends held the round up: even the connection that was first to have
+        nearly all its bytes acknowledged (DONE_SHARE) got there more than LAG_S, and more than
+        LAG_SHARE of the round, after the last part of our span had arrived. The others' parts
+        do not wait for ours (what they send back does), so every one of our connections was
+        still sending long after the others had sent theirs: our pace (our estimate of the
+        uplink) was below theirs. One connection that fell behind alone (a TCP stall, a slow
+        downlink at its other end) is not counted."""
+        timeline, inputs_done = self._timeline, self.inputs_done
+        if inputs_done is None or len(timeline) < 2 or not timeline[-1][1]:
+            return False
+
+        def done_at(c: int) -> float:
+            values = [each[c] if c < len(each) else 0 for _, each in timeline]  # one added late counts from then
+            return next(t for (t, _), v in zip(timeline, values, strict=True) if v >= DONE_SHARE * values[-1])
+
+        sent = min(done_at(c) for c in range(len(timeline[-1][1])))
+        return sent - inputs_done > max(LAG_S, LAG_SHARE * (timeline[-1][0] - timeline[0][0]))
 
     async def run(self) -> None:
         """Sample every SAMPLE_S until cancelled."""
@@ -158,6 +205,8 @@ class UplinkEstimate:
         self.capacity: float | None = None
         self._since_loss: int | None = None  # rounds since the last that lost bytes; None: none did
         self._since_probe = 0  # paced rounds since the last that probed
+        self._probe_for_lag = False  # the next round probes: the last one waited for our sends
+        self._lag_backoff = 0  # rounds before a round that lags may make the next one probe again
 
     @property
     def pacing(self) -> bool:
@@ -176,15 +225,29 @@ class UplinkEstimate:
         if not self.pacing or self.capacity is None:
             return None, False
         self._since_probe += 1
-        probe = probe or self._since_probe > MAX_ROUNDS_WITHOUT_PROBE
+        probe = probe or self._probe_for_lag or self._since_probe > MAX_ROUNDS_WITHOUT_PROBE
         if probe:
             self._since_probe = 0
         return self.capacity * (PROBE_GAIN if probe else PACE_GAIN), probe
 
-    def observe(self, peak: float | None, acked: int, retransmitted: int, pace: float | None, probing: bool) -> None:
-        """Learn from a round that RoundSampler measured, paced to `pace` (None: unpaced)."""
+    def observe(
+        self,
+        peak: float | None,
+        acked: int,
+        retransmitted: int,
+        pace: float | None,
+        probing: bool,
+        lagging: bool = False,
+    ) -> None:
+        """Learn from a round that RoundSampler measured, paced to `pace` (None: unpaced), in
+        which our sends held the others up or not (`lagging`)."""
+        before = self.capacity
         if peak is not None and (pace is None or probing or peak < SLOWER * pace):
             self.capacity = peak
+        self._lag_backoff = max(0, self._lag_backoff - 1)
+        if probing and self._probe_for_lag and (peak is None or before is None or peak < LAG_FOUND * before):
+            self._lag_backoff = LAG_BACKOFF  # the probe found no more: our uplink is the slow one
+        self._probe_for_lag = lagging and pace is not None and not self._lag_backoff
         if acked >= MIN_LOSS_BYTES and retransmitted > LOSS_FRACTION * acked:
             self._since_loss = 0
         elif self._since_loss is not None:
@@ -238,4 +301,4 @@ class Pacer:
         """Learn from the round `start_round` gave `sampler` to."""
         if sampler is not None:
             pace, probing = self._round
-            self.estimate.observe(sampler.peak, sampler.acked, sampler.retransmitted, pace, probing)
+            self.estimate.observe(sampler.peak, sampler.acked, sampler.retransmitted, pace, probing, sampler.lagging)
