@@ -236,8 +236,13 @@ def test_kernel_settings_are_read_and_advice_names_the_sysctl(tmp_path: Path) ->
     assert "sysctl -w net.ipv4.tcp_slow_start_after_idle=0" in advice
     assert "sysctl -w net.ipv4.tcp_rmem='4096 131072 33554432'" in advice and "tcp_wmem" not in advice
 
+    assert "tcp_congestion_control" not in advice  # cubic: nothing to say
+
     tuned = _fake_proc(tmp_path / "tuned", {"net.ipv4.tcp_slow_start_after_idle": "0"})
     assert kernel_info(tuned)["advice"] == []
+    bbr = _fake_proc(tmp_path / "bbr", {"net.ipv4.tcp_congestion_control": "bbr"})
+    [line] = kernel_info(bbr)["advice"]
+    assert "PROBE_RTT" in line and line.endswith("sudo sysctl -w net.ipv4.tcp_congestion_control=cubic")
     assert all(v is None for v in kernel_info(tmp_path / "nothing")["settings"].values())  # not Linux
 
 
