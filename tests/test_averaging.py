@@ -438,6 +438,8 @@ def test_auto_pacing_paces_the_rounds_after_one_that_lost_bytes_to_the_rate_it_m
     monkeypatch.setattr(pacing, "WINDOW_S", 0.004)
     monkeypatch.setattr(pacing, "MIN_WINDOWS", 3)
     monkeypatch.setattr(pacing, "probes", lambda group_id: False)  # a round that probes sends faster (test_pacing)
+    complete = []  # samplers told that the last part of their peer's span arrived
+    monkeypatch.setattr(pacing.RoundSampler, "inputs_arrived", lambda self: complete.append(self))
     torch.manual_seed(6)
     with local_swarm(3, **DHT_FAST) as dhts:
         inputs = [torch.randn(2_000_000) for _ in dhts]
@@ -454,8 +456,9 @@ def test_auto_pacing_paces_the_rounds_after_one_that_lost_bytes_to_the_rate_it_m
                 torch.testing.assert_close(snapshot(av)[0], exact, rtol=0, atol=1e-6)
     paced = [value for _, value in calls if value is not None]
     if mode == "off":
-        assert learned == [None] * 3 and not paced
+        assert learned == [None] * 3 and not paced and not complete  # no sampler
         return
+    assert len(complete) == 6 == len({id(sampler) for sampler in complete})  # each peer, each round, once
     # each peer measured its 2 connections together: 2 x RATE (windows that began before its second
     # connection was counted measure less); the next round paced them to a little less, each to its half
     top = 2 * rate * pacing.PACE_GAIN * 8 / 1e6

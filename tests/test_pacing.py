@@ -256,6 +256,27 @@ def test_a_round_that_lags_makes_the_next_probe_until_a_probe_finds_no_more():
         rounds.append(probe)
         estimate.observe(None, acked=50_000_000, retransmitted=500_000, pace=pace, probing=probe, lagging=True)
     assert rounds == [False] * pacing.LAG_BACKOFF + [True]
-    unpaced = UplinkEstimate()
-    unpaced.observe(8e6, acked=50_000_000, retransmitted=0, pace=None, probing=False, lagging=True)
-    assert unpaced.next_round(probe=False) == (None, False)  # not paced: our pace held nothing up
+    unpaced = UplinkEstimate()  # a round that lost bytes and lagged, unpaced: our pace held nothing up
+    unpaced.observe(8e6, acked=50_000_000, retransmitted=500_000, pace=None, probing=False, lagging=True)
+    assert unpaced.next_round(probe=False) == (pytest.approx(8e6 * pacing.PACE_GAIN), False)
+
+
+def test_a_group_probe_that_found_no_more_keeps_a_lagging_round_from_probing_again_at_once():
+    estimate = UplinkEstimate()
+    estimate.observe(8e6, acked=50_000_000, retransmitted=500_000, pace=None, probing=False)
+    pace, probe = estimate.next_round(probe=True)  # the group's probe
+    estimate.observe(8.1e6, acked=50_000_000, retransmitted=0, pace=pace, probing=probe, lagging=True)
+    assert estimate.next_round(probe=False)[1] is False  # the link was measured just now
+
+
+def test_a_pacer_hands_the_samplers_verdict_to_its_estimate():
+    pacer = Pacer(None, "auto")
+    pacer.estimate.observe(8e6, acked=50_000_000, retransmitted=500_000, pace=None, probing=False)
+    for lagging in (False, True):
+        _, sampler = pacer.start_round(GROUP)
+        assert sampler is not None
+        sampler.inputs_done = 0.0  # our span was complete at once; our connection sent for another second
+        sampler._timeline = [(0.0, [True]), (1.0, [lagging]), (1.1, [False])]
+        assert sampler.lagging is lagging
+        pacer.end_round(sampler)
+    assert pacer.start_round(GROUP)[0] == pytest.approx(8e6 * pacing.PROBE_GAIN)  # the round that lagged: a probe

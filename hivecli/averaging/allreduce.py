@@ -379,9 +379,16 @@ class AllReduceRunner:
                 self._robust_chunk(c, piece, weights)
             self._finalized += 1
         if self._finalized > before:
-            if self._finalized == len(self.my_chunks) and self.sampler is not None:
+            if self._finalized == len(self.my_chunks) and self.sampler is not None and self._fair_share():
                 self.sampler.inputs_arrived()  # every part of our span is here: the rest is ours to send
             self._pulse()
+
+    def _fair_share(self) -> bool:
+        """Whether our span is about as large as the others' on average: with a smaller one (a
+        lower `bandwidth` than theirs), their parts of it arrive early whatever our pace, and
+        `RoundSampler.lagging` would blame our pace for that."""
+        lo, hi = self.spans[self.index]
+        return hi - lo >= 0.9 * self.layout.total / len(self.group.members)
 
     def _capped_weights(self) -> dict[int, float]:
         """Member -> weight after the cap. Computed once, at the first final chunk: by then every

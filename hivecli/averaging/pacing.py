@@ -84,12 +84,12 @@ PROBE_EVERY = 8
 MAX_ROUNDS_WITHOUT_PROBE = 4 * PROBE_EVERY
 SLOWER = 0.9
 # A round whose every connection was still sending LAG_S, and LAG_SHARE of the round, after the
-# last part of our span arrived was held up by our pace (RoundSampler.lagging):
-# the next round probes, and the one after if that probe found LAG_FOUND more, else rounds that
-# lag do not probe for LAG_BACKOFF rounds (an uplink that is slower than the others' for real).
+# last part of our span arrived was held up by our pace (RoundSampler.lagging): the next round
+# probes. A probe that finds less than LAG_FOUND more (ours, or the group's) keeps rounds that lag
+# from probing for LAG_BACKOFF rounds: an uplink slower than the others' for real, or a link
+# measured just now.
 # 4 peers on 100 Mbit/s links, 50 ms: a peer whose unpaced first round measured 81 Mbit/s where
 # the others measured 92-94 kept it, and every round waited for it (0.76 of the link rate).
-DONE_SHARE = 0.99
 LAG_S = 0.15
 LAG_SHARE = 0.05
 LAG_FOUND = 1.03
@@ -116,7 +116,7 @@ class RoundSampler:
         self.rates: list[float] = []  # over the last WINDOW_S, at every sample after the first WINDOW_S
         self.acked = 0
         self.retransmitted = 0
-        self._timeline: list[tuple[float, list[int]]] = []  # at every sample: bytes acknowledged on each connection
+        self._timeline: list[tuple[float, list[bool]]] = []  # at every sample: which connections had bytes waiting
         self.inputs_done: float | None = None  # when the last part of our span arrived (`inputs_arrived`)
 
     def add(self, connection: Connection) -> None:
@@ -131,17 +131,17 @@ class RoundSampler:
         """Read every connection's counters now."""
         now = self._clock()
         acked = retransmitted = 0
-        each: list[int] = []
+        waiting: list[bool] = []
         backlogged = bool(self._first)
         for connection, first in self._first.items():
             stats = connection.send_stats() or self._last[connection]
             self._last[connection] = stats
-            each.append(stats.acked - first.acked)
+            waiting.append(stats.unsent > 0)
             acked += stats.acked - first.acked
             retransmitted += stats.retransmitted - first.retransmitted
             backlogged = backlogged and stats.unsent > 0
         self.acked, self.retransmitted = acked, retransmitted
-        self._timeline.append((now, each))
+        self._timeline.append((now, waiting))
         self._history.append((now, acked, backlogged))
         while len(self._history) > 2 and self._history[1][0] <= now - WINDOW_S:
             self._history.popleft()  # keep the last sample at least WINDOW_S old
@@ -166,22 +166,25 @@ class RoundSampler:
 
     @property
     def lagging(self) -> bool:
-        """Whether our sends held the round up: even the connection that was first to have
-        nearly all its bytes acknowledged (DONE_SHARE) got there more than LAG_S, and more than
+        """Whether our sends held the round up: even the connection that was first to be done
+        sending (the last sample at which it still had bytes waiting; acknowledgements, a round
+        trip later, are not waited for) was still sending more than LAG_S, and more than
         LAG_SHARE of the round, after the last part of our span had arrived. The others' parts
         do not wait for ours (what they send back does), so every one of our connections was
         still sending long after the others had sent theirs: our pace (our estimate of the
         uplink) was below theirs. One connection that fell behind alone (a TCP stall, a slow
-        downlink at its other end) is not counted."""
+        downlink at its other end) is not counted, nor one that never had bytes waiting."""
         timeline, inputs_done = self._timeline, self.inputs_done
-        if inputs_done is None or len(timeline) < 2 or not timeline[-1][1]:
+        if inputs_done is None or len(timeline) < 2:
             return False
-
-        def done_at(c: int) -> float:
-            values = [each[c] if c < len(each) else 0 for _, each in timeline]  # one added late counts from then
-            return next(t for (t, _), v in zip(timeline, values, strict=True) if v >= DONE_SHARE * values[-1])
-
-        sent = min(done_at(c) for c in range(len(timeline[-1][1])))
+        last_busy: dict[int, float] = {}  # connection (in the order added) -> last sample with bytes waiting
+        for t, waiting in timeline:
+            for c, busy in enumerate(waiting):
+                if busy:
+                    last_busy[c] = t
+        if not last_busy:
+            return False
+        sent = min(last_busy.values())
         return sent - inputs_done > max(LAG_S, LAG_SHARE * (timeline[-1][0] - timeline[0][0]))
 
     async def run(self) -> None:
@@ -245,8 +248,8 @@ class UplinkEstimate:
         if peak is not None and (pace is None or probing or peak < SLOWER * pace):
             self.capacity = peak
         self._lag_backoff = max(0, self._lag_backoff - 1)
-        if probing and self._probe_for_lag and (peak is None or before is None or peak < LAG_FOUND * before):
-            self._lag_backoff = LAG_BACKOFF  # the probe found no more: our uplink is the slow one
+        if probing and (peak is None or before is None or peak < LAG_FOUND * before):
+            self._lag_backoff = LAG_BACKOFF  # a probe (ours or the group's) found no more: the link is what we pace to
         self._probe_for_lag = lagging and pace is not None and not self._lag_backoff
         if acked >= MIN_LOSS_BYTES and retransmitted > LOSS_FRACTION * acked:
             self._since_loss = 0
