@@ -24,6 +24,7 @@ from hivecli._exceptions import (
     ConfigError,
     ConnectionClosedError,
     HandshakeError,
+    HiveError,
     PeerUnreachableError,
     RemoteError,
     RPCTimeoutError,
@@ -612,6 +613,53 @@ def test_a_sink_setup_lands_data_sent_right_behind_a_request_in_its_buffer(
         assert len([r for r in caplog.records if "Sink setup of sunk failed" in r.getMessage()]) == 1
         server.remove_stream_handler("sunk")
         assert "sunk" not in server.handlers.streaming and "sunk" not in server.handlers.sinks
+
+    run(kind, main)
+
+
+async def ask_and_answer_last(stream: Stream, payload: Any, body: bytes) -> None:
+    """Answers a stream's one message with its last message, then returns."""
+    question = await stream.recv(timeout=DEADLINE)
+    await stream.send_last({"answer": question.payload}, question.body[::-1])
+
+
+def test_a_last_message_ends_the_stream_on_both_sides(kind: str) -> None:
+    async def main(net: Net) -> None:
+        server = await net.server()
+        server.add_stream_handler("ask", ask_and_answer_last)
+        client = await net.host(listen=False)
+        conn = await client.connect(address_of(server))
+        stream = await conn.open_stream("ask", None)
+        await stream.send_last("why", b"abc")
+        with pytest.raises(HiveError, match="already ended"):
+            await stream.send("more")
+        with pytest.raises(HiveError, match="already ended"):
+            await stream.send_last("more")
+        reply = await stream.recv(timeout=DEADLINE)
+        assert (reply.payload, reply.body) == ({"answer": "why"}, b"cba")
+        with pytest.raises(EndOfStream):
+            await stream.recv(timeout=DEADLINE)
+        served = server.connection_to(client.peer_id)
+        assert served is not None
+        await wait_until(lambda: not served._streams and not served._handler_tasks, DEADLINE, "the served stream to go")
+        assert not conn._streams  # both sides ended: nothing to cancel, nothing left
+
+    run(kind, main)
+
+
+def test_a_last_message_is_one_frame(kind: str) -> None:
+    """send_last costs one RESPONSE frame: no END follows it, from either side."""
+
+    async def main(net: Net) -> None:
+        server = await net.server(PATIENT)
+        server.add_stream_handler("ask", ask_and_answer_last)
+        raw, _ = await authenticated_raw_client(net, server)
+        await send(raw, raw_frame([0, 0, "ask", None]) + raw_frame([5, 0, "why"]))  # the question, and our end
+        header, _ = await asyncio.wait_for(read_frame(raw, RAW_LIMITS), DEADLINE)
+        assert header == [5, 0, {"answer": "why"}]
+        await send(raw, raw_frame([0, 2, "echo", "after"]))
+        header, _ = await asyncio.wait_for(read_frame(raw, RAW_LIMITS), DEADLINE)
+        assert header[:2] == [5, 2]  # the next frame answers the next call: no END for stream 0 came
 
     run(kind, main)
 

@@ -509,7 +509,8 @@ class AllReduceRunner:
     async def _answer_audit_or_end(self, stream: Stream, sender: int) -> None:
         """After the last average: the sender either ends its stream or asks for an audit.
         Either says it has every average; once we answered the audit, it needs nothing more
-        from us (its end, which follows, is not waited for: half a round trip per round).
+        from us. The request ends the sender's side and the answer ours (Stream.send_last: one
+        frame each, not two); an older sender's END, which follows the answer, is not waited for.
 
         Raises:
             HiveError: an invalid audit request, or the sender went quiet for next_chunk_timeout.
@@ -518,7 +519,7 @@ class AllReduceRunner:
             message = await stream.recv(timeout=self.settings.next_chunk_timeout)
         except EndOfStream:
             return  # no audit: verify_reducers is off on the sender's side
-        await stream.send(self._audit_answer(message.payload))
+        await stream.send_last(self._audit_answer(message.payload))  # and our end, in one frame
 
     def _audit_answer(self, request: Any) -> dict[str, Any]:
         """Our answer to a sender's audit request (ReducerAudit.answer).
@@ -600,7 +601,9 @@ class AllReduceRunner:
                 stream.body_sink = None  # more bodies on the stream are bytes now, never in `results`
                 if self.settings.verify_reducers:
                     await self.audit.check(stream, j, chunks, results)  # before our input is overwritten
-                await stream.end()  # tells the reducer we have everything: it may reuse its buffers
+                # tells the reducer we have everything, so it may reuse its buffers (the audit
+                # request said so already, and ended our side: then this sends nothing)
+                await stream.end()
                 stream = None
             finally:
                 sending.cancel()

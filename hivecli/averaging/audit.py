@@ -180,7 +180,7 @@ class ReducerAudit:
             AuditUnanswered: it did not answer within next_chunk_timeout, or refused.
         """
         positions = _choose_positions(*self.spans[j], self.settings.audit_positions)
-        await stream.send({"audit": positions})
+        await stream.send_last({"audit": positions})  # we send nothing more: it ends our side too
         try:
             reply = await stream.recv(timeout=self.settings.next_chunk_timeout)
         except (HiveError, EndOfStream) as e:

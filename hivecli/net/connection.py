@@ -7,7 +7,8 @@ Every frame header is a msgpack list `[kind, stream_id, ...]`:
     END      [2, id]                           the sender will send no more on `id`
     ERROR    [3, id, message]                  the stream failed; ends it both ways
     CANCEL   [4, id]                           the caller gave up; the handler is cancelled
-    RESPONSE [5, id, payload] + body           a unary reply: DATA and END in one frame
+    RESPONSE [5, id, payload] + body           DATA and END in one frame: a unary reply, or
+                                               a stream's last message (Stream.send_last)
     GOAWAY   [6, 0, reason]                    the sender is closing the connection, and why
 
 The dialer numbers its streams even, the acceptor odd, so both can open streams at once.
@@ -164,8 +165,30 @@ class Stream:
         return self.connection.remote_peer
 
     async def send(self, payload: Any, body: bytes | bytearray | memoryview = b"") -> None:
-        """Send one message. Raises ConnectionClosedError if the connection is gone."""
+        """Send one message.
+
+        Raises:
+            HiveError: this side of the stream has ended (end, send_last or cancel).
+            ConnectionClosedError: the connection is gone.
+        """
+        if self._local_done:
+            raise HiveError(f"{self.method}: this side of the stream has already ended")
         await self.connection._send_frame([Kind.DATA, self.stream_id, payload], body)
+
+    async def send_last(self, payload: Any, body: bytes | bytearray | memoryview = b"") -> None:
+        """Send one message and end our side, in one frame (RESPONSE: DATA and END): a message
+        that nothing follows costs one frame instead of two. The other side's `recv` returns it,
+        then raises EndOfStream.
+
+        Raises:
+            HiveError: this side of the stream has ended already.
+            ConnectionClosedError: the connection is gone.
+        """
+        if self._local_done:
+            raise HiveError(f"{self.method}: this side of the stream has already ended")
+        self._local_done = True
+        await self.connection._send_frame([Kind.RESPONSE, self.stream_id, payload], body)
+        self._maybe_forget()
 
     async def end(self) -> None:
         """Tell the other side we will send nothing more (it can still send to us)."""
