@@ -270,13 +270,22 @@ def test_a_group_probe_that_found_no_more_keeps_a_lagging_round_from_probing_aga
 
 
 def test_a_pacer_hands_the_samplers_verdict_to_its_estimate():
-    pacer = Pacer(None, "auto")
+    clock = Clock()
+    pacer = Pacer(None, "auto", clock)
     pacer.estimate.observe(8e6, acked=50_000_000, retransmitted=500_000, pace=None, probing=False)
     for lagging in (False, True):
         _, sampler = pacer.start_round(GROUP)
         assert sampler is not None
-        sampler.inputs_done = 0.0  # our span was complete at once; our connection sent for another second
-        sampler._timeline = [(0.0, [True]), (1.0, [lagging]), (1.1, [False])]
+        connection = FakeConnection()
+        sampler.add(connection)
+        sampler.sample()
+        sampler.inputs_arrived()  # our span was complete at once
+        clock.now += 1.0  # and our connection sent for another second (lagging), or had sent it all
+        connection.send(1_000_000, unsent=65536 if lagging else 0)
+        sampler.sample()
+        clock.now += 0.1
+        connection.send(65536, unsent=0)
+        sampler.sample()
         assert sampler.lagging is lagging
         pacer.end_round(sampler)
     assert pacer.start_round(GROUP)[0] == pytest.approx(8e6 * pacing.PROBE_GAIN)  # the round that lagged: a probe

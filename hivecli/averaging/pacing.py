@@ -116,7 +116,8 @@ class RoundSampler:
         self.rates: list[float] = []  # over the last WINDOW_S, at every sample after the first WINDOW_S
         self.acked = 0
         self.retransmitted = 0
-        self._timeline: list[tuple[float, list[bool]]] = []  # at every sample: which connections had bytes waiting
+        self._last_busy: dict[Connection, float] = {}  # the last sample at which it had bytes waiting
+        self._first_sample: float | None = None  # when; the last one is the history's last
         self.inputs_done: float | None = None  # when the last part of our span arrived (`inputs_arrived`)
 
     def add(self, connection: Connection) -> None:
@@ -130,18 +131,19 @@ class RoundSampler:
     def sample(self) -> None:
         """Read every connection's counters now."""
         now = self._clock()
-        acked = retransmitted = 0
-        waiting: list[bool] = []
-        backlogged = bool(self._first)
+        acked = retransmitted = waiting = 0
         for connection, first in self._first.items():
             stats = connection.send_stats() or self._last[connection]
             self._last[connection] = stats
-            waiting.append(stats.unsent > 0)
+            if stats.unsent > 0:
+                self._last_busy[connection] = now
+                waiting += 1
             acked += stats.acked - first.acked
             retransmitted += stats.retransmitted - first.retransmitted
-            backlogged = backlogged and stats.unsent > 0
         self.acked, self.retransmitted = acked, retransmitted
-        self._timeline.append((now, waiting))
+        if self._first_sample is None:
+            self._first_sample = now
+        backlogged = 0 < waiting == len(self._first)
         self._history.append((now, acked, backlogged))
         while len(self._history) > 2 and self._history[1][0] <= now - WINDOW_S:
             self._history.popleft()  # keep the last sample at least WINDOW_S old
@@ -174,18 +176,10 @@ class RoundSampler:
         still sending long after the others had sent theirs: our pace (our estimate of the
         uplink) was below theirs. One connection that fell behind alone (a TCP stall, a slow
         downlink at its other end) is not counted, nor one that never had bytes waiting."""
-        timeline, inputs_done = self._timeline, self.inputs_done
-        if inputs_done is None or len(timeline) < 2:
+        if self.inputs_done is None or self._first_sample is None or len(self._history) < 2 or not self._last_busy:
             return False
-        last_busy: dict[int, float] = {}  # connection (in the order added) -> last sample with bytes waiting
-        for t, waiting in timeline:
-            for c, busy in enumerate(waiting):
-                if busy:
-                    last_busy[c] = t
-        if not last_busy:
-            return False
-        sent = min(last_busy.values())
-        return sent - inputs_done > max(LAG_S, LAG_SHARE * (timeline[-1][0] - timeline[0][0]))
+        sent = min(self._last_busy.values())
+        return sent - self.inputs_done > max(LAG_S, LAG_SHARE * (self._history[-1][0] - self._first_sample))
 
     async def run(self) -> None:
         """Sample every SAMPLE_S until cancelled."""
@@ -269,7 +263,8 @@ class Pacer:
     """A peer's pacing, round by round: its share of `uplink_mbps` where the user gave it,
     else (pacing = "auto") what its rounds taught an UplinkEstimate; says when that changes."""
 
-    def __init__(self, uplink_mbps: float | None, mode: str) -> None:
+    def __init__(self, uplink_mbps: float | None, mode: str, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock  # its samplers' (a test's own clock drives them)
         self._fixed = uplink_mbps * 1e6 / 8 * PACING_SHARE if uplink_mbps else None
         self._auto = uplink_mbps is None and mode == "auto"
         self.estimate = UplinkEstimate()
@@ -298,7 +293,7 @@ class Pacer:
                 )
             else:
                 logger.info("Averaging rounds no longer pace this peer's uplink: no recent round lost packets")
-        return self._round[0], RoundSampler()
+        return self._round[0], RoundSampler(self._clock)
 
     def end_round(self, sampler: RoundSampler | None) -> None:
         """Learn from the round `start_round` gave `sampler` to."""
