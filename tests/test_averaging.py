@@ -115,7 +115,7 @@ def test_a_senders_first_chunks_land_in_the_reducers_buffer_when_its_runner_is_s
     from hivecli.averaging import allreduce
 
     landed, copied = [], []
-    place, exchange = allreduce._ChunkedBuffer.place, allreduce.AllReduceRunner._exchange_with
+    place, exchange = allreduce.ChunkedBuffer.place, allreduce.AllReduceRunner._exchange_with
     by_peer = {}
 
     def spy(self, expected, payload, body):
@@ -131,12 +131,14 @@ def test_a_senders_first_chunks_land_in_the_reducers_buffer_when_its_runner_is_s
             await asyncio.sleep(0.001)
         await exchange(self, j)
 
-    monkeypatch.setattr(allreduce._ChunkedBuffer, "place", spy)
+    monkeypatch.setattr(allreduce.ChunkedBuffer, "place", spy)
     monkeypatch.setattr(allreduce.AllReduceRunner, "_exchange_with", after_the_reducer_registers)
     torch.manual_seed(1)
     with local_swarm(2, **DHT_FAST) as dhts:
         inputs = [[torch.randn(3000)] for _ in dhts]
-        with averagers(dhts, [[t.clone() for t in peer] for peer in inputs], prefix="landed", **FAST) as avs:
+        # on the stream: shared memory has no sink to land in (test_sharedmem.py)
+        local = [[t.clone() for t in peer] for peer in inputs]
+        with averagers(dhts, local, prefix="landed", shared_memory=False, **FAST) as avs:
             by_peer.update({av.dht.peer_id: av for av in avs})
             for _ in range(3):
                 expected = torch.stack([snapshot(av)[0] for av in avs]).mean(0)
@@ -196,7 +198,9 @@ def test_the_data_plane_runs_torch_ops_on_one_openmp_thread(monkeypatch, bulk_li
     monkeypatch.setattr(allreduce, "all_finite", recording)
     with local_swarm(2, **DHT_FAST) as dhts:
         inputs = [torch.randn(600_000) for _ in dhts]
-        with averagers(dhts, [[t.clone()] for t in inputs], prefix="threads", bulk_links=bulk_links, **FAST) as avs:
+        with averagers(  # bulk links between hosts, as shared memory on one host would take their place
+            dhts, [[t.clone()] for t in inputs], prefix="threads", bulk_links=bulk_links, shared_memory=False, **FAST
+        ) as avs:
             run_round(avs)
             torch.testing.assert_close(snapshot(avs[0])[0], (inputs[0] + inputs[1]) / 2)
     threads = {name.rsplit("-", 1)[0] if name.startswith("hive-dht") else name for name, _ in seen}
@@ -239,7 +243,8 @@ def test_auto_bulk_links_follow_the_machine_and_the_measured_link(
     monkeypatch.setattr("hivecli.averaging.link.AUTO_BULK_MIN_RATE", min_rate)
     with local_swarm(2, **DHT_FAST) as dhts:
         inputs = [torch.randn(600_000) for _ in dhts]  # spans of 1.2 MB
-        with averagers(dhts, [[t.clone()] for t in inputs], prefix="auto", uplink_mbps=uplink_mbps, **FAST) as avs:
+        local = [[t.clone()] for t in inputs]  # as between hosts: on one host shared memory takes their place
+        with averagers(dhts, local, prefix="auto", uplink_mbps=uplink_mbps, shared_memory=False, **FAST) as avs:
             assert all(av.settings.bulk_links == "auto" for av in avs)
             run_round(avs)
             assert not redeemed, "the first round took bulk links before the link was measured"
@@ -322,7 +327,8 @@ def test_pooled_buffers_follow_the_member_order_and_hold_the_model_once_and_a_ha
     )
     with local_swarm(2, **DHT_FAST) as dhts:
         inputs = [torch.randn(100_000) for _ in dhts]
-        with averagers(dhts, [[t.clone()] for t in inputs], prefix="pool", chunk_bytes=65536, **FAST) as avs:
+        local = [[t.clone()] for t in inputs]  # the pool's buffers: the stream's (test_sharedmem.py: the shared ones)
+        with averagers(dhts, local, prefix="pool", chunk_bytes=65536, shared_memory=False, **FAST) as avs:
             orders = set()
             for _ in range(4):
                 gathered = run_round(avs)[0]  # {peer id: gather}, in member order

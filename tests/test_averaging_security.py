@@ -30,6 +30,7 @@ from hivecli.averaging.robust import (
     trim_count,
     trimmed_mean,
 )
+from hivecli.averaging.sharedmem import SharedBuffers
 from hivecli.dht.records import owned_entries
 from hivecli.optim.training_averager import TrainingAverager
 from hivecli.testing import local_swarm, redeemed_bulk_links, wait_for
@@ -129,14 +130,26 @@ def test_bad_defence_settings_are_config_errors(kwargs, fragment):
 # ---- one hostile member of a round, through the wire ----------------------------------------
 
 
-@pytest.fixture(params=["stream", "bulk"])
+@pytest.fixture(params=["stream", "bulk", "shared"])
 def link(request, monkeypatch):
-    """Which way the spans travel: on the part streams, or (every span, however small) on bulk
-    links (channel.py). Returns a check, for after a round, that they went that way."""
+    """Which way the spans travel: on the part streams, (every span, however small) on bulk
+    links (channel.py), or through shared memory, as between peers on one host (sharedmem.py).
+    Returns a check, for after a round, that they went that way."""
+    if request.param != "shared":
+        monkeypatch.setattr("hivecli.averaging.allreduce.AllReduceRunner._shared_with", lambda self, connection: None)
     if request.param == "bulk":  # as bulk_links = "all" does for spans of 1 MiB or more
         monkeypatch.setattr("hivecli.averaging.allreduce.wants_bulk_link", lambda settings, span_bytes: True)
+    attached = []
+    attach = SharedBuffers.attach
+
+    def counting(self, name, nbytes):
+        target = attach(self, name, nbytes)
+        attached.append(target is not None)
+        return target
+
+    monkeypatch.setattr(SharedBuffers, "attach", counting)
     with redeemed_bulk_links() as redeemed:
-        yield lambda: any(redeemed) == (request.param == "bulk")
+        yield lambda: (any(redeemed), any(attached)) == (request.param == "bulk", request.param == "shared")
 
 
 @contextlib.contextmanager
@@ -577,11 +590,11 @@ def test_a_chunk_sent_again_never_overwrites_the_checked_one():
     """The sink hands out each chunk's region once: a second body for chunk 0 (sent again, or
     after the last chunk) comes as bytes and fails the order check, and the checked chunk, which
     may still wait to be averaged or copied, keeps its values."""
-    from hivecli.averaging.allreduce import BufferPool, _ChunkedBuffer
+    from hivecli.averaging.buffers import BufferPool, ChunkedBuffer
 
     codec = CODECS["none"]()
     chunks = Layout([8]).chunks(0, 8, 4)
-    received = _ChunkedBuffer(BufferPool(), ("recv", 1), chunks, codec)
+    received = ChunkedBuffer(BufferPool(), ("recv", 1), chunks, codec)
     meta, data = codec.encode(torch.ones(4))
     region = received.sink([0, meta], data.nbytes)
     assert region is not None

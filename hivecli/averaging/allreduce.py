@@ -50,6 +50,7 @@ import torch
 from hivecli._exceptions import AllreduceError, HiveError
 from hivecli.averaging import channel as channels
 from hivecli.averaging.audit import AuditFailed, AuditUnanswered, ReducerAudit
+from hivecli.averaging.buffers import BufferPool, ChunkedBuffer
 from hivecli.averaging.channel import BULK_MIN_BYTES, Channel
 from hivecli.averaging.compression import Codec, tensor_bytes
 from hivecli.averaging.group import GroupInfo
@@ -57,6 +58,7 @@ from hivecli.averaging.pacing import RoundSampler
 from hivecli.averaging.partition import Chunk, Layout, load_balance
 from hivecli.averaging.robust import aggregate, all_finite, cap_weights
 from hivecli.averaging.settings import AveragingSettings
+from hivecli.averaging.sharedmem import SHM, SharedBuffers
 from hivecli.averaging.slices import SliceWorkers
 from hivecli.net.connection import Connection, EndOfStream, Stream
 from hivecli.net.host import Host
@@ -83,70 +85,6 @@ class HostilePeerError(HiveError):
     """A peer sent values no honest peer sends (NaN or infinity); it is dropped and banned."""
 
 
-class BufferPool:
-    """Byte buffers kept between rounds: fresh memory costs a page fault per 4 KiB, which
-    for a large model takes longer than sending it over loopback."""
-
-    def __init__(self) -> None:
-        self._buffers: dict[Any, torch.Tensor] = {}
-
-    def get(self, key: Any, nbytes: int) -> torch.Tensor:
-        buffer = self._buffers.get(key)
-        if buffer is None or buffer.numel() < nbytes:
-            buffer = self._buffers[key] = torch.empty(max(nbytes, 1), dtype=torch.uint8)
-        return buffer[:nbytes]
-
-    def clear(self) -> None:
-        self._buffers.clear()
-
-
-class _ChunkedBuffer:
-    """Encoded bytes of a sequence of chunks, back to back, each addressable by index."""
-
-    def __init__(self, pool: BufferPool, key: Any, chunks: Sequence[Chunk], codec: Codec):
-        self.chunks, self.codec = chunks, codec
-        self.offsets = [0]
-        for chunk in chunks:
-            self.offsets.append(self.offsets[-1] + codec.encoded_nbytes(chunk.numel))
-        self.raw = pool.get(key, self.offsets[-1])
-        self.view = tensor_bytes(self.raw) if self.offsets[-1] else memoryview(b"")
-        self.metas: list[Any] = [None] * len(chunks)
-        self.sunk: list[memoryview | None] = [None] * len(chunks)  # the views `sink` handed out
-
-    def region(self, index: int) -> memoryview:
-        return self.view[self.offsets[index] : self.offsets[index + 1]]
-
-    def sink(self, payload: Any, nbytes: int) -> memoryview | None:
-        """Where the body of the chunk `payload` names goes: its region, once. A second body for
-        the same chunk (a peer that sends it again, or more after the last) comes as bytes and
-        fails `place`'s order check, without overwriting the checked chunk that may still be
-        waiting to be averaged or copied."""
-        valid = isinstance(payload, list) and len(payload) == 2 and isinstance(payload[0], int)
-        if not (valid and 0 <= payload[0] < len(self.chunks)) or self.sunk[payload[0]] is not None:
-            return None
-        view = self.sunk[payload[0]] = self.region(payload[0])
-        return view
-
-    def place(self, expected: int, payload: Any, body: bytes | memoryview) -> torch.Tensor:
-        """Check one received message, copy its body in place if the sink did not, and decode it.
-
-        Raises:
-            ValueError: out of order, wrong size, or undecodable.
-        """
-        if not (isinstance(payload, list) and len(payload) == 2 and payload[0] == expected):
-            raise ValueError(f"expected chunk {expected}, got {str(payload)[:60]!r}")
-        region = self.region(expected)
-        if body is not self.sunk[expected]:  # a new view of the same bytes each time: compare identity
-            if len(body) != region.nbytes:
-                raise ValueError(f"chunk {expected} has {len(body)} bytes, expected {region.nbytes}")
-            region[:] = body
-        self.metas[expected] = payload[1]
-        return self.decode(expected)
-
-    def decode(self, index: int) -> torch.Tensor:
-        return self.codec.decode(self.metas[index], self.region(index), self.chunks[index].numel)
-
-
 class AllReduceRunner:
     """One member's side of one all-reduce round."""
 
@@ -164,6 +102,7 @@ class AllReduceRunner:
         slices: SliceWorkers | None = None,
         pace: float | None = None,
         sampler: RoundSampler | None = None,
+        shared: SharedBuffers | None = None,
     ):
         self.host, self.group, self.tensors = host, group, list(tensors)
         self.part_method = part_method
@@ -191,8 +130,8 @@ class AllReduceRunner:
         self._arrived: set[int] = set()
         self._weights: dict[int, float] = {}
         self._capped: dict[int, float] | None = None  # member -> weight after the cap, set at the first chunk
-        self._buffers: dict[int, _ChunkedBuffer] = {}
-        self._prepared: dict[Stream, _ChunkedBuffer] = {}  # part streams whose sink was set before they were served
+        self._buffers: dict[int, ChunkedBuffer] = {}
+        self._prepared: dict[Stream, ChunkedBuffer] = {}  # part streams whose sink was set before they were served
         self._delivered: dict[int, int] = {}  # sender -> chunks received from it
         self._served = {i: self.loop.create_future() for i in self._alive}  # its averages were received
         self._finalized = 0
@@ -220,6 +159,7 @@ class AllReduceRunner:
         self._pace_rate = pace / others if pace and others else None
         self._paced: set[Connection] = set()  # the connections we paced, unpaced when the round ends
         self.sampler = sampler  # TCP's counts of what our connections sent (pacing = "auto")
+        self.shared = shared  # buffers shared with peers on this host (sharedmem.py), if we may
 
     def _piece(self, chunk: Chunk) -> torch.Tensor:
         return self.flat[chunk.tensor][chunk.offset_in_tensor : chunk.offset_in_tensor + chunk.numel]
@@ -229,6 +169,33 @@ class AllReduceRunner:
         are keyed by. Member indices change from round to round, and buffers keyed by them would
         pile up to one per index ever seen (twice the model with 2 peers, instead of once)."""
         return (member - self.index) % len(self.group.members)
+
+    def _shared_with(self, connection: Connection) -> SharedBuffers | None:
+        """Our shared buffers, where chunks to and from `connection`'s peer may go through them:
+        it runs on this host, and our link is not sealed (sharedmem.py)."""
+        return self.shared if connection.same_host and not connection.sealed else None
+
+    async def _send_chunk(
+        self,
+        channel: Channel,
+        target: torch.Tensor | None,
+        offsets: Sequence[int],
+        payload: list[Any],
+        data: memoryview,
+    ) -> None:
+        """Send one encoded chunk: on `channel`, or copied into `target` (the other side's shared
+        buffer, laid out by `offsets`) and then its message, without a body, on the stream."""
+        if target is None:
+            await channel.send(payload, data)
+            return
+        destination = target[offsets[payload[0]] : offsets[payload[0] + 1]]
+        if data.nbytes != destination.numel():
+            raise ValueError(f"chunk {payload[0]} is {data.nbytes} bytes; its place holds {destination.numel()}")
+        if data.readonly:
+            tensor_bytes(destination)[:] = data
+        else:
+            self.slices.copy(destination, torch.frombuffer(data, dtype=torch.uint8))
+        await channel.stream.send([*payload, SHM])
 
     def _expected_senders(self) -> list[int]:
         if not self.my_chunks:
@@ -434,7 +401,7 @@ class AllReduceRunner:
             return
         if any(other.remote_peer == stream.remote_peer for other in self._prepared):
             return  # one prepared stream per member: serve_sender refuses a second one anyway
-        received = self._prepared[stream] = self._part_buffer(sender)
+        received = self._prepared[stream] = self._part_buffer(sender, stream, payload)
         stream.body_sink = received.sink
 
     async def serve_sender(self, stream: Stream, payload: Any) -> None:
@@ -450,15 +417,18 @@ class AllReduceRunner:
         self._weights[sender] = weight
         self._pace(stream.connection)  # our averages go back on it
         if received is None:
-            received = self._part_buffer(sender)
+            received = self._part_buffer(sender, stream, payload)
         self._buffers[sender] = received
         channel: Channel | None = None
         receiving: asyncio.Task[None] | None = None
         try:
             # the sender waits for our "ready": no chunk arrives before its buffer exists
             channel = await channels.as_reducer(
-                self.host, stream, payload, received.sink, self.settings.request_timeout
+                self.host, stream, payload, received.sink, self.settings.request_timeout, received.shared_name
             )
+            # the averages go into the sender's shared buffer where it named one we can map
+            shared = self._shared_with(stream.connection) if isinstance(payload, dict) else None
+            target = shared.attach(payload.get("shm"), received.offsets[-1]) if shared is not None else None
             receiving = self.loop.create_task(self._receive_part(channel, sender, received))
             for c, chunk in enumerate(self.my_chunks):
                 while self._finalized <= c:
@@ -466,7 +436,7 @@ class AllReduceRunner:
                         await receiving  # raises why it failed
                         return
                     await self._next_progress()
-                await channel.send(*self._encode(c, chunk))
+                await self._send_chunk(channel, target, received.offsets, *self._encode(c, chunk))
             await receiving
             await self._answer_audit_or_end(stream, sender)
             if not self._served[sender].done():
@@ -483,9 +453,18 @@ class AllReduceRunner:
             if channel is not None:
                 channel.close()
 
-    def _part_buffer(self, sender: int) -> _ChunkedBuffer:
-        """Where `sender`'s part of our span is received, pooled by its place from us."""
-        return _ChunkedBuffer(self.pool, ("recv", self._slot(sender)), self.my_chunks, self.codec)
+    def _part_buffer(self, sender: int, stream: Stream, request: Any) -> ChunkedBuffer:
+        """Where `sender`'s part of our span is received: pooled by its place from us, or in a
+        shared buffer of ours for that peer where its request names one of its own."""
+        shared = self._shared_with(stream.connection) if isinstance(request, dict) and "shm" in request else None
+        peer = self.group.members[sender].peer_id
+        return ChunkedBuffer(
+            self.pool,
+            ("recv", self._slot(sender)),
+            self.my_chunks,
+            self.codec,
+            (lambda nbytes: shared.get(("recv", peer), nbytes)) if shared is not None else None,
+        )
 
     def _admit(self, stream: Stream, payload: Any) -> tuple[int, float]:
         """The (sender, weight) of a part request we serve.
@@ -532,7 +511,7 @@ class AllReduceRunner:
             raw = {k: self.weight if k == self.index else self._weights[k] for k in self._capped}
         return self.audit.answer(request, raw, self._buffers)
 
-    async def _receive_part(self, channel: Channel, sender: int, received: _ChunkedBuffer) -> None:
+    async def _receive_part(self, channel: Channel, sender: int, received: ChunkedBuffer) -> None:
         try:
             for c in range(len(self.my_chunks)):
                 message, finite = await channel.recv(
@@ -555,14 +534,21 @@ class AllReduceRunner:
     async def _exchange_with(self, j: int) -> None:
         member = self.group.members[j]
         chunks = self.layout.chunks(*self.spans[j], self.chunk_elements)
-        results = _ChunkedBuffer(self.pool, ("result", self._slot(j)), chunks, self.codec)
         stream: Stream | None = None
         channel: Channel | None = None
         try:
             self.host.add_addrs(member.peer_id, member.multiaddrs())
             conn = await asyncio.wait_for(self.host.connect(member.peer_id), self.settings.request_timeout)
             self._pace(conn)
-            request = self._request(results.offsets[-1])
+            shared = self._shared_with(conn)
+            results = ChunkedBuffer(
+                self.pool,
+                ("result", self._slot(j)),
+                chunks,
+                self.codec,
+                (lambda nbytes: shared.get(("result", member.peer_id), nbytes)) if shared is not None else None,
+            )
+            request = self._request(results.offsets[-1], results.shared_name)
             stream = await conn.open_stream(self.part_method, request, b"")
             # the first chunks go before the reducer's "ready" (at most EAGER_BYTES: what it may
             # have to hold before its buffer exists), so the link is busy during that round trip
@@ -580,10 +566,14 @@ class AllReduceRunner:
                 on_pending=lambda: self._on_pending(j),
             )
 
+            # our part goes into the reducer's shared buffer where it named one we can map
+            remote = channel.remote_buffer
+            target = shared.attach(remote, results.offsets[-1]) if shared is not None and remote else None
+
             async def send_part() -> None:
                 assert channel is not None
                 for i in range(eager, len(chunks)):
-                    await channel.send(*self._encode(i, chunks[i]))
+                    await self._send_chunk(channel, target, results.offsets, *self._encode(i, chunks[i]))
 
             sending = self.loop.create_task(send_part())
             try:
@@ -641,10 +631,12 @@ class AllReduceRunner:
         self.converted += chunk.numel
         return [index, meta], data
 
-    def _request(self, span_bytes: int) -> dict[str, Any]:
+    def _request(self, span_bytes: int, shared: str | None) -> dict[str, Any]:
         # "wait": we understand "pending" (older reducers ignore the field)
         request = {"group_id": self.group.group_id, "sender": self.index, "weight": self.weight, "wait": True}
-        if wants_bulk_link(self.settings, span_bytes):
+        if shared is not None:
+            request["shm"] = shared  # our shared buffer for the averages (sharedmem.py); older reducers ignore it
+        elif wants_bulk_link(self.settings, span_bytes):
             request["bulk"] = True  # a link of our own for the chunks (channel.py), if the reducer can
         return request
 

@@ -58,7 +58,7 @@ from hivecli.averaging.slices import SliceWorkers
 from hivecli.net.connection import EndOfStream, Stream
 
 if TYPE_CHECKING:
-    from hivecli.averaging.allreduce import BufferPool
+    from hivecli.averaging.buffers import BufferPool
 
 
 class AuditFailed(HiveError):
@@ -70,7 +70,7 @@ class AuditUnanswered(HiveError):
 
 
 class EncodedChunks(Protocol):
-    """What the audit reads of a span's encoded chunks (allreduce's _ChunkedBuffer)."""
+    """What the audit reads of a span's encoded chunks (buffers.ChunkedBuffer)."""
 
     metas: list[Any]
 

@@ -29,7 +29,8 @@ from typing import Any
 import torch
 
 from hivecli._exceptions import AllreduceError, ConfigError, HiveError
-from hivecli.averaging.allreduce import PART_METHOD, AllReduceRunner, BufferPool, RunnerRegistry
+from hivecli.averaging.allreduce import PART_METHOD, AllReduceRunner, RunnerRegistry
+from hivecli.averaging.buffers import BufferPool
 from hivecli.averaging.channel import PENDING
 from hivecli.averaging.compression import AutoCompression, Codec, get_codec
 from hivecli.averaging.group import GroupInfo, method_name
@@ -37,6 +38,7 @@ from hivecli.averaging.link import LinkMeter, RoundPlan, spans_take_bulk_links
 from hivecli.averaging.matchmaking import JOIN_METHOD, Matchmaker
 from hivecli.averaging.pacing import Pacer
 from hivecli.averaging.settings import AveragingSettings
+from hivecli.averaging.sharedmem import SharedBuffers
 from hivecli.averaging.slices import SliceWorkers, threads_for
 from hivecli.averaging.state import (
     STATE_METHOD,
@@ -197,6 +199,8 @@ class DecentralizedAverager:
             lambda: ({}, self._averaged_tensors), self.lock_averaged_tensors
         )
         self._pool = BufferPool()
+        # buffers that peers on this host write our parts and averages into (sharedmem.py)
+        self._shared = SharedBuffers() if self.settings.shared_memory else None
         self._link = LinkMeter()  # what our rounds measured of our link, for the rounds we lead
         self._pacer = Pacer(self.settings.uplink_mbps, self.settings.pacing)  # how fast our rounds may send
         self._bulk_spans = False  # what bulk_links = "auto" chose for our last round (logged when it changes)
@@ -280,6 +284,8 @@ class DecentralizedAverager:
         if self._state_server is not None:
             await self._state_server.aclose()
         self._pool.clear()
+        if self._shared is not None:
+            self._shared.clear()
         self._slices.close()
         if self._counting is not None:
             self._counting.cancel()
@@ -453,6 +459,7 @@ class DecentralizedAverager:
                 self._slices,
                 pace,
                 sampler,
+                self._shared,
             )
             self._registry.register(runner)
             started = asyncio.get_running_loop().time()
@@ -469,6 +476,8 @@ class DecentralizedAverager:
                 self.recent_rounds.append((time.time(), len(group.members), seconds, ok))
                 # a failed round's retransmissions (to a member that vanished) say nothing of the link
                 self._pacer.end_round(sampler if ok else None)
+                if self._shared is not None:
+                    self._shared.end_round()
             auto = self.codec if isinstance(self.codec, AutoCompression) else None
             busy = auto.conversion_seconds(codec.name, runner.converted) if auto is not None else 0.0
             self._link.observe(runner.sent_bytes, seconds, busy)

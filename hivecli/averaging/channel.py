@@ -17,6 +17,12 @@ stream. State downloads use the same exchange (state.py), the donor in the reduc
     dial the offer's token to the reducer's port; then
     {"bulk": true | false}           ->
     chunks and averages on the link, or on the stream
+
+Between two processes of one host (sharedmem.py) the request names the sender's shared buffer
+for the averages ({..., "shm": name}, never with "bulk") and the "ready" the reducer's for the
+part (["ready", {"shm": name or None}]). Each side then copies its chunks into the other's
+buffer and sends each chunk's message on the stream without a body; where a side could not map
+the other's buffer, its chunks take the stream.
 """
 
 from __future__ import annotations
@@ -48,8 +54,9 @@ Check = Callable[[Any, "bytes | memoryview"], Any]
 class Channel:
     """Chunk messages between a sender and a reducer, on a bulk link or on their stream."""
 
-    def __init__(self, stream: Stream, link: BulkLink | None, sink: BodySink):
+    def __init__(self, stream: Stream, link: BulkLink | None, sink: BodySink, remote_buffer: Any = None):
         self.stream, self.link, self.sink = stream, link, sink
+        self.remote_buffer = remote_buffer  # the name of the reducer's shared buffer for our chunks, if it sent one
         if link is None:
             stream.body_sink = sink
 
@@ -126,6 +133,8 @@ async def as_sender(
         return Channel(stream, None, sink)
     if not is_ready(ready):
         raise ValueError(f"expected {READY!r} from the reducer, got {describe(ready, 40)}")
+    if isinstance(ready[1], dict):  # a request that named a shared buffer: the reducer's own, if it has one
+        return Channel(stream, None, sink, ready[1].get("shm"))
     offer = BulkOffer.from_wire(ready[1])
     link = await host.bulk.dial(str(peer), _direct_addresses(maddrs, stream), offer, timeout)
     try:
@@ -137,14 +146,20 @@ async def as_sender(
     return Channel(stream, link, sink)
 
 
-async def as_reducer(host: Host, stream: Stream, request: Any, sink: BodySink, timeout: float) -> Channel:
+async def as_reducer(
+    host: Host, stream: Stream, request: Any, sink: BodySink, timeout: float, shared: str | None = None
+) -> Channel:
     """The reducer's side of a sender's request: send "ready" (with an offer if the sender asked
-    for a bulk link), then learn which way the chunks come.
+    for a bulk link; with the name of our `shared` buffer for its chunks, or None, if it named
+    one of its own: sharedmem.py), then learn which way the chunks come.
 
     Raises:
         HiveError, EndOfStream: the stream broke, or the sender did not answer in time.
     """
     stream.body_sink = sink  # from the start: no chunk that comes on the stream may miss it
+    if isinstance(request, dict) and "shm" in request:
+        await stream.send([READY, {"shm": shared}])
+        return Channel(stream, None, sink)
     if not (isinstance(request, dict) and request.get("bulk") is True):
         await stream.send(READY)
         return Channel(stream, None, sink)

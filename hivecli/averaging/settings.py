@@ -70,6 +70,11 @@ class AveragingSettings:
             link.spans_take_bulk_links), "state" (state downloads only), "all" (state downloads
             and every all-reduce span of 1 MiB or more; each round pays a few milliseconds to
             set the links up) or "none".
+        shared_memory: peers on one host move their chunks through buffers both map (files of
+            our own user under /dev/shm, sharedmem.py) instead of loopback TCP: one copy per
+            chunk instead of the kernel's two and its network stack (default True). Links sealed
+            between processes of one host (`encrypt_same_host`) never use it; where /dev/shm is
+            missing or full, the chunks take the stream.
         uplink_mbps: this peer's upload rate in Mbit/s, where known (default None: unknown).
             During a round, each connection to a member of the group then sends at most its
             share of PACING_SHARE of it (the kernel paces the socket), so that the bottleneck's
@@ -110,6 +115,7 @@ class AveragingSettings:
     verify_reducers: bool = True
     audit_positions: int = 8
     bulk_links: str = "auto"
+    shared_memory: bool = True
     uplink_mbps: float | None = None
     pacing: str = "auto"
 
@@ -175,8 +181,9 @@ class AveragingSettings:
             self.ban_duration < 0
         ):
             raise ConfigError(f"ban_duration = {self.ban_duration!r} must be a finite number of seconds >= 0")
-        if not isinstance(self.verify_reducers, bool):
-            raise ConfigError(f"verify_reducers = {self.verify_reducers!r} must be True or False")
+        for name in ("verify_reducers", "shared_memory"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} = {getattr(self, name)!r} must be True or False")
         if self.bulk_links not in BULK_LINKS:
             raise ConfigError(f"bulk_links = {self.bulk_links!r} must be one of {', '.join(map(repr, BULK_LINKS))}")
         if (

@@ -330,6 +330,11 @@ class Connection:
         between two processes on one host (SecuritySettings.encrypt_same_host)."""
         return self._stream.sealed
 
+    @property
+    def same_host(self) -> bool:
+        """Whether both ends are processes of this host on a direct TCP connection."""
+        return self._stream.same_host
+
     def silent_since(self, moment: float) -> bool:
         """Whether nothing at all has arrived from the peer since loop time `moment`: a request
         that timed out on a link that also carried nothing else points to a dead link (say, a
