@@ -28,6 +28,9 @@ sealed as links between hosts are), `off` (`encrypt=False`). `both` measures `se
 `on`, `all` every mode, each averaging configuration and the state download in alternating
 order against the same gloo and raw TCP references; two more tables compare the first two.
 A run that fails in one mode is reported in its row ("FAILED: ...") and the others go on.
+In `on` and `off` the peers, all on this host, move their chunks through shared memory
+(`AveragingSettings.shared_memory`, hivecli/averaging/sharedmem.py) unless `--no-shared-memory`;
+`sealed` links never do.
 
 Peak memory per peer is the peak RSS of each averaging process (includes the torch import)
 and its USS at the end. Methods follow ../shared/reference/baselines.md.
@@ -38,6 +41,7 @@ Run from the repository root:
     .venv/bin/python benchmarks/bench_averaging.py --sizes 1M 10M --peers 2 --rounds 4
     .venv/bin/python benchmarks/bench_averaging.py --encryption off   # the plaintext links only
     .venv/bin/python benchmarks/bench_averaging.py --no-audit --compression fp16 --state-trials 0
+    .venv/bin/python benchmarks/bench_averaging.py --no-shared-memory  # loopback TCP between the peers
     .venv/bin/python benchmarks/bench_averaging.py --cold-openmp      # averaging before any training op
 """
 
@@ -548,6 +552,11 @@ def main() -> None:
     parser.add_argument("--compression", default="none", help="the averagers' compression (none, fp16, auto, ...)")
     parser.add_argument("--no-audit", action="store_true", help="verify_reducers = False: what the reducer audit costs")
     parser.add_argument(
+        "--no-shared-memory",
+        action="store_true",
+        help="shared_memory = False: peers on this host send their chunks over loopback TCP, as before step 9's end",
+    )
+    parser.add_argument(
         "--bulk-links",
         choices=BULK_LINKS,
         default="auto",
@@ -565,6 +574,7 @@ def main() -> None:
     options: dict[str, Any] = {
         "compression": args.compression,
         "verify_reducers": not args.no_audit,
+        "shared_memory": not args.no_shared_memory,
         "bulk_links": args.bulk_links,
         "cold_openmp": args.cold_openmp,  # not an averager argument: the worker takes it out
     }
