@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import hivecli as hivemind
@@ -605,6 +605,7 @@ def test_fuzzed_find_replies_never_break_the_reader(fuzz_swarm, caplog):
 
     @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
     @given(_find_replies)
+    @example({"node": None, "results": [[None, [{"": None, "0": None, "00": None}]]]})  # a peer id as text
     def fuzz(fake: Any) -> None:
         reply["value"] = fake
 

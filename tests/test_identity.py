@@ -50,6 +50,12 @@ def test_peer_id_matches_libp2p_encoding() -> None:
     assert PeerID.from_base58(LIBP2P_PEER_ID) == identity.peer_id
 
 
+@pytest.mark.parametrize("raw", ["0", None, 5, [1, 2], b"\x00" * 38])
+def test_anything_but_the_bytes_of_a_peer_id_is_a_value_error(raw: object) -> None:
+    with pytest.raises(ValueError, match="peer ID"):
+        PeerID(raw)  # type: ignore[arg-type]
+
+
 def test_distinct_identities_have_distinct_peer_ids() -> None:
     ids = {Identity.generate().peer_id for _ in range(50)}
     assert len(ids) == 50

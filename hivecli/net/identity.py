@@ -55,6 +55,9 @@ class PeerID:
     __slots__ = ("_bytes", "_text")
 
     def __init__(self, raw: bytes):
+        """Raises ValueError: `raw` is not the bytes of an Ed25519 peer ID (from the network: anything)."""
+        if not isinstance(raw, bytes | bytearray):
+            raise ValueError(f"a peer ID is bytes, not {type(raw).__name__}")
         if len(raw) != PEER_ID_LENGTH or not raw.startswith(_MULTIHASH_PREFIX + _PUBKEY_PREFIX):
             raise ValueError(
                 f"{raw[:8].hex()}... ({len(raw)} bytes) is not an Ed25519 peer ID; "
