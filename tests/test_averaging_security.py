@@ -142,8 +142,8 @@ def link(request, monkeypatch):
     attached = []
     attach = SharedBuffers.attach
 
-    def counting(self, name, nbytes):
-        target = attach(self, name, nbytes)
+    def counting(self, offer, nbytes, layout):
+        target = attach(self, offer, nbytes, layout)
         attached.append(target is not None)
         return target
 

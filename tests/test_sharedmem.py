@@ -3,6 +3,7 @@ checks before mapping another side's, and rounds that move their chunks through 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import stat
@@ -33,87 +34,147 @@ def directory(tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_a_buffer_is_a_file_only_we_may_open_and_the_other_side_maps_it_at_its_size(directory):
-    mine = SharedBuffer.create(1000)
+ME, OTHER = b"me" * 17, b"other" * 7  # peer ids' bytes: the writer a buffer names, and another peer
+LAYOUT = sharedmem.layout_tag([0, 500, 1000])
+
+
+def test_a_buffer_is_a_file_only_we_may_open_and_its_writer_maps_it(directory):
+    mine = SharedBuffer.create(1000, ME)
     path = directory / mine.name
     info = os.stat(path)
-    assert stat.S_IMODE(info.st_mode) == 0o600 and info.st_size == 1000 and info.st_blocks > 0  # space reserved
-    theirs = SharedBuffer.attach(mine.name, 1000)
+    assert stat.S_IMODE(info.st_mode) == 0o600 and info.st_size == sharedmem.HEADER + 1000
+    assert info.st_blocks * 512 >= info.st_size  # its space reserved up front
+    theirs = SharedBuffer.attach(mine.offer(LAYOUT), 1000, ME)
     theirs.tensor[10:20] = 7
-    assert mine.tensor[10:20].tolist() == [7] * 10  # one memory
-    with pytest.raises(HiveError, match="holds 1000 bytes, expected 999"):
-        SharedBuffer.attach(mine.name, 999)
+    assert mine.tensor[10:20].tolist() == [7] * 10  # one memory, past the header
+    assert SharedBuffer.attach(mine.offer(LAYOUT), 600, ME).tensor.numel() == 600  # a buffer may be larger
+    with pytest.raises(HiveError, match="holds 1000 bytes, we need 1001"):
+        SharedBuffer.attach(mine.offer(LAYOUT), 1001, ME)
     mine.free()
     assert not path.exists()
     with pytest.raises(HiveError, match="cannot open shared buffer"):
-        SharedBuffer.attach(mine.name, 1000)
+        SharedBuffer.attach(mine.offer(LAYOUT), 1000, ME)
     assert theirs.tensor[15] == 7  # a mapping outlives the file's name
 
 
-@pytest.mark.parametrize("name", ["../../etc/passwd", "hive-1-zz", "hive-12-" + "a" * 31, 5, None])
-def test_only_names_of_shared_buffers_are_opened(directory, name):
-    with pytest.raises(HiveError, match="is not the name of a shared buffer"):
-        SharedBuffer.attach(name, 10)
+def test_a_buffer_is_mapped_only_by_the_peer_it_was_offered_to_with_its_token(directory):
+    """A peer of another user sees the files' names in /dev/shm: it must not be able to make us
+    write into a buffer that was not offered to us (another peer's, or one of our own)."""
+    mine = SharedBuffer.create(100, ME)
+    name, token, layout = mine.offer(LAYOUT)
+    with pytest.raises(HiveError, match="was not offered to us"):
+        SharedBuffer.attach([name, token, layout], 100, OTHER)
+    with pytest.raises(HiveError, match="was not offered to us"):
+        SharedBuffer.attach([name, "0" * 32, layout], 100, ME)
+    buffers = SharedBuffers(ME)
+    assert buffers.attach([name, token, "another layout"], 100, LAYOUT) is None  # chunks would straddle
+    assert buffers.attach([name, token, layout], 100, LAYOUT) is not None
+
+
+@pytest.mark.parametrize(
+    "offer",
+    [
+        ["../../etc/passwd", "0" * 32, LAYOUT],
+        ["hive-1-zz", "0" * 32, LAYOUT],
+        ["hive-12-" + "a" * 31, "0" * 32, LAYOUT],
+        ["hive-99999999-" + "a" * 32, "0" * 32, LAYOUT],  # no pid has 8 digits (os.kill would overflow)
+        ["hive-12-" + "a" * 32, "zz", LAYOUT],
+        "hive-12-" + "a" * 32,
+        None,
+    ],
+)
+def test_only_offers_of_shared_buffers_are_opened(directory, offer):
+    with pytest.raises(HiveError, match="is not"):
+        SharedBuffer.attach(offer, 10, ME)
 
 
 def test_a_file_others_may_open_or_not_ours_or_a_link_is_not_mapped(directory):
-    buffer = SharedBuffer.create(64)
+    buffer = SharedBuffer.create(64, ME)
     path = directory / buffer.name
     os.chmod(path, 0o640)
     with pytest.raises(HiveError, match="not a file of our own user"):
-        SharedBuffer.attach(buffer.name, 64)
+        SharedBuffer.attach(buffer.offer(LAYOUT), 64, ME)
     os.chmod(path, 0o600)
     if os.getuid() == 0:  # root can give it away: then it is another user's
         os.chown(path, 12345, -1)
         with pytest.raises(HiveError, match="not a file of our own user"):
-            SharedBuffer.attach(buffer.name, 64)
+            SharedBuffer.attach(buffer.offer(LAYOUT), 64, ME)
         os.chown(path, 0, -1)
-    link = f"hive-{os.getpid()}-{'b' * 32}"
-    os.symlink(path, directory / link)
+    alias = f"hive-{os.getpid()}-{'b' * 32}"
+    os.link(path, directory / alias)  # a second name for it: refused, by either name
+    with pytest.raises(HiveError, match="not a file of our own user"):
+        SharedBuffer.attach(buffer.offer(LAYOUT), 64, ME)
+    os.unlink(directory / alias)
+    os.symlink(path, directory / alias)
     with pytest.raises(HiveError, match="cannot open"):
-        SharedBuffer.attach(link, 64)
-    assert SharedBuffer.attach(buffer.name, 64).tensor.numel() == 64
+        SharedBuffer.attach([alias, *buffer.offer(LAYOUT)[1:]], 64, ME)
+    assert SharedBuffer.attach(buffer.offer(LAYOUT), 64, ME).tensor.numel() == 64
 
 
 def test_without_room_for_a_buffer_the_peers_stay_on_the_stream_and_say_so_once(directory, monkeypatch, caplog):
     monkeypatch.setattr(sharedmem, "DIRECTORY", str(directory / "missing"))
-    buffers = SharedBuffers()
+    buffers = SharedBuffers(ME)
     with caplog.at_level(logging.INFO, logger="hivecli.averaging.sharedmem"):
-        assert buffers.get(("recv", "a"), 100) is None
-        assert buffers.get(("recv", "b"), 100) is None
+        assert buffers.get(("recv", "a"), 100, OTHER) is None
+        assert buffers.get(("recv", "b"), 100, OTHER) is None  # not tried again at once
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 1 and "loopback TCP, not shared memory" in lines[0] and "missing" in lines[0]
+    monkeypatch.setattr(sharedmem, "DIRECTORY", str(directory))
+    monkeypatch.setattr(sharedmem.time, "monotonic", lambda: 1e9)  # a while later: tried again
+    assert buffers.get(("recv", "b"), 100, OTHER) is not None
 
 
-def test_a_buffer_takes_at_most_half_the_free_space(directory, monkeypatch):
-    assert SharedBuffer.create(4096).tensor.numel() == 4096
-    monkeypatch.setattr(os, "statvfs", lambda path: os.statvfs_result((4096, 4096, 100, 100, 100, 0, 0, 0, 0, 255)))
-    with pytest.raises(OSError, match="more than half the free space"):
-        SharedBuffer.create(4096 * 51)
-    assert SharedBuffer.create(4096 * 50).tensor.numel() == 4096 * 50
+def test_our_buffers_take_at_most_half_the_free_space_together(directory, monkeypatch):
+    free = 100 * 4096  # as statvfs sees it, our own buffers' space already taken out
+    monkeypatch.setattr(
+        os, "statvfs", lambda path: os.statvfs_result((4096, 4096, 1000, free // 4096, free // 4096, 0, 0, 0, 0, 255))
+    )
+    buffers = SharedBuffers(ME)
+    assert buffers.get("a", 40 * 4096, OTHER) is not None
+    free -= 40 * 4096
+    assert buffers.get("b", 11 * 4096, OTHER) is None  # 51 of 100 pages: more than half
+    monkeypatch.setattr(sharedmem.time, "monotonic", lambda: 1e9)
+    assert buffers.get("b", 10 * 4096, OTHER) is not None  # 50 of 100
 
 
-def test_files_whose_creator_is_gone_are_removed_by_the_next_creator(directory):
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    orphan = directory / f"hive-{int(gone.stdout)}-{'c' * 32}"
-    alive = directory / f"hive-1-{'d' * 32}"  # pid 1 is always there
+def test_files_nobody_holds_are_removed_by_the_next_creator(directory, monkeypatch):
+    code = (
+        "import sys; from hivecli.averaging import sharedmem as s; s.DIRECTORY = sys.argv[1]; "
+        "b = s.SharedBuffer.create(10, b'x'); print(b.name); b._finalizer.detach()"  # killed, as it were
+    )
+    gone = subprocess.run([sys.executable, "-c", code, str(directory)], capture_output=True, text=True, check=True)
+    orphan = directory / gone.stdout.strip()
+    alive = SharedBuffer.create(10, ME)  # we hold its lock
     other = directory / "something-else"
-    for path in (orphan, alive, other):
-        path.write_bytes(b"x")
-    SharedBuffer.create(10)
-    assert not orphan.exists() and alive.exists() and other.exists()
+    other.write_bytes(b"x")
+    monkeypatch.setattr(sharedmem, "_orphans_removed", False)
+    SharedBuffer.create(10, ME)
+    assert orphan.exists()  # too young to tell from one whose creator has not locked it yet
+    monkeypatch.setattr(sharedmem, "_orphans_removed", False)
+    monkeypatch.setattr(sharedmem, "ORPHAN_AGE_S", 0.0)
+    SharedBuffer.create(10, ME)
+    assert not orphan.exists() and (directory / alive.name).exists() and other.exists()
 
 
 def test_a_round_keeps_at_most_twice_the_buffers_it_used_the_latest_first(directory):
-    buffers = SharedBuffers()
-    first = {key: buffers.get(("recv", key), 100) for key in "abcd"}
+    buffers = SharedBuffers(ME)
+    first = {key: buffers.get(("recv", key), 100, OTHER) for key in "abcd"}
     buffers.end_round()
-    assert buffers.get(("recv", "a"), 100) is first["a"]  # kept, and the same file: mapped once
-    assert buffers.get(("recv", "a"), 200) is not first["a"]  # grown: a new file, the old one removed
+    assert buffers.get(("recv", "a"), 50, OTHER) is first["a"]  # kept, and large enough: the same file
+    assert buffers.get(("recv", "a"), 200, OTHER) is not first["a"]  # grown: a new file, the old one removed
     buffers.end_round()  # one used: two kept, the most recent
     assert len(os.listdir(directory)) == 2
     buffers.clear()
     assert os.listdir(directory) == []
+
+
+def test_a_peer_that_could_not_share_memory_is_not_offered_it_for_a_while(monkeypatch):
+    buffers = SharedBuffers(ME)
+    assert buffers.usable("peer")
+    buffers.refuse("peer")
+    assert not buffers.usable("peer") and buffers.usable("another")
+    monkeypatch.setattr(sharedmem.time, "monotonic", lambda: 1e9)
+    assert buffers.usable("peer")
 
 
 # ---- rounds ---------------------------------------------------------------------------------
@@ -130,17 +191,23 @@ def average_twice(dhts, inputs, **settings):
         return [av.bytes_received for av in avs], our_files()
 
 
-def test_peers_on_one_host_average_through_shared_memory_and_remove_its_files():
+def test_peers_on_one_host_average_through_shared_memory_and_remove_its_files(monkeypatch):
+    from hivecli.averaging import matchmaking
+
+    turns = itertools.count()
+    monkeypatch.setattr(  # the members' order flips from round to round: with an odd total, so do the spans
+        matchmaking.random,
+        "shuffle",
+        lambda members: members.sort(key=lambda m: str(m.peer_id), reverse=next(turns) % 2),
+    )
     torch.manual_seed(1)
-    inputs = [torch.randn(200_000) for _ in range(2)]
+    inputs = [torch.randn(200_001) for _ in range(2)]
     before = our_files()
     with local_swarm(2, **DHT_FAST) as dhts:
         shared, files = average_twice(dhts, inputs, prefix="shm")
         streamed, no_files = average_twice(dhts, inputs, prefix="noshm", shared_memory=False)
-    part = 100_000 * 4  # each peer's span: the other's part of it and its averages came in each round
-    assert streamed == [2 * 2 * part] * 2
-    # through shared memory only the first chunks, sent before the reducer's "ready", use the stream
-    assert all(0 < received <= 2 * 4 * 65536 for received in shared)
+    assert streamed == [2 * 2 * 200_001 * 4 // 2] * 2  # per round, the other's part of our span and its averages
+    assert shared == [0, 0]  # every chunk went through shared memory, whichever span was larger
     assert len(files - before) == 4  # each peer's buffer for the other's part and for its averages
     assert no_files == before and our_files() == before  # all removed at shutdown
 

@@ -172,8 +172,12 @@ class AllReduceRunner:
 
     def _shared_with(self, connection: Connection) -> SharedBuffers | None:
         """Our shared buffers, where chunks to and from `connection`'s peer may go through them:
-        it runs on this host, and our link is not sealed (sharedmem.py)."""
-        return self.shared if connection.same_host and not connection.sealed else None
+        it runs on this host, our link is not sealed, and sharing memory with it did not fail
+        lately (sharedmem.py)."""
+        shared = self.shared
+        if shared is None or not connection.same_host or connection.sealed:
+            return None
+        return shared if shared.usable(connection.remote_peer) else None
 
     async def _send_chunk(
         self,
@@ -424,11 +428,10 @@ class AllReduceRunner:
         try:
             # the sender waits for our "ready": no chunk arrives before its buffer exists
             channel = await channels.as_reducer(
-                self.host, stream, payload, received.sink, self.settings.request_timeout, received.shared_name
+                self.host, stream, payload, received.sink, self.settings.request_timeout, received.offer()
             )
-            # the averages go into the sender's shared buffer where it named one we can map
-            shared = self._shared_with(stream.connection) if isinstance(payload, dict) else None
-            target = shared.attach(payload.get("shm"), received.offsets[-1]) if shared is not None else None
+            # the averages go into the sender's shared buffer where it offered one we can map
+            target = self._attach(stream.connection, payload.get("shm"), received) if "shm" in payload else None
             receiving = self.loop.create_task(self._receive_part(channel, sender, received))
             for c, chunk in enumerate(self.my_chunks):
                 while self._finalized <= c:
@@ -463,7 +466,7 @@ class AllReduceRunner:
             ("recv", self._slot(sender)),
             self.my_chunks,
             self.codec,
-            (lambda nbytes: shared.get(("recv", peer), nbytes)) if shared is not None else None,
+            (lambda nbytes: shared.get(("recv", peer), nbytes, peer.to_bytes())) if shared is not None else None,
         )
 
     def _admit(self, stream: Stream, payload: Any) -> tuple[int, float]:
@@ -546,14 +549,17 @@ class AllReduceRunner:
                 ("result", self._slot(j)),
                 chunks,
                 self.codec,
-                (lambda nbytes: shared.get(("result", member.peer_id), nbytes)) if shared is not None else None,
+                (lambda n: shared.get(("result", member.peer_id), n, member.peer_id.to_bytes())) if shared else None,
             )
-            request = self._request(results.offsets[-1], results.shared_name)
+            request = self._request(results.offsets[-1], results.offer())
             stream = await conn.open_stream(self.part_method, request, b"")
             # the first chunks go before the reducer's "ready" (at most EAGER_BYTES: what it may
             # have to hold before its buffer exists), so the link is busy during that round trip
-            # (parts encode to the same sizes as the averages coming back: `results.offsets`)
-            eager = 0 if request.get("bulk") else bisect_right(results.offsets[1 : EAGER_CHUNKS + 1], EAGER_BYTES)
+            # (parts encode to the same sizes as the averages coming back: `results.offsets`);
+            # not on a bulk link, nor where the reducer may name a shared buffer: on one host that
+            # round trip is short, and a chunk costs less copied into its buffer than sent
+            waits = request.get("bulk") or "shm" in request
+            eager = 0 if waits else bisect_right(results.offsets[1 : EAGER_CHUNKS + 1], EAGER_BYTES)
             for i in range(eager):
                 await stream.send(*self._encode(i, chunks[i]))
             channel = await channels.as_sender(
@@ -566,9 +572,8 @@ class AllReduceRunner:
                 on_pending=lambda: self._on_pending(j),
             )
 
-            # our part goes into the reducer's shared buffer where it named one we can map
-            remote = channel.remote_buffer
-            target = shared.attach(remote, results.offsets[-1]) if shared is not None and remote else None
+            # our part goes into the reducer's shared buffer where it offered one we can map
+            target = self._attach(conn, channel.remote_buffer, results) if "shm" in request else None
 
             async def send_part() -> None:
                 assert channel is not None
@@ -631,7 +636,17 @@ class AllReduceRunner:
         self.converted += chunk.numel
         return [index, meta], data
 
-    def _request(self, span_bytes: int, shared: str | None) -> dict[str, Any]:
+    def _attach(self, connection: Connection, offer: Any, layout: ChunkedBuffer) -> torch.Tensor | None:
+        """The other side's shared buffer that `offer` names, laid out as `layout` (ours for the
+        same chunks), to write our chunks into; None, and no offers to that peer for a while,
+        where we cannot use it."""
+        shared = self._shared_with(connection)
+        target = shared.attach(offer, layout.offsets[-1], layout.layout) if shared is not None else None
+        if target is None and shared is not None:
+            shared.refuse(connection.remote_peer)
+        return target
+
+    def _request(self, span_bytes: int, shared: list[str] | None) -> dict[str, Any]:
         # "wait": we understand "pending" (older reducers ignore the field)
         request = {"group_id": self.group.group_id, "sender": self.index, "weight": self.weight, "wait": True}
         if shared is not None:

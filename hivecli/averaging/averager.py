@@ -200,7 +200,7 @@ class DecentralizedAverager:
         )
         self._pool = BufferPool()
         # buffers that peers on this host write our parts and averages into (sharedmem.py)
-        self._shared = SharedBuffers() if self.settings.shared_memory else None
+        self._shared = SharedBuffers(dht.peer_id.to_bytes()) if self.settings.shared_memory else None
         self._link = LinkMeter()  # what our rounds measured of our link, for the rounds we lead
         self._pacer = Pacer(self.settings.uplink_mbps, self.settings.pacing)  # how fast our rounds may send
         self._bulk_spans = False  # what bulk_links = "auto" chose for our last round (logged when it changes)

@@ -10,7 +10,7 @@ import torch
 
 from hivecli.averaging.compression import Codec, tensor_bytes
 from hivecli.averaging.partition import Chunk
-from hivecli.averaging.sharedmem import SHM, SharedBuffer
+from hivecli.averaging.sharedmem import SHM, SharedBuffer, layout_tag
 
 
 class BufferPool:
@@ -45,13 +45,17 @@ class ChunkedBuffer:
         self.offsets = [0]
         for chunk in chunks:
             self.offsets.append(self.offsets[-1] + codec.encoded_nbytes(chunk.numel))
+        self.layout = layout_tag(self.offsets)
         # in a buffer the other side maps and writes into (sharedmem.py), where `shared` gives one
-        buffer = shared(self.offsets[-1]) if shared is not None else None
-        self.shared_name = buffer.name if buffer is not None else None
-        self.raw = buffer.tensor[: self.offsets[-1]] if buffer is not None else pool.get(key, self.offsets[-1])
+        self.shared = shared(self.offsets[-1]) if shared is not None else None
+        self.raw = self.shared.region(self.offsets[-1]) if self.shared is not None else pool.get(key, self.offsets[-1])
         self.view = tensor_bytes(self.raw) if self.offsets[-1] else memoryview(b"")
         self.metas: list[Any] = [None] * len(chunks)
         self.sunk: list[memoryview | None] = [None] * len(chunks)  # the views `sink` handed out
+
+    def offer(self) -> list[str] | None:
+        """What the peer that writes into our shared buffer needs to map it, if we have one."""
+        return self.shared.offer(self.layout) if self.shared is not None else None
 
     def region(self, index: int) -> memoryview:
         return self.view[self.offsets[index] : self.offsets[index + 1]]
@@ -74,7 +78,7 @@ class ChunkedBuffer:
             ValueError: out of order, wrong size, or undecodable.
         """
         written = (  # the other side wrote the body into our shared buffer, at its region (sharedmem.py)
-            isinstance(payload, list) and len(payload) == 3 and payload[2] == SHM and self.shared_name is not None
+            isinstance(payload, list) and len(payload) == 3 and payload[2] == SHM and self.shared is not None
         )
         if written:
             payload = payload[:2]

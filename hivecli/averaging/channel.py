@@ -18,9 +18,9 @@ stream. State downloads use the same exchange (state.py), the donor in the reduc
     {"bulk": true | false}           ->
     chunks and averages on the link, or on the stream
 
-Between two processes of one host (sharedmem.py) the request names the sender's shared buffer
-for the averages ({..., "shm": name}, never with "bulk") and the "ready" the reducer's for the
-part (["ready", {"shm": name or None}]). Each side then copies its chunks into the other's
+Between two processes of one host (sharedmem.py) the request offers the sender's shared buffer
+for the averages ({..., "shm": offer}, never with "bulk") and the "ready" the reducer's for the
+part (["ready", {"shm": offer or None}]). Each side then copies its chunks into the other's
 buffer and sends each chunk's message on the stream without a body; where a side could not map
 the other's buffer, its chunks take the stream.
 """
@@ -56,7 +56,7 @@ class Channel:
 
     def __init__(self, stream: Stream, link: BulkLink | None, sink: BodySink, remote_buffer: Any = None):
         self.stream, self.link, self.sink = stream, link, sink
-        self.remote_buffer = remote_buffer  # the name of the reducer's shared buffer for our chunks, if it sent one
+        self.remote_buffer = remote_buffer  # the reducer's offer of its shared buffer for our chunks, if it made one
         if link is None:
             stream.body_sink = sink
 
@@ -133,7 +133,7 @@ async def as_sender(
         return Channel(stream, None, sink)
     if not is_ready(ready):
         raise ValueError(f"expected {READY!r} from the reducer, got {describe(ready, 40)}")
-    if isinstance(ready[1], dict):  # a request that named a shared buffer: the reducer's own, if it has one
+    if isinstance(ready[1], dict):  # a request that offered a shared buffer: the reducer's own offer, or None
         return Channel(stream, None, sink, ready[1].get("shm"))
     offer = BulkOffer.from_wire(ready[1])
     link = await host.bulk.dial(str(peer), _direct_addresses(maddrs, stream), offer, timeout)
@@ -147,11 +147,11 @@ async def as_sender(
 
 
 async def as_reducer(
-    host: Host, stream: Stream, request: Any, sink: BodySink, timeout: float, shared: str | None = None
+    host: Host, stream: Stream, request: Any, sink: BodySink, timeout: float, shared: list[str] | None = None
 ) -> Channel:
     """The reducer's side of a sender's request: send "ready" (with an offer if the sender asked
-    for a bulk link; with the name of our `shared` buffer for its chunks, or None, if it named
-    one of its own: sharedmem.py), then learn which way the chunks come.
+    for a bulk link; with the offer of our `shared` buffer for its chunks, or None, if it
+    offered one of its own: sharedmem.py), then learn which way the chunks come.
 
     Raises:
         HiveError, EndOfStream: the stream broke, or the sender did not answer in time.

@@ -11,35 +11,49 @@ one node the same way.
 How: the receiving side keeps the buffers it receives into (a reducer's part from each sender,
 a sender's averages from each reducer) in files under /dev/shm. It creates each file itself,
 with mode 0600 and a random name, and reserves the file's space up front, so that a full
-/dev/shm is an error at creation and not a SIGBUS later; it takes at most half the space left
-there, which others need too. It names the file in its part request
-or in its "ready". The other side maps the named file after checking that it is a regular file
-of our own user that no one else may open, of the expected size. Then it copies each chunk
-there and sends the chunk's message on the stream without a body (`SHM`). Whatever fails (no
-/dev/shm, no room, another user, another mount namespace) leaves that pair on the stream, chunk
-by chunk, as before.
+/dev/shm is an error at creation and not a SIGBUS later; its buffers take at most half the
+space left there, which others need too. It offers a buffer to the one peer that may write into
+it, over their authenticated connection: the file's name, a random token, and a digest of the
+chunk layout. The file starts with a header: the token, and a tag of the writer's peer id.
+The writer maps the file only if it is a regular file of our user with one link that no one
+else may open, large enough, whose header holds that token and names it as the writer. It
+checks that the layout matches its own. Then it copies each chunk there and sends the chunk's
+message on the stream without a body (`SHM`). Whatever fails (no /dev/shm, no room, another
+user, another mount namespace) leaves that pair on the stream, and the pair stops offering
+for a while (so they may take bulk links again).
 
 Trust: only processes of our own user can open these files. Such a process can already change
 our code, our checkpoints and our files. Letting it write into our receive buffers, even after
-we have checked them, gives it nothing it did not already have. Peers that seal the links
-between processes of one host (`encrypt_same_host`) do not use shared memory.
+we have checked them, gives it nothing it did not already have. The token and the writer's tag
+keep a peer of another user, which sees the files' names in /dev/shm, from making us write into
+a buffer that was not offered to us. Peers that seal the links between processes of one host
+(`encrypt_same_host`) do not use shared memory.
 
-Cleanup: a file is removed when its buffer is replaced or freed, or when the averager shuts
-down. A process killed outright leaves its files behind. Each file's name carries its creator's
-pid, and the next process on the host that creates one removes the files whose creator is gone.
+Cleanup: a file is removed when its buffer is replaced or freed, when the averager shuts down,
+or when the interpreter exits. Its creator holds a shared lock on it while it lives. A process
+killed outright leaves its files behind, and the next process of our user on the host that
+creates one removes every file that nobody holds a lock on.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
+import hashlib
+import hmac
 import logging
 import mmap
 import os
 import re
 import secrets
 import stat
+import struct
+import time
+import weakref
 from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -49,77 +63,112 @@ logger = logging.getLogger(__name__)
 
 DIRECTORY = "/dev/shm"
 SHM = "shm"  # a chunk message's third field: the body is in the receiver's shared buffer already
-_NAME = re.compile(r"hive-(\d{1,10})-[0-9a-f]{32}")
+_NAME = re.compile(r"hive-\d{1,7}-[0-9a-f]{32}")
+HEADER = 32  # a buffer file's first bytes: the token (16), then the writer's tag (16)
 MAX_ATTACHED = 64  # the other sides' buffers we keep mapped, least recently used dropped first
+REFUSAL_MEMORY_S = 300.0  # how long a pair that could not share memory stays on the stream
+RETRY_S = 60.0  # how long after we could not make a buffer we try again
+ORPHAN_AGE_S = 60.0  # a file younger than this may be one whose creator has not locked it yet
+
+
+def writer_tag(peer: bytes) -> bytes:
+    """What a buffer's header says of the one peer that may write into it."""
+    return hashlib.blake2b(peer, digest_size=16).digest()
+
+
+def layout_tag(offsets: Sequence[int]) -> str:
+    """A digest of a buffer's chunk layout (where each chunk starts): a writer's and the
+    reader's must match, or a chunk would land across two of the reader's."""
+    return hashlib.blake2b(struct.pack(f"<{len(offsets)}q", *offsets), digest_size=8).hexdigest()
 
 
 class SharedBuffer:
-    """A byte buffer in a file under /dev/shm that another process of our user may map."""
+    """A byte buffer in a file under /dev/shm that one other process of our user may map."""
 
-    def __init__(self, name: str, memory: mmap.mmap, owner: bool):
-        self.name, self.owner = name, owner
-        self._memory: mmap.mmap | None = memory
-        self.tensor = torch.frombuffer(memory, dtype=torch.uint8) if len(memory) else torch.empty(0, dtype=torch.uint8)
+    def __init__(self, name: str, memory: mmap.mmap, nbytes: int, token: bytes, lock: int | None):
+        self.name, self.token = name, token
+        self.capacity = len(memory) - HEADER
+        self._bytes = torch.frombuffer(memory, dtype=torch.uint8)
+        self.tensor = self.region(nbytes)
+        self._lock = lock  # our fd with its shared lock, while we created the file and it lives
+        path = os.path.join(DIRECTORY, name)
+        self._finalizer = weakref.finalize(self, _remove, path, lock) if lock is not None else None
 
     @classmethod
-    def create(cls, nbytes: int) -> SharedBuffer:
-        """A new buffer of `nbytes` (at least 1) that only processes of our user can open.
+    def create(cls, nbytes: int, writer: bytes) -> SharedBuffer:
+        """A new buffer of `nbytes` that only processes of our user can open, and only the peer
+        `writer` (its id's bytes) may write into.
 
         Raises:
-            OSError: no /dev/shm, or it would be more than half full of ours (others need room
-                there too: PyTorch's DataLoader workers pass their batches through it).
+            OSError: no /dev/shm, or no room there.
         """
         _remove_orphans()
-        space = os.statvfs(DIRECTORY)
-        if nbytes > space.f_bavail * space.f_frsize // 2:
-            raise OSError(errno.ENOSPC, f"{nbytes} bytes would take more than half the free space")
-        name = f"hive-{os.getpid()}-{secrets.token_hex(16)}"
+        name = f"hive-{os.getpid() % 10_000_000}-{secrets.token_hex(16)}"
         path = os.path.join(DIRECTORY, name)
+        size = HEADER + max(nbytes, 1)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         try:
-            os.posix_fallocate(fd, 0, max(nbytes, 1))  # ENOSPC here, not SIGBUS at the first write
-            memory = mmap.mmap(fd, max(nbytes, 1))
+            fcntl.flock(fd, fcntl.LOCK_SH)  # held while it lives: a file nobody locks is an orphan
+            os.posix_fallocate(fd, 0, size)  # ENOSPC here, not SIGBUS at the first write
+            memory = mmap.mmap(fd, size)
         except BaseException:
             os.close(fd)
             with contextlib.suppress(OSError):
                 os.unlink(path)
             raise
-        os.close(fd)
-        return cls(name, memory, owner=True)
+        token = secrets.token_bytes(16)
+        memory[:HEADER] = token + writer_tag(writer)
+        return cls(name, memory, nbytes, token, fd)
 
     @classmethod
-    def attach(cls, name: object, nbytes: int) -> SharedBuffer:
-        """Map the other side's buffer `name`, which must hold exactly `nbytes` (at least 1).
+    def attach(cls, offer: Any, nbytes: int, me: bytes) -> SharedBuffer:
+        """Map the buffer another process offered us ([name, token hex, layout]), which must
+        hold at least `nbytes` and name us (`me`, our peer id's bytes) as its writer.
 
         Raises:
-            HiveError: the name is not one of ours, or the file is missing, not a regular file,
-                not our user's, open to others, or of another size.
+            HiveError: the offer is malformed, or the file is missing, not a regular file of our
+                user with one link that only we may open, too small, or not offered to us.
         """
-        if not (isinstance(name, str) and _NAME.fullmatch(name)):
-            raise HiveError(f"{str(name)[:80]!r} is not the name of a shared buffer")
+        if not (isinstance(offer, list) and len(offer) == 3 and all(isinstance(x, str) for x in offer)):
+            raise HiveError(f"{str(offer)[:80]!r} is not an offer of a shared buffer")
+        name, token = offer[0], offer[1]
+        if not _NAME.fullmatch(name) or not re.fullmatch(r"[0-9a-f]{32}", token):
+            raise HiveError(f"{name[:80]!r} is not the name of a shared buffer, or its token is malformed")
         try:
             fd = os.open(os.path.join(DIRECTORY, name), os.O_RDWR | os.O_NOFOLLOW)
         except OSError as e:
             raise HiveError(f"cannot open shared buffer {name}: {e.strerror}") from None
         try:
             info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+            if not (stat.S_ISREG(info.st_mode) and info.st_uid == os.getuid() and info.st_nlink == 1) or (
+                info.st_mode & 0o077
+            ):
                 raise HiveError(f"shared buffer {name} is not a file of our own user that only we may open")
-            if info.st_size != max(nbytes, 1):
-                raise HiveError(f"shared buffer {name} holds {info.st_size} bytes, expected {max(nbytes, 1)}")
+            if info.st_size < HEADER + max(nbytes, 1):
+                raise HiveError(f"shared buffer {name} holds {info.st_size - HEADER} bytes, we need {nbytes}")
             memory = mmap.mmap(fd, info.st_size)
         except OSError as e:
             raise HiveError(f"cannot map shared buffer {name}: {e.strerror}") from None
         finally:
             os.close(fd)
-        return cls(name, memory, owner=False)
+        header = memory[:HEADER]
+        if not hmac.compare_digest(header, bytes.fromhex(token) + writer_tag(me)):
+            memory.close()
+            raise HiveError(f"shared buffer {name} was not offered to us")
+        return cls(name, memory, nbytes, bytes.fromhex(token), None)
+
+    def region(self, nbytes: int) -> torch.Tensor:
+        """The first `nbytes` of the buffer, past its header."""
+        return self._bytes[HEADER : HEADER + nbytes]
+
+    def offer(self, layout: str) -> list[str]:
+        """What the writer needs to map this buffer and check it: [name, token, layout]."""
+        return [self.name, self.token.hex(), layout]
 
     def free(self) -> None:
         """Remove our file (the memory goes once neither side maps it any more)."""
-        if self.owner:
-            self.owner = False
-            with contextlib.suppress(OSError):
-                os.unlink(os.path.join(DIRECTORY, self.name))
+        if self._finalizer is not None:
+            self._finalizer()
 
 
 class SharedBuffers:
@@ -131,45 +180,67 @@ class SharedBuffers:
     the group: a peer that was dropped from a round and still writes, late, can only write into
     the buffer of its own next part."""
 
-    def __init__(self) -> None:
-        self._own: OrderedDict[object, SharedBuffer] = OrderedDict()  # least recently used first
+    def __init__(self, me: bytes) -> None:
+        self.me = me  # our peer id's bytes: what the buffers we may write into must name
+        self._own: OrderedDict[Any, SharedBuffer] = OrderedDict()  # least recently used first
         self._attached: OrderedDict[str, SharedBuffer] = OrderedDict()
-        self._failed = False  # creating one failed: we stay on the stream from then on
-        self._used: set[object] = set()  # keys of our own buffers used since `end_round`
+        self._retry_at = 0.0  # making one failed: the stream until then
+        self._refused: dict[Any, float] = {}  # peer -> until when we do not offer it shared memory
+        self._used: set[Any] = set()  # keys of our own buffers used since `end_round`
+        self._mapped: set[str] = set()  # names of the other sides' buffers used since `end_round`
 
-    def get(self, key: object, nbytes: int) -> SharedBuffer | None:
-        """Our buffer for `key`, of at least `nbytes`; None where we cannot make one (logged once)."""
-        if self._failed:
+    def usable(self, peer: Any) -> bool:
+        """Whether to offer `peer` shared memory now: it did not fail with it lately."""
+        return self._refused.get(peer, 0.0) <= time.monotonic()
+
+    def refuse(self, peer: Any) -> None:
+        """Sharing memory with `peer` did not work: the stream (or a bulk link) for a while."""
+        self._refused[peer] = time.monotonic() + REFUSAL_MEMORY_S
+        while len(self._refused) > 1024:
+            del self._refused[next(iter(self._refused))]
+
+    def get(self, key: Any, nbytes: int, writer: bytes) -> SharedBuffer | None:
+        """Our buffer for `key`, of at least `nbytes`, that the peer `writer` may write into;
+        None where we cannot make one (logged once per failure)."""
+        if time.monotonic() < self._retry_at:
             return None
         self._used.add(key)
         buffer = self._own.get(key)
-        if buffer is not None and buffer.tensor.numel() >= max(nbytes, 1):
+        if buffer is not None and buffer.capacity >= max(nbytes, 1):
             self._own.move_to_end(key)
             return buffer
         if buffer is not None:
+            del self._own[key]
             buffer.free()
         try:
-            buffer = self._own[key] = SharedBuffer.create(nbytes)
-        except OSError as e:
-            self._own.pop(key, None)
-            self._failed = True
+            space = os.statvfs(DIRECTORY)
+            ours = sum(b.capacity for b in self._own.values())
+            if ours + nbytes > (ours + space.f_bavail * space.f_frsize) // 2:
+                raise OSError(errno.ENOSPC, "our buffers would take more than half of its free space")
+            buffer = self._own[key] = SharedBuffer.create(nbytes, writer)
+        except Exception as e:  # anything: the stream works without it
+            self._retry_at = time.monotonic() + RETRY_S
             logger.info(
                 "Peers on this host average through loopback TCP, not shared memory: cannot make a buffer of %d "
-                "bytes in %s (%s)",
+                "bytes in %s (%s); trying again in %g s",
                 nbytes,
                 DIRECTORY,
-                e.strerror or e,
+                (e.strerror if isinstance(e, OSError) else None) or e,
+                RETRY_S,
             )
             return None
         return buffer
 
-    def attach(self, name: object, nbytes: int) -> torch.Tensor | None:
-        """The bytes of the other side's buffer `name` (exactly `nbytes`), or None if it cannot
-        be used (logged at debug level: that pair stays on the stream)."""
-        buffer = self._attached.get(name) if isinstance(name, str) else None
-        if buffer is None or buffer.tensor.numel() != max(nbytes, 1):
+    def attach(self, offer: Any, nbytes: int, layout: str) -> torch.Tensor | None:
+        """`nbytes` of the other side's buffer that `offer` names, to write into; None if it
+        cannot be used (logged at debug level: that pair stays on the stream)."""
+        if not (isinstance(offer, list) and len(offer) == 3 and offer[2] == layout):
+            logger.debug("Not writing into a peer's shared buffer: no offer, or another chunk layout (%.80r)", offer)
+            return None
+        buffer = self._attached.get(offer[0])
+        if buffer is None or buffer.token.hex() != offer[1] or buffer.capacity < max(nbytes, 1):
             try:
-                buffer = SharedBuffer.attach(name, nbytes)
+                buffer = SharedBuffer.attach(offer, nbytes, self.me)
             except HiveError as e:
                 logger.debug("Not writing into a peer's shared buffer: %s", e)
                 return None
@@ -177,15 +248,19 @@ class SharedBuffers:
             while len(self._attached) > MAX_ATTACHED:
                 self._attached.popitem(last=False)
         self._attached.move_to_end(buffer.name)
-        return buffer.tensor[:nbytes]
+        self._mapped.add(buffer.name)
+        return buffer.region(nbytes)
 
     def end_round(self) -> None:
         """A round is over: keep at most twice as many of our buffers as it used, the most
         recently used (peers that come and go in groups of changing members keep theirs for
-        a while; those that left go)."""
+        a while; those that left go), and only the other sides' buffers it wrote into."""
         while len(self._own) > 2 * len(self._used):
             self._own.popitem(last=False)[1].free()
+        for name in [name for name in self._attached if name not in self._mapped]:
+            del self._attached[name]
         self._used.clear()
+        self._mapped.clear()
 
     def clear(self) -> None:
         for buffer in self._own.values():
@@ -193,10 +268,18 @@ class SharedBuffers:
         self._own.clear()
         self._attached.clear()
         self._used.clear()
+        self._mapped.clear()
+
+
+def _remove(path: str, lock: int) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+    with contextlib.suppress(OSError):
+        os.close(lock)
 
 
 def _remove_orphans() -> None:
-    """Remove the files of our user whose creator is gone (a process killed outright)."""
+    """Remove the files of our user that nobody holds a lock on (a process killed outright)."""
     global _orphans_removed
     if _orphans_removed:
         return
@@ -206,23 +289,23 @@ def _remove_orphans() -> None:
     except OSError:
         return
     for name in names:
-        match = _NAME.fullmatch(name)
-        if match is None or _alive(int(match.group(1))):
+        if not _NAME.fullmatch(name):
             continue
         path = os.path.join(DIRECTORY, name)
         with contextlib.suppress(OSError):
-            if os.lstat(path).st_uid == os.getuid():
+            info = os.lstat(path)
+            if (
+                info.st_uid != os.getuid()
+                or not stat.S_ISREG(info.st_mode)
+                or time.time() - info.st_mtime < ORPHAN_AGE_S
+            ):
+                continue
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # OSError (EWOULDBLOCK): its creator lives
                 os.unlink(path)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # another user's process: alive
-        return True
-    return True
+            finally:
+                os.close(fd)
 
 
 _orphans_removed = False
