@@ -212,6 +212,34 @@ def kernel_advice(settings: dict[str, Any]) -> list[str]:
     return advice
 
 
+SMALL_SHARED_MEMORY = 1 << 30  # /dev/shm with less free than this limits averaging on one host (advice)
+
+
+def shared_memory_info(directory: str | Path = "/dev/shm") -> dict[str, Any]:
+    """The "shared_memory" section: {"directory", "size_bytes", "free_bytes", "advice": [...]}:
+    where peers on this host average through shared memory (hivecli.averaging.sharedmem), and
+    whether it has room for that. Sizes are None where the directory is missing. Never raises."""
+    try:
+        space = os.statvfs(directory)
+        size, free = space.f_blocks * space.f_frsize, space.f_bavail * space.f_frsize
+    except OSError:
+        size = free = None
+    advice = []
+    if free is None:
+        advice.append(
+            f"{directory} is missing: hive peers on this host average over loopback TCP instead of shared "
+            "memory, at about twice the CPU per round"
+        )
+    elif free < SMALL_SHARED_MEMORY:
+        advice.append(
+            f"{directory} has only {free / 2**20:.0f} MiB free (a Docker container's default is 64 MB): hive peers "
+            "on this host average through it only while their buffers (about the averaged tensors' size each) "
+            "fit in half of it, and over loopback TCP (about twice the CPU) otherwise; give the container "
+            "more, e.g. docker run --shm-size=8g"
+        )
+    return {"directory": str(directory), "size_bytes": size, "free_bytes": free, "advice": advice}
+
+
 def peer_time(response: Any) -> float | None:
     """The `time` field of a peer's dht.ping reply as a finite float, or None if absent or bogus
     (any peer may send anything: a bool, NaN, a string, an integer too large for a float)."""
@@ -344,6 +372,7 @@ __all__ = [
     "peer_time",
     "port_info",
     "probe_peer",
+    "shared_memory_info",
     "system_info",
     "torch_info",
 ]

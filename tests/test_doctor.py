@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import platform
 import socket
 import subprocess
@@ -17,7 +18,7 @@ import pytest
 
 import hivecli
 from hivecli.dht.dht import DHT
-from hivecli.doctor import clock_offset, kernel_info, peer_time, port_info
+from hivecli.doctor import clock_offset, kernel_info, peer_time, port_info, shared_memory_info
 from hivecli.net import Identity
 from hivecli.net.multiaddr import Multiaddr
 
@@ -78,7 +79,24 @@ def test_json_report_has_the_documented_fields_with_their_types() -> None:
     assert "net.ipv4.tcp_slow_start_after_idle" in kernel["settings"] and isinstance(kernel["advice"], list)
     if Path("/proc/sys/net/ipv4/tcp_slow_start_after_idle").exists():
         assert kernel["settings"]["net.ipv4.tcp_slow_start_after_idle"] in (0, 1)
+    shm = report["shared_memory"]
+    assert shm["directory"] == "/dev/shm" and isinstance(shm["advice"], list)
+    if Path("/dev/shm").is_dir():
+        assert 0 <= shm["free_bytes"] <= shm["size_bytes"]
     assert report["reachability"] is None
+
+
+def test_shared_memory_room_is_reported_with_advice_where_it_is_small(tmp_path: Path, monkeypatch) -> None:
+    roomy = shared_memory_info(tmp_path)
+    assert roomy["size_bytes"] >= roomy["free_bytes"] > 0
+    monkeypatch.setattr(
+        "os.statvfs", lambda path: os.statvfs_result((4096, 4096, 16384, 16000, 16000, 0, 0, 0, 0, 255))
+    )
+    [small] = shared_memory_info(tmp_path)["advice"]  # 64 MiB, as in a Docker container
+    assert "has only 62 MiB free" in small and "--shm-size" in small
+    monkeypatch.undo()
+    missing = shared_memory_info(tmp_path / "missing")
+    assert missing["free_bytes"] is None and "missing" in missing["advice"][0]
 
 
 def test_text_report_is_one_plain_block() -> None:
@@ -90,6 +108,7 @@ def test_text_report_is_one_plain_block() -> None:
     assert f"- hive: {hivecli.__version__} " in result.stdout
     assert any(line.startswith("- torch: ") and "threads" in line for line in lines)
     assert "- port 127.0.0.1:0: free" in result.stdout
+    assert any(line.startswith("- shared memory: /dev/shm") for line in lines)
 
 
 def test_a_reachable_doctor_is_public_with_round_trip_and_clock_offsets() -> None:

@@ -32,9 +32,9 @@ def doctor(
 ) -> None:
     """Print versions, network and kernel settings to paste into a bug report; with ADDRESS, test reaching that peer.
 
-    Shows hive, Python, platform, torch, CUDA and CPU details; the network interfaces and the addresses a peer started with the same --host/--port/--announce would announce; whether --port is free on --host (0, the default of `hive start`, picks a free port at start) and a free ephemeral port; Linux kernel settings that matter on long links, with the `sysctl` commands to fix them (only read, never changed). With ADDRESS, a temporary peer listening on --host/--port joins that peer's DHT and reports whether the peer can dial it back (public, unreachable or unknown, with advice), the round trip to it and the clock offsets against it and a few more DHT peers (positive: theirs is ahead). Exit code 3 if ADDRESS does not answer, 2 if it is malformed.
+    Shows hive, Python, platform, torch, CUDA and CPU details; the network interfaces and the addresses a peer started with the same --host/--port/--announce would announce; whether --port is free on --host (0, the default of `hive start`, picks a free port at start) and a free ephemeral port; Linux kernel settings that matter on long links, with the `sysctl` commands to fix them (only read, never changed); the room in /dev/shm, where peers on one host average. With ADDRESS, a temporary peer listening on --host/--port joins that peer's DHT and reports whether the peer can dial it back (public, unreachable or unknown, with advice), the round trip to it and the clock offsets against it and a few more DHT peers (positive: theirs is ahead). Exit code 3 if ADDRESS does not answer, 2 if it is malformed.
 
-    --json prints one document with these stable fields: hive {version, location}; python {version, implementation, executable}; platform {system, release, machine, description}; cpu {count, usable}; torch {installed, version, threads, error}; cuda {version, available, device_count, devices: list of {index, name, memory_gib, capability}, error}; interfaces: list of {name, up, mtu, speed_mbps, addresses}; announce: list of multiaddrs; ports {host, port, free, error, ephemeral}; kernel {settings: {sysctl name: value or null}, advice: list of strings}; reachability: null without ADDRESS, else {address, peer_id, status, advice, checked {status, reachable, observed_host, checked_by, failures}, rtt_ms, clock_offset_s, peers: list of {peer_id, rtt_ms, clock_offset_s, error}, visible: list of multiaddrs}. Times are in rtt_ms milliseconds and clock_offset_s seconds; null where not measured.
+    --json prints one document with these stable fields: hive {version, location}; python {version, implementation, executable}; platform {system, release, machine, description}; cpu {count, usable}; torch {installed, version, threads, error}; cuda {version, available, device_count, devices: list of {index, name, memory_gib, capability}, error}; interfaces: list of {name, up, mtu, speed_mbps, addresses}; announce: list of multiaddrs; ports {host, port, free, error, ephemeral}; kernel {settings: {sysctl name: value or null}, advice: list of strings}; shared_memory {directory, size_bytes, free_bytes (null where missing), advice: list of strings}; reachability: null without ADDRESS, else {address, peer_id, status, advice, checked {status, reachable, observed_host, checked_by, failures}, rtt_ms, clock_offset_s, peers: list of {peer_id, rtt_ms, clock_offset_s, error}, visible: list of multiaddrs}. Times are in rtt_ms milliseconds and clock_offset_s seconds; null where not measured.
     """
     from hivecli import doctor as checks
     from hivecli.cli._network import announce_maddrs, listen_maddr, net_settings
@@ -52,6 +52,7 @@ def doctor(
         "announce": checks.announce_info(Multiaddr.parse(listen), [Multiaddr.parse(m) for m in announced]),
         "ports": checks.port_info(host, port),
         "kernel": checks.kernel_info(),
+        "shared_memory": checks.shared_memory_info(),
         "reachability": None,
     }
     if address is not None:
@@ -92,7 +93,14 @@ def _print_report(r: dict[str, Any]) -> None:
             add(f"    {name} = {shown}")
     else:
         add("- kernel: settings not readable here (not Linux?)")
-    advice = list(r["kernel"]["advice"])
+    shm = r["shared_memory"]
+    if shm["free_bytes"] is None:
+        add(f"- shared memory: {shm['directory']} missing")
+    else:
+        add(
+            f"- shared memory: {shm['directory']}, {shm['free_bytes'] / 2**30:.1f} of {shm['size_bytes'] / 2**30:.1f} GiB free"
+        )
+    advice = [*r["kernel"]["advice"], *shm["advice"]]
     reach = r["reachability"]
     if reach is not None:
         add(f"- peer: {reach['address']}")
