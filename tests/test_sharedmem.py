@@ -9,6 +9,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -30,7 +31,7 @@ def our_files() -> set[str]:
 def directory(tmp_path, monkeypatch):
     """A directory of our own in place of /dev/shm, and orphans looked for again."""
     monkeypatch.setattr(sharedmem, "DIRECTORY", str(tmp_path))
-    monkeypatch.setattr(sharedmem, "_orphans_removed", False)
+    monkeypatch.setattr(sharedmem, "_next_orphan_scan", 0.0)
     return tmp_path
 
 
@@ -137,22 +138,22 @@ def test_our_buffers_take_at_most_half_the_free_space_together(directory, monkey
     assert buffers.get("b", 10 * 4096, OTHER) is not None  # 50 of 100
 
 
-def test_files_nobody_holds_are_removed_by_the_next_creator(directory, monkeypatch):
+def test_files_nobody_holds_are_removed_once_a_minute(directory, monkeypatch):
     code = (
         "import sys; from hivecli.averaging import sharedmem as s; s.DIRECTORY = sys.argv[1]; "
         "b = s.SharedBuffer.create(10, b'x'); print(b.name); b._finalizer.detach()"  # killed, as it were
     )
     gone = subprocess.run([sys.executable, "-c", code, str(directory)], capture_output=True, text=True, check=True)
     orphan = directory / gone.stdout.strip()
-    alive = SharedBuffer.create(10, ME)  # we hold its lock
+    buffers = SharedBuffers(ME)
+    alive = buffers.get("a", 10, OTHER)  # we hold its lock
     other = directory / "something-else"
     other.write_bytes(b"x")
-    monkeypatch.setattr(sharedmem, "_orphans_removed", False)
-    SharedBuffer.create(10, ME)
     assert orphan.exists()  # too young to tell from one whose creator has not locked it yet
-    monkeypatch.setattr(sharedmem, "_orphans_removed", False)
+    now = time.monotonic()
     monkeypatch.setattr(sharedmem, "ORPHAN_AGE_S", 0.0)
-    SharedBuffer.create(10, ME)
+    monkeypatch.setattr(sharedmem.time, "monotonic", lambda: now + 61)
+    buffers.end_round()  # a round ends a minute later: the files nobody holds go
     assert not orphan.exists() and (directory / alive.name).exists() and other.exists()
 
 

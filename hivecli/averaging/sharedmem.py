@@ -31,8 +31,9 @@ a buffer that was not offered to us. Peers that seal the links between processes
 
 Cleanup: a file is removed when its buffer is replaced or freed, when the averager shuts down,
 or when the interpreter exits. Its creator holds a shared lock on it while it lives. A process
-killed outright leaves its files behind, and the next process of our user on the host that
-creates one removes every file that nobody holds a lock on.
+killed outright leaves its files behind: every process of our user on the host that uses
+shared memory looks for files that nobody holds a lock on, a minute old or more, once a minute,
+and removes them.
 """
 
 from __future__ import annotations
@@ -254,7 +255,10 @@ class SharedBuffers:
     def end_round(self) -> None:
         """A round is over: keep at most twice as many of our buffers as it used, the most
         recently used (peers that come and go in groups of changing members keep theirs for
-        a while; those that left go), and only the other sides' buffers it wrote into."""
+        a while; those that left go), and only the other sides' buffers it wrote into. Once a
+        minute, remove the files of peers on this host that were killed outright."""
+        if self._own:
+            _remove_orphans()
         while len(self._own) > 2 * len(self._used):
             self._own.popitem(last=False)[1].free()
         for name in [name for name in self._attached if name not in self._mapped]:
@@ -279,11 +283,12 @@ def _remove(path: str, lock: int) -> None:
 
 
 def _remove_orphans() -> None:
-    """Remove the files of our user that nobody holds a lock on (a process killed outright)."""
-    global _orphans_removed
-    if _orphans_removed:
+    """Remove the files of our user that nobody holds a lock on (a process killed outright);
+    at most once every ORPHAN_AGE_S."""
+    global _next_orphan_scan
+    if time.monotonic() < _next_orphan_scan:
         return
-    _orphans_removed = True
+    _next_orphan_scan = time.monotonic() + ORPHAN_AGE_S
     try:
         names = os.listdir(DIRECTORY)
     except OSError:
@@ -308,4 +313,4 @@ def _remove_orphans() -> None:
                 os.close(fd)
 
 
-_orphans_removed = False
+_next_orphan_scan = 0.0  # monotonic time of the next look for orphans
