@@ -32,8 +32,8 @@ a buffer that was not offered to us. Peers that seal the links between processes
 Cleanup: a file is removed when its buffer is replaced or freed, when the averager shuts down,
 or when the interpreter exits. Its creator holds a shared lock on it while it lives. A process
 killed outright leaves its files behind: every process of our user on the host that uses
-shared memory looks for files that nobody holds a lock on, a minute old or more, once a minute,
-and removes them.
+shared memory looks for files that nobody holds a lock on, 10 s old or more, every 10 s (at the
+end of a round or when it makes a buffer), and removes them.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ HEADER = 32  # a buffer file's first bytes: the token (16), then the writer's ta
 MAX_ATTACHED = 64  # the other sides' buffers we keep mapped, least recently used dropped first
 REFUSAL_MEMORY_S = 300.0  # how long a pair that could not share memory stays on the stream
 RETRY_S = 60.0  # how long after we could not make a buffer we try again
-ORPHAN_AGE_S = 60.0  # a file younger than this may be one whose creator has not locked it yet
+ORPHAN_AGE_S = 10.0  # a file younger than this may be one whose creator has not locked it yet
 
 
 def writer_tag(peer: bytes) -> bytes:
@@ -255,8 +255,8 @@ class SharedBuffers:
     def end_round(self) -> None:
         """A round is over: keep at most twice as many of our buffers as it used, the most
         recently used (peers that come and go in groups of changing members keep theirs for
-        a while; those that left go), and only the other sides' buffers it wrote into. Once a
-        minute, remove the files of peers on this host that were killed outright."""
+        a while; those that left go), and only the other sides' buffers it wrote into. Every
+        ORPHAN_AGE_S, remove the files of peers on this host that were killed outright."""
         if self._own:
             _remove_orphans()
         while len(self._own) > 2 * len(self._used):
