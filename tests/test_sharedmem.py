@@ -46,16 +46,16 @@ def test_a_buffer_is_a_file_only_we_may_open_and_its_writer_maps_it(directory):
     assert stat.S_IMODE(info.st_mode) == 0o600 and info.st_size == sharedmem.HEADER + 1000
     assert info.st_blocks * 512 >= info.st_size  # its space reserved up front
     theirs = SharedBuffer.attach(mine.offer(LAYOUT), 1000, ME)
-    theirs.tensor[10:20] = 7
-    assert mine.tensor[10:20].tolist() == [7] * 10  # one memory, past the header
-    assert SharedBuffer.attach(mine.offer(LAYOUT), 600, ME).tensor.numel() == 600  # a buffer may be larger
+    theirs.region(1000)[10:20] = 7
+    assert mine.region(1000)[10:20].tolist() == [7] * 10  # one memory, past the header
+    assert SharedBuffer.attach(mine.offer(LAYOUT), 600, ME).capacity == 1000  # a buffer may be larger
     with pytest.raises(HiveError, match="holds 1000 bytes, we need 1001"):
         SharedBuffer.attach(mine.offer(LAYOUT), 1001, ME)
     mine.free()
     assert not path.exists()
     with pytest.raises(HiveError, match="cannot open shared buffer"):
         SharedBuffer.attach(mine.offer(LAYOUT), 1000, ME)
-    assert theirs.tensor[15] == 7  # a mapping outlives the file's name
+    assert theirs.region(1000)[15] == 7  # a mapping outlives the file's name
 
 
 def test_a_buffer_is_mapped_only_by_the_peer_it_was_offered_to_with_its_token(directory):
@@ -109,7 +109,7 @@ def test_a_file_others_may_open_or_not_ours_or_a_link_is_not_mapped(directory):
     os.symlink(path, directory / alias)
     with pytest.raises(HiveError, match="cannot open"):
         SharedBuffer.attach([alias, *buffer.offer(LAYOUT)[1:]], 64, ME)
-    assert SharedBuffer.attach(buffer.offer(LAYOUT), 64, ME).tensor.numel() == 64
+    assert SharedBuffer.attach(buffer.offer(LAYOUT), 64, ME).capacity == 64
 
 
 def test_without_room_for_a_buffer_the_peers_stay_on_the_stream_and_say_so_once(directory, monkeypatch, caplog):

@@ -86,12 +86,11 @@ def layout_tag(offsets: Sequence[int]) -> str:
 class SharedBuffer:
     """A byte buffer in a file under /dev/shm that one other process of our user may map."""
 
-    def __init__(self, name: str, memory: mmap.mmap, nbytes: int, token: bytes, lock: int | None):
+    def __init__(self, name: str, memory: mmap.mmap, token: bytes, lock: int | None):
         self.name, self.token = name, token
         self.capacity = len(memory) - HEADER
         self._bytes = torch.frombuffer(memory, dtype=torch.uint8)
-        self.tensor = self.region(nbytes)
-        self._lock = lock  # our fd with its shared lock, while we created the file and it lives
+        # where we created the file: removed, and our fd with its shared lock closed, by free() or at exit
         path = os.path.join(DIRECTORY, name)
         self._finalizer = weakref.finalize(self, _remove, path, lock) if lock is not None else None
 
@@ -119,7 +118,7 @@ class SharedBuffer:
             raise
         token = secrets.token_bytes(16)
         memory[:HEADER] = token + writer_tag(writer)
-        return cls(name, memory, nbytes, token, fd)
+        return cls(name, memory, token, fd)
 
     @classmethod
     def attach(cls, offer: Any, nbytes: int, me: bytes) -> SharedBuffer:
@@ -156,7 +155,7 @@ class SharedBuffer:
         if not hmac.compare_digest(header, bytes.fromhex(token) + writer_tag(me)):
             memory.close()
             raise HiveError(f"shared buffer {name} was not offered to us")
-        return cls(name, memory, nbytes, bytes.fromhex(token), None)
+        return cls(name, memory, bytes.fromhex(token), None)
 
     def region(self, nbytes: int) -> torch.Tensor:
         """The first `nbytes` of the buffer, past its header."""
