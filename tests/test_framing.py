@@ -251,3 +251,66 @@ def test_stream_ending_mid_frame_is_an_incomplete_read() -> None:
                 await read_within_deadline(stream, FrameLimits())
 
     run(main)
+
+
+# ---- the structure check's fast path --------------------------------------------------------
+
+
+def _nested(depth: int, leaf: Any = 1) -> Any:
+    value = leaf
+    for level in range(depth):
+        value = [value] if level % 2 else {"k": value}
+    return value
+
+
+@pytest.mark.parametrize("leaf", [1, b"\xd6\xff" * 8, "\x90\x91\xdc"])
+def test_nesting_is_limited_whatever_the_leaf_bytes(leaf):
+    """`unpack` walks only values whose bytes could nest too deep or hold a timestamp: the limit
+    holds exactly, with leaves whose own bytes look like markers or not."""
+    from hivecli.net.framing import MAX_NESTING
+
+    assert unpack(pack(_nested(MAX_NESTING, leaf))) == _nested(MAX_NESTING, leaf)
+    with pytest.raises(MalformedFrameError, match="nested more than"):
+        unpack(pack(_nested(MAX_NESTING + 1, leaf)))
+
+
+def test_unpack_rejects_exactly_what_the_walk_rejects():
+    """Fuzzed values with timestamps, bytes and nesting: the fast path never lets through what
+    the full walk refuses, and refuses nothing it accepts."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from hivecli.net.framing import MAX_NESTING, _check_structure
+
+    leaves = st.one_of(
+        st.integers(-(2**63), 2**64 - 1),
+        st.floats(allow_nan=False),
+        st.text(max_size=8),
+        st.binary(max_size=16),
+        st.builds(msgpack.Timestamp, st.integers(0, 2**32 - 1), st.integers(0, 999_999_999)),
+    )
+    values = st.recursive(
+        leaves,
+        lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=4), inner, max_size=3)),
+        max_leaves=40,
+    )
+
+    def walked(value: Any, nesting: int) -> bool:
+        try:
+            _check_structure(value, nesting)
+        except MalformedFrameError:
+            return False
+        return True
+
+    @settings(max_examples=400, deadline=None)
+    @given(values, st.integers(1, MAX_NESTING))
+    def check(value: Any, nesting: int) -> None:
+        data = msgpack.packb(value, use_bin_type=True)
+        try:
+            unpack(data, nesting)
+            accepted = True
+        except MalformedFrameError:
+            accepted = False
+        assert accepted == walked(msgpack.unpackb(data, raw=False, strict_map_key=False), nesting)
+
+    check()

@@ -66,7 +66,13 @@ def unpack(data: bytes, max_nesting: int = MAX_NESTING) -> Any:
         raise
     except Exception as e:  # msgpack raises a zoo of ValueError/TypeError/ExtraData/FormatError/StackError
         raise MalformedFrameError(f"undecodable msgpack ({type(e).__name__}: {e})") from None
-    _check_structure(value, max_nesting)
+    if type(value) is list or type(value) is dict or type(value) is msgpack.Timestamp:
+        # Only a value whose bytes could hold what the walk rejects is walked: a timestamp needs
+        # an extension marker byte, and each level of nesting a container marker byte. Most frames
+        # (a chunk's [index, meta], a "ready") have no extension marker and a few containers.
+        markers = data.translate(None, _NOT_A_MARKER) if isinstance(data, (bytes, bytearray)) else None
+        if markers is None or _EXT_MARKERS.intersection(markers) or len(markers) > max_nesting:
+            _check_structure(value, max_nesting)
     return value
 
 
@@ -95,6 +101,13 @@ def _check_structure(value: Any, max_nesting: int) -> None:
 
 
 _WALKED = frozenset({list, dict, msgpack.Timestamp})  # what `_check_structure` looks into or rejects
+
+# msgpack's first bytes of an extension (fixext 1-16, ext 8/16/32) and of a container (fixmap,
+# fixarray, array 16/32, map 16/32). Either may also occur inside a string, a number or bytes:
+# then `unpack` walks the value, which is what decides.
+_EXT_MARKERS = frozenset([0xC7, 0xC8, 0xC9, 0xD4, 0xD5, 0xD6, 0xD7, 0xD8])
+_CONTAINER_MARKERS = frozenset([*range(0x80, 0xA0), 0xDC, 0xDD, 0xDE, 0xDF])
+_NOT_A_MARKER = bytes(b for b in range(256) if b not in _EXT_MARKERS | _CONTAINER_MARKERS)
 
 
 class _ShortRepr(reprlib.Repr):
