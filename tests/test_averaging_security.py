@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import struct
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ import torch
 from hivecli import ConfigError, HiveError
 from hivecli.averaging import AveragingSettings, DecentralizedAverager, load_balance
 from hivecli.averaging.allreduce import AllReduceRunner
-from hivecli.averaging.audit import _decode_one, _encoded_values, _parse_audit_answer
+from hivecli.averaging.audit import _choose_positions, _decode_one, _encoded_values, _pack_rows, _parse_audit_answer
 from hivecli.averaging.compression import CODECS
 from hivecli.averaging.partition import Layout
 from hivecli.averaging.robust import (
@@ -32,6 +33,7 @@ from hivecli.averaging.robust import (
 )
 from hivecli.averaging.sharedmem import SharedBuffers
 from hivecli.dht.records import owned_entries
+from hivecli.net.framing import pack, unpack
 from hivecli.optim.training_averager import TrainingAverager
 from hivecli.testing import local_swarm, redeemed_bulk_links, wait_for
 
@@ -334,7 +336,7 @@ def lying_reducer(monkeypatch, attacker, claim_666=False):
     def wrong_inputs(self, request):
         reply = answer(self, request)
         if self.host.peer_id == attacker and claim_666:
-            reply["inputs"] = [[[k, 666.0] for k, _ in row] for row in reply["inputs"]]
+            reply["values"] = struct.pack(f"<{len(reply['values']) // 8}d", *[666.0] * (len(reply["values"]) // 8))
         return reply
 
     monkeypatch.setattr(AllReduceRunner, "_finalize_ready_chunks", wrong_averages)
@@ -455,6 +457,45 @@ def test_audit_values_are_bit_identical_to_decoding_the_whole_chunk(codec, dtype
         offsets = sorted({0, n - 1, n // 2, min(4095, n - 1), min(4096, n - 1), 3 % n})
         assert _encoded_values(c, x, offsets) == [float(full[o]) for o in offsets]
         assert [_decode_one(c, meta, data, n, o) for o in offsets] == [float(full[o]) for o in offsets]
+
+
+def test_packed_audit_answers_parse_as_the_lists_of_older_reducers():
+    rows = [([1, 0], [0.5, 2.0]), ([1, 0, 2], [-1.25, 3.0, 1e-30])]
+    weights = [[0, 1.0], [1, 1.0], [2, 0.5]]
+    expected = ({0: 1.0, 1: 1.0, 2: 0.5}, [{1: 0.5, 0: 2.0}, {1: -1.25, 0: 3.0, 2: 1e-30}])
+    packed = {"weights": weights, **_pack_rows(rows)}
+    assert _parse_audit_answer(unpack(pack(packed)), 2, 3) == expected
+    listed = {"weights": weights, "inputs": [[[k, v] for k, v in zip(*row, strict=True)] for row in rows]}
+    assert _parse_audit_answer(listed, 2, 3) == expected
+
+    def bad(**changes):
+        return {**packed, **changes}
+
+    for answer in (
+        bad(counts=[2]),  # no row for the second position
+        bad(counts=[2, 4]),  # more values than members
+        bad(counts=[2, 2]),  # counts that do not match the bytes
+        bad(counts=[0, 5]),
+        bad(counts=[2, True]),
+        bad(members=packed["members"][:-2]),
+        bad(members=struct.pack("<5H", 1, 0, 1, 0, 9)),  # no such member
+        bad(members=struct.pack("<5H", 1, 1, 1, 0, 2)),  # a member twice in a row
+        bad(values=struct.pack("<5d", 0.5, 2.0, math.nan, 3.0, 1.0)),
+        bad(values=struct.pack("<5d", 0.5, 2.0, math.inf, 3.0, 1.0)),
+        bad(values="not bytes"),
+        bad(members=None),
+    ):
+        assert isinstance(_parse_audit_answer(answer, 2, 3), str), answer
+
+
+def test_audit_positions_are_random_distinct_and_inside_the_span():
+    for lo, hi, count in ((0, 10, 10), (5, 1_000_005, 8), (100, 103, 8), (7, 8, 3)):
+        positions = [_choose_positions(lo, hi, count) for _ in range(50)]
+        assert all(len(p) == count and all(lo <= x < hi for x in p) for p in positions)
+        if hi - lo >= count:
+            assert all(len(set(p)) == count for p in positions)
+        if hi - lo > count:
+            assert len({tuple(p) for p in positions}) > 1
 
 
 def test_malformed_audit_answers_are_named():
@@ -624,3 +665,38 @@ def test_finished_part_streams_are_forgotten_round_after_round():
             return left
 
         wait_for(lambda: streams_left() == 0, timeout=10, what="every part stream to be forgotten")
+
+
+def test_a_reducer_answers_older_senders_in_lists_and_newer_ones_packed():
+    """Senders of step 9 and earlier ask without "packed" and read lists of [member, value]: a
+    reducer answers them so, with the same values as the packed answer it gives newer senders."""
+    from hivecli.averaging.audit import ReducerAudit
+    from hivecli.averaging.buffers import BufferPool, ChunkedBuffer
+
+    torch.manual_seed(3)
+    members, numel = 3, 3000
+    codec = CODECS["none"]()
+    settings = AveragingSettings(audit_positions=5)
+    layout = Layout([numel])
+    spans = layout.spans([numel // members] * members)
+    inputs = [torch.randn(numel) for _ in range(members)]
+    me = 1
+    chunks = layout.chunks(*spans[me], 400)  # three chunks of our span
+    audit = ReducerAudit(me, 1.0, members, [inputs[me].clone()], spans, chunks, codec, settings, BufferPool())
+    received = {}
+    for k in (0, 2):
+        buffer = received[k] = ChunkedBuffer(BufferPool(), ("recv", k), chunks, codec)
+        for c, chunk in enumerate(chunks):
+            meta, data = codec.encode(inputs[k][chunk.start : chunk.end])
+            buffer.place(c, [c, meta], bytes(data))
+    for c, chunk in enumerate(chunks):
+        audit.keep_input(c, inputs[me][chunk.start : chunk.end], [0, 2])
+    positions = _choose_positions(*spans[me], 5)
+    raw = {0: 1.0, 1: 1.0, 2: 2.0}
+    listed = audit.answer({"audit": positions}, raw, received)
+    packed = audit.answer({"audit": positions, "packed": True}, raw, received)
+    assert "inputs" in listed and "values" in packed
+    expected = [{k: float(inputs[k][p]) for k in (1, 0, 2)} for p in positions]
+    assert _parse_audit_answer(listed, 5, members) == (raw, expected)
+    assert _parse_audit_answer(packed, 5, members) == (raw, expected)
+    assert [next(iter(row)) for row in _parse_audit_answer(packed, 5, members)[1]] == [me] * 5  # our own first

@@ -156,17 +156,32 @@ class ReducerAudit:
                 f"an audit must name exactly audit_positions = {self.settings.audit_positions} positions in "
                 f"[{lo}, {hi}), got {str(request)[:60]!r}"
             )
-        inputs = []
-        for p in positions:
-            c = bisect_right(self._chunk_starts, p) - 1
+        where = [bisect_right(self._chunk_starts, p) - 1 for p in positions]
+        own = self._own_values(positions, where)
+        rows: list[tuple[list[int], list[float]]] = []  # per position: the members, and their inputs there
+        for p, c, mine in zip(positions, where, own, strict=True):
             chunk = self.my_chunks[c]
             offset = p - chunk.start
-            row = [[self.index, float(self._own_input(c)[offset])]]
+            members, values = [self.index], [mine]
             for k in self._included[c]:
                 chunks = received[k]
-                row.append([k, _decode_one(self.codec, chunks.metas[c], chunks.region(c), chunk.numel, offset)])
-            inputs.append(row)
-        return {"weights": [[k, w] for k, w in raw_weights.items()], "inputs": inputs}
+                members.append(k)
+                values.append(_decode_one(self.codec, chunks.metas[c], chunks.region(c), chunk.numel, offset))
+            rows.append((members, values))
+        weights = [[k, w] for k, w in raw_weights.items()]
+        if request.get("packed") is True:
+            return {"weights": weights, **_pack_rows(rows)}
+        return {"weights": weights, "inputs": [[[k, v] for k, v in zip(*row, strict=True)] for row in rows]}
+
+    def _own_values(self, positions: Sequence[int], where: Sequence[int]) -> list[float]:
+        """Our input at each position of our span (in chunk `where[i]`): one gather per chunk."""
+        values = [0.0] * len(positions)
+        for c in set(where):
+            at = [i for i, w in enumerate(where) if w == c]
+            offsets = torch.tensor([positions[i] - self.my_chunks[c].start for i in at])
+            for i, value in zip(at, self._own_input(c)[offsets].tolist(), strict=True):
+                values[i] = float(value)
+        return values
 
     # ---- as a sender ----------------------------------------------------------------------------
 
@@ -180,7 +195,8 @@ class ReducerAudit:
             AuditUnanswered: it did not answer within next_chunk_timeout, or refused.
         """
         positions = _choose_positions(*self.spans[j], self.settings.audit_positions)
-        await stream.send_last({"audit": positions})  # we send nothing more: it ends our side too
+        # "packed": the answer's inputs as bytes (_pack_rows); reducers of step 9 and earlier ignore it
+        await stream.send_last({"audit": positions, "packed": True})  # we send nothing more: it ends our side too
         try:
             reply = await stream.recv(timeout=self.settings.next_chunk_timeout)
         except (HiveError, EndOfStream) as e:
@@ -209,6 +225,7 @@ class ReducerAudit:
             ours = [p for p, at in zip(positions, where, strict=True) if at == i]
             sent = _encoded_values(self.codec, self._input(chunks[i]), [p - chunks[i].start for p in ours])
             mine.update(zip(ours, sent, strict=True))
+        epsilons: dict[torch.dtype, float] = {}
         for p, claimed, i in zip(positions, inputs, where, strict=True):
             chunk, offset = chunks[i], p - chunks[i].start
             if claimed.get(self.index) != mine[p]:  # both went through the same codec: exact
@@ -225,7 +242,10 @@ class ReducerAudit:
             if isinstance(self.codec, Float16Compression):
                 expected = max(-_FP16_MAX, min(_FP16_MAX, expected))  # the return trip clamps to fp16's range
             # the reducer rounds in its tensors' dtype (and float32 on the wire) at each of its steps
-            eps = max(torch.finfo(self.flat[chunk.tensor].dtype).eps, _FP32_EPS)
+            dtype = self.flat[chunk.tensor].dtype
+            if dtype not in epsilons:
+                epsilons[dtype] = max(torch.finfo(dtype).eps, _FP32_EPS)
+            eps = epsilons[dtype]
             magnitude = max(abs(expected), abs(returned), *(abs(v) for v in claimed.values()))
             slack = 8 * (len(claimed) + 1) * eps * magnitude + 1e-30
             if not abs(returned - expected) <= codec_error + slack:
@@ -247,11 +267,19 @@ class ReducerAudit:
 
 
 def _choose_positions(lo: int, hi: int, count: int) -> list[int]:
-    """`count` random flat positions in [lo, hi), distinct where the span has room for them."""
-    rng = secrets.SystemRandom()  # unpredictable, unlike random's
-    if hi - lo >= count:
-        return rng.sample(range(lo, hi), count)
-    return [rng.randrange(lo, hi) for _ in range(count)]
+    """`count` random flat positions in [lo, hi), distinct where the span has room for them.
+
+    Drawn from os.urandom (unpredictable, unlike `random`), 8 bytes per position, in one call
+    per batch rather than SystemRandom's one per draw. The modulo's bias is below span / 2**64.
+    """
+    span, chosen = hi - lo, []
+    while len(chosen) < count:
+        batch = secrets.token_bytes(8 * count)
+        for i in range(count):
+            position = lo + int.from_bytes(batch[8 * i : 8 * i + 8], "little") % span
+            if (span < count or position not in chosen) and len(chosen) < count:
+                chosen.append(position)
+    return chosen
 
 
 _FP16_MAX = torch.finfo(torch.float16).max
@@ -298,8 +326,8 @@ def _encoded_values(codec: Codec, piece: torch.Tensor, offsets: Sequence[int]) -
         sub = torch.cat([piece[b * size : (b + 1) * size] for b in blocks])
         sub = torch.nn.functional.pad(sub.to(torch.float32), (0, len(blocks) * size - sub.numel()))
         at = [blocks.index(o // size) * size + o % size for o in offsets]
-    elif isinstance(codec, NoCompression | Float16Compression):  # value by value
-        sub, at = torch.stack([piece[o] for o in offsets]), list(range(len(offsets)))
+    elif isinstance(codec, NoCompression | Float16Compression):  # value by value, gathered in one op
+        sub, at = piece[torch.tensor(offsets)], list(range(len(offsets)))
     else:
         sub, at = piece, list(offsets)
     meta, data = codec.encode(sub)  # one call: on a busy machine every small torch op costs
@@ -326,9 +354,47 @@ def _codec_error(codec: Codec, meta: Any, data: memoryview, offset: int, value: 
 _Claims = tuple[dict[int, float], list[dict[int, float]]]  # member -> raw weight; per position, member -> value
 
 
+def _pack_rows(rows: Sequence[tuple[list[int], list[float]]]) -> dict[str, Any]:
+    """An answer's inputs in the packed form a sender asks for with "packed": per position, how
+    many members (`counts`); then every member index (uint16) and every value (float64, exact
+    for every dtype and codec we decode), little-endian, row after row. Eight positions of four
+    members were forty lists, which every frame's structure check walks."""
+    members = [k for row in rows for k in row[0]]
+    values = [v for row in rows for v in row[1]]
+    return {
+        "counts": [len(row[0]) for row in rows],
+        "members": struct.pack(f"<{len(members)}H", *members),
+        "values": struct.pack(f"<{len(values)}d", *values),
+    }
+
+
+def _unpack_rows(answer: dict[str, Any], positions: int, members: int) -> list[dict[int, float]] | None:
+    """The per-position inputs of a packed answer (`_pack_rows`), or None if they are malformed."""
+    counts, packed_members, packed_values = answer.get("counts"), answer.get("members"), answer.get("values")
+    if not (isinstance(counts, list) and len(counts) == positions):
+        return None
+    if not all(type(n) is int and 1 <= n <= members for n in counts):
+        return None
+    total = sum(counts)
+    if not (isinstance(packed_members, bytes) and len(packed_members) == 2 * total):
+        return None
+    if not (isinstance(packed_values, bytes) and len(packed_values) == 8 * total):
+        return None
+    ks = struct.unpack(f"<{total}H", packed_members)
+    vs = struct.unpack(f"<{total}d", packed_values)
+    rows, at = [], 0
+    for n in counts:
+        row = dict(zip(ks[at : at + n], vs[at : at + n], strict=True))
+        at += n
+        if len(row) != n or max(row) >= members or not all(map(math.isfinite, row.values())):
+            return None  # a member twice, no such member, or a value that is not finite
+        rows.append(row)
+    return rows
+
+
 def _parse_audit_answer(answer: Any, positions: int, members: int) -> _Claims | str:
-    """(member -> raw weight, [member -> value] per position) from a reducer's audit answer, or
-    what is malformed in it."""
+    """(member -> raw weight, [member -> value] per position) from a reducer's audit answer,
+    packed (`_pack_rows`) or as lists (reducers of step 9 and earlier), or what is malformed in it."""
 
     def pairs(rows: Any) -> dict[int, float] | None:
         if not isinstance(rows, list):
@@ -345,9 +411,14 @@ def _parse_audit_answer(answer: Any, positions: int, members: int) -> _Claims | 
     if not isinstance(answer, dict):
         return f"its answer {str(answer)[:60]!r} is not an audit answer"
     raw = pairs(answer.get("weights"))
+    if raw is None:
+        return "its answer has no valid weights"
+    if "counts" in answer:
+        packed = _unpack_rows(answer, positions, members)
+        return (raw, packed) if packed is not None else "its answer's packed inputs are malformed"
     rows = answer.get("inputs")
-    if raw is None or not isinstance(rows, list) or len(rows) != positions:
-        return "its answer has no valid weights or not one row of inputs per position"
+    if not isinstance(rows, list) or len(rows) != positions:
+        return "its answer has not one row of inputs per position"
     inputs = [pairs(row) for row in rows]
     if any(row is None for row in inputs):
         return "its answer has a malformed row of inputs"
