@@ -9,6 +9,7 @@ import contextlib
 import gc
 import itertools
 import logging
+import math
 import random
 import sys
 import threading
@@ -604,6 +605,8 @@ def test_lockstep_rounds_ask_the_last_leader_at_once_and_need_no_lookup(monkeypa
         assert leader._matchmaker.head_start() == pytest.approx(matchmaking.HEAD_START * FAST["min_matchmaking_time"])
 
         hang.set()
+        for av in avs:
+            av._matchmaker._looked_up = -math.inf  # the followers' lookouts are due: they look up, and hang
         made = {av.peer_id: lookups.get(av.peer_id, 0) for av in avs}
         first = leader.step(wait=False, timeout=30)
         wait_for(lambda: leader._matchmaker._search is not None, 10, "the leader to look for a group")
@@ -615,18 +618,94 @@ def test_lockstep_rounds_ask_the_last_leader_at_once_and_need_no_lookup(monkeypa
         for av in avs:
             assert torch.equal(snapshot(av)[0], torch.full((8,), 1.0))
 
-        # The followers start first, and ask until the leader looks (its head start keeps it first).
+        # The followers start first: the leader holds their requests until it looks (its head
+        # start keeps it first), then tells them to ask again, which they do at once.
+        asked = count_requests(monkeypatch)
         others = [av.step(wait=False, timeout=30) for av in avs if av is not leader]
-
-        def refused_as_not_looking():
-            searches = [av._matchmaker._search for av in avs if av is not leader]
-            return all(search is not None and search.refusal == matchmaking.NOT_LOOKING for search in searches)
-
-        wait_for(refused_as_not_looking, 10, "the followers' first requests, before the leader looks")
+        wait_for(lambda: len(leader._matchmaker._held) == 2, 10, "the followers' requests, held by the leader")
         first = leader.step(wait=False, timeout=30)
         for control in [first, *others]:
             assert len(control.result(timeout=20)) == 3
         assert leader._matchmaker._last.joined is None
+        again = [(leader.peer_id, matchmaking.ASK_AGAIN), (leader.peer_id, None)]
+        assert asked == {av.peer_id: again for av in avs if av is not leader}
+
+
+def count_requests(monkeypatch):
+    """{peer id: [(the peer it asked to join, why that one refused or None)]} from now on."""
+    from hivecli.averaging import matchmaking
+
+    try_join = matchmaking._Search.try_join
+    asked: dict[object, list] = {}
+
+    async def counted(self, candidate, hold=0.0):
+        group = await try_join(self, candidate, hold)
+        asked.setdefault(self.mm.peer_id, []).append((candidate.peer_id, self.refusal))
+        return group
+
+    monkeypatch.setattr(matchmaking._Search, "try_join", counted)
+    return asked
+
+
+def test_a_held_request_is_refused_once_its_hold_runs_out():
+    """A leader that does not look within a request's hold (nor its own head start margin)
+    refuses it as not looking: the follower then goes on by itself. Only members of the group
+    it led last are held, one request each."""
+    from hivecli.averaging import matchmaking
+
+    with (
+        local_swarm(3, **DHT_FAST) as dhts,
+        averagers(
+            dhts, [[torch.full((4,), float(i))] for i in range(3)], prefix="held", target_group_size=3, **FAST
+        ) as avs,
+    ):
+        run_round(avs)
+        leader = next(av for av in avs if av._matchmaker._last.joined is None)
+        follower = next(av for av in avs if av is not leader)
+        mm = leader._matchmaker
+
+        async def ask(hold):
+            search = matchmaking._Search(follower._matchmaker, follower._matchmaker._last.me, 1e9, mm.group_key)
+            search.new_expiration()
+            guess = follower._matchmaker.likely_leader()
+            start = asyncio.get_running_loop().time()
+            group = await search.try_join(guess, hold=hold)
+            return group, search.refusal, asyncio.get_running_loop().time() - start
+
+        margin = mm.head_start_margin()  # 0.2 s
+        group, refusal, took = follower.dht.run_coroutine(lambda _dht, _node: ask(5.0))
+        assert group is None and refusal == matchmaking.NOT_LOOKING
+        assert margin * 0.9 <= took < margin + 0.5  # held for the leader's margin, not the asked 5 s
+        group, refusal, took = follower.dht.run_coroutine(lambda _dht, _node: ask(0.0))
+        assert group is None and refusal == matchmaking.NOT_LOOKING and took < margin  # no hold asked: at once
+        assert not mm._held
+
+
+def test_lockstep_followers_look_up_the_group_at_most_once_per_lookout_interval(monkeypatch):
+    """Back-to-back lockstep rounds: a follower looks up the declared peers once per
+    LOOKOUT_SHARE of min_matchmaking_time, not every round, and the rounds still form."""
+    from hivecli.averaging import matchmaking
+
+    lookups = hang_lookups(monkeypatch, lambda peer, made: False)
+    settings = {"target_group_size": 3, "min_matchmaking_time": 30.0, "request_timeout": 1.0}
+    with (
+        local_swarm(3, **DHT_FAST) as dhts,
+        averagers(dhts, [[torch.full((4,), float(i))] for i in range(3)], prefix="lookout", **settings) as avs,
+    ):
+        run_round(avs)
+        leader = next(av for av in avs if av._matchmaker._last.joined is None)
+        followers = [av for av in avs if av is not leader]
+        for av in followers:
+            av._matchmaker._looked_up = -math.inf  # as if its last lookup was long ago
+        made = {av.peer_id: lookups.get(av.peer_id, 0) for av in followers}
+        start = time.monotonic()
+        for _ in range(5):
+            assert all(len(result) == 3 for result in run_round(avs))
+        assert time.monotonic() - start < matchmaking.LOOKOUT_SHARE * 30.0  # all within one interval
+        assert leader._matchmaker._last.joined is None  # lockstep throughout
+        assert {av.peer_id: lookups[av.peer_id] - made[av.peer_id] for av in followers} == {
+            av.peer_id: 1 for av in followers
+        }
 
 
 def count_declarations(monkeypatch):

@@ -17,9 +17,13 @@ Lockstep rounds: when our last group held every peer we saw looking (a swarm the
 group), the next round asks its leader at once, alongside the DHT lookup, which saves that
 lookup's round trip, and declares itself only if that leader does not take it. That leader
 declares a little earlier than the others (`HEAD_START`), so it stays first when everyone
-starts at about the same time, and a follower that starts before it asks again until it looks
-(within that margin). In a swarm larger than a group, nobody does
-either: joining the same leader every round would keep apart groups that should mix.
+starts at about the same time. A follower that starts before it says how long it will wait
+(`"hold"`, at most that margin), and the leader holds the request of a member of the group it
+led last until its next search begins (then it asks again at once), instead of refusing it:
+no polling. A lockstep follower still looks up the group key alongside its request, at most
+once per `LOOKOUT_SHARE` of min_matchmaking_time (how long a newcomer's declaration lives): a
+newcomer's declaration that it sees ends lockstep for the next round. In a swarm larger than a group, nobody does any of
+this: joining the same leader every round would keep apart groups that should mix.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ logger = logging.getLogger(__name__)
 JOIN_METHOD = "avg.join"
 ACCEPTED, BEGIN, DISBANDED = "accepted", "begin", "disbanded"
 NOT_LOOKING, NOT_A_LEADER, GROUP_IS_FULL = "not_looking", "not_a_leader", "group_is_full"
+ASK_AGAIN = "ask_again"  # a held request's answer once our search began (only to requests that say "hold")
 BAD_GROUP_KEY, BAD_SCHEMA_HASH, BAD_REQUEST = "bad_group_key", "bad_schema_hash", "bad_request"
 
 _FIRST_POLL_DELAY, _MAX_POLL_DELAY = 0.002, 0.25
@@ -61,6 +66,11 @@ _MAX_GUESS_DELAY = 0.02  # between requests to a likely leader that is not looki
 # others (it waits that much less for an incomplete group), so that it leads the next round too
 # when the peers start within that margin of each other, and its followers' direct requests land.
 HEAD_START = 0.1
+
+# A lockstep follower looks up the group key at most once per this share of min_matchmaking_time
+# (a newcomer's declaration lives that long, so a lookup sees it while it lasts), not every round:
+# three lookups per 4-peer round were a tenth of a 4 x 1M round's CPU on 2 cores.
+LOOKOUT_SHARE = 0.2
 
 
 @dataclass(order=True, frozen=True)
@@ -99,6 +109,10 @@ class Matchmaker:
         self._search: _Search | None = None
         self._last: _Search | None = None  # the previous search, which the next one learns from
         self._background: set[asyncio.Future[Any]] = set()
+        self._began = asyncio.Event()  # set (and at once cleared) as each search begins: held requests go on
+        self._held: set[PeerID] = set()  # members of our last group whose requests wait for our next search
+        self._looked_up = -math.inf  # loop time of our last lookup of declared peers
+        self._declared: frozenset[PeerID] = frozenset()  # the others it found declared (it may end after its search)
         node.host.add_stream_handler(method_name(JOIN_METHOD, prefix), self._handle_join)
 
     @property
@@ -121,6 +135,8 @@ class Matchmaker:
         me = Member(self.peer_id, self.my_addrs(), self.client_mode, 0.0 if self.client_mode else bandwidth, gathered)
         search = _Search(self, me, deadline, f"{self.group_key}.{scope}" if scope else self.group_key)
         self._search = search
+        self._began.set()  # wakes the held requests (their waits ended: clearing does not stop them)
+        self._began.clear()
         group = None
         try:
             group = await search.run()
@@ -146,9 +162,10 @@ class Matchmaker:
             await self.node.store(group_key, None, withdrawn, owned_subkey(self.peer_id))
 
     def lockstep(self) -> bool:
-        """Whether our last group held every peer we saw looking in that search."""
+        """Whether our last group held every peer we saw looking in that search, and every other
+        peer our last lookup found declared (a lookup that ends after its search still counts)."""
         last = self._last
-        return last is not None and bool(last.group_ids) and last.seen <= last.group_ids
+        return last is not None and bool(last.group_ids) and last.seen | self._declared <= last.group_ids
 
     def likely_leader(self) -> Candidate | None:
         """Who to ask at once in the next search: the leader of our last group, in lockstep, while
@@ -165,6 +182,32 @@ class Matchmaker:
 
     def head_start_margin(self) -> float:
         return HEAD_START * self.settings.min_matchmaking_time
+
+    def lookout_due(self) -> bool:
+        """Whether a lockstep follower looks up the declared peers this round (LOOKOUT_SHARE)."""
+        interval = LOOKOUT_SHARE * self.settings.min_matchmaking_time
+        return asyncio.get_running_loop().time() - self._looked_up >= interval
+
+    async def _hold(self, member: Member, payload: dict[str, Any]) -> bool:
+        """Between our searches: keep a request from a member of the group we led last until
+        our next search begins, for as long as it says it waits (`hold`), at most our head start
+        margin (what it would otherwise spend asking again); one request per member. True if
+        our search began meanwhile.
+
+        The request itself is not served then, only answered ASK_AGAIN: its sender may have
+        given up on it meanwhile (a cancelled step), with its CANCEL still on the way, and a
+        group assembled with it would wait for a member that is not coming."""
+        last, peer = self._last, member.peer_id
+        hold = payload.get("hold")
+        if not (isinstance(hold, (int, float)) and not isinstance(hold, bool) and hold > 0):
+            return False  # older peers, and requests that are not to a likely leader
+        if last is None or last.joined is not None or peer not in last.group_ids or peer in self._held:
+            return False
+        self._held.add(peer)
+        try:
+            return await wait_event(self._began, min(float(hold), self.head_start_margin()))
+        finally:
+            self._held.discard(peer)
 
     def _spawn(self, work: Any) -> None:
         task = asyncio.ensure_future(work)
@@ -186,6 +229,9 @@ class Matchmaker:
             member = None
         if member is None or member.peer_id != stream.remote_peer or self.is_banned(member.peer_id):
             await stream.send({"code": BAD_REQUEST})
+            return
+        if self._search is None and await self._hold(member, payload):
+            await stream.send({"code": ASK_AGAIN})
             return
         search = self._search
         if search is None or search.finished:
@@ -240,13 +286,15 @@ class _Search:
                 # lockstep for the next round). Two DHT stores per follower and round saved, and
                 # the verification of each at every node that holds the key: 4 x 1M rounds on
                 # 2 cores spent a third of their matchmaking CPU on them.
-                lookup = asyncio.ensure_future(self.fetch_unless_full())
+                if self.mm.lookout_due():
+                    lookup = asyncio.ensure_future(self.fetch_unless_full())
                 group = await self.join_likely_leader(guess)
                 if group is not None:
                     # The lookup still tells the next round whether others are looking (`seen`).
-                    lookup.add_done_callback(lambda done: done.cancelled() or done.exception())
-                    self.mm._spawn(lookup)
-                    lookup = None
+                    if lookup is not None:
+                        lookup.add_done_callback(lambda done: done.cancelled() or done.exception())
+                        self.mm._spawn(lookup)
+                        lookup = None
                     return group
             if not self.me.client_mode:
                 # Our declaration is stored while we look for candidates, not before: one round trip
@@ -260,13 +308,16 @@ class _Search:
                     await asyncio.gather(pending, return_exceptions=True)
 
     async def join_likely_leader(self, guess: Candidate) -> GroupInfo | None:
-        """Ask the last round's leader to take us. While it is not looking yet, ask again, for as
-        long as its head start keeps it before us (it may start up to that much after us); and
-        stop once a peer asked to join us instead (so we lead, or it points us on)."""
+        """Ask the last round's leader to take us. It may start up to its head start after us:
+        it holds our request until then (`hold`). An older leader refuses while it is not
+        looking yet; ask it again for as long, and stop once a peer asked to join us instead
+        (so we lead, or it points us on)."""
         until = self.loop.time() + self.mm.head_start_margin()
         delay = _FIRST_POLL_DELAY
         while True:
-            group = await self.try_join(guess)
+            group = await self.try_join(guess, hold=until - self.loop.time())
+            if self.refusal == ASK_AGAIN and self.loop.time() < until:
+                continue  # it looks now
             if group is not None or self.refusal != NOT_LOOKING or self.loop.time() + delay > until:
                 return group
             self.changed.clear()
@@ -374,23 +425,28 @@ class _Search:
 
     async def fetch_candidates(self) -> list[Candidate]:
         """Declared peers before us that we have not yet asked at their current declaration."""
+        self.mm._looked_up = self.loop.time()
         found = await self.mm.node.get(self.group_key, latest=True)
-        candidates = []
+        candidates, declared = [], set()
         for peer, value, expiration in owned_entries(found):  # only a peer itself writes its declaration
             if not isinstance(value, list) or not value or self.mm.is_banned(peer):
                 continue  # withdrawn (None), malformed, or a peer caught hostile
             if peer != self.me.peer_id and expiration > get_dht_time():
-                self.seen.add(peer)
+                declared.add(peer)
             candidate = Candidate(expiration, peer, tuple(a for a in value if isinstance(a, str)))
             if peer == self.me.peer_id or (candidate.expiration, peer) >= self.order:
                 continue
             if self.tried.get(peer) == candidate.expiration or candidate.expiration <= get_dht_time():
                 continue
             candidates.append(candidate)
+        self.seen |= declared
+        self.mm._declared = frozenset(declared)
         return sorted(candidates)
 
-    async def try_join(self, candidate: Candidate) -> GroupInfo | None:
-        """Ask `candidate` to take us. Returns the group if we end up averaging in one."""
+    async def try_join(self, candidate: Candidate, hold: float = 0.0) -> GroupInfo | None:
+        """Ask `candidate` to take us. Returns the group if we end up averaging in one. With
+        `hold` > 0, a leader not looking yet may keep the request up to that many seconds, until
+        it is (Matchmaker._hold)."""
         self.tried[candidate.peer_id] = candidate.expiration
         host = self.mm.node.host
         request = {
@@ -399,13 +455,16 @@ class _Search:
             "group_key": self.group_key,
             "schema_hash": self.mm.schema_hash,
         }
+        hold = max(0.0, hold)
+        if hold:
+            request["hold"] = hold  # older leaders ignore it, and refuse at once
         stream: Stream | None = None
         self.refusal = None
         unanswered = False  # the request went out, and no reply came in time
         asked = asyncio.get_running_loop().time()
         try:
             host.add_addrs(candidate.peer_id, Member(candidate.peer_id, candidate.addrs, False, None).multiaddrs())
-            async with _timeout(self.settings.request_timeout):
+            async with _timeout(self.settings.request_timeout + hold):
                 conn = await host.connect(candidate.peer_id)
                 stream = await conn.open_stream(method_name(JOIN_METHOD, self.mm.prefix), request)
                 reply = (await stream.recv()).payload
