@@ -681,9 +681,9 @@ def test_a_held_request_is_refused_once_its_hold_runs_out():
         assert not mm._held
 
 
-def test_lockstep_followers_look_up_the_group_at_most_once_per_lookout_interval(monkeypatch):
-    """Back-to-back lockstep rounds: a follower looks up the declared peers once per
-    LOOKOUT_SHARE of min_matchmaking_time, not every round, and the rounds still form."""
+def test_lockstep_peers_look_up_the_group_at_most_once_per_lookout_interval(monkeypatch):
+    """Back-to-back lockstep rounds: a follower, and the leader, look up the declared peers once
+    per LOOKOUT_SHARE of min_matchmaking_time, not every round, and the rounds still form."""
     from hivecli.averaging import matchmaking
 
     lookups = hang_lookups(monkeypatch, lambda peer, made: False)
@@ -694,18 +694,15 @@ def test_lockstep_followers_look_up_the_group_at_most_once_per_lookout_interval(
     ):
         run_round(avs)
         leader = next(av for av in avs if av._matchmaker._last.joined is None)
-        followers = [av for av in avs if av is not leader]
-        for av in followers:
+        for av in avs:
             av._matchmaker._looked_up = -math.inf  # as if its last lookup was long ago
-        made = {av.peer_id: lookups.get(av.peer_id, 0) for av in followers}
+        made = {av.peer_id: lookups.get(av.peer_id, 0) for av in avs}
         start = time.monotonic()
         for _ in range(5):
             assert all(len(result) == 3 for result in run_round(avs))
         assert time.monotonic() - start < matchmaking.LOOKOUT_SHARE * 30.0  # all within one interval
         assert leader._matchmaker._last.joined is None  # lockstep throughout
-        assert {av.peer_id: lookups[av.peer_id] - made[av.peer_id] for av in followers} == {
-            av.peer_id: 1 for av in followers
-        }
+        assert {av.peer_id: lookups[av.peer_id] - made[av.peer_id] for av in avs} == {av.peer_id: 1 for av in avs}
 
 
 def count_declarations(monkeypatch):

@@ -300,6 +300,11 @@ class _Search:
                 # Our declaration is stored while we look for candidates, not before: one round trip
                 # less per round (50 ms of a 3.8 s round on a 100 Mbit/s link with 50 ms RTT).
                 declaring = asyncio.ensure_future(self.store_declaration())
+            if lookup is None and self.mm.head_start() > 0 and not self.mm.lookout_due():
+                # We led the last lockstep round: its members ask us at once, and we are the first
+                # of them to declare, so a lookup would only find newcomers; the lookout's interval
+                # bounds how late we see one, as it does for our followers.
+                await self.wait_until_full(self.mm.head_start_margin())
             return await self._look(poll_delay, declaring, lookup)
         finally:
             for pending in (declaring, lookup):
@@ -373,6 +378,13 @@ class _Search:
             self.changed.clear()
             await wait_event(self.changed, wait)
             poll_delay = min(2 * poll_delay, _MAX_POLL_DELAY)
+
+    async def wait_until_full(self, seconds: float) -> None:
+        """Wait until our group is full, or `seconds` pass."""
+        until = self.loop.time() + seconds
+        while self.group_size() < self.settings.target_group_size and self.loop.time() < until:
+            self.changed.clear()
+            await wait_event(self.changed, until - self.loop.time())
 
     async def fetch_unless_full(self) -> list[Candidate] | None:
         """`fetch_candidates`, or None as soon as our group is full: a leader whose last follower
