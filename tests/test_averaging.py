@@ -36,6 +36,10 @@ from hivecli.testing import local_swarm, redeemed_bulk_links, wait_for
 
 DHT_FAST = {"wait_timeout": 1.0}
 FAST = {"min_matchmaking_time": 2.0, "request_timeout": 1.0}
+ROOMY = {
+    "min_matchmaking_time": 10.0,
+    "request_timeout": 1.0,
+}  # a head start margin of 1 s, for timing on busy machines
 
 
 @contextlib.contextmanager
@@ -593,7 +597,7 @@ def test_lockstep_rounds_ask_the_last_leader_at_once_and_need_no_lookup(monkeypa
     with (
         local_swarm(3, **DHT_FAST) as dhts,
         averagers(
-            dhts, [[torch.full((8,), float(i))] for i in range(3)], prefix="lockstep", target_group_size=3, **FAST
+            dhts, [[torch.full((8,), float(i))] for i in range(3)], prefix="lockstep", target_group_size=3, **ROOMY
         ) as avs,
     ):
         run_round(avs)
@@ -602,7 +606,7 @@ def test_lockstep_rounds_ask_the_last_leader_at_once_and_need_no_lookup(monkeypa
         leader = leaders[0]
         guesses = {av.peer_id: getattr(av._matchmaker.likely_leader(), "peer_id", None) for av in avs}
         assert guesses == {av.peer_id: None if av is leader else leader.peer_id for av in avs}
-        assert leader._matchmaker.head_start() == pytest.approx(matchmaking.HEAD_START * FAST["min_matchmaking_time"])
+        assert leader._matchmaker.head_start() == pytest.approx(matchmaking.HEAD_START * ROOMY["min_matchmaking_time"])
 
         hang.set()
         for av in avs:
@@ -652,11 +656,12 @@ def test_a_held_request_is_refused_once_its_hold_runs_out():
     refuses it as not looking: the follower then goes on by itself. Only members of the group
     it led last are held, one request each."""
     from hivecli.averaging import matchmaking
+    from hivecli.net.identity import Identity
 
     with (
         local_swarm(3, **DHT_FAST) as dhts,
         averagers(
-            dhts, [[torch.full((4,), float(i))] for i in range(3)], prefix="held", target_group_size=3, **FAST
+            dhts, [[torch.full((4,), float(i))] for i in range(3)], prefix="held", target_group_size=3, **ROOMY
         ) as avs,
     ):
         run_round(avs)
@@ -672,13 +677,25 @@ def test_a_held_request_is_refused_once_its_hold_runs_out():
             group = await search.try_join(guess, hold=hold)
             return group, search.refusal, asyncio.get_running_loop().time() - start
 
-        margin = mm.head_start_margin()  # 0.2 s
-        group, refusal, took = follower.dht.run_coroutine(lambda _dht, _node: ask(5.0))
+        margin = mm.head_start_margin()  # 1 s
+        group, refusal, took = follower.dht.run_coroutine(lambda _dht, _node: ask(60.0))
         assert group is None and refusal == matchmaking.NOT_LOOKING
-        assert margin * 0.9 <= took < margin + 0.5  # held for the leader's margin, not the asked 5 s
+        assert margin * 0.9 <= took < margin + 5  # held for the leader's margin, not the asked 60 s
+        assert mm._hold_ran_out  # so its next search looks up at once instead of waiting for it
         group, refusal, took = follower.dht.run_coroutine(lambda _dht, _node: ask(0.0))
         assert group is None and refusal == matchmaking.NOT_LOOKING and took < margin  # no hold asked: at once
         assert not mm._held
+
+        async def held(member):  # whether the leader holds a request from `member`
+            return await mm._hold(member, {"hold": 60.0})
+
+        stranger = Member(Identity.generate().peer_id, (), False, None)
+        assert not leader.dht.run_coroutine(lambda _dht, _node: held(stranger))  # not in its last group
+        mm._held.add(follower.peer_id)  # as if a request of the follower's were held already
+        try:
+            assert not leader.dht.run_coroutine(lambda _dht, _node: held(follower._matchmaker._last.me))
+        finally:
+            mm._held.discard(follower.peer_id)
 
 
 def test_lockstep_peers_look_up_the_group_at_most_once_per_lookout_interval(monkeypatch):

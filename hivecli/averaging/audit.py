@@ -169,7 +169,7 @@ class ReducerAudit:
                 values.append(_decode_one(self.codec, chunks.metas[c], chunks.region(c), chunk.numel, offset))
             rows.append((members, values))
         weights = [[k, w] for k, w in raw_weights.items()]
-        if request.get("packed") is True:
+        if request.get("packed") is True and self.members <= _MAX_PACKED_MEMBERS:
             return {"weights": weights, **_pack_rows(rows)}
         return {"weights": weights, "inputs": [[[k, v] for k, v in zip(*row, strict=True)] for row in rows]}
 
@@ -352,6 +352,9 @@ def _codec_error(codec: Codec, meta: Any, data: memoryview, offset: int, value: 
 
 
 _Claims = tuple[dict[int, float], list[dict[int, float]]]  # member -> raw weight; per position, member -> value
+
+
+_MAX_PACKED_MEMBERS = 1 << 16  # member indices are uint16 in a packed answer; larger groups get lists
 
 
 def _pack_rows(rows: Sequence[tuple[list[int], list[float]]]) -> dict[str, Any]:

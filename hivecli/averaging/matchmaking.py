@@ -35,6 +35,7 @@ import logging
 import math
 import os
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,9 +68,11 @@ _MAX_GUESS_DELAY = 0.02  # between requests to a likely leader that is not looki
 # when the peers start within that margin of each other, and its followers' direct requests land.
 HEAD_START = 0.1
 
-# A lockstep follower looks up the group key at most once per this share of min_matchmaking_time
-# (a newcomer's declaration lives that long, so a lookup sees it while it lasts), not every round:
-# three lookups per 4-peer round were a tenth of a 4 x 1M round's CPU on 2 cores.
+# A lockstep peer looks up the group key at most once per this share of min_matchmaking_time, not
+# every round: a newcomer's declaration lives min_matchmaking_time, so several lookouts see it
+# while it lasts. Four lookups per 4-peer round were a tenth of a 4 x 1M round's CPU on 2 cores.
+# What a lookout found counts for two of its intervals (a lookup cut short by a full group
+# leaves no newer one, and a peer it found may have left since).
 LOOKOUT_SHARE = 0.2
 
 
@@ -111,8 +114,10 @@ class Matchmaker:
         self._background: set[asyncio.Future[Any]] = set()
         self._began = asyncio.Event()  # set (and at once cleared) as each search begins: held requests go on
         self._held: set[PeerID] = set()  # members of our last group whose requests wait for our next search
-        self._looked_up = -math.inf  # loop time of our last lookup of declared peers
-        self._declared: frozenset[PeerID] = frozenset()  # the others it found declared (it may end after its search)
+        self._looked_up = -math.inf  # time.monotonic() when our last lookup of declared peers began
+        self._declared: frozenset[PeerID] = frozenset()  # the others the last finished one found declared
+        self._declared_at = -math.inf  # when it finished (it may finish after its search)
+        self._hold_ran_out = False  # a held request ran out before our search began
         node.host.add_stream_handler(method_name(JOIN_METHOD, prefix), self._handle_join)
 
     @property
@@ -135,11 +140,12 @@ class Matchmaker:
         me = Member(self.peer_id, self.my_addrs(), self.client_mode, 0.0 if self.client_mode else bandwidth, gathered)
         search = _Search(self, me, deadline, f"{self.group_key}.{scope}" if scope else self.group_key)
         self._search = search
+        hold_ran_out, self._hold_ran_out = self._hold_ran_out, False
         self._began.set()  # wakes the held requests (their waits ended: clearing does not stop them)
         self._began.clear()
         group = None
         try:
-            group = await search.run()
+            group = await search.run(wait_for_followers=not hold_ran_out)
             search.group_ids = frozenset(group.peer_ids)
             return group
         finally:
@@ -165,7 +171,10 @@ class Matchmaker:
         """Whether our last group held every peer we saw looking in that search, and every other
         peer our last lookup found declared (a lookup that ends after its search still counts)."""
         last = self._last
-        return last is not None and bool(last.group_ids) and last.seen | self._declared <= last.group_ids
+        if last is None or not last.group_ids:
+            return False
+        fresh = time.monotonic() - self._declared_at <= 2 * self.lookout_interval()
+        return last.seen | (self._declared if fresh else frozenset()) <= last.group_ids
 
     def likely_leader(self) -> Candidate | None:
         """Who to ask at once in the next search: the leader of our last group, in lockstep, while
@@ -183,20 +192,23 @@ class Matchmaker:
     def head_start_margin(self) -> float:
         return HEAD_START * self.settings.min_matchmaking_time
 
+    def lookout_interval(self) -> float:
+        return LOOKOUT_SHARE * self.settings.min_matchmaking_time
+
     def lookout_due(self) -> bool:
-        """Whether a lockstep follower looks up the declared peers this round (LOOKOUT_SHARE)."""
-        interval = LOOKOUT_SHARE * self.settings.min_matchmaking_time
-        return asyncio.get_running_loop().time() - self._looked_up >= interval
+        """Whether a lockstep peer looks up the declared peers this round (LOOKOUT_SHARE)."""
+        return time.monotonic() - self._looked_up >= self.lookout_interval()
 
     async def _hold(self, member: Member, payload: dict[str, Any]) -> bool:
         """Between our searches: keep a request from a member of the group we led last until
         our next search begins, for as long as it says it waits (`hold`), at most our head start
-        margin (what it would otherwise spend asking again); one request per member. True if
-        our search began meanwhile.
+        margin (what it would otherwise spend asking again); one request per member. False if
+        we do not hold it.
 
-        The request itself is not served then, only answered ASK_AGAIN: its sender may have
-        given up on it meanwhile (a cancelled step), with its CANCEL still on the way, and a
-        group assembled with it would wait for a member that is not coming."""
+        A held request itself is never served, only answered: ASK_AGAIN once our search has
+        begun, NOT_LOOKING if it ran out first. Its sender may have given up on it meanwhile (a
+        cancelled step), with its CANCEL still on the way, and a group assembled with it would
+        wait for a member that is not coming."""
         last, peer = self._last, member.peer_id
         hold = payload.get("hold")
         if not (isinstance(hold, (int, float)) and not isinstance(hold, bool) and hold > 0):
@@ -205,9 +217,11 @@ class Matchmaker:
             return False
         self._held.add(peer)
         try:
-            return await wait_event(self._began, min(float(hold), self.head_start_margin()))
+            if not await wait_event(self._began, min(float(hold), self.head_start_margin())):
+                self._hold_ran_out = self._search is None  # it goes on without us: look, do not wait
         finally:
             self._held.discard(peer)
+        return True
 
     def _spawn(self, work: Any) -> None:
         task = asyncio.ensure_future(work)
@@ -231,7 +245,7 @@ class Matchmaker:
             await stream.send({"code": BAD_REQUEST})
             return
         if self._search is None and await self._hold(member, payload):
-            await stream.send({"code": ASK_AGAIN})
+            await stream.send({"code": ASK_AGAIN if self._search is not None else NOT_LOOKING})
             return
         search = self._search
         if search is None or search.finished:
@@ -271,7 +285,7 @@ class _Search:
     def group_size(self) -> int:
         return 1 + len(self.followers)
 
-    async def run(self) -> GroupInfo:
+    async def run(self, wait_for_followers: bool = True) -> GroupInfo:
         poll_delay = _FIRST_POLL_DELAY
         declaring = None
         lookup: asyncio.Future[list[Candidate] | None] | None = None
@@ -300,11 +314,15 @@ class _Search:
                 # Our declaration is stored while we look for candidates, not before: one round trip
                 # less per round (50 ms of a 3.8 s round on a 100 Mbit/s link with 50 ms RTT).
                 declaring = asyncio.ensure_future(self.store_declaration())
-            if lookup is None and self.mm.head_start() > 0 and not self.mm.lookout_due():
+            if lookup is None and self.mm.head_start() > 0 and wait_for_followers:
                 # We led the last lockstep round: its members ask us at once, and we are the first
-                # of them to declare, so a lookup would only find newcomers; the lookout's interval
-                # bounds how late we see one, as it does for our followers.
-                await self.wait_until_full(self.mm.head_start_margin())
+                # of them to declare, so a lookup would only find newcomers: a lookout, at most once
+                # per interval, to its end in the background, as our followers' (unless a held
+                # request ran out before we began: its sender declared, earlier than us, so look).
+                if self.mm.lookout_due():
+                    self.mm._spawn(self.lookout())
+                wait = min(self.mm.head_start_margin(), max(0.0, self.deadline - self.loop.time()))
+                await self.wait_until_full(wait)
             return await self._look(poll_delay, declaring, lookup)
         finally:
             for pending in (declaring, lookup):
@@ -319,11 +337,13 @@ class _Search:
         (so we lead, or it points us on)."""
         until = self.loop.time() + self.mm.head_start_margin()
         delay = _FIRST_POLL_DELAY
+        asked_again = False
         while True:
             group = await self.try_join(guess, hold=until - self.loop.time())
-            if self.refusal == ASK_AGAIN and self.loop.time() < until:
+            if self.refusal == ASK_AGAIN and not asked_again and self.loop.time() < until:
+                asked_again = True  # once: a leader that keeps saying so is polled like one not looking
                 continue  # it looks now
-            if group is not None or self.refusal != NOT_LOOKING or self.loop.time() + delay > until:
+            if group is not None or self.refusal not in (NOT_LOOKING, ASK_AGAIN) or self.loop.time() + delay > until:
                 return group
             self.changed.clear()
             await wait_event(self.changed, delay)
@@ -378,6 +398,11 @@ class _Search:
             self.changed.clear()
             await wait_event(self.changed, wait)
             poll_delay = min(2 * poll_delay, _MAX_POLL_DELAY)
+
+    async def lookout(self) -> None:
+        """`fetch_candidates` for what it tells the next round (`seen`, Matchmaker._declared)."""
+        with contextlib.suppress(HiveError, OSError, asyncio.TimeoutError):
+            await self.fetch_candidates()
 
     async def wait_until_full(self, seconds: float) -> None:
         """Wait until our group is full, or `seconds` pass."""
@@ -437,7 +462,7 @@ class _Search:
 
     async def fetch_candidates(self) -> list[Candidate]:
         """Declared peers before us that we have not yet asked at their current declaration."""
-        self.mm._looked_up = self.loop.time()
+        self.mm._looked_up = time.monotonic()
         found = await self.mm.node.get(self.group_key, latest=True)
         candidates, declared = [], set()
         for peer, value, expiration in owned_entries(found):  # only a peer itself writes its declaration
@@ -452,7 +477,7 @@ class _Search:
                 continue
             candidates.append(candidate)
         self.seen |= declared
-        self.mm._declared = frozenset(declared)
+        self.mm._declared, self.mm._declared_at = frozenset(declared), time.monotonic()
         return sorted(candidates)
 
     async def try_join(self, candidate: Candidate, hold: float = 0.0) -> GroupInfo | None:
