@@ -176,8 +176,7 @@ class ReducerAudit:
     def _own_values(self, positions: Sequence[int], where: Sequence[int]) -> list[float]:
         """Our input at each position of our span (in chunk `where[i]`): one gather per chunk."""
         values = [0.0] * len(positions)
-        for c in set(where):
-            at = [i for i, w in enumerate(where) if w == c]
+        for c, at in _by_chunk(where).items():
             offsets = torch.tensor([positions[i] - self.my_chunks[c].start for i in at])
             for i, value in zip(at, self._own_input(c)[offsets].tolist(), strict=True):
                 values[i] = float(value)
@@ -221,8 +220,8 @@ class ReducerAudit:
         starts = [chunk.start for chunk in chunks]
         where = [bisect_right(starts, p) - 1 for p in positions]  # chunk index of each position
         mine: dict[int, float] = {}  # position -> our input as the reducer decoded it
-        for i in set(where):
-            ours = [p for p, at in zip(positions, where, strict=True) if at == i]
+        for i, at in _by_chunk(where).items():
+            ours = [positions[k] for k in at]
             sent = _encoded_values(self.codec, self._input(chunks[i]), [p - chunks[i].start for p in ours])
             mine.update(zip(ours, sent, strict=True))
         epsilons: dict[torch.dtype, float] = {}
@@ -264,6 +263,14 @@ class ReducerAudit:
             total = sum(capped[k] for k in claimed if capped[k] > 0)
             return sum(capped[k] * v for k, v in claimed.items() if capped[k] > 0) / total
         return float(trimmed_mean(torch.tensor(values, dtype=torch.float64)[:, None], self.settings.trim_fraction)[0])
+
+
+def _by_chunk(where: Sequence[int]) -> dict[int, list[int]]:
+    """{chunk: the indices i with where[i] == chunk}: positions grouped by the chunk they are in."""
+    grouped: dict[int, list[int]] = {}
+    for i, chunk in enumerate(where):
+        grouped.setdefault(chunk, []).append(i)
+    return grouped
 
 
 def _choose_positions(lo: int, hi: int, count: int) -> list[int]:

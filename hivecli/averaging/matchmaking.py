@@ -20,10 +20,11 @@ declares a little earlier than the others (`HEAD_START`), so it stays first when
 starts at about the same time. A follower that starts before it says how long it will wait
 (`"hold"`, at most that margin), and the leader holds the request of a member of the group it
 led last until its next search begins (then it asks again at once), instead of refusing it:
-no polling. A lockstep follower still looks up the group key alongside its request, at most
-once per `LOOKOUT_SHARE` of min_matchmaking_time (how long a newcomer's declaration lives): a
-newcomer's declaration that it sees ends lockstep for the next round. In a swarm larger than a group, nobody does any of
-this: joining the same leader every round would keep apart groups that should mix.
+no polling. A lockstep peer still looks up the group key, at most once per `LOOKOUT_SHARE` of
+min_matchmaking_time (a newcomer's declaration lives min_matchmaking_time, so several lookups
+see it): a newcomer's declaration that it sees ends lockstep for the next round. In a swarm
+larger than a group, nobody does any of this: joining the same leader every round would keep
+apart groups that should mix.
 """
 
 from __future__ import annotations
@@ -314,7 +315,7 @@ class _Search:
                 # Our declaration is stored while we look for candidates, not before: one round trip
                 # less per round (50 ms of a 3.8 s round on a 100 Mbit/s link with 50 ms RTT).
                 declaring = asyncio.ensure_future(self.store_declaration())
-            if lookup is None and self.mm.head_start() > 0 and wait_for_followers:
+            if self.mm.head_start() > 0 and wait_for_followers:  # (a peer that led asked no likely leader)
                 # We led the last lockstep round: its members ask us at once, and we are the first
                 # of them to declare, so a lookup would only find newcomers: a lookout, at most once
                 # per interval, to its end in the background, as our followers' (unless a held

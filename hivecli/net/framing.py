@@ -66,7 +66,7 @@ def unpack(data: bytes, max_nesting: int = MAX_NESTING) -> Any:
         raise
     except Exception as e:  # msgpack raises a zoo of ValueError/TypeError/ExtraData/FormatError/StackError
         raise MalformedFrameError(f"undecodable msgpack ({type(e).__name__}: {e})") from None
-    if type(value) is list or type(value) is dict or type(value) is msgpack.Timestamp:
+    if type(value) in _WALKED:
         # Only a value whose bytes could hold what the walk rejects is walked: a timestamp needs
         # an extension marker byte, and each level of nesting a container marker byte. Most frames
         # (a chunk's [index, meta], a "ready") have no extension marker and a few containers.
