@@ -424,10 +424,10 @@ def test_a_reducer_that_does_not_answer_the_audit_is_a_failed_reducer(caplog, mo
         attacker = avs[2].peer_id
         answer = AllReduceRunner._answer_audit_or_end
 
-        async def mute(self, stream, sender):
+        async def mute(self, stream, sender, reads_published):
             if self.host.peer_id == attacker:
                 await asyncio.sleep(3600)  # holds the stream open and never answers
-            await answer(self, stream, sender)
+            await answer(self, stream, sender, reads_published)
 
         monkeypatch.setattr(AllReduceRunner, "_answer_audit_or_end", mute)
         order = run_round(avs, hostile=2)

@@ -233,3 +233,156 @@ def test_a_peer_without_shared_memory_and_a_sealed_link_take_the_stream():
     with local_swarm(2, **DHT_FAST, net_settings=sealed) as dhts:
         received, _ = average_twice(dhts, inputs, prefix="sealed")
         assert received == [full, full]
+
+
+# ---- published averages ---------------------------------------------------------------------
+
+
+def test_a_published_buffer_takes_chunks_only_as_written_there():
+    """A sender reads a reducer's published averages where they are: a chunk that comes with a
+    body is refused, and nothing is ever written into the reducer's buffer."""
+    from hivecli.averaging.buffers import BufferPool, ChunkedBuffer
+    from hivecli.averaging.compression import NoCompression
+    from hivecli.averaging.partition import Layout
+
+    chunks = Layout([8]).chunks(0, 8, 4)
+    results = ChunkedBuffer(BufferPool(), "k", chunks, NoCompression())
+    published = torch.arange(8, dtype=torch.float32).view(torch.uint8).clone()
+    results.read_from(published)
+    assert results.sink([0, None], 16) is None
+    with pytest.raises(ValueError, match="came with a body"):
+        results.place(0, [0, None], bytes(16))
+    assert torch.equal(results.place(0, [0, None, sharedmem.SHM], b""), torch.arange(4, dtype=torch.float32))
+    assert torch.equal(published.view(torch.float32), torch.arange(8, dtype=torch.float32))  # untouched
+
+
+@pytest.fixture
+def publishing(monkeypatch):
+    """Reducers publish their averages whatever their span's size, and every published buffer a
+    sender maps is recorded: (round, reader, reducer, the buffer's name)."""
+    from hivecli.averaging import allreduce
+
+    monkeypatch.setattr(allreduce, "PUBLISH_MIN_BYTES", 1)
+    mapped = []
+    read_published = allreduce.AllReduceRunner._read_published
+
+    def spy(self, connection, offer, results):
+        readable = read_published(self, connection, offer, results)
+        if readable:
+            mapped.append((self.group.group_id, self.host.peer_id, connection.remote_peer, offer[0]))
+        return readable
+
+    monkeypatch.setattr(allreduce.AllReduceRunner, "_read_published", spy)
+    return mapped
+
+
+def test_a_reducer_with_several_readers_publishes_its_averages_once(publishing):
+    """3 peers on one host: each reducer writes its averages into one buffer, which both of its
+    senders read; it alternates between two such buffers from round to round."""
+    torch.manual_seed(3)
+    inputs = [torch.randn(30_000) for _ in range(3)]
+    before = our_files()
+    with (
+        local_swarm(3, **DHT_FAST) as dhts,
+        averagers(dhts, [[t.clone()] for t in inputs], chunk_bytes=16384, prefix="pub", **FAST) as avs,
+    ):
+        for _ in range(3):
+            run_round(avs)
+        for av in avs:
+            torch.testing.assert_close(snapshot(av)[0], sum(inputs) / 3, rtol=0, atol=1e-6)
+            assert av.bytes_received == 0  # every chunk through shared memory
+        rounds = list(dict.fromkeys(group for group, *_ in publishing))
+        assert len(rounds) == 3 and len(publishing) == 3 * 6  # each peer read 2 reducers' averages a round
+        names = {}  # (round, reducer) -> the names its readers mapped
+        for group, _, reducer, name in publishing:
+            names.setdefault((rounds.index(group), reducer), set()).add(name)
+        assert all(len(found) == 1 for found in names.values())  # one buffer for both readers
+        for av in avs:
+            first, second, third = (names[(r, av.peer_id)] for r in range(3))
+            assert first != second and first == third  # two buffers, by the parity of the rounds
+        assert len(our_files() - before) == 3 * (2 + 2 + 2)  # parts, own averages' offers, 2 published
+    assert our_files() == before
+
+
+def test_a_reducer_ends_its_round_only_once_its_readers_copied_their_averages_out(publishing, monkeypatch):
+    """A reader says it is done with a published buffer (its END) only after copying its
+    averages into its tensors, and the reducer waits for that before its round may end."""
+    from hivecli.averaging import allreduce
+
+    events = []
+    apply, answer = allreduce.AllReduceRunner._apply, allreduce.AllReduceRunner._answer_audit_or_end
+
+    def slow_apply(self, chunks, results):
+        time.sleep(0.2)  # a slow copy: without the wait, the reducer would be done before it
+        apply(self, chunks, results)
+        reducer = next(j for j, (lo, _) in enumerate(self.spans) if lo == chunks[0].start)
+        events.append(("copied", self.host.peer_id, self.group.members[reducer].peer_id, time.monotonic()))
+
+    async def recorded(self, stream, sender, reads_published):
+        await answer(self, stream, sender, reads_published)
+        events.append(("served", self.group.members[sender].peer_id, self.host.peer_id, time.monotonic()))
+
+    monkeypatch.setattr(allreduce.AllReduceRunner, "_apply", slow_apply)
+    monkeypatch.setattr(allreduce.AllReduceRunner, "_answer_audit_or_end", recorded)
+    torch.manual_seed(4)
+    inputs = [torch.randn(30_000) for _ in range(3)]
+    with (
+        local_swarm(3, **DHT_FAST) as dhts,
+        averagers(dhts, [[t.clone()] for t in inputs], prefix="wait", **FAST) as avs,
+    ):
+        run_round(avs)
+        for av in avs:
+            torch.testing.assert_close(snapshot(av)[0], sum(inputs) / 3, rtol=0, atol=1e-6)
+    copied = {(reader, reducer): at for kind, reader, reducer, at in events if kind == "copied"}
+    served = {(reader, reducer): at for kind, reader, reducer, at in events if kind == "served"}
+    assert len(publishing) == 6 and copied.keys() == served.keys() and len(served) == 6
+    assert all(served[pair] >= copied[pair] for pair in served)
+
+
+def test_older_senders_and_readers_that_cannot_map_get_their_averages_the_old_ways(publishing, monkeypatch, caplog):
+    """A sender of step 9 and earlier does not say "read": its reducers write into its own
+    buffer as before. A reader that cannot map a published buffer keeps its local values for
+    that span once (its part still counts), and takes the stream with that reducer from then on."""
+    from hivecli.averaging import allreduce
+
+    caplog.set_level(logging.INFO, logger="hivecli.averaging")
+    request, attach = allreduce.AllReduceRunner._request, SharedBuffers.attach
+    old, blind = [], []  # a peer of step 9; (reader, reducer) whose published buffer it cannot map
+
+    def older(self, span_bytes, shared):
+        sent = request(self, span_bytes, shared)
+        if self.host.peer_id in old:
+            sent.pop("read", None)
+        return sent
+
+    def cannot_map(self, offer, nbytes, layout, writer=None):
+        return None if (self.me, writer) in blind else attach(self, offer, nbytes, layout, writer)
+
+    monkeypatch.setattr(allreduce.AllReduceRunner, "_request", older)
+    monkeypatch.setattr(SharedBuffers, "attach", cannot_map)
+    torch.manual_seed(5)
+    inputs = [torch.randn(30_000) for _ in range(3)]
+    with (
+        local_swarm(3, **DHT_FAST) as dhts,
+        averagers(dhts, [[t.clone()] for t in inputs], prefix="old", **FAST) as avs,
+    ):
+        old.append(avs[0].peer_id)
+        blind.append((avs[1].peer_id.to_bytes(), avs[2].peer_id.to_bytes()))
+        run_round(avs)
+        readers = {(reader, reducer) for _, reader, reducer, _ in publishing}
+        assert readers == {
+            (avs[1].peer_id, avs[0].peer_id),
+            (avs[2].peer_id, avs[0].peer_id),
+            (avs[2].peer_id, avs[1].peer_id),
+        }
+        assert len(named(caplog, "we cannot map the shared buffer it publishes")) == 1
+        for av in (avs[0], avs[2]):  # avs[1]'s part of every span counted
+            torch.testing.assert_close(snapshot(av)[0], sum(inputs) / 3, rtol=0, atol=1e-6)
+        assert avs[1].bytes_received == 0  # what it could not map came as messages without a body
+        run_round(avs)  # avs[1] takes the stream with avs[2] now: every peer ends with the same values
+        assert avs[1].bytes_received > 0
+        assert all(torch.equal(snapshot(av)[0], snapshot(avs[0])[0]) for av in avs)
+
+
+def named(caplog, fragment):
+    return [r for r in caplog.records if fragment in r.getMessage()]

@@ -74,6 +74,10 @@ PART_METHOD = "avg.part"
 # at most EAGER_CHUNKS messages, far below any stream's queue (NetSettings.stream_queue_size).
 EAGER_BYTES = 1024 * 1024
 EAGER_CHUNKS = 4
+# A reducer publishes its averages in one shared buffer that its senders on this host read
+# (sharedmem.py) from a span of this size, with two senders or more: below it, the copies it
+# spares cost less than the message a sender then sends once it has copied its averages out.
+PUBLISH_MIN_BYTES = 4 * 1024 * 1024
 
 
 def wants_bulk_link(settings: AveragingSettings, span_bytes: int) -> bool:
@@ -132,6 +136,7 @@ class AllReduceRunner:
         self._capped: dict[int, float] | None = None  # member -> weight after the cap, set at the first chunk
         self._buffers: dict[int, ChunkedBuffer] = {}
         self._prepared: dict[Stream, ChunkedBuffer] = {}  # part streams whose sink was set before they were served
+        self._published: ChunkedBuffer | None = None  # our averages, for the senders that read them (sharedmem.py)
         self._delivered: dict[int, int] = {}  # sender -> chunks received from it
         self._served = {i: self.loop.create_future() for i in self._alive}  # its averages were received
         self._finalized = 0
@@ -192,14 +197,21 @@ class AllReduceRunner:
         if target is None:
             await channel.send(payload, data)
             return
-        destination = target[offsets[payload[0]] : offsets[payload[0] + 1]]
+        self._copy_bytes(target[offsets[payload[0]] : offsets[payload[0] + 1]], payload[0], data)
+        await channel.stream.send([*payload, SHM])
+
+    def _copy_bytes(self, destination: torch.Tensor, index: int, data: memoryview) -> None:
+        """Copy encoded chunk `index` into its place in a shared buffer.
+
+        Raises:
+            ValueError: it is not the size of its place.
+        """
         if data.nbytes != destination.numel():
-            raise ValueError(f"chunk {payload[0]} is {data.nbytes} bytes; its place holds {destination.numel()}")
+            raise ValueError(f"chunk {index} is {data.nbytes} bytes; its place holds {destination.numel()}")
         if data.readonly:
             tensor_bytes(destination)[:] = data
         else:
             self.slices.copy(destination, torch.frombuffer(data, dtype=torch.uint8))
-        await channel.stream.send([*payload, SHM])
 
     def _expected_senders(self) -> list[int]:
         if not self.my_chunks:
@@ -348,6 +360,12 @@ class AllReduceRunner:
                         self.converted += piece.numel()
             else:
                 self._robust_chunk(c, piece, weights)
+            published = self._published
+            if published is not None:  # once, for every sender that reads it there
+                meta, data = self.codec.encode(piece)
+                self.converted += piece.numel()
+                self._copy_bytes(published.raw[published.offsets[c] : published.offsets[c + 1]], c, data)
+                published.metas[c] = meta
             self._finalized += 1
         if self._finalized > before:
             if self._finalized == len(self.my_chunks) and self.sampler is not None and self._fair_share():
@@ -423,15 +441,23 @@ class AllReduceRunner:
         if received is None:
             received = self._part_buffer(sender, stream, payload)
         self._buffers[sender] = received
+        published = self._publication(stream, payload)
         channel: Channel | None = None
         receiving: asyncio.Task[None] | None = None
         try:
             # the sender waits for our "ready": no chunk arrives before its buffer exists
             channel = await channels.as_reducer(
-                self.host, stream, payload, received.sink, self.settings.request_timeout, received.offer()
+                self.host,
+                stream,
+                payload,
+                received.sink,
+                self.settings.request_timeout,
+                received.offer(),
+                published.offer() if published is not None else None,
             )
             # the averages go into the sender's shared buffer where it offered one we can map
-            target = self._attach(stream.connection, payload.get("shm"), received) if "shm" in payload else None
+            shm = "shm" in payload and published is None
+            target = self._attach(stream.connection, payload.get("shm"), received) if shm else None
             receiving = self.loop.create_task(self._receive_part(channel, sender, received))
             for c, chunk in enumerate(self.my_chunks):
                 while self._finalized <= c:
@@ -439,9 +465,13 @@ class AllReduceRunner:
                         await receiving  # raises why it failed
                         return
                     await self._next_progress()
-                await self._send_chunk(channel, target, received.offsets, *self._encode(c, chunk))
+                if published is not None:  # the average is in our published buffer already
+                    self.sent_bytes += published.offsets[c + 1] - published.offsets[c]
+                    await stream.send([c, published.metas[c], SHM])
+                else:
+                    await self._send_chunk(channel, target, received.offsets, *self._encode(c, chunk))
             await receiving
-            await self._answer_audit_or_end(stream, sender)
+            await self._answer_audit_or_end(stream, sender, published is not None)
             if not self._served[sender].done():
                 self._served[sender].set_result(None)
         except asyncio.CancelledError:
@@ -455,6 +485,23 @@ class AllReduceRunner:
                 receiving.cancel()
             if channel is not None:
                 channel.close()
+
+    def _publication(self, stream: Stream, request: Any) -> ChunkedBuffer | None:
+        """Our published averages (sharedmem.py), where this sender reads them: it said it can
+        ("read"), it shares memory with us, and we publish this round. We do from the first such
+        sender on if two senders or more send to us, our span is PUBLISH_MIN_BYTES or more, and
+        no chunk is final yet (none can be before this sender's first chunk, which it sends only
+        once our "ready" has come: it offered a shared buffer)."""
+        shared = self._shared_with(stream.connection)
+        if shared is None or not (isinstance(request, dict) and request.get("read") is True and "shm" in request):
+            return None
+        if self._published is None and self._finalized == 0 and len(self._expected_senders()) >= 2:
+            nbytes = sum(self.codec.encoded_nbytes(chunk.numel) for chunk in self.my_chunks)
+            # by the parity of our rounds: a reader of the last round's never finds this one's there
+            buffer = shared.get(("avg", shared.rounds % 2), nbytes, self.host.peer_id.to_bytes())
+            if nbytes >= PUBLISH_MIN_BYTES and buffer is not None:
+                self._published = ChunkedBuffer(self.pool, None, self.my_chunks, self.codec, lambda _: buffer)
+        return self._published
 
     def _part_buffer(self, sender: int, stream: Stream, request: Any) -> ChunkedBuffer:
         """Where `sender`'s part of our span is received: pooled by its place from us, or in a
@@ -488,20 +535,29 @@ class AllReduceRunner:
             raise HiveError(f"weight {weight} must be a finite number >= 0")
         return sender, weight
 
-    async def _answer_audit_or_end(self, stream: Stream, sender: int) -> None:
+    async def _answer_audit_or_end(self, stream: Stream, sender: int, reads_published: bool) -> None:
         """After the last average: the sender either ends its stream or asks for an audit.
         Either says it has every average; once we answered the audit, it needs nothing more
         from us. The request ends the sender's side and the answer ours (Stream.send_last: one
         frame each, not two); an older sender's END, which follows the answer, is not waited for.
+        A sender that reads our published averages ends its side only once it has copied them
+        out, after the answer: until then, that buffer is not ours to reuse.
 
         Raises:
-            HiveError: an invalid audit request, or the sender went quiet for next_chunk_timeout.
+            HiveError: an invalid audit request, something else than the END we wait for, or
+                the sender went quiet for next_chunk_timeout.
         """
         try:
             message = await stream.recv(timeout=self.settings.next_chunk_timeout)
         except EndOfStream:
             return  # no audit: verify_reducers is off on the sender's side
         await stream.send_last(self._audit_answer(message.payload))  # and our end, in one frame
+        if reads_published:
+            try:
+                late = await stream.recv(timeout=self.settings.next_chunk_timeout)
+            except EndOfStream:
+                return
+            raise HiveError(f"expected the end of its stream after the audit, got {str(late.payload)[:60]!r}")
 
     def _audit_answer(self, request: Any) -> dict[str, Any]:
         """Our answer to a sender's audit request (ReducerAudit.answer).
@@ -574,6 +630,8 @@ class AllReduceRunner:
 
             # our part goes into the reducer's shared buffer where it offered one we can map
             target = self._attach(conn, channel.remote_buffer, results) if "shm" in request else None
+            # and our averages are in the buffer it publishes them in, if it does, and we can map it
+            unreadable = channel.published is not None and not self._read_published(conn, channel.published, results)
 
             async def send_part() -> None:
                 assert channel is not None
@@ -586,7 +644,10 @@ class AllReduceRunner:
                     # the first averaged chunk can only come once every sender has delivered
                     timeout = None if i == 0 else self.settings.next_chunk_timeout
                     message, finite = await channel.recv(
-                        timeout, lambda payload, body, i=i: all_finite(results.place(i, payload, body))
+                        timeout,
+                        (lambda *_: True)  # their messages only
+                        if unreadable
+                        else lambda payload, body, i=i: all_finite(results.place(i, payload, body)),
                     )
                     self.converted += chunks[i].numel
                     self.received_bytes += len(message.body)
@@ -594,8 +655,14 @@ class AllReduceRunner:
                         raise HostilePeerError(f"it returned a non-finite average (NaN or inf) in chunk {i}")
                 await sending
                 stream.body_sink = None  # more bodies on the stream are bytes now, never in `results`
-                if self.settings.verify_reducers:
-                    await self.audit.check(stream, j, chunks, results)  # before our input is overwritten
+                if unreadable:  # our part went into its averages all the same: we end as a sender does
+                    await stream.end()
+                    stream = None
+                    raise HiveError("we cannot map the shared buffer it publishes its averages in")
+                if self.settings.verify_reducers:  # before our input is overwritten
+                    await self.audit.check(stream, j, chunks, results, last=not results.published)
+                if results.published:  # copied out before our END, after which the reducer reuses it
+                    self._apply(chunks, results)
                 # tells the reducer we have everything, so it may reuse its buffers (the audit
                 # request said so already, and ended our side: then this sends nothing)
                 await stream.end()
@@ -620,8 +687,28 @@ class AllReduceRunner:
             if stream is not None:
                 with contextlib.suppress(HiveError):
                     await stream.cancel()
+        if not results.published:
+            self._apply(chunks, results)
+
+    def _apply(self, chunks: Sequence[Chunk], results: ChunkedBuffer) -> None:
+        """Copy a reducer's averages, received and checked, into our tensors."""
         for i, chunk in enumerate(chunks):
             self.slices.copy(self._piece(chunk), results.decode(i))
+
+    def _read_published(self, connection: Connection, offer: Any, results: ChunkedBuffer) -> bool:
+        """Read a reducer's averages in the buffer it publishes them in (`offer`), laid out as
+        `results`; False where we cannot map it. The reducer writes our averages nowhere else:
+        its span then keeps our local values this round, and we offer it no shared memory for a
+        while (sharedmem.REFUSAL_MEMORY_S)."""
+        shared = self._shared_with(connection)
+        peer = connection.remote_peer
+        region = shared.attach(offer, results.offsets[-1], results.layout, peer.to_bytes()) if shared else None
+        if region is None:
+            if shared is not None:
+                shared.refuse(peer)
+            return False
+        results.read_from(region)
+        return True
 
     def _on_pending(self, j: int) -> float:
         """Member j said "pending": its owner holds the round. Wait for it as a sender too, and
@@ -650,7 +737,9 @@ class AllReduceRunner:
         # "wait": we understand "pending" (older reducers ignore the field)
         request = {"group_id": self.group.group_id, "sender": self.index, "weight": self.weight, "wait": True}
         if shared is not None:
-            request["shm"] = shared  # our shared buffer for the averages (sharedmem.py); older reducers ignore it
+            # our shared buffer for the averages (sharedmem.py), and we can read them in one the
+            # reducer publishes for all its senders instead; older reducers ignore both
+            request["shm"], request["read"] = shared, True
         elif wants_bulk_link(self.settings, span_bytes):
             request["bulk"] = True  # a link of our own for the chunks (channel.py), if the reducer can
         return request

@@ -184,10 +184,13 @@ class ReducerAudit:
 
     # ---- as a sender ----------------------------------------------------------------------------
 
-    async def check(self, stream: Stream, j: int, chunks: Sequence[Chunk], results: EncodedChunks) -> None:
+    async def check(
+        self, stream: Stream, j: int, chunks: Sequence[Chunk], results: EncodedChunks, last: bool = True
+    ) -> None:
         """Check reducer j's averages (`results`, its span cut into `chunks`) at random positions
         of its span, chosen only now that they are all here (so it could not have known which
-        ones to get right). Our tensors must still hold our input for span j.
+        ones to get right). Our tensors must still hold our input for span j. The request ends
+        our side of the stream, unless not `last` (we end it ourselves later).
 
         Raises:
             AuditFailed: the reducer's answer contradicts our input or its own averages.
@@ -195,7 +198,8 @@ class ReducerAudit:
         """
         positions = _choose_positions(*self.spans[j], self.settings.audit_positions)
         # "packed": the answer's inputs as bytes (_pack_rows); reducers of step 9 and earlier ignore it
-        await stream.send_last({"audit": positions, "packed": True})  # we send nothing more: it ends our side too
+        request = {"audit": positions, "packed": True}
+        await (stream.send_last(request) if last else stream.send(request))  # send_last: ends our side too
         try:
             reply = await stream.recv(timeout=self.settings.next_chunk_timeout)
         except (HiveError, EndOfStream) as e:

@@ -48,6 +48,8 @@ class ChunkedBuffer:
         self.layout = layout_tag(self.offsets)
         # in a buffer the other side maps and writes into (sharedmem.py), where `shared` gives one
         self.shared = shared(self.offsets[-1]) if shared is not None else None
+        self.mapped = self.shared is not None  # chunks may come as SHM: in the region that another side wrote
+        self.published = False  # in a region the other side published (`read_from`): only as SHM
         self.raw = self.shared.region(self.offsets[-1]) if self.shared is not None else pool.get(key, self.offsets[-1])
         self.view = tensor_bytes(self.raw) if self.offsets[-1] else memoryview(b"")
         self.metas: list[Any] = [None] * len(chunks)
@@ -56,6 +58,12 @@ class ChunkedBuffer:
     def offer(self) -> list[str] | None:
         """What the peer that writes into our shared buffer needs to map it, if we have one."""
         return self.shared.offer(self.layout) if self.shared is not None else None
+
+    def read_from(self, region: torch.Tensor) -> None:
+        """Read every chunk from now on in `region` (bytes laid out as ours): a buffer the other
+        side published its chunks in, which it writes before sending their messages."""
+        self.raw, self.mapped, self.published = region, True, True
+        self.view = tensor_bytes(region) if self.offsets[-1] else memoryview(b"")
 
     def region(self, index: int) -> memoryview:
         return self.view[self.offsets[index] : self.offsets[index + 1]]
@@ -66,7 +74,7 @@ class ChunkedBuffer:
         fails `place`'s order check, without overwriting the checked chunk that may still be
         waiting to be averaged or copied."""
         valid = isinstance(payload, list) and len(payload) == 2 and isinstance(payload[0], int)
-        if not (valid and 0 <= payload[0] < len(self.chunks)) or self.sunk[payload[0]] is not None:
+        if self.published or not (valid and 0 <= payload[0] < len(self.chunks)) or self.sunk[payload[0]] is not None:
             return None
         view = self.sunk[payload[0]] = self.region(payload[0])
         return view
@@ -78,13 +86,15 @@ class ChunkedBuffer:
             ValueError: out of order, wrong size, or undecodable.
         """
         written = (  # the other side wrote the body into our shared buffer, at its region (sharedmem.py)
-            isinstance(payload, list) and len(payload) == 3 and payload[2] == SHM and self.shared is not None
+            isinstance(payload, list) and len(payload) == 3 and payload[2] == SHM and self.mapped
         )
         if written:
             payload = payload[:2]
         if not (isinstance(payload, list) and len(payload) == 2 and payload[0] == expected):
             raise ValueError(f"expected chunk {expected}, got {str(payload)[:60]!r}")
         region = self.region(expected)
+        if self.published and not written:  # we never write into the other side's published buffer
+            raise ValueError(f"chunk {expected} came with a body, not in the buffer its sender published")
         if written:
             if len(body):
                 raise ValueError(f"chunk {expected} came both with a body and in our shared buffer")

@@ -22,7 +22,9 @@ Between two processes of one host (sharedmem.py) the request offers the sender's
 for the averages ({..., "shm": offer}, never with "bulk") and the "ready" the reducer's for the
 part (["ready", {"shm": offer or None}]). Each side then copies its chunks into the other's
 buffer and sends each chunk's message on the stream without a body; where a side could not map
-the other's buffer, its chunks take the stream.
+the other's buffer, its chunks take the stream. A sender that can read a reducer's published
+averages says so ({..., "read": true}); a reducer that publishes them offers that buffer too
+(["ready", {"shm": ..., "avg": offer}]), and the sender reads every average there.
 """
 
 from __future__ import annotations
@@ -54,9 +56,12 @@ Check = Callable[[Any, "bytes | memoryview"], Any]
 class Channel:
     """Chunk messages between a sender and a reducer, on a bulk link or on their stream."""
 
-    def __init__(self, stream: Stream, link: BulkLink | None, sink: BodySink, remote_buffer: Any = None):
+    def __init__(
+        self, stream: Stream, link: BulkLink | None, sink: BodySink, remote_buffer: Any = None, published: Any = None
+    ):
         self.stream, self.link, self.sink = stream, link, sink
         self.remote_buffer = remote_buffer  # the reducer's offer of its shared buffer for our chunks, if it made one
+        self.published = published  # its offer of the buffer it publishes its averages in, if it made one
         if link is None:
             stream.body_sink = sink
 
@@ -134,7 +139,7 @@ async def as_sender(
     if not is_ready(ready):
         raise ValueError(f"expected {READY!r} from the reducer, got {describe(ready, 40)}")
     if isinstance(ready[1], dict):  # a request that offered a shared buffer: the reducer's own offer, or None
-        return Channel(stream, None, sink, ready[1].get("shm"))
+        return Channel(stream, None, sink, ready[1].get("shm"), ready[1].get("avg"))
     offer = BulkOffer.from_wire(ready[1])
     link = await host.bulk.dial(str(peer), _direct_addresses(maddrs, stream), offer, timeout)
     try:
@@ -147,18 +152,25 @@ async def as_sender(
 
 
 async def as_reducer(
-    host: Host, stream: Stream, request: Any, sink: BodySink, timeout: float, shared: list[str] | None = None
+    host: Host,
+    stream: Stream,
+    request: Any,
+    sink: BodySink,
+    timeout: float,
+    shared: list[str] | None = None,
+    published: list[str] | None = None,
 ) -> Channel:
     """The reducer's side of a sender's request: send "ready" (with an offer if the sender asked
     for a bulk link; with the offer of our `shared` buffer for its chunks, or None, if it
-    offered one of its own: sharedmem.py), then learn which way the chunks come.
+    offered one of its own, and of the buffer we `published` our averages in, if we do:
+    sharedmem.py), then learn which way the chunks come.
 
     Raises:
         HiveError, EndOfStream: the stream broke, or the sender did not answer in time.
     """
     stream.body_sink = sink  # from the start: no chunk that comes on the stream may miss it
     if isinstance(request, dict) and "shm" in request:
-        await stream.send([READY, {"shm": shared}])
+        await stream.send([READY, {"shm": shared} if published is None else {"shm": shared, "avg": published}])
         return Channel(stream, None, sink)
     if not (isinstance(request, dict) and request.get("bulk") is True):
         await stream.send(READY)

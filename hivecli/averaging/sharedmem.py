@@ -22,6 +22,15 @@ message on the stream without a body (`SHM`). Whatever fails (no /dev/shm, no ro
 user, another mount namespace) leaves that pair on the stream, and the pair stops offering
 for a while (so they may take bulk links again).
 
+Published averages: a reducer with two or more readers on this host and a span of at least
+allreduce.PUBLISH_MIN_BYTES writes its averages once, into a buffer of its own that names
+itself as the writer, and offers it to every sender that says it can read one ("read"); they
+read their averages there, not in a buffer of their own that it writes into once per sender.
+Two such buffers alternate by the parity of the reducer's rounds, and a reader says it is done
+(its END) only once it has copied the averages out, so that a reducer never writes into a
+buffer that someone still reads. At 4 x 50M fp32 on 2 cores that spared 2 of a peer's 6 big
+copies: 18-20 ms of its 140 ms of CPU per round.
+
 Trust: only processes of our own user can open these files. Such a process can already change
 our code, our checkpoints and our files. Letting it write into our receive buffers, even after
 we have checked them, gives it nothing it did not already have. The token and the writer's tag
@@ -188,6 +197,7 @@ class SharedBuffers:
         self._refused: dict[Any, float] = {}  # peer -> until when we do not offer it shared memory
         self._used: set[Any] = set()  # keys of our own buffers used since `end_round`
         self._mapped: set[str] = set()  # names of the other sides' buffers used since `end_round`
+        self.rounds = 0  # rounds ended: a reducer publishes its averages in one of two buffers by its parity
 
     def usable(self, peer: Any) -> bool:
         """Whether to offer `peer` shared memory now: it did not fail with it lately."""
@@ -231,18 +241,19 @@ class SharedBuffers:
             return None
         return buffer
 
-    def attach(self, offer: Any, nbytes: int, layout: str) -> torch.Tensor | None:
-        """`nbytes` of the other side's buffer that `offer` names, to write into; None if it
-        cannot be used (logged at debug level: that pair stays on the stream)."""
+    def attach(self, offer: Any, nbytes: int, layout: str, writer: bytes | None = None) -> torch.Tensor | None:
+        """`nbytes` of the other side's buffer that `offer` names: to write into, or with
+        `writer` (the offering peer's id bytes), a buffer that peer writes and offers to read
+        (its published averages); None if it cannot be used (logged at debug level)."""
         if not (isinstance(offer, list) and len(offer) == 3 and offer[2] == layout):
-            logger.debug("Not writing into a peer's shared buffer: no offer, or another chunk layout (%.80r)", offer)
+            logger.debug("Not mapping a peer's shared buffer: no offer, or another chunk layout (%.80r)", offer)
             return None
         buffer = self._attached.get(offer[0])
         if buffer is None or buffer.token.hex() != offer[1] or buffer.capacity < max(nbytes, 1):
             try:
-                buffer = SharedBuffer.attach(offer, nbytes, self.me)
+                buffer = SharedBuffer.attach(offer, nbytes, self.me if writer is None else writer)
             except HiveError as e:
-                logger.debug("Not writing into a peer's shared buffer: %s", e)
+                logger.debug("Not mapping a peer's shared buffer: %s", e)
                 return None
             self._attached[buffer.name] = buffer
             while len(self._attached) > MAX_ATTACHED:
@@ -264,6 +275,7 @@ class SharedBuffers:
             del self._attached[name]
         self._used.clear()
         self._mapped.clear()
+        self.rounds += 1
 
     def clear(self) -> None:
         for buffer in self._own.values():
