@@ -132,26 +132,35 @@ def test_bad_defence_settings_are_config_errors(kwargs, fragment):
 # ---- one hostile member of a round, through the wire ----------------------------------------
 
 
-@pytest.fixture(params=["stream", "bulk", "shared"])
+@pytest.fixture(params=["stream", "bulk", "shared", "published"])
 def link(request, monkeypatch):
     """Which way the spans travel: on the part streams, (every span, however small) on bulk
-    links (channel.py), or through shared memory, as between peers on one host (sharedmem.py).
-    Returns a check, for after a round, that they went that way."""
-    if request.param != "shared":
+    links (channel.py), or through shared memory, as between peers on one host (sharedmem.py),
+    there with every reducer publishing its averages for its senders to read ("published",
+    whatever the span's size). Returns a check, for after a round, that they went that way."""
+    shared = request.param in ("shared", "published")
+    if not shared:
         monkeypatch.setattr("hivecli.averaging.allreduce.AllReduceRunner._shared_with", lambda self, connection: None)
     if request.param == "bulk":  # as bulk_links = "all" does for spans of 1 MiB or more
         monkeypatch.setattr("hivecli.averaging.allreduce.wants_bulk_link", lambda settings, span_bytes: True)
-    attached = []
+    if request.param == "published":
+        monkeypatch.setattr("hivecli.averaging.allreduce.PUBLISH_MIN_BYTES", 1)
+    attached = []  # (mapped, a published buffer)
     attach = SharedBuffers.attach
 
-    def counting(self, offer, nbytes, layout):
-        target = attach(self, offer, nbytes, layout)
-        attached.append(target is not None)
+    def counting(self, offer, nbytes, layout, publisher=None):
+        target = attach(self, offer, nbytes, layout, publisher)
+        attached.append((target is not None, publisher is not None))
         return target
 
     monkeypatch.setattr(SharedBuffers, "attach", counting)
     with redeemed_bulk_links() as redeemed:
-        yield lambda: (any(redeemed), any(attached)) == (request.param == "bulk", request.param == "shared")
+
+        def went_that_way() -> bool:
+            went = (any(redeemed), any(m for m, _ in attached), any(m and p for m, p in attached))
+            return went == (request.param == "bulk", shared, request.param == "published")
+
+        yield went_that_way
 
 
 @contextlib.contextmanager
@@ -299,8 +308,8 @@ def test_a_reducer_returning_non_finite_averages_is_ignored_and_banned(caplog, m
             before = self._finalized
             original(self)
             if self.host.peer_id == attacker:  # the hostile reducer returns NaN for every chunk
-                for chunk in self.my_chunks[before : self._finalized]:
-                    self._piece(chunk).fill_(math.nan)
+                for c in range(before, self._finalized):
+                    self._average(c).fill_(math.nan)  # in its tensors, or where it averages into its published buffer
 
         monkeypatch.setattr(AllReduceRunner, "_finalize_ready_chunks", poisoned)
         order = run_round(avs, hostile=2)
@@ -322,16 +331,17 @@ def test_a_reducer_returning_non_finite_averages_is_ignored_and_banned(caplog, m
 
 
 def lying_reducer(monkeypatch, attacker, claim_666=False):
-    """The `attacker`'s runner overwrites its finalized averages with 666 before they go back;
-    with `claim_666` its audit answers also claim that every input was 666 (a consistent lie)."""
+    """The `attacker`'s runner overwrites its finalized averages with 666 before they go back (in
+    its tensors, or where it averages into its published buffer); with `claim_666` its audit
+    answers also claim that every input was 666 (a consistent lie)."""
     finalize, answer = AllReduceRunner._finalize_ready_chunks, AllReduceRunner._audit_answer
 
     def wrong_averages(self):
         before = self._finalized
         finalize(self)
         if self.host.peer_id == attacker:
-            for chunk in self.my_chunks[before : self._finalized]:
-                self._piece(chunk).fill_(666.0)
+            for c in range(before, self._finalized):
+                self._average(c).fill_(666.0)
 
     def wrong_inputs(self, request):
         reply = answer(self, request)
@@ -359,8 +369,16 @@ def warnings_naming(caplog, peer_id):
         ("mean", "blockwise8bit", False, "the inputs it claims give", "bulk"),
         ("mean", "none", True, "claims our input was 666.0", "bulk"),
         ("centered_clip", "none", True, "claims our input was 666.0", "stream"),
+        ("mean", "none", False, "the inputs it claims give", "published"),
     ],
-    ids=["mean", "trimmed-mean", "blockwise8bit-bulk", "consistent-liar-bulk", "consistent-liar-centered-clip"],
+    ids=[
+        "mean",
+        "trimmed-mean",
+        "blockwise8bit-bulk",
+        "consistent-liar-bulk",
+        "consistent-liar-centered-clip",
+        "mean-published",
+    ],
     indirect=["link"],
 )
 def test_a_reducer_returning_wrong_finite_averages_fails_the_audit_and_is_banned(

@@ -256,6 +256,47 @@ def test_a_published_buffer_takes_chunks_only_as_written_there():
     assert torch.equal(published.view(torch.float32), torch.arange(8, dtype=torch.float32))  # untouched
 
 
+def test_a_published_buffer_is_read_only_as_its_publishers_and_never_written_into(directory):
+    """A reader learns a published buffer's name and token, and may be of another user: offered
+    back as a buffer to write into (to its publisher, or to anyone), or as another peer's
+    published buffer, it is refused, even where the mapping is cached already."""
+    published = SharedBuffer.create(100, ME, published=True)
+    offer = published.offer(LAYOUT)
+    reader = SharedBuffers(OTHER)
+    assert reader.attach(offer, 100, LAYOUT, publisher=ME) is not None  # as ME's published averages
+    assert reader.attach(offer, 100, LAYOUT) is None  # cached, but not as a buffer to write into
+    assert reader.attach(offer, 100, LAYOUT, publisher=b"third" * 7) is None  # nor as another's
+    for me in (ME, OTHER):
+        with pytest.raises(HiveError, match="was not offered to us"):
+            SharedBuffer.attach(offer, 100, me)
+    publisher = SharedBuffers(ME)
+    own = publisher.get(("avg", 0), 100, ME, published=True)
+    assert publisher.attach(own.offer(LAYOUT), 100, LAYOUT) is None  # one of our own: never
+    assert publisher.attach(own.offer(LAYOUT), 100, LAYOUT, publisher=ME) is None
+    writable = SharedBuffer.create(100, OTHER)  # a buffer OTHER may write into is no published one
+    assert reader.attach(writable.offer(LAYOUT), 100, LAYOUT) is not None
+    assert reader.attach(writable.offer(LAYOUT), 100, LAYOUT, publisher=OTHER) is None
+    publisher.clear()
+    for buffer in (published, writable):
+        buffer.free()
+
+
+def test_small_spans_publish_nothing():
+    """Below PUBLISH_MIN_BYTES (1 MB spans, as at 4 x 1M), a reducer makes no published buffer."""
+    torch.manual_seed(6)
+    inputs = [torch.randn(30_000) for _ in range(3)]
+    before = our_files()
+    with (
+        local_swarm(3, **DHT_FAST) as dhts,
+        averagers(dhts, [[t.clone()] for t in inputs], prefix="small", **FAST) as avs,
+    ):
+        run_round(avs)
+        for av in avs:
+            torch.testing.assert_close(snapshot(av)[0], sum(inputs) / 3, rtol=0, atol=1e-6)
+            assert av.bytes_received == 0
+        assert len(our_files() - before) == 3 * (2 + 2)  # parts and averages, one buffer each per peer
+
+
 @pytest.fixture
 def publishing(monkeypatch):
     """Reducers publish their averages whatever their span's size, and every published buffer a
@@ -339,6 +380,36 @@ def test_a_reducer_ends_its_round_only_once_its_readers_copied_their_averages_ou
     assert all(served[pair] >= copied[pair] for pair in served)
 
 
+def test_a_reducer_without_a_buffer_for_a_part_still_publishes_the_averages(publishing, monkeypatch):
+    """A reducer that could not make a buffer for one sender's part answers it {"shm": None,
+    "avg": offer}: that sender sends its part on the stream, and still reads its averages in the
+    published buffer."""
+    from hivecli.averaging import allreduce
+    from hivecli.averaging.buffers import BufferPool, ChunkedBuffer
+
+    part_buffer = allreduce.AllReduceRunner._part_buffer
+    unshared = []  # (reducer, sender) pairs without a shared buffer for the part
+
+    def without_room(self, sender, stream, request):
+        if (self.host.peer_id, stream.remote_peer) in unshared:
+            return ChunkedBuffer(BufferPool(), None, self.my_chunks, self.codec)
+        return part_buffer(self, sender, stream, request)
+
+    monkeypatch.setattr(allreduce.AllReduceRunner, "_part_buffer", without_room)
+    torch.manual_seed(7)
+    inputs = [torch.randn(30_000) for _ in range(3)]
+    with (
+        local_swarm(3, **DHT_FAST) as dhts,
+        averagers(dhts, [[t.clone()] for t in inputs], prefix="noroom", **FAST) as avs,
+    ):
+        unshared.append((avs[0].peer_id, avs[1].peer_id))
+        run_round(avs)
+        for av in avs:
+            torch.testing.assert_close(snapshot(av)[0], sum(inputs) / 3, rtol=0, atol=1e-6)
+        assert (avs[1].peer_id, avs[0].peer_id) in {(reader, reducer) for _, reader, reducer, _ in publishing}
+        assert avs[0].bytes_received > 0  # avs[1]'s part came on the stream
+
+
 def test_older_senders_and_readers_that_cannot_map_get_their_averages_the_old_ways(publishing, monkeypatch, caplog):
     """A sender of step 9 and earlier does not say "read": its reducers write into its own
     buffer as before. A reader that cannot map a published buffer keeps its local values for
@@ -355,8 +426,8 @@ def test_older_senders_and_readers_that_cannot_map_get_their_averages_the_old_wa
             sent.pop("read", None)
         return sent
 
-    def cannot_map(self, offer, nbytes, layout, writer=None):
-        return None if (self.me, writer) in blind else attach(self, offer, nbytes, layout, writer)
+    def cannot_map(self, offer, nbytes, layout, publisher=None):
+        return None if (self.me, publisher) in blind else attach(self, offer, nbytes, layout, publisher)
 
     monkeypatch.setattr(allreduce.AllReduceRunner, "_request", older)
     monkeypatch.setattr(SharedBuffers, "attach", cannot_map)
@@ -370,15 +441,12 @@ def test_older_senders_and_readers_that_cannot_map_get_their_averages_the_old_wa
         blind.append((avs[1].peer_id.to_bytes(), avs[2].peer_id.to_bytes()))
         run_round(avs)
         readers = {(reader, reducer) for _, reader, reducer, _ in publishing}
-        assert readers == {
-            (avs[1].peer_id, avs[0].peer_id),
-            (avs[2].peer_id, avs[0].peer_id),
-            (avs[2].peer_id, avs[1].peer_id),
-        }
+        # avs[2] reads avs[1]'s too, unless avs[1] had refused it shared memory before serving it
+        first = {(avs[1].peer_id, avs[0].peer_id), (avs[2].peer_id, avs[0].peer_id)}
+        assert readers - {(avs[2].peer_id, avs[1].peer_id)} == first
         assert len(named(caplog, "we cannot map the shared buffer it publishes")) == 1
         for av in (avs[0], avs[2]):  # avs[1]'s part of every span counted
             torch.testing.assert_close(snapshot(av)[0], sum(inputs) / 3, rtol=0, atol=1e-6)
-        assert avs[1].bytes_received == 0  # what it could not map came as messages without a body
         run_round(avs)  # avs[1] takes the stream with avs[2] now: every peer ends with the same values
         assert avs[1].bytes_received > 0
         assert all(torch.equal(snapshot(av)[0], snapshot(avs[0])[0]) for av in avs)

@@ -52,7 +52,7 @@ from hivecli.averaging import channel as channels
 from hivecli.averaging.audit import AuditFailed, AuditUnanswered, ReducerAudit
 from hivecli.averaging.buffers import BufferPool, ChunkedBuffer
 from hivecli.averaging.channel import BULK_MIN_BYTES, Channel
-from hivecli.averaging.compression import Codec, tensor_bytes
+from hivecli.averaging.compression import Codec, NoCompression, tensor_bytes
 from hivecli.averaging.group import GroupInfo
 from hivecli.averaging.pacing import RoundSampler
 from hivecli.averaging.partition import Chunk, Layout, load_balance
@@ -137,6 +137,7 @@ class AllReduceRunner:
         self._buffers: dict[int, ChunkedBuffer] = {}
         self._prepared: dict[Stream, ChunkedBuffer] = {}  # part streams whose sink was set before they were served
         self._published: ChunkedBuffer | None = None  # our averages, for the senders that read them (sharedmem.py)
+        self._into_published = False  # whether we average into it, and copy into our tensors at the end
         self._delivered: dict[int, int] = {}  # sender -> chunks received from it
         self._served = {i: self.loop.create_future() for i in self._alive}  # its averages were received
         self._finalized = 0
@@ -315,8 +316,12 @@ class AllReduceRunner:
         finally:
             for timer in timers:
                 timer.cancel()
-        # averages go out from our tensors without a copy: the step ends only once every sender has them
+        # averages go out from our tensors (or our published buffer) without a copy: the step ends
+        # only once every sender has them
         await asyncio.gather(*self._served.values())
+        if self._into_published:  # every reader is done with them: our tensors get them now
+            for c in range(self._finalized):
+                self.slices.copy(self._piece(self.my_chunks[c]), self._average(c))
 
     async def _next_progress(self) -> None:
         event = self._progress
@@ -346,31 +351,49 @@ class AllReduceRunner:
                 break
             weights = self._capped_weights()
             piece = self._piece(self.my_chunks[c])
-            self.audit.keep_input(c, piece, sorted(self._alive))  # our input: the average replaces it next
+            average = self._average(c) if self._into_published else piece
+            # our input: the audit reads it in our tensors, or in a copy where the average replaces it now
+            self.audit.keep_input(c, piece, sorted(self._alive), copy=not self._into_published)
             if self.settings.aggregation == "mean":
                 # a running weighted mean: one fused pass (lerp) per sender, no temporary buffers
-                weight = weights[self.index]
+                weight, source = weights[self.index], piece
                 for k in sorted(self._alive):
                     if weights[k] > 0:
                         weight += weights[k]
                         share = weights[k] / weight
                         self.slices.apply(
-                            lambda p, d, share=share: p.lerp_(d.to(p.dtype), share), piece, self._buffers[k].decode(c)
+                            lambda a, s, d, share=share: torch.lerp(s, d.to(s.dtype), share, out=a),
+                            average,
+                            source,
+                            self._buffers[k].decode(c),
                         )
+                        source = average
                         self.converted += piece.numel()
+                if source is not average:  # nobody with a weight: our own values
+                    self.slices.copy(average, piece)
             else:
                 self._robust_chunk(c, piece, weights)
             published = self._published
-            if published is not None:  # once, for every sender that reads it there
+            if published is not None and not self._into_published:  # once, for every sender that reads it
                 meta, data = self.codec.encode(piece)
                 self.converted += piece.numel()
                 self._copy_bytes(published.raw[published.offsets[c] : published.offsets[c + 1]], c, data)
                 published.metas[c] = meta
+            elif published is not None:
+                published.metas[c] = []  # NoCompression's meta
             self._finalized += 1
         if self._finalized > before:
             if self._finalized == len(self.my_chunks) and self.sampler is not None and self._fair_share():
                 self.sampler.inputs_arrived()  # every part of our span is here: the rest is ours to send
             self._pulse()
+
+    def _average(self, c: int) -> torch.Tensor:
+        """Where chunk c of our span is averaged: our tensors, or where we average into our
+        published buffer (`_into_published`), its float32 bytes there."""
+        if not self._into_published:
+            return self._piece(self.my_chunks[c])
+        assert self._published is not None
+        return self.codec.decode([], self._published.region(c), self.my_chunks[c].numel)
 
     def _fair_share(self) -> bool:
         """Whether our span is about as large as the others' on average: with a smaller one (a
@@ -459,7 +482,7 @@ class AllReduceRunner:
             shm = "shm" in payload and published is None
             target = self._attach(stream.connection, payload.get("shm"), received) if shm else None
             receiving = self.loop.create_task(self._receive_part(channel, sender, received))
-            for c, chunk in enumerate(self.my_chunks):
+            for c in range(len(self.my_chunks)):
                 while self._finalized <= c:
                     if sender not in self._alive:
                         await receiving  # raises why it failed
@@ -469,7 +492,7 @@ class AllReduceRunner:
                     self.sent_bytes += published.offsets[c + 1] - published.offsets[c]
                     await stream.send([c, published.metas[c], SHM])
                 else:
-                    await self._send_chunk(channel, target, received.offsets, *self._encode(c, chunk))
+                    await self._send_chunk(channel, target, received.offsets, *self._encode(c, self._average(c)))
             await receiving
             await self._answer_audit_or_end(stream, sender, published is not None)
             if not self._served[sender].done():
@@ -495,12 +518,21 @@ class AllReduceRunner:
         shared = self._shared_with(stream.connection)
         if shared is None or not (isinstance(request, dict) and request.get("read") is True and "shm" in request):
             return None
+        nbytes = sum(self.codec.encoded_nbytes(chunk.numel) for chunk in self.my_chunks)
         if self._published is None and self._finalized == 0 and len(self._expected_senders()) >= 2:
-            nbytes = sum(self.codec.encoded_nbytes(chunk.numel) for chunk in self.my_chunks)
             # by the parity of our rounds: a reader of the last round's never finds this one's there
-            buffer = shared.get(("avg", shared.rounds % 2), nbytes, self.host.peer_id.to_bytes())
-            if nbytes >= PUBLISH_MIN_BYTES and buffer is not None:
+            key, me = ("avg", shared.rounds % 2), self.host.peer_id.to_bytes()
+            buffer = shared.get(key, nbytes, me, published=True) if nbytes >= PUBLISH_MIN_BYTES else None
+            if buffer is not None:
                 self._published = ChunkedBuffer(self.pool, None, self.my_chunks, self.codec, lambda _: buffer)
+                # a float32 mean can be averaged straight into it, our tensors keeping our input
+                # until every reader is done: no copy of our input for the audit, nor of the averages
+                # into the buffer (each 1/N of the tensors), only one into our tensors at the end
+                self._into_published = (
+                    isinstance(self.codec, NoCompression)
+                    and self.settings.aggregation == "mean"
+                    and all(self.flat[chunk.tensor].dtype == torch.float32 for chunk in self.my_chunks)
+                )
         return self._published
 
     def _part_buffer(self, sender: int, stream: Stream, request: Any) -> ChunkedBuffer:
@@ -617,7 +649,7 @@ class AllReduceRunner:
             waits = request.get("bulk") or "shm" in request
             eager = 0 if waits else bisect_right(results.offsets[1 : EAGER_CHUNKS + 1], EAGER_BYTES)
             for i in range(eager):
-                await stream.send(*self._encode(i, chunks[i]))
+                await stream.send(*self._encode(i, self._piece(chunks[i])))
             channel = await channels.as_sender(
                 self.host,
                 stream,
@@ -628,15 +660,16 @@ class AllReduceRunner:
                 on_pending=lambda: self._on_pending(j),
             )
 
+            # our averages are in the buffer the reducer publishes them in, if it does, and we can
+            # map it (first: not mapping its buffer for our part makes us refuse it shared memory)
+            unreadable = channel.published is not None and not self._read_published(conn, channel.published, results)
             # our part goes into the reducer's shared buffer where it offered one we can map
             target = self._attach(conn, channel.remote_buffer, results) if "shm" in request else None
-            # and our averages are in the buffer it publishes them in, if it does, and we can map it
-            unreadable = channel.published is not None and not self._read_published(conn, channel.published, results)
 
             async def send_part() -> None:
                 assert channel is not None
                 for i in range(eager, len(chunks)):
-                    await self._send_chunk(channel, target, results.offsets, *self._encode(i, chunks[i]))
+                    await self._send_chunk(channel, target, results.offsets, *self._encode(i, self._piece(chunks[i])))
 
             sending = self.loop.create_task(send_part())
             try:
@@ -649,7 +682,7 @@ class AllReduceRunner:
                         if unreadable
                         else lambda payload, body, i=i: all_finite(results.place(i, payload, body)),
                     )
-                    self.converted += chunks[i].numel
+                    self.converted += 0 if unreadable else chunks[i].numel
                     self.received_bytes += len(message.body)
                     if not finite:
                         raise HostilePeerError(f"it returned a non-finite average (NaN or inf) in chunk {i}")
@@ -661,11 +694,14 @@ class AllReduceRunner:
                     raise HiveError("we cannot map the shared buffer it publishes its averages in")
                 if self.settings.verify_reducers:  # before our input is overwritten
                     await self.audit.check(stream, j, chunks, results, last=not results.published)
-                if results.published:  # copied out before our END, after which the reducer reuses it
+                if results.published:  # copied out before our END, after which the reducer may reuse it
                     self._apply(chunks, results)
-                # tells the reducer we have everything, so it may reuse its buffers (the audit
-                # request said so already, and ended our side: then this sends nothing)
-                await stream.end()
+                    with contextlib.suppress(HiveError):  # they are ours now, whatever the END meets
+                        await stream.end()
+                else:
+                    # tells the reducer we have everything, so it may reuse its buffers (the audit
+                    # request said so already, and ended our side: then this sends nothing)
+                    await stream.end()
                 stream = None
             finally:
                 sending.cancel()
@@ -700,9 +736,10 @@ class AllReduceRunner:
         `results`; False where we cannot map it. The reducer writes our averages nowhere else:
         its span then keeps our local values this round, and we offer it no shared memory for a
         while (sharedmem.REFUSAL_MEMORY_S)."""
-        shared = self._shared_with(connection)
-        peer = connection.remote_peer
-        region = shared.attach(offer, results.offsets[-1], results.layout, peer.to_bytes()) if shared else None
+        shared, peer = self._shared_with(connection), connection.remote_peer
+        region = None
+        if shared is not None:
+            region = shared.attach(offer, results.offsets[-1], results.layout, publisher=peer.to_bytes())
         if region is None:
             if shared is not None:
                 shared.refuse(peer)
@@ -716,11 +753,11 @@ class AllReduceRunner:
         self._pending.add(j)
         return max(0.0, self._late_deadline - self.loop.time()) + self.settings.request_timeout
 
-    def _encode(self, index: int, chunk: Chunk) -> tuple[list[Any], memoryview]:
-        """Chunk `index` of a span, as the message that carries it: ([index, meta], bytes)."""
-        meta, data = self.codec.encode(self._piece(chunk))
+    def _encode(self, index: int, values: torch.Tensor) -> tuple[list[Any], memoryview]:
+        """Chunk `index` of a span (`values`), as the message that carries it: ([index, meta], bytes)."""
+        meta, data = self.codec.encode(values)
         self.sent_bytes += data.nbytes
-        self.converted += chunk.numel
+        self.converted += values.numel()
         return [index, meta], data
 
     def _attach(self, connection: Connection, offer: Any, layout: ChunkedBuffer) -> torch.Tensor | None:

@@ -104,6 +104,7 @@ class ReducerAudit:
         self._chunk_starts = [chunk.start for chunk in my_chunks]
         self._own_offsets: list[int] = [0]
         self._own: torch.Tensor | None = None
+        self._in_tensors = False  # our input stayed in our tensors this round, not copied (`keep_input`)
         if settings.verify_reducers and my_chunks:
             for chunk in my_chunks:  # 8-byte aligned, so that every chunk views as its tensor's dtype
                 nbytes = chunk.numel * flat[chunk.tensor].element_size()
@@ -124,11 +125,15 @@ class ReducerAudit:
             : chunk.numel
         ]
 
-    def keep_input(self, c: int, piece: torch.Tensor, included: Sequence[int]) -> None:
-        """Keep our input for chunk c of our span (`piece`, about to be replaced by the average)
-        and the senders aggregated into it (someone may fail later); only with verify_reducers."""
+    def keep_input(self, c: int, piece: torch.Tensor, included: Sequence[int], copy: bool = True) -> None:
+        """Keep the senders aggregated into chunk c of our span (someone may fail later), and a
+        copy of our input there (`piece`, about to be replaced by the average) unless not
+        `copy`: then our tensors keep it until the round's audits are answered (a reducer that
+        averages into its published buffer). Only with verify_reducers."""
         if self._own is not None:
-            self.slices.copy(self._own_input(c), piece)
+            if copy:
+                self.slices.copy(self._own_input(c), piece)
+            self._in_tensors = not copy
             self._included.append(list(included))
 
     def answer(
@@ -178,7 +183,8 @@ class ReducerAudit:
         values = [0.0] * len(positions)
         for c, at in _by_chunk(where).items():
             offsets = torch.tensor([positions[i] - self.my_chunks[c].start for i in at])
-            for i, value in zip(at, self._own_input(c)[offsets].tolist(), strict=True):
+            source = self._input(self.my_chunks[c]) if self._in_tensors else self._own_input(c)
+            for i, value in zip(at, source[offsets].tolist(), strict=True):
                 values[i] = float(value)
         return values
 

@@ -83,7 +83,8 @@ class ChunkedBuffer:
         """Check one received message, copy its body in place if the sink did not, and decode it.
 
         Raises:
-            ValueError: out of order, wrong size, or undecodable.
+            ValueError: out of order, wrong size, undecodable, or with a body where the chunk
+                must be in a buffer the other side published (`read_from`).
         """
         written = (  # the other side wrote the body into our shared buffer, at its region (sharedmem.py)
             isinstance(payload, list) and len(payload) == 3 and payload[2] == SHM and self.mapped

@@ -22,14 +22,17 @@ message on the stream without a body (`SHM`). Whatever fails (no /dev/shm, no ro
 user, another mount namespace) leaves that pair on the stream, and the pair stops offering
 for a while (so they may take bulk links again).
 
-Published averages: a reducer with two or more readers on this host and a span of at least
-allreduce.PUBLISH_MIN_BYTES writes its averages once, into a buffer of its own that names
-itself as the writer, and offers it to every sender that says it can read one ("read"); they
-read their averages there, not in a buffer of their own that it writes into once per sender.
-Two such buffers alternate by the parity of the reducer's rounds, and a reader says it is done
-(its END) only once it has copied the averages out, so that a reducer never writes into a
-buffer that someone still reads. At 4 x 50M fp32 on 2 cores that spared 2 of a peer's 6 big
-copies: 18-20 ms of its 140 ms of CPU per round.
+Published averages: a reducer with two senders or more and a span of at least
+allreduce.PUBLISH_MIN_BYTES averages into a buffer of its own, and offers it to every sender on
+this host that says it can read one ("read"); they read their averages there, not in a buffer
+of their own that it writes into once per sender. Its header names the reducer as the one that
+publishes it, with a tag of another kind than a writer's (`buffer_tag`), so no peer can offer
+it back to anyone as a buffer to write into. Two such buffers alternate by the parity of the
+reducer's rounds, and a reader says it is done (its END) only once it has copied its averages
+out; the reducer waits for that END (up to next_chunk_timeout) before its round ends. So it
+writes into a buffer that someone still reads only if that reader went quiet for that long and
+is then still copying two rounds later. At 4 x 50M fp32 on 2 cores publishing spared 2 of a
+peer's 6 big copies: 18-20 ms of its 140 ms of CPU per round.
 
 Trust: only processes of our own user can open these files. Such a process can already change
 our code, our checkpoints and our files. Letting it write into our receive buffers, even after
@@ -86,6 +89,12 @@ def writer_tag(peer: bytes) -> bytes:
     return hashlib.blake2b(peer, digest_size=16).digest()
 
 
+def buffer_tag(peer: bytes, published: bool) -> bytes:
+    """What a buffer's header says of `peer`: the one that may write into it, or where it is a
+    published buffer, the one that publishes it (a tag that never passes for a writer's)."""
+    return hashlib.blake2b(peer, digest_size=16, person=b"published").digest() if published else writer_tag(peer)
+
+
 def layout_tag(offsets: Sequence[int]) -> str:
     """A digest of a buffer's chunk layout (where each chunk starts): a writer's and the
     reader's must match, or a chunk would land across two of the reader's."""
@@ -95,8 +104,9 @@ def layout_tag(offsets: Sequence[int]) -> str:
 class SharedBuffer:
     """A byte buffer in a file under /dev/shm that one other process of our user may map."""
 
-    def __init__(self, name: str, memory: mmap.mmap, token: bytes, lock: int | None):
+    def __init__(self, name: str, memory: mmap.mmap, token: bytes, lock: int | None, tag: bytes = b""):
         self.name, self.token = name, token
+        self.tag = tag  # the header's tag we checked when we mapped it (buffer_tag): a cached mapping must match
         self.capacity = len(memory) - HEADER
         self._bytes = torch.frombuffer(memory, dtype=torch.uint8)
         # where we created the file: removed, and our fd with its shared lock closed, by free() or at exit
@@ -104,9 +114,9 @@ class SharedBuffer:
         self._finalizer = weakref.finalize(self, _remove, path, lock) if lock is not None else None
 
     @classmethod
-    def create(cls, nbytes: int, writer: bytes) -> SharedBuffer:
+    def create(cls, nbytes: int, writer: bytes, published: bool = False) -> SharedBuffer:
         """A new buffer of `nbytes` that only processes of our user can open, and only the peer
-        `writer` (its id's bytes) may write into.
+        `writer` (its id's bytes) may write into; or, `published`, that `writer` publishes.
 
         Raises:
             OSError: no /dev/shm, or no room there.
@@ -126,13 +136,14 @@ class SharedBuffer:
                 os.unlink(path)
             raise
         token = secrets.token_bytes(16)
-        memory[:HEADER] = token + writer_tag(writer)
+        memory[:HEADER] = token + buffer_tag(writer, published)
         return cls(name, memory, token, fd)
 
     @classmethod
-    def attach(cls, offer: Any, nbytes: int, me: bytes) -> SharedBuffer:
+    def attach(cls, offer: Any, nbytes: int, me: bytes, publisher: bytes | None = None) -> SharedBuffer:
         """Map the buffer another process offered us ([name, token hex, layout]), which must
-        hold at least `nbytes` and name us (`me`, our peer id's bytes) as its writer.
+        hold at least `nbytes` and name us (`me`, our peer id's bytes) as its writer; or with a
+        `publisher`, name that peer as the one that publishes it (we only read it).
 
         Raises:
             HiveError: the offer is malformed, or the file is missing, not a regular file of our
@@ -161,10 +172,11 @@ class SharedBuffer:
         finally:
             os.close(fd)
         header = memory[:HEADER]
-        if not hmac.compare_digest(header, bytes.fromhex(token) + writer_tag(me)):
+        tag = buffer_tag(me, False) if publisher is None else buffer_tag(publisher, True)
+        if not hmac.compare_digest(header, bytes.fromhex(token) + tag):
             memory.close()
             raise HiveError(f"shared buffer {name} was not offered to us")
-        return cls(name, memory, bytes.fromhex(token), None)
+        return cls(name, memory, bytes.fromhex(token), None, tag)
 
     def region(self, nbytes: int) -> torch.Tensor:
         """The first `nbytes` of the buffer, past its header."""
@@ -181,9 +193,9 @@ class SharedBuffer:
 
 
 class SharedBuffers:
-    """One averager's shared buffers: those it receives into, by key (created once per key and
-    size, as BufferPool keeps its buffers between rounds), and the other sides' buffers it
-    writes into, by name (mapped once, the last MAX_ATTACHED kept).
+    """One averager's shared buffers: those it receives into or publishes in, by key (created
+    once per key and size, as BufferPool keeps its buffers between rounds), and the other
+    sides' buffers it writes into or reads, by name (mapped once, the last MAX_ATTACHED kept).
 
     Its own buffers are keyed by the peer whose bytes they receive, not by that peer's place in
     the group: a peer that was dropped from a round and still writes, late, can only write into
@@ -197,6 +209,7 @@ class SharedBuffers:
         self._refused: dict[Any, float] = {}  # peer -> until when we do not offer it shared memory
         self._used: set[Any] = set()  # keys of our own buffers used since `end_round`
         self._mapped: set[str] = set()  # names of the other sides' buffers used since `end_round`
+        self._mapped_before: set[str] = set()  # and in the round before (published buffers alternate)
         self.rounds = 0  # rounds ended: a reducer publishes its averages in one of two buffers by its parity
 
     def usable(self, peer: Any) -> bool:
@@ -209,9 +222,10 @@ class SharedBuffers:
         while len(self._refused) > 1024:
             del self._refused[next(iter(self._refused))]
 
-    def get(self, key: Any, nbytes: int, writer: bytes) -> SharedBuffer | None:
-        """Our buffer for `key`, of at least `nbytes`, that the peer `writer` may write into;
-        None where we cannot make one (logged once per failure)."""
+    def get(self, key: Any, nbytes: int, writer: bytes, published: bool = False) -> SharedBuffer | None:
+        """Our buffer for `key`, of at least `nbytes`, that the peer `writer` may write into (or,
+        `published`, that we publish: `writer` is us); None where we cannot make one (logged
+        once per failure)."""
         if time.monotonic() < self._retry_at:
             return None
         self._used.add(key)
@@ -227,7 +241,7 @@ class SharedBuffers:
             ours = sum(b.capacity for b in self._own.values())
             if ours + nbytes > (ours + space.f_bavail * space.f_frsize) // 2:
                 raise OSError(errno.ENOSPC, "our buffers would take more than half of its free space")
-            buffer = self._own[key] = SharedBuffer.create(nbytes, writer)
+            buffer = self._own[key] = SharedBuffer.create(nbytes, writer, published)
         except Exception as e:  # anything: the stream works without it
             self._retry_at = time.monotonic() + RETRY_S
             logger.info(
@@ -241,17 +255,21 @@ class SharedBuffers:
             return None
         return buffer
 
-    def attach(self, offer: Any, nbytes: int, layout: str, writer: bytes | None = None) -> torch.Tensor | None:
-        """`nbytes` of the other side's buffer that `offer` names: to write into, or with
-        `writer` (the offering peer's id bytes), a buffer that peer writes and offers to read
-        (its published averages); None if it cannot be used (logged at debug level)."""
+    def attach(self, offer: Any, nbytes: int, layout: str, publisher: bytes | None = None) -> torch.Tensor | None:
+        """`nbytes` of the other side's buffer that `offer` names: to write into, or with a
+        `publisher` (the offering peer's id bytes), a buffer that peer publishes its averages in,
+        to read; None if it cannot be used (logged at debug level)."""
         if not (isinstance(offer, list) and len(offer) == 3 and offer[2] == layout):
             logger.debug("Not mapping a peer's shared buffer: no offer, or another chunk layout (%.80r)", offer)
             return None
+        if any(own.name == offer[0] for own in self._own.values()):
+            logger.debug("Not mapping a peer's shared buffer: %.80r is one of ours", offer[0])
+            return None
+        tag = buffer_tag(self.me, False) if publisher is None else buffer_tag(publisher, True)
         buffer = self._attached.get(offer[0])
-        if buffer is None or buffer.token.hex() != offer[1] or buffer.capacity < max(nbytes, 1):
+        if buffer is None or buffer.token.hex() != offer[1] or buffer.tag != tag or buffer.capacity < max(nbytes, 1):
             try:
-                buffer = SharedBuffer.attach(offer, nbytes, self.me if writer is None else writer)
+                buffer = SharedBuffer.attach(offer, nbytes, self.me, publisher)
             except HiveError as e:
                 logger.debug("Not mapping a peer's shared buffer: %s", e)
                 return None
@@ -265,16 +283,17 @@ class SharedBuffers:
     def end_round(self) -> None:
         """A round is over: keep at most twice as many of our buffers as it used, the most
         recently used (peers that come and go in groups of changing members keep theirs for
-        a while; those that left go), and only the other sides' buffers it wrote into. Every
-        ORPHAN_AGE_S, remove the files of peers on this host that were killed outright."""
+        a while; those that left go), and only the other sides' buffers that it or the round
+        before mapped (a reducer's two published buffers alternate). Every ORPHAN_AGE_S,
+        remove the files of peers on this host that were killed outright."""
         if self._own:
             _remove_orphans()
         while len(self._own) > 2 * len(self._used):
             self._own.popitem(last=False)[1].free()
-        for name in [name for name in self._attached if name not in self._mapped]:
+        for name in [name for name in self._attached if name not in self._mapped | self._mapped_before]:
             del self._attached[name]
         self._used.clear()
-        self._mapped.clear()
+        self._mapped_before, self._mapped = self._mapped, set()
         self.rounds += 1
 
     def clear(self) -> None:
