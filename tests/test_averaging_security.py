@@ -135,16 +135,19 @@ def test_bad_defence_settings_are_config_errors(kwargs, fragment):
 @pytest.fixture(params=["stream", "bulk", "shared", "published"])
 def link(request, monkeypatch):
     """Which way the spans travel: on the part streams, (every span, however small) on bulk
-    links (channel.py), or through shared memory, as between peers on one host (sharedmem.py),
-    there with every reducer publishing its averages for its senders to read ("published",
-    whatever the span's size). Returns a check, for after a round, that they went that way."""
+    links (channel.py), or through shared memory, as between peers on one host (sharedmem.py):
+    there with every reducer writing its averages into each sender's buffer ("shared"), or
+    publishing them for its senders to read ("published"). Returns a check, for after a round,
+    that they went that way."""
     shared = request.param in ("shared", "published")
     if not shared:
         monkeypatch.setattr("hivecli.averaging.allreduce.AllReduceRunner._shared_with", lambda self, connection: None)
     if request.param == "bulk":  # as bulk_links = "all" does for spans of 1 MiB or more
         monkeypatch.setattr("hivecli.averaging.allreduce.wants_bulk_link", lambda settings, span_bytes: True)
-    if request.param == "published":
-        monkeypatch.setattr("hivecli.averaging.allreduce.PUBLISH_MIN_BYTES", 1)
+    if request.param == "shared":  # a reducer writes into each sender's buffer, as with 2 peers or older senders
+        monkeypatch.setattr(
+            "hivecli.averaging.allreduce.AllReduceRunner._publication", lambda self, stream, request: None
+        )
     attached = []  # (mapped, a published buffer)
     attach = SharedBuffers.attach
 

@@ -74,10 +74,6 @@ PART_METHOD = "avg.part"
 # at most EAGER_CHUNKS messages, far below any stream's queue (NetSettings.stream_queue_size).
 EAGER_BYTES = 1024 * 1024
 EAGER_CHUNKS = 4
-# A reducer publishes its averages in one shared buffer that its senders on this host read
-# (sharedmem.py) from a span of this size, with two senders or more: below it, the copies it
-# spares cost less than the message a sender then sends once it has copied its averages out.
-PUBLISH_MIN_BYTES = 4 * 1024 * 1024
 
 
 def wants_bulk_link(settings: AveragingSettings, span_bytes: int) -> bool:
@@ -512,9 +508,11 @@ class AllReduceRunner:
     def _publication(self, stream: Stream, request: Any) -> ChunkedBuffer | None:
         """Our published averages (sharedmem.py), where this sender reads them: it said it can
         ("read"), it shares memory with us, and we publish this round. We do from the first such
-        sender on if two senders or more send to us, our span is PUBLISH_MIN_BYTES or more, and
-        no chunk is final yet (none can be before this sender's first chunk, which it sends only
-        once our "ready" has come: it offered a shared buffer)."""
+        sender on if two senders or more send to us and no chunk is final yet (none can be
+        before this sender's first chunk, which it sends only once our "ready" has come: it
+        offered a shared buffer). Whatever the span's size: at 4 x 10K fp32 as at 4 x 50M, the
+        copies this spares cost more than the END a reader then sends once it has copied its
+        averages out (docs/benchmarks.md)."""
         shared = self._shared_with(stream.connection)
         if shared is None or not (isinstance(request, dict) and request.get("read") is True and "shm" in request):
             return None
@@ -522,7 +520,7 @@ class AllReduceRunner:
         if self._published is None and self._finalized == 0 and len(self._expected_senders()) >= 2:
             # by the parity of our rounds: a reader of the last round's never finds this one's there
             key, me = ("avg", shared.rounds % 2), self.host.peer_id.to_bytes()
-            buffer = shared.get(key, nbytes, me, published=True) if nbytes >= PUBLISH_MIN_BYTES else None
+            buffer = shared.get(key, nbytes, me, published=True)
             if buffer is not None:
                 self._published = ChunkedBuffer(self.pool, None, self.my_chunks, self.codec, lambda _: buffer)
                 # a float32 mean can be averaged straight into it, our tensors keeping our input

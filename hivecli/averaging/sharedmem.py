@@ -22,17 +22,17 @@ message on the stream without a body (`SHM`). Whatever fails (no /dev/shm, no ro
 user, another mount namespace) leaves that pair on the stream, and the pair stops offering
 for a while (so they may take bulk links again).
 
-Published averages: a reducer with two senders or more and a span of at least
-allreduce.PUBLISH_MIN_BYTES averages into a buffer of its own, and offers it to every sender on
-this host that says it can read one ("read"); they read their averages there, not in a buffer
-of their own that it writes into once per sender. Its header names the reducer as the one that
-publishes it, with a tag of another kind than a writer's (`buffer_tag`), so no peer can offer
-it back to anyone as a buffer to write into. Two such buffers alternate by the parity of the
-reducer's rounds, and a reader says it is done (its END) only once it has copied its averages
-out; the reducer waits for that END (up to next_chunk_timeout) before its round ends. So it
-writes into a buffer that someone still reads only if that reader went quiet for that long and
-is then still copying two rounds later. At 4 x 50M fp32 on 2 cores publishing spared 2 of a
-peer's 6 big copies: 18-20 ms of its 140 ms of CPU per round.
+Published averages: a reducer with two senders or more averages into a buffer of its own
+(AllReduceRunner._publication), and offers it to every sender on this host that says it can
+read one ("read"); they read their averages there, not in a buffer of their own that it writes
+into once per sender. Its header names the reducer as the one that publishes it, with a tag of
+another kind than a writer's (`buffer_tag`), so no peer can offer it back to anyone as a buffer
+to write into. Two such buffers alternate by the parity of the reducer's rounds, and a reader
+says it is done (its END) only once it has copied its averages out; the reducer waits for that
+END (up to next_chunk_timeout) before its round ends. So it writes into a buffer that someone
+still reads only if that reader went quiet for that long and is then still copying two rounds
+later. At 4 x 50M fp32 on 2 cores publishing spared 2 of a peer's 6 big copies: 18-20 ms of its
+140 ms of CPU per round.
 
 Trust: only processes of our own user can open these files. Such a process can already change
 our code, our checkpoints and our files. Letting it write into our receive buffers, even after
