@@ -3,6 +3,7 @@ checks before mapping another side's, and rounds that move their chunks through 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -299,21 +300,32 @@ def publishing(monkeypatch):
     return mapped
 
 
+@contextlib.contextmanager
+def three_peers(prefix, seed, **settings):
+    """Three averagers on one host, of 30,000 random floats each: yields them and their inputs."""
+    torch.manual_seed(seed)
+    inputs = [torch.randn(30_000) for _ in range(3)]
+    with (
+        local_swarm(3, **DHT_FAST) as dhts,
+        averagers(dhts, [[t.clone()] for t in inputs], prefix=prefix, **FAST, **settings) as avs,
+    ):
+        yield avs, inputs
+
+
+def hold_the_mean(avs, inputs):
+    for av in avs:
+        torch.testing.assert_close(snapshot(av)[0], sum(inputs) / 3, rtol=0, atol=1e-6)
+
+
 def test_a_reducer_with_several_readers_publishes_its_averages_once(publishing):
     """3 peers on one host: each reducer writes its averages into one buffer, which both of its
     senders read; it alternates between two such buffers from round to round."""
-    torch.manual_seed(3)
-    inputs = [torch.randn(30_000) for _ in range(3)]
     before = our_files()
-    with (
-        local_swarm(3, **DHT_FAST) as dhts,
-        averagers(dhts, [[t.clone()] for t in inputs], chunk_bytes=16384, prefix="pub", **FAST) as avs,
-    ):
+    with three_peers("pub", 3, chunk_bytes=16384) as (avs, inputs):
         for _ in range(3):
             run_round(avs)
-        for av in avs:
-            torch.testing.assert_close(snapshot(av)[0], sum(inputs) / 3, rtol=0, atol=1e-6)
-            assert av.bytes_received == 0  # every chunk through shared memory
+        hold_the_mean(avs, inputs)
+        assert all(av.bytes_received == 0 for av in avs)  # every chunk through shared memory
         rounds = list(dict.fromkeys(group for group, *_ in publishing))
         assert len(rounds) == 3 and len(publishing) == 3 * 6  # each peer read 2 reducers' averages a round
         names = {}  # (round, reducer) -> the names its readers mapped
@@ -347,15 +359,9 @@ def test_a_reducer_ends_its_round_only_once_its_readers_copied_their_averages_ou
 
     monkeypatch.setattr(allreduce.AllReduceRunner, "_apply", slow_apply)
     monkeypatch.setattr(allreduce.AllReduceRunner, "_answer_audit_or_end", recorded)
-    torch.manual_seed(4)
-    inputs = [torch.randn(30_000) for _ in range(3)]
-    with (
-        local_swarm(3, **DHT_FAST) as dhts,
-        averagers(dhts, [[t.clone()] for t in inputs], prefix="wait", **FAST) as avs,
-    ):
+    with three_peers("wait", 4) as (avs, inputs):
         run_round(avs)
-        for av in avs:
-            torch.testing.assert_close(snapshot(av)[0], sum(inputs) / 3, rtol=0, atol=1e-6)
+        hold_the_mean(avs, inputs)
     copied = {(reader, reducer): at for kind, reader, reducer, at in events if kind == "copied"}
     served = {(reader, reducer): at for kind, reader, reducer, at in events if kind == "served"}
     assert len(publishing) == 6 and copied.keys() == served.keys() and len(served) == 6
@@ -378,16 +384,10 @@ def test_a_reducer_without_a_buffer_for_a_part_still_publishes_the_averages(publ
         return part_buffer(self, sender, stream, request)
 
     monkeypatch.setattr(allreduce.AllReduceRunner, "_part_buffer", without_room)
-    torch.manual_seed(7)
-    inputs = [torch.randn(30_000) for _ in range(3)]
-    with (
-        local_swarm(3, **DHT_FAST) as dhts,
-        averagers(dhts, [[t.clone()] for t in inputs], prefix="noroom", **FAST) as avs,
-    ):
+    with three_peers("noroom", 7) as (avs, inputs):
         unshared.append((avs[0].peer_id, avs[1].peer_id))
         run_round(avs)
-        for av in avs:
-            torch.testing.assert_close(snapshot(av)[0], sum(inputs) / 3, rtol=0, atol=1e-6)
+        hold_the_mean(avs, inputs)
         assert (avs[1].peer_id, avs[0].peer_id) in {(reader, reducer) for _, reader, reducer, _ in publishing}
         assert avs[0].bytes_received > 0  # avs[1]'s part came on the stream
 
@@ -413,12 +413,7 @@ def test_older_senders_and_readers_that_cannot_map_get_their_averages_the_old_wa
 
     monkeypatch.setattr(allreduce.AllReduceRunner, "_request", older)
     monkeypatch.setattr(SharedBuffers, "attach", cannot_map)
-    torch.manual_seed(5)
-    inputs = [torch.randn(30_000) for _ in range(3)]
-    with (
-        local_swarm(3, **DHT_FAST) as dhts,
-        averagers(dhts, [[t.clone()] for t in inputs], prefix="old", **FAST) as avs,
-    ):
+    with three_peers("old", 5) as (avs, inputs):
         old.append(avs[0].peer_id)
         blind.append((avs[1].peer_id.to_bytes(), avs[2].peer_id.to_bytes()))
         run_round(avs)
@@ -427,8 +422,7 @@ def test_older_senders_and_readers_that_cannot_map_get_their_averages_the_old_wa
         first = {(avs[1].peer_id, avs[0].peer_id), (avs[2].peer_id, avs[0].peer_id)}
         assert readers - {(avs[2].peer_id, avs[1].peer_id)} == first
         assert len(named(caplog, "we cannot map the shared buffer it publishes")) == 1
-        for av in (avs[0], avs[2]):  # avs[1]'s part of every span counted
-            torch.testing.assert_close(snapshot(av)[0], sum(inputs) / 3, rtol=0, atol=1e-6)
+        hold_the_mean([avs[0], avs[2]], inputs)  # avs[1]'s part of every span counted
         run_round(avs)  # avs[1] takes the stream with avs[2] now: every peer ends with the same values
         assert avs[1].bytes_received > 0
         assert all(torch.equal(snapshot(av)[0], snapshot(avs[0])[0]) for av in avs)

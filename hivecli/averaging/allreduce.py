@@ -8,7 +8,10 @@ busy during the round trip "ready" takes. As soon as every sender has delivered 
 reducer averages it and sends it back on the same streams, while later chunks are still
 arriving: sending, receiving, reducing and returning all overlap, and every stream runs at once.
 Where a peer has cores to spare, the reductions and copies of big chunks run in slices on a few
-threads at once (slices.py).
+threads at once (slices.py). Between the processes of one host, chunks go through shared memory
+(sharedmem.py); a reducer with two senders or more there publishes its averages in one buffer
+that they all read, and a float32 mean is averaged straight into it: the reducer's tensors keep
+its input until every reader is done with the round, and get the averages only then.
 
 Faults: a sender that does not open its stream within `request_timeout`, or goes quiet for
 `next_chunk_timeout`, is dropped. A member whose owner holds its scheduled round (StepControl)
@@ -338,8 +341,9 @@ class AllReduceRunner:
 
     def _finalize_ready_chunks(self) -> None:
         """Average every chunk that all alive senders have delivered, in order, into our own
-        tensors (the averages go back to the senders from there). A final chunk stays final
-        whatever happens to anyone later, so it can be returned at once."""
+        tensors or our published buffer (`_average`; the averages go back to the senders from
+        there). A final chunk stays final whatever happens to anyone later, so it can be
+        returned at once."""
         before = self._finalized
         while self._finalized < len(self.my_chunks):
             c = self._finalized

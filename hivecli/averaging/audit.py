@@ -12,8 +12,9 @@ and sends {"audit": [flat positions]}. The reducer answers with what it aggregat
 raw weight (before the cap) of every member the cap was computed over, and for each position
 each included member's decoded input, its own first. To answer, a reducer keeps the received
 buffers until the round ends and a pooled copy of its own input for its span, taken as each
-chunk is finalized (1/N of the tensors); it refuses a request that is not exactly
-`audit_positions` positions in its span.
+chunk is finalized (1/N of the tensors), or where it averages into its published buffer
+(allreduce.py), reads that input in its tensors, which keep it until the round's end; it
+refuses a request that is not exactly `audit_positions` positions in its span.
 
 The sender checks (a) that the claimed weight and input of its own are what it sent
 (re-encoded with the codec: exact), and (b) for "mean" and "trimmed_mean" (not CenteredClip,
