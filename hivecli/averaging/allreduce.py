@@ -374,13 +374,12 @@ class AllReduceRunner:
             else:
                 self._robust_chunk(c, piece, weights)
             published = self._published
-            if published is not None and not self._into_published:  # once, for every sender that reads it
-                meta, data = self.codec.encode(piece)
-                self.converted += piece.numel()
-                self._copy_bytes(published.raw[published.offsets[c] : published.offsets[c + 1]], c, data)
+            if published is not None:
+                meta, data = self.codec.encode(average)
+                if not self._into_published:  # once, for every sender that reads it there
+                    self.converted += piece.numel()
+                    self._copy_bytes(published.raw[published.offsets[c] : published.offsets[c + 1]], c, data)
                 published.metas[c] = meta
-            elif published is not None:
-                published.metas[c] = []  # NoCompression's meta
             self._finalized += 1
         if self._finalized > before:
             if self._finalized == len(self.my_chunks) and self.sampler is not None and self._fair_share():
@@ -520,8 +519,8 @@ class AllReduceRunner:
         shared = self._shared_with(stream.connection)
         if shared is None or not (isinstance(request, dict) and request.get("read") is True and "shm" in request):
             return None
-        nbytes = sum(self.codec.encoded_nbytes(chunk.numel) for chunk in self.my_chunks)
         if self._published is None and self._finalized == 0 and len(self._expected_senders()) >= 2:
+            nbytes = sum(self.codec.encoded_nbytes(chunk.numel) for chunk in self.my_chunks)
             # by the parity of our rounds: a reader of the last round's never finds this one's there
             key, me = ("avg", shared.rounds % 2), self.host.peer_id.to_bytes()
             buffer = shared.get(key, nbytes, me, published=True)

@@ -100,17 +100,18 @@ class ReducerAudit:
         self.spans, self.my_chunks, self.codec, self.settings = spans, my_chunks, codec, settings
         self.slices = slices if slices is not None else SliceWorkers()
         # as a reducer: for each final chunk, the senders aggregated into it; and a copy of our own
-        # input for our span (our tensors get the averages in place), kept until the round ends
+        # input for our span (our tensors get the averages in place), kept until the round ends,
+        # taken from the pool only where our tensors do not keep that input (`keep_input`)
+        self._keeps = settings.verify_reducers and bool(my_chunks)  # what audits need, to answer them
         self._included: list[list[int]] = []
         self._chunk_starts = [chunk.start for chunk in my_chunks]
         self._own_offsets: list[int] = [0]
+        for chunk in my_chunks:  # 8-byte aligned, so that every chunk views as its tensor's dtype
+            nbytes = chunk.numel * flat[chunk.tensor].element_size()
+            self._own_offsets.append(self._own_offsets[-1] + -(-nbytes // 8) * 8)
+        self._pool = pool
         self._own: torch.Tensor | None = None
         self._in_tensors = False  # our input stayed in our tensors this round, not copied (`keep_input`)
-        if settings.verify_reducers and my_chunks:
-            for chunk in my_chunks:  # 8-byte aligned, so that every chunk views as its tensor's dtype
-                nbytes = chunk.numel * flat[chunk.tensor].element_size()
-                self._own_offsets.append(self._own_offsets[-1] + -(-nbytes // 8) * 8)
-            self._own = pool.get(("own",), self._own_offsets[-1])
 
     def _input(self, chunk: Chunk) -> torch.Tensor:
         """Our tensors' values at `chunk`."""
@@ -131,11 +132,14 @@ class ReducerAudit:
         copy of our input there (`piece`, about to be replaced by the average) unless not
         `copy`: then our tensors keep it until the round's audits are answered (a reducer that
         averages into its published buffer). Only with verify_reducers."""
-        if self._own is not None:
-            if copy:
-                self.slices.copy(self._own_input(c), piece)
-            self._in_tensors = not copy
-            self._included.append(list(included))
+        if not self._keeps:
+            return
+        if copy:
+            if self._own is None:
+                self._own = self._pool.get(("own",), self._own_offsets[-1])
+            self.slices.copy(self._own_input(c), piece)
+        self._in_tensors = not copy
+        self._included.append(list(included))
 
     def answer(
         self, request: Any, raw_weights: Mapping[int, float] | None, received: Mapping[int, EncodedChunks]
@@ -151,7 +155,7 @@ class ReducerAudit:
         """
         positions = request.get("audit") if isinstance(request, dict) else None
         lo, hi = self.spans[self.index]
-        if self._own is None or raw_weights is None:
+        if not self._keeps or raw_weights is None:
             raise HiveError("this reducer keeps no inputs to audit (verify_reducers = False here)")
         if not (
             isinstance(positions, list)

@@ -48,7 +48,6 @@ class ChunkedBuffer:
         self.layout = layout_tag(self.offsets)
         # in a buffer the other side maps and writes into (sharedmem.py), where `shared` gives one
         self.shared = shared(self.offsets[-1]) if shared is not None else None
-        self.mapped = self.shared is not None  # chunks may come as SHM: in the region that another side wrote
         self.published = False  # in a region the other side published (`read_from`): only as SHM
         self.raw = self.shared.region(self.offsets[-1]) if self.shared is not None else pool.get(key, self.offsets[-1])
         self.view = tensor_bytes(self.raw) if self.offsets[-1] else memoryview(b"")
@@ -62,7 +61,7 @@ class ChunkedBuffer:
     def read_from(self, region: torch.Tensor) -> None:
         """Read every chunk from now on in `region` (bytes laid out as ours): a buffer the other
         side published its chunks in, which it writes before sending their messages."""
-        self.raw, self.mapped, self.published = region, True, True
+        self.raw, self.published = region, True
         self.view = tensor_bytes(region) if self.offsets[-1] else memoryview(b"")
 
     def region(self, index: int) -> memoryview:
@@ -87,7 +86,10 @@ class ChunkedBuffer:
                 must be in a buffer the other side published (`read_from`).
         """
         written = (  # the other side wrote the body into our shared buffer, at its region (sharedmem.py)
-            isinstance(payload, list) and len(payload) == 3 and payload[2] == SHM and self.mapped
+            isinstance(payload, list)
+            and len(payload) == 3
+            and payload[2] == SHM
+            and (self.shared is not None or self.published)
         )
         if written:
             payload = payload[:2]

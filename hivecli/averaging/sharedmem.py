@@ -84,15 +84,15 @@ RETRY_S = 60.0  # how long after we could not make a buffer we try again
 ORPHAN_AGE_S = 10.0  # a file younger than this may be one whose creator has not locked it yet
 
 
-def writer_tag(peer: bytes) -> bytes:
-    """What a buffer's header says of the one peer that may write into it."""
-    return hashlib.blake2b(peer, digest_size=16).digest()
-
-
 def buffer_tag(peer: bytes, published: bool) -> bytes:
     """What a buffer's header says of `peer`: the one that may write into it, or where it is a
     published buffer, the one that publishes it (a tag that never passes for a writer's)."""
-    return hashlib.blake2b(peer, digest_size=16, person=b"published").digest() if published else writer_tag(peer)
+    return hashlib.blake2b(peer, digest_size=16, person=b"published" if published else b"").digest()
+
+
+def _tag_to_check(me: bytes, publisher: bytes | None) -> bytes:
+    """The tag that a buffer offered to us must carry: us as its writer, or its `publisher`."""
+    return buffer_tag(me, False) if publisher is None else buffer_tag(publisher, True)
 
 
 def layout_tag(offsets: Sequence[int]) -> str:
@@ -172,7 +172,7 @@ class SharedBuffer:
         finally:
             os.close(fd)
         header = memory[:HEADER]
-        tag = buffer_tag(me, False) if publisher is None else buffer_tag(publisher, True)
+        tag = _tag_to_check(me, publisher)
         if not hmac.compare_digest(header, bytes.fromhex(token) + tag):
             memory.close()
             raise HiveError(f"shared buffer {name} was not offered to us")
@@ -265,7 +265,7 @@ class SharedBuffers:
         if any(own.name == offer[0] for own in self._own.values()):
             logger.debug("Not mapping a peer's shared buffer: %.80r is one of ours", offer[0])
             return None
-        tag = buffer_tag(self.me, False) if publisher is None else buffer_tag(publisher, True)
+        tag = _tag_to_check(self.me, publisher)
         buffer = self._attached.get(offer[0])
         if buffer is None or buffer.token.hex() != offer[1] or buffer.tag != tag or buffer.capacity < max(nbytes, 1):
             try:
