@@ -27,6 +27,7 @@ from hivecli.averaging.group import GroupInfo, Member
 from hivecli.averaging.link import AUTO_BULK_MIN_RATE, RoundPlan, spans_take_bulk_links
 from hivecli.averaging.partition import Layout
 from hivecli.averaging.settings import PACING_SHARE
+from hivecli.averaging.sharedmem import PublishedReader
 from hivecli.averaging.slices import SliceWorkers
 from hivecli.dht.records import owned_entries
 from hivecli.net.bulk import BulkLinks
@@ -1094,7 +1095,19 @@ class StatefulAverager(DecentralizedAverager):
         return self.metadata, tensors
 
 
-def test_state_download_is_bit_identical(redeemed):
+@pytest.mark.parametrize("way", ["published", "bulk-link"])
+def test_state_download_is_bit_identical(monkeypatch, redeemed, way):
+    """Between peers of one host the newcomer reads the donor's published snapshot
+    (state.py); with shared_memory off, the chunks take a bulk link."""
+    read = []
+    original = PublishedReader.readinto
+
+    def counted(self, view, offset):
+        read.append(len(view))
+        return original(self, view, offset)
+
+    monkeypatch.setattr(PublishedReader, "readinto", counted)
+    shared = {"shared_memory": way == "published"}
     torch.manual_seed(7)
     metadata = {"step": 42, "name": "donor", "lr": [0.1, 0.01], "blob": b"\x00\x01"}
     shapes = [(1_000_000,), (3, 5), (0,)]
@@ -1102,7 +1115,7 @@ def test_state_download_is_bit_identical(redeemed):
         donor_tensors = [torch.randn(1_000_000), torch.randn(3, 5, dtype=torch.float64), torch.empty(0)]
         with contextlib.ExitStack() as stack:
             donor = stack.enter_context(
-                StatefulAverager(donor_tensors, dhts[0], prefix="state", metadata=metadata, chunk_bytes=65536)
+                StatefulAverager(donor_tensors, dhts[0], prefix="state", metadata=metadata, chunk_bytes=65536, **shared)
             )
             newcomer = stack.enter_context(
                 DecentralizedAverager(
@@ -1110,6 +1123,7 @@ def test_state_download_is_bit_identical(redeemed):
                     dhts[2],
                     prefix="state",
                     allow_state_sharing=False,
+                    **shared,
                 )
             )
             wait_for(lambda: str(donor.peer_id) in declared_donors(dhts[1], "state"), 10, "the donor's declaration")
@@ -1119,7 +1133,10 @@ def test_state_download_is_bit_identical(redeemed):
             for got, want in zip(tensors, donor_tensors, strict=True):
                 assert got.dtype == want.dtype and torch.equal(got, want)
             assert torch.count_nonzero(snapshot(newcomer)[0]) == 0  # returned, not applied
-            assert redeemed == [True]  # downloads take a bulk link (channel.py)
+            if way == "published":  # every byte read from the donor's file, none on a link
+                assert sum(read) == sum(t.numel() * t.element_size() for t in donor_tensors) and redeemed == []
+            else:
+                assert redeemed == [True] and read == []  # downloads take a bulk link (channel.py)
             # a second download sees later changes of the donor
             with donor.get_tensors() as live:
                 live[0].add_(1.0)
@@ -1165,6 +1182,7 @@ def test_state_download_without_a_bulk_link_reads_the_stream(monkeypatch, redeem
                 prefix="plain",
                 allow_state_sharing=False,
                 bulk_links="none" if way == "bulk-links-none" else "state",
+                shared_memory=False,  # not the donor's published snapshot: a link
             )
         )
         wait_for(lambda: str(donor.peer_id) in declared_donors(dhts[1], "plain"), 10, "the donor's declaration")

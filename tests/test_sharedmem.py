@@ -14,14 +14,14 @@ import time
 
 import pytest
 import torch
-from test_averaging import DHT_FAST, FAST, averagers, run_round, snapshot
+from test_averaging import DHT_FAST, FAST, averagers, declared_donors, run_round, snapshot
 
 from hivecli import HiveError
-from hivecli.averaging import sharedmem
+from hivecli.averaging import DecentralizedAverager, sharedmem
 from hivecli.averaging.sharedmem import SharedBuffer, SharedBuffers
 from hivecli.net import NetSettings
 from hivecli.net.secure import SecuritySettings
-from hivecli.testing import local_swarm
+from hivecli.testing import local_swarm, wait_for
 
 
 def our_files() -> set[str]:
@@ -430,3 +430,159 @@ def test_older_senders_and_readers_that_cannot_map_get_their_averages_the_old_wa
 
 def named(caplog, fragment):
     return [r for r in caplog.records if fragment in r.getMessage()]
+
+
+# ---- state downloads from a donor's published snapshot (state.py) ------------------------------
+
+
+def test_a_published_snapshot_is_read_into_our_memory_only_as_its_publishers(directory):
+    """A downloader reads a donor's snapshot with preadv, without mapping it; the file must name
+    the offering donor as its publisher: a buffer to write into, or another's, is refused."""
+    published = SharedBuffer.create(1000, ME, published=True)
+    published.region(1000)[:] = torch.arange(1000) % 251
+    reader = sharedmem.PublishedReader.open(published.offer(LAYOUT), 1000, ME)
+    into = torch.zeros(600, dtype=torch.uint8)
+    reader.readinto(memoryview(into.numpy()), 400)
+    assert torch.equal(into, torch.arange(400, 1000) % 251)
+    with pytest.raises(HiveError, match="ends before byte 1001"):
+        reader.readinto(memoryview(bytearray(2)), 999)
+    reader.close()
+    with pytest.raises(HiveError, match="was not offered to us"):
+        sharedmem.PublishedReader.open(published.offer(LAYOUT), 1000, OTHER)  # not OTHER's
+    writable = SharedBuffer.create(1000, ME)
+    with pytest.raises(HiveError, match="was not offered to us"):
+        sharedmem.PublishedReader.open(writable.offer(LAYOUT), 1000, ME)  # a writer's, not published
+    with pytest.raises(HiveError, match="holds 1000 bytes, we need 1001"):
+        sharedmem.PublishedReader.open(published.offer(LAYOUT), 1001, ME)
+    os.chmod(directory / published.name, 0o640)
+    with pytest.raises(HiveError, match="not a file of our own user"):
+        sharedmem.PublishedReader.open(published.offer(LAYOUT), 1000, ME)
+    for buffer in (published, writable):
+        buffer.free()
+
+
+class StateHolder(DecentralizedAverager):
+    """Averages one float and shares `state` (any dtypes: a model and its optimizer's counters)."""
+
+    def __init__(self, state, *args, **kwargs):
+        self.state = state
+        super().__init__([torch.zeros(1)], *args, **kwargs)
+
+    def get_current_state(self):
+        return {"step": 3}, self.state
+
+
+@contextlib.contextmanager
+def donor_and_newcomers(prefix, state, newcomers=1, **settings):
+    """A donor of `state` and `newcomers` peers that share no state of their own, on one host."""
+    with local_swarm(1 + newcomers, **DHT_FAST) as dhts, contextlib.ExitStack() as stack:
+        donor = stack.enter_context(StateHolder([t.clone() for t in state], dhts[0], prefix=prefix, **settings))
+        others = [
+            stack.enter_context(
+                StateHolder(
+                    [torch.zeros_like(t) for t in state], dht, prefix=prefix, allow_state_sharing=False, **settings
+                )
+            )
+            for dht in dhts[1:]
+        ]
+        wait_for(lambda: str(donor.peer_id) in declared_donors(dhts[1], prefix), 10, "the donor's declaration")
+        yield donor, others
+
+
+def odd_state():
+    """Tensors of several dtypes and sizes that are not multiples of 64 bytes (the file aligns them)."""
+    torch.manual_seed(11)
+    return [
+        torch.randn(1_500_001),
+        torch.randn(3, 7, dtype=torch.float64),
+        torch.empty(0),
+        torch.randn(5).to(torch.bfloat16),
+        torch.arange(13, dtype=torch.int64),
+        torch.tensor([True, False, True]),
+    ]
+
+
+def test_a_newcomer_reads_the_donors_published_snapshot_into_its_model(monkeypatch):
+    state = odd_state()
+    read = []
+    readinto = sharedmem.PublishedReader.readinto
+
+    def counted(self, view, offset):
+        read.append(len(view))
+        return readinto(self, view, offset)
+
+    monkeypatch.setattr(sharedmem.PublishedReader, "readinto", counted)
+    with donor_and_newcomers("pubstate", state) as (_, (newcomer,)):
+        model = [torch.zeros_like(t) for t in state]
+        addresses = [t.data_ptr() for t in model if t.numel()]
+        metadata, placed = newcomer.load_state_from_peers(timeout=30, into=model)
+        assert metadata == {"step": 3} and [t.data_ptr() for t in placed if t.numel()] == addresses
+        for got, want in zip(model, state, strict=True):
+            assert got.dtype == want.dtype and torch.equal(got, want)
+        assert sum(read) == sum(t.numel() * t.element_size() for t in state)
+        assert max(read) <= 4 << 20  # read and checked a cache's worth at a time
+
+
+def test_a_newcomer_that_cannot_open_the_published_snapshot_gets_it_on_the_stream(monkeypatch, caplog):
+    state = odd_state()
+
+    def cannot(*args):
+        raise HiveError("no /dev/shm in this namespace")
+
+    monkeypatch.setattr(sharedmem.PublishedReader, "open", cannot)
+    caplog.set_level(logging.DEBUG, logger="hivecli.averaging.state")
+    with donor_and_newcomers("blindstate", state) as (_, (newcomer,)):
+        _, tensors = newcomer.load_state_from_peers(timeout=30)
+        for got, want in zip(tensors, state, strict=True):
+            assert torch.equal(got, want)
+        assert any("no /dev/shm in this namespace" in r.getMessage() for r in caplog.records)
+
+
+def test_the_donor_copies_its_state_again_only_once_its_readers_are_done(monkeypatch):
+    """A download that reads the published snapshot slowly keeps it whole: a download that
+    comes meanwhile gets the same snapshot, and the next one, once it is done, the donor's
+    new values."""
+    import threading
+
+    state = [torch.randn(3_000_000)]  # 12 MB: three pieces
+    held, release, slow = threading.Event(), threading.Event(), []
+    readinto = sharedmem.PublishedReader.readinto
+
+    def slowly(self, view, offset):
+        if not slow:
+            slow.append(self)
+        if self is slow[0] and offset > 0:  # the first reader, after its first piece
+            held.set()
+            assert release.wait(20)
+        return readinto(self, view, offset)
+
+    monkeypatch.setattr(sharedmem.PublishedReader, "readinto", slowly)
+    with donor_and_newcomers("heldstate", state, newcomers=3) as (donor, (first, second, third)):
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(1) as pool:
+            loading = pool.submit(first.load_state_from_peers, timeout=30)
+            assert held.wait(20)
+            with donor.shared_state.lock:
+                donor.state[0].add_(1.0)
+            _, during = second.load_state_from_peers(timeout=30)
+            release.set()
+            _, slowly_read = loading.result(timeout=30)
+        assert torch.equal(slowly_read[0], state[0]) and torch.equal(during[0], state[0])
+        _, after = third.load_state_from_peers(timeout=30)
+        assert torch.equal(after[0], state[0] + 1.0)
+
+
+def test_a_donor_that_misstates_its_progress_is_refused(monkeypatch, caplog):
+    from hivecli.averaging import state as statemod
+
+    async def overstated(self, stream, snapshot, total):
+        await stream.send({"copied": total + 1})
+        await stream.recv(timeout=5)
+
+    monkeypatch.setattr(statemod.StateServer, "_tell_progress", overstated)
+    caplog.set_level(logging.INFO, logger="hivecli.averaging")
+    with donor_and_newcomers("liarstate", [torch.randn(1000)]) as (donor, (newcomer,)):
+        assert newcomer.load_state_from_peers(timeout=10) is None
+        assert donor.peer_id in newcomer.banned_peers
+        assert named(caplog, "bytes of its state; expected more than 0 and at most 4000")

@@ -257,6 +257,7 @@ class DecentralizedAverager:
             self._snapshot_state,
             self.settings.chunk_bytes,
             self.settings.declare_state_period,
+            self.settings.shared_memory,
         )
         self._state_server.update(self._allow_state_sharing, self._state_sharing_priority)
 
@@ -695,6 +696,7 @@ class DecentralizedAverager:
                         self.prefix,
                         into,
                         self.settings.bulk_links != "none",
+                        self.settings.shared_memory,
                     )
                 if validate is not None:
                     _validate(validate, *result)

@@ -12,6 +12,18 @@ chunks [tensor index, byte offset] + bytes, received straight into the new tenso
 downloader checks the declared shapes and dtypes against what it expects before allocating,
 and refuses a state with a NaN or an infinity (`InvalidStateError`: the donor is at fault,
 not the network). Declarations whose priority is not a finite number are ignored.
+
+Between two processes of one host (`AveragingSettings.shared_memory`, links not sealed) the
+donor keeps its snapshot in a file under /dev/shm that it publishes (sharedmem.py: our user's
+only, its header naming the donor as publisher). A downloader that says it can read one
+({"read": true}) gets its offer in the head ({..., "shm": offer}) and answers {"shm": true}
+if it opened the file (or false: the chunks then come on the stream). The donor then says how
+far its copy has come ({"copied": bytes}, the tensors back to back, without the file's
+alignment), and the downloader reads each new range with preadv straight into its tensors,
+checks it, and says so ({"read": bytes}); it cancels the stream once it has read everything.
+The donor copies into that file again only once no download reads it (as for the buffers the
+TCP downloads stream from). For 50M fp32 the kernel's two copies through loopback TCP and its
+network stack became one copy: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -33,6 +45,7 @@ from hivecli.averaging.channel import Channel
 from hivecli.averaging.compression import tensor_bytes
 from hivecli.averaging.group import method_name
 from hivecli.averaging.robust import all_finite
+from hivecli.averaging.sharedmem import PublishedReader, SharedBuffer, check_room, layout_tag
 from hivecli.cores import single_threaded_here
 from hivecli.dht.node import DHTNode
 from hivecli.dht.records import owned_entries, owned_subkey
@@ -60,6 +73,7 @@ class SharedState:
 
 STATE_METHOD = "avg.state"
 LINK_TIMEOUT = 5.0  # seconds to set up a bulk link for a download, and for its end after the last chunk
+READ_BYTES = 64 << 20  # a downloader reading a published snapshot says how far it has come this often
 DTYPES = {
     str(dtype): dtype
     for dtype in (
@@ -87,6 +101,26 @@ def describe(tensors: Sequence[torch.Tensor]) -> list[list[Any]]:
     return [[list(t.shape), str(t.dtype)] for t in tensors]
 
 
+def file_offsets(tensors: Sequence[torch.Tensor]) -> list[int]:
+    """Where each tensor starts in a published snapshot's file, 64-byte aligned (so that each
+    views as its dtype), and where the last one ends: the file's layout, which a downloader
+    works out from its own tensors and checks against the donor's (`layout_tag`)."""
+    offsets = [0]
+    for t in tensors:
+        offsets.append(offsets[-1] + -(-(t.numel() * t.element_size()) // 64) * 64)
+    return offsets
+
+
+@dataclass(frozen=True)
+class _Head:
+    """What a snapshot's copy knows first: the metadata, the buffers it copies the tensors
+    into, and the offer of the file they live in where the donor publishes it (or None)."""
+
+    metadata: Any
+    buffers: list[torch.Tensor]
+    offer: list[str] | None
+
+
 CopyState = Callable[[Any, Sequence[torch.Tensor], bool], None]  # (metadata, tensors, finite_only)
 
 
@@ -96,13 +130,13 @@ class _Snapshot:
     20 ms earlier). Its fields change on the event loop only (`publish`, `finish`)."""
 
     def __init__(self) -> None:
-        self.head: tuple[Any, list[torch.Tensor]] | None = None  # (metadata, buffers), once known
+        self.head: _Head | None = None  # once known
         self.copied = 0  # bytes copied so far, tensor after tensor
         self.error: BaseException | None = None
         self.finished = False
         self._changed = asyncio.Event()
 
-    def publish(self, head: tuple[Any, list[torch.Tensor]] | None, copied: int) -> None:
+    def publish(self, head: _Head | None, copied: int) -> None:
         if head is not None:
             self.head = head
         self.copied = max(self.copied, copied)
@@ -116,7 +150,7 @@ class _Snapshot:
         self._changed.set()
         self._changed = asyncio.Event()
 
-    async def wait(self, copied: int) -> tuple[Any, list[torch.Tensor]]:
+    async def wait(self, copied: int) -> _Head:
         """The head, once `copied` bytes are copied.
 
         Raises:
@@ -141,13 +175,16 @@ class StateServer:
         take_snapshot: Callable[[CopyState], None],
         chunk_bytes: int,
         declare_period: float,
+        shared_memory: bool = False,
     ):
         self.node, self.key = node, f"{prefix}.all_averagers"
         self.take_snapshot, self.chunk_bytes, self.declare_period = take_snapshot, chunk_bytes, declare_period
+        self.shared_memory = shared_memory  # keep the snapshot in a file that downloaders on this host read
         self.allow_sharing = False
         self.priority: float = 0.0
         self._snapshot: _Snapshot | None = None
         self._buffers: list[torch.Tensor] = []
+        self._file: SharedBuffer | None = None  # where the buffers live, if we publish them
         self._active = 0  # downloads streaming from the buffers
         self._changed = asyncio.Event()
         self._loop = asyncio.get_running_loop()
@@ -187,15 +224,17 @@ class StateServer:
         """
         single_threaded_here()  # a memory-bound copy: more threads would only slow down training
 
-        def publish(head: tuple[Any, list[torch.Tensor]] | None, copied: int) -> None:
+        def publish(head: _Head | None, copied: int) -> None:
             with contextlib.suppress(RuntimeError):  # the loop closed: nobody is left to serve
                 self._loop.call_soon_threadsafe(snapshot.publish, head, copied)
 
         def copy(metadata: Any, tensors: Sequence[torch.Tensor], finite_only: bool) -> None:
             # buffers are kept between downloads: fresh memory costs a page fault per 4 KiB
             if [(b.shape, b.dtype) for b in self._buffers] != [(t.shape, t.dtype) for t in tensors]:
-                self._buffers = [torch.empty(t.shape, dtype=t.dtype) for t in tensors]
-            publish((metadata, list(self._buffers)), 0)
+                self._make_buffers(tensors)
+            offsets = file_offsets(self._buffers)
+            offer = self._file.offer(layout_tag(offsets)) if self._file is not None else None
+            publish(_Head(metadata, list(self._buffers), offer), 0)
             copied = 0
             for buffer, tensor in zip(self._buffers, tensors, strict=True):
                 source, target = tensor.detach().reshape(-1), buffer.view(-1)
@@ -209,6 +248,33 @@ class StateServer:
                     publish(None, copied)
 
         self.take_snapshot(copy)
+
+    def _make_buffers(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Buffers for a copy of `tensors`: in a file we publish where we may and can make one
+        (in the copying thread: nobody streams from the old ones, see `_serve`)."""
+        if self._file is not None:
+            self._file.free()  # a download still reading it holds its own fd: the bytes stay
+            self._file = None
+        if self.shared_memory:
+            offsets = file_offsets(tensors)
+            try:
+                check_room(offsets[-1], 0)
+                self._file = SharedBuffer.create(offsets[-1], self.node.peer_id.to_bytes(), published=True)
+            except OSError as e:
+                logger.info(
+                    "Downloads of our state on this host take loopback TCP: cannot keep a copy of %d bytes in "
+                    "/dev/shm (%s)",
+                    offsets[-1],
+                    e.strerror or e,
+                )
+        if self._file is None:
+            self._buffers = [torch.empty(t.shape, dtype=t.dtype) for t in tensors]
+            return
+        region = self._file.region(offsets[-1])
+        self._buffers = [
+            region[start : start + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+            for start, t in zip(offsets, tensors, strict=False)
+        ]
 
     def _start_snapshot(self) -> _Snapshot:
         snapshot = _Snapshot()
@@ -228,10 +294,20 @@ class StateServer:
         self._active += 1
         channel = None
         try:
-            # a downloader that asks gets the chunks on a bulk link (channel.py); the head, on the stream
-            channel = await channels.as_reducer(self.node.host, stream, payload, lambda *_: None, LINK_TIMEOUT)
-            metadata, tensors = await snapshot.wait(0)
-            await stream.send({"metadata": metadata, "tensors": describe(tensors)})
+            head = await snapshot.wait(0)
+            tensors = head.buffers
+            reads = isinstance(payload, dict) and payload.get("read") is True
+            if reads and head.offer is not None and stream.connection.same_host and not stream.connection.sealed:
+                await stream.send({"metadata": head.metadata, "tensors": describe(tensors), "shm": head.offer})
+                choice = (await stream.recv(timeout=LINK_TIMEOUT)).payload
+                if choice == {"shm": True}:
+                    await self._tell_progress(stream, snapshot, sum(t.numel() * t.element_size() for t in tensors))
+                    return
+                channel = channels.Channel(stream, None, lambda *_: None)  # it could not open it: the stream
+            else:
+                # a downloader that asks gets the chunks on a bulk link (channel.py); the head, on the stream
+                channel = await channels.as_reducer(self.node.host, stream, payload, lambda *_: None, LINK_TIMEOUT)
+                await stream.send({"metadata": head.metadata, "tensors": describe(tensors)})
             before = 0  # bytes of the tensors before this one
             for index, tensor in enumerate(tensors):
                 data = tensor_bytes(tensor.view(-1)) if tensor.numel() else memoryview(b"")
@@ -248,9 +324,25 @@ class StateServer:
             if channel is not None:
                 channel.close()
 
+    async def _tell_progress(self, stream: Stream, snapshot: _Snapshot, total: int) -> None:
+        """Tell a downloader reading our published snapshot how far the copy has come, then
+        wait while it reads: it says how far it has read at least every READ_BYTES, and
+        cancels the stream once it has everything (the copy is not made again before that)."""
+        told = 0
+        while told < total:
+            await snapshot.wait(told + 1)
+            told = min(snapshot.copied, total)
+            await stream.send({"copied": told})
+        with contextlib.suppress(EndOfStream):
+            while True:
+                await stream.recv(timeout=LINK_TIMEOUT)
+
     async def aclose(self) -> None:
         self._task.cancel()
         await asyncio.gather(self._task, return_exceptions=True)
+        if self._file is not None:
+            self._file.free()
+            self._file = None
         if self.allow_sharing:
             self.allow_sharing = False
             try:  # withdraw, so that newcomers do not try us first
@@ -296,13 +388,15 @@ async def download_state(
     prefix: str = "",
     into: Sequence[torch.Tensor] | None = None,
     bulk: bool = True,
+    shared_memory: bool = False,
 ) -> tuple[Any, list[torch.Tensor]]:
     """Download a donor's state, checking it against the shapes and dtypes of `expected`.
     `progress(received_bytes, total_bytes)` is called after every chunk, on the event loop.
     The state lands in new tensors, or straight in `into` (contiguous tensors like `expected`,
     say the model's own): no allocation, no page faults and no copy, but a download that fails
     leaves them holding part of the donor's state. With `bulk`, the chunks come on a bulk link
-    of their own where the donor offers one (channel.py).
+    of their own where the donor offers one (channel.py); with `shared_memory`, from a donor of
+    this host that publishes its snapshot, out of that file (the module's docstring).
 
     Raises:
         InvalidStateError: the donor sent a state of another shape, chunks out of order, or a
@@ -310,7 +404,11 @@ async def download_state(
         HiveError: the donor is unreachable, refuses, goes quiet or ends the stream early.
     """
     conn = await node.host.connect(donor)
-    stream = await conn.open_stream(method_name(STATE_METHOD, prefix), {"bulk": True} if bulk else {})
+    reads = shared_memory and conn.same_host and not conn.sealed  # a published snapshot, if the donor has one
+    request = {"bulk": True} if bulk else {}
+    if reads:
+        request["read"] = True  # donors of step 9 and earlier ignore it
+    stream = await conn.open_stream(method_name(STATE_METHOD, prefix), request)
     channel = None
     try:
         if into is None:
@@ -344,6 +442,12 @@ async def download_state(
                 f"donor {donor} has a state of another shape: {str(declared)[:120]} instead of "
                 f"{str(describe(expected))[:120]}; is it training the same model?"
             )
+        if reads and "shm" in head:
+            reader = _open_published(head["shm"], donor, tensors)
+            await stream.send({"shm": reader is not None})
+            if reader is not None:
+                await _read_published(stream, reader, donor, tensors, views, chunk_timeout, progress)
+                return head.get("metadata"), tensors
         skip_empty()
         total, received = sum(len(v) for v in views), 0
 
@@ -388,3 +492,90 @@ async def download_state(
         if channel is not None:
             channel.close()
         await stream.cancel()
+
+
+def _open_published(offer: Any, donor: PeerID, tensors: Sequence[torch.Tensor]) -> PublishedReader | None:
+    """The donor's published snapshot, if its layout is that of our `tensors` and we can open
+    it (a file of our user, naming the donor as its publisher); None if not (logged at debug)."""
+    offsets = file_offsets(tensors)
+    if not (isinstance(offer, list) and len(offer) == 3 and offer[2] == layout_tag(offsets)):
+        logger.debug("Not reading donor %s's published state: another layout (%.80r)", donor, offer)
+        return None
+    try:
+        return PublishedReader.open(offer, offsets[-1], donor.to_bytes())
+    except HiveError as e:
+        logger.debug("Not reading donor %s's published state: %s", donor, e)
+        return None
+
+
+_PIECE = 4 << 20  # a published snapshot is read and checked this much at a time, while it is in the cache
+
+
+async def _read_published(
+    stream: Stream,
+    reader: PublishedReader,
+    donor: PeerID,
+    tensors: Sequence[torch.Tensor],
+    views: Sequence[memoryview],
+    chunk_timeout: float,
+    progress: Callable[[int, int], None] | None,
+) -> None:
+    """Read the donor's published snapshot into `tensors` (`views`: their bytes) as its copy
+    comes along, checking that it is finite, in a worker thread; closes `reader`.
+
+    Raises:
+        InvalidStateError: the donor's progress is malformed, or its state is not finite.
+        HiveError: the donor went quiet, or its file could not be read.
+    """
+    offsets = file_offsets(tensors)
+    starts = [0]  # where each tensor starts with the tensors back to back, as the donor counts
+    for view in views:
+        starts.append(starts[-1] + len(view))
+    total, done = starts[-1], 0
+    checked = [0] * len(tensors)  # elements of each tensor found finite so far
+
+    def read(lo: int, hi: int) -> int | None:
+        """Read bytes [lo, hi) of the state; the index of a tensor found not finite, or None."""
+        single_threaded_here()
+        for i, (view, tensor) in enumerate(zip(views, tensors, strict=True)):
+            for at in range(max(lo - starts[i], 0), min(hi - starts[i], len(view)), _PIECE):
+                end = min(at + _PIECE, hi - starts[i], len(view))
+                reader.readinto(view[at:end], offsets[i] + at)
+                upto = end // tensor.element_size()
+                if tensor.is_floating_point() and upto > checked[i]:
+                    if not all_finite(tensor.view(-1)[checked[i] : upto]):
+                        return i
+                    checked[i] = upto
+        return None
+
+    reading: asyncio.Future[int | None] | None = None
+    try:
+        while done < total:
+            copied = (await stream.recv(timeout=chunk_timeout)).payload
+            copied = copied.get("copied") if isinstance(copied, dict) else None
+            if type(copied) is not int or not done < copied <= total:
+                raise InvalidStateError(
+                    f"donor {donor} said it had copied {str(copied)[:40]} bytes of its state; expected more than "
+                    f"{done} and at most {total}"
+                )
+            while done < copied:
+                upto = min(copied, done + READ_BYTES)
+                reading = asyncio.ensure_future(asyncio.to_thread(read, done, upto))
+                bad = await asyncio.shield(reading)
+                if bad is not None:
+                    raise InvalidStateError(f"donor {donor} served a state with NaN or inf in tensor {bad}")
+                done = upto
+                await stream.send({"read": done})  # it copies again only once we are done
+                if progress is not None:
+                    progress(done, total)
+    finally:
+        if reading is not None and not reading.done():  # cancelled mid-read: close once the thread is done
+
+            def close(done: asyncio.Future[int | None]) -> None:
+                reader.close()
+                if not done.cancelled():
+                    done.exception()  # retrieved: nobody waits for it any more
+
+            reading.add_done_callback(close)
+        else:
+            reader.close()
