@@ -538,37 +538,59 @@ def test_a_newcomer_that_cannot_open_the_published_snapshot_gets_it_on_the_strea
         assert any("no /dev/shm in this namespace" in r.getMessage() for r in caplog.records)
 
 
-def test_the_donor_copies_its_state_again_only_once_its_readers_are_done(monkeypatch):
-    """A download that reads the published snapshot slowly keeps it whole: a download that
-    comes meanwhile gets the same snapshot, and the next one, once it is done, the donor's
-    new values."""
+@contextlib.contextmanager
+def first_reader_held(monkeypatch):
+    """The first PublishedReader that reads stops after its first piece until `release` is set
+    (`held` is set once it waits there)."""
     import threading
 
-    state = [torch.randn(3_000_000)]  # 12 MB: three pieces
-    held, release, slow = threading.Event(), threading.Event(), []
+    held, release, first = threading.Event(), threading.Event(), []
     readinto = sharedmem.PublishedReader.readinto
 
     def slowly(self, view, offset):
-        if not slow:
-            slow.append(self)
-        if self is slow[0] and offset > 0:  # the first reader, after its first piece
+        if not first:
+            first.append(self)
+        if self is first[0] and offset > 0:
             held.set()
-            assert release.wait(20)
+            assert release.wait(30)
         return readinto(self, view, offset)
 
     monkeypatch.setattr(sharedmem.PublishedReader, "readinto", slowly)
-    with donor_and_newcomers("heldstate", state, newcomers=3) as (donor, (first, second, third)):
-        from concurrent.futures import ThreadPoolExecutor
+    try:
+        yield held, release
+    finally:
+        release.set()
 
-        with ThreadPoolExecutor(1) as pool:
-            loading = pool.submit(first.load_state_from_peers, timeout=30)
-            assert held.wait(20)
-            with donor.shared_state.lock:
-                donor.state[0].add_(1.0)
-            _, during = second.load_state_from_peers(timeout=30)
-            release.set()
-            _, slowly_read = loading.result(timeout=30)
-        assert torch.equal(slowly_read[0], state[0]) and torch.equal(during[0], state[0])
+
+@pytest.mark.parametrize("quiet", [False, True], ids=["reading", "gone-quiet"])
+def test_a_reader_always_gets_one_whole_snapshot_and_others_the_newest_they_can(monkeypatch, quiet):
+    """While a download reads the published snapshot, the donor does not copy into it again: a
+    download that comes meanwhile gets that same snapshot. One that goes quiet for longer
+    than the donor waits (LINK_TIMEOUT) may still read it: the donor's next copy goes into a
+    new file, and the quiet one still reads the old snapshot whole."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from hivecli.averaging import state as statemod
+
+    monkeypatch.setattr(statemod, "LINK_TIMEOUT", 0.5 if quiet else 60.0)
+    state = [torch.randn(3_000_000)]  # 12 MB: three pieces
+    with (
+        first_reader_held(monkeypatch) as (held, release),
+        donor_and_newcomers("heldstate", state, newcomers=3) as (donor, (first, second, third)),
+        ThreadPoolExecutor(1) as pool,
+    ):
+        loading = pool.submit(first.load_state_from_peers, timeout=60)
+        assert held.wait(30)
+        server = donor._state_server
+        if quiet:  # a peek across threads, of a flag
+            wait_for(lambda: server._file_retired, 10, "the donor to give up waiting for the reader")
+        with donor.shared_state.lock:
+            donor.state[0].add_(1.0)
+        _, meanwhile = second.load_state_from_peers(timeout=30)
+        release.set()
+        _, held_back = loading.result(timeout=30)
+        assert torch.equal(held_back[0], state[0])  # one whole snapshot, never a mix
+        assert torch.equal(meanwhile[0], state[0] + 1.0 if quiet else state[0])
         _, after = third.load_state_from_peers(timeout=30)
         assert torch.equal(after[0], state[0] + 1.0)
 
@@ -586,3 +608,34 @@ def test_a_donor_that_misstates_its_progress_is_refused(monkeypatch, caplog):
         assert newcomer.load_state_from_peers(timeout=10) is None
         assert donor.peer_id in newcomer.banned_peers
         assert named(caplog, "bytes of its state; expected more than 0 and at most 4000")
+
+
+def test_a_download_that_fails_keeps_no_file_of_the_donor_open(monkeypatch):
+    """A reader holds the donor's snapshot in /dev/shm for as long as its fd is open: a
+    download that fails right after opening it must close it."""
+    from hivecli.net.connection import Stream
+
+    send, failing = Stream.send, []
+
+    async def fails(self, payload, body=b""):
+        if failing and payload == {"shm": True}:
+            raise HiveError("the link broke")
+        return await send(self, payload, body)
+
+    def held(path):
+        names = []
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                names.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return names.count(path)
+
+    monkeypatch.setattr(Stream, "send", fails)
+    with donor_and_newcomers("failstate", [torch.randn(1000)]) as (donor, (newcomer,)):
+        assert newcomer.load_state_from_peers(timeout=5) is not None
+        published = donor._state_server._file  # a peek across threads: the donor published its copy
+        assert published is not None
+        path = os.path.join(sharedmem.DIRECTORY, published.name)
+        donors_own = held(path)  # its lock, and its mapping's
+        failing.append(True)
+        assert newcomer.load_state_from_peers(timeout=5) is None
+        assert held(path) == donors_own

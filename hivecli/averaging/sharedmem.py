@@ -34,6 +34,10 @@ still reads only if that reader went quiet for that long and is then still copyi
 later. At 4 x 50M fp32 on 2 cores publishing spared 2 of a peer's 6 big copies: 18-20 ms of its
 140 ms of CPU per round.
 
+State downloads (state.py): a donor keeps the copy of its state that downloads stream from in
+a file it publishes, and a downloader of this host reads it with preadv straight into its
+tensors (`PublishedReader`), without mapping it.
+
 Trust: only processes of our own user can open these files. Such a process can already change
 our code, our checkpoints and our files. Letting it write into our receive buffers, even after
 we have checked them, gives it nothing it did not already have. The token and the writer's tag

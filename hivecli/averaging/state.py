@@ -185,6 +185,9 @@ class StateServer:
         self._snapshot: _Snapshot | None = None
         self._buffers: list[torch.Tensor] = []
         self._file: SharedBuffer | None = None  # where the buffers live, if we publish them
+        # a reader of it went quiet or misbehaved, and may still read: the next copy goes into a new one
+        self._file_retired = False
+        self._copying: asyncio.Future[None] | None = None
         self._active = 0  # downloads streaming from the buffers
         self._changed = asyncio.Event()
         self._loop = asyncio.get_running_loop()
@@ -230,7 +233,9 @@ class StateServer:
 
         def copy(metadata: Any, tensors: Sequence[torch.Tensor], finite_only: bool) -> None:
             # buffers are kept between downloads: fresh memory costs a page fault per 4 KiB
-            if [(b.shape, b.dtype) for b in self._buffers] != [(t.shape, t.dtype) for t in tensors]:
+            if self._file_retired or [(b.shape, b.dtype) for b in self._buffers] != [
+                (t.shape, t.dtype) for t in tensors
+            ]:
                 self._make_buffers(tensors)
             offsets = file_offsets(self._buffers)
             offer = self._file.offer(layout_tag(offsets)) if self._file is not None else None
@@ -255,6 +260,7 @@ class StateServer:
         if self._file is not None:
             self._file.free()  # a download still reading it holds its own fd: the bytes stay
             self._file = None
+        self._file_retired = False
         if self.shared_memory:
             offsets = file_offsets(tensors)
             try:
@@ -278,7 +284,7 @@ class StateServer:
 
     def _start_snapshot(self) -> _Snapshot:
         snapshot = _Snapshot()
-        copying = asyncio.ensure_future(asyncio.to_thread(self._copy_state, snapshot))
+        copying = self._copying = asyncio.ensure_future(asyncio.to_thread(self._copy_state, snapshot))
         copying.add_done_callback(lambda done: snapshot.finish(None if done.cancelled() else done.exception()))
         return snapshot
 
@@ -326,20 +332,45 @@ class StateServer:
 
     async def _tell_progress(self, stream: Stream, snapshot: _Snapshot, total: int) -> None:
         """Tell a downloader reading our published snapshot how far the copy has come, then
-        wait while it reads: it says how far it has read at least every READ_BYTES, and
-        cancels the stream once it has everything (the copy is not made again before that)."""
+        wait while it reads: it says how far it has read ({"read": bytes}, more each time) at
+        least every READ_BYTES, and cancels the stream once it has everything. We copy into
+        that file again only after that: a reader that goes quiet for LINK_TIMEOUT, says
+        something else, or takes longer than LINK_TIMEOUT per READ_BYTES in all, may still be
+        reading, so the next copy goes into a new file (it keeps reading the old one)."""
         told = 0
         while told < total:
             await snapshot.wait(told + 1)
             told = min(snapshot.copied, total)
             await stream.send({"copied": told})
-        with contextlib.suppress(EndOfStream):
+        deadline = self._loop.time() + LINK_TIMEOUT * (1 + total // READ_BYTES)
+        read, done = 0, False
+        try:
             while True:
-                await stream.recv(timeout=LINK_TIMEOUT)
+                left = deadline - self._loop.time()
+                if left <= 0:
+                    return
+                payload = (await stream.recv(timeout=min(left, LINK_TIMEOUT))).payload
+                said = payload.get("read") if isinstance(payload, dict) else None
+                if type(said) is not int or not read < said <= total:
+                    logger.debug("A downloader of our state said %.60r while reading it", payload)
+                    return
+                read = said
+        except EndOfStream:
+            done = True
+        except asyncio.CancelledError:
+            done = True  # the downloader has read it all (or gave up: it reads nothing more)
+            raise
+        except HiveError as e:
+            logger.debug("A downloader of our state went quiet while reading it: %s", e)
+        finally:
+            if not done:
+                self._file_retired = True
 
     async def aclose(self) -> None:
         self._task.cancel()
         await asyncio.gather(self._task, return_exceptions=True)
+        if self._copying is not None:  # it may make a file yet: free that one too
+            await asyncio.wait([self._copying], timeout=LINK_TIMEOUT)
         if self._file is not None:
             self._file.free()
             self._file = None
@@ -444,8 +475,13 @@ async def download_state(
             )
         if reads and "shm" in head:
             reader = _open_published(head["shm"], donor, tensors)
-            await stream.send({"shm": reader is not None})
-            if reader is not None:
+            try:
+                await stream.send({"shm": reader is not None})
+            except BaseException:
+                if reader is not None:
+                    reader.close()
+                raise
+            if reader is not None:  # closed by _read_published
                 await _read_published(stream, reader, donor, tensors, views, chunk_timeout, progress)
                 return head.get("metadata"), tensors
         skip_empty()
@@ -521,7 +557,9 @@ async def _read_published(
     progress: Callable[[int, int], None] | None,
 ) -> None:
     """Read the donor's published snapshot into `tensors` (`views`: their bytes) as its copy
-    comes along, checking that it is finite, in a worker thread; closes `reader`.
+    comes along, checking that it is finite, in a worker thread; closes `reader`. Nothing
+    writes into `tensors` once this returns or raises (cancelled, it waits for the range being
+    read: READ_BYTES at most).
 
     Raises:
         InvalidStateError: the donor's progress is malformed, or its state is not finite.
@@ -577,5 +615,6 @@ async def _read_published(
                     done.exception()  # retrieved: nobody waits for it any more
 
             reading.add_done_callback(close)
+            await asyncio.wait([reading])  # cancelled again meanwhile: the callback still closes it
         else:
             reader.close()
