@@ -19,7 +19,14 @@ import torch
 from hivecli import ConfigError, HiveError
 from hivecli.averaging import AveragingSettings, DecentralizedAverager, load_balance
 from hivecli.averaging.allreduce import AllReduceRunner
-from hivecli.averaging.audit import _choose_positions, _decode_one, _encoded_values, _pack_rows, _parse_audit_answer
+from hivecli.averaging.audit import (
+    _choose_positions,
+    _decode_at,
+    _decode_one,
+    _encoded_values,
+    _pack_rows,
+    _parse_audit_answer,
+)
 from hivecli.averaging.compression import CODECS
 from hivecli.averaging.partition import Layout
 from hivecli.averaging.robust import (
@@ -478,6 +485,9 @@ def test_audit_values_are_bit_identical_to_decoding_the_whole_chunk(codec, dtype
         offsets = sorted({0, n - 1, n // 2, min(4095, n - 1), min(4096, n - 1), 3 % n})
         assert _encoded_values(c, x, offsets) == [float(full[o]) for o in offsets]
         assert [_decode_one(c, meta, data, n, o) for o in offsets] == [float(full[o]) for o in offsets]
+        assert _decode_at(c, meta, data, n, offsets) == [float(full[o]) for o in offsets]  # in one gather
+    with pytest.raises(ValueError, match="chunk of"):  # a chunk shorter than its values: malformed
+        _decode_at(c, meta, data[:8], n, [0, n - 1])
 
 
 def test_packed_audit_answers_parse_as_the_lists_of_older_reducers():
