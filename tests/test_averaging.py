@@ -764,6 +764,27 @@ def test_lockstep_followers_declare_nothing_yet_a_newcomer_finds_the_group(monke
                 torch.testing.assert_close(snapshot(av)[0], expected, rtol=0, atol=1e-6)
 
 
+def test_a_lockstep_leader_whose_followers_fill_the_group_declares_nothing(monkeypatch):
+    """The last leader's followers ask it at once; where they fill the group within its head
+    start, it stores no declaration either (a full group has no room for a newcomer who finds
+    one): a lockstep round of a full group stores nothing in the DHT."""
+    torch.manual_seed(6)
+    with local_swarm(3, **DHT_FAST) as dhts:
+        inputs = [torch.randn(16) for _ in dhts]
+        settings = {"target_group_size": 3, "min_matchmaking_time": 1.0, "request_timeout": 0.5}
+        with averagers(dhts, [[t.clone()] for t in inputs], prefix="full", **settings) as avs:
+            run_round(avs)
+            leader = next(av for av in avs if av._matchmaker._last.joined is None)
+            stored = count_declarations(monkeypatch)
+            for _ in range(2):
+                run_round(avs)
+                assert leader._matchmaker._last.joined is None  # it led again
+            assert stored == {}
+            assert leader._matchmaker._last.declared_expiration is None  # and withdrew nothing
+            for av in avs:
+                torch.testing.assert_close(snapshot(av)[0], torch.stack(inputs).mean(0), rtol=0, atol=1e-6)
+
+
 def test_a_lockstep_follower_whose_leader_left_declares_and_finds_a_group():
     """The last leader is gone: its followers' requests fail, so they declare after all and form
     a group of their own."""
