@@ -21,7 +21,7 @@ import torch
 
 from hivecli import DHT, ConfigError
 from hivecli._exceptions import AllreduceError, MatchmakingError
-from hivecli.averaging import DecentralizedAverager, Stage, channel, load_balance, pacing
+from hivecli.averaging import DecentralizedAverager, Stage, channel, load_balance, matchmaking, pacing
 from hivecli.averaging.compression import AutoCompression
 from hivecli.averaging.group import GroupInfo, Member
 from hivecli.averaging.link import AUTO_BULK_MIN_RATE, RoundPlan, spans_take_bulk_links
@@ -783,6 +783,38 @@ def test_a_lockstep_leader_whose_followers_fill_the_group_declares_nothing(monke
             assert leader._matchmaker._last.declared_expiration is None  # and withdrew nothing
             for av in avs:
                 torch.testing.assert_close(snapshot(av)[0], torch.stack(inputs).mean(0), rtol=0, atol=1e-6)
+
+
+def test_followers_forget_their_join_streams_without_a_cancel(monkeypatch):
+    """The leader's BEGIN is its last word (DATA and END in one frame), so a follower drops
+    the join stream without telling it: no CANCEL per follower and round, and no stream left
+    behind on either side."""
+    from hivecli.net.connection import Stream
+
+    cancelled, cancel = [], Stream.cancel
+
+    async def recorded(self):
+        if not (self._local_done and self._remote_done):
+            cancelled.append(self.method)
+        return await cancel(self)
+
+    monkeypatch.setattr(Stream, "cancel", recorded)
+    with local_swarm(3, **DHT_FAST) as dhts:
+        inputs = [torch.randn(16) for _ in dhts]
+        settings = {"target_group_size": 3, "min_matchmaking_time": 1.0, "request_timeout": 0.5}
+        with averagers(dhts, [[t.clone()] for t in inputs], prefix="forget", **settings) as avs:
+            for _ in range(3):
+                run_round(avs)
+            assert not [method for method in cancelled if method.startswith(matchmaking.JOIN_METHOD)]
+
+            def join_streams_left():  # a peek across threads: counts only
+                left = 0
+                for av in avs:
+                    for conn in list(av.dht._node.host._connections.values()):
+                        left += sum(s.method.startswith(matchmaking.JOIN_METHOD) for s in list(conn._streams.values()))
+                return left
+
+            wait_for(lambda: join_streams_left() == 0, 10, "every join stream to be forgotten")
 
 
 def test_a_lockstep_follower_whose_leader_left_declares_and_finds_a_group():

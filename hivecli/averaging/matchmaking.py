@@ -528,7 +528,9 @@ class _Search:
             unanswered = isinstance(e, asyncio.TimeoutError) and stream is not None
             return None
         finally:
-            if stream is not None:
+            if stream is not None and stream.ended_by_peer:
+                stream.forget()  # the leader ended with its last word (BEGIN): nothing to cancel there
+            elif stream is not None:
                 await stream.cancel()
                 # A leader answers at once, so silence means a dead link, such as a TCP connection from
                 # before a network outage that retransmits on a long backed-off timer: close it (unless
@@ -623,7 +625,8 @@ class _Search:
         try:
             await stream.send({"code": ACCEPTED, "expiration": self.expiration})
             code, data = await follower.outcome
-            await stream.send({"code": code, "group": data} if code == BEGIN else {"code": code, "leader": data})
+            # our last word, and our end, in one frame: the follower then forgets the stream, no CANCEL
+            await stream.send_last({"code": code, "group": data} if code == BEGIN else {"code": code, "leader": data})
         finally:
             if self.followers.get(member.peer_id) is follower:  # it left before the group formed
                 del self.followers[member.peer_id]

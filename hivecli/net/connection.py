@@ -237,6 +237,17 @@ class Stream:
             except EndOfStream:
                 return
 
+    @property
+    def ended_by_peer(self) -> bool:
+        """Whether the other side has ended its side (END, a last message, an error)."""
+        return self._remote_done
+
+    def forget(self) -> None:
+        """Drop a stream the other side has ended and needs nothing more on (its handler said
+        its last word and returned): unlike `cancel`, nothing is sent. Late messages are dropped."""
+        self._local_done = self._remote_done = True
+        self.connection._streams.pop(self.stream_id, None)
+
     async def cancel(self) -> None:
         """Abandon the stream: the other side's handler is cancelled; late messages are dropped."""
         finished = self._local_done and self._remote_done
