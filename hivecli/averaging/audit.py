@@ -244,28 +244,36 @@ class ReducerAudit:
             mine.update(zip(ours, _encoded_values(self.codec, self._input(chunks[i]), offsets), strict=True))
             returned = _decode_at(self.codec, results.metas[i], results.region(i), chunks[i].numel, offsets)
             returned_at.update(zip(ours, returned, strict=True))
-        epsilons: dict[torch.dtype, float] = {}
+        # one loop per position, its lookups hoisted: it ran for every reducer in every round
+        aggregation, codec, me = self.settings.aggregation, self.codec, self.index
+        fp16, mean = isinstance(codec, Float16Compression), aggregation == "mean"
+        epsilons: dict[int, float] = {}  # chunk -> the rounding of its tensor's dtype, float32's at least
         for p, claimed, i in zip(positions, inputs, where, strict=True):
-            chunk, offset = chunks[i], p - chunks[i].start
-            if claimed.get(self.index) != mine[p]:  # both went through the same codec: exact
-                return f"at position {p} it claims our input was {claimed.get(self.index)!r}, we sent {mine[p]!r}"
+            if claimed.get(me) != mine[p]:  # both went through the same codec: exact
+                return f"at position {p} it claims our input was {claimed.get(me)!r}, we sent {mine[p]!r}"
             if j not in claimed or not claimed.keys() <= raw.keys():
                 return f"at position {p} its inputs {sorted(claimed)} are not members it reported weights for"
-            if self.settings.aggregation == "centered_clip":
+            if aggregation == "centered_clip":
                 continue  # CenteredClip mixes the whole chunk: a position alone cannot be recomputed
-            returned = returned_at[p]
-            codec_error = _codec_error(self.codec, results.metas[i], results.region(i), offset, returned)
+            returned, offset = returned_at[p], p - chunks[i].start
+            codec_error = (
+                0.0
+                if isinstance(codec, NoCompression)
+                else _codec_error(codec, results.metas[i], results.region(i), offset, returned)
+            )
             if codec_error is None:
                 continue  # a codec we know no bound for
-            expected = self._recompute(j, claimed, capped)
-            if isinstance(self.codec, Float16Compression):
+            largest = 0.0  # the largest claimed input, in magnitude
+            for value in claimed.values():
+                largest = max(largest, abs(value))
+            expected = _weighted_mean(claimed, capped, j) if mean else self._recompute(j, claimed, capped)
+            if fp16:
                 expected = max(-_FP16_MAX, min(_FP16_MAX, expected))  # the return trip clamps to fp16's range
             # the reducer rounds in its tensors' dtype (and float32 on the wire) at each of its steps
-            dtype = self.flat[chunk.tensor].dtype
-            if dtype not in epsilons:
-                epsilons[dtype] = max(torch.finfo(dtype).eps, _FP32_EPS)
-            eps = epsilons[dtype]
-            magnitude = max(abs(expected), abs(returned), *(abs(v) for v in claimed.values()))
+            eps = epsilons.get(i)
+            if eps is None:
+                eps = epsilons[i] = max(torch.finfo(self.flat[chunks[i].tensor].dtype).eps, _FP32_EPS)
+            magnitude = max(abs(expected), abs(returned), largest)
             slack = 8 * (len(claimed) + 1) * eps * magnitude + 1e-30
             if not abs(returned - expected) <= codec_error + slack:
                 return (
@@ -276,13 +284,24 @@ class ReducerAudit:
 
     def _recompute(self, j: int, claimed: dict[int, float], capped: dict[int, float]) -> float:
         """The aggregate of the claimed inputs at one position, as reducer j computes it."""
+        if self.settings.aggregation == "mean":
+            return _weighted_mean(claimed, capped, j)
         values = [v for k, v in claimed.items() if capped[k] > 0]
         if not values:
             return claimed[j]  # nobody with a weight: the reducer keeps its own value
-        if self.settings.aggregation == "mean":
-            total = sum(capped[k] for k in claimed if capped[k] > 0)
-            return sum(capped[k] * v for k, v in claimed.items() if capped[k] > 0) / total
         return float(trimmed_mean(torch.tensor(values, dtype=torch.float64)[:, None], self.settings.trim_fraction)[0])
+
+
+def _weighted_mean(claimed: dict[int, float], capped: dict[int, float], j: int) -> float:
+    """The mean of the claimed inputs at one position by their capped weights, as reducer j
+    computes it; its own value where nobody has a weight."""
+    total = weighted = 0.0
+    for k, value in claimed.items():
+        weight = capped[k]
+        if weight > 0:
+            total += weight
+            weighted += weight * value
+    return weighted / total if total > 0 else claimed[j]
 
 
 def _by_chunk(where: Sequence[int]) -> dict[int, list[int]]:
