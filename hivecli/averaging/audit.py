@@ -237,15 +237,16 @@ class ReducerAudit:
         starts = [chunk.start for chunk in chunks]
         where = [bisect_right(starts, p) - 1 for p in positions]  # chunk index of each position
         mine: dict[int, float] = {}  # position -> our input as the reducer decoded it
-        returned_at: dict[int, float] = {}  # position -> the average it returned there
+        returned_at: dict[int, float] = {}  # position -> the average it returned there (not for CenteredClip)
+        aggregation, codec, me = self.settings.aggregation, self.codec, self.index
         for i, at in _by_chunk(where).items():
             ours = [positions[k] for k in at]
             offsets = [p - chunks[i].start for p in ours]
-            mine.update(zip(ours, _encoded_values(self.codec, self._input(chunks[i]), offsets), strict=True))
-            returned = _decode_at(self.codec, results.metas[i], results.region(i), chunks[i].numel, offsets)
-            returned_at.update(zip(ours, returned, strict=True))
+            mine.update(zip(ours, _encoded_values(codec, self._input(chunks[i]), offsets), strict=True))
+            if aggregation != "centered_clip":
+                returned = _decode_at(codec, results.metas[i], results.region(i), chunks[i].numel, offsets)
+                returned_at.update(zip(ours, returned, strict=True))
         # one loop per position, its lookups hoisted: it ran for every reducer in every round
-        aggregation, codec, me = self.settings.aggregation, self.codec, self.index
         fp16, mean = isinstance(codec, Float16Compression), aggregation == "mean"
         epsilons: dict[int, float] = {}  # chunk -> the rounding of its tensor's dtype, float32's at least
         for p, claimed, i in zip(positions, inputs, where, strict=True):
@@ -294,7 +295,8 @@ class ReducerAudit:
 
 def _weighted_mean(claimed: dict[int, float], capped: dict[int, float], j: int) -> float:
     """The mean of the claimed inputs at one position by their capped weights, as reducer j
-    computes it; its own value where nobody has a weight."""
+    computes it (to float rounding: it lerps in float32; the audit's slack covers both); its
+    own value where nobody has a weight."""
     total = weighted = 0.0
     for k, value in claimed.items():
         weight = capped[k]
@@ -373,8 +375,8 @@ def _decode_at(codec: Codec, meta: Any, data: memoryview, numel: int, offsets: S
     """
     if isinstance(codec, NoCompression | Float16Compression) and offsets:
         size = 4 if isinstance(codec, NoCompression) else 2
-        if (max(offsets) + 1) * size > data.nbytes:
-            raise ValueError(f"position {max(offsets)} is outside a chunk of {data.nbytes} bytes")
+        if min(offsets) < 0 or (max(offsets) + 1) * size > data.nbytes:
+            raise ValueError(f"a position of {list(offsets)[:8]} is outside a chunk of {data.nbytes} bytes")
         values = numpy.frombuffer(data, dtype=numpy.float32 if size == 4 else numpy.float16, count=data.nbytes // size)
         return values[list(offsets)].tolist()  # type: ignore[no-any-return]
     return [_decode_one(codec, meta, data, numel, offset) for offset in offsets]

@@ -16,15 +16,18 @@ code.
 Lockstep rounds: when our last group held every peer we saw looking (a swarm the size of a
 group), the next round asks its leader at once, alongside the DHT lookup, which saves that
 lookup's round trip, and declares itself only if that leader does not take it. That leader
-declares a little earlier than the others (`HEAD_START`), so it stays first when everyone
-starts at about the same time. A follower that starts before it says how long it will wait
-(`"hold"`, at most that margin), and the leader holds the request of a member of the group it
-led last until its next search begins (then it asks again at once), instead of refusing it:
-no polling. A lockstep peer still looks up the group key, at most once per `LOOKOUT_SHARE` of
-min_matchmaking_time (a newcomer's declaration lives min_matchmaking_time, so several lookups
-see it): a newcomer's declaration that it sees ends lockstep for the next round. In a swarm
-larger than a group, nobody does any of this: joining the same leader every round would keep
-apart groups that should mix.
+declares a little earlier than the others (`HEAD_START`), so it stays first when everyone starts
+at about the same time, and only if its followers have not filled the group within that head
+start (a full group has no room for a newcomer who would find it). A follower that starts before
+it says how long it will wait (`"hold"`, at most that margin), and the leader holds the request
+of a member of the group it led last until its next search begins (then it asks again at once),
+instead of refusing it: no polling. A lockstep peer still looks up the group key, at most once
+per `LOOKOUT_SHARE` of min_matchmaking_time (a newcomer's declaration lives
+min_matchmaking_time, so several lookups see it): a newcomer's declaration that it sees ends
+lockstep for the next round. (A newcomer that meets a full lockstep group finds no declaration
+of it, and is seen only by these lookups: lockstep may then last up to one interval longer.) In
+a swarm larger than a group, nobody does any of this: joining the same leader every round would
+keep apart groups that should mix.
 """
 
 from __future__ import annotations
@@ -296,9 +299,9 @@ class _Search:
             guess = self.mm.likely_leader()
             if guess is not None:
                 # Lockstep: ask the last round's leader while the lookup runs, not after it. We
-                # declare only if it does not take us: a newcomer finds the group through the
-                # leader's declaration, and our lookup still sees the newcomer's (which ends
-                # lockstep for the next round). Two DHT stores per follower and round saved, and
+                # declare only if it does not take us: a newcomer finds a group that is not full
+                # through the leader's declaration, and our lookup still sees the newcomer's (which
+                # ends lockstep for the next round). Two DHT stores per follower and round saved, and
                 # the verification of each at every node that holds the key: 4 x 1M rounds on
                 # 2 cores spent a third of their matchmaking CPU on them.
                 if self.mm.lookout_due():
