@@ -257,11 +257,7 @@ class ReducerAudit:
             if aggregation == "centered_clip":
                 continue  # CenteredClip mixes the whole chunk: a position alone cannot be recomputed
             returned, offset = returned_at[p], p - chunks[i].start
-            codec_error = (
-                0.0
-                if isinstance(codec, NoCompression)
-                else _codec_error(codec, results.metas[i], results.region(i), offset, returned)
-            )
+            codec_error = _codec_error(codec, results.metas[i], results.region(i), offset, returned)
             if codec_error is None:
                 continue  # a codec we know no bound for
             largest = 0.0  # the largest claimed input, in magnitude
@@ -336,16 +332,12 @@ _FP32_EPS = torch.finfo(torch.float32).eps
 
 def _decode_one(codec: Codec, meta: Any, data: memoryview, numel: int, offset: int) -> float:
     """Element `offset` of an encoded chunk, bit for bit what `codec.decode` gives there, without
-    decoding the whole chunk (an audit reads a few values of chunks of millions).
+    decoding the whole chunk where the codec allows (an audit reads a few values of chunks of
+    millions); the codecs that send values as they are take `_decode_at`'s one gather instead.
 
     Raises:
         ValueError: `meta` or `data` is malformed.
     """
-    if isinstance(codec, NoCompression | Float16Compression):  # struct: exact, and no tensor per value
-        size = 4 if isinstance(codec, NoCompression) else 2
-        if (offset + 1) * size > data.nbytes:
-            raise ValueError(f"position {offset} is outside a chunk of {data.nbytes} bytes")
-        return float(struct.unpack_from("=f" if size == 4 else "=e", data, size * offset)[0])
     if isinstance(codec, Uniform8BitQuantization):  # one grid for the chunk: the byte alone decodes
         return float(codec.decode(meta, data[offset : offset + 1], 1)[0])
     if isinstance(codec, Blockwise8BitQuantization):  # the byte and its block's scale
@@ -367,8 +359,9 @@ def _gather(tensor: torch.Tensor, offsets: Sequence[int]) -> list[float]:
 
 
 def _decode_at(codec: Codec, meta: Any, data: memoryview, numel: int, offsets: Sequence[int]) -> list[float]:
-    """Elements `offsets` of an encoded chunk, each bit for bit what `_decode_one` gives:
-    for the codecs that send values as they are, in one gather.
+    """Elements `offsets` of an encoded chunk, each bit for bit what `codec.decode` gives there:
+    for the codecs that send values as they are, in one gather; for the others, one by one
+    (`_decode_one`).
 
     Raises:
         ValueError: `meta` or `data` is malformed.
@@ -408,7 +401,7 @@ def _encoded_values(codec: Codec, piece: torch.Tensor, offsets: Sequence[int]) -
     else:
         sub, at = piece, list(offsets)
     meta, data = codec.encode(sub)  # one call: on a busy machine every small torch op costs
-    return [_decode_one(codec, meta, data, sub.numel(), a) for a in at]
+    return _decode_at(codec, meta, data, sub.numel(), at)
 
 
 def _codec_error(codec: Codec, meta: Any, data: memoryview, offset: int, value: float) -> float | None:

@@ -279,7 +279,7 @@ class StateServer:
         region = self._file.region(offsets[-1])
         self._buffers = [
             region[start : start + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
-            for start, t in zip(offsets, tensors, strict=False)
+            for start, t in zip(offsets[:-1], tensors, strict=True)
         ]
 
     def _start_snapshot(self) -> _Snapshot:
@@ -475,15 +475,10 @@ async def download_state(
             )
         if reads and "shm" in head:
             reader = _open_published(head["shm"], donor, tensors)
-            try:
-                await stream.send({"shm": reader is not None})
-            except BaseException:
-                if reader is not None:
-                    reader.close()
-                raise
-            if reader is not None:  # closed by _read_published
+            if reader is not None:  # it says so to the donor, and closes the reader
                 await _read_published(stream, reader, donor, tensors, views, chunk_timeout, progress)
                 return head.get("metadata"), tensors
+            await stream.send({"shm": False})  # the chunks, on the stream then
         skip_empty()
         total, received = sum(len(v) for v in views), 0
 
@@ -556,8 +551,9 @@ async def _read_published(
     chunk_timeout: float,
     progress: Callable[[int, int], None] | None,
 ) -> None:
-    """Read the donor's published snapshot into `tensors` (`views`: their bytes) as its copy
-    comes along, checking that it is finite, in a worker thread; closes `reader`. Nothing
+    """Tell the donor we read its published snapshot, and read it into `tensors` (`views`:
+    their bytes) as its copy comes along, checking that it is finite, in a worker thread;
+    closes `reader` whatever happens. Nothing
     writes into `tensors` once this returns or raises (cancelled, it waits for the range being
     read: READ_BYTES at most).
 
@@ -588,6 +584,7 @@ async def _read_published(
 
     reading: asyncio.Future[int | None] | None = None
     try:
+        await stream.send({"shm": True})
         while done < total:
             copied = (await stream.recv(timeout=chunk_timeout)).payload
             copied = copied.get("copied") if isinstance(copied, dict) else None
