@@ -20,6 +20,7 @@ from hivecli import ConfigError, HiveError
 from hivecli.averaging import AveragingSettings, DecentralizedAverager, load_balance
 from hivecli.averaging.allreduce import AllReduceRunner
 from hivecli.averaging.audit import (
+    ReducerAudit,
     _choose_positions,
     _decode_at,
     _decode_one,
@@ -379,7 +380,7 @@ def warnings_naming(caplog, peer_id):
         ("mean", "blockwise8bit", False, "the inputs it claims give", "bulk"),
         ("mean", "none", True, "claims our input was 666.0", "bulk"),
         ("centered_clip", "none", True, "claims our input was 666.0", "stream"),
-        ("mean", "none", False, "the inputs it claims give", "published"),
+        ("mean", "none", False, "the inputs it claims give", "shared"),
     ],
     ids=[
         "mean",
@@ -387,7 +388,7 @@ def warnings_naming(caplog, peer_id):
         "blockwise8bit-bulk",
         "consistent-liar-bulk",
         "consistent-liar-centered-clip",
-        "mean-published",
+        "mean-shared",
     ],
     indirect=["link"],
 )
@@ -445,8 +446,34 @@ def test_without_verify_reducers_the_wrong_averages_go_through(caplog, monkeypat
         assert not warnings_naming(caplog, attacker)
 
 
+@pytest.mark.parametrize("link", ["stream", "published"], indirect=True)
+def test_a_reducer_whose_published_averages_we_read_is_not_audited(request, monkeypatch, link):
+    """Only a process of our own user can publish a buffer we map (sharedmem.py, "Trust"), and
+    it could rewrite it after any check: its readers ask it for no audit. Every other reducer
+    (here: on the part streams) is audited by each of its senders."""
+    inputs = honest_inputs(17)
+    audited = []  # (sender, reducer)
+    check = ReducerAudit.check
+
+    async def counted(self, stream, j, chunks, results):
+        audited.append((self.index, j))
+        await check(self, stream, j, chunks, results)
+
+    monkeypatch.setattr(ReducerAudit, "check", counted)
+    with group_of_three("audited-or-not", inputs) as avs:
+        run_round(avs)
+        mean3 = flat([(a + b + c) / 3 for a, b, c in zip(*inputs, strict=True)])
+        for av in avs:
+            torch.testing.assert_close(values(av), mean3, rtol=0, atol=1e-6)
+    published = request.node.callspec.params["link"] == "published"
+    assert len(audited) == (0 if published else 6)  # 3 senders x 2 other reducers
+    assert link()
+
+
 def test_a_reducer_that_does_not_answer_the_audit_is_a_failed_reducer(caplog, monkeypatch):
     caplog.set_level(logging.INFO, logger="hivecli.averaging")
+    # on the part streams: a reducer whose published averages we read is not audited
+    monkeypatch.setattr("hivecli.averaging.allreduce.AllReduceRunner._shared_with", lambda self, connection: None)
     inputs = honest_inputs(16)
     with group_of_three("mute-auditee", inputs, next_chunk_timeout=2.0) as avs:
         attacker = avs[2].peer_id

@@ -32,10 +32,11 @@ nor sent to (their spans keep local values).
 Reducer audit (`verify_reducers`, on by default; audit.py): once a sender has all of a reducer's
 averages, and before it applies them, it asks the reducer for the inputs it aggregated at a few
 random positions of its span and checks them against what it sent and against the averages
-returned. A reducer that fails is treated like one that returned non-finite averages (local
-values, banned); one that does not answer is a failed reducer (local values, no ban). The
-runner keeps a ReducerAudit that copies its input as each chunk is finalized, answers audits
-as a reducer, and runs them as a sender.
+returned; not where it reads them in a buffer the reducer published, which only a process of
+our own user can (sharedmem.py, "Trust"). A reducer that fails is treated like one that
+returned non-finite averages (local values, banned); one that does not answer is a failed
+reducer (local values, no ban). The runner keeps a ReducerAudit that copies its input as each
+chunk is finalized, answers audits as a reducer, and runs them as a sender.
 """
 
 from __future__ import annotations
@@ -693,13 +694,17 @@ class AllReduceRunner:
                     await stream.end()
                     stream = None
                     raise HiveError("we cannot map the shared buffer it publishes its averages in")
-                if self.settings.verify_reducers:  # before our input is overwritten
-                    await self.audit.check(stream, j, chunks, results, last=not results.published)
-                if results.published:  # copied out before our END, after which the reducer may reuse it
+                if results.published:
+                    # no audit of a reducer whose published averages we read: only a process of our
+                    # own user can publish a buffer we map (sharedmem.py, "Trust"), and it could
+                    # rewrite that buffer after any check of ours, before we copy. Copied out before
+                    # our END, after which the reducer may reuse it.
                     self._apply(chunks, results)
                     with contextlib.suppress(HiveError):  # they are ours now, whatever the END meets
                         await stream.end()
                 else:
+                    if self.settings.verify_reducers:  # before our input is overwritten
+                        await self.audit.check(stream, j, chunks, results)
                     # tells the reducer we have everything, so it may reuse its buffers (the audit
                     # request said so already, and ended our side: then this sends nothing)
                     await stream.end()

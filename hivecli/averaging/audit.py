@@ -25,6 +25,10 @@ bound of the returned chunk's own grid, which the reducer chose). A reducer that
 local values for the span, logs one warning naming it, and bans it; one that does not answer
 in time (AuditUnanswered) is a failed reducer (local values, no ban).
 
+A sender does not audit a reducer whose published averages it reads in shared memory
+(allreduce.py): only a process of its own user can publish a file it maps, and such a process
+could rewrite that file between the audit and the copy (sharedmem.py, "Trust").
+
 A sender can verify only its own input: the reducer's own input and what it claims the other
 senders sent are its word. The audit thus catches a reducer that returns averages its claimed
 inputs do not give, or misstates the auditor's input; one that makes up the other members'
@@ -197,13 +201,11 @@ class ReducerAudit:
 
     # ---- as a sender ----------------------------------------------------------------------------
 
-    async def check(
-        self, stream: Stream, j: int, chunks: Sequence[Chunk], results: EncodedChunks, last: bool = True
-    ) -> None:
+    async def check(self, stream: Stream, j: int, chunks: Sequence[Chunk], results: EncodedChunks) -> None:
         """Check reducer j's averages (`results`, its span cut into `chunks`) at random positions
         of its span, chosen only now that they are all here (so it could not have known which
         ones to get right). Our tensors must still hold our input for span j. The request ends
-        our side of the stream, unless not `last` (we end it ourselves later).
+        our side of the stream.
 
         Raises:
             AuditFailed: the reducer's answer contradicts our input or its own averages.
@@ -212,7 +214,7 @@ class ReducerAudit:
         positions = _choose_positions(*self.spans[j], self.settings.audit_positions)
         # "packed": the answer's inputs as bytes (_pack_rows); reducers of step 9 and earlier ignore it
         request = {"audit": positions, "packed": True}
-        await (stream.send_last(request) if last else stream.send(request))  # send_last: ends our side too
+        await stream.send_last(request)  # ends our side too
         try:
             reply = await stream.recv(timeout=self.settings.next_chunk_timeout)
         except (HiveError, EndOfStream) as e:

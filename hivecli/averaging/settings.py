@@ -57,7 +57,9 @@ class AveragingSettings:
             it aggregated there, its claim for the sender's own input must be what the sender
             sent, and the inputs must give the average it returned. A reducer that fails is
             ignored (the sender keeps its local values for that span) and banned (default
-            True). Every peer of a run should use the same: a reducer with it off refuses audits.
+            True). Not audited: a reducer whose published averages the sender reads in shared
+            memory, a process of the sender's own user (sharedmem.py, "Trust"). Every peer of a
+            run should use the same: a reducer with it off refuses audits.
         audit_positions: positions of a span each sender audits per round (default 8), between
             1 and 1024; every peer of a run must use the same, since a reducer refuses any other count.
         bulk_links: which transfers move their bytes on a TCP connection of their own, driven by

@@ -40,9 +40,11 @@ tensors (`PublishedReader`), without mapping it.
 
 Trust: only processes of our own user can open these files. Such a process can already change
 our code, our checkpoints and our files. Letting it write into our receive buffers, even after
-we have checked them, gives it nothing it did not already have. The token and the writer's tag
-keep a peer of another user, which sees the files' names in /dev/shm, from making us write into
-a buffer that was not offered to us. Peers that seal the links between processes of one host
+we have checked them, gives it nothing it did not already have. For the same reason a reader
+does not audit the averages a reducer publishes (audit.py): the publisher could rewrite them
+between the audit and the copy. The token and the writer's tag keep a peer of another user,
+which sees the files' names in /dev/shm, from making us write into a buffer that was not
+offered to us. Peers that seal the links between processes of one host
 (`encrypt_same_host`) do not use shared memory.
 
 Cleanup: a file is removed when its buffer is replaced or freed, when the averager shuts down,
