@@ -431,6 +431,37 @@ def test_a_reducer_returning_wrong_finite_averages_fails_the_audit_and_is_banned
         assert link()
 
 
+def test_a_publisher_answers_the_audits_of_senders_that_do_not_read_its_buffer(caplog, monkeypatch):
+    """A liar that publishes its averages on this host: a sender that does not read them there
+    (here one that does not say "read", as before published averages) audits it, and the liar's
+    answer, which its tensors' input and the parts give, fails; its reader, of our own user
+    (sharedmem.py, "Trust"), asks for no audit and takes what it published."""
+    caplog.set_level(logging.INFO, logger="hivecli.averaging")
+    inputs = honest_inputs(18)
+    request = AllReduceRunner._request
+    old = []
+
+    def without_read(self, span_bytes, shared):
+        sent = request(self, span_bytes, shared)
+        if self.host.peer_id in old:
+            sent.pop("read", None)
+        return sent
+
+    monkeypatch.setattr(AllReduceRunner, "_request", without_read)
+    with group_of_three("audit-by-a-non-reader", inputs) as avs:
+        attacker = avs[2].peer_id
+        old.append(avs[0].peer_id)
+        lying_reducer(monkeypatch, attacker)
+        order = run_round(avs, hostile=2)
+        lo, hi = span_of(order, attacker)
+        assert torch.equal(values(avs[0])[lo:hi], flat(inputs[0])[lo:hi]), "the auditor applied the lie"
+        assert "audit" in avs[0].banned_peers[attacker]
+        assert torch.equal(values(avs[1])[lo:hi], torch.full((hi - lo,), 666.0, dtype=torch.float64))
+        assert attacker not in avs[1].banned_peers
+        lines = warnings_naming(caplog, attacker)
+        assert len(lines) == 1 and "failed the audit" in lines[0], lines
+
+
 def test_without_verify_reducers_the_wrong_averages_go_through(caplog, monkeypatch):
     """The same attack with the audit off: it works. So the test above tests the audit."""
     caplog.set_level(logging.INFO, logger="hivecli.averaging")

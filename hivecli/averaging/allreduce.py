@@ -574,8 +574,9 @@ class AllReduceRunner:
         Either says it has every average; once we answered the audit, it needs nothing more
         from us. The request ends the sender's side and the answer ours (Stream.send_last: one
         frame each, not two); an older sender's END, which follows the answer, is not waited for.
-        A sender that reads our published averages ends its side only once it has copied them
-        out, after the answer: until then, that buffer is not ours to reuse.
+        A sender that reads our published averages asks for no audit (`_exchange_with`) and
+        ends its side only once it has copied them out: until then, that buffer is not ours to
+        reuse. One of the builds before that rule asks first, and ends after our answer.
 
         Raises:
             HiveError: an invalid audit request, something else than the END we wait for, or
@@ -584,7 +585,7 @@ class AllReduceRunner:
         try:
             message = await stream.recv(timeout=self.settings.next_chunk_timeout)
         except EndOfStream:
-            return  # no audit: verify_reducers is off on the sender's side
+            return  # no audit: it reads our published averages, or verify_reducers is off on its side
         await stream.send_last(self._audit_answer(message.payload))  # and our end, in one frame
         if reads_published:
             try:
