@@ -38,14 +38,15 @@ State downloads (state.py): a donor keeps the copy of its state that downloads s
 a file it publishes, and a downloader of this host reads it with preadv straight into its
 tensors (`PublishedReader`), without mapping it.
 
-Trust: only processes of our own user can open these files. Such a process can already change
-our code, our checkpoints and our files. Letting it write into our receive buffers, even after
-we have checked them, gives it nothing it did not already have. For the same reason a reader
-does not audit the averages a reducer publishes (audit.py): the publisher could rewrite them
-between the audit and the copy. The token and the writer's tag keep a peer of another user,
-which sees the files' names in /dev/shm, from making us write into a buffer that was not
-offered to us. Peers that seal the links between processes of one host
-(`encrypt_same_host`) do not use shared memory.
+Trust: only processes of our own user can open these files (on this host, or in a container
+that shares our /dev/shm). Such a process can usually change our code, our checkpoints and our
+files already; we trust it to write into our receive buffers, even after we have checked them.
+For the same reason a reader does not audit the averages a reducer publishes (audit.py): the
+publisher could rewrite them between the audit and the copy. The token and the writer's tag
+keep a peer of another user, which sees the files' names in /dev/shm, from making us write into
+a buffer that was not offered to us. Processes of one user that must not trust each other turn
+shared memory off: `shared_memory=False`, or `encrypt_same_host` (peers that seal the links
+between processes of one host do not use it).
 
 Cleanup: a file is removed when its buffer is replaced or freed, when the averager shuts down,
 or when the interpreter exits. Its creator holds a shared lock on it while it lives. A process
