@@ -497,7 +497,8 @@ def test_a_reducer_whose_published_averages_we_read_is_not_audited(request, monk
         for av in avs:
             torch.testing.assert_close(values(av), mean3, rtol=0, atol=1e-6)
     published = request.node.callspec.params["link"] == "published"
-    assert len(audited) == (0 if published else 6)  # 3 senders x 2 other reducers
+    # published: none; else each of 3 senders audits its 2 other reducers (a retried round audits again)
+    assert set(audited) == (set() if published else {(i, j) for i in range(3) for j in range(3) if i != j})
     assert link()
 
 
