@@ -249,7 +249,7 @@ class ReducerAudit:
                 returned = _decode_at(codec, results.metas[i], results.region(i), chunks[i].numel, offsets)
                 returned_at.update(zip(ours, returned, strict=True))
         # one loop per position, its lookups hoisted: it ran for every reducer in every round
-        fp16, mean = isinstance(codec, Float16Compression), aggregation == "mean"
+        fp16 = isinstance(codec, Float16Compression)
         epsilons: dict[int, float] = {}  # chunk -> the rounding of its tensor's dtype, float32's at least
         for p, claimed, i in zip(positions, inputs, where, strict=True):
             if claimed.get(me) != mine[p]:  # both went through the same codec: exact
@@ -265,7 +265,7 @@ class ReducerAudit:
             largest = 0.0  # the largest claimed input, in magnitude
             for value in claimed.values():
                 largest = max(largest, abs(value))
-            expected = _weighted_mean(claimed, capped, j) if mean else self._recompute(j, claimed, capped)
+            expected = self._recompute(j, claimed, capped)
             if fp16:
                 expected = max(-_FP16_MAX, min(_FP16_MAX, expected))  # the return trip clamps to fp16's range
             # the reducer rounds in its tensors' dtype (and float32 on the wire) at each of its steps

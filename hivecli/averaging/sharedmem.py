@@ -121,13 +121,18 @@ class SharedBuffer:
         self._finalizer = weakref.finalize(self, _remove, path, lock) if lock is not None else None
 
     @classmethod
-    def create(cls, nbytes: int, writer: bytes, published: bool = False) -> SharedBuffer:
+    def create(cls, nbytes: int, writer: bytes, published: bool = False, ours: int = 0) -> SharedBuffer:
         """A new buffer of `nbytes` that only processes of our user can open, and only the peer
         `writer` (its id's bytes) may write into; or, `published`, that `writer` publishes.
+        With the `ours` bytes our other buffers take, it may take at most half of /dev/shm's
+        free space, which others need too.
 
         Raises:
-            OSError: no /dev/shm, or no room there.
+            OSError: no /dev/shm, or no room there (ENOSPC past that half).
         """
+        space = os.statvfs(DIRECTORY)
+        if ours + nbytes > (ours + space.f_bavail * space.f_frsize) // 2:
+            raise OSError(errno.ENOSPC, "our buffers would take more than half of its free space")
         _remove_orphans()
         name = f"hive-{os.getpid() % 10_000_000}-{secrets.token_hex(16)}"
         path = os.path.join(DIRECTORY, name)
@@ -228,8 +233,8 @@ class SharedBuffers:
             del self._own[key]
             buffer.free()
         try:
-            check_room(nbytes, sum(b.capacity for b in self._own.values()))
-            buffer = self._own[key] = SharedBuffer.create(nbytes, writer, published)
+            ours = sum(b.capacity for b in self._own.values())
+            buffer = self._own[key] = SharedBuffer.create(nbytes, writer, published, ours)
         except Exception as e:  # anything: the stream works without it
             self._retry_at = time.monotonic() + RETRY_S
             logger.info(
@@ -291,14 +296,6 @@ class SharedBuffers:
         self._attached.clear()
         self._used.clear()
         self._mapped.clear()
-
-
-def check_room(nbytes: int, ours: int) -> None:
-    """Raise OSError (ENOSPC) if `nbytes` more would take our buffers (`ours` bytes now) past
-    half of /dev/shm's free space, which others need too; or OSError if there is no /dev/shm."""
-    space = os.statvfs(DIRECTORY)
-    if ours + nbytes > (ours + space.f_bavail * space.f_frsize) // 2:
-        raise OSError(errno.ENOSPC, "our buffers would take more than half of its free space")
 
 
 def _open_offered(offer: Any, nbytes: int, flags: int) -> tuple[int, str, bytes, int]:

@@ -45,7 +45,7 @@ from hivecli.averaging.channel import Channel
 from hivecli.averaging.compression import tensor_bytes
 from hivecli.averaging.group import method_name
 from hivecli.averaging.robust import all_finite
-from hivecli.averaging.sharedmem import PublishedReader, SharedBuffer, check_room, layout_tag
+from hivecli.averaging.sharedmem import PublishedReader, SharedBuffer, layout_tag
 from hivecli.cores import single_threaded_here
 from hivecli.dht.node import DHTNode
 from hivecli.dht.records import owned_entries, owned_subkey
@@ -264,7 +264,6 @@ class StateServer:
         if self.shared_memory:
             offsets = file_offsets(tensors)
             try:
-                check_room(offsets[-1], 0)
                 self._file = SharedBuffer.create(offsets[-1], self.node.peer_id.to_bytes(), published=True)
             except OSError as e:
                 logger.info(
@@ -553,9 +552,8 @@ async def _read_published(
 ) -> None:
     """Tell the donor we read its published snapshot, and read it into `tensors` (`views`:
     their bytes) as its copy comes along, checking that it is finite, in a worker thread;
-    closes `reader` whatever happens. Nothing
-    writes into `tensors` once this returns or raises (cancelled, it waits for the range being
-    read: READ_BYTES at most).
+    closes `reader` whatever happens. Nothing writes into `tensors` once this returns or raises
+    (cancelled, it waits for the range being read: READ_BYTES at most).
 
     Raises:
         InvalidStateError: the donor's progress is malformed, or its state is not finite.

@@ -251,8 +251,7 @@ class Stream:
     async def cancel(self) -> None:
         """Abandon the stream: the other side's handler is cancelled; late messages are dropped."""
         finished = self._local_done and self._remote_done
-        self._local_done = self._remote_done = True
-        self.connection._streams.pop(self.stream_id, None)
+        self.forget()
         if not finished:
             await self.connection._cancel_quietly(self.stream_id)
 
